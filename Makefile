@@ -1,0 +1,34 @@
+# Each target bootstraps .venv on first use; nothing else is needed but Python 3.11+.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PORT ?= 8080
+WORKERS ?= 2
+
+.PHONY: run test lint bench surge clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## run: start the service on embedded Valkey + PostgreSQL with the demo campaign loaded
+run: $(STAMP)
+	$(BIN)/issuer serve --port $(PORT) --workers $(WORKERS) --load examples/demo.toml
+
+## test: the whole suite against real embedded servers
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check issuer tests loadtest bench
+	$(BIN)/mypy
+
+## bench: throughput and latency table (see README "Results")
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf .issuer loadtest/out bench/out

@@ -1,0 +1,361 @@
+"""HTTP routes of API.md, the middlewares that sign-check and shape errors, and the app."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+from aiohttp import web
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from issuer import keys, merchants, metrics, registrations, vouchers
+from issuer.auth import ApiKey, Role, Verified, require_role, verify
+from issuer.campaigns import Campaigns
+from issuer.claims import Claims
+from issuer.config import Settings
+from issuer.errors import ApiError
+from issuer.model import (
+    CampaignDef,
+    CampaignOut,
+    ClaimIn,
+    Id,
+    MerchantDef,
+    MerchantOut,
+    RegistrationIn,
+    RegistrationOut,
+    RoundBudgetIn,
+    StatusChangeIn,
+    UserId,
+    VoucherList,
+    VoucherOut,
+)
+from issuer.scripts import Scripts
+
+log = logging.getLogger("issuer.api")
+MAX_BODY = 64 * 1024
+JSON = "application/json"
+ENCODER = msgspec.json.Encoder()
+Handler = Callable[["Ctx", web.Request, Any], Awaitable[web.Response]]
+
+
+class StatusOut(msgspec.Struct, kw_only=True):
+    campaign_id: str
+    status: str
+
+
+class RoundBudgetOut(msgspec.Struct, kw_only=True):
+    campaign_id: str
+    round_id: str
+    budget_fen: int
+    quota: int | None
+    issued: int
+    reserved_fen: int
+
+
+@dataclass
+class Ctx:
+    """What every handler may use; one per worker process."""
+
+    settings: Settings
+    redis: Redis
+    pg: asyncpg.Pool | None
+    scripts: Scripts
+    campaigns: Campaigns
+    claims: Claims
+    keys: dict[str, ApiKey]
+    person_key: bytes
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    roles: tuple[Role, ...]
+    summary: str
+    body: type | None = None
+    response: type | None = None
+    status: int = 200
+
+
+def reply(payload: Any, status: int = 200, *, replay: bool = False) -> web.Response:
+    headers = {"Idempotent-Replay": "true"} if replay else None
+    return web.Response(
+        body=ENCODER.encode(payload), status=status, content_type=JSON, headers=headers
+    )
+
+
+def error_response(err: ApiError) -> web.Response:
+    return web.Response(
+        body=ENCODER.encode(err.envelope()),
+        status=err.status,
+        content_type=JSON,
+        headers=err.headers(),
+    )
+
+
+def path_id(request: web.Request, name: str, pattern: type = Id) -> str:
+    value = request.match_info[name]
+    try:
+        return msgspec.convert(value, pattern)  # type: ignore[no-any-return]
+    except msgspec.ValidationError:
+        raise ApiError("INVALID_REQUEST", f"{name}: not a valid id") from None
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+# ------------------------------------------------------------------ handlers
+
+
+async def put_campaign(ctx: Ctx, request: web.Request, body: CampaignDef) -> web.Response:
+    campaign_id = path_id(request, "campaign_id")
+    created = await ctx.campaigns.put(campaign_id, body)
+    out = await ctx.campaigns.describe(campaign_id, now())
+    return reply(out, 201 if created else 200)
+
+
+async def get_campaign(ctx: Ctx, request: web.Request, _: None) -> web.Response:
+    return reply(await ctx.campaigns.describe(path_id(request, "campaign_id"), now()))
+
+
+async def _set_status(
+    ctx: Ctx, request: web.Request, body: StatusChangeIn, status: str
+) -> web.Response:
+    campaign_id = path_id(request, "campaign_id")
+    verified: Verified = request["verified"]
+    new_status, replay = await ctx.campaigns.set_status(
+        campaign_id, body, verified.key.id, status, time.time()
+    )
+    log.info("campaign status", extra={"campaign": campaign_id, "status": new_status,
+                                        "by": verified.key.id})
+    return reply(StatusOut(campaign_id=campaign_id, status=new_status), replay=replay)
+
+
+async def pause(ctx: Ctx, request: web.Request, body: StatusChangeIn) -> web.Response:
+    return await _set_status(ctx, request, body, "paused")
+
+
+async def resume(ctx: Ctx, request: web.Request, body: StatusChangeIn) -> web.Response:
+    return await _set_status(ctx, request, body, "active")
+
+
+async def round_budget(ctx: Ctx, request: web.Request, body: RoundBudgetIn) -> web.Response:
+    campaign_id = path_id(request, "campaign_id")
+    round_id = path_id(request, "round_id")
+    verified: Verified = request["verified"]
+    (budget, quota, issued, reserved), replay = await ctx.campaigns.set_round_budget(
+        campaign_id, round_id, body, verified.key.id, time.time()
+    )
+    out = RoundBudgetOut(
+        campaign_id=campaign_id,
+        round_id=round_id,
+        budget_fen=budget,
+        quota=None if quota < 0 else quota,
+        issued=issued,
+        reserved_fen=reserved,
+    )
+    return reply(out, replay=replay)
+
+
+async def put_merchant(ctx: Ctx, request: web.Request, body: MerchantDef) -> web.Response:
+    out, created = await merchants.put(ctx.scripts, path_id(request, "merchant_id"), body)
+    return reply(out, 201 if created else 200)
+
+
+async def get_merchant(ctx: Ctx, request: web.Request, _: None) -> web.Response:
+    merchant_id = path_id(request, "merchant_id")
+    verified: Verified = request["verified"]
+    if verified.key.role == "merchant" and verified.key.merchant_id != merchant_id:
+        raise ApiError("FORBIDDEN", "a merchant key reads only its own merchant")
+    return reply(await merchants.get(ctx.redis, merchant_id))
+
+
+async def register(ctx: Ctx, request: web.Request, body: RegistrationIn) -> web.Response:
+    verified: Verified = request["verified"]
+    out, created = await registrations.register(
+        ctx.scripts, ctx.campaigns, ctx.person_key, path_id(request, "campaign_id"), body,
+        verified.key.id, time.time(),
+    )
+    return reply(out, 201 if created else 200, replay=not created)
+
+
+async def claim(ctx: Ctx, request: web.Request, body: ClaimIn) -> web.Response:
+    campaign_id = path_id(request, "campaign_id")
+    try:
+        voucher, replay = await ctx.claims.claim(campaign_id, body, request["verified"])
+    except ApiError as err:
+        metrics.CLAIMS.labels(campaign_id, err.code).inc()
+        raise
+    metrics.CLAIMS.labels(campaign_id, "REPLAY" if replay else "OK").inc()
+    return reply(voucher, 201, replay=replay)
+
+
+async def get_voucher(ctx: Ctx, request: web.Request, _: None) -> web.Response:
+    voucher_id = request.match_info["voucher_id"]
+    return reply(await vouchers.get(ctx.redis, ctx.campaigns, voucher_id))
+
+
+async def user_vouchers(ctx: Ctx, request: web.Request, _: None) -> web.Response:
+    user_id = path_id(request, "user_id", UserId)
+    campaign_id = request.query.get("campaign_id")
+    if campaign_id is not None:
+        try:
+            campaign_id = msgspec.convert(campaign_id, Id)
+        except msgspec.ValidationError:
+            raise ApiError("INVALID_REQUEST", "campaign_id: not a valid id") from None
+    found = await vouchers.of_user(ctx.redis, ctx.campaigns, user_id, campaign_id)
+    return reply(VoucherList(vouchers=found))
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("PUT", "/v1/campaigns/{campaign_id}", put_campaign, ("ops",),
+          "Create or replace a campaign before it opens", CampaignDef, CampaignOut, 201),
+    Route("GET", "/v1/campaigns/{campaign_id}", get_campaign, ("ops", "auditor"),
+          "Definition, live ledger and current round", None, CampaignOut),
+    Route("POST", "/v1/campaigns/{campaign_id}/pause", pause, ("ops",),
+          "Pause claims", StatusChangeIn, StatusOut),
+    Route("POST", "/v1/campaigns/{campaign_id}/resume", resume, ("ops",),
+          "Resume claims", StatusChangeIn, StatusOut),
+    Route("POST", "/v1/campaigns/{campaign_id}/rounds/{round_id}/budget", round_budget,
+          ("ops",), "Compare-and-set a round's budget", RoundBudgetIn, RoundBudgetOut),
+    Route("PUT", "/v1/merchants/{merchant_id}", put_merchant, ("ops",),
+          "Create or replace a merchant", MerchantDef, MerchantOut, 201),
+    Route("GET", "/v1/merchants/{merchant_id}", get_merchant,
+          ("ops", "auditor", "payment", "merchant"), "Read a merchant", None, MerchantOut),
+    Route("POST", "/v1/campaigns/{campaign_id}/registrations", register, ("app",),
+          "Register a person for a campaign", RegistrationIn, RegistrationOut, 201),
+    Route("POST", "/v1/campaigns/{campaign_id}/claims", claim, ("app", "merchant"),
+          "Claim a voucher (app key; merchant key in staff mode)", ClaimIn, VoucherOut, 201),
+    Route("GET", "/v1/vouchers/{voucher_id}", get_voucher,
+          ("app", "payment", "ops", "auditor"), "Read a voucher", None, VoucherOut),
+    Route("GET", "/v1/users/{user_id}/vouchers", user_vouchers, ("app", "ops", "auditor"),
+          "A user's vouchers", None, VoucherList),
+)
+
+
+def endpoint(ctx: Ctx, route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """Wrap a handler: check the role, decode and validate the body with msgspec."""
+    decoder = msgspec.json.Decoder(route.body) if route.body is not None else None
+
+    async def handle(request: web.Request) -> web.Response:
+        require_role(request["verified"], *route.roles)
+        body = None
+        if decoder is not None:
+            try:
+                body = decoder.decode(request["raw_body"])
+            except msgspec.ValidationError as exc:
+                raise ApiError("INVALID_REQUEST", str(exc)) from None
+            except msgspec.DecodeError as exc:
+                raise ApiError("INVALID_REQUEST", f"malformed JSON: {exc}") from None
+        return await route.handler(ctx, request, body)
+
+    handle.__name__ = route.handler.__name__
+    return handle
+
+
+# ------------------------------------------------------------------ middlewares
+
+
+def middlewares(ctx: Ctx) -> list[Any]:
+    @web.middleware
+    async def errors(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        started = time.perf_counter()
+        route = request.match_info.route.resource
+        name = route.canonical if route is not None else "unmatched"
+        try:
+            response = await handler(request)
+        except ApiError as err:
+            response = error_response(err)
+        except web.HTTPRequestEntityTooLarge:
+            response = error_response(ApiError("INVALID_REQUEST", f"body over {MAX_BODY} bytes"))
+        except web.HTTPNotFound:
+            response = error_response(ApiError("NOT_FOUND", f"no route {request.path}"))
+        except web.HTTPMethodNotAllowed:
+            err = ApiError("INVALID_REQUEST", f"method {request.method} not allowed here")
+            response = error_response(err)
+            response.set_status(405)
+        except (RedisError, OSError) as exc:
+            log.warning("redis unavailable: %s", exc)
+            response = error_response(ApiError("UNAVAILABLE", "the gate is unreachable"))
+        metrics.REQUESTS.labels(name, str(response.status)).inc()
+        metrics.LATENCY.labels(name).observe(time.perf_counter() - started)
+        return response
+
+    @web.middleware
+    async def authenticate(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if not request.path.startswith("/v1/"):
+            return await handler(request)
+        raw = await request.read()
+        verified = verify(ctx.keys, request.method, request.path_qs, request.headers, raw,
+                          time.time())
+        # Claims check their nonce inside the batched script; other calls do it here.
+        if request.match_info.route.name != "claim":
+            fresh = await ctx.redis.set(
+                keys.nonce_key(verified.key.id, verified.nonce), 1, nx=True, ex=keys.NONCE_BUCKET_S
+            )
+            if not fresh:
+                raise ApiError("UNAUTHENTICATED", "nonce already used")
+        request["verified"] = verified
+        request["raw_body"] = raw
+        return await handler(request)
+
+    return [errors, authenticate]
+
+
+# ------------------------------------------------------------------ operations
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def ops_routes(ctx: Ctx, ready: Callable[[], Awaitable[dict[str, Any]]]) -> list[web.RouteDef]:
+    from issuer import openapi
+
+    async def readyz(request: web.Request) -> web.Response:
+        checks = await ready()
+        ok = all(v is True for k, v in checks.items() if k.endswith("ok"))
+        return web.json_response(checks, status=200 if ok else 503)
+
+    async def metrics_page(request: web.Request) -> web.Response:
+        body, content_type = metrics.exposition()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    spec = ENCODER.encode(openapi.document(ROUTES))
+
+    async def openapi_json(request: web.Request) -> web.Response:
+        return web.Response(body=spec, content_type=JSON)
+
+    async def docs(request: web.Request) -> web.Response:
+        return web.Response(text=openapi.DOCS_PAGE, content_type="text/html")
+
+    return [
+        web.get("/healthz", healthz),
+        web.get("/readyz", readyz),
+        web.get("/metrics", metrics_page),
+        web.get("/openapi.json", openapi_json),
+        web.get("/docs", docs),
+    ]
+
+
+def make_app(ctx: Ctx, ready: Callable[[], Awaitable[dict[str, Any]]]) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY, middlewares=middlewares(ctx))
+    for route in ROUTES:
+        app.router.add_route(
+            route.method, route.path, endpoint(ctx, route), name=route.handler.__name__
+        )
+    app.add_routes(ops_routes(ctx, ready))
+    return app

@@ -1,0 +1,259 @@
+"""Campaign definitions in Redis, each worker's cached view of them, and the ops writes
+(create/replace, pause/resume, round budget compare-and-set)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+
+import msgspec
+from redis.asyncio import Redis
+
+from issuer import keys
+from issuer.errors import ApiError
+from issuer.geofence import Region, region_for
+from issuer.model import (
+    CampaignDef,
+    CampaignOut,
+    Ledger,
+    Round,
+    RoundBudgetIn,
+    RoundState,
+    StatusChangeIn,
+    StoredCampaign,
+)
+from issuer.products import expand_categories
+from issuer.schedule import current_round, expand_rounds, from_millis, to_millis
+from issuer.scripts import Scripts
+
+STORED = msgspec.json.Decoder(StoredCampaign)
+ENCODE = msgspec.json.Encoder()
+HINT_TTL_S = 1.0  # how long a worker trusts "sold out" / "paused" without asking Redis
+
+
+@dataclass
+class Hint:
+    """A refusal this worker may repeat without asking Redis, until `until`."""
+
+    code: str
+    round_id: str
+    until: float
+    winners: frozenset[str] = frozenset()  # idempotency fields of this round's winners
+
+
+@dataclass
+class CachedCampaign:
+    """One worker's view of a campaign: definition, parsed rounds and local hints."""
+
+    stored: StoredCampaign
+    version: str
+    keys: keys.CampaignKeys
+    region: Region
+    hint: Hint | None = None
+    arming: bool = False  # a hint is being prepared
+
+    @property
+    def definition(self) -> CampaignDef:
+        return self.stored.definition
+
+    def round_at(self, now: datetime) -> Round | None:
+        return current_round(self.stored.rounds, now)
+
+
+def fingerprint(payload: object) -> str:
+    """Stable digest of a request body, to tell a replay from a reused request_id."""
+    return hashlib.blake2b(ENCODE.encode(payload), digest_size=12).hexdigest()
+
+
+class Campaigns:
+    """Reads and writes campaigns; keeps the per-worker cache."""
+
+    def __init__(self, redis: Redis, scripts: Scripts) -> None:
+        self.redis = redis
+        self.scripts = scripts
+        self._cache: dict[str, CachedCampaign] = {}
+
+    # ------------------------------------------------------------ reads
+
+    async def load(self, campaign_id: str) -> CachedCampaign:
+        """The campaign from Redis (refreshing the cache), or NOT_FOUND."""
+        ck = keys.CampaignKeys(campaign_id)
+        raw, version = await self._read_definition(ck)
+        if raw is None:
+            self._cache.pop(campaign_id, None)
+            raise ApiError("NOT_FOUND", f"campaign {campaign_id}")
+        stored = STORED.decode(raw)
+        geo = stored.definition.geofence
+        cached = CachedCampaign(
+            stored=stored,
+            version=version,
+            keys=ck,
+            region=region_for(tuple(geo.region_codes), geo.polygons_file),
+        )
+        self._cache[campaign_id] = cached
+        return cached
+
+    async def cached(self, campaign_id: str) -> CachedCampaign:
+        hit = self._cache.get(campaign_id)
+        return hit if hit is not None else await self.load(campaign_id)
+
+    def forget(self, campaign_id: str) -> None:
+        self._cache.pop(campaign_id, None)
+
+    def note_version(self, campaign_id: str, version: str) -> bool:
+        """True if Redis reports a newer definition than the cached one."""
+        hit = self._cache.get(campaign_id)
+        return hit is not None and hit.version != version
+
+    async def _read_definition(self, ck: keys.CampaignKeys) -> tuple[bytes | None, str]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(ck.definition)
+            pipe.hget(ck.ledger, "version")
+            raw, version = await pipe.execute()
+        return raw, (version or b"0").decode()
+
+    async def describe(self, campaign_id: str, now: datetime) -> CampaignOut:
+        cached = await self.load(campaign_id)
+        ck = cached.keys
+        current = cached.round_at(now)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(ck.ledger)
+            if current is not None:
+                pipe.hgetall(ck.round(current.round_id))
+            results = await pipe.execute()
+        led = {k.decode(): v.decode() for k, v in results[0].items()}
+        tz = cached.definition.timezone
+        round_state = None
+        if current is not None:
+            rnd = {k.decode(): int(v) for k, v in results[1].items()}
+            round_state = round_state_of(current.round_id, rnd, tz)
+        return CampaignOut(
+            campaign_id=campaign_id,
+            definition=cached.definition,
+            status=led.get("status", "unknown"),
+            ledger=Ledger(
+                budget_fen=int(led["budget"]),
+                available_fen=int(led["available"]),
+                reserved_fen=int(led["reserved"]),
+                spent_fen=int(led["spent"]),
+                clawback_due_fen=int(led["clawback_due"]),
+                adjustments_fen=int(led["adjustments"]),
+            ),
+            current_round=round_state,
+            rounds_total=len(cached.stored.rounds),
+        )
+
+    # ------------------------------------------------------------ writes
+
+    async def put(self, campaign_id: str, definition: CampaignDef) -> bool:
+        """Create or replace a campaign that has not opened; True if it was new."""
+        try:
+            expand_categories(definition.eligibility.categories)
+            rounds = expand_rounds(definition)
+        except ValueError as exc:
+            raise ApiError("INVALID_REQUEST", str(exc)) from None
+        if not rounds:
+            raise ApiError("INVALID_REQUEST", "rounds: the campaign has no round")
+        ck = keys.CampaignKeys(campaign_id)
+        stored = StoredCampaign(campaign_id=campaign_id, definition=definition, rounds=rounds)
+        for _ in range(5):  # retried only if another writer changed it in between
+            raw, version = await self._read_definition(ck)
+            old_rounds = STORED.decode(raw).rounds if raw else []
+            args: list[object] = [
+                campaign_id,
+                ENCODE.encode(stored),
+                definition.budget_fen,
+                version if raw else "",
+                len(old_rounds),
+                len(rounds),
+            ]
+            for r in rounds:
+                args += [
+                    to_millis(r.opens_at),
+                    to_millis(r.closes_at),
+                    to_millis(r.valid_until),
+                    -1 if r.quota is None else r.quota,
+                    -1 if r.budget_fen is None else r.budget_fen,
+                ]
+            script_keys = [ck.definition, ck.ledger, ck.events, keys.CAMPAIGNS]
+            script_keys += [ck.round(r.round_id) for r in old_rounds]
+            script_keys += [ck.round(r.round_id) for r in rounds]
+            code, _ = await self.scripts.run("campaign_put", script_keys, args)
+            if code == b"OK":
+                self._cache.pop(campaign_id, None)
+                return raw is None
+            if code == b"CAMPAIGN_RUNNING":
+                raise ApiError(
+                    "CAMPAIGN_RUNNING", "use pause, resume or the round budget call instead"
+                )
+        raise ApiError("UNAVAILABLE", "campaign changed concurrently, retry")
+
+    async def set_status(
+        self, campaign_id: str, body: StatusChangeIn, key_id: str, status: str, now_s: float
+    ) -> tuple[str, bool]:
+        """Pause or resume; returns (status, replayed)."""
+        ck = keys.CampaignKeys(campaign_id)
+        cur, prev = ck.idempotency(now_s)
+        event = ENCODE.encode({"by": key_id, "reason": body.reason, "status": status})
+        code, new_status, _ = await self.scripts.run(
+            "set_status",
+            [ck.ledger, ck.events, cur, prev],
+            [idem_field(key_id, body.request_id), fingerprint((status, body)),
+             keys.IDEMPOTENCY_BUCKET_S * 2, status, event],
+        )
+        code = code.decode()
+        if code not in ("OK", "REPLAY"):
+            raise ApiError(code)
+        hit = self._cache.get(campaign_id)
+        if hit is not None:
+            hit.hint = None
+        return status if code == "OK" else new_status.decode(), code == "REPLAY"
+
+    async def set_round_budget(
+        self, campaign_id: str, round_id: str, body: RoundBudgetIn, key_id: str, now_s: float
+    ) -> tuple[list[int], bool]:
+        """Compare-and-set; returns ([budget, quota, issued, reserved], replayed)."""
+        cached = await self.cached(campaign_id)
+        ck = cached.keys
+        cur, prev = ck.idempotency(now_s)
+        event = ENCODE.encode({"by": key_id, "round_id": round_id, "request": body})
+        result = await self.scripts.run(
+            "round_budget",
+            [ck.ledger, ck.round(round_id), ck.events, cur, prev],
+            [
+                idem_field(key_id, body.request_id),
+                fingerprint((round_id, body)),
+                keys.IDEMPOTENCY_BUCKET_S * 2,
+                -1 if body.expected_budget_fen is None else body.expected_budget_fen,
+                body.budget_fen,
+                "" if body.quota is None else body.quota,
+                event,
+            ],
+        )
+        code = result[0].decode()
+        if code == "NOT_FOUND":
+            raise ApiError("NOT_FOUND", f"round {round_id}")
+        if code not in ("OK", "REPLAY"):
+            raise ApiError(code, f"round holds {int(result[4])} fen in {int(result[3])} vouchers,"
+                                 f" budget is {int(result[1])}")
+        cached.hint = None
+        return [int(x) for x in result[1:5]], code == "REPLAY"
+
+
+def idem_field(key_id: str, request_id: str) -> str:
+    return f"{key_id}|{request_id}"
+
+
+def round_state_of(round_id: str, rnd: dict[str, int], tz: str) -> RoundState:
+    return RoundState(
+        round_id=round_id,
+        opens_at=from_millis(rnd["opens"], tz),
+        closes_at=from_millis(rnd["closes"], tz),
+        valid_until=from_millis(rnd["valid_until"], tz),
+        issued=rnd["issued"],
+        quota=None if rnd["quota"] < 0 else rnd["quota"],
+        reserved_fen=rnd["reserved"],
+        budget_fen=None if rnd["budget"] < 0 else rnd["budget"],
+    )
+

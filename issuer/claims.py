@@ -1,0 +1,304 @@
+"""The claim hot path: validate locally, refuse cheaply when the answer is known, and send
+everything else in micro-batches, one EVALSHA per batch per campaign round."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import msgspec
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from issuer import keys, metrics
+from issuer.auth import Verified
+from issuer.campaigns import (
+    HINT_TTL_S,
+    CachedCampaign,
+    Campaigns,
+    Hint,
+    fingerprint,
+    idem_field,
+)
+from issuer.errors import ApiError
+from issuer.identity import person_ref
+from issuer.model import ClaimIn, Round, VoucherOut
+from issuer.schedule import from_millis
+from issuer.scripts import Scripts
+
+FIELDS_PER_CLAIM = 8
+# refusals that hold for the rest of the round: a worker repeats them locally for a while
+STICKY = ("ROUND_QUOTA_EXHAUSTED", "ROUND_BUDGET_EXHAUSTED", "BUDGET_EXHAUSTED", "CAMPAIGN_PAUSED")
+
+
+class VoucherRecord(msgspec.Struct, kw_only=True):
+    """A voucher as the claim script stores it (times in epoch ms)."""
+
+    voucher_id: str
+    campaign_id: str
+    round_id: str
+    user_id: str
+    person_ref: str
+    status: str
+    issued_at: int
+    expires_at: int
+    reserve_fen: int
+    discount_rate_bp: int
+    cap_fen: int
+    device_id: str | None = None
+    staff_id: str | None = None
+    redemption_id: str | None = None
+
+
+RECORD = msgspec.json.Decoder(VoucherRecord)
+EXTRA = msgspec.json.Encoder()
+
+
+def voucher_out(rec: VoucherRecord, tz: str, status: str | None = None) -> VoucherOut:
+    return VoucherOut(
+        voucher_id=rec.voucher_id,
+        campaign_id=rec.campaign_id,
+        round_id=rec.round_id,
+        user_id=rec.user_id,
+        status=status or rec.status,
+        issued_at=from_millis(rec.issued_at, tz),
+        expires_at=from_millis(rec.expires_at, tz),
+        discount_rate_bp=rec.discount_rate_bp,
+        cap_fen=rec.cap_fen,
+        redemption_id=rec.redemption_id,
+    )
+
+
+def new_voucher_id(campaign_id: str) -> str:
+    token = base64.b32encode(os.urandom(10)).decode().lower()
+    return f"{campaign_id}.{token}"
+
+
+@dataclass(slots=True)
+class Pending:
+    args: tuple[object, ...]
+    nonce_key: str | None
+    future: asyncio.Future[tuple[str, bytes]]
+
+
+class Batcher:
+    """Gathers the claims of one campaign round that arrive while the previous batch is
+    in flight, and sends them as one script call; one batch in flight at a time."""
+
+    def __init__(
+        self, claims: Claims, cached: CachedCampaign, rnd: Round, key: tuple[str, str, str]
+    ) -> None:
+        self.claims = claims
+        self.cached = cached
+        self.round = rnd
+        self.key = key
+        self.queue: list[Pending] = []
+        self.running = False
+
+    def submit(self, pending: Pending) -> None:
+        self.queue.append(pending)
+        if not self.running:
+            self.running = True
+            asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self.queue:
+                batch = self.queue[: self.claims.batch_max]
+                del self.queue[: self.claims.batch_max]
+                await self._send(batch)
+        finally:
+            self.running = False
+            self.claims.retire(self)
+
+    async def _send(self, batch: list[Pending]) -> None:
+        ck = self.cached.keys
+        definition = self.cached.definition
+        nonce_keys: list[str] = []
+        args: list[object] = [
+            self.round.round_id,
+            definition.voucher.reserve,
+            definition.mode,
+            keys.IDEMPOTENCY_BUCKET_S * 2,
+            keys.NONCE_BUCKET_S * 2,
+            len(batch),
+        ]
+        for p in batch:
+            index = 0
+            if p.nonce_key is not None:
+                if p.nonce_key not in nonce_keys:
+                    nonce_keys.append(p.nonce_key)
+                index = nonce_keys.index(p.nonce_key) + 1
+            idem, fp, nonce_field, person, user, vid, extra = p.args
+            args += [idem, fp, index, nonce_field, person, user, vid, extra]
+        cur, prev = ck.idempotency(time.time())
+        script_keys = [
+            ck.ledger,
+            ck.round(self.round.round_id),
+            ck.persons,
+            ck.accounts,
+            ck.vouchers,
+            ck.registrations,
+            ck.events,
+            cur,
+            prev,
+            ck.winners(self.round.round_id),
+            *nonce_keys,
+        ]
+        started = time.perf_counter()
+        try:
+            result = await self.claims.scripts.run("claim_batch", script_keys, args)
+        except RedisError as exc:
+            # Not a refusal: the batch may or may not have been applied. Nothing is given
+            # back; the client retries with the same request_id and gets the true answer.
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(ApiError("UNAVAILABLE", type(exc).__name__))
+            return
+        metrics.BATCH_SIZE.observe(len(batch))
+        metrics.SCRIPT_SECONDS.labels("claim_batch").observe(time.perf_counter() - started)
+        status, version = result[0].decode(), result[1].decode()
+        self.claims.after_batch(self.cached, self.round, status, version, result[4::2])
+        for i, p in enumerate(batch):
+            if not p.future.done():
+                p.future.set_result((result[4 + 2 * i].decode(), result[5 + 2 * i]))
+
+
+class Claims:
+    """Entry point of `POST /v1/campaigns/{id}/claims`."""
+
+    def __init__(
+        self, redis: Redis, scripts: Scripts, campaigns: Campaigns, person_key: bytes,
+        batch_max: int,
+    ) -> None:
+        self.redis = redis
+        self.scripts = scripts
+        self.campaigns = campaigns
+        self.person_key = person_key
+        self.batch_max = batch_max
+        self._batchers: dict[tuple[str, str], Batcher] = {}
+
+    async def claim(
+        self, campaign_id: str, claim: ClaimIn, verified: Verified
+    ) -> tuple[VoucherOut, bool]:
+        """Issue a voucher or raise the refusal; returns (voucher, replayed)."""
+        cached = await self.campaigns.cached(campaign_id)
+        definition = cached.definition
+        self._check_caller(cached, claim, verified)
+        ref = self._person_ref(claim)
+        self._check_location(cached, claim)
+        now_dt = datetime.now(UTC)
+        now = now_dt.timestamp()
+        rnd = cached.round_at(now_dt)
+        if rnd is None:
+            raise ApiError("CAMPAIGN_ENDED")
+        if now_dt < rnd.opens_at:
+            raise ApiError("NOT_OPEN", f"round {rnd.round_id} opens at {rnd.opens_at.isoformat()}")
+        idem = idem_field(verified.key.id, claim.request_id)
+        hint = cached.hint
+        if hint is not None and hint.round_id == rnd.round_id and idem not in hint.winners:
+            if now < hint.until:
+                raise ApiError(hint.code)
+            cached.hint = None
+        extra = {
+            "campaign_id": campaign_id,
+            "discount_rate_bp": definition.voucher.discount_rate_bp,
+            "cap_fen": definition.voucher.cap_fen,
+        }
+        if claim.device_id is not None:
+            extra["device_id"] = claim.device_id
+        if claim.staff_id is not None:
+            extra["staff_id"] = claim.staff_id
+        canonical = msgspec.structs.replace(claim, person=None, person_ref=ref)
+        future: asyncio.Future[tuple[str, bytes]] = asyncio.get_running_loop().create_future()
+        pending = Pending(
+            args=(idem, fingerprint(canonical), verified.nonce, ref, claim.user_id,
+                  new_voucher_id(campaign_id), EXTRA.encode(extra)),
+            nonce_key=cached.keys.nonces(verified.timestamp),
+            future=future,
+        )
+        self._batcher(cached, rnd).submit(pending)
+        code, payload = await future
+        if code in ("OK", "REPLAY"):
+            return voucher_out(RECORD.decode(payload), definition.timezone, "issued"), code == "REPLAY"
+        if code == "ALREADY_CLAIMED":
+            raise ApiError(code, voucher_id=payload.decode())
+        if code == "ROUND_CLOSED":
+            nxt = cached.round_at(datetime.now(UTC))
+            raise ApiError("NOT_OPEN" if nxt is not None else "CAMPAIGN_ENDED")
+        raise ApiError(code)
+
+    def _batcher(self, cached: CachedCampaign, rnd: Round) -> Batcher:
+        key = (cached.keys.campaign_id, rnd.round_id, cached.version)
+        batcher = self._batchers.get(key)
+        if batcher is None:
+            batcher = self._batchers[key] = Batcher(self, cached, rnd, key)
+        return batcher
+
+    def retire(self, batcher: Batcher) -> None:
+        """Drop an idle batcher (a new one is made on the next claim)."""
+        if not batcher.queue and self._batchers.get(batcher.key) is batcher:
+            del self._batchers[batcher.key]
+
+    def _check_caller(self, cached: CachedCampaign, claim: ClaimIn, verified: Verified) -> None:
+        role = verified.key.role
+        if cached.definition.mode == "staff":
+            if role != "merchant":
+                raise ApiError("FORBIDDEN", "staff-mode claims come from a merchant key")
+            if claim.staff_id is None:
+                raise ApiError("INVALID_REQUEST", "staff_id: required in staff mode")
+        elif role != "app":
+            raise ApiError("FORBIDDEN", "claims come from an app key")
+
+    def _person_ref(self, claim: ClaimIn) -> str:
+        if (claim.person is None) == (claim.person_ref is None):
+            raise ApiError("INVALID_REQUEST", "person: give exactly one of person, person_ref")
+        if claim.person_ref is not None:
+            return claim.person_ref
+        assert claim.person is not None
+        try:
+            return person_ref(self.person_key, claim.person.id_number)
+        except ValueError as exc:
+            raise ApiError("INVALID_REQUEST", f"person.id_number: {exc}") from None
+
+    @staticmethod
+    def _check_location(cached: CachedCampaign, claim: ClaimIn) -> None:
+        loc = claim.location
+        if loc.region_code is not None:
+            if loc.lat is not None or loc.lon is not None:
+                raise ApiError("INVALID_REQUEST", "location: give either region_code or lat/lon")
+            inside = cached.region.contains_code(loc.region_code)
+        elif loc.lat is not None and loc.lon is not None:
+            inside = cached.region.contains_point(loc.lat, loc.lon, loc.crs)
+        else:
+            raise ApiError("INVALID_REQUEST", "location: needs lat and lon, or region_code")
+        if not inside:
+            raise ApiError("OUTSIDE_GEOFENCE")
+
+    def after_batch(
+        self, cached: CachedCampaign, rnd: Round, status: str, version: str, codes: list[bytes]
+    ) -> None:
+        """Learn from a batch's answers: a newer definition, or a refusal to repeat locally."""
+        if self.campaigns.note_version(cached.keys.campaign_id, version):
+            self.campaigns.forget(cached.keys.campaign_id)
+            return
+        sticky = next((c.decode() for c in reversed(codes) if c.decode() in STICKY), None)
+        if sticky is not None and not cached.arming:
+            cached.arming = True
+            asyncio.get_running_loop().create_task(self._arm_hint(cached, sticky, rnd.round_id))
+
+    async def _arm_hint(self, cached: CachedCampaign, code: str, round_id: str) -> None:
+        """Start refusing `code` locally. Retries of winning requests must still get their
+        voucher, so the hint exempts the idempotency fields of the round's winners."""
+        try:
+            members = await self.redis.smembers(cached.keys.winners(round_id))
+            winners = frozenset(m.decode() for m in members)
+            cached.hint = Hint(code, round_id, time.time() + HINT_TTL_S, winners)
+        except RedisError:
+            cached.hint = None
+        finally:
+            cached.arming = False

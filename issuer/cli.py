@@ -1,0 +1,223 @@
+"""The `issuer` command: serve, flush, campaign load, call, reconcile."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from issuer.config import Settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(
+        host=getattr(args, "host", None),
+        port=getattr(args, "port", None),
+        workers=getattr(args, "workers", None),
+    )
+
+
+def _metrics_dir(settings: Settings) -> None:
+    """Metrics of all processes go to one directory; must be set before prometheus_client
+    is imported."""
+    path = settings.data_dir.resolve() / "metrics"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _metrics_dir(settings)
+    from issuer import logs, server
+
+    logs.setup(settings.log_level)
+    server.serve(settings, [Path(p) for p in args.load])
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    from issuer import logs, server
+
+    logs.setup(settings.log_level)
+    server.run_worker(settings, settings.port)
+    return 0
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    from issuer import logs
+
+    logs.setup(settings.log_level)
+    if not settings.redis_url or not settings.database_url:
+        raise SystemExit("issuer flush needs REDIS_URL and DATABASE_URL")
+
+    async def run() -> None:
+        import signal
+
+        from issuer import store
+        from issuer.flusher import Flusher
+        from issuer.server import redis_client
+
+        assert settings.redis_url and settings.database_url
+        redis = redis_client(settings.redis_url)
+        pool = await store.connect(settings.database_url)
+        await store.migrate(pool)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        flusher = Flusher(redis, pool, batch=settings.flush_batch)
+        if args.once:
+            print(f"flushed {await flusher.drain()} entries")
+        else:
+            await flusher.run(stop)
+        await redis.aclose()
+        await pool.close()
+
+    asyncio.run(run())
+    return 0
+
+
+def _client_key(settings: Settings, role: str | None, key_id: str | None) -> Any:
+    from issuer.auth import load_keys
+
+    keys = load_keys(settings.keys_path)
+    if key_id:
+        if key_id not in keys:
+            raise SystemExit(f"no key {key_id} in {settings.keys_path}")
+        return keys[key_id]
+    for key in keys.values():
+        if key.role == role:
+            return key
+    raise SystemExit(f"no key with role {role} in {settings.keys_path}")
+
+
+async def _call(url: str, key: Any, method: str, path: str, payload: Any) -> tuple[int, Any]:
+    import aiohttp
+
+    from issuer.client import Client
+
+    async with aiohttp.ClientSession() as session:
+        resp = await Client(url, key, session).call(method, path, payload)
+        return resp.status, resp.body
+
+
+def _role_for(method: str, path: str) -> str:
+    if path.endswith("/claims") or path.endswith("/registrations") or "/users/" in path:
+        return "app"
+    if path.startswith("/v1/vouchers"):
+        return "app"
+    return "ops"
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    key = _client_key(settings, args.role or _role_for(args.method, args.path), args.key_id)
+    payload = msgspec.json.decode(args.json) if args.json else None
+    status, body = asyncio.run(_call(args.url, key, args.method.upper(), args.path, payload))
+    print(status)
+    print(msgspec.json.format(msgspec.json.encode(body)).decode())
+    return 0 if status < 400 else 1
+
+
+def cmd_campaign_load(args: argparse.Namespace) -> int:
+    from issuer.campaign_file import load_campaign_file
+
+    settings = Settings.from_env()
+    key = _client_key(settings, "ops", args.key_id)
+    failed = 0
+    for path in args.files:
+        campaign_id, definition = load_campaign_file(Path(path))
+        status, body = asyncio.run(
+            _call(args.url, key, "PUT", f"/v1/campaigns/{campaign_id}", definition)
+        )
+        print(f"{path}: {status} {campaign_id}")
+        if status >= 400:
+            print(msgspec.json.encode(body).decode(), file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    if not settings.redis_url or not settings.database_url:
+        raise SystemExit("issuer reconcile needs REDIS_URL and DATABASE_URL")
+
+    async def run() -> bool:
+        from issuer import store
+        from issuer.reconcile import reconcile
+        from issuer.server import redis_client
+
+        assert settings.redis_url and settings.database_url
+        redis = redis_client(settings.redis_url)
+        pool = await store.connect(settings.database_url)
+        ok = True
+        for campaign_id in args.campaigns:
+            report = await reconcile(redis, pool, campaign_id)
+            print(msgspec.json.encode(report).decode())
+            ok = ok and report.ok
+        await redis.aclose()
+        await pool.close()
+        return ok
+
+    return 0 if asyncio.run(run()) else 1
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="issuer", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the service (embedded Redis/PostgreSQL by default)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--workers", type=int)
+    s.add_argument("--load", action="append", default=[], metavar="TOML",
+                   help="load a campaign file at start (repeatable)")
+    s.set_defaults(func=cmd_serve)
+
+    w = sub.add_parser("worker", help=argparse.SUPPRESS)
+    w.set_defaults(func=cmd_worker)
+
+    f = sub.add_parser("flush", help="run the stream -> PostgreSQL flusher alone")
+    f.add_argument("--once", action="store_true", help="drain what is there and exit")
+    f.set_defaults(func=cmd_flush)
+
+    url = "http://127.0.0.1:8080"
+    c = sub.add_parser("call", help="signed HTTP call: issuer call METHOD PATH [JSON]")
+    c.add_argument("method")
+    c.add_argument("path")
+    c.add_argument("json", nargs="?")
+    c.add_argument("--url", default=url)
+    c.add_argument("--role", help="use the first key of this role from the keys file")
+    c.add_argument("--key-id")
+    c.set_defaults(func=cmd_call)
+
+    camp = sub.add_parser("campaign", help="campaign files")
+    camp_sub = camp.add_subparsers(dest="action", required=True)
+    load = camp_sub.add_parser("load", help="PUT campaigns from TOML files")
+    load.add_argument("files", nargs="+")
+    load.add_argument("--url", default=url)
+    load.add_argument("--key-id")
+    load.set_defaults(func=cmd_campaign_load)
+
+    r = sub.add_parser("reconcile", help="compare Redis with PostgreSQL; non-zero on drift")
+    r.add_argument("campaigns", nargs="+")
+    r.set_defaults(func=cmd_reconcile)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

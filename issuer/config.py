@@ -1,0 +1,81 @@
+"""Settings, read once from the environment and validated at start."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+# environment variable -> Settings field
+ENV = {
+    "REDIS_URL": "redis_url",
+    "DATABASE_URL": "database_url",
+    "ISSUER_DATA_DIR": "data_dir",
+    "ISSUER_KEYS_FILE": "keys_file",
+    "ISSUER_PERSON_KEY": "person_key",
+    "ISSUER_HOST": "host",
+    "ISSUER_PORT": "port",
+    "ISSUER_WORKERS": "workers",
+    "ISSUER_LOG_LEVEL": "log_level",
+    "ISSUER_BATCH_MAX": "batch_max",
+    "ISSUER_FLUSH_BATCH": "flush_batch",
+    "ISSUER_READY_MAX_LAG": "ready_max_lag",
+    "ISSUER_EMBEDDED_PG_FAST": "embedded_pg_fast",
+}
+
+
+class Settings(msgspec.Struct, kw_only=True, frozen=True):
+    redis_url: str | None = None  # None: start an embedded Valkey under data_dir
+    database_url: str | None = None  # None: start an embedded PostgreSQL under data_dir
+    data_dir: Path = Path(".issuer")
+    keys_file: Path | None = None  # None: data_dir/keys.toml
+    person_key: str | None = None  # None: a random key kept in data_dir/person.key
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 8080
+    workers: Annotated[int, Meta(ge=1, le=64)] = 1
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    batch_max: Annotated[int, Meta(ge=1, le=5000)] = 500  # claims per script call
+    flush_batch: Annotated[int, Meta(ge=1, le=50000)] = 2000  # stream entries per PG write
+    ready_max_lag: Annotated[int, Meta(ge=0)] = 100_000  # unflushed entries before not ready
+    embedded_pg_fast: bool = False  # tests: fsync off for the embedded PostgreSQL
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> Settings:
+        """Settings from environment variables (empty ones ignored), then overrides."""
+        source = os.environ if env is None else env
+        values: dict[str, object] = {
+            field: source[var] for var, field in ENV.items() if source.get(var)
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return msgspec.convert(values, cls, strict=False, dec_hook=_to_path)
+        except msgspec.ValidationError as exc:
+            raise SystemExit(f"configuration error: {exc}") from None
+
+    @property
+    def keys_path(self) -> Path:
+        return self.keys_file or self.data_dir / "keys.toml"
+
+    def person_secret(self) -> bytes:
+        """The HMAC key for person references; generated once for development."""
+        if self.person_key:
+            return self.person_key.encode()
+        path = self.data_dir / "person.key"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # O_EXCL: concurrent first starts agree on one key
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return path.read_text().strip().encode()
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        return path.read_text().strip().encode()
+
+
+def _to_path(kind: type, value: object) -> Path:
+    if kind is Path and isinstance(value, str | Path):
+        return Path(value)
+    raise NotImplementedError

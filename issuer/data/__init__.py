@@ -1,0 +1,1 @@
+"""Packaged data files: administrative boundary polygons (GCJ-02 GeoJSON)."""

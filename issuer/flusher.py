@@ -1,0 +1,211 @@
+"""Moves stream events from Redis to PostgreSQL, idempotently, losing nothing.
+
+Each campaign stream (and the global one) is read through the consumer group `flusher`.
+A batch is written in one PostgreSQL transaction (entries keyed by stream and entry id,
+`ON CONFLICT DO NOTHING`), and only then acknowledged. A crash between the two re-delivers
+the batch, which the conflict clause turns into a no-op. Entries left pending by a dead
+consumer are taken over with XAUTOCLAIM. Only acknowledged entries are trimmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+import asyncpg
+import msgspec
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from issuer import keys, metrics
+from issuer.store import RECORD_BATCH, RECORD_STATUS
+
+log = logging.getLogger("issuer.flusher")
+Entry = tuple[bytes, dict[bytes, bytes]]
+CAMPAIGN_PREFIX = "{c:"
+STREAM_SUFFIX = "}:events"
+
+
+def stream_campaign(stream: str) -> str:
+    """The campaign id of a campaign stream, '' for the global stream."""
+    if stream.startswith(CAMPAIGN_PREFIX) and stream.endswith(STREAM_SUFFIX):
+        return stream[len(CAMPAIGN_PREFIX) : -len(STREAM_SUFFIX)]
+    return ""
+
+
+def entry_data(fields: dict[bytes, bytes]) -> str:
+    """The entry's JSON document: `d`, with the entry's other fields merged in."""
+    data = fields[b"d"]
+    extra = {k.decode(): v.decode() for k, v in fields.items() if k not in (b"t", b"d")}
+    if not extra:
+        return data.decode()
+    doc = msgspec.json.decode(data)
+    doc.update({k: int(v) if v.lstrip("-").isdigit() else v for k, v in extra.items()})
+    return msgspec.json.encode(doc).decode()
+
+
+async def stream_names(redis: Redis) -> list[str]:
+    ids = sorted(m.decode() for m in await redis.smembers(keys.CAMPAIGNS))
+    return [keys.GLOBAL_EVENTS] + [keys.CampaignKeys(c).events for c in ids]
+
+
+async def stream_lag(redis: Redis) -> tuple[int, float]:
+    """(entries not yet in PostgreSQL, age in seconds of the oldest of them); exported as
+    metrics too."""
+    total, oldest_ms = 0, 0
+    for stream in await stream_names(redis):
+        try:
+            groups = await redis.xinfo_groups(stream)
+        except ResponseError:  # stream not created yet: nothing to flush
+            continue
+        group = next((g for g in groups if g["name"].decode() == keys.FLUSH_GROUP), None)
+        if group is None:
+            total += await redis.xlen(stream)
+            continue
+        waiting = int(group.get("lag") or 0) + int(group["pending"])
+        total += waiting
+        if waiting:
+            first = await redis.xrange(stream, count=1)
+            if first:
+                ms = int(first[0][0].decode().split("-")[0])
+                oldest_ms = ms if not oldest_ms else min(oldest_ms, ms)
+    age = max(0.0, time.time() - oldest_ms / 1000) if oldest_ms else 0.0
+    metrics.FLUSH_LAG.set(total)
+    metrics.FLUSH_LAG_SECONDS.set(age)
+    return total, age
+
+
+class Flusher:
+    def __init__(
+        self,
+        redis: Redis,
+        pool: asyncpg.Pool,
+        *,
+        consumer: str = "flusher-1",
+        batch: int = 2000,
+        claim_idle_ms: int = 60_000,
+    ) -> None:
+        self.redis = redis
+        self.pool = pool
+        self.consumer = consumer
+        self.batch = batch
+        self.claim_idle_ms = claim_idle_ms
+        self._groups: set[str] = set()
+
+    async def streams(self) -> list[str]:
+        """Every event stream, each with its consumer group created (from the start)."""
+        names = await stream_names(self.redis)
+        for name in names:
+            if name not in self._groups:
+                try:
+                    await self.redis.xgroup_create(name, keys.FLUSH_GROUP, id="0", mkstream=True)
+                except ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
+                self._groups.add(name)
+        return names
+
+    async def record(self, batches: Sequence[tuple[str, list[Entry]]]) -> int:
+        """Write entries to PostgreSQL in one transaction, then acknowledge and trim them."""
+        cols: tuple[list[str], ...] = ([], [], [], [], [])
+        for stream, entries in batches:
+            campaign = stream_campaign(stream)
+            for entry_id, fields in entries:
+                cols[0].append(stream)
+                cols[1].append(entry_id.decode())
+                cols[2].append(campaign)
+                cols[3].append(fields[b"t"].decode())
+                cols[4].append(entry_data(fields))
+        if not cols[0]:
+            return 0
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.fetchval(RECORD_BATCH, *cols)
+            if "status" in cols[3]:
+                await conn.execute(RECORD_STATUS, cols[0], cols[1])
+        for stream, entries in batches:
+            if entries:
+                await self.redis.xack(stream, keys.FLUSH_GROUP, *[e[0] for e in entries])
+                await self._trim(stream)
+        metrics.FLUSHED.inc(len(cols[0]))
+        return len(cols[0])
+
+    async def _trim(self, stream: str) -> None:
+        """Drop entries that are delivered and acknowledged, never anything pending."""
+        pending = await self.redis.xpending(stream, keys.FLUSH_GROUP)
+        if pending["pending"]:
+            floor = pending["min"]
+        else:
+            groups = await self.redis.xinfo_groups(stream)
+            last = next(g for g in groups if g["name"].decode() == keys.FLUSH_GROUP)
+            ms, seq = last["last-delivered-id"].decode().split("-")
+            floor = f"{ms}-{int(seq) + 1}"
+        await self.redis.xtrim(stream, minid=floor, approximate=False)
+
+    async def read(self, streams: list[str], start: str, block_ms: int | None) -> list[tuple[str, list[Entry]]]:
+        reply = await self.redis.xreadgroup(
+            keys.FLUSH_GROUP,
+            self.consumer,
+            {s: start for s in streams},
+            count=self.batch,
+            block=block_ms,
+        )
+        return [(s.decode(), entries) for s, entries in reply or []]
+
+    async def rescue(self, streams: list[str]) -> int:
+        """Take over entries another (dead) consumer left pending, and record them."""
+        done = 0
+        for stream in streams:
+            cursor = "0-0"
+            while True:
+                cursor_b, entries, _deleted = await self.redis.xautoclaim(
+                    stream, keys.FLUSH_GROUP, self.consumer, self.claim_idle_ms,
+                    start_id=cursor, count=self.batch,
+                )
+                done += await self.record([(stream, entries)])
+                cursor = cursor_b.decode()
+                if cursor == "0-0":
+                    break
+        return done
+
+    async def drain_pending(self, streams: list[str]) -> int:
+        """Record what this consumer read before a crash and never acknowledged."""
+        done = 0
+        while batches := [b for b in await self.read(streams, "0", None) if b[1]]:
+            done += await self.record(batches)
+        return done
+
+    async def flush_once(self, block_ms: int | None = 200) -> int:
+        """One read-write-ack cycle over new entries; returns how many were recorded."""
+        streams = await self.streams()
+        return await self.record(await self.read(streams, ">", block_ms))
+
+    async def drain(self) -> int:
+        """Flush until no new entry is waiting (pending ones first)."""
+        streams = await self.streams()
+        done = await self.drain_pending(streams)
+        while n := await self.flush_once(block_ms=None):
+            done += n
+        return done
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Flush until `stop` is set, then drain what is left. Survives PostgreSQL or Redis
+        outages by retrying: nothing is acknowledged that was not committed."""
+        rescued_at = 0.0
+        first = True
+        while not stop.is_set():
+            try:
+                if first:
+                    await self.drain_pending(await self.streams())
+                    first = False
+                if time.monotonic() - rescued_at > self.claim_idle_ms / 1000:
+                    await self.rescue(await self.streams())
+                    rescued_at = time.monotonic()
+                await self.flush_once()
+                await stream_lag(self.redis)
+            except (OSError, RedisError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("flush failed, retrying: %s", exc)
+                first = True  # what was read but not recorded is pending: re-read it
+                await asyncio.sleep(0.5)
+        await self.drain()

@@ -1,0 +1,83 @@
+"""Every Redis key name, built in one place.
+
+All keys of one campaign carry the hash tag `{c:<campaign_id>}`: Redis Cluster hashes only
+the part between the braces, so every key a campaign's script touches lands in the same
+slot and one EVALSHA can use them all. Scripts receive these names in KEYS and never build
+key names from ARGV. Global keys (the campaign registry, merchants, nonces of non-claim
+calls) carry `{g}` so that they share one slot too.
+"""
+
+from __future__ import annotations
+
+# Window in which an idempotency record or a signature nonce must be remembered.
+IDEMPOTENCY_BUCKET_S = 24 * 3600  # a retried write is answered the same for 24-48 h
+NONCE_BUCKET_S = 600  # signatures are accepted ±300 s around server time
+
+CAMPAIGNS = "{g}:campaigns"  # set of campaign ids
+MERCHANTS = "{g}:merchants"  # hash merchant_id -> JSON definition
+GLOBAL_EVENTS = "{g}:events"  # stream of merchant changes
+GLOBAL_IDEMPOTENCY = "{g}:idem"  # prefix of bucketed idempotency hashes for global writes
+FLUSH_GROUP = "flusher"  # consumer group reading every event stream
+
+
+def nonce_key(key_id: str, nonce: str) -> str:
+    """Replay guard of a non-claim call (SET NX EX)."""
+    return f"{{g}}:nonce:{key_id}:{nonce}"
+
+
+def bucket(prefix: str, now_s: float, width_s: int) -> str:
+    return f"{prefix}:{int(now_s // width_s)}"
+
+
+class CampaignKeys:
+    """Names of one campaign's keys."""
+
+    __slots__ = (
+        "accounts",
+        "campaign_id",
+        "definition",
+        "events",
+        "ledger",
+        "persons",
+        "registrations",
+        "tag",
+        "vouchers",
+    )
+
+    def __init__(self, campaign_id: str) -> None:
+        tag = f"{{c:{campaign_id}}}"
+        self.campaign_id = campaign_id
+        self.tag = tag
+        self.definition = f"{tag}:def"  # JSON of StoredCampaign
+        self.ledger = f"{tag}:ledger"  # hash: status, version, budget, available, reserved, ...
+        self.persons = f"{tag}:persons"  # hash person_ref -> voucher_id
+        self.accounts = f"{tag}:accounts"  # hash user_id -> voucher_id
+        self.vouchers = f"{tag}:vouchers"  # hash voucher_id -> JSON record
+        self.registrations = f"{tag}:registrations"  # hash person_ref -> JSON record
+        self.events = f"{tag}:events"  # stream flushed to PostgreSQL
+
+    def round(self, round_id: str) -> str:
+        """Hash: opens/closes/valid_until (ms), quota, budget, issued, reserved."""
+        return f"{self.tag}:round:{round_id}"
+
+    def winners(self, round_id: str) -> str:
+        """Set of the idempotency fields that won a voucher in the round."""
+        return f"{self.tag}:winners:{round_id}"
+
+    def idempotency(self, now_s: float) -> tuple[str, str]:
+        """The current and the previous idempotency bucket (hash request key -> result)."""
+        return _bucket_pair(f"{self.tag}:idem", now_s, IDEMPOTENCY_BUCKET_S)
+
+    def nonces(self, timestamp_s: int) -> str:
+        """Bucket of claim nonces keyed by the request's own X-Timestamp, so that a replayed
+        request (same timestamp) is always checked against the same hash."""
+        return bucket(f"{self.tag}:nonce", timestamp_s, NONCE_BUCKET_S)
+
+
+def global_idempotency(now_s: float) -> tuple[str, str]:
+    return _bucket_pair(GLOBAL_IDEMPOTENCY, now_s, IDEMPOTENCY_BUCKET_S)
+
+
+def _bucket_pair(prefix: str, now_s: float, width_s: int) -> tuple[str, str]:
+    n = int(now_s // width_s)
+    return f"{prefix}:{n}", f"{prefix}:{n - 1}"

@@ -1,0 +1,35 @@
+"""Merchants: stored now, checked at redemption."""
+
+from __future__ import annotations
+
+import msgspec
+from redis.asyncio import Redis
+
+from issuer import keys
+from issuer.errors import ApiError
+from issuer.model import MerchantDef, MerchantOut
+from issuer.products import expand_categories
+from issuer.scripts import Scripts
+
+DECODE = msgspec.json.Decoder(MerchantOut)
+ENCODE = msgspec.json.Encoder()
+
+
+async def put(scripts: Scripts, merchant_id: str, definition: MerchantDef) -> tuple[MerchantOut, bool]:
+    """Create or replace; returns (merchant, created)."""
+    try:
+        expand_categories(definition.categories)
+    except ValueError as exc:
+        raise ApiError("INVALID_REQUEST", f"categories: {exc}") from None
+    out = MerchantOut(merchant_id=merchant_id, **msgspec.structs.asdict(definition))
+    (code,) = await scripts.run(
+        "merchant_put", [keys.MERCHANTS, keys.GLOBAL_EVENTS], [merchant_id, ENCODE.encode(out)]
+    )
+    return out, code == b"CREATED"
+
+
+async def get(redis: Redis, merchant_id: str) -> MerchantOut:
+    raw = await redis.hget(keys.MERCHANTS, merchant_id)
+    if raw is None:
+        raise ApiError("NOT_FOUND", f"merchant {merchant_id}")
+    return DECODE.decode(raw)

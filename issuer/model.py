@@ -1,0 +1,231 @@
+"""Typed shapes of the contract: campaign definitions, merchants, requests and responses.
+
+One msgspec Struct per JSON object of API.md; constraints live in the types so that
+decoding *is* validation. Money is integer fen, times are timezone-aware datetimes.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+Id = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,40}$", description="letters, digits, _ -")]
+UserId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.:@-]{1,64}$")]
+RequestId = Annotated[str, Meta(min_length=8, max_length=64, pattern=r"^[\x21-\x7e]+$")]
+Fen = Annotated[int, Meta(ge=0, le=10**13, description="integer fen (1 CNY = 100 fen)")]
+Quota = Annotated[int, Meta(ge=0, le=10**8)]
+AwareDatetime = Annotated[datetime, Meta(tz=True)]
+RegionCode = Annotated[str, Meta(pattern=r"^[0-9]{2,12}$")]
+ClockTime = Annotated[str, Meta(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")]
+# "22:00" (same day) or "+5d 22:00" (five days later)
+DayTime = Annotated[str, Meta(pattern=r"^(\+[0-9]{1,3}d )?([01][0-9]|2[0-3]):[0-5][0-9]$")]
+Weekday = Literal[
+    "day", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"
+]
+Text = Annotated[str, Meta(min_length=1, max_length=200)]
+
+
+class Strict(Struct, kw_only=True, forbid_unknown_fields=True):
+    """Base of every request shape: unknown fields are an error, not silently dropped."""
+
+
+# ---------------------------------------------------------------- campaigns
+
+
+class VoucherTerms(Strict, kw_only=True):
+    discount_rate_bp: Annotated[int, Meta(ge=1, le=10000)] = 1000
+    cap_fen: Annotated[int, Meta(ge=1, le=10**9)] = 200_000
+    # money set aside per issued voucher; None means "the cap"
+    reserve_fen: Annotated[int, Meta(ge=0, le=10**9)] | None = None
+
+    @property
+    def reserve(self) -> int:
+        return self.cap_fen if self.reserve_fen is None else self.reserve_fen
+
+
+class Geofence(Strict, kw_only=True):
+    region_codes: Annotated[list[RegionCode], Meta(min_length=1, max_length=50)]
+    polygons_file: str | None = None
+
+
+class RoundSpec(Strict, kw_only=True):
+    round_id: Id
+    opens_at: AwareDatetime
+    closes_at: AwareDatetime
+    valid_until: AwareDatetime
+    quota: Quota | None = None  # None: limited by money only
+    budget_fen: Fen | None = None  # None: no round budget, only the campaign's
+
+
+class RoundRule(Strict, kw_only=True):
+    every: Weekday
+    at: ClockTime
+    valid_until: DayTime
+    from_: date = msgspec.field(name="from")
+    to: date
+    closes: DayTime | None = None  # end of the claim window; default valid_until
+    quota: Quota | None = None
+    budget_fen: Fen | None = None
+    first_budget_fen: Fen | None = None  # Xi County: the first week differs
+
+
+class Eligibility(Strict, kw_only=True):
+    categories: Annotated[list[Id], Meta(min_length=1)]
+    appliance_min_grade: Annotated[int, Meta(ge=1, le=5)] = 2
+    require_gb_code: bool = True
+
+
+class CampaignDef(Strict, kw_only=True):
+    name: Text
+    timezone: str = "Asia/Shanghai"
+    budget_fen: Fen
+    voucher: VoucherTerms = msgspec.field(default_factory=VoucherTerms)
+    per_person: Literal[1] = 1
+    mode: Literal["self", "staff"] = "self"
+    geofence: Geofence
+    rounds: list[RoundSpec] | RoundRule
+    eligibility: Eligibility
+
+
+class Round(Struct, kw_only=True, omit_defaults=True):
+    """A round as stored and served: explicit times, whatever the definition said."""
+
+    round_id: str
+    opens_at: datetime
+    closes_at: datetime
+    valid_until: datetime
+    quota: int | None = None
+    budget_fen: int | None = None
+
+
+class StoredCampaign(Struct, kw_only=True):
+    """What Redis keeps under the campaign's `def` key."""
+
+    campaign_id: str
+    definition: CampaignDef
+    rounds: list[Round]
+
+
+# ---------------------------------------------------------------- merchants
+
+
+class MerchantDef(Strict, kw_only=True):
+    name: Text
+    county_code: RegionCode
+    categories: Annotated[list[Id], Meta(min_length=1)]
+    status: Literal["active", "suspended", "blacklisted"] = "active"
+
+
+# ---------------------------------------------------------------- requests
+
+
+class PersonIn(Strict, kw_only=True):
+    id_number: Annotated[str, Meta(min_length=15, max_length=18)]
+    name: Annotated[str, Meta(min_length=1, max_length=64)]
+    phone: Annotated[str, Meta(pattern=r"^\+?[0-9]{6,15}$")]
+
+
+class RegistrationIn(Strict, kw_only=True):
+    request_id: RequestId
+    user_id: UserId
+    person: PersonIn
+
+
+class ClaimPerson(Strict, kw_only=True):
+    id_number: Annotated[str, Meta(min_length=15, max_length=18)]
+
+
+class Location(Strict, kw_only=True):
+    """Either a point (`lat`, `lon`, `crs`) or a `region_code`."""
+
+    lat: Annotated[float, Meta(ge=-90, le=90)] | None = None
+    lon: Annotated[float, Meta(ge=-180, le=180)] | None = None
+    crs: Literal["gcj02", "wgs84"] = "gcj02"
+    region_code: RegionCode | None = None
+
+
+class ClaimIn(Strict, kw_only=True):
+    request_id: RequestId
+    user_id: UserId
+    person: ClaimPerson | None = None
+    person_ref: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")] | None = None
+    location: Location
+    device_id: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
+    staff_id: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
+
+
+class StatusChangeIn(Strict, kw_only=True):
+    request_id: RequestId
+    reason: Annotated[str, Meta(max_length=500)] = ""
+
+
+class RoundBudgetIn(Strict, kw_only=True):
+    request_id: RequestId
+    expected_budget_fen: Fen | None
+    budget_fen: Fen
+    quota: Quota | None = None
+
+
+# ---------------------------------------------------------------- responses
+
+
+class RegistrationOut(Struct, kw_only=True):
+    registration_id: str
+    person_ref: str
+
+
+class VoucherOut(Struct, kw_only=True, omit_defaults=True):
+    voucher_id: str
+    campaign_id: str
+    round_id: str
+    user_id: str
+    status: str
+    issued_at: datetime
+    expires_at: datetime
+    discount_rate_bp: int
+    cap_fen: int
+    redemption_id: str | None = None
+
+
+class VoucherList(Struct, kw_only=True):
+    vouchers: list[VoucherOut]
+
+
+class Ledger(Struct, kw_only=True):
+    budget_fen: int
+    available_fen: int
+    reserved_fen: int
+    spent_fen: int
+    clawback_due_fen: int
+    adjustments_fen: int = 0
+
+
+class RoundState(Struct, kw_only=True, omit_defaults=True):
+    round_id: str
+    opens_at: datetime
+    closes_at: datetime
+    valid_until: datetime
+    issued: int
+    quota: int | None = None
+    reserved_fen: int
+    budget_fen: int | None = None
+
+
+class CampaignOut(Struct, kw_only=True, omit_defaults=True):
+    campaign_id: str
+    definition: CampaignDef
+    status: str
+    ledger: Ledger
+    current_round: RoundState | None = None
+    rounds_total: int = 0
+
+
+class MerchantOut(Struct, kw_only=True):
+    merchant_id: str
+    name: str
+    county_code: str
+    categories: list[str]
+    status: str

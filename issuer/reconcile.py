@@ -1,0 +1,96 @@
+"""Compare a campaign's live state in Redis with its record in PostgreSQL."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import asyncpg
+import msgspec
+from redis.asyncio import Redis
+
+from issuer import keys
+from issuer.campaigns import STORED
+
+LEDGER_FIELDS = ("budget", "available", "reserved", "spent", "clawback_due", "adjustments")
+
+
+class Report(msgspec.Struct, kw_only=True):
+    campaign_id: str
+    redis_vouchers: int
+    postgres_vouchers: int
+    in_stream: int  # claims still on their way to PostgreSQL
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+async def hash_keys(redis: Redis, key: str) -> set[str]:
+    """Field names of a hash, read with HSCAN so a big hash never blocks Redis."""
+    return {k.decode() async for k in redis.hscan_iter(key, count=1000, no_values=True)}
+
+
+async def stream_claims(redis: Redis, stream: str) -> set[str]:
+    """Voucher ids of the claims still held in the stream (not yet trimmed)."""
+    found: set[str] = set()
+    start = "-"
+    while entries := await redis.xrange(stream, min=start, count=1000):
+        for _id, fields in entries:
+            if fields.get(b"t") == b"claim":
+                found.add(msgspec.json.decode(fields[b"d"])["voucher_id"])
+        start = "(" + entries[-1][0].decode()
+    return found
+
+
+async def reconcile(redis: Redis, pool: asyncpg.Pool, campaign_id: str) -> Report:
+    ck = keys.CampaignKeys(campaign_id)
+    problems: list[str] = []
+    in_redis = await hash_keys(redis, ck.vouchers)
+    in_stream = await stream_claims(redis, ck.events)
+    rows = await pool.fetch(
+        "SELECT voucher_id, round_id, person_ref, user_id, status, reserve_fen"
+        " FROM vouchers WHERE campaign_id = $1", campaign_id)
+    in_pg = {r["voucher_id"] for r in rows}
+    if missing := in_redis - in_pg - in_stream:
+        problems.append(f"{len(missing)} vouchers in Redis but not in PostgreSQL nor in flight")
+    if extra := in_pg - in_redis:
+        problems.append(f"{len(extra)} vouchers in PostgreSQL but not in Redis")
+    for column in ("person_ref", "user_id"):
+        if len({r[column] for r in rows}) != len(rows):
+            problems.append(f"PostgreSQL holds two vouchers for one {column}")
+    ledger = await redis.hmget(ck.ledger, *LEDGER_FIELDS)
+    if None in ledger:
+        problems.append("ledger missing in Redis")
+    else:
+        budget, available, reserved, spent, clawback, adjustments = (int(v) for v in ledger)
+        if available + reserved + spent + clawback != budget + adjustments:
+            problems.append("ledger does not balance: available + reserved + spent +"
+                            " clawback_due != budget + adjustments")
+        if min(available, reserved, spent, clawback) < 0:
+            problems.append("ledger has a negative balance")
+        if not in_stream:
+            held = sum(r["reserve_fen"] for r in rows if r["status"] == "issued")
+            if held != reserved:
+                problems.append(f"reserved {reserved} fen in Redis, vouchers hold {held} fen")
+    raw = await redis.get(ck.definition)
+    per_round = Counter(r["round_id"] for r in rows)
+    for rnd in STORED.decode(raw).rounds if raw else []:
+        issued, quota = await redis.hmget(ck.round(rnd.round_id), "issued", "quota")
+        if issued is None:
+            problems.append(f"round {rnd.round_id} missing in Redis")
+            continue
+        if int(quota) >= 0 and int(issued) > int(quota):
+            problems.append(f"round {rnd.round_id} issued {int(issued)} over its quota")
+        if not in_stream and int(issued) != per_round[rnd.round_id]:
+            problems.append(f"round {rnd.round_id}: Redis counts {int(issued)} issued,"
+                            f" PostgreSQL holds {per_round[rnd.round_id]}")
+    if len(await hash_keys(redis, ck.persons)) != len(in_redis):
+        problems.append("person index and vouchers differ in Redis")
+    return Report(
+        campaign_id=campaign_id,
+        redis_vouchers=len(in_redis),
+        postgres_vouchers=len(in_pg),
+        in_stream=len(in_stream - in_pg),
+        problems=problems,
+    )

@@ -1,0 +1,153 @@
+"""Rounds of a campaign: expanding a definition into explicit rounds, finding the live one.
+
+All local times (`at`, "HH:MM", dates) are read in the campaign's timezone; every
+datetime this module returns is timezone-aware in that zone.
+"""
+
+from __future__ import annotations
+
+import re
+from bisect import bisect_right
+from collections.abc import Sequence
+from datetime import UTC, date, datetime, time, timedelta
+from itertools import pairwise
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from issuer.model import CampaignDef, Round, RoundRule, RoundSpec
+
+MAX_ROUNDS = 1000
+_WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLI = timedelta(milliseconds=1)
+# "22:00" or "+5d 22:00": an offset from midnight of the opening day
+_DAY_TIME = re.compile(r"(?:\+([0-9]{1,3})d )?([01][0-9]|2[0-3]):([0-5][0-9])")
+
+
+def zone(name: str) -> ZoneInfo:
+    """The IANA timezone `name`; ValueError if there is no such zone."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown timezone {name!r}") from None
+
+
+def to_millis(dt: datetime) -> int:
+    """Milliseconds since the Unix epoch of an aware datetime (exact, no float rounding)."""
+    return (dt - _EPOCH) // _MILLI
+
+
+def from_millis(ms: int, tz: str) -> datetime:
+    """The aware datetime in timezone `tz` that is `ms` milliseconds after the Unix epoch."""
+    return (_EPOCH + ms * _MILLI).astimezone(zone(tz))
+
+
+def expand_rounds(defn: CampaignDef) -> list[Round]:
+    """The campaign's rounds in order, with explicit times; ValueError if they are invalid."""
+    tz = zone(defn.timezone)
+    if isinstance(defn.rounds, RoundRule):
+        rounds = _from_rule(defn.rounds, tz)
+    else:
+        rounds = [_from_spec(spec, tz) for spec in defn.rounds]
+    _check(rounds)
+    return rounds
+
+
+def current_round(rounds: Sequence[Round], now: datetime) -> Round | None:
+    """The round whose claim window holds `now`, else the next to open, else None.
+
+    `rounds` must be as `expand_rounds` returns them (sorted, not overlapping); `now`
+    must be aware. O(log n).
+    """
+    i = bisect_right(rounds, now, key=lambda r: r.opens_at)
+    if i and now < rounds[i - 1].closes_at:
+        return rounds[i - 1]
+    return rounds[i] if i < len(rounds) else None
+
+
+def _from_spec(spec: RoundSpec, tz: ZoneInfo) -> Round:
+    """An explicit round, its times moved to the campaign's timezone."""
+    return Round(
+        round_id=spec.round_id,
+        opens_at=spec.opens_at.astimezone(tz),
+        closes_at=spec.closes_at.astimezone(tz),
+        valid_until=spec.valid_until.astimezone(tz),
+        quota=spec.quota,
+        budget_fen=spec.budget_fen,
+    )
+
+
+def _from_rule(rule: RoundRule, tz: ZoneInfo) -> list[Round]:
+    """One round per opening day of the rule, at its local wall-clock times."""
+    opens = _offset(rule.at, "at")
+    valid = _offset(rule.valid_until, "valid_until")
+    closes = valid if rule.closes is None else _offset(rule.closes, "closes")
+    if opens >= timedelta(days=1):
+        raise ValueError(f"rounds.at {rule.at!r} must be a time of day")
+    if valid <= opens:
+        raise ValueError(f"rounds.valid_until {rule.valid_until!r} must be after at {rule.at!r}")
+    if not opens < closes <= valid:
+        raise ValueError(
+            f"rounds.closes {rule.closes!r} must be after at and not after valid_until"
+        )
+    rounds = []
+    for day in _days(rule):
+        midnight = datetime.combine(day, time(), tzinfo=tz)
+        rounds.append(
+            Round(
+                round_id=day.strftime("%Y%m%d"),
+                opens_at=midnight + opens,
+                closes_at=midnight + closes,
+                valid_until=midnight + valid,
+                quota=rule.quota,
+                budget_fen=rule.budget_fen,
+            )
+        )
+    if rounds and rule.first_budget_fen is not None:
+        rounds[0].budget_fen = rule.first_budget_fen
+    return rounds
+
+
+def _offset(text: str, field: str) -> timedelta:
+    """'HH:MM' or '+Nd HH:MM' as the wall-clock offset from midnight of the opening day."""
+    m = _DAY_TIME.fullmatch(text)
+    if m is None:
+        raise ValueError(f"rounds.{field} {text!r} is not 'HH:MM' or '+Nd HH:MM'")
+    days, hours, minutes = m.groups()
+    return timedelta(days=int(days or 0), hours=int(hours), minutes=int(minutes))
+
+
+def _days(rule: RoundRule) -> list[date]:
+    """The opening days of a rule: each day, or each given weekday, from `from` to `to`."""
+    if rule.to < rule.from_:
+        raise ValueError(f"rounds.to {rule.to} is before rounds.from {rule.from_}")
+    step = 1 if rule.every == "day" else 7
+    first = rule.from_
+    if rule.every != "day":
+        first += timedelta(days=(_WEEKDAYS.index(rule.every) - first.weekday()) % 7)
+    count = (rule.to - first).days // step + 1 if first <= rule.to else 0
+    if count > MAX_ROUNDS:
+        raise ValueError(f"rounds rule yields {count} rounds, more than {MAX_ROUNDS}")
+    return [first + timedelta(days=i * step) for i in range(count)]
+
+
+def _check(rounds: list[Round]) -> None:
+    """ValueError unless the rounds are 1..MAX_ROUNDS, well-formed, unique and in order."""
+    if not rounds:
+        raise ValueError("the campaign has no rounds")
+    if len(rounds) > MAX_ROUNDS:
+        raise ValueError(f"{len(rounds)} rounds, more than {MAX_ROUNDS}")
+    seen: set[str] = set()
+    for r in rounds:
+        if r.round_id in seen:
+            raise ValueError(f"round {r.round_id!r} appears twice")
+        seen.add(r.round_id)
+        if r.closes_at <= r.opens_at:
+            raise ValueError(f"round {r.round_id!r}: closes_at must be after opens_at")
+        if r.valid_until < r.closes_at:
+            raise ValueError(f"round {r.round_id!r}: valid_until must not be before closes_at")
+    for prev, cur in pairwise(rounds):
+        if cur.opens_at < prev.closes_at:
+            raise ValueError(
+                f"round {cur.round_id!r} opens before round {prev.round_id!r} closes;"
+                " list rounds in time order without overlapping claim windows"
+            )

@@ -1,0 +1,273 @@
+"""`issuer serve`: embedded servers, migrations, N worker processes on one port
+(SO_REUSEPORT), the flusher, and a graceful stop on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import uvloop
+from aiohttp import web
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from issuer import auth, flusher, keys, store
+from issuer.config import Settings
+
+log = logging.getLogger("issuer.server")
+WORKER_STOP_TIMEOUT_S = 15
+
+
+def redis_client(url: str) -> Redis:
+    return Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=5)
+
+
+def reuseport_socket(host: str, port: int, *, listen: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    if listen:
+        sock.listen(4096)
+        sock.setblocking(False)
+    return sock
+
+
+# ------------------------------------------------------------------ worker process
+
+
+async def worker_main(settings: Settings, port: int) -> None:
+    """One HTTP worker: serves until SIGTERM, then stops accepting and finishes in-flight
+    requests (their batches included) before closing its connections."""
+    from issuer.api import Ctx, make_app
+    from issuer.campaigns import Campaigns
+    from issuer.claims import Claims
+    from issuer.scripts import Scripts
+
+    assert settings.redis_url and settings.database_url
+    redis = redis_client(settings.redis_url)
+    scripts = Scripts(redis)
+    pg = await store.connect(settings.database_url, min_size=0, max_size=2)
+    campaigns = Campaigns(redis, scripts)
+    person_key = settings.person_secret()
+    ctx = Ctx(
+        settings=settings,
+        redis=redis,
+        pg=pg,
+        scripts=scripts,
+        campaigns=campaigns,
+        claims=Claims(redis, scripts, campaigns, person_key, settings.batch_max),
+        keys=auth.load_keys(settings.keys_path),
+        person_key=person_key,
+    )
+    stop = asyncio.Event()
+
+    async def ready() -> dict[str, Any]:
+        checks: dict[str, Any] = {"draining": stop.is_set()}
+        try:
+            await scripts.run("ready", [keys.CAMPAIGNS], [])
+            entries, age = await flusher.stream_lag(redis)
+            checks.update(redis_ok=True, flusher_lag_entries=entries, flusher_lag_seconds=age)
+            checks["flusher_ok"] = entries <= settings.ready_max_lag
+        except (RedisError, OSError) as exc:
+            checks.update(redis_ok=False, redis_error=type(exc).__name__)
+        try:
+            await pg.fetchval("SELECT 1", timeout=2)
+            checks["postgres_ok"] = True
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            checks.update(postgres_ok=False, postgres_error=type(exc).__name__)
+        checks["serving_ok"] = not stop.is_set()
+        return checks
+
+    app = make_app(ctx, ready)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10)
+    await runner.setup()
+    await web.SockSite(runner, reuseport_socket(settings.host, port, listen=True)).start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("worker up", extra={"pid": os.getpid(), "port": port})
+    await stop.wait()
+    await runner.cleanup()
+    await redis.aclose()
+    await pg.close()
+    log.info("worker stopped", extra={"pid": os.getpid()})
+
+
+def run_worker(settings: Settings, port: int) -> None:
+    uvloop.run(worker_main(settings, port))
+
+
+# ------------------------------------------------------------------ supervisor
+
+
+@contextlib.contextmanager
+def backing_servers(settings: Settings) -> Iterator[Settings]:
+    """Settings with real URLs: the given ones, or embedded servers started (and stopped)."""
+    from issuer import embedded
+
+    started: list[embedded.EmbeddedServer] = []
+    urls: dict[str, str] = {}
+    try:
+        if not settings.redis_url:
+            started.append(embedded.start_redis(settings.data_dir))
+            urls["redis_url"] = started[-1].url
+        if not settings.database_url:
+            fast = {"fsync": "off", "synchronous_commit": "off"} if settings.embedded_pg_fast else None
+            started.append(embedded.start_postgres(settings.data_dir, settings=fast))
+            urls["database_url"] = started[-1].url
+        yield Settings.from_env({}, **{**_as_dict(settings), **urls})
+    finally:
+        for server in reversed(started):
+            server.stop()
+
+
+def _as_dict(settings: Settings) -> dict[str, object]:
+    return {f: getattr(settings, f) for f in settings.__struct_fields__}
+
+
+def worker_env(settings: Settings, port: int) -> dict[str, str]:
+    env = dict(os.environ)
+    values = {
+        "REDIS_URL": settings.redis_url,
+        "DATABASE_URL": settings.database_url,
+        "ISSUER_DATA_DIR": str(settings.data_dir),
+        "ISSUER_KEYS_FILE": str(settings.keys_path),
+        "ISSUER_HOST": settings.host,
+        "ISSUER_PORT": str(port),
+        "ISSUER_LOG_LEVEL": settings.log_level,
+        "ISSUER_BATCH_MAX": str(settings.batch_max),
+        "ISSUER_READY_MAX_LAG": str(settings.ready_max_lag),
+    }
+    if settings.person_key:
+        values["ISSUER_PERSON_KEY"] = settings.person_key
+    env.update({k: v for k, v in values.items() if v is not None})
+    return env
+
+
+class Supervisor:
+    """Keeps N workers running (a worker that dies is replaced) and runs the flusher."""
+
+    def __init__(self, settings: Settings, port: int) -> None:
+        self.settings = settings
+        self.port = port
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.stopping = False
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", "issuer.cli", "worker"]
+        return subprocess.Popen(cmd, env=worker_env(self.settings, self.port))
+
+    async def watch(self) -> None:
+        while not self.stopping:
+            for i, proc in enumerate(self.workers):
+                if proc.poll() is not None and not self.stopping:
+                    log.warning("worker died, replacing it",
+                                extra={"pid": proc.pid, "code": proc.returncode})
+                    self.workers[i] = self.spawn()
+            await asyncio.sleep(0.2)
+
+    def terminate(self) -> None:
+        self.stopping = True
+        for proc in self.workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + WORKER_STOP_TIMEOUT_S
+        for proc in self.workers:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    async def run(self, load: list[Path], on_ready: str | None) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        assert self.settings.redis_url and self.settings.database_url
+        redis = redis_client(self.settings.redis_url)
+        pool = await store.connect(self.settings.database_url)
+        await store.migrate(pool)
+        await load_campaign_files(redis, load)
+        self.workers = [self.spawn() for _ in range(self.settings.workers)]
+        watcher = asyncio.create_task(self.watch())
+        flush = flusher.Flusher(redis, pool, batch=self.settings.flush_batch)
+        flushing = asyncio.create_task(flush.run(stop))
+        await wait_ready(self.settings.host, self.port, stop)
+        if on_ready and not stop.is_set():
+            print(on_ready, flush=True)
+        await stop.wait()
+        log.info("stopping: workers first, then the flusher drains")
+        await asyncio.to_thread(self.terminate)
+        watcher.cancel()
+        await flushing
+        await redis.aclose()
+        await pool.close()
+
+
+async def wait_ready(host: str, port: int, stop: asyncio.Event, timeout: float = 60) -> None:
+    import aiohttp
+
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/readyz"
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while not stop.is_set() and time.monotonic() < deadline:
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with session.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.1)
+    if not stop.is_set():
+        raise RuntimeError(f"service not ready after {timeout} s")
+
+
+async def load_campaign_files(redis: Redis, paths: list[Path]) -> None:
+    from issuer.campaign_file import load_campaign_file
+    from issuer.campaigns import Campaigns
+    from issuer.errors import ApiError
+    from issuer.scripts import Scripts
+
+    campaigns = Campaigns(redis, Scripts(redis))
+    for path in paths:
+        campaign_id, definition = load_campaign_file(path)
+        try:
+            created = await campaigns.put(campaign_id, definition)
+            log.info("campaign loaded", extra={"campaign": campaign_id, "new": created})
+        except ApiError as err:
+            if err.code != "CAMPAIGN_RUNNING":
+                raise
+            log.info("campaign already running, kept", extra={"campaign": campaign_id})
+
+
+def serve(settings: Settings, load: list[Path]) -> None:
+    """Run the service until SIGTERM/SIGINT."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.person_secret()  # create it once, before workers race to
+    if not settings.keys_path.exists():
+        if settings.keys_file is not None:
+            raise SystemExit(f"ISSUER_KEYS_FILE {settings.keys_file} does not exist")
+        auth.write_dev_keys(settings.keys_path)
+        log.warning("wrote development keys", extra={"path": str(settings.keys_path)})
+    reserved = reuseport_socket(settings.host, settings.port, listen=False)
+    port = reserved.getsockname()[1]
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    banner = (
+        f"issuer ready on http://{host}:{port}  workers={settings.workers}\n"
+        f"  keys file: {settings.keys_path}\n"
+        f"  try:       .venv/bin/issuer call GET /v1/campaigns/demo --url http://{host}:{port}"
+    )
+    with reserved, backing_servers(settings) as live:
+        uvloop.run(Supervisor(live, port).run(load, banner))

@@ -1,0 +1,151 @@
+"""PostgreSQL: connection pool, versioned schema migrations, and the durable record."""
+
+from __future__ import annotations
+
+import asyncpg
+
+# Each entry is one migration; never edit an applied one, append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE events (
+        stream      text        NOT NULL,
+        entry_id    text        NOT NULL,
+        campaign_id text,
+        type        text        NOT NULL,
+        data        jsonb       NOT NULL,
+        recorded_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (stream, entry_id)
+    );
+    CREATE INDEX events_campaign_type ON events (campaign_id, type);
+    CREATE TABLE campaigns (
+        campaign_id text PRIMARY KEY,
+        definition  jsonb   NOT NULL,
+        version     bigint  NOT NULL,
+        status      text    NOT NULL DEFAULT 'active',
+        updated_at  timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE vouchers (
+        voucher_id  text PRIMARY KEY,
+        campaign_id text        NOT NULL,
+        round_id    text        NOT NULL,
+        user_id     text        NOT NULL,
+        person_ref  text        NOT NULL,
+        status      text        NOT NULL,
+        issued_at   timestamptz NOT NULL,
+        expires_at  timestamptz NOT NULL,
+        reserve_fen bigint      NOT NULL,
+        discount_rate_bp integer NOT NULL,
+        cap_fen     bigint      NOT NULL,
+        device_id   text,
+        staff_id    text,
+        entry_id    text        NOT NULL
+    );
+    CREATE INDEX vouchers_campaign_round ON vouchers (campaign_id, round_id);
+    CREATE INDEX vouchers_person ON vouchers (campaign_id, person_ref);
+    CREATE INDEX vouchers_user ON vouchers (user_id);
+    CREATE TABLE registrations (
+        campaign_id     text NOT NULL,
+        person_ref      text NOT NULL,
+        registration_id text NOT NULL UNIQUE,
+        user_id         text NOT NULL,
+        name_ref        text NOT NULL,
+        phone_ref       text NOT NULL,
+        registered_at   timestamptz NOT NULL,
+        PRIMARY KEY (campaign_id, person_ref)
+    );
+    CREATE TABLE merchants (
+        merchant_id text PRIMARY KEY,
+        name        text   NOT NULL,
+        county_code text   NOT NULL,
+        categories  text[] NOT NULL,
+        status      text   NOT NULL,
+        updated_at  timestamptz NOT NULL DEFAULT now()
+    );
+    """,
+)
+
+# One statement records a batch of stream entries and projects the new ones into tables.
+# Entries already recorded (a re-delivered batch) conflict on the primary key and are
+# skipped, so replaying a batch any number of times changes nothing.
+RECORD_BATCH = """
+WITH new AS (
+    INSERT INTO events (stream, entry_id, campaign_id, type, data)
+    SELECT s, e, nullif(c, ''), t, d::jsonb
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) AS x(s, e, c, t, d)
+    ON CONFLICT DO NOTHING
+    RETURNING entry_id, campaign_id, type, data
+), vouchers_new AS (
+    INSERT INTO vouchers (voucher_id, campaign_id, round_id, user_id, person_ref, status,
+                          issued_at, expires_at, reserve_fen, discount_rate_bp, cap_fen,
+                          device_id, staff_id, entry_id)
+    SELECT data->>'voucher_id', campaign_id, data->>'round_id', data->>'user_id',
+           data->>'person_ref', data->>'status',
+           to_timestamp((data->>'issued_at')::bigint / 1000.0),
+           to_timestamp((data->>'expires_at')::bigint / 1000.0),
+           (data->>'reserve_fen')::bigint, (data->>'discount_rate_bp')::integer,
+           (data->>'cap_fen')::bigint, data->>'device_id', data->>'staff_id', entry_id
+    FROM new WHERE type = 'claim'
+    ON CONFLICT DO NOTHING
+), registrations_new AS (
+    INSERT INTO registrations (campaign_id, person_ref, registration_id, user_id, name_ref,
+                               phone_ref, registered_at)
+    SELECT campaign_id, data->>'person_ref', data->>'registration_id', data->>'user_id',
+           data->>'name_ref', data->>'phone_ref',
+           to_timestamp((data->>'registered_at')::bigint / 1000.0)
+    FROM new WHERE type = 'registration'
+    ON CONFLICT DO NOTHING
+), campaigns_new AS (
+    INSERT INTO campaigns (campaign_id, definition, version)
+    SELECT DISTINCT ON (campaign_id) campaign_id, data, (data->>'version')::bigint
+    FROM new WHERE type = 'campaign'
+    ORDER BY campaign_id, (data->>'version')::bigint DESC
+    ON CONFLICT (campaign_id) DO UPDATE
+        SET definition = excluded.definition, version = excluded.version, updated_at = now()
+        WHERE campaigns.version < excluded.version
+), merchants_new AS (
+    INSERT INTO merchants (merchant_id, name, county_code, categories, status)
+    SELECT DISTINCT ON (data->>'merchant_id') data->>'merchant_id', data->>'name',
+           data->>'county_code', ARRAY(SELECT jsonb_array_elements_text(data->'categories')),
+           data->>'status'
+    FROM new WHERE type = 'merchant'
+    ORDER BY data->>'merchant_id', entry_id DESC
+    ON CONFLICT (merchant_id) DO UPDATE
+        SET name = excluded.name, county_code = excluded.county_code,
+            categories = excluded.categories, status = excluded.status, updated_at = now()
+)
+SELECT count(*) FROM new
+"""
+
+# Status changes touch rows that the statement above may insert, so they run after it.
+RECORD_STATUS = """
+UPDATE campaigns c SET status = e.data->>'status', updated_at = now()
+FROM (
+    SELECT DISTINCT ON (campaign_id) campaign_id, data
+    FROM events
+    WHERE stream = ANY($1::text[]) AND entry_id = ANY($2::text[]) AND type = 'status'
+    ORDER BY campaign_id, (data->>'version')::bigint DESC
+) e
+WHERE c.campaign_id = e.campaign_id
+"""
+
+
+async def connect(dsn: str, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
+    assert pool is not None
+    return pool
+
+
+async def migrate(pool: asyncpg.Pool) -> int:
+    """Apply pending migrations under an advisory lock; returns the schema version."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(7262001)")
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations")
+        for version, sql in enumerate(MIGRATIONS, start=1):
+            if version > current:
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+        return len(MIGRATIONS)

@@ -1,0 +1,50 @@
+"""Reading vouchers: one by id, or a user's across campaigns."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from issuer import keys
+from issuer.campaigns import Campaigns
+from issuer.claims import RECORD, voucher_out
+from issuer.errors import ApiError
+from issuer.model import VoucherOut
+
+
+def campaign_of(voucher_id: str) -> str:
+    """Voucher ids are `<campaign_id>.<random>`."""
+    campaign_id, dot, token = voucher_id.rpartition(".")
+    if not dot or not campaign_id or not token:
+        raise ApiError("NOT_FOUND", f"voucher {voucher_id}")
+    return campaign_id
+
+
+async def get(redis: Redis, campaigns: Campaigns, voucher_id: str) -> VoucherOut:
+    campaign_id = campaign_of(voucher_id)
+    try:
+        cached = await campaigns.cached(campaign_id)
+    except ApiError:
+        raise ApiError("NOT_FOUND", f"voucher {voucher_id}") from None
+    raw = await redis.hget(cached.keys.vouchers, voucher_id)
+    if raw is None:
+        raise ApiError("NOT_FOUND", f"voucher {voucher_id}")
+    return voucher_out(RECORD.decode(raw), cached.definition.timezone)
+
+
+async def of_user(
+    redis: Redis, campaigns: Campaigns, user_id: str, campaign_id: str | None
+) -> list[VoucherOut]:
+    if campaign_id is not None:
+        ids = [campaign_id]
+    else:
+        ids = sorted(m.decode() for m in await redis.smembers(keys.CAMPAIGNS))
+    found = []
+    for cid in ids:
+        try:
+            cached = await campaigns.cached(cid)
+        except ApiError:
+            continue
+        voucher_id = await redis.hget(cached.keys.accounts, user_id)
+        if voucher_id is not None:
+            found.append(await get(redis, campaigns, voucher_id.decode()))
+    return found

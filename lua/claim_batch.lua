@@ -1,0 +1,105 @@
+-- Decide a batch of claims for one campaign round, in order, atomically.
+-- KEYS: 1 ledger, 2 round, 3 persons, 4 accounts, 5 vouchers, 6 registrations,
+--       7 events, 8 idem current, 9 idem previous, 10 round winners, 11.. nonce buckets
+-- ARGV: 1 round_id, 2 reserve_fen, 3 mode (self|staff), 4 idem ttl s, 5 nonce ttl s,
+--       6 claim count, then 8 fields per claim:
+--       idem field, fingerprint, nonce bucket index (0 = none), nonce field,
+--       person_ref, user_id, voucher_id candidate, extra JSON object body ("{}" or fields)
+-- Returns: {status, version, issued, quota, then per claim: code, payload}
+--   code OK / REPLAY: payload = voucher JSON; ALREADY_CLAIMED: payload = voucher id;
+--   any other refusal code: payload = "".
+local FIELDS = 8
+local round_id = ARGV[1]
+local reserve = tonumber(ARGV[2])
+local staff_mode = ARGV[3] == 'staff'
+local idem_ttl = tonumber(ARGV[4])
+local nonce_ttl = tonumber(ARGV[5])
+local n = tonumber(ARGV[6])
+
+local led = redis.call('HMGET', KEYS[1], 'status', 'version', 'available')
+local rnd = redis.call('HMGET', KEYS[2], 'opens', 'closes', 'valid_until', 'quota', 'budget',
+  'issued', 'reserved')
+local out
+if not led[1] or not rnd[1] then
+  out = {'missing', led[2] or '0', 0, 0}
+  for _ = 1, n do
+    out[#out + 1] = 'NOT_FOUND'
+    out[#out + 1] = ''
+  end
+  return out
+end
+local status = led[1]
+local available = tonumber(led[3])
+local opens, closes, valid_until = tonumber(rnd[1]), tonumber(rnd[2]), rnd[3]
+local quota, rbudget = tonumber(rnd[4]), tonumber(rnd[5])
+local issued, rreserved = tonumber(rnd[6]), tonumber(rnd[7])
+local now = now_ms()
+local granted = 0
+local nonce_used = {}
+
+local function decide(base)
+  local idem_field, fingerprint = ARGV[base], ARGV[base + 1]
+  local nonce_idx = tonumber(ARGV[base + 2])
+  local person, user = ARGV[base + 4], ARGV[base + 5]
+  if nonce_idx > 0 then
+    local nkey = KEYS[10 + nonce_idx]
+    if redis.call('HSETNX', nkey, ARGV[base + 3], 1) == 0 then return 'UNAUTHENTICATED', '' end
+    nonce_used[nkey] = true
+  end
+  local prior = idem_lookup(KEYS[8], KEYS[9], idem_field, fingerprint)
+  if prior == false then return 'IDEMPOTENCY_MISMATCH', '' end
+  if prior then return 'REPLAY', redis.call('HGET', KEYS[5], prior) end
+  if status == 'paused' then return 'CAMPAIGN_PAUSED', '' end
+  if status ~= 'active' then return 'CAMPAIGN_ENDED', '' end
+  if now < opens then return 'NOT_OPEN', '' end
+  if now >= closes then return 'ROUND_CLOSED', '' end
+  if staff_mode then
+    local reg = redis.call('HGET', KEYS[6], person)
+    if not reg or cjson.decode(reg).user_id ~= user then return 'NOT_REGISTERED', '' end
+  end
+  local held = redis.call('HGET', KEYS[3], person) or redis.call('HGET', KEYS[4], user)
+  if held then return 'ALREADY_CLAIMED', held end
+  if quota >= 0 and issued >= quota then return 'ROUND_QUOTA_EXHAUSTED', '' end
+  if rbudget >= 0 and rreserved + reserve > rbudget then return 'ROUND_BUDGET_EXHAUSTED', '' end
+  if available < reserve then return 'BUDGET_EXHAUSTED', '' end
+  -- every check passed: write
+  local vid = ARGV[base + 6]
+  local rec = cjson.decode(ARGV[base + 7])
+  rec.voucher_id = vid
+  rec.round_id = round_id
+  rec.user_id = user
+  rec.person_ref = person
+  rec.status = 'issued'
+  rec.issued_at = now
+  rec.expires_at = tonumber(valid_until)
+  rec.reserve_fen = reserve
+  local json = cjson.encode(rec)
+  redis.call('HSET', KEYS[3], person, vid)
+  redis.call('HSET', KEYS[4], user, vid)
+  redis.call('HSET', KEYS[5], vid, json)
+  idem_store(KEYS[8], idem_field, fingerprint, vid, idem_ttl)
+  redis.call('SADD', KEYS[10], idem_field)
+  redis.call('XADD', KEYS[7], '*', 't', 'claim', 'd', json)
+  issued = issued + 1
+  rreserved = rreserved + reserve
+  available = available - reserve
+  granted = granted + 1
+  return 'OK', json
+end
+
+out = {status, led[2], 0, 0}
+for i = 0, n - 1 do
+  local code, payload = decide(7 + i * FIELDS)
+  out[#out + 1] = code
+  out[#out + 1] = payload
+end
+if granted > 0 then
+  redis.call('HSET', KEYS[2], 'issued', issued, 'reserved', rreserved)
+  redis.call('HINCRBY', KEYS[1], 'available', -granted * reserve)
+  redis.call('HINCRBY', KEYS[1], 'reserved', granted * reserve)
+  redis.call('EXPIRE', KEYS[10], idem_ttl, 'NX')
+end
+for nkey in pairs(nonce_used) do redis.call('EXPIRE', nkey, nonce_ttl, 'NX') end
+out[3] = issued
+out[4] = quota
+return out

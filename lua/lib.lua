@@ -1,0 +1,22 @@
+-- Shared helpers, prepended to every script by issuer/scripts.py.
+-- Idempotency records are hash fields "<key id>|<request_id>" -> "<fingerprint>\n<result>",
+-- kept in two time buckets (current and previous) that expire as a whole.
+
+local function idem_lookup(cur, prev, field, fingerprint)
+  local rec = redis.call('HGET', cur, field)
+  if not rec then rec = redis.call('HGET', prev, field) end
+  if not rec then return nil end
+  local nl = string.find(rec, '\n', 1, true)
+  if string.sub(rec, 1, nl - 1) ~= fingerprint then return false end
+  return string.sub(rec, nl + 1)
+end
+
+local function idem_store(cur, field, fingerprint, result, ttl)
+  redis.call('HSET', cur, field, fingerprint .. '\n' .. result)
+  redis.call('EXPIRE', cur, ttl, 'NX')
+end
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
