@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,14 +33,28 @@ ENCODE = msgspec.json.Encoder()
 HINT_TTL_S = 1.0  # how long a worker trusts "sold out" / "paused" without asking Redis
 
 
-@dataclass
+@dataclass(frozen=True)
+class Holders:
+    """Who already holds a voucher: Redis would answer their requests with a replay or
+    ALREADY_CLAIMED, so a worker never refuses them locally."""
+
+    count: int  # vouchers in the campaign when loaded
+    requests: frozenset[str] = frozenset()  # idempotency fields of winning requests
+    persons: frozenset[str] = frozenset()
+    accounts: frozenset[str] = frozenset()
+
+    def hold(self, request: str, person: str, account: str) -> bool:
+        return request in self.requests or person in self.persons or account in self.accounts
+
+
+@dataclass(frozen=True)
 class Hint:
     """A refusal this worker may repeat without asking Redis, until `until`."""
 
     code: str
     round_id: str
     until: float
-    winners: frozenset[str] = frozenset()  # idempotency fields of this round's winners
+    holders: Holders
 
 
 @dataclass
@@ -73,6 +88,7 @@ class Campaigns:
         self.redis = redis
         self.scripts = scripts
         self._cache: dict[str, CachedCampaign] = {}
+        self._loading: dict[str, asyncio.Future[CachedCampaign]] = {}
 
     # ------------------------------------------------------------ reads
 
@@ -95,8 +111,16 @@ class Campaigns:
         return cached
 
     async def cached(self, campaign_id: str) -> CachedCampaign:
+        """The cached campaign; on a miss, one load serves every waiting request."""
         hit = self._cache.get(campaign_id)
-        return hit if hit is not None else await self.load(campaign_id)
+        if hit is not None:
+            return hit
+        loading = self._loading.get(campaign_id)
+        if loading is None:
+            loading = asyncio.ensure_future(self.load(campaign_id))
+            self._loading[campaign_id] = loading
+            loading.add_done_callback(lambda _: self._loading.pop(campaign_id, None))
+        return await asyncio.shield(loading)
 
     def forget(self, campaign_id: str) -> None:
         self._cache.pop(campaign_id, None)
@@ -239,6 +263,11 @@ class Campaigns:
                                  f" budget is {int(result[1])}")
         cached.hint = None
         return [int(x) for x in result[1:5]], code == "REPLAY"
+
+
+async def hash_keys(redis: Redis, key: str) -> set[str]:
+    """Field names of a hash, read with HSCAN so a big hash never blocks Redis."""
+    return {k.decode() async for k in redis.hscan_iter(key, count=1000, no_values=True)}
 
 
 def idem_field(key_id: str, request_id: str) -> str:

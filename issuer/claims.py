@@ -21,7 +21,9 @@ from issuer.campaigns import (
     CachedCampaign,
     Campaigns,
     Hint,
+    Holders,
     fingerprint,
+    hash_keys,
     idem_field,
 )
 from issuer.errors import ApiError
@@ -146,7 +148,7 @@ class Batcher:
             ck.events,
             cur,
             prev,
-            ck.winners(self.round.round_id),
+            ck.winners,
             *nonce_keys,
         ]
         started = time.perf_counter()
@@ -200,10 +202,9 @@ class Claims:
             raise ApiError("NOT_OPEN", f"round {rnd.round_id} opens at {rnd.opens_at.isoformat()}")
         idem = idem_field(verified.key.id, claim.request_id)
         hint = cached.hint
-        if hint is not None and hint.round_id == rnd.round_id and idem not in hint.winners:
-            if now < hint.until:
+        if hint is not None and hint.round_id == rnd.round_id and now < hint.until:
+            if not hint.holders.hold(idem, ref, claim.user_id):
                 raise ApiError(hint.code)
-            cached.hint = None
         extra = {
             "campaign_id": campaign_id,
             "discount_rate_bp": definition.voucher.discount_rate_bp,
@@ -286,18 +287,31 @@ class Claims:
         if self.campaigns.note_version(cached.keys.campaign_id, version):
             self.campaigns.forget(cached.keys.campaign_id)
             return
+        if cached.definition.mode == "staff":
+            return  # face-to-face claims: no surge, and Redis may say NOT_REGISTERED first
         sticky = next((c.decode() for c in reversed(codes) if c.decode() in STICKY), None)
         if sticky is not None and not cached.arming:
             cached.arming = True
             asyncio.get_running_loop().create_task(self._arm_hint(cached, sticky, rnd.round_id))
 
     async def _arm_hint(self, cached: CachedCampaign, code: str, round_id: str) -> None:
-        """Start refusing `code` locally. Retries of winning requests must still get their
-        voucher, so the hint exempts the idempotency fields of the round's winners."""
+        """Start refusing `code` locally for a while. Redis would answer holders of a
+        voucher differently (replay, ALREADY_CLAIMED), so they are loaded first and exempt;
+        they are reloaded only when the campaign's voucher count changed."""
+        ck = cached.keys
         try:
-            members = await self.redis.smembers(cached.keys.winners(round_id))
-            winners = frozenset(m.decode() for m in members)
-            cached.hint = Hint(code, round_id, time.time() + HINT_TTL_S, winners)
+            count = await self.redis.hlen(ck.persons)
+            previous = cached.hint.holders if cached.hint is not None else None
+            if previous is not None and previous.count == count:
+                holders = previous
+            else:
+                holders = Holders(
+                    count=count,
+                    requests=frozenset(m.decode() for m in await self.redis.smembers(ck.winners)),
+                    persons=frozenset(await hash_keys(self.redis, ck.persons)),
+                    accounts=frozenset(await hash_keys(self.redis, ck.accounts)),
+                )
+            cached.hint = Hint(code, round_id, time.time() + HINT_TTL_S, holders)
         except RedisError:
             cached.hint = None
         finally:

@@ -42,6 +42,7 @@ class CampaignKeys:
         "registrations",
         "tag",
         "vouchers",
+        "winners",
     )
 
     def __init__(self, campaign_id: str) -> None:
@@ -55,14 +56,11 @@ class CampaignKeys:
         self.vouchers = f"{tag}:vouchers"  # hash voucher_id -> JSON record
         self.registrations = f"{tag}:registrations"  # hash person_ref -> JSON record
         self.events = f"{tag}:events"  # stream flushed to PostgreSQL
+        self.winners = f"{tag}:winners"  # set of idempotency fields that won a voucher
 
     def round(self, round_id: str) -> str:
         """Hash: opens/closes/valid_until (ms), quota, budget, issued, reserved."""
         return f"{self.tag}:round:{round_id}"
-
-    def winners(self, round_id: str) -> str:
-        """Set of the idempotency fields that won a voucher in the round."""
-        return f"{self.tag}:winners:{round_id}"
 
     def idempotency(self, now_s: float) -> tuple[str, str]:
         """The current and the previous idempotency bucket (hash request key -> result)."""

@@ -9,7 +9,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from issuer import keys
-from issuer.campaigns import STORED
+from issuer.campaigns import STORED, hash_keys
 
 LEDGER_FIELDS = ("budget", "available", "reserved", "spent", "clawback_due", "adjustments")
 
@@ -24,11 +24,6 @@ class Report(msgspec.Struct, kw_only=True):
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-async def hash_keys(redis: Redis, key: str) -> set[str]:
-    """Field names of a hash, read with HSCAN so a big hash never blocks Redis."""
-    return {k.decode() async for k in redis.hscan_iter(key, count=1000, no_values=True)}
 
 
 async def stream_claims(redis: Redis, stream: str) -> set[str]:

@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 import uvloop
 from aiohttp import web
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 from issuer import auth, flusher, keys, store
@@ -29,8 +29,17 @@ log = logging.getLogger("issuer.server")
 WORKER_STOP_TIMEOUT_S = 15
 
 
-def redis_client(url: str) -> Redis:
-    return Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=5)
+def redis_client(url: str, max_connections: int = 64) -> Redis:
+    """A client whose pool makes bursts wait for a connection instead of failing."""
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=5,
+        socket_timeout=5,
+        socket_connect_timeout=2,
+        health_check_interval=5,
+    )
+    return Redis(connection_pool=pool)
 
 
 def reuseport_socket(host: str, port: int, *, listen: bool) -> socket.socket:

@@ -1,6 +1,6 @@
 -- Decide a batch of claims for one campaign round, in order, atomically.
 -- KEYS: 1 ledger, 2 round, 3 persons, 4 accounts, 5 vouchers, 6 registrations,
---       7 events, 8 idem current, 9 idem previous, 10 round winners, 11.. nonce buckets
+--       7 events, 8 idem current, 9 idem previous, 10 winners, 11.. nonce buckets
 -- ARGV: 1 round_id, 2 reserve_fen, 3 mode (self|staff), 4 idem ttl s, 5 nonce ttl s,
 --       6 claim count, then 8 fields per claim:
 --       idem field, fingerprint, nonce bucket index (0 = none), nonce field,

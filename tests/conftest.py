@@ -1,0 +1,186 @@
+"""Real servers for the suite: one embedded Valkey and one embedded PostgreSQL per session
+(or REDIS_URL / DATABASE_URL), a fresh Redis database and PostgreSQL database per test
+module, and `issuer serve` itself as a subprocess on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import secrets
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from issuer import embedded
+from issuer.auth import ApiKey, load_keys
+from issuer.client import Client, Response
+
+ROOT = Path(__file__).resolve().parent.parent
+_module_counter = iter(range(1, 1_000_000))
+
+
+class Servers:
+    def __init__(self, redis_url: str, database_url: str) -> None:
+        self.redis_url = redis_url
+        self.database_url = database_url
+
+
+@pytest.fixture(scope="session")
+def workdir() -> Iterator[Path]:
+    # Not tmp_path: pytest resets its base dir to 0700, which locks out the postgres user.
+    with tempfile.TemporaryDirectory(prefix="issuer-test-") as d:
+        os.chmod(d, 0o755)
+        yield Path(d)
+
+
+@pytest.fixture(scope="session")
+def servers(workdir: Path) -> Iterator[Servers]:
+    redis_url, database_url = os.environ.get("REDIS_URL"), os.environ.get("DATABASE_URL")
+    started = []
+    if not redis_url:
+        started.append(embedded.start_redis(workdir))
+        redis_url = started[-1].url
+    if not database_url:
+        fast = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+        started.append(embedded.start_postgres(workdir, settings=fast))
+        database_url = started[-1].url
+    try:
+        yield Servers(redis_url, database_url)
+    finally:
+        for server in reversed(started):
+            server.stop()
+
+
+class Keyspace:
+    """One test module's Redis database and PostgreSQL database."""
+
+    def __init__(self, redis_url: str, database_url: str, name: str) -> None:
+        self.redis_url = redis_url
+        self.database_url = database_url
+        self.name = name
+
+
+def _with_path(url: str, path: str) -> str:
+    return re.sub(r"(//[^/]*)(/[^?]*)?", lambda m: m.group(1) + path, url, count=1)
+
+
+@pytest.fixture(scope="module")
+async def keyspace(servers: Servers, request: pytest.FixtureRequest) -> AsyncIterator[Keyspace]:
+    n = next(_module_counter)
+    name = f"t{n}_{request.module.__name__.rsplit('.', 1)[-1]}"[:60].lower()
+    redis_url = _with_path(servers.redis_url, f"/{n % 16}")
+    redis = Redis.from_url(redis_url)
+    await redis.flushdb()
+    await redis.aclose()
+    admin = await asyncpg.connect(servers.database_url)
+    await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    yield Keyspace(redis_url, _with_path(servers.database_url, f"/{name}"), name)
+
+
+@pytest.fixture(scope="module")
+async def redis(keyspace: Keyspace) -> AsyncIterator[Redis]:
+    client = Redis.from_url(keyspace.redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="module")
+async def pg(keyspace: Keyspace) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(keyspace.database_url, min_size=1, max_size=4)
+    yield pool
+    await pool.close()
+
+
+class Service:
+    """`issuer serve` running as a subprocess, and signed clients for each role."""
+
+    def __init__(self, proc: subprocess.Popen[str], url: str, keys: dict[str, ApiKey],
+                 session: aiohttp.ClientSession) -> None:
+        self.proc = proc
+        self.url = url
+        self.keys = keys
+        self.session = session
+
+    def key(self, role: str) -> ApiKey:
+        return next(k for k in self.keys.values() if k.role == role)
+
+    def client(self, role: str) -> Client:
+        return Client(self.url, self.key(role), self.session)
+
+    async def call(self, method: str, path: str, payload: Any = None, role: str = "ops") -> Response:
+        return await self.client(role).call(method, path, payload)
+
+    async def drained(self, timeout: float = 30) -> None:
+        """Wait until the flusher has written every stream entry to PostgreSQL."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            async with self.session.get(self.url + "/readyz") as resp:
+                checks = await resp.json()
+            if checks.get("flusher_lag_entries") == 0:
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"flusher did not drain: {checks}")
+            await asyncio.sleep(0.05)
+
+
+def start_service(keyspace: Keyspace, data_dir: Path, workers: int = 2,
+                  extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
+    env = {
+        **os.environ,
+        "REDIS_URL": keyspace.redis_url,
+        "DATABASE_URL": keyspace.database_url,
+        "ISSUER_DATA_DIR": str(data_dir),
+        "ISSUER_PERSON_KEY": "test-person-key",
+        "ISSUER_LOG_LEVEL": "WARNING",
+        **(extra_env or {}),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "issuer.cli", "serve", "--port", "0", "--workers", str(workers)],
+        env=env, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    match = re.search(r"(http://\S+)", line)
+    if not match:
+        proc.kill()
+        raise RuntimeError(f"service did not start: {line!r}")
+    return proc, match.group(1)
+
+
+def stop_service(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+async def service(keyspace: Keyspace, workdir: Path) -> AsyncIterator[Service]:
+    data_dir = workdir / f"data-{keyspace.name}"
+    proc, url = await asyncio.to_thread(start_service, keyspace, data_dir)
+    connector = aiohttp.TCPConnector(limit=2000)
+    session = aiohttp.ClientSession(connector=connector)
+    try:
+        yield Service(proc, url, load_keys(data_dir / "keys.toml"), session)
+    finally:
+        await session.close()
+        await asyncio.to_thread(stop_service, proc)
+
+
+def unique_id(prefix: str = "c") -> str:
+    return f"{prefix}-{secrets.token_hex(4)}"
