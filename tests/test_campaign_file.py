@@ -88,7 +88,7 @@ def test_demo_round_is_open_at_load_time() -> None:
     assert today.closes_at == today.valid_until == now + timedelta(hours=12)
     assert today.quota == 500
     assert rounds[1].opens_at == now + timedelta(days=1)
-    assert defn.budget_fen == 10_000_000
+    assert defn.budget_fen == 100_000_000
     assert defn.eligibility.categories == ["appliance", "furniture"]
 
 
