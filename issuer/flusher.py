@@ -11,19 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from collections.abc import Sequence
 
 import asyncpg
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from issuer import keys, metrics
+from issuer.scripts import Scripts
 from issuer.store import RECORD_BATCH, RECORD_STATUS
 
 log = logging.getLogger("issuer.flusher")
-Entry = tuple[bytes, dict[bytes, bytes]]
+# (entry id, fields); fields are empty or None for an entry deleted while pending
+Entry = tuple[bytes, dict[bytes, bytes] | None]
 CAMPAIGN_PREFIX = "{c:"
 STREAM_SUFFIX = "}:events"
 
@@ -83,13 +87,14 @@ class Flusher:
         redis: Redis,
         pool: asyncpg.Pool,
         *,
-        consumer: str = "flusher-1",
+        consumer: str = "",
         batch: int = 2000,
         claim_idle_ms: int = 60_000,
     ) -> None:
         self.redis = redis
         self.pool = pool
-        self.consumer = consumer
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self.scripts = Scripts(redis)
         self.batch = batch
         self.claim_idle_ms = claim_idle_ms
         self._groups: set[str] = set()
@@ -113,17 +118,18 @@ class Flusher:
         for stream, entries in batches:
             campaign = stream_campaign(stream)
             for entry_id, fields in entries:
+                if not fields:
+                    continue  # deleted before it was recorded: nothing left to record
                 cols[0].append(stream)
                 cols[1].append(entry_id.decode())
                 cols[2].append(campaign)
                 cols[3].append(fields[b"t"].decode())
                 cols[4].append(entry_data(fields))
-        if not cols[0]:
-            return 0
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.fetchval(RECORD_BATCH, *cols)
-            if "status" in cols[3]:
-                await conn.execute(RECORD_STATUS, cols[0], cols[1])
+        if cols[0]:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.fetchval(RECORD_BATCH, *cols)
+                if "status" in cols[3]:
+                    await conn.execute(RECORD_STATUS, cols[0], cols[1])
         for stream, entries in batches:
             if entries:
                 await self.redis.xack(stream, keys.FLUSH_GROUP, *[e[0] for e in entries])
@@ -133,17 +139,11 @@ class Flusher:
 
     async def _trim(self, stream: str) -> None:
         """Drop entries that are delivered and acknowledged, never anything pending."""
-        pending = await self.redis.xpending(stream, keys.FLUSH_GROUP)
-        if pending["pending"]:
-            floor = pending["min"]
-        else:
-            groups = await self.redis.xinfo_groups(stream)
-            last = next(g for g in groups if g["name"].decode() == keys.FLUSH_GROUP)
-            ms, seq = last["last-delivered-id"].decode().split("-")
-            floor = f"{ms}-{int(seq) + 1}"
-        await self.redis.xtrim(stream, minid=floor, approximate=False)
+        await self.scripts.run("trim_acked", [stream], [keys.FLUSH_GROUP])
 
-    async def read(self, streams: list[str], start: str, block_ms: int | None) -> list[tuple[str, list[Entry]]]:
+    async def read(
+        self, streams: list[str], start: str, block_ms: int | None
+    ) -> list[tuple[str, list[Entry]]]:
         reply = await self.redis.xreadgroup(
             keys.FLUSH_GROUP,
             self.consumer,
@@ -160,8 +160,12 @@ class Flusher:
             cursor = "0-0"
             while True:
                 cursor_b, entries, _deleted = await self.redis.xautoclaim(
-                    stream, keys.FLUSH_GROUP, self.consumer, self.claim_idle_ms,
-                    start_id=cursor, count=self.batch,
+                    stream,
+                    keys.FLUSH_GROUP,
+                    self.consumer,
+                    self.claim_idle_ms,
+                    start_id=cursor,
+                    count=self.batch,
                 )
                 done += await self.record([(stream, entries)])
                 cursor = cursor_b.decode()
@@ -204,8 +208,8 @@ class Flusher:
                     rescued_at = time.monotonic()
                 await self.flush_once()
                 await stream_lag(self.redis)
-            except (OSError, RedisError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("flush failed, retrying: %s", exc)
+            except Exception as exc:  # whatever failed, nothing unrecorded was acknowledged
+                log.warning("flush failed, retrying: %r", exc)
                 first = True  # what was read but not recorded is pending: re-read it
                 await asyncio.sleep(0.5)
         await self.drain()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import asyncpg
 import msgspec
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from issuer import keys
 from issuer.campaigns import STORED, hash_keys
@@ -26,14 +28,35 @@ class Report(msgspec.Struct, kw_only=True):
         return not self.problems
 
 
-async def stream_claims(redis: Redis, stream: str) -> set[str]:
-    """Voucher ids of the claims still held in the stream (not yet trimmed)."""
-    found: set[str] = set()
+def _entry_id(raw: bytes | str) -> tuple[int, int]:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    ms, seq = text.split("-")
+    return int(ms), int(seq)
+
+
+async def claims_in_flight(redis: Redis, stream: str) -> dict[str, dict[str, Any]]:
+    """The claims (voucher id -> event) not yet written to PostgreSQL: entries still
+    pending in the flusher group or not delivered yet. Acknowledged entries that linger
+    in the stream until the next trim do not count."""
+    last_delivered = (0, 0)
+    pending: set[tuple[int, int]] = set()
+    try:
+        groups = await redis.xinfo_groups(stream)
+    except ResponseError:  # no stream yet
+        return {}
+    group = next((g for g in groups if g["name"].decode() == keys.FLUSH_GROUP), None)
+    if group is not None:
+        last_delivered = _entry_id(group["last-delivered-id"])
+        for p in await redis.xpending_range(stream, keys.FLUSH_GROUP, "-", "+", 1 << 30):
+            pending.add(_entry_id(p["message_id"]))
+    found: dict[str, dict[str, Any]] = {}
     start = "-"
     while entries := await redis.xrange(stream, min=start, count=1000):
-        for _id, fields in entries:
-            if fields.get(b"t") == b"claim":
-                found.add(msgspec.json.decode(fields[b"d"])["voucher_id"])
+        for raw_id, fields in entries:
+            entry = _entry_id(raw_id)
+            if fields.get(b"t") == b"claim" and (entry in pending or entry > last_delivered):
+                event = msgspec.json.decode(fields[b"d"])
+                found[event["voucher_id"]] = event
         start = "(" + entries[-1][0].decode()
     return found
 
@@ -42,12 +65,15 @@ async def reconcile(redis: Redis, pool: asyncpg.Pool, campaign_id: str) -> Repor
     ck = keys.CampaignKeys(campaign_id)
     problems: list[str] = []
     in_redis = await hash_keys(redis, ck.vouchers)
-    in_stream = await stream_claims(redis, ck.events)
+    flying = await claims_in_flight(redis, ck.events)
     rows = await pool.fetch(
         "SELECT voucher_id, round_id, person_ref, user_id, status, reserve_fen"
-        " FROM vouchers WHERE campaign_id = $1", campaign_id)
+        " FROM vouchers WHERE campaign_id = $1",
+        campaign_id,
+    )
     in_pg = {r["voucher_id"] for r in rows}
-    if missing := in_redis - in_pg - in_stream:
+    flying = {vid: event for vid, event in flying.items() if vid not in in_pg}
+    if missing := in_redis - in_pg - flying.keys():
         problems.append(f"{len(missing)} vouchers in Redis but not in PostgreSQL nor in flight")
     if extra := in_pg - in_redis:
         problems.append(f"{len(extra)} vouchers in PostgreSQL but not in Redis")
@@ -60,16 +86,19 @@ async def reconcile(redis: Redis, pool: asyncpg.Pool, campaign_id: str) -> Repor
     else:
         budget, available, reserved, spent, clawback, adjustments = (int(v) for v in ledger)
         if available + reserved + spent + clawback != budget + adjustments:
-            problems.append("ledger does not balance: available + reserved + spent +"
-                            " clawback_due != budget + adjustments")
+            problems.append(
+                "ledger does not balance: available + reserved + spent +"
+                " clawback_due != budget + adjustments"
+            )
         if min(available, reserved, spent, clawback) < 0:
             problems.append("ledger has a negative balance")
-        if not in_stream:
-            held = sum(r["reserve_fen"] for r in rows if r["status"] == "issued")
-            if held != reserved:
-                problems.append(f"reserved {reserved} fen in Redis, vouchers hold {held} fen")
+        held = sum(r["reserve_fen"] for r in rows if r["status"] == "issued")
+        held += sum(e["reserve_fen"] for e in flying.values())
+        if held != reserved:
+            problems.append(f"reserved {reserved} fen in Redis, vouchers hold {held} fen")
     raw = await redis.get(ck.definition)
     per_round = Counter(r["round_id"] for r in rows)
+    per_round.update(e["round_id"] for e in flying.values())
     for rnd in STORED.decode(raw).rounds if raw else []:
         issued, quota = await redis.hmget(ck.round(rnd.round_id), "issued", "quota")
         if issued is None:
@@ -77,15 +106,17 @@ async def reconcile(redis: Redis, pool: asyncpg.Pool, campaign_id: str) -> Repor
             continue
         if int(quota) >= 0 and int(issued) > int(quota):
             problems.append(f"round {rnd.round_id} issued {int(issued)} over its quota")
-        if not in_stream and int(issued) != per_round[rnd.round_id]:
-            problems.append(f"round {rnd.round_id}: Redis counts {int(issued)} issued,"
-                            f" PostgreSQL holds {per_round[rnd.round_id]}")
+        if int(issued) != per_round[rnd.round_id]:
+            problems.append(
+                f"round {rnd.round_id}: Redis counts {int(issued)} issued,"
+                f" PostgreSQL holds {per_round[rnd.round_id]} (with those in flight)"
+            )
     if len(await hash_keys(redis, ck.persons)) != len(in_redis):
         problems.append("person index and vouchers differ in Redis")
     return Report(
         campaign_id=campaign_id,
         redis_vouchers=len(in_redis),
         postgres_vouchers=len(in_pg),
-        in_stream=len(in_stream - in_pg),
+        in_stream=len(flying),
         problems=problems,
     )

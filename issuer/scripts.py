@@ -22,12 +22,15 @@ NAMES = (
     "round_budget",
     "merchant_put",
     "ready",
+    "trim_acked",
 )
 
 
 def source(name: str) -> str:
     package = files("issuer.lua")
-    return package.joinpath("lib.lua").read_text() + "\n" + package.joinpath(f"{name}.lua").read_text()
+    return (
+        package.joinpath("lib.lua").read_text() + "\n" + package.joinpath(f"{name}.lua").read_text()
+    )
 
 
 class Scripts:

@@ -22,6 +22,7 @@ MIGRATIONS: tuple[str, ...] = (
         definition  jsonb   NOT NULL,
         version     bigint  NOT NULL,
         status      text    NOT NULL DEFAULT 'active',
+        status_version bigint NOT NULL DEFAULT 0,  -- ledger version of the latest status
         updated_at  timestamptz NOT NULL DEFAULT now()
     );
     CREATE TABLE vouchers (
@@ -59,6 +60,8 @@ MIGRATIONS: tuple[str, ...] = (
         county_code text   NOT NULL,
         categories  text[] NOT NULL,
         status      text   NOT NULL,
+        entry_ms    bigint NOT NULL,  -- stream entry id of the latest definition
+        entry_seq   bigint NOT NULL,
         updated_at  timestamptz NOT NULL DEFAULT now()
     );
     """,
@@ -95,37 +98,47 @@ WITH new AS (
     FROM new WHERE type = 'registration'
     ON CONFLICT DO NOTHING
 ), campaigns_new AS (
-    INSERT INTO campaigns (campaign_id, definition, version)
-    SELECT DISTINCT ON (campaign_id) campaign_id, data, (data->>'version')::bigint
+    INSERT INTO campaigns (campaign_id, definition, version, status_version)
+    SELECT DISTINCT ON (campaign_id) campaign_id, data, (data->>'version')::bigint,
+           (data->>'version')::bigint
     FROM new WHERE type = 'campaign'
     ORDER BY campaign_id, (data->>'version')::bigint DESC
     ON CONFLICT (campaign_id) DO UPDATE
-        SET definition = excluded.definition, version = excluded.version, updated_at = now()
+        SET definition = excluded.definition, version = excluded.version,
+            status = 'active', status_version = excluded.version, updated_at = now()
         WHERE campaigns.version < excluded.version
 ), merchants_new AS (
-    INSERT INTO merchants (merchant_id, name, county_code, categories, status)
+    INSERT INTO merchants (merchant_id, name, county_code, categories, status,
+                           entry_ms, entry_seq)
     SELECT DISTINCT ON (data->>'merchant_id') data->>'merchant_id', data->>'name',
            data->>'county_code', ARRAY(SELECT jsonb_array_elements_text(data->'categories')),
-           data->>'status'
-    FROM new WHERE type = 'merchant'
-    ORDER BY data->>'merchant_id', entry_id DESC
+           data->>'status', ms, seq
+    FROM new, LATERAL (SELECT split_part(entry_id, '-', 1)::bigint AS ms,
+                              split_part(entry_id, '-', 2)::bigint AS seq) AS id
+    WHERE type = 'merchant'
+    ORDER BY data->>'merchant_id', ms DESC, seq DESC
     ON CONFLICT (merchant_id) DO UPDATE
         SET name = excluded.name, county_code = excluded.county_code,
-            categories = excluded.categories, status = excluded.status, updated_at = now()
+            categories = excluded.categories, status = excluded.status,
+            entry_ms = excluded.entry_ms, entry_seq = excluded.entry_seq, updated_at = now()
+        WHERE (merchants.entry_ms, merchants.entry_seq)
+            < (excluded.entry_ms, excluded.entry_seq)
 )
 SELECT count(*) FROM new
 """
 
 # Status changes touch rows that the statement above may insert, so they run after it.
+# A status older than the one recorded (a batch rescued late) changes nothing.
 RECORD_STATUS = """
-UPDATE campaigns c SET status = e.data->>'status', updated_at = now()
+UPDATE campaigns c SET status = e.status, status_version = e.version, updated_at = now()
 FROM (
-    SELECT DISTINCT ON (campaign_id) campaign_id, data
+    SELECT DISTINCT ON (campaign_id) campaign_id, data->>'status' AS status,
+           (data->>'version')::bigint AS version
     FROM events
     WHERE stream = ANY($1::text[]) AND entry_id = ANY($2::text[]) AND type = 'status'
     ORDER BY campaign_id, (data->>'version')::bigint DESC
 ) e
-WHERE c.campaign_id = e.campaign_id
+WHERE c.campaign_id = e.campaign_id AND c.status_version < e.version
 """
 
 

@@ -1,0 +1,245 @@
+"""`issuer.reconcile`: Redis (the gate) against PostgreSQL (the record), in-process and
+through `issuer reconcile`. Each drift is made, detected by name, then undone."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import secrets
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import msgspec
+import pytest
+from redis.asyncio import Redis
+
+from issuer import keys, store
+from issuer.auth import ApiKey, Verified
+from issuer.campaigns import Campaigns
+from issuer.claims import Claims
+from issuer.flusher import Flusher
+from issuer.model import CampaignDef, ClaimIn
+from issuer.reconcile import Report, reconcile
+from issuer.scripts import Scripts
+from tests.conftest import ROOT, Keyspace, unique_id
+from tests.people import campaign, claim
+
+APP = ApiKey(id="app-reconcile-test", secret="s" * 48, role="app")
+_nonces = itertools.count()
+
+
+@dataclass
+class Env:
+    keyspace: Keyspace
+    redis: Redis
+    pool: asyncpg.Pool
+    campaigns: Campaigns
+    claims: Claims
+
+    async def new_campaign(self, claims: int) -> str:
+        campaign_id = unique_id("rc")
+        body = msgspec.convert(campaign(quota=5000), CampaignDef)
+        assert await self.campaigns.put(campaign_id, body)
+
+        async def one(n: int) -> None:
+            verified = Verified(
+                APP, f"nonce-{next(_nonces):012d}-{secrets.token_hex(6)}", int(time.time())
+            )
+            await self.claims.claim(campaign_id, msgspec.convert(claim(n), ClaimIn), verified)
+
+        await asyncio.gather(*(one(n) for n in range(claims)))
+        return campaign_id
+
+    async def flush(self, consumer: str = "flusher-1") -> None:
+        r = Redis.from_url(self.keyspace.redis_url)
+        try:
+            await Flusher(r, self.pool, consumer=consumer).drain()
+        finally:
+            await r.aclose()
+
+    async def report(self, campaign_id: str) -> Report:
+        return await reconcile(self.redis, self.pool, campaign_id)
+
+
+@pytest.fixture(scope="module")
+async def env(keyspace: Keyspace, redis: Redis) -> AsyncIterator[Env]:
+    pool = await store.connect(keyspace.database_url)
+    await store.migrate(pool)
+    scripts = Scripts(redis)
+    campaigns = Campaigns(redis, scripts)
+    claims = Claims(redis, scripts, campaigns, person_key=b"k", batch_max=100)
+    yield Env(keyspace, redis, pool, campaigns, claims)
+    await pool.close()
+
+
+@pytest.fixture(scope="module")
+async def flushed(env: Env) -> str:
+    """A campaign with 400 vouchers, fully flushed."""
+    campaign_id = await env.new_campaign(400)
+    await env.flush()
+    return campaign_id
+
+
+def has(report: Report, fragment: str) -> bool:
+    return any(fragment in p for p in report.problems)
+
+
+async def assert_clean(env: Env, campaign_id: str) -> None:
+    report = await env.report(campaign_id)
+    assert report.ok, report.problems
+    assert report.redis_vouchers == report.postgres_vouchers
+    assert report.in_stream == 0
+
+
+async def test_clean_after_flush(env: Env, flushed: str) -> None:
+    await assert_clean(env, flushed)
+    report = await env.report(flushed)
+    assert report.redis_vouchers == 400
+
+
+async def test_claims_in_flight_are_not_drift(env: Env) -> None:
+    campaign_id = await env.new_campaign(150)  # nothing flushed yet
+    report = await env.report(campaign_id)
+    assert report.ok, report.problems
+    assert report.in_stream == 150 and report.postgres_vouchers == 0
+    await env.flush()
+    await assert_clean(env, campaign_id)
+
+
+async def test_voucher_missing_in_postgres(env: Env, flushed: str) -> None:
+    row = await env.pool.fetchrow(
+        "DELETE FROM vouchers WHERE voucher_id ="
+        " (SELECT min(voucher_id) FROM vouchers WHERE campaign_id = $1) RETURNING *",
+        flushed,
+    )
+    try:
+        report = await env.report(flushed)
+        assert has(report, "1 vouchers in Redis but not in PostgreSQL"), report.problems
+        assert report.postgres_vouchers == 399
+    finally:
+        columns = list(row.keys())
+        await env.pool.execute(
+            f"INSERT INTO vouchers ({', '.join(columns)}) VALUES"
+            f" ({', '.join(f'${i}' for i in range(1, len(columns) + 1))})",
+            *row.values(),
+        )
+    await assert_clean(env, flushed)
+
+
+async def test_extra_voucher_in_postgres(env: Env, flushed: str) -> None:
+    fake = f"{flushed}.forged{secrets.token_hex(4)}"
+    await env.pool.execute(
+        "INSERT INTO vouchers (voucher_id, campaign_id, round_id, user_id, person_ref, status,"
+        " issued_at, expires_at, reserve_fen, discount_rate_bp, cap_fen, entry_id)"
+        " SELECT $2, campaign_id, round_id, 'forged-user', 'forged-person', status,"
+        " issued_at, expires_at, reserve_fen, discount_rate_bp, cap_fen, '0-1'"
+        " FROM vouchers WHERE campaign_id = $1 LIMIT 1",
+        flushed,
+        fake,
+    )
+    try:
+        report = await env.report(flushed)
+        assert has(report, "1 vouchers in PostgreSQL but not in Redis"), report.problems
+    finally:
+        await env.pool.execute("DELETE FROM vouchers WHERE voucher_id = $1", fake)
+    await assert_clean(env, flushed)
+
+
+async def test_ledger_available_bumped(env: Env, flushed: str) -> None:
+    ledger = keys.CampaignKeys(flushed).ledger
+    await env.redis.hincrby(ledger, "available", 1)
+    try:
+        report = await env.report(flushed)
+        assert has(report, "ledger does not balance"), report.problems
+    finally:
+        await env.redis.hincrby(ledger, "available", -1)
+    await assert_clean(env, flushed)
+
+
+async def test_round_issued_bumped(env: Env, flushed: str) -> None:
+    rnd = keys.CampaignKeys(flushed).round("r1")
+    await env.redis.hincrby(rnd, "issued", 1)
+    try:
+        report = await env.report(flushed)
+        assert has(report, "round r1: Redis counts 401 issued, PostgreSQL holds 400"), (
+            report.problems
+        )
+    finally:
+        await env.redis.hincrby(rnd, "issued", -1)
+    await assert_clean(env, flushed)
+
+
+async def test_drift_seen_while_acknowledged_entries_linger(env: Env) -> None:
+    """A consumer died holding the oldest entries, so the stream keeps everything after them,
+    acknowledged or not. A voucher whose entry was acknowledged but whose row is gone is
+    drift, not "in flight": nothing will ever write it again."""
+    campaign_id = await env.new_campaign(60)
+    stream = keys.CampaignKeys(campaign_id).events
+    r = Redis.from_url(env.keyspace.redis_url)
+    try:
+        dead = Flusher(r, env.pool, consumer="dead-host", batch=10)
+        await dead.read(await dead.streams(), ">", None)  # holds 10 entries, never writes
+    finally:
+        await r.aclose()
+    await env.flush(consumer="live-host")  # the other 51 entries: written and acknowledged
+    pending = await env.redis.xpending(stream, keys.FLUSH_GROUP)
+    assert pending["pending"] == 10
+    assert await env.redis.xlen(stream) == 61  # trimming stops at the oldest pending entry
+
+    acked = await env.pool.fetchval(
+        "SELECT voucher_id FROM vouchers WHERE campaign_id = $1 ORDER BY entry_id DESC LIMIT 1",
+        campaign_id,
+    )
+    await env.pool.execute("DELETE FROM vouchers WHERE voucher_id = $1", acked)
+    report = await env.report(campaign_id)
+    assert has(report, "1 vouchers in Redis but not in PostgreSQL"), (
+        f"acknowledged voucher {acked} lost from PostgreSQL, reconcile says {report}"
+    )
+
+
+async def run_cli(env: Env, *args: str) -> tuple[int, str]:
+    environ = {
+        **os.environ,
+        "REDIS_URL": env.keyspace.redis_url,
+        "DATABASE_URL": env.keyspace.database_url,
+        "ISSUER_LOG_LEVEL": "WARNING",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "issuer.cli",
+        "reconcile",
+        *args,
+        env=environ,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode()
+
+
+async def test_cli(env: Env, flushed: str) -> None:
+    code, out = await run_cli(env, flushed)
+    assert code == 0, out
+    report: dict[str, Any] = msgspec.json.decode(out.strip().splitlines()[-1])
+    assert report["campaign_id"] == flushed and report["problems"] == []
+
+    ledger = keys.CampaignKeys(flushed).ledger
+    await env.redis.hincrby(ledger, "available", 1)
+    try:
+        code, out = await run_cli(env, flushed)
+    finally:
+        await env.redis.hincrby(ledger, "available", -1)
+    assert code != 0, out
+    assert "ledger does not balance" in out
+
+    other = await env.new_campaign(20)  # unflushed, in flight: fine
+    code, out = await run_cli(env, flushed, other)
+    assert code == 0, out
+    await env.flush()
