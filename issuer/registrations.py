@@ -29,11 +29,16 @@ ENCODE = msgspec.json.Encoder()
 
 
 async def register(
-    scripts: Scripts, campaigns: Campaigns, person_key: bytes, campaign_id: str,
-    body: RegistrationIn, key_id: str, now_s: float,
-) -> tuple[RegistrationOut, bool]:
-    """Register; returns (registration, created). A person registers once per campaign:
-    registering again returns the first registration."""
+    scripts: Scripts,
+    campaigns: Campaigns,
+    person_key: bytes,
+    campaign_id: str,
+    body: RegistrationIn,
+    key_id: str,
+    now_s: float,
+) -> tuple[RegistrationOut, str]:
+    """Register; returns (registration, OK | REPLAY | EXISTING). A person registers once
+    per campaign: registering again returns the first registration."""
     try:
         ref = person_ref(person_key, body.person.id_number)
         record = RegistrationRecord(
@@ -51,11 +56,16 @@ async def register(
     code, payload = await scripts.run(
         "register",
         [ck.ledger, ck.registrations, ck.events, cur, prev],
-        [idem_field(key_id, body.request_id), fingerprint(canonical), IDEMPOTENCY_BUCKET_S * 2,
-         ref, ENCODE.encode(record)],
+        [
+            idem_field(key_id, body.request_id),
+            fingerprint(canonical),
+            IDEMPOTENCY_BUCKET_S * 2,
+            ref,
+            ENCODE.encode(record),
+        ],
     )
     code = code.decode()
     if code not in ("OK", "EXISTING", "REPLAY"):
         raise ApiError(code)
     stored = RECORD.decode(payload)
-    return RegistrationOut(registration_id=stored.registration_id, person_ref=ref), code == "OK"
+    return RegistrationOut(registration_id=stored.registration_id, person_ref=ref), code
