@@ -20,7 +20,7 @@ from issuer.auth import ApiKey, Role, Verified, require_role, verify
 from issuer.campaigns import Campaigns
 from issuer.claims import Claims
 from issuer.config import Settings
-from issuer.errors import ApiError
+from issuer.errors import ApiError, GateRefusal
 from issuer.model import (
     CampaignDef,
     CampaignOut,
@@ -80,8 +80,8 @@ class Route:
     handler: Handler
     roles: tuple[Role, ...]
     summary: str
-    body: type | None = None
-    response: type | None = None
+    body: type | None
+    response: type
     status: int = 200
 
 
@@ -104,7 +104,7 @@ def error_response(err: ApiError) -> web.Response:
 def path_id(request: web.Request, name: str, pattern: type = Id) -> str:
     value = request.match_info[name]
     try:
-        return msgspec.convert(value, pattern)  # type: ignore[no-any-return]
+        return str(msgspec.convert(value, pattern))
     except msgspec.ValidationError:
         raise ApiError("INVALID_REQUEST", f"{name}: not a valid id") from None
 
@@ -135,8 +135,10 @@ async def _set_status(
     new_status, replay = await ctx.campaigns.set_status(
         campaign_id, body, verified.key.id, status, time.time()
     )
-    log.info("campaign status", extra={"campaign": campaign_id, "status": new_status,
-                                        "by": verified.key.id})
+    log.info(
+        "campaign status",
+        extra={"campaign": campaign_id, "status": new_status, "by": verified.key.id},
+    )
     return reply(StatusOut(campaign_id=campaign_id, status=new_status), replay=replay)
 
 
@@ -181,11 +183,17 @@ async def get_merchant(ctx: Ctx, request: web.Request, _: None) -> web.Response:
 
 async def register(ctx: Ctx, request: web.Request, body: RegistrationIn) -> web.Response:
     verified: Verified = request["verified"]
-    out, created = await registrations.register(
-        ctx.scripts, ctx.campaigns, ctx.person_key, path_id(request, "campaign_id"), body,
-        verified.key.id, time.time(),
+    out, outcome = await registrations.register(
+        ctx.scripts,
+        ctx.campaigns,
+        ctx.person_key,
+        path_id(request, "campaign_id"),
+        body,
+        verified.key.id,
+        time.time(),
     )
-    return reply(out, 201 if created else 200, replay=not created)
+    # a replay answers as the first call did; the same person under a new request_id: 200
+    return reply(out, 200 if outcome == "EXISTING" else 201, replay=outcome == "REPLAY")
 
 
 async def claim(ctx: Ctx, request: web.Request, body: ClaimIn) -> web.Response:
@@ -217,34 +225,117 @@ async def user_vouchers(ctx: Ctx, request: web.Request, _: None) -> web.Response
 
 
 ROUTES: tuple[Route, ...] = (
-    Route("PUT", "/v1/campaigns/{campaign_id}", put_campaign, ("ops",),
-          "Create or replace a campaign before it opens", CampaignDef, CampaignOut, 201),
-    Route("GET", "/v1/campaigns/{campaign_id}", get_campaign, ("ops", "auditor"),
-          "Definition, live ledger and current round", None, CampaignOut),
-    Route("POST", "/v1/campaigns/{campaign_id}/pause", pause, ("ops",),
-          "Pause claims", StatusChangeIn, StatusOut),
-    Route("POST", "/v1/campaigns/{campaign_id}/resume", resume, ("ops",),
-          "Resume claims", StatusChangeIn, StatusOut),
-    Route("POST", "/v1/campaigns/{campaign_id}/rounds/{round_id}/budget", round_budget,
-          ("ops",), "Compare-and-set a round's budget", RoundBudgetIn, RoundBudgetOut),
-    Route("PUT", "/v1/merchants/{merchant_id}", put_merchant, ("ops",),
-          "Create or replace a merchant", MerchantDef, MerchantOut, 201),
-    Route("GET", "/v1/merchants/{merchant_id}", get_merchant,
-          ("ops", "auditor", "payment", "merchant"), "Read a merchant", None, MerchantOut),
-    Route("POST", "/v1/campaigns/{campaign_id}/registrations", register, ("app",),
-          "Register a person for a campaign", RegistrationIn, RegistrationOut, 201),
-    Route("POST", "/v1/campaigns/{campaign_id}/claims", claim, ("app", "merchant"),
-          "Claim a voucher (app key; merchant key in staff mode)", ClaimIn, VoucherOut, 201),
-    Route("GET", "/v1/vouchers/{voucher_id}", get_voucher,
-          ("app", "payment", "ops", "auditor"), "Read a voucher", None, VoucherOut),
-    Route("GET", "/v1/users/{user_id}/vouchers", user_vouchers, ("app", "ops", "auditor"),
-          "A user's vouchers", None, VoucherList),
+    Route(
+        "PUT",
+        "/v1/campaigns/{campaign_id}",
+        put_campaign,
+        ("ops",),
+        "Create or replace a campaign before it opens",
+        CampaignDef,
+        CampaignOut,
+        201,
+    ),
+    Route(
+        "GET",
+        "/v1/campaigns/{campaign_id}",
+        get_campaign,
+        ("ops", "auditor"),
+        "Definition, live ledger and current round",
+        None,
+        CampaignOut,
+    ),
+    Route(
+        "POST",
+        "/v1/campaigns/{campaign_id}/pause",
+        pause,
+        ("ops",),
+        "Pause claims",
+        StatusChangeIn,
+        StatusOut,
+    ),
+    Route(
+        "POST",
+        "/v1/campaigns/{campaign_id}/resume",
+        resume,
+        ("ops",),
+        "Resume claims",
+        StatusChangeIn,
+        StatusOut,
+    ),
+    Route(
+        "POST",
+        "/v1/campaigns/{campaign_id}/rounds/{round_id}/budget",
+        round_budget,
+        ("ops",),
+        "Compare-and-set a round's budget",
+        RoundBudgetIn,
+        RoundBudgetOut,
+    ),
+    Route(
+        "PUT",
+        "/v1/merchants/{merchant_id}",
+        put_merchant,
+        ("ops",),
+        "Create or replace a merchant",
+        MerchantDef,
+        MerchantOut,
+        201,
+    ),
+    Route(
+        "GET",
+        "/v1/merchants/{merchant_id}",
+        get_merchant,
+        ("ops", "auditor", "payment", "merchant"),
+        "Read a merchant",
+        None,
+        MerchantOut,
+    ),
+    Route(
+        "POST",
+        "/v1/campaigns/{campaign_id}/registrations",
+        register,
+        ("app",),
+        "Register a person for a campaign",
+        RegistrationIn,
+        RegistrationOut,
+        201,
+    ),
+    Route(
+        "POST",
+        "/v1/campaigns/{campaign_id}/claims",
+        claim,
+        ("app", "merchant"),
+        "Claim a voucher (app key; merchant key in staff mode)",
+        ClaimIn,
+        VoucherOut,
+        201,
+    ),
+    Route(
+        "GET",
+        "/v1/vouchers/{voucher_id}",
+        get_voucher,
+        ("app", "payment", "ops", "auditor"),
+        "Read a voucher",
+        None,
+        VoucherOut,
+    ),
+    Route(
+        "GET",
+        "/v1/users/{user_id}/vouchers",
+        user_vouchers,
+        ("app", "ops", "auditor"),
+        "A user's vouchers",
+        None,
+        VoucherList,
+    ),
 )
 
 
 def endpoint(ctx: Ctx, route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
     """Wrap a handler: check the role, decode and validate the body with msgspec."""
-    decoder = msgspec.json.Decoder(route.body) if route.body is not None else None
+    decoder: msgspec.json.Decoder[Any] | None = (
+        msgspec.json.Decoder(route.body) if route.body is not None else None
+    )
 
     async def handle(request: web.Request) -> web.Response:
         require_role(request["verified"], *route.roles)
@@ -282,8 +373,9 @@ def middlewares(ctx: Ctx) -> list[Any]:
         except web.HTTPNotFound:
             response = error_response(ApiError("NOT_FOUND", f"no route {request.path}"))
         except web.HTTPMethodNotAllowed:
-            err = ApiError("INVALID_REQUEST", f"method {request.method} not allowed here")
-            response = error_response(err)
+            response = error_response(
+                ApiError("INVALID_REQUEST", f"method {request.method} not allowed here")
+            )
             response.set_status(405)
         except (RedisError, OSError) as exc:
             log.warning("redis unavailable: %s", exc)
@@ -299,8 +391,9 @@ def middlewares(ctx: Ctx) -> list[Any]:
         if not request.path.startswith("/v1/"):
             return await handler(request)
         raw = await request.read()
-        verified = verify(ctx.keys, request.method, request.path_qs, request.headers, raw,
-                          time.time())
+        verified = verify(
+            ctx.keys, request.method, request.path_qs, request.headers, raw, time.time()
+        )
         # Claims check their nonce inside the batched script; other calls do it here.
         if request.match_info.route.name != "claim":
             fresh = await ctx.redis.set(
@@ -310,7 +403,18 @@ def middlewares(ctx: Ctx) -> list[Any]:
                 raise ApiError("UNAUTHENTICATED", "nonce already used")
         request["verified"] = verified
         request["raw_body"] = raw
-        return await handler(request)
+        if request.match_info.route.name != "claim":
+            return await handler(request)
+        try:
+            return await handler(request)
+        except GateRefusal:
+            raise
+        except ApiError:
+            # Refused before the gate: spend the nonce anyway, a replay must not succeed
+            # later (say once the round has opened).
+            if not await ctx.claims.spend_nonce(request.match_info["campaign_id"], verified):
+                raise ApiError("UNAUTHENTICATED", "nonce already used") from None
+            raise
 
     return [errors, authenticate]
 

@@ -7,6 +7,7 @@ import hmac
 import re
 import secrets
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -17,7 +18,9 @@ from issuer.errors import ApiError
 Role = Literal["app", "merchant", "payment", "auditor", "ops"]
 ROLES: tuple[Role, ...] = ("app", "merchant", "payment", "auditor", "ops")
 MAX_SKEW_S = 300
-NONCE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+NONCE = re.compile(r"[A-Za-z0-9_-]{16,64}")
+TIMESTAMP = re.compile(r"[0-9]{1,12}")
+SIGNATURE = re.compile(r"[0-9A-Fa-f]{64}")
 
 
 class ApiKey(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -72,7 +75,9 @@ def write_dev_keys(path: Path, merchant_id: str = "demo-merchant") -> dict[str, 
     return {k.id: k for k in keys}
 
 
-def signature(secret: str, method: str, path_qs: str, timestamp: str, nonce: str, body: bytes) -> str:
+def signature(
+    secret: str, method: str, path_qs: str, timestamp: str, nonce: str, body: bytes
+) -> str:
     message = "\n".join(
         (method.upper(), path_qs, timestamp, nonce, hashlib.sha256(body).hexdigest())
     )
@@ -83,21 +88,23 @@ def verify(
     keys: dict[str, ApiKey],
     method: str,
     path_qs: str,
-    headers: dict[str, str] | object,
+    headers: Mapping[str, str],
     body: bytes,
     now: float,
 ) -> Verified:
     """Check key, timestamp window, nonce format and signature; the nonce's freshness is
     checked by the caller in Redis (claims do it inside their batch script)."""
-    get = headers.get  # type: ignore[attr-defined]
+    get = headers.get
     key = keys.get(get("X-Api-Key") or "")
     ts, nonce, sig = get("X-Timestamp") or "", get("X-Nonce") or "", get("X-Signature") or ""
     if key is None:
         raise ApiError("UNAUTHENTICATED", "unknown or missing X-Api-Key")
-    if not ts.isdigit() or abs(int(ts) - now) > MAX_SKEW_S:
+    if not TIMESTAMP.fullmatch(ts) or abs(int(ts) - now) > MAX_SKEW_S:
         raise ApiError("UNAUTHENTICATED", "X-Timestamp missing or more than 300 s off")
-    if not NONCE.match(nonce):
+    if not NONCE.fullmatch(nonce):
         raise ApiError("UNAUTHENTICATED", "X-Nonce must be 16-64 chars [A-Za-z0-9_-]")
+    if not SIGNATURE.fullmatch(sig):
+        raise ApiError("UNAUTHENTICATED", "X-Signature must be 64 hex digits")
     expected = signature(key.secret, method, path_qs, ts, nonce, body)
     if not hmac.compare_digest(expected, sig.lower()):
         raise ApiError("UNAUTHENTICATED", "bad X-Signature")

@@ -12,7 +12,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from issuer import keys
-from issuer.errors import ApiError
+from issuer.errors import ApiError, invalid_field
 from issuer.geofence import Region, region_for
 from issuer.model import (
     CampaignDef,
@@ -172,11 +172,13 @@ class Campaigns:
 
     async def put(self, campaign_id: str, definition: CampaignDef) -> bool:
         """Create or replace a campaign that has not opened; True if it was new."""
-        try:
+        fence = definition.geofence
+        with invalid_field("eligibility.categories"):
             expand_categories(definition.eligibility.categories)
+        with invalid_field("geofence.polygons_file"):
+            region_for(tuple(fence.region_codes), fence.polygons_file)
+        with invalid_field("rounds"):
             rounds = expand_rounds(definition)
-        except ValueError as exc:
-            raise ApiError("INVALID_REQUEST", str(exc)) from None
         if not rounds:
             raise ApiError("INVALID_REQUEST", "rounds: the campaign has no round")
         ck = keys.CampaignKeys(campaign_id)
@@ -223,8 +225,13 @@ class Campaigns:
         code, new_status, _ = await self.scripts.run(
             "set_status",
             [ck.ledger, ck.events, cur, prev],
-            [idem_field(key_id, body.request_id), fingerprint((status, body)),
-             keys.IDEMPOTENCY_BUCKET_S * 2, status, event],
+            [
+                idem_field(key_id, body.request_id),
+                fingerprint((status, body)),
+                keys.IDEMPOTENCY_BUCKET_S * 2,
+                status,
+                event,
+            ],
         )
         code = code.decode()
         if code not in ("OK", "REPLAY"):
@@ -259,8 +266,11 @@ class Campaigns:
         if code == "NOT_FOUND":
             raise ApiError("NOT_FOUND", f"round {round_id}")
         if code not in ("OK", "REPLAY"):
-            raise ApiError(code, f"round holds {int(result[4])} fen in {int(result[3])} vouchers,"
-                                 f" budget is {int(result[1])}")
+            raise ApiError(
+                code,
+                f"round holds {int(result[4])} fen in {int(result[3])} vouchers,"
+                f" budget is {int(result[1])}",
+            )
         cached.hint = None
         return [int(x) for x in result[1:5]], code == "REPLAY"
 
@@ -285,4 +295,3 @@ def round_state_of(round_id: str, rnd: dict[str, int], tz: str) -> RoundState:
         reserved_fen=rnd["reserved"],
         budget_fen=None if rnd["budget"] < 0 else rnd["budget"],
     )
-

@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 
 from issuer import keys, metrics
 from issuer.auth import Verified
+from issuer.batching import TickBatcher
 from issuer.campaigns import (
     HINT_TTL_S,
     CachedCampaign,
@@ -26,7 +27,7 @@ from issuer.campaigns import (
     hash_keys,
     idem_field,
 )
-from issuer.errors import ApiError
+from issuer.errors import ApiError, GateRefusal
 from issuer.identity import person_ref
 from issuer.model import ClaimIn, Round, VoucherOut
 from issuer.schedule import from_millis
@@ -83,41 +84,22 @@ def new_voucher_id(campaign_id: str) -> str:
 @dataclass(slots=True)
 class Pending:
     args: tuple[object, ...]
-    nonce_key: str | None
-    future: asyncio.Future[tuple[str, bytes]]
+    nonce_key: str
 
 
-class Batcher:
-    """Gathers the claims of one campaign round that arrive while the previous batch is
-    in flight, and sends them as one script call; one batch in flight at a time."""
+class Batcher(TickBatcher[Pending, tuple[str, bytes]]):
+    """Sends the claims of one campaign round as one `claim_batch` script call."""
 
     def __init__(
         self, claims: Claims, cached: CachedCampaign, rnd: Round, key: tuple[str, str, str]
     ) -> None:
+        super().__init__(claims.batch_max)
         self.claims = claims
         self.cached = cached
         self.round = rnd
         self.key = key
-        self.queue: list[Pending] = []
-        self.running = False
 
-    def submit(self, pending: Pending) -> None:
-        self.queue.append(pending)
-        if not self.running:
-            self.running = True
-            asyncio.get_running_loop().create_task(self._drain())
-
-    async def _drain(self) -> None:
-        try:
-            while self.queue:
-                batch = self.queue[: self.claims.batch_max]
-                del self.queue[: self.claims.batch_max]
-                await self._send(batch)
-        finally:
-            self.running = False
-            self.claims.retire(self)
-
-    async def _send(self, batch: list[Pending]) -> None:
+    async def send(self, items: list[Pending]) -> list[tuple[str, bytes]]:
         ck = self.cached.keys
         definition = self.cached.definition
         nonce_keys: list[str] = []
@@ -127,15 +109,13 @@ class Batcher:
             definition.mode,
             keys.IDEMPOTENCY_BUCKET_S * 2,
             keys.NONCE_BUCKET_S * 2,
-            len(batch),
+            len(items),
         ]
-        for p in batch:
-            index = 0
-            if p.nonce_key is not None:
-                if p.nonce_key not in nonce_keys:
-                    nonce_keys.append(p.nonce_key)
-                index = nonce_keys.index(p.nonce_key) + 1
+        for p in items:
+            if p.nonce_key not in nonce_keys:
+                nonce_keys.append(p.nonce_key)
             idem, fp, nonce_field, person, user, vid, extra = p.args
+            index = nonce_keys.index(p.nonce_key) + 1
             args += [idem, fp, index, nonce_field, person, user, vid, extra]
         cur, prev = ck.idempotency(time.time())
         script_keys = [
@@ -152,29 +132,53 @@ class Batcher:
             *nonce_keys,
         ]
         started = time.perf_counter()
-        try:
-            result = await self.claims.scripts.run("claim_batch", script_keys, args)
-        except RedisError as exc:
-            # Not a refusal: the batch may or may not have been applied. Nothing is given
-            # back; the client retries with the same request_id and gets the true answer.
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(ApiError("UNAVAILABLE", type(exc).__name__))
-            return
-        metrics.BATCH_SIZE.observe(len(batch))
+        result = await self.claims.scripts.run("claim_batch", script_keys, args)
+        metrics.BATCH_SIZE.observe(len(items))
         metrics.SCRIPT_SECONDS.labels("claim_batch").observe(time.perf_counter() - started)
         status, version = result[0].decode(), result[1].decode()
         self.claims.after_batch(self.cached, self.round, status, version, result[4::2])
-        for i, p in enumerate(batch):
-            if not p.future.done():
-                p.future.set_result((result[4 + 2 * i].decode(), result[5 + 2 * i]))
+        return [(result[4 + 2 * i].decode(), result[5 + 2 * i]) for i in range(len(items))]
+
+    def failure(self, exc: BaseException) -> BaseException:
+        # Not a refusal: the batch may or may not have been applied. Nothing is given
+        # back; the client retries with the same request_id and gets the true answer.
+        if isinstance(exc, RedisError):
+            return ApiError("UNAVAILABLE", type(exc).__name__)
+        return exc
+
+    def idle(self) -> None:
+        self.claims.retire(self)
+
+
+class NonceSpender(TickBatcher[tuple[str, str], bool]):
+    """Spends the nonces of claims refused before the gate, so that a replay is refused
+    even after the answer would have changed; one pipeline per batch."""
+
+    def __init__(self, redis: Redis, batch_max: int) -> None:
+        super().__init__(batch_max)
+        self.redis = redis
+
+    async def send(self, items: list[tuple[str, str]]) -> list[bool]:
+        pipe = self.redis.pipeline(transaction=False)
+        buckets: set[str] = set()
+        for bucket, field in items:
+            pipe.hsetnx(bucket, field, 1)
+            buckets.add(bucket)
+        for bucket in buckets:
+            pipe.expire(bucket, keys.NONCE_BUCKET_S * 2, nx=True)
+        results = await pipe.execute()
+        return [bool(r) for r in results[: len(items)]]
 
 
 class Claims:
     """Entry point of `POST /v1/campaigns/{id}/claims`."""
 
     def __init__(
-        self, redis: Redis, scripts: Scripts, campaigns: Campaigns, person_key: bytes,
+        self,
+        redis: Redis,
+        scripts: Scripts,
+        campaigns: Campaigns,
+        person_key: bytes,
         batch_max: int,
     ) -> None:
         self.redis = redis
@@ -182,7 +186,13 @@ class Claims:
         self.campaigns = campaigns
         self.person_key = person_key
         self.batch_max = batch_max
-        self._batchers: dict[tuple[str, str], Batcher] = {}
+        self._batchers: dict[tuple[str, str, str], Batcher] = {}
+        self._nonces = NonceSpender(redis, batch_max)
+
+    async def spend_nonce(self, campaign_id: str, verified: Verified) -> bool:
+        """Record the nonce of a claim the gate never saw; False if it was already used."""
+        bucket = keys.CampaignKeys(campaign_id).nonces(verified.timestamp)
+        return await self._nonces.submit((bucket, verified.nonce))
 
     async def claim(
         self, campaign_id: str, claim: ClaimIn, verified: Verified
@@ -202,9 +212,13 @@ class Claims:
             raise ApiError("NOT_OPEN", f"round {rnd.round_id} opens at {rnd.opens_at.isoformat()}")
         idem = idem_field(verified.key.id, claim.request_id)
         hint = cached.hint
-        if hint is not None and hint.round_id == rnd.round_id and now < hint.until:
-            if not hint.holders.hold(idem, ref, claim.user_id):
-                raise ApiError(hint.code)
+        if (
+            hint is not None
+            and hint.round_id == rnd.round_id
+            and now < hint.until
+            and not hint.holders.hold(idem, ref, claim.user_id)
+        ):
+            raise ApiError(hint.code)
         extra = {
             "campaign_id": campaign_id,
             "discount_rate_bp": definition.voucher.discount_rate_bp,
@@ -215,23 +229,29 @@ class Claims:
         if claim.staff_id is not None:
             extra["staff_id"] = claim.staff_id
         canonical = msgspec.structs.replace(claim, person=None, person_ref=ref)
-        future: asyncio.Future[tuple[str, bytes]] = asyncio.get_running_loop().create_future()
         pending = Pending(
-            args=(idem, fingerprint(canonical), verified.nonce, ref, claim.user_id,
-                  new_voucher_id(campaign_id), EXTRA.encode(extra)),
+            args=(
+                idem,
+                fingerprint(canonical),
+                verified.nonce,
+                ref,
+                claim.user_id,
+                new_voucher_id(campaign_id),
+                EXTRA.encode(extra),
+            ),
             nonce_key=cached.keys.nonces(verified.timestamp),
-            future=future,
         )
-        self._batcher(cached, rnd).submit(pending)
-        code, payload = await future
+        code, payload = await self._batcher(cached, rnd).submit(pending)
         if code in ("OK", "REPLAY"):
-            return voucher_out(RECORD.decode(payload), definition.timezone, "issued"), code == "REPLAY"
+            return voucher_out(
+                RECORD.decode(payload), definition.timezone, "issued"
+            ), code == "REPLAY"
         if code == "ALREADY_CLAIMED":
-            raise ApiError(code, voucher_id=payload.decode())
+            raise GateRefusal(code, voucher_id=payload.decode())
         if code == "ROUND_CLOSED":
             nxt = cached.round_at(datetime.now(UTC))
-            raise ApiError("NOT_OPEN" if nxt is not None else "CAMPAIGN_ENDED")
-        raise ApiError(code)
+            raise GateRefusal("NOT_OPEN" if nxt is not None else "CAMPAIGN_ENDED")
+        raise GateRefusal(code)
 
     def _batcher(self, cached: CachedCampaign, rnd: Round) -> Batcher:
         key = (cached.keys.campaign_id, rnd.round_id, cached.version)

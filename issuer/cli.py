@@ -179,8 +179,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--host")
     s.add_argument("--port", type=int)
     s.add_argument("--workers", type=int)
-    s.add_argument("--load", action="append", default=[], metavar="TOML",
-                   help="load a campaign file at start (repeatable)")
+    s.add_argument(
+        "--load",
+        action="append",
+        default=[],
+        metavar="TOML",
+        help="load a campaign file at start (repeatable)",
+    )
     s.set_defaults(func=cmd_serve)
 
     w = sub.add_parser("worker", help=argparse.SUPPRESS)

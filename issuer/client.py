@@ -13,7 +13,12 @@ from issuer.auth import ApiKey, signature
 
 
 def signed_headers(
-    key: ApiKey, method: str, path_qs: str, body: bytes, *, timestamp: int | None = None,
+    key: ApiKey,
+    method: str,
+    path_qs: str,
+    body: bytes,
+    *,
+    timestamp: int | None = None,
     nonce: str | None = None,
 ) -> dict[str, str]:
     ts = str(int(time.time()) if timestamp is None else timestamp)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import msgspec
@@ -18,7 +20,11 @@ ERRORS: dict[str, tuple[int, str, bool]] = {
     "NOT_OPEN": (409, "本轮尚未开始 / the round is not open", True),
     "CAMPAIGN_PAUSED": (409, "活动已暂停 / the campaign is paused", True),
     "CAMPAIGN_ENDED": (409, "活动已结束 / the campaign has ended", False),
-    "CAMPAIGN_RUNNING": (409, "活动已开始，只能暂停、恢复或调整预算 / campaign already started", False),
+    "CAMPAIGN_RUNNING": (
+        409,
+        "活动已开始，只能暂停、恢复或调整预算 / campaign already started",
+        False,
+    ),
     "ALREADY_CLAIMED": (409, "已领取过消费券 / already claimed in this campaign", False),
     "ROUND_QUOTA_EXHAUSTED": (409, "本轮消费券已领完 / this round is sold out", False),
     "ROUND_BUDGET_EXHAUSTED": (409, "本轮资金已用完 / this round's budget is used up", False),
@@ -28,7 +34,11 @@ ERRORS: dict[str, tuple[int, str, bool]] = {
     "VOUCHER_NOT_OWNED": (409, "消费券不属于该用户 / voucher belongs to another user", False),
     "ALREADY_REFUNDED": (409, "已退款 / already refunded", False),
     "BUDGET_CONFLICT": (409, "预算已被修改或低于已占用 / stale or too low budget", False),
-    "IDEMPOTENCY_MISMATCH": (422, "request_id 已用于不同请求 / request_id reused with another body", False),
+    "IDEMPOTENCY_MISMATCH": (
+        422,
+        "request_id 已用于不同请求 / request_id reused with another body",
+        False,
+    ),
     "PRODUCT_NOT_ELIGIBLE": (422, "商品不在补贴范围 / product not eligible", False),
     "INVALID_GB_CODE": (422, "国标码无效 / invalid 13-digit product code", False),
     "ENERGY_GRADE_TOO_LOW": (422, "能效等级不足 / energy grade too low", False),
@@ -71,7 +81,7 @@ class ApiError(Exception):
         self.retry_after = retry_after
 
     def envelope(self) -> ErrorEnvelope:
-        status, message, retryable = ERRORS[self.code]
+        _, message, retryable = ERRORS[self.code]
         if self.detail:
             message = f"{message}: {self.detail}"
         # ALREADY_CLAIMED carries the voucher id both inside the error and at the top level.
@@ -84,3 +94,16 @@ class ApiError(Exception):
 
     def headers(self) -> dict[str, Any]:
         return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+
+class GateRefusal(ApiError):
+    """A refusal decided by the claim script, which has already spent the request's nonce."""
+
+
+@contextmanager
+def invalid_field(field: str) -> Iterator[None]:
+    """Turn a ValueError from checking `field` into INVALID_REQUEST naming it."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ApiError("INVALID_REQUEST", f"{field}: {exc}") from None

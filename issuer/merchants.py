@@ -15,7 +15,9 @@ DECODE = msgspec.json.Decoder(MerchantOut)
 ENCODE = msgspec.json.Encoder()
 
 
-async def put(scripts: Scripts, merchant_id: str, definition: MerchantDef) -> tuple[MerchantOut, bool]:
+async def put(
+    scripts: Scripts, merchant_id: str, definition: MerchantDef
+) -> tuple[MerchantOut, bool]:
     """Create or replace; returns (merchant, created)."""
     try:
         expand_categories(definition.categories)

@@ -15,7 +15,9 @@ from prometheus_client import (
     multiprocess,
 )
 
-REQUESTS = Counter("issuer_requests_total", "HTTP requests by route and status", ["route", "status"])
+REQUESTS = Counter(
+    "issuer_requests_total", "HTTP requests by route and status", ["route", "status"]
+)
 LATENCY = Histogram(
     "issuer_request_seconds",
     "HTTP request latency by route",
@@ -47,6 +49,6 @@ def exposition() -> tuple[bytes, str]:
     """The text format of every metric, across worker processes when there are several."""
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(), CONTENT_TYPE_LATEST

@@ -18,7 +18,8 @@ RequestId = Annotated[str, Meta(min_length=8, max_length=64, pattern=r"^[\x21-\x
 Fen = Annotated[int, Meta(ge=0, le=10**13, description="integer fen (1 CNY = 100 fen)")]
 Quota = Annotated[int, Meta(ge=0, le=10**8)]
 AwareDatetime = Annotated[datetime, Meta(tz=True)]
-RegionCode = Annotated[str, Meta(pattern=r"^[0-9]{2,12}$")]
+# an administrative code or a prefix of one: 2-12 digits in pairs, not all zeros
+RegionCode = Annotated[str, Meta(pattern=r"^(?!0+$)(?:[0-9]{2}){1,6}$")]
 ClockTime = Annotated[str, Meta(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")]
 # "22:00" (same day) or "+5d 22:00" (five days later)
 DayTime = Annotated[str, Meta(pattern=r"^(\+[0-9]{1,3}d )?([01][0-9]|2[0-3]):[0-5][0-9]$")]

@@ -39,9 +39,7 @@ fetch('/openapi.json').then(r => r.json()).then(spec => {
 
 def document(routes: Sequence[Route]) -> dict[str, Any]:
     types = [t for r in routes for t in (r.body, r.response) if t is not None]
-    schemas, components = msgspec.json.schema_components(
-        [*types, ErrorEnvelope], ref_template=REF
-    )
+    schemas, components = msgspec.json.schema_components([*types, ErrorEnvelope], ref_template=REF)
     by_type = dict(zip([*types, ErrorEnvelope], schemas, strict=True))
     error = {"content": {"application/json": {"schema": by_type[ErrorEnvelope]}}}
     statuses = sorted({status for status, _, _ in ERRORS.values()})

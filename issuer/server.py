@@ -134,7 +134,9 @@ def backing_servers(settings: Settings) -> Iterator[Settings]:
             started.append(embedded.start_redis(settings.data_dir))
             urls["redis_url"] = started[-1].url
         if not settings.database_url:
-            fast = {"fsync": "off", "synchronous_commit": "off"} if settings.embedded_pg_fast else None
+            fast = (
+                {"fsync": "off", "synchronous_commit": "off"} if settings.embedded_pg_fast else None
+            )
             started.append(embedded.start_postgres(settings.data_dir, settings=fast))
             urls["database_url"] = started[-1].url
         yield Settings.from_env({}, **{**_as_dict(settings), **urls})
@@ -183,8 +185,10 @@ class Supervisor:
         while not self.stopping:
             for i, proc in enumerate(self.workers):
                 if proc.poll() is not None and not self.stopping:
-                    log.warning("worker died, replacing it",
-                                extra={"pid": proc.pid, "code": proc.returncode})
+                    log.warning(
+                        "worker died, replacing it",
+                        extra={"pid": proc.pid, "code": proc.returncode},
+                    )
                     self.workers[i] = self.spawn()
             await asyncio.sleep(0.2)
 
@@ -227,11 +231,11 @@ class Supervisor:
         await pool.close()
 
 
-async def wait_ready(host: str, port: int, stop: asyncio.Event, timeout: float = 60) -> None:
+async def wait_ready(host: str, port: int, stop: asyncio.Event, within_s: float = 60) -> None:
     import aiohttp
 
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/readyz"
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within_s
     async with aiohttp.ClientSession() as session:
         while not stop.is_set() and time.monotonic() < deadline:
             with contextlib.suppress(aiohttp.ClientError, OSError):
@@ -240,7 +244,7 @@ async def wait_ready(host: str, port: int, stop: asyncio.Event, timeout: float =
                         return
             await asyncio.sleep(0.1)
     if not stop.is_set():
-        raise RuntimeError(f"service not ready after {timeout} s")
+        raise RuntimeError(f"service not ready after {within_s} s")
 
 
 async def load_campaign_files(redis: Redis, paths: list[Path]) -> None:

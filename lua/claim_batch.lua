@@ -3,7 +3,7 @@
 --       7 events, 8 idem current, 9 idem previous, 10 winners, 11.. nonce buckets
 -- ARGV: 1 round_id, 2 reserve_fen, 3 mode (self|staff), 4 idem ttl s, 5 nonce ttl s,
 --       6 claim count, then 8 fields per claim:
---       idem field, fingerprint, nonce bucket index (0 = none), nonce field,
+--       idem field, fingerprint, nonce bucket index, nonce field,
 --       person_ref, user_id, voucher_id candidate, extra JSON object body ("{}" or fields)
 -- Returns: {status, version, issued, quota, then per claim: code, payload}
 --   code OK / REPLAY: payload = voucher JSON; ALREADY_CLAIMED: payload = voucher id;
@@ -41,11 +41,9 @@ local function decide(base)
   local idem_field, fingerprint = ARGV[base], ARGV[base + 1]
   local nonce_idx = tonumber(ARGV[base + 2])
   local person, user = ARGV[base + 4], ARGV[base + 5]
-  if nonce_idx > 0 then
-    local nkey = KEYS[10 + nonce_idx]
-    if redis.call('HSETNX', nkey, ARGV[base + 3], 1) == 0 then return 'UNAUTHENTICATED', '' end
-    nonce_used[nkey] = true
-  end
+  local nkey = KEYS[10 + nonce_idx]
+  if redis.call('HSETNX', nkey, ARGV[base + 3], 1) == 0 then return 'UNAUTHENTICATED', '' end
+  nonce_used[nkey] = true
   local prior = idem_lookup(KEYS[8], KEYS[9], idem_field, fingerprint)
   if prior == false then return 'IDEMPOTENCY_MISMATCH', '' end
   if prior then return 'REPLAY', redis.call('HGET', KEYS[5], prior) end

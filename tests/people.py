@@ -62,8 +62,14 @@ def campaign(
     }
 
 
-def claim(n: int, *, user: str | None = None, request_id: str | None = None,
-          location: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+def claim(
+    n: int,
+    *,
+    user: str | None = None,
+    request_id: str | None = None,
+    location: dict[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     return {
         "request_id": request_id or f"req-{n:08d}",
         "user_id": user or f"u{n}",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -17,6 +18,7 @@ from tests.conftest import Service, unique_id
 from tests.people import BEIJING, XI_SEAT, YUNCHENG, campaign, claim
 
 RESERVE = 200_000
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 async def new_campaign(service: Service, **kwargs: Any) -> str:
@@ -26,7 +28,9 @@ async def new_campaign(service: Service, **kwargs: Any) -> str:
     return campaign_id
 
 
-async def post_claims(service: Service, campaign_id: str, bodies: list[dict[str, Any]]) -> list[Any]:
+async def post_claims(
+    service: Service, campaign_id: str, bodies: list[dict[str, Any]]
+) -> list[Any]:
     app = service.client("app")
     path = f"/v1/campaigns/{campaign_id}/claims"
     return await asyncio.gather(*(app.call("POST", path, b) for b in bodies))
@@ -43,8 +47,9 @@ async def assert_ledger_balances(service: Service, campaign_id: str, issued: int
     led = state["ledger"]
     assert led["reserved_fen"] == issued * RESERVE
     assert led["available_fen"] == led["budget_fen"] - issued * RESERVE
-    assert (led["available_fen"] + led["reserved_fen"] + led["spent_fen"]
-            + led["clawback_due_fen"]) == led["budget_fen"] + led["adjustments_fen"]
+    assert (
+        led["available_fen"] + led["reserved_fen"] + led["spent_fen"] + led["clawback_due_fen"]
+    ) == led["budget_fen"] + led["adjustments_fen"]
     assert state["current_round"]["issued"] == issued
 
 
@@ -63,12 +68,15 @@ async def assert_postgres_matches(
     assert {v.decode() for v in in_redis} == expected
 
 
-def surge_requests(persons: int, second_accounts: int, retries: int) -> tuple[list[dict[str, Any]], int]:
+def surge_requests(
+    persons: int, second_accounts: int, retries: int
+) -> tuple[list[dict[str, Any]], int]:
     """Claims of `persons` people, some on a second account, some sent twice (same
     request_id), shuffled. Returns (requests, index where retries start)."""
     bodies = [claim(n) for n in range(persons)]
-    bodies += [claim(n, user=f"u{n}-second", request_id=f"req2-{n:08d}")
-               for n in range(second_accounts)]
+    bodies += [
+        claim(n, user=f"u{n}-second", request_id=f"req2-{n:08d}") for n in range(second_accounts)
+    ]
     rng = random.Random(7)
     rng.shuffle(bodies)
     first = len(bodies)
@@ -84,7 +92,9 @@ async def run_surge(service: Service, campaign_id: str) -> tuple[list[Any], list
     return responses, bodies
 
 
-def check_one_per_person_and_retries(responses: list[Any], bodies: list[dict[str, Any]]) -> set[str]:
+def check_one_per_person_and_retries(
+    responses: list[Any], bodies: list[dict[str, Any]]
+) -> set[str]:
     winners: dict[str, str] = {}
     by_request: dict[str, list[Any]] = {}
     for body, resp in zip(bodies, responses, strict=True):
@@ -104,7 +114,9 @@ def check_one_per_person_and_retries(responses: list[Any], bodies: list[dict[str
     return set(winners.values())
 
 
-async def test_surge_issues_exactly_the_quota(service: Service, pg: asyncpg.Pool, redis: Redis) -> None:
+async def test_surge_issues_exactly_the_quota(
+    service: Service, pg: asyncpg.Pool, redis: Redis
+) -> None:
     campaign_id = await new_campaign(service, quota=500)
     responses, bodies = await run_surge(service, campaign_id)
     codes = Counter(r.body["error"]["code"] if r.status >= 400 else r.status for r in responses)
@@ -177,7 +189,9 @@ async def test_after_closing_is_ended(service: Service) -> None:
 async def test_pause_and_resume(service: Service) -> None:
     campaign_id = await new_campaign(service)
     path = f"/v1/campaigns/{campaign_id}"
-    paused = await service.call("POST", f"{path}/pause", {"request_id": "pause-0001", "reason": "drill"})
+    paused = await service.call(
+        "POST", f"{path}/pause", {"request_id": "pause-0001", "reason": "drill"}
+    )
     assert paused.status == 200 and paused.body["status"] == "paused"
     responses = await post_claims(service, campaign_id, [claim(30_300 + n) for n in range(20)])
     assert {r.body["error"]["code"] for r in responses} == {"CAMPAIGN_PAUSED"}
@@ -187,7 +201,9 @@ async def test_pause_and_resume(service: Service) -> None:
     await asyncio.sleep(1.1)  # the other worker trusts its "paused" hint for at most 1 s
     responses = await post_claims(service, campaign_id, [claim(30_400 + n) for n in range(20)])
     assert {r.status for r in responses} == {201}
-    again = await service.call("POST", f"{path}/pause", {"request_id": "pause-0001", "reason": "drill"})
+    again = await service.call(
+        "POST", f"{path}/pause", {"request_id": "pause-0001", "reason": "drill"}
+    )
     assert again.status == 200 and again.headers.get("Idempotent-Replay") == "true"
     assert (await ledger(service, campaign_id))["status"] == "active", "a replay changes nothing"
 
@@ -252,24 +268,40 @@ async def test_round_budget_compare_and_set(service: Service) -> None:
     path = f"/v1/campaigns/{campaign_id}/rounds/r1/budget"
     responses = await post_claims(service, campaign_id, [claim(44_000 + n) for n in range(3)])
     assert sorted(r.status for r in responses) == [201, 201, 409]
-    stale = await service.call("POST", path, {"request_id": "budget-01", "expected_budget_fen": 1,
-                                              "budget_fen": 5 * RESERVE})
+    stale = await service.call(
+        "POST",
+        path,
+        {"request_id": "budget-01", "expected_budget_fen": 1, "budget_fen": 5 * RESERVE},
+    )
     assert stale.status == 409 and stale.body["error"]["code"] == "BUDGET_CONFLICT"
-    too_low = await service.call("POST", path, {"request_id": "budget-02",
-                                                "expected_budget_fen": 2 * RESERVE,
-                                                "budget_fen": RESERVE})
+    too_low = await service.call(
+        "POST",
+        path,
+        {"request_id": "budget-02", "expected_budget_fen": 2 * RESERVE, "budget_fen": RESERVE},
+    )
     assert too_low.status == 409 and too_low.body["error"]["code"] == "BUDGET_CONFLICT"
-    below_issued = await service.call("POST", path, {"request_id": "budget-03",
-                                                     "expected_budget_fen": 2 * RESERVE,
-                                                     "budget_fen": 5 * RESERVE, "quota": 1})
+    below_issued = await service.call(
+        "POST",
+        path,
+        {
+            "request_id": "budget-03",
+            "expected_budget_fen": 2 * RESERVE,
+            "budget_fen": 5 * RESERVE,
+            "quota": 1,
+        },
+    )
     assert below_issued.body["error"]["code"] == "BUDGET_CONFLICT"
-    ok = await service.call("POST", path, {"request_id": "budget-04",
-                                           "expected_budget_fen": 2 * RESERVE,
-                                           "budget_fen": 5 * RESERVE})
+    ok = await service.call(
+        "POST",
+        path,
+        {"request_id": "budget-04", "expected_budget_fen": 2 * RESERVE, "budget_fen": 5 * RESERVE},
+    )
     assert ok.status == 200 and ok.body["budget_fen"] == 5 * RESERVE
-    replay = await service.call("POST", path, {"request_id": "budget-04",
-                                               "expected_budget_fen": 2 * RESERVE,
-                                               "budget_fen": 5 * RESERVE})
+    replay = await service.call(
+        "POST",
+        path,
+        {"request_id": "budget-04", "expected_budget_fen": 2 * RESERVE, "budget_fen": 5 * RESERVE},
+    )
     assert replay.headers.get("Idempotent-Replay") == "true"
     await asyncio.sleep(1.1)  # workers may repeat "round budget used up" for up to 1 s
     responses = await post_claims(service, campaign_id, [claim(44_100 + n) for n in range(5)])
@@ -287,22 +319,21 @@ async def test_running_campaign_cannot_be_replaced(service: Service) -> None:
 
 async def test_campaign_before_opening_can_be_replaced(service: Service) -> None:
     campaign_id = await new_campaign(service, opens_in_s=3600, quota=5)
-    resp = await service.call("PUT", f"/v1/campaigns/{campaign_id}", campaign(opens_in_s=3600, quota=9))
+    resp = await service.call(
+        "PUT", f"/v1/campaigns/{campaign_id}", campaign(opens_in_s=3600, quota=9)
+    )
     assert resp.status == 200
     assert resp.body["current_round"]["quota"] == 9
 
 
 @pytest.mark.parametrize("example", ["xiangning-2024", "xixian-2024", "demo"])
 async def test_example_campaigns_load_over_http(service: Service, example: str) -> None:
-    from pathlib import Path
+    import msgspec
 
     from issuer.campaign_file import load_campaign_file
     from issuer.model import CampaignDef
 
-    import msgspec
-
-    path = Path(__file__).resolve().parent.parent / "examples" / f"{example}.toml"
-    _, definition = load_campaign_file(path)
+    _, definition = load_campaign_file(EXAMPLES / f"{example}.toml")
     body = msgspec.to_builtins(definition)
     campaign_id = unique_id(example)
     resp = await service.call("PUT", f"/v1/campaigns/{campaign_id}", body)
