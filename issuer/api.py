@@ -201,9 +201,10 @@ async def claim(ctx: Ctx, request: web.Request, body: ClaimIn) -> web.Response:
     try:
         voucher, replay = await ctx.claims.claim(campaign_id, body, request["verified"])
     except ApiError as err:
-        metrics.CLAIMS.labels(campaign_id, err.code).inc()
+        if err.code != "NOT_FOUND":  # no series for ids that name no campaign
+            metrics.child(metrics.CLAIMS, campaign_id, err.code).inc()
         raise
-    metrics.CLAIMS.labels(campaign_id, "REPLAY" if replay else "OK").inc()
+    metrics.child(metrics.CLAIMS, campaign_id, "REPLAY" if replay else "OK").inc()
     return reply(voucher, 201, replay=replay)
 
 
@@ -380,8 +381,8 @@ def middlewares(ctx: Ctx) -> list[Any]:
         except (RedisError, OSError) as exc:
             log.warning("redis unavailable: %s", exc)
             response = error_response(ApiError("UNAVAILABLE", "the gate is unreachable"))
-        metrics.REQUESTS.labels(name, str(response.status)).inc()
-        metrics.LATENCY.labels(name).observe(time.perf_counter() - started)
+        metrics.child(metrics.REQUESTS, name, str(response.status)).inc()
+        metrics.child(metrics.LATENCY, name).observe(time.perf_counter() - started)
         return response
 
     @web.middleware
@@ -457,7 +458,8 @@ def ops_routes(ctx: Ctx, ready: Callable[[], Awaitable[dict[str, Any]]]) -> list
 
 def make_app(ctx: Ctx, ready: Callable[[], Awaitable[dict[str, Any]]]) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=middlewares(ctx))
-    for route in ROUTES:
+    # routes are tried in order: the surge's route first
+    for route in sorted(ROUTES, key=lambda r: r.handler is not claim):
         app.router.add_route(
             route.method, route.path, endpoint(ctx, route), name=route.handler.__name__
         )

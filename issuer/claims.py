@@ -4,7 +4,6 @@ everything else in micro-batches, one EVALSHA per batch per campaign round."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import time
 from dataclasses import dataclass
@@ -77,8 +76,7 @@ def voucher_out(rec: VoucherRecord, tz: str, status: str | None = None) -> Vouch
 
 
 def new_voucher_id(campaign_id: str) -> str:
-    token = base64.b32encode(os.urandom(10)).decode().lower()
-    return f"{campaign_id}.{token}"
+    return f"{campaign_id}.{os.urandom(10).hex()}"
 
 
 @dataclass(slots=True)
@@ -134,7 +132,7 @@ class Batcher(TickBatcher[Pending, tuple[str, bytes]]):
         started = time.perf_counter()
         result = await self.claims.scripts.run("claim_batch", script_keys, args)
         metrics.BATCH_SIZE.observe(len(items))
-        metrics.SCRIPT_SECONDS.labels("claim_batch").observe(time.perf_counter() - started)
+        metrics.child(metrics.SCRIPT_SECONDS, "claim_batch").observe(time.perf_counter() - started)
         status, version = result[0].decode(), result[1].decode()
         self.claims.after_batch(self.cached, self.round, status, version, result[4::2])
         return [(result[4 + 2 * i].decode(), result[5 + 2 * i]) for i in range(len(items))]
@@ -150,24 +148,34 @@ class Batcher(TickBatcher[Pending, tuple[str, bytes]]):
         self.claims.retire(self)
 
 
-class NonceSpender(TickBatcher[tuple[str, str], bool]):
+class NonceSpender(TickBatcher[tuple[str, int, str], bool]):
     """Spends the nonces of claims refused before the gate, so that a replay is refused
-    even after the answer would have changed; one pipeline per batch."""
+    even after the answer would have changed; one script call per campaign per batch."""
 
-    def __init__(self, redis: Redis, batch_max: int) -> None:
+    def __init__(self, scripts: Scripts, batch_max: int) -> None:
         super().__init__(batch_max)
-        self.redis = redis
+        self.scripts = scripts
 
-    async def send(self, items: list[tuple[str, str]]) -> list[bool]:
-        pipe = self.redis.pipeline(transaction=False)
-        buckets: set[str] = set()
-        for bucket, field in items:
-            pipe.hsetnx(bucket, field, 1)
-            buckets.add(bucket)
-        for bucket in buckets:
-            pipe.expire(bucket, keys.NONCE_BUCKET_S * 2, nx=True)
-        results = await pipe.execute()
-        return [bool(r) for r in results[: len(items)]]
+    async def send(self, items: list[tuple[str, int, str]]) -> list[bool]:
+        """Items are (campaign_id, X-Timestamp, nonce)."""
+        by_campaign: dict[str, list[int]] = {}
+        for i, (campaign_id, _, _) in enumerate(items):
+            by_campaign.setdefault(campaign_id, []).append(i)
+        fresh = [False] * len(items)
+        for campaign_id, indexes in by_campaign.items():
+            ck = keys.CampaignKeys(campaign_id)
+            buckets: list[str] = []
+            args: list[object] = [keys.NONCE_BUCKET_S * 2]
+            for i in indexes:
+                _, timestamp, nonce = items[i]
+                bucket = ck.nonces(timestamp)
+                if bucket not in buckets:
+                    buckets.append(bucket)
+                args += [buckets.index(bucket) + 1, nonce]
+            answers = await self.scripts.run("spend_nonces", buckets, args)
+            for i, answer in zip(indexes, answers, strict=True):
+                fresh[i] = answer == 1
+        return fresh
 
 
 class Claims:
@@ -187,12 +195,11 @@ class Claims:
         self.person_key = person_key
         self.batch_max = batch_max
         self._batchers: dict[tuple[str, str, str], Batcher] = {}
-        self._nonces = NonceSpender(redis, batch_max)
+        self._nonces = NonceSpender(scripts, batch_max)
 
     async def spend_nonce(self, campaign_id: str, verified: Verified) -> bool:
         """Record the nonce of a claim the gate never saw; False if it was already used."""
-        bucket = keys.CampaignKeys(campaign_id).nonces(verified.timestamp)
-        return await self._nonces.submit((bucket, verified.nonce))
+        return await self._nonces.submit((campaign_id, verified.timestamp, verified.nonce))
 
     async def claim(
         self, campaign_id: str, claim: ClaimIn, verified: Verified

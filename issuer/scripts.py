@@ -23,6 +23,7 @@ NAMES = (
     "merchant_put",
     "ready",
     "trim_acked",
+    "spend_nonces",
 )
 
 
