@@ -1,0 +1,285 @@
+"""`make bench`: req/s and p50/p99 latency of (a) an empty aiohttp+uvloop handler, (b) our
+claim endpoint while the round has quota, (c) our claim endpoint after sell-out and (d) a
+naive claim-as-PostgreSQL-transaction app, all with the same number of server workers, run
+interleaved for R repetitions; prints medians and the ratios against their targets."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from bench import cpu, report
+from bench.loadgen import Clients, Merged, Target
+from bench.signing import FIRST_N, Plan
+from bench.stack import EMPTY, NAIVE, OPEN, SOLD_OUT, Stack, fs_type
+
+OUT = Path(__file__).resolve().parent / "out" / "results.json"
+HEADROOM = 1.4  # requests built per run: this times the last rate seen, times the run's length
+CYCLED = 2_000  # distinct requests per client process for the empty handler, sent in turn
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    campaign: str
+    expect: int  # the status every response should have
+    guess: float  # req/s assumed before the first run, to size the requests built
+    cycle: bool = False
+
+
+SCENARIOS = (
+    Scenario("a", "empty aiohttp+uvloop handler", EMPTY, 200, 0, cycle=True),
+    Scenario("b", "claim, round open (201 issued)", OPEN, 201, 8_000),
+    Scenario("c", "claim after sell-out (409)", SOLD_OUT, 409, 15_000),
+    Scenario("d", "naive: claim as a PostgreSQL transaction", NAIVE, 201, 3_000),
+)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench.run", description=__doc__)
+    parser.add_argument("--workers", type=int, default=2, help="server processes per scenario")
+    parser.add_argument("--seconds", type=float, default=8, help="measured seconds per run")
+    parser.add_argument("--warmup", type=float, default=1, help="unmeasured seconds first")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved repetitions")
+    parser.add_argument("--connections", type=int, default=128, help="in total")
+    parser.add_argument("--clients", type=int, default=2, help="load-generator processes")
+    parser.add_argument(
+        "--naive-pool", type=int, default=2, help="PG connections per naive worker (2 was fastest)"
+    )
+    parser.add_argument("--scenarios", default="abcd", help="which of a, b, c, d to run")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir for a look")
+    args = parser.parse_args(argv)
+    if args.connections < args.clients:
+        parser.error("--connections must be at least --clients")
+    return args
+
+
+def metric(text: str, name: str) -> float:
+    """Sum of every sample of `name` (any labels) in a Prometheus exposition."""
+    pattern = re.compile(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", re.M)
+    return sum(float(v) for v in pattern.findall(text))
+
+
+def server_figures(before: str, after: str, measured: int) -> dict[str, float]:
+    """Batching seen by the issuer's /metrics over the measured window."""
+
+    def delta(name: str) -> float:
+        return metric(after, name) - metric(before, name)
+
+    batches = delta("issuer_claim_batch_size_count")
+    claims = delta("issuer_claim_batch_size_sum")
+    scripts = delta("issuer_redis_script_seconds_count")
+    return {
+        "batches": batches,
+        "claims_to_redis": claims,
+        "mean_batch": claims / batches if batches else 0.0,
+        "mean_script_ms": delta("issuer_redis_script_seconds_sum") / scripts * 1000
+        if scripts
+        else 0.0,
+        "measured": measured,
+    }
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, stack: Stack, clients: Clients) -> None:
+        self.args = args
+        self.stack = stack
+        self.clients = clients
+        self.next_n = FIRST_N
+        self.rate_seen: dict[str, float] = {}
+        self.groups = {**stack.groups(clients.pids), "bench": lambda: [os.getpid()]}
+
+    def port(self, s: Scenario) -> int:
+        st = self.stack
+        assert st.service and st.empty and st.naive
+        return {"a": st.empty.port, "d": st.naive.port}.get(s.key, st.service.port)
+
+    def plans(self, s: Scenario, rep: int) -> list[Plan]:
+        procs = self.args.clients
+        if s.cycle:
+            per = CYCLED
+        else:
+            rate = self.rate_seen.get(s.key, s.guess)
+            length = self.args.warmup + self.args.seconds
+            per = math.ceil(rate * HEADROOM * length / procs) + 1_000
+        key = self.stack.key("app")
+        path = f"/v1/campaigns/{s.campaign}/claims"
+        plans = []
+        for _ in range(procs):
+            plans.append(Plan(path, key.id, key.secret, f"{s.key}{rep}", self.next_n, per, s.cycle))
+            self.next_n += per
+        return plans
+
+    async def run(self, s: Scenario, rep: int) -> report.RunResult:
+        args = self.args
+        built, build_s = await asyncio.to_thread(
+            self.clients.build, self.plans(s, rep), "127.0.0.1"
+        )
+        per_client = args.connections // args.clients
+        target = Target("127.0.0.1", self.port(s), per_client, args.warmup, args.seconds)
+        issuer_side = s.key in "bc"
+        start_at = time.monotonic() + 0.2
+        self.clients.go(target, start_at)
+        await asyncio.sleep(start_at + args.warmup - time.monotonic())
+        first, opened = cpu.snapshot(self.groups), time.monotonic()
+        before = await self.stack.metrics() if issuer_side else ""
+        await asyncio.sleep(start_at + args.warmup + args.seconds - time.monotonic())
+        after = await self.stack.metrics() if issuer_side else ""
+        last, span = cpu.snapshot(self.groups), time.monotonic() - opened
+        used = cpu.cores(first, last, span)
+        merged: Merged = await asyncio.to_thread(self.clients.collect)
+        server: dict[str, float] = {}
+        if issuer_side:
+            server = server_figures(before, after, merged.count)
+            drain = time.monotonic()
+            await self.stack.drained()
+            server["drain_s"] = time.monotonic() - drain
+        rate = merged.rate
+        self.rate_seen[s.key] = rate * (2 if merged.exhausted else 1)
+        return report.RunResult(
+            scenario=s.key,
+            rep=rep,
+            rate=rate,
+            p50_ms=merged.percentile_ms(0.50),
+            p99_ms=merged.percentile_ms(0.99),
+            count=merged.count,
+            statuses=merged.statuses,
+            cpu_cores={k: round(v, 2) for k, v in used.items()},
+            cpu_others=cpu.others(first, last, span),
+            exhausted=merged.exhausted,
+            troubles=merged.troubles,
+            built=built,
+            build_s=build_s,
+            server=server,
+        )
+
+
+def progress(r: report.RunResult, s: Scenario, reps: int) -> str:
+    line = (
+        f"scenario {s.key}, rep {r.rep}/{reps}: {r.rate:,.0f} req/s"
+        f"  p50 {r.p50_ms:.1f} ms  p99 {r.p99_ms:.1f} ms"
+    )
+    shown = {k: v for k, v in r.cpu_cores.items() if v >= 0.02 or k == "idle"}
+    cores = "  ".join(f"{k} {v:.2f}" for k, v in shown.items())
+    per = "  ".join(
+        f"{k} {v / r.rate * 1e6:,.0f}" for k, v in shown.items() if k != "idle" and r.rate
+    )
+    line += f"\n    cores: {cores}\n    cpu µs per request: {per}"
+    if r.cpu_cores.get("other", 0) >= 0.1 and r.cpu_others:
+        line += f"\n    other, busiest outside the bench: {r.cpu_others}"
+    if r.server:
+        sv = r.server
+        share = sv["claims_to_redis"] / sv["measured"] if sv["measured"] else 0.0
+        line += (
+            f"\n    redis: {sv['batches']:,.0f} batches, mean {sv['mean_batch']:.1f} claims,"
+            f" {sv['mean_script_ms']:.2f} ms per script; claims to redis / measured"
+            f" {share:.2f}; flusher drained in {sv['drain_s']:.1f} s"
+        )
+    other = {k: v for k, v in r.statuses.items() if k != s.expect}
+    if other or r.exhausted or r.troubles:
+        line += f"\n    WARNING: statuses {r.statuses}, exhausted={r.exhausted}"
+        line += f", unfinished or lost={r.troubles}"
+    return line
+
+
+def describe(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
+    pg = stack.pg_settings
+    return {
+        "workers": args.workers,
+        "connections": args.connections,
+        "client_processes": args.clients,
+        "warmup_s": args.warmup,
+        "seconds": args.seconds,
+        "repeat": args.repeat,
+        "naive_pool_per_worker": args.naive_pool,
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "python": platform.python_version(),
+        "postgres": pg,
+        "postgres_fs": fs_type(stack.dir),
+    }
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def setup_line(d: dict[str, Any]) -> str:
+    pg = d["postgres"]
+    return (
+        f"{d['cpus']} cores ({d['cpu_model']}), Python {d['python']}; every scenario:"
+        f" {d['workers']} server workers (SO_REUSEPORT), {d['connections']} keep-alive"
+        f" connections from {d['client_processes']} raw-uvloop client processes on the same"
+        f" machine, {d['warmup_s']:g} s warm-up + {d['seconds']:g} s measured, medians of"
+        f" {d['repeat']} interleaved runs. Embedded PostgreSQL {pg['server_version']} on"
+        f" {d['postgres_fs']}: fsync={pg['fsync']}, synchronous_commit={pg['synchronous_commit']},"
+        f" full_page_writes={pg['full_page_writes']}, wal_sync_method={pg['wal_sync_method']};"
+        f" naive pool {d['naive_pool_per_worker']} connections per worker; issuer on embedded"
+        " Valkey (AOF everysec) with its flusher writing to the same PostgreSQL."
+    )
+
+
+async def bench(args: argparse.Namespace) -> int:
+    chosen = [s for s in SCENARIOS if s.key in args.scenarios]
+    titles = {s.key: s.title for s in chosen}
+    clients = Clients(args.clients)
+    stack = Stack(args.keep)
+    try:
+        print(f"starting servers under {stack.dir} ...", flush=True)
+        await stack.start(args.workers, args.naive_pool)
+        settings = describe(args, stack)
+        print(setup_line(settings), flush=True)
+        b = Bench(args, stack, clients)
+        runs: list[report.RunResult] = []
+        for rep in range(1, args.repeat + 1):
+            for s in chosen:
+                result = await b.run(s, rep)
+                runs.append(result)
+                print(progress(result, s, args.repeat), flush=True)
+                await asyncio.sleep(0.5)
+        summaries = report.summarise(titles, runs)
+        found = report.ratios(summaries)
+        print()
+        print(report.text_table(summaries, found))
+        busy = [r.cpu_cores.get("other", 0.0) for r in runs]
+        if max(busy) >= 0.2:
+            print(
+                f"\nnote: work outside the bench took up to {max(busy):.2f} cores (median"
+                f" {statistics.median(busy):.2f}) during the runs; those figures are low."
+            )
+        print("\nMarkdown for the README:\n")
+        print(report.markdown(summaries, found, setup_line(settings)))
+        report.write_json(args.out, settings, runs, summaries, found)
+        print(f"\nwrote {args.out}")
+        if args.keep:
+            print(f"kept {stack.dir}")
+        return 0
+    finally:
+        clients.close()
+        stack.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    return uvloop.run(bench(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

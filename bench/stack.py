@@ -1,0 +1,154 @@
+"""Everything the scenarios run against: embedded Valkey and PostgreSQL under a temp dir,
+`issuer serve`, the two baselines, the bench campaigns; stopped by PID in reverse order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+
+from bench import naive
+from bench.cpu import Groups, tree
+from bench.procs import Service, Workers
+from issuer import embedded
+from issuer.auth import ApiKey, load_keys
+from issuer.client import Client
+from tests.people import campaign, claim
+
+PERSON_KEY = "bench-person-key"
+# PostgreSQL's defaults, spelled out: every commit waits for its WAL to reach the disk.
+DURABLE = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
+SHOWN = ("server_version", *DURABLE, "wal_sync_method", "shared_buffers")
+OPEN_QUOTA = 10**7
+DRAIN_TIMEOUT_S = 120
+OPEN, SOLD_OUT, NAIVE, EMPTY = "bench-open", "bench-soldout", "naive", "empty"
+
+
+def fs_type(path: Path) -> str:
+    """The file system type of the mount holding `path`."""
+    best, kind = "", "?"
+    for line in Path("/proc/mounts").read_text().splitlines():
+        _, mount, fstype, *_ = line.split()
+        inside = str(path) == mount or str(path).startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) > len(best):
+            best, kind = mount, fstype
+    return kind
+
+
+class Stack:
+    """Start with `await Stack.start(workers, naive_pool)`; always `stop()`."""
+
+    def __init__(self, keep: bool) -> None:
+        self.keep = keep
+        self.dir = Path(tempfile.mkdtemp(prefix="issuer-bench-", dir="/tmp"))
+        self.dir.chmod(0o755)  # postgres runs as its own user when we are root
+        self.log = self.dir / "servers.log"
+        self.redis: embedded.EmbeddedServer | None = None
+        self.pg: embedded.EmbeddedServer | None = None
+        self.service: Service | None = None
+        self.empty: Workers | None = None
+        self.naive: Workers | None = None
+        self.keys: dict[str, ApiKey] = {}
+        self.pg_settings: dict[str, str] = {}
+
+    async def start(self, workers: int, naive_pool: int) -> None:
+        self.redis = embedded.start_redis(self.dir)
+        self.pg = embedded.start_postgres(self.dir, settings=DURABLE)
+        self.pg_settings = await self._pg_settings(self.pg.url)
+        data_dir = self.dir / "issuer"
+        env = {
+            "REDIS_URL": self.redis.url,
+            "DATABASE_URL": self.pg.url,
+            "ISSUER_DATA_DIR": str(data_dir),
+            "ISSUER_PERSON_KEY": PERSON_KEY,
+            "ISSUER_LOG_LEVEL": "WARNING",
+        }
+        self.service = Service(workers, env, self.log)
+        keys_path = data_dir / "keys.toml"
+        self.keys = load_keys(keys_path)
+        admin = re.sub(r"/[^/]*$", "/postgres", self.pg.url)
+        naive_dsn = await naive.setup(admin, "bench_naive", NAIVE)
+        self.empty = Workers("empty", "bench.empty", [], workers, self.log)
+        args = ["--dsn", naive_dsn, "--keys", str(keys_path), "--person-key", PERSON_KEY]
+        self.naive = Workers(
+            "naive", "bench.naive", [*args, "--pool", str(naive_pool)], workers, self.log
+        )
+        await self._campaigns()
+
+    def key(self, role: str) -> ApiKey:
+        return next(k for k in self.keys.values() if k.role == role)
+
+    @staticmethod
+    async def _pg_settings(url: str) -> dict[str, str]:
+        conn = await asyncpg.connect(url)
+        try:
+            return {name: str(await conn.fetchval(f"SHOW {name}")) for name in SHOWN}
+        finally:
+            await conn.close()
+
+    async def _campaigns(self) -> None:
+        """One round open for an hour with quota to spare, and one already sold out."""
+        assert self.service is not None
+        url = self.service.url
+        async with aiohttp.ClientSession() as session:
+            ops = Client(url, self.key("ops"), session)
+            app = Client(url, self.key("app"), session)
+            plenty = campaign(quota=OPEN_QUOTA, budget_fen=OPEN_QUOTA * 200_000, open_for_s=7200)
+            for campaign_id, body in ((OPEN, plenty), (SOLD_OUT, campaign(quota=1))):
+                put = await ops.call("PUT", f"/v1/campaigns/{campaign_id}", body)
+                if put.status not in (200, 201):
+                    raise RuntimeError(f"PUT {campaign_id}: {put.status} {put.body}")
+            for n, expected in ((999_001, 201), (999_002, 409)):
+                got = await app.call("POST", f"/v1/campaigns/{SOLD_OUT}/claims", claim(n))
+                if got.status != expected:
+                    raise RuntimeError(f"sell-out setup: {got.status} {got.body}")
+
+    async def drained(self) -> None:
+        """Wait until the flusher has written every claim to PostgreSQL."""
+        assert self.service is not None
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                async with session.get(self.service.url + "/readyz") as resp:
+                    if (await resp.json()).get("flusher_lag_entries") == 0:
+                        return
+                await asyncio.sleep(0.1)
+        raise TimeoutError("the flusher did not drain")
+
+    async def metrics(self) -> str:
+        assert self.service is not None
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(self.service.url + "/metrics") as resp,
+        ):
+            return await resp.text()
+
+    def groups(self, clients: list[int]) -> Groups:
+        """CPU groups: pids resolved at each snapshot."""
+        service, redis, pg = self.service, self.redis, self.pg
+        assert service and redis and pg and self.empty and self.naive
+        empty, naive_w = self.empty, self.naive
+        return {
+            "empty": lambda: empty.pids,
+            "issuer": lambda: tree(service.pid)[1:],
+            "flusher": lambda: [service.pid],
+            "naive": lambda: naive_w.pids,
+            "valkey": lambda: tree(redis.pid),  # with its AOF-rewrite child
+            "postgres": lambda: tree(pg.pid),
+            "client": lambda: clients,
+        }
+
+    def stop(self) -> None:
+        for part in (self.empty, self.naive, self.service, self.pg, self.redis):
+            if part is not None:
+                with contextlib.suppress(Exception):
+                    part.stop()
+        if not self.keep:
+            shutil.rmtree(self.dir, ignore_errors=True)
