@@ -61,6 +61,34 @@ async def claims_in_flight(redis: Redis, stream: str) -> dict[str, dict[str, Any
     return found
 
 
+async def read_ledger(redis: Redis, ck: keys.CampaignKeys) -> dict[str, int] | None:
+    """The ledger's LEDGER_FIELDS, None if any of them is missing in Redis."""
+    values = await redis.hmget(ck.ledger, *LEDGER_FIELDS)
+    if None in values:
+        return None
+    return {field: int(v) for field, v in zip(LEDGER_FIELDS, values, strict=True)}
+
+
+def ledger_problems(ledger: dict[str, int]) -> list[str]:
+    """What is wrong with a ledger: money that does not balance, or a negative balance."""
+    problems = []
+    balances = [ledger[f] for f in ("available", "reserved", "spent", "clawback_due")]
+    if sum(balances) != ledger["budget"] + ledger["adjustments"]:
+        problems.append(
+            "ledger does not balance: available + reserved + spent +"
+            " clawback_due != budget + adjustments"
+        )
+    if min(balances) < 0:
+        problems.append("ledger has a negative balance")
+    return problems
+
+
+async def round_ids(redis: Redis, ck: keys.CampaignKeys) -> list[str]:
+    """The campaign's rounds as its definition in Redis lists them ([] without one)."""
+    raw = await redis.get(ck.definition)
+    return [rnd.round_id for rnd in STORED.decode(raw).rounds] if raw else []
+
+
 async def reconcile(redis: Redis, pool: asyncpg.Pool, campaign_id: str) -> Report:
     ck = keys.CampaignKeys(campaign_id)
     problems: list[str] = []
@@ -80,36 +108,29 @@ async def reconcile(redis: Redis, pool: asyncpg.Pool, campaign_id: str) -> Repor
     for column in ("person_ref", "user_id"):
         if len({r[column] for r in rows}) != len(rows):
             problems.append(f"PostgreSQL holds two vouchers for one {column}")
-    ledger = await redis.hmget(ck.ledger, *LEDGER_FIELDS)
-    if None in ledger:
+    ledger = await read_ledger(redis, ck)
+    if ledger is None:
         problems.append("ledger missing in Redis")
     else:
-        budget, available, reserved, spent, clawback, adjustments = (int(v) for v in ledger)
-        if available + reserved + spent + clawback != budget + adjustments:
-            problems.append(
-                "ledger does not balance: available + reserved + spent +"
-                " clawback_due != budget + adjustments"
-            )
-        if min(available, reserved, spent, clawback) < 0:
-            problems.append("ledger has a negative balance")
+        problems += ledger_problems(ledger)
+        reserved = ledger["reserved"]
         held = sum(r["reserve_fen"] for r in rows if r["status"] == "issued")
         held += sum(e["reserve_fen"] for e in flying.values())
         if held != reserved:
             problems.append(f"reserved {reserved} fen in Redis, vouchers hold {held} fen")
-    raw = await redis.get(ck.definition)
     per_round = Counter(r["round_id"] for r in rows)
     per_round.update(e["round_id"] for e in flying.values())
-    for rnd in STORED.decode(raw).rounds if raw else []:
-        issued, quota = await redis.hmget(ck.round(rnd.round_id), "issued", "quota")
+    for round_id in await round_ids(redis, ck):
+        issued, quota = await redis.hmget(ck.round(round_id), "issued", "quota")
         if issued is None:
-            problems.append(f"round {rnd.round_id} missing in Redis")
+            problems.append(f"round {round_id} missing in Redis")
             continue
         if int(quota) >= 0 and int(issued) > int(quota):
-            problems.append(f"round {rnd.round_id} issued {int(issued)} over its quota")
-        if int(issued) != per_round[rnd.round_id]:
+            problems.append(f"round {round_id} issued {int(issued)} over its quota")
+        if int(issued) != per_round[round_id]:
             problems.append(
-                f"round {rnd.round_id}: Redis counts {int(issued)} issued,"
-                f" PostgreSQL holds {per_round[rnd.round_id]} (with those in flight)"
+                f"round {round_id}: Redis counts {int(issued)} issued,"
+                f" PostgreSQL holds {per_round[round_id]} (with those in flight)"
             )
     if len(await hash_keys(redis, ck.persons)) != len(in_redis):
         problems.append("person index and vouchers differ in Redis")
