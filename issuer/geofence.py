@@ -151,6 +151,14 @@ class Region:
             raise ValueError(f"unknown crs {crs!r}")
         return bool(shapely.intersects_xy(self._geometry, lon, lat))
 
+    def outline(self) -> list[tuple[float, float]]:
+        """The (lat, lon) vertices of the region's outer boundaries (GCJ-02)."""
+        return [
+            (lat, lon)
+            for polygon in getattr(self._geometry, "geoms", [self._geometry])
+            for lon, lat in polygon.exterior.coords
+        ]
+
     def contains_code(self, region_code: str) -> bool:
         """Whether an administrative code lies within one of the region's codes."""
         return bool(_CODE.fullmatch(region_code)) and self._matches(_normalise_code(region_code))
