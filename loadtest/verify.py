@@ -1,0 +1,304 @@
+"""After a surge: prove from Redis and PostgreSQL that nothing was over-issued.
+
+`python -m loadtest.verify --campaign ID [--told DIR_OR_FILE ...]` waits until the flusher
+has written the campaign's claims to PostgreSQL, then prints one `PASS name: detail` or
+`FAIL name: detail` line per invariant and a final verdict; the exit code is 0 only if
+every check passes. Told files list the voucher ids that clients received, one per line
+(a directory stands for every `*.txt` in it); ids of other campaigns are ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import asyncpg
+import msgspec
+from redis.asyncio import Redis
+
+from issuer import keys, store
+from issuer.campaigns import hash_keys
+from issuer.errors import ApiError
+from issuer.flusher import stream_lag
+from issuer.reconcile import claims_in_flight, ledger_problems, read_ledger, round_ids
+from issuer.vouchers import campaign_of
+
+POLL_S = 0.2
+PROGRESS_EVERY_S = 5.0
+EXAMPLES = 3  # ids shown when sets differ
+QUOTA = "issued ≤ quota per round"
+BUDGET = "reserved ≤ round budget"
+
+
+class Check(msgspec.Struct):
+    """One invariant's verdict; `line` is how it is printed."""
+
+    name: str
+    ok: bool
+    detail: str
+
+    @property
+    def line(self) -> str:
+        return f"{'PASS' if self.ok else 'FAIL'} {self.name}: {self.detail}"
+
+
+def load_told(paths: Iterable[str | Path]) -> set[str]:
+    """Voucher ids from told files, or from every `*.txt` of a directory; blank lines skipped."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        files += sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    return {line.strip() for f in files for line in f.read_text().splitlines() if line.strip()}
+
+
+def _of_campaign(voucher_id: str, campaign_id: str) -> bool:
+    try:
+        return campaign_of(voucher_id) == campaign_id
+    except ApiError:  # not a voucher id at all
+        return False
+
+
+def _examples(ids: Iterable[str]) -> str:
+    return ", ".join(sorted(ids)[:EXAMPLES])
+
+
+async def wait_drained(redis: Redis, campaign_id: str, drain_timeout: float) -> Check:
+    """Poll until no stream entry waits for PostgreSQL, or at least none of this campaign's
+    claims; progress goes to stderr every few seconds."""
+    stream = keys.CampaignKeys(campaign_id).events
+    start = last_note = time.monotonic()
+    while True:
+        lag, age = await stream_lag(redis)
+        flying = len(await claims_in_flight(redis, stream)) if lag else 0
+        waited = time.monotonic() - start
+        if not flying:
+            detail = f"no claim of {campaign_id} waits for PostgreSQL (after {waited:.1f} s)"
+            return Check("flusher drained", True, detail)
+        if waited >= drain_timeout:
+            detail = (
+                f"{flying} claims of {campaign_id} still not in PostgreSQL after"
+                f" {drain_timeout:g} s ({lag} entries waiting in all streams, oldest {age:.0f} s)"
+            )
+            return Check("flusher drained", False, detail)
+        if time.monotonic() - last_note >= PROGRESS_EVERY_S:
+            last_note = time.monotonic()
+            print(
+                f"waiting for the flusher: {flying} claims of {campaign_id} not yet in"
+                f" PostgreSQL, {lag} entries in all streams ({waited:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+        await asyncio.sleep(POLL_S)
+
+
+async def _hash(redis: Redis, key: str) -> dict[str, str]:
+    return {k.decode(): v.decode() async for k, v in redis.hscan_iter(key, count=1000)}
+
+
+def _one_each(
+    name: str, what: str, column: list[str], index: dict[str, str], vouchers: set[str]
+) -> Check:
+    """At most one voucher per `what`: in PostgreSQL's column, and in Redis where the index
+    (`what` -> voucher id) must map one to one onto the vouchers hash."""
+    problems = []
+    if twice := [k for k, n in Counter(column).items() if n > 1]:
+        problems.append(f"PostgreSQL: {len(twice)} {what}s hold more than one voucher")
+    indexed = set(index.values())
+    if unindexed := vouchers - indexed:
+        problems.append(
+            f"Redis: {len(unindexed)} vouchers missing from the {what} index"
+            f" (e.g. {_examples(unindexed)})"
+        )
+    if dangling := indexed - vouchers:
+        problems.append(f"Redis: {len(dangling)} {what} index entries name no voucher")
+    if len(indexed) != len(index):
+        problems.append(f"Redis: {len(index) - len(indexed)} {what}s share a voucher")
+    if problems:
+        return Check(name, False, "; ".join(problems))
+    detail = (
+        f"PostgreSQL {len(column)} vouchers of {len(column)} {what}s,"
+        f" Redis {len(index)} {what}s -> {len(vouchers)} vouchers"
+    )
+    return Check(name, True, detail)
+
+
+def _told_checks(told: set[str], in_redis: set[str], in_pg: set[str]) -> list[Check]:
+    """What clients were told against what was issued (in both Redis and PostgreSQL)."""
+    issued = in_redis & in_pg
+    unknown, untold = told - issued, (in_redis | in_pg) - told
+    exists = Check(
+        "every voucher told to a client exists",
+        not unknown,
+        f"{len(unknown)} of {len(told)} told ids not in Redis and PostgreSQL"
+        f" (e.g. {_examples(unknown)})"
+        if unknown
+        else f"all {len(told)} told ids in Redis and PostgreSQL",
+    )
+    all_told = Check(
+        "no voucher that no client was told about",
+        not untold,
+        f"{len(untold)} vouchers no client was told about (e.g. {_examples(untold)})"
+        if untold
+        else f"every one of {len(in_redis | in_pg)} vouchers was told to a client",
+    )
+    return [exists, all_told]
+
+
+def _verdict_of(name: str, notes: list[tuple[bool, str]]) -> Check:
+    """One check from (ok, note) pairs: the failed notes if any, else them all."""
+    bad = [note for ok, note in notes if not ok]
+    return Check(name, not bad, "; ".join(bad or [note for _, note in notes]))
+
+
+async def _round_checks(
+    redis: Redis, ck: keys.CampaignKeys, pg_issued: Counter[str]
+) -> list[Check]:
+    """Per round: vouchers issued (the Redis counter and the PostgreSQL rows) within the
+    quota, and money reserved within the round budget; -1 in Redis means no limit."""
+    rounds = await round_ids(redis, ck)
+    if not rounds:
+        missing = f"campaign {ck.campaign_id} has no definition in Redis"
+        return [Check(QUOTA, False, missing), Check(BUDGET, False, missing)]
+    quotas: list[tuple[bool, str]] = []
+    budgets: list[tuple[bool, str]] = []
+    for round_id in rounds:
+        fields = await redis.hmget(ck.round(round_id), "issued", "quota", "reserved", "budget")
+        if None in fields:
+            quotas.append((False, f"round {round_id} missing in Redis"))
+            budgets.append(quotas[-1])
+            continue
+        issued, quota, reserved, budget = (int(v) for v in fields)
+        counts = f"{round_id}: Redis {issued}, PostgreSQL {pg_issued[round_id]}"
+        if quota < 0:
+            quotas.append((True, f"{counts}, no quota"))
+        else:
+            over = max(issued, pg_issued[round_id]) > quota
+            quotas.append((not over, f"{counts}, quota {quota}"))
+        if budget < 0:
+            budgets.append((True, f"{round_id}: {reserved} fen reserved, no round budget"))
+        else:
+            budgets.append((reserved <= budget, f"{round_id}: {reserved} of {budget} fen reserved"))
+    return [_verdict_of(QUOTA, quotas), _verdict_of(BUDGET, budgets)]
+
+
+async def verify(
+    redis: Redis,
+    pool: asyncpg.Pool,
+    campaign_id: str,
+    told: set[str] | None,
+    drain_timeout: float = 60,
+) -> list[Check]:
+    """Every invariant of one campaign, after waiting for the flusher; the told checks only
+    when `told` (voucher ids clients received) is given."""
+    ck = keys.CampaignKeys(campaign_id)
+    checks = [await wait_drained(redis, campaign_id, drain_timeout)]
+    rows = await pool.fetch(
+        "SELECT voucher_id, round_id, person_ref, user_id FROM vouchers WHERE campaign_id = $1",
+        campaign_id,
+    )
+    in_pg = {r["voucher_id"] for r in rows}
+    in_redis = await hash_keys(redis, ck.vouchers)
+
+    checks += await _round_checks(redis, ck, Counter(r["round_id"] for r in rows))
+
+    checks.append(
+        _one_each(
+            "one voucher per person",
+            "person",
+            [r["person_ref"] for r in rows],
+            await _hash(redis, ck.persons),
+            in_redis,
+        )
+    )
+    checks.append(
+        _one_each(
+            "one voucher per account",
+            "account",
+            [r["user_id"] for r in rows],
+            await _hash(redis, ck.accounts),
+            in_redis,
+        )
+    )
+
+    ledger = await read_ledger(redis, ck)
+    if ledger is None:
+        checks.append(Check("ledger balances", False, "ledger missing in Redis"))
+    else:
+        problems = ledger_problems(ledger)
+        values = ", ".join(f"{field} {value}" for field, value in ledger.items())
+        checks.append(Check("ledger balances", not problems, "; ".join([*problems, values])))
+
+    only_redis, only_pg = in_redis - in_pg, in_pg - in_redis
+    same = f"{len(in_redis)} in Redis, {len(in_pg)} in PostgreSQL"
+    if only_redis:
+        same += f"; {len(only_redis)} only in Redis (e.g. {_examples(only_redis)})"
+    if only_pg:
+        same += f"; {len(only_pg)} only in PostgreSQL (e.g. {_examples(only_pg)})"
+    checks.append(Check("Redis vouchers == PostgreSQL vouchers", in_redis == in_pg, same))
+
+    if told is not None:
+        mine = {vid for vid in told if _of_campaign(vid, campaign_id)}
+        checks += _told_checks(mine, in_redis, in_pg)
+    return checks
+
+
+def verdict(campaign_id: str, checks: list[Check]) -> str:
+    """The final line: PASS, or FAIL with the names of the failed checks."""
+    failed = [c.name for c in checks if not c.ok]
+    if failed:
+        return f"FAIL {len(failed)} of {len(checks)} checks of {campaign_id}: " + ", ".join(failed)
+    return f"PASS all {len(checks)} checks of {campaign_id}"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m loadtest.verify", description=__doc__)
+    p.add_argument("--campaign", required=True)
+    p.add_argument(
+        "--told",
+        nargs="+",
+        action="extend",
+        metavar="DIR_OR_FILE",
+        help="voucher ids clients received: files, or directories of *.txt",
+    )
+    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
+    p.add_argument("--database-url", default=os.environ.get("DATABASE_URL"))
+    p.add_argument("--drain-timeout", type=float, default=60.0, metavar="S")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the checks, print them; 0 if all pass, 1 if any fails (2 on bad arguments)."""
+    p = parser()
+    args = p.parse_args(argv)
+    if not args.redis_url:
+        p.error("no Redis: give --redis-url or set REDIS_URL")
+    if not args.database_url:
+        p.error("no PostgreSQL: give --database-url or set DATABASE_URL")
+    try:
+        told = load_told(args.told) if args.told is not None else None
+    except OSError as exc:
+        p.error(f"cannot read told ids: {exc}")
+
+    async def run() -> list[Check]:
+        redis = Redis.from_url(args.redis_url)
+        pool = await store.connect(args.database_url)
+        try:
+            return await verify(redis, pool, args.campaign, told, args.drain_timeout)
+        finally:
+            await redis.aclose()
+            await pool.close()
+
+    checks = asyncio.run(run())
+    for check in checks:
+        print(check.line)
+    print(verdict(args.campaign, checks), flush=True)
+    return 0 if all(c.ok for c in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
