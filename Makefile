@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8080
 WORKERS ?= 2
+USERS ?= 2000
+SECONDS ?= 60
+QUOTA ?= 500
 
 .PHONY: run test lint bench surge clean
 
@@ -29,6 +32,10 @@ lint: $(STAMP)
 ## bench: throughput and latency table (see README "Results")
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+## surge: rehearse a 10:00 opening with Locust, then verify every invariant (loadtest/out/)
+surge: $(STAMP)
+	$(BIN)/python -m loadtest.surge --users $(USERS) --seconds $(SECONDS) --quota $(QUOTA)
 
 clean:
 	rm -rf .issuer loadtest/out bench/out

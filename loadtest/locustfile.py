@@ -1,0 +1,316 @@
+"""Locust scenarios of the 10:00 opening, signed like a real app backend.
+
+- `SurgeUser`: one person, one account; claims as soon as the round opens (a claim sent
+  early gets NOT_OPEN and is sent again, new request_id, once the round is open), retries
+  timeouts and 5xx with the same request_id, then stays idle. `SurgeShape` ramps users
+  from zero to `--surge-users` within `--ramp-s` seconds and stops after `--surge-s`.
+- `AbuseUser`: one person behind several accounts and devices at once, retry storms of one
+  request_id, a replayed signature, locations just outside the Linfen boundary, claims to
+  a round that has not opened.
+
+Expected refusals count as successes; a 5xx, a timeout, an unexpected code or a broken
+promise (two vouchers for one person, two answers to one request_id, a replay accepted)
+is a failure. Every voucher id a client is told about is appended to
+`<out>/told-<pid>.txt`; every request is logged to `<out>/requests-<pid>.csv` for the
+summary and the chart. On the master (or the only process) the quitting hook runs
+`python -m loadtest.verify` and sets Locust's exit code.
+
+Persons are numbered per Locust process (`--processes N` or workers on other machines get
+disjoint ranges from their worker index), so distributed runs stay correct.
+
+    locust -f loadtest/locustfile.py --headless --host http://127.0.0.1:8080 \\
+        --keys-file .issuer/keys.toml --campaign C --future-campaign F --opens-at EPOCH
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import gevent
+import msgspec
+from locust import FastHttpUser, LoadTestShape, between, events, task
+from locust.env import Environment
+from locust.runners import WorkerRunner
+
+from issuer.auth import ApiKey, load_keys
+from issuer.client import signed_headers
+from loadtest.outside import points_just_outside
+from tests.people import XIANGNING_SEAT, id_number
+
+ENCODE = msgspec.json.Encoder()
+# person numbers: each Locust process owns a block; id_number() stays valid below 20 M
+FIRST_PERSON = 3_000_000
+PERSONS_PER_PROCESS = 1_000_000
+SOLD_OUT = {"ROUND_QUOTA_EXHAUSTED", "ROUND_BUDGET_EXHAUSTED", "BUDGET_EXHAUSTED"}
+CLAIM_ANSWERS = {"ISSUED", "REPLAY", "ALREADY_CLAIMED", "NOT_OPEN", *SOLD_OUT}
+RETRIES = 3
+
+
+class Process:
+    """What one Locust process shares between its users."""
+
+    key: ApiKey
+    options: Any
+    persons: itertools.count[int]
+    told: Any  # text file, line-buffered
+    rows: list[tuple[float, str, str, float, bool]]
+    outside: list[dict[str, float]]
+
+
+@events.init_command_line_parser.add_listener
+def _arguments(parser: Any) -> None:
+    parser.add_argument("--keys-file", default=".issuer/keys.toml", help="keys file (app key)")
+    parser.add_argument("--campaign", default="demo", help="campaign whose round opens")
+    parser.add_argument("--future-campaign", default="", help="campaign not open yet (abuse)")
+    parser.add_argument("--opens-at", type=float, default=0, help="round opening, epoch s")
+    parser.add_argument("--surge-users", type=int, default=2000)
+    parser.add_argument("--ramp-s", type=float, default=3)
+    parser.add_argument("--surge-s", type=float, default=60, help="whole run, then stop")
+    parser.add_argument("--out-dir", default="loadtest/out")
+    parser.add_argument("--verify", default="true", help="run loadtest.verify when quitting")
+
+
+@events.init.add_listener
+def _init(environment: Environment, **_: Any) -> None:
+    options: Any = environment.parsed_options
+    runner = environment.runner
+    index = runner.worker_index if isinstance(runner, WorkerRunner) else 0
+    out = Path(options.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    Process.options = options
+    Process.key = next(k for k in load_keys(Path(options.keys_file)).values() if k.role == "app")
+    first = FIRST_PERSON + index * PERSONS_PER_PROCESS
+    Process.persons = itertools.count(first)
+    Process.told = (out / f"told-{os.getpid()}.txt").open("a", buffering=1)
+    Process.rows = []
+    Process.outside = points_just_outside()
+
+
+@events.quitting.add_listener
+def _quitting(environment: Environment, **_: Any) -> None:
+    options: Any = environment.parsed_options
+    out = Path(options.out_dir)
+    with (out / f"requests-{os.getpid()}.csv").open("w", newline="") as fh:
+        csv.writer(fh).writerows(Process.rows)
+    Process.told.close()
+    if isinstance(environment.runner, WorkerRunner) or options.verify != "true":
+        return
+    verify = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loadtest.verify",
+            "--campaign",
+            options.campaign,
+            "--told",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    (out / "verify.txt").write_text(verify.stdout + verify.stderr)
+    print(verify.stdout + verify.stderr, flush=True)
+    if verify.returncode != 0:
+        environment.process_exit_code = 1
+
+
+def outcome(status: int, body: bytes) -> tuple[str, str | None]:
+    """(ISSUED | REPLAY | error code | HTTP <status>, voucher id if any) of an answer."""
+    try:
+        doc = msgspec.json.decode(body) if body else {}
+    except msgspec.DecodeError:
+        return f"HTTP {status}", None
+    if status == 201 and isinstance(doc, dict) and "voucher_id" in doc:
+        return "ISSUED", doc["voucher_id"]
+    error = doc.get("error") if isinstance(doc, dict) else None
+    if isinstance(error, dict) and "code" in error:
+        return str(error["code"]), error.get("voucher_id")
+    return f"HTTP {status}", None
+
+
+class ClaimingUser(FastHttpUser):
+    """Sends signed claims and judges the answers."""
+
+    abstract = True
+    network_timeout = 10.0
+    connection_timeout = 5.0
+
+    def send(
+        self,
+        campaign: str,
+        body: dict[str, Any],
+        name: str,
+        expected: set[str],
+        headers: dict[str, str] | None = None,
+    ) -> tuple[str, str | None]:
+        """POST one claim (signed now unless `headers` are given); returns its outcome."""
+        path = f"/v1/campaigns/{campaign}/claims"
+        raw = ENCODE.encode(body)
+        headers = headers or signed_headers(Process.key, "POST", path, raw)
+        started = time.time()
+        with self.client.post(
+            path, data=raw.decode(), headers=headers, name=name, catch_response=True
+        ) as resp:
+            code, voucher_id = outcome(resp.status_code or 0, resp.content or b"")
+            if code == "ISSUED" and resp.headers.get("Idempotent-Replay") == "true":
+                code = "REPLAY"
+            ok = code in expected
+            if ok:
+                resp.success()
+            else:
+                resp.failure(f"unexpected {code}")
+        if voucher_id is not None and campaign == Process.options.campaign:
+            Process.told.write(voucher_id + "\n")
+        Process.rows.append((started, name, code, (time.time() - started) * 1000, ok))
+        return code, voucher_id
+
+    def claim_with_retries(
+        self, campaign: str, body: dict[str, Any], name: str
+    ) -> tuple[str, str | None]:
+        """A claim retried like an app would: same request_id after a timeout or a 5xx."""
+        for attempt in range(RETRIES):
+            code, voucher_id = self.send(campaign, body, name, CLAIM_ANSWERS)
+            if code in CLAIM_ANSWERS or attempt == RETRIES - 1:
+                return code, voucher_id
+            gevent.sleep(0.2 * 2**attempt)
+        raise AssertionError("unreachable")
+
+
+def claim_body(person: int, request_id: str, user: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "request_id": request_id,
+        "user_id": user,
+        "person": {"id_number": id_number(person)},
+        "location": XIANGNING_SEAT,
+        **extra,
+    }
+
+
+class SurgeUser(ClaimingUser):
+    """One person pressing "claim" at 10:00."""
+
+    weight = 20
+    wait_time = between(30, 60)
+
+    def on_start(self) -> None:
+        self.person = next(Process.persons)
+        self.attempt = 0
+        self.done = False
+
+    @task
+    def claim(self) -> None:
+        while not self.done:
+            self.attempt += 1
+            body = claim_body(self.person, f"surge-{self.person}-{self.attempt}", f"u{self.person}")
+            code, _ = self.claim_with_retries(Process.options.campaign, body, "surge claim")
+            if code == "NOT_OPEN":
+                gevent.sleep(max(0.05, Process.options.opens_at - time.time()))
+                continue
+            self.done = True
+
+
+class AbuseUser(ClaimingUser):
+    """What the gate must withstand, mixed into the surge."""
+
+    weight = 1
+    wait_time = between(0.5, 1.5)
+
+    def on_start(self) -> None:
+        self.person = next(Process.persons)
+
+    @task(3)
+    def many_accounts_one_person(self) -> None:
+        """Four accounts on two devices claim for the same person at once: one voucher."""
+        person = next(Process.persons)
+        bodies = [
+            claim_body(person, f"multi-{person}-{i}", f"u{person}-{i}", device_id=f"d{i % 2}")
+            for i in range(4)
+        ]
+        jobs = [
+            gevent.spawn(self.send, Process.options.campaign, b, "abuse: accounts", CLAIM_ANSWERS)
+            for b in bodies
+        ]
+        gevent.joinall(jobs)
+        issued = [j.value for j in jobs if j.value and j.value[0] == "ISSUED"]
+        if len(issued) > 1:
+            events.request.fire(
+                request_type="CHECK",
+                name="abuse: one voucher per person",
+                response_time=0,
+                response_length=0,
+                exception=AssertionError(f"{len(issued)} vouchers for person {person}"),
+            )
+
+    @task(3)
+    def retry_storm(self) -> None:
+        """Five copies of one request (new signatures, same request_id) at once: one answer."""
+        person = next(Process.persons)
+        body = claim_body(person, f"storm-{person}", f"u{person}")
+        jobs = [
+            gevent.spawn(
+                self.send, Process.options.campaign, body, "abuse: retry storm", CLAIM_ANSWERS
+            )
+            for _ in range(5)
+        ]
+        gevent.joinall(jobs)
+        answers = {
+            (("ISSUED" if j.value[0] == "REPLAY" else j.value[0]), j.value[1])
+            for j in jobs
+            if j.value
+        }
+        if len(answers) > 1:
+            events.request.fire(
+                request_type="CHECK",
+                name="abuse: one answer per request_id",
+                response_time=0,
+                response_length=0,
+                exception=AssertionError(f"request storm-{person} got {sorted(answers)}"),
+            )
+
+    @task(2)
+    def replayed_signature(self) -> None:
+        """The same signed bytes twice: the second is refused 401."""
+        person = next(Process.persons)
+        campaign = Process.options.campaign
+        body = claim_body(person, f"replay-{person}", f"u{person}")
+        path = f"/v1/campaigns/{campaign}/claims"
+        headers = signed_headers(Process.key, "POST", path, ENCODE.encode(body))
+        self.send(campaign, body, "abuse: first of a replay", CLAIM_ANSWERS, headers)
+        self.send(campaign, body, "abuse: replayed signature", {"UNAUTHENTICATED"}, headers)
+
+    @task(2)
+    def just_outside(self) -> None:
+        person = next(Process.persons)
+        point = Process.outside[person % len(Process.outside)]
+        body = claim_body(person, f"outside-{person}", f"u{person}")
+        body["location"] = point
+        self.send(Process.options.campaign, body, "abuse: just outside", {"OUTSIDE_GEOFENCE"})
+
+    @task(1)
+    def before_opening(self) -> None:
+        if not Process.options.future_campaign:
+            return
+        person = next(Process.persons)
+        body = claim_body(person, f"early-{person}", f"u{person}")
+        self.send(Process.options.future_campaign, body, "abuse: before opening", {"NOT_OPEN"})
+
+
+class SurgeShape(LoadTestShape):
+    """Zero to `--surge-users` within `--ramp-s` seconds, then hold until `--surge-s`."""
+
+    def tick(self) -> tuple[int, float] | None:
+        assert self.runner is not None
+        options: Any = self.runner.environment.parsed_options
+        run_time = self.get_run_time()
+        if run_time >= options.surge_s:
+            return None
+        ramp = max(options.ramp_s, 0.1)
+        users = min(options.surge_users, int(options.surge_users * (run_time + 1) / ramp))
+        return users, options.surge_users / ramp

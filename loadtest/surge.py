@@ -1,0 +1,253 @@
+"""`make surge`: rehearse a 10:00 opening on this machine, then prove nothing was over-issued.
+
+Starts `issuer serve` (2 workers) on the embedded servers (or REDIS_URL / DATABASE_URL),
+creates a campaign whose round opens a few seconds later and one that opens in an hour,
+runs the Locust surge and abuse scenarios headless for a bounded time, and lets Locust's
+quitting hook run the verifier. Writes to `--out` (default loadtest/out): Locust's HTML
+report and CSVs, `surge.png` (requests/s, outcomes, p50/p99 over time), `summary.md`,
+`verify.txt`. Exit code: Locust's (non-zero on any failure or failed invariant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench.procs import ROOT, Service, stop
+from issuer import embedded
+from issuer.auth import load_keys
+from issuer.client import Client
+from tests.people import campaign
+
+OUT = ROOT / "loadtest" / "out"
+LEAD_S = 4.0  # Locust starts this long before the round opens
+Row = tuple[float, str, str, float, bool]
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="loadtest.surge", description=__doc__)
+    parser.add_argument("--users", type=int, default=2000, help="surge users (one claim each)")
+    parser.add_argument("--seconds", type=float, default=60, help="whole Locust run")
+    parser.add_argument("--ramp", type=float, default=3, help="seconds to reach --users")
+    parser.add_argument("--quota", type=int, default=500, help="vouchers in the round")
+    parser.add_argument("--processes", type=int, default=1, help="Locust processes")
+    parser.add_argument("--workers", type=int, default=2, help="issuer worker processes")
+    parser.add_argument("--out", type=Path, default=OUT)
+    return parser.parse_args(argv)
+
+
+class Servers:
+    """Embedded Valkey and PostgreSQL in a temp dir, unless the URLs are set."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="issuer-surge-"))
+        self.dir.chmod(0o755)  # postgres runs as its own user when we are root
+        self.started: list[embedded.EmbeddedServer] = []
+        self.redis_url = os.environ.get("REDIS_URL") or self._start(embedded.start_redis)
+        self.database_url = os.environ.get("DATABASE_URL") or self._start(embedded.start_postgres)
+
+    def _start(self, start: Any) -> str:
+        server: embedded.EmbeddedServer = start(self.dir)
+        self.started.append(server)
+        return server.url
+
+    def stop(self) -> None:
+        for server in reversed(self.started):
+            server.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def create_campaigns(
+    service: Service, keys_file: Path, quota: int, opens_at: float
+) -> tuple[str, str]:
+    """The surge campaign (opens at `opens_at`) and one that opens in an hour."""
+    ops = next(k for k in load_keys(keys_file).values() if k.role == "ops")
+    stamp = time.strftime("%H%M%S")
+    surge_id, future_id = f"surge-{stamp}", f"future-{stamp}"
+    async with aiohttp.ClientSession() as session:
+        client = Client(service.url, ops, session)
+        for campaign_id, opens_in in ((surge_id, opens_at - time.time()), (future_id, 3600)):
+            body = campaign(quota=quota, opens_in_s=opens_in, open_for_s=3600)
+            resp = await client.call("PUT", f"/v1/campaigns/{campaign_id}", body)
+            if resp.status != 201:
+                raise RuntimeError(f"campaign {campaign_id}: {resp.status} {resp.body}")
+    return surge_id, future_id
+
+
+async def round_state(service: Service, keys_file: Path, campaign_id: str) -> dict[str, Any]:
+    ops = next(k for k in load_keys(keys_file).values() if k.role == "ops")
+    async with aiohttp.ClientSession() as session:
+        resp = await Client(service.url, ops, session).call("GET", f"/v1/campaigns/{campaign_id}")
+    state: dict[str, Any] = resp.body.get("current_round") or {}
+    return state
+
+
+def locust_command(
+    args: argparse.Namespace, url: str, keys_file: Path, ids: tuple[str, str], opens_at: float
+) -> list[str]:
+    out = args.out
+    cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py")]
+    cmd += ["--headless", "--only-summary", "--loglevel", "WARNING", "--host", url]
+    cmd += ["--csv", str(out / "locust"), "--html", str(out / "report.html")]
+    cmd += ["--keys-file", str(keys_file), "--campaign", ids[0], "--future-campaign", ids[1]]
+    cmd += ["--opens-at", f"{opens_at:.3f}", "--surge-users", str(args.users)]
+    cmd += ["--ramp-s", str(args.ramp), "--surge-s", str(args.seconds), "--out-dir", str(out)]
+    if args.processes > 1:
+        cmd += ["--processes", str(args.processes)]
+    return cmd
+
+
+def read_rows(out: Path) -> list[Row]:
+    rows: list[Row] = []
+    for path in sorted(out.glob("requests-*.csv")):
+        with path.open() as fh:
+            for t, name, code, ms, ok in csv.reader(fh):
+                rows.append((float(t), name, code, float(ms), ok == "True"))
+    return rows
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def locust_failures(out: Path) -> int:
+    with (out / "locust_stats.csv").open() as fh:
+        return sum(int(r["Failure Count"]) for r in csv.DictReader(fh) if r["Name"] != "Aggregated")
+
+
+def summary(rows: list[Row], failures: int, issued: int, quota: int, verify_text: str) -> str:
+    claims = [r for r in rows if r[1] == "surge claim"]
+    per_second = Counter(int(r[0]) for r in rows)
+    latencies = [r[3] for r in claims]
+    outcomes = Counter(r[2] for r in rows)
+    verdicts = [line for line in verify_text.splitlines() if line.startswith(("PASS", "FAIL"))]
+    lines = [
+        "| figure | value |",
+        "| --- | ---: |",
+        f"| requests | {len(rows):,} |",
+        f"| surge claims | {len(claims):,} |",
+        f"| requests/s at peak (1 s) | {max(per_second.values(), default=0):,} |",
+        f"| issued / quota | {issued:,} / {quota:,} |",
+        f"| surge claim p50 / p95 / p99 ms | {percentile(latencies, 0.5):.1f} /"
+        f" {percentile(latencies, 0.95):.1f} / {percentile(latencies, 0.99):.1f} |",
+        f"| failures (Locust) | {failures:,} |",
+        "",
+        "| outcome | count |",
+        "| --- | ---: |",
+        *(f"| {code} | {n:,} |" for code, n in outcomes.most_common()),
+        "",
+        "Invariants:",
+        "",
+        *(f"- {line}" for line in verdicts or ["FAIL verifier did not run"]),
+    ]
+    return "\n".join(lines)
+
+
+def chart(rows: list[Row], opens_at: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_second: dict[int, list[Row]] = defaultdict(list)
+    for row in rows:
+        by_second[math.floor(row[0] - opens_at)].append(row)
+    seconds = sorted(by_second)
+    codes = [c for c, _ in Counter(r[2] for r in rows).most_common()]
+    fig, (top, mid, low) = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
+    top.plot(seconds, [len(by_second[s]) for s in seconds], label="requests/s")
+    top.set_ylabel("requests/s")
+    bottom = [0] * len(seconds)
+    for code in codes:
+        counts = [sum(1 for r in by_second[s] if r[2] == code) for s in seconds]
+        mid.bar(seconds, counts, bottom=bottom, label=code, width=1.0)
+        bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
+    mid.set_ylabel("answers/s by outcome")
+    mid.legend(fontsize="small", ncol=3, loc="upper right")
+    for q, label in ((0.5, "p50"), (0.99, "p99")):
+        low.plot(
+            seconds, [percentile([r[3] for r in by_second[s]], q) for s in seconds], label=label
+        )
+    low.set_ylabel("latency ms")
+    low.set_xlabel("seconds since the round opened")
+    low.legend()
+    for axis in (top, mid, low):
+        axis.axvline(0, color="grey", linestyle=":")
+    fig.suptitle("issuer surge rehearsal")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def prepare(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for pattern in ("told-*.txt", "requests-*.csv", "locust*.csv", "verify.txt"):
+        for old in out.glob(pattern):
+            old.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    prepare(args.out)
+    servers = Servers()
+    service: Service | None = None
+    try:
+        env = {"REDIS_URL": servers.redis_url, "DATABASE_URL": servers.database_url}
+        data_dir = servers.dir / "issuer"
+        log = servers.dir / "service.log"
+        service = Service(args.workers, {**env, "ISSUER_DATA_DIR": str(data_dir)}, log)
+        keys_file = data_dir / "keys.toml"
+        opens_at = time.time() + LEAD_S + 2
+        ids = asyncio.run(create_campaigns(service, keys_file, args.quota, opens_at))
+        print(
+            f"service {service.url}; campaign {ids[0]} opens in {opens_at - time.time():.0f} s"
+            f" with {args.quota} vouchers; {args.users} users for {args.seconds:.0f} s",
+            flush=True,
+        )
+        cmd = locust_command(args, service.url, keys_file, ids, opens_at)
+        locust = subprocess.Popen(cmd, env={**os.environ, **env}, cwd=ROOT, text=True)
+        deadline = time.time() + args.seconds + 120
+        while locust.poll() is None:
+            if time.time() > deadline:
+                stop(locust)
+                raise RuntimeError("Locust did not stop in time")
+            time.sleep(5)
+            state = asyncio.run(round_state(service, keys_file, ids[0]))
+            print(
+                f"  {time.time() - opens_at:+.0f} s: issued {state.get('issued', 0)}"
+                f" of {args.quota}",
+                flush=True,
+            )
+        rows = read_rows(args.out)
+        issued = int(asyncio.run(round_state(service, keys_file, ids[0])).get("issued", 0))
+        verify_path = args.out / "verify.txt"
+        verify_text = verify_path.read_text() if verify_path.exists() else ""
+        table = summary(rows, locust_failures(args.out), issued, args.quota, verify_text)
+        chart(rows, opens_at, args.out / "surge.png")
+        (args.out / "summary.md").write_text(table + "\n")
+        print("\n" + table + f"\n\nwrote {args.out}/ (report.html, surge.png, summary.md)")
+        return locust.returncode
+    finally:
+        if service is not None:
+            service.stop()
+        servers.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""`make surge` in miniature: the same runner, Locust file and verifier, for ~10 s."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from loadtest import surge
+from tests.conftest import Keyspace
+
+
+async def test_short_surge_passes_the_verifier(
+    keyspace: Keyspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REDIS_URL", keyspace.redis_url)
+    monkeypatch.setenv("DATABASE_URL", keyspace.database_url)
+    argv = ["--users", "150", "--seconds", "10", "--ramp", "2", "--quota", "40"]
+    code = await asyncio.to_thread(surge.main, [*argv, "--out", str(tmp_path)])
+    verdicts = (tmp_path / "verify.txt").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert code == 0, verdicts + summary
+    assert "FAIL" not in verdicts and verdicts.count("PASS") >= 7, verdicts
+    assert "| issued / quota | 40 / 40 |" in summary
+    assert "| failures (Locust) | 0 |" in summary
+    assert (tmp_path / "surge.png").stat().st_size > 10_000
+    assert (tmp_path / "report.html").exists()
