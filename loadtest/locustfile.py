@@ -10,10 +10,11 @@
 
 Expected refusals count as successes; a 5xx, a timeout, an unexpected code or a broken
 promise (two vouchers for one person, two answers to one request_id, a replay accepted)
-is a failure. Every voucher id a client is told about is appended to
-`<out>/told-<pid>.txt`; every request is logged to `<out>/requests-<pid>.csv` for the
-summary and the chart. On the master (or the only process) the quitting hook runs
-`python -m loadtest.verify` and sets Locust's exit code.
+is a failure. Every voucher id a client is told about, and every request, is kept; Locust
+workers ship theirs to the master with each stats report, so that the master (or the only
+process) holds them all and writes `<out>/told-<pid>.txt` and `<out>/requests-<pid>.csv`
+for the verifier, the summary and the chart, wherever the workers run. Then its quitting
+hook runs `python -m loadtest.verify` and sets Locust's exit code.
 
 Persons are numbered per Locust process (`--processes N` or workers on other machines get
 disjoint ranges from their worker index), so distributed runs stay correct.
@@ -41,6 +42,7 @@ from locust.runners import WorkerRunner
 
 from issuer.auth import ApiKey, load_keys
 from issuer.client import signed_headers
+from loadtest import Row
 from loadtest.outside import points_just_outside
 from tests.people import XIANGNING_SEAT, id_number
 
@@ -59,8 +61,8 @@ class Process:
     key: ApiKey
     options: Any
     persons: itertools.count[int]
-    told: Any  # text file, line-buffered
-    rows: list[tuple[float, str, str, float, bool]]
+    told: list[str]  # voucher ids clients were told about, not yet written or shipped
+    rows: list[Row]  # one per request, not yet written or shipped
     outside: list[dict[str, float]]
 
 
@@ -88,19 +90,36 @@ def _init(environment: Environment, **_: Any) -> None:
     Process.key = next(k for k in load_keys(Path(options.keys_file)).values() if k.role == "app")
     first = FIRST_PERSON + index * PERSONS_PER_PROCESS
     Process.persons = itertools.count(first)
-    Process.told = (out / f"told-{os.getpid()}.txt").open("a", buffering=1)
+    Process.told = []
     Process.rows = []
     Process.outside = points_just_outside()
+
+
+@events.report_to_master.add_listener
+def _ship(data: dict[str, Any], **_: Any) -> None:
+    """On a worker: send what was collected since the last report (the last one is sent
+    after the worker's users stopped)."""
+    data["issuer_told"], Process.told = Process.told, []
+    data["issuer_rows"], Process.rows = Process.rows, []
+
+
+@events.worker_report.add_listener
+def _collect(data: dict[str, Any], **_: Any) -> None:
+    """On the master: keep what a worker shipped."""
+    Process.told += data.get("issuer_told", [])
+    Process.rows += [tuple(row) for row in data.get("issuer_rows", [])]
 
 
 @events.quitting.add_listener
 def _quitting(environment: Environment, **_: Any) -> None:
     options: Any = environment.parsed_options
+    if isinstance(environment.runner, WorkerRunner):
+        return  # the master writes and verifies
     out = Path(options.out_dir)
     with (out / f"requests-{os.getpid()}.csv").open("w", newline="") as fh:
         csv.writer(fh).writerows(Process.rows)
-    Process.told.close()
-    if isinstance(environment.runner, WorkerRunner) or options.verify != "true":
+    (out / f"told-{os.getpid()}.txt").write_text("".join(f"{v}\n" for v in Process.told))
+    if options.verify != "true":
         return
     verify = subprocess.run(
         [
@@ -167,7 +186,7 @@ class ClaimingUser(FastHttpUser):
             else:
                 resp.failure(f"unexpected {code}")
         if voucher_id is not None and campaign == Process.options.campaign:
-            Process.told.write(voucher_id + "\n")
+            Process.told.append(voucher_id)
         Process.rows.append((started, name, code, (time.time() - started) * 1000, ok))
         return code, voucher_id
 

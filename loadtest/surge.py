@@ -30,11 +30,11 @@ from bench.procs import ROOT, Service, stop
 from issuer import embedded
 from issuer.auth import load_keys
 from issuer.client import Client
+from loadtest import Row
 from tests.people import campaign
 
 OUT = ROOT / "loadtest" / "out"
 LEAD_S = 4.0  # Locust starts this long before the round opens
-Row = tuple[float, str, str, float, bool]
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

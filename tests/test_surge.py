@@ -1,4 +1,5 @@
-"""`make surge` in miniature: the same runner, Locust file and verifier, for ~10 s."""
+"""`make surge` in miniature: the same runner, Locust file and verifier, for ~10 s, with
+Locust as a master and two workers so that what the workers saw must reach the verifier."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ async def test_short_surge_passes_the_verifier(
 ) -> None:
     monkeypatch.setenv("REDIS_URL", keyspace.redis_url)
     monkeypatch.setenv("DATABASE_URL", keyspace.database_url)
-    argv = ["--users", "150", "--seconds", "10", "--ramp", "2", "--quota", "40"]
+    argv = ["--users", "150", "--seconds", "10", "--ramp", "2", "--quota", "40", "--processes", "2"]
     code = await asyncio.to_thread(surge.main, [*argv, "--out", str(tmp_path)])
     verdicts = (tmp_path / "verify.txt").read_text()
     summary = (tmp_path / "summary.md").read_text()
