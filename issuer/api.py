@@ -28,14 +28,20 @@ from issuer.model import (
     Id,
     MerchantDef,
     MerchantOut,
+    RedemptionIn,
+    RedemptionOut,
+    RefundIn,
+    RefundOut,
     RegistrationIn,
     RegistrationOut,
+    RepaidIn,
     RoundBudgetIn,
     StatusChangeIn,
     UserId,
     VoucherList,
     VoucherOut,
 )
+from issuer.redemptions import Redemptions
 from issuer.scripts import Scripts
 
 log = logging.getLogger("issuer.api")
@@ -69,6 +75,7 @@ class Ctx:
     scripts: Scripts
     campaigns: Campaigns
     claims: Claims
+    redemptions: Redemptions
     keys: dict[str, ApiKey]
     person_key: bytes
 
@@ -225,6 +232,59 @@ async def user_vouchers(ctx: Ctx, request: web.Request, _: None) -> web.Response
     return reply(VoucherList(vouchers=found))
 
 
+def _count(metric: Any, campaign_id: str, code: str) -> None:
+    metrics.child(metric, campaign_id, code).inc()
+
+
+async def redeem(ctx: Ctx, request: web.Request, body: RedemptionIn) -> web.Response:
+    verified: Verified = request["verified"]
+    campaign_id = body.voucher_id.rpartition(".")[0] or "-"
+    try:
+        out, replay = await ctx.redemptions.redeem(body, verified.key.id, time.time())
+    except ApiError as err:
+        if err.code != "NOT_FOUND":
+            _count(metrics.REDEMPTIONS, campaign_id, err.code)
+        raise
+    _count(metrics.REDEMPTIONS, campaign_id, "REPLAY" if replay else "OK")
+    log.info(
+        "redeemed",
+        extra={"campaign": campaign_id, "redemption": out.redemption_id, "replay": replay},
+    )
+    return reply(out, 201, replay=replay)
+
+
+async def get_redemption(ctx: Ctx, request: web.Request, _: None) -> web.Response:
+    out = await ctx.redemptions.get(request.match_info["redemption_id"])
+    verified: Verified = request["verified"]
+    if verified.key.role == "merchant" and verified.key.merchant_id != out.merchant_id:
+        raise ApiError("FORBIDDEN", "a merchant key reads only its own redemptions")
+    return reply(out)
+
+
+async def refund(ctx: Ctx, request: web.Request, body: RefundIn) -> web.Response:
+    verified: Verified = request["verified"]
+    redemption_id = request.match_info["redemption_id"]
+    campaign_id = redemption_id.rpartition(".")[0] or "-"
+    try:
+        out, replay = await ctx.redemptions.refund(
+            redemption_id, body, verified.key.id, time.time()
+        )
+    except ApiError as err:
+        if err.code != "NOT_FOUND":
+            _count(metrics.REFUNDS, campaign_id, err.code)
+        raise
+    _count(metrics.REFUNDS, campaign_id, "REPLAY" if replay else "OK")
+    return reply(out, 201, replay=replay)
+
+
+async def clawback_repaid(ctx: Ctx, request: web.Request, body: RepaidIn) -> web.Response:
+    verified: Verified = request["verified"]
+    out, replay = await ctx.redemptions.clawback_repaid(
+        request.match_info["refund_id"], body, verified.key.id, time.time()
+    )
+    return reply(out, replay=replay)
+
+
 ROUTES: tuple[Route, ...] = (
     Route(
         "PUT",
@@ -310,6 +370,44 @@ ROUTES: tuple[Route, ...] = (
         ClaimIn,
         VoucherOut,
         201,
+    ),
+    Route(
+        "POST",
+        "/v1/redemptions",
+        redeem,
+        ("payment",),
+        "Apply a voucher to a payment",
+        RedemptionIn,
+        RedemptionOut,
+        201,
+    ),
+    Route(
+        "GET",
+        "/v1/redemptions/{redemption_id}",
+        get_redemption,
+        ("payment", "merchant", "auditor", "ops"),
+        "Read a redemption (a merchant key: its own)",
+        None,
+        RedemptionOut,
+    ),
+    Route(
+        "POST",
+        "/v1/redemptions/{redemption_id}/refunds",
+        refund,
+        ("payment",),
+        "Refund (part of) a redeemed order; the voucher is not given back",
+        RefundIn,
+        RefundOut,
+        201,
+    ),
+    Route(
+        "POST",
+        "/v1/clawbacks/{refund_id}/repaid",
+        clawback_repaid,
+        ("auditor",),
+        "A merchant paid back the subsidy of a refund made after reimbursement",
+        RepaidIn,
+        RefundOut,
     ),
     Route(
         "GET",

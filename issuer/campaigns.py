@@ -293,5 +293,6 @@ def round_state_of(round_id: str, rnd: dict[str, int], tz: str) -> RoundState:
         issued=rnd["issued"],
         quota=None if rnd["quota"] < 0 else rnd["quota"],
         reserved_fen=rnd["reserved"],
+        spent_fen=rnd.get("spent", 0),
         budget_fen=None if rnd["budget"] < 0 else rnd["budget"],
     )

@@ -4,7 +4,6 @@ everything else in micro-batches, one EVALSHA per batch per campaign round."""
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,6 +27,7 @@ from issuer.campaigns import (
 )
 from issuer.errors import ApiError, GateRefusal
 from issuer.identity import person_ref
+from issuer.ids import new_id
 from issuer.model import ClaimIn, Round, VoucherOut
 from issuer.schedule import from_millis
 from issuer.scripts import Scripts
@@ -73,10 +73,6 @@ def voucher_out(rec: VoucherRecord, tz: str, status: str | None = None) -> Vouch
         cap_fen=rec.cap_fen,
         redemption_id=rec.redemption_id,
     )
-
-
-def new_voucher_id(campaign_id: str) -> str:
-    return f"{campaign_id}.{os.urandom(10).hex()}"
 
 
 @dataclass(slots=True)
@@ -127,6 +123,7 @@ class Batcher(TickBatcher[Pending, tuple[str, bytes]]):
             cur,
             prev,
             ck.winners,
+            ck.expiry,
             *nonce_keys,
         ]
         started = time.perf_counter()
@@ -243,7 +240,7 @@ class Claims:
                 verified.nonce,
                 ref,
                 claim.user_id,
-                new_voucher_id(campaign_id),
+                new_id(campaign_id),
                 EXTRA.encode(extra),
             ),
             nonce_key=cached.keys.nonces(verified.timestamp),

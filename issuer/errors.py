@@ -33,6 +33,13 @@ ERRORS: dict[str, tuple[int, str, bool]] = {
     "VOUCHER_USED": (409, "消费券已使用 / voucher already used", False),
     "VOUCHER_NOT_OWNED": (409, "消费券不属于该用户 / voucher belongs to another user", False),
     "ALREADY_REFUNDED": (409, "已退款 / already refunded", False),
+    "ORDER_ALREADY_REDEEMED": (
+        409,
+        "该订单已使用消费券 / this order already has a redemption",
+        False,
+    ),
+    "ALREADY_REPAID": (409, "追回款已到账 / this clawback is already repaid", False),
+    "NO_CLAWBACK_DUE": (409, "该退款无需追回 / nothing is due back for this refund", False),
     "BUDGET_CONFLICT": (409, "预算已被修改或低于已占用 / stale or too low budget", False),
     "IDEMPOTENCY_MISMATCH": (
         422,

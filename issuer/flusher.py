@@ -23,7 +23,7 @@ from redis.exceptions import ResponseError
 
 from issuer import keys, metrics
 from issuer.scripts import Scripts
-from issuer.store import RECORD_BATCH, RECORD_STATUS
+from issuer.store import MONEY_TYPES, PROJECT_MONEY, RECORD_BATCH, RECORD_STATUS
 
 log = logging.getLogger("issuer.flusher")
 # (entry id, fields); fields are empty or None for an entry deleted while pending
@@ -128,8 +128,12 @@ class Flusher:
         if cols[0]:
             async with self.pool.acquire() as conn, conn.transaction():
                 await conn.fetchval(RECORD_BATCH, *cols)
-                if "status" in cols[3]:
+                types = set(cols[3])
+                if "status" in types:
                     await conn.execute(RECORD_STATUS, cols[0], cols[1])
+                if types & MONEY_TYPES:
+                    for statement in PROJECT_MONEY:
+                        await conn.execute(statement, cols[0], cols[1])
         for stream, entries in batches:
             if entries:
                 await self.redis.xack(stream, keys.FLUSH_GROUP, *[e[0] for e in entries])

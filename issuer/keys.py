@@ -37,8 +37,12 @@ class CampaignKeys:
         "campaign_id",
         "definition",
         "events",
+        "expiry",
         "ledger",
+        "orders",
         "persons",
+        "redemptions",
+        "refunds",
         "registrations",
         "tag",
         "vouchers",
@@ -57,9 +61,14 @@ class CampaignKeys:
         self.registrations = f"{tag}:registrations"  # hash person_ref -> JSON record
         self.events = f"{tag}:events"  # stream flushed to PostgreSQL
         self.winners = f"{tag}:winners"  # set of idempotency fields that won a voucher
+        self.expiry = f"{tag}:expiry"  # sorted set voucher_id by expires_at ms (issued only)
+        self.redemptions = f"{tag}:redemptions"  # hash redemption_id -> JSON record
+        self.orders = f"{tag}:orders"  # hash order_id -> redemption_id (one per order)
+        self.refunds = f"{tag}:refunds"  # hash refund_id -> JSON record
 
     def round(self, round_id: str) -> str:
-        """Hash: opens/closes/valid_until (ms), quota, budget, issued, reserved."""
+        """Hash: opens/closes/valid_until (ms), quota, budget, issued, reserved (held by
+        issued vouchers), spent (discounts of its redeemed vouchers, net of refunds)."""
         return f"{self.tag}:round:{round_id}"
 
     def idempotency(self, now_s: float) -> tuple[str, str]:

@@ -27,6 +27,13 @@ LATENCY = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 CLAIMS = Counter("issuer_claims_total", "Claim outcomes by campaign and code", ["campaign", "code"])
+REDEMPTIONS = Counter(
+    "issuer_redemptions_total", "Redemption outcomes by campaign and code", ["campaign", "code"]
+)
+REFUNDS = Counter(
+    "issuer_refunds_total", "Refund outcomes by campaign and code", ["campaign", "code"]
+)
+EXPIRED = Counter("issuer_vouchers_expired_total", "Vouchers expired by the sweeper", ["campaign"])
 BATCH_SIZE = Histogram(
     "issuer_claim_batch_size",
     "Claims per script call",

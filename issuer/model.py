@@ -163,6 +163,37 @@ class StatusChangeIn(Strict, kw_only=True):
     reason: Annotated[str, Meta(max_length=500)] = ""
 
 
+class ItemIn(Strict, kw_only=True):
+    category: Id
+    name: Annotated[str, Meta(min_length=1, max_length=200)]
+    amount_fen: Fen  # the item's price after every other discount, quantity included
+    quantity: Annotated[int, Meta(ge=1, le=10_000)] = 1
+    gb_code: Annotated[str, Meta(max_length=32)] | None = None
+    energy_grade: Annotated[int, Meta(ge=1, le=5)] | None = None
+
+
+class RedemptionIn(Strict, kw_only=True):
+    request_id: RequestId
+    voucher_id: Annotated[str, Meta(min_length=3, max_length=100)]
+    user_id: UserId
+    merchant_id: Id
+    order_id: Annotated[str, Meta(pattern=r"^[\x21-\x7e]{1,64}$")]
+    order_amount_fen: Fen
+    paid_at: AwareDatetime
+    items: Annotated[list[ItemIn], Meta(min_length=1, max_length=50)]
+
+
+class RefundIn(Strict, kw_only=True):
+    request_id: RequestId
+    amount_fen: Annotated[int, Meta(ge=1, le=10**13)]  # share of the order refunded
+    reason: Annotated[str, Meta(max_length=500)] = ""
+
+
+class RepaidIn(Strict, kw_only=True):
+    request_id: RequestId
+    reason: Annotated[str, Meta(max_length=500)] = ""
+
+
 class RoundBudgetIn(Strict, kw_only=True):
     request_id: RequestId
     expected_budget_fen: Fen | None
@@ -191,6 +222,48 @@ class VoucherOut(Struct, kw_only=True, omit_defaults=True):
     redemption_id: str | None = None
 
 
+class ItemOut(Struct, kw_only=True, omit_defaults=True):
+    category: str
+    name: str
+    amount_fen: int
+    quantity: int
+    gb_code: str | None = None
+    energy_grade: int | None = None
+
+
+class RedemptionOut(Struct, kw_only=True):
+    """A redemption; `status` is redeemed, partially_refunded or refunded."""
+
+    redemption_id: str
+    voucher_id: str
+    campaign_id: str
+    user_id: str
+    merchant_id: str
+    order_id: str
+    order_amount_fen: int
+    discount_fen: int
+    payable_fen: int
+    status: str
+    paid_at: datetime
+    redeemed_at: datetime
+    refunded_fen: int
+    subsidy_returned_fen: int
+    paid_to_merchant: bool
+    items: list[ItemOut]
+
+
+class RefundOut(Struct, kw_only=True):
+    """`subsidy_returned_fen`: the refunded share of the discount, leaving `spent`;
+    `clawback_due_fen`: the part of it the merchant must pay back (it was reimbursed)."""
+
+    refund_id: str
+    redemption_id: str
+    amount_fen: int
+    subsidy_returned_fen: int
+    clawback_due_fen: int
+    status: str  # returned | clawback_due | repaid
+
+
 class VoucherList(Struct, kw_only=True):
     vouchers: list[VoucherOut]
 
@@ -212,6 +285,7 @@ class RoundState(Struct, kw_only=True, omit_defaults=True):
     issued: int
     quota: int | None = None
     reserved_fen: int
+    spent_fen: int
     budget_fen: int | None = None
 
 

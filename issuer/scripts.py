@@ -24,6 +24,11 @@ NAMES = (
     "ready",
     "trim_acked",
     "spend_nonces",
+    "redeem",
+    "expire",
+    "refund",
+    "clawback_repaid",
+    "mark_paid",
 )
 
 

@@ -22,7 +22,7 @@ from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
-from issuer import auth, flusher, keys, store
+from issuer import auth, expiry, flusher, keys, store
 from issuer.config import Settings
 
 log = logging.getLogger("issuer.server")
@@ -63,6 +63,7 @@ async def worker_main(settings: Settings, port: int) -> None:
     from issuer.api import Ctx, make_app
     from issuer.campaigns import Campaigns
     from issuer.claims import Claims
+    from issuer.redemptions import Redemptions
     from issuer.scripts import Scripts
 
     assert settings.redis_url and settings.database_url
@@ -78,6 +79,7 @@ async def worker_main(settings: Settings, port: int) -> None:
         scripts=scripts,
         campaigns=campaigns,
         claims=Claims(redis, scripts, campaigns, person_key, settings.batch_max),
+        redemptions=Redemptions(redis, scripts, campaigns),
         keys=auth.load_keys(settings.keys_path),
         person_key=person_key,
     )
@@ -108,8 +110,10 @@ async def worker_main(settings: Settings, port: int) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("worker up", extra={"pid": os.getpid(), "port": port})
+    sweeping = asyncio.create_task(expiry.run(redis, scripts, stop))
     await stop.wait()
     await runner.cleanup()
+    await sweeping
     await redis.aclose()
     await pg.close()
     log.info("worker stopped", extra={"pid": os.getpid()})

@@ -65,6 +65,52 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at  timestamptz NOT NULL DEFAULT now()
     );
     """,
+    """
+    ALTER TABLE vouchers ADD COLUMN redemption_id text;
+    CREATE TABLE redemptions (
+        redemption_id    text PRIMARY KEY,
+        campaign_id      text        NOT NULL,
+        voucher_id       text        NOT NULL UNIQUE,
+        round_id         text        NOT NULL,
+        user_id          text        NOT NULL,
+        merchant_id      text        NOT NULL,
+        order_id         text        NOT NULL,
+        order_amount_fen bigint      NOT NULL,
+        discount_fen     bigint      NOT NULL,
+        payable_fen      bigint      NOT NULL,
+        paid_at          timestamptz NOT NULL,
+        redeemed_at      timestamptz NOT NULL,
+        items            jsonb       NOT NULL,
+        refunded_fen     bigint      NOT NULL DEFAULT 0,  -- from refunds, kept in step
+        subsidy_returned_fen bigint  NOT NULL DEFAULT 0,
+        paid_to_merchant_at timestamptz,
+        entry_id         text        NOT NULL,
+        UNIQUE (campaign_id, order_id)
+    );
+    CREATE INDEX redemptions_campaign ON redemptions (campaign_id, redeemed_at);
+    CREATE INDEX redemptions_merchant ON redemptions (merchant_id);
+    CREATE TABLE refunds (
+        refund_id        text PRIMARY KEY,
+        campaign_id      text        NOT NULL,
+        redemption_id    text        NOT NULL,
+        voucher_id       text        NOT NULL,
+        amount_fen       bigint      NOT NULL,
+        subsidy_returned_fen bigint  NOT NULL,
+        clawback_due_fen bigint      NOT NULL,  -- owed back by the merchant (0 if not paid)
+        reason           text        NOT NULL,
+        created_at       timestamptz NOT NULL,
+        repaid_at        timestamptz,
+        entry_id         text        NOT NULL
+    );
+    CREATE INDEX refunds_redemption ON refunds (redemption_id);
+    -- the projections below find every money event of a voucher, redemption or refund
+    CREATE INDEX events_voucher ON events ((data->>'voucher_id'))
+        WHERE type IN ('redemption', 'expiry', 'refund');
+    CREATE INDEX events_redemption ON events ((data->>'redemption_id'))
+        WHERE type = 'merchant_paid';
+    CREATE INDEX events_refund ON events ((data->>'refund_id'))
+        WHERE type = 'clawback_repaid';
+    """,
 )
 
 # One statement records a batch of stream entries and projects the new ones into tables.
@@ -96,6 +142,27 @@ WITH new AS (
            data->>'name_ref', data->>'phone_ref',
            to_timestamp((data->>'registered_at')::bigint / 1000.0)
     FROM new WHERE type = 'registration'
+    ON CONFLICT DO NOTHING
+), redemptions_new AS (
+    INSERT INTO redemptions (redemption_id, campaign_id, voucher_id, round_id, user_id,
+                             merchant_id, order_id, order_amount_fen, discount_fen,
+                             payable_fen, paid_at, redeemed_at, items, entry_id)
+    SELECT data->>'redemption_id', campaign_id, data->>'voucher_id', data->>'round_id',
+           data->>'user_id', data->>'merchant_id', data->>'order_id',
+           (data->>'order_amount_fen')::bigint, (data->>'discount_fen')::bigint,
+           (data->>'payable_fen')::bigint,
+           to_timestamp((data->>'paid_at')::bigint / 1000.0),
+           to_timestamp((data->>'redeemed_at')::bigint / 1000.0), data->'items', entry_id
+    FROM new WHERE type = 'redemption'
+    ON CONFLICT DO NOTHING
+), refunds_new AS (
+    INSERT INTO refunds (refund_id, campaign_id, redemption_id, voucher_id, amount_fen,
+                         subsidy_returned_fen, clawback_due_fen, reason, created_at, entry_id)
+    SELECT data->>'refund_id', campaign_id, data->>'redemption_id', data->>'voucher_id',
+           (data->>'amount_fen')::bigint, (data->>'subsidy_returned_fen')::bigint,
+           (data->>'clawback_due_fen')::bigint, data->>'reason',
+           to_timestamp((data->>'created_at')::bigint / 1000.0), entry_id
+    FROM new WHERE type = 'refund'
     ON CONFLICT DO NOTHING
 ), campaigns_new AS (
     INSERT INTO campaigns (campaign_id, definition, version, status_version)
@@ -140,6 +207,76 @@ FROM (
 ) e
 WHERE c.campaign_id = e.campaign_id AND c.status_version < e.version
 """
+
+
+# Money events change rows that may have arrived in this batch or any earlier one (or, after
+# a crashed flusher's entries were rescued late, in a later one). So each statement derives
+# the row's state from *every* recorded event of the rows the batch touches, never applies a
+# delta: running it again, or in another order, gives the same rows. Each takes the batch's
+# ($1 streams, $2 entry ids) and runs after RECORD_BATCH, in its transaction.
+MONEY_TYPES = frozenset(
+    {"claim", "redemption", "expiry", "refund", "merchant_paid", "clawback_repaid"}
+)
+PROJECT_MONEY: tuple[str, ...] = (
+    # a voucher's status: the furthest of its events (refunded > redeemed = expired > issued)
+    """
+    WITH touched AS (
+        SELECT DISTINCT data->>'voucher_id' AS voucher_id FROM events
+        WHERE stream = ANY($1::text[]) AND entry_id = ANY($2::text[])
+          AND type IN ('claim', 'redemption', 'expiry', 'refund')
+    ), latest AS (
+        SELECT DISTINCT ON (t.voucher_id) t.voucher_id, s.status, e.data->>'redemption_id' AS rid
+        FROM touched t
+        JOIN events e ON e.data->>'voucher_id' = t.voucher_id
+                     AND e.type IN ('redemption', 'expiry', 'refund'),
+        LATERAL (SELECT CASE e.type WHEN 'redemption' THEN 'redeemed'
+                                    WHEN 'expiry' THEN 'expired'
+                                    ELSE e.data->>'voucher_status' END AS status) s
+        ORDER BY t.voucher_id, (s.status = 'refunded') DESC
+    )
+    UPDATE vouchers v SET status = l.status, redemption_id = coalesce(l.rid, v.redemption_id)
+    FROM latest l
+    WHERE v.voucher_id = l.voucher_id AND v.status IS DISTINCT FROM l.status
+    """,
+    # a redemption's refund totals and reimbursement
+    """
+    WITH touched AS (
+        SELECT DISTINCT data->>'redemption_id' AS rid FROM events
+        WHERE stream = ANY($1::text[]) AND entry_id = ANY($2::text[])
+          AND type IN ('redemption', 'refund', 'merchant_paid')
+    ), totals AS (
+        SELECT t.rid,
+               (SELECT coalesce(sum(amount_fen), 0) FROM refunds f
+                WHERE f.redemption_id = t.rid) AS refunded,
+               (SELECT coalesce(sum(subsidy_returned_fen), 0) FROM refunds f
+                WHERE f.redemption_id = t.rid) AS returned,
+               (SELECT min(to_timestamp((e.data->>'paid_ms')::bigint / 1000.0)) FROM events e
+                WHERE e.type = 'merchant_paid' AND e.data->>'redemption_id' = t.rid) AS paid
+        FROM touched t
+    )
+    UPDATE redemptions r
+    SET refunded_fen = x.refunded, subsidy_returned_fen = x.returned,
+        paid_to_merchant_at = x.paid
+    FROM totals x
+    WHERE r.redemption_id = x.rid
+      AND (r.refunded_fen, r.subsidy_returned_fen, r.paid_to_merchant_at)
+          IS DISTINCT FROM (x.refunded, x.returned, x.paid)
+    """,
+    # a refund's repayment
+    """
+    WITH touched AS (
+        SELECT DISTINCT data->>'refund_id' AS refund_id FROM events
+        WHERE stream = ANY($1::text[]) AND entry_id = ANY($2::text[])
+          AND type IN ('refund', 'clawback_repaid')
+    )
+    UPDATE refunds f
+    SET repaid_at = (SELECT min(to_timestamp((e.data->>'repaid_at')::bigint / 1000.0))
+                     FROM events e
+                     WHERE e.type = 'clawback_repaid' AND e.data->>'refund_id' = t.refund_id)
+    FROM touched t
+    WHERE f.refund_id = t.refund_id AND f.repaid_at IS NULL
+    """,
+)
 
 
 async def connect(dsn: str, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
+import time
+
 from redis.asyncio import Redis
 
 from issuer import keys
 from issuer.campaigns import Campaigns
 from issuer.claims import RECORD, voucher_out
 from issuer.errors import ApiError
+from issuer.ids import campaign_of
 from issuer.model import VoucherOut
-
-
-def campaign_of(voucher_id: str) -> str:
-    """Voucher ids are `<campaign_id>.<random>`."""
-    campaign_id, dot, token = voucher_id.rpartition(".")
-    if not dot or not campaign_id or not token:
-        raise ApiError("NOT_FOUND", f"voucher {voucher_id}")
-    return campaign_id
 
 
 async def get(redis: Redis, campaigns: Campaigns, voucher_id: str) -> VoucherOut:
@@ -28,7 +23,10 @@ async def get(redis: Redis, campaigns: Campaigns, voucher_id: str) -> VoucherOut
     raw = await redis.hget(cached.keys.vouchers, voucher_id)
     if raw is None:
         raise ApiError("NOT_FOUND", f"voucher {voucher_id}")
-    return voucher_out(RECORD.decode(raw), cached.definition.timezone)
+    rec = RECORD.decode(raw)
+    # past its time but not swept yet: it is expired all the same
+    late = rec.status == "issued" and time.time() * 1000 >= rec.expires_at
+    return voucher_out(rec, cached.definition.timezone, "expired" if late else None)
 
 
 async def of_user(

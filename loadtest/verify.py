@@ -26,8 +26,8 @@ from issuer import keys, store
 from issuer.campaigns import hash_keys
 from issuer.errors import ApiError
 from issuer.flusher import stream_lag
+from issuer.ids import campaign_of
 from issuer.reconcile import claims_in_flight, ledger_problems, read_ledger, round_ids
-from issuer.vouchers import campaign_of
 
 POLL_S = 0.2
 PROGRESS_EVERY_S = 5.0

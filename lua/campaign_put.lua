@@ -22,7 +22,7 @@ for i = 1, new do
   local a = 7 + (i - 1) * 5
   redis.call('HSET', KEYS[4 + old + i], 'opens', ARGV[a], 'closes', ARGV[a + 1],
     'valid_until', ARGV[a + 2], 'quota', ARGV[a + 3], 'budget', ARGV[a + 4],
-    'issued', 0, 'reserved', 0)
+    'issued', 0, 'reserved', 0, 'spent', 0)
   local o = tonumber(ARGV[a])
   if not first_open or o < first_open then first_open = o end
 end

@@ -1,6 +1,6 @@
 -- Decide a batch of claims for one campaign round, in order, atomically.
 -- KEYS: 1 ledger, 2 round, 3 persons, 4 accounts, 5 vouchers, 6 registrations,
---       7 events, 8 idem current, 9 idem previous, 10 winners, 11.. nonce buckets
+--       7 events, 8 idem current, 9 idem previous, 10 winners, 11 expiry, 12.. nonce buckets
 -- ARGV: 1 round_id, 2 reserve_fen, 3 mode (self|staff), 4 idem ttl s, 5 nonce ttl s,
 --       6 claim count, then 8 fields per claim:
 --       idem field, fingerprint, nonce bucket index, nonce field,
@@ -18,7 +18,7 @@ local n = tonumber(ARGV[6])
 
 local led = redis.call('HMGET', KEYS[1], 'status', 'version', 'available')
 local rnd = redis.call('HMGET', KEYS[2], 'opens', 'closes', 'valid_until', 'quota', 'budget',
-  'issued', 'reserved')
+  'issued', 'reserved', 'spent')
 local out
 if not led[1] or not rnd[1] then
   out = {'missing', led[2] or '0', 0, 0}
@@ -33,6 +33,7 @@ local available = tonumber(led[3])
 local opens, closes, valid_until = tonumber(rnd[1]), tonumber(rnd[2]), rnd[3]
 local quota, rbudget = tonumber(rnd[4]), tonumber(rnd[5])
 local issued, rreserved = tonumber(rnd[6]), tonumber(rnd[7])
+local rspent = tonumber(rnd[8] or 0)  -- money of the round's redeemed vouchers
 local now = now_ms()
 local granted = 0
 local nonce_used = {}
@@ -41,7 +42,7 @@ local function decide(base)
   local idem_field, fingerprint = ARGV[base], ARGV[base + 1]
   local nonce_idx = tonumber(ARGV[base + 2])
   local person, user = ARGV[base + 4], ARGV[base + 5]
-  local nkey = KEYS[10 + nonce_idx]
+  local nkey = KEYS[11 + nonce_idx]
   if redis.call('HSETNX', nkey, ARGV[base + 3], 1) == 0 then return 'UNAUTHENTICATED', '' end
   nonce_used[nkey] = true
   local prior = idem_lookup(KEYS[8], KEYS[9], idem_field, fingerprint)
@@ -58,7 +59,7 @@ local function decide(base)
   local held = redis.call('HGET', KEYS[3], person) or redis.call('HGET', KEYS[4], user)
   if held then return 'ALREADY_CLAIMED', held end
   if quota >= 0 and issued >= quota then return 'ROUND_QUOTA_EXHAUSTED', '' end
-  if rbudget >= 0 and rreserved + reserve > rbudget then return 'ROUND_BUDGET_EXHAUSTED', '' end
+  if rbudget >= 0 and rreserved + rspent + reserve > rbudget then return 'ROUND_BUDGET_EXHAUSTED', '' end
   if available < reserve then return 'BUDGET_EXHAUSTED', '' end
   -- every check passed: write
   local vid = ARGV[base + 6]
@@ -77,6 +78,7 @@ local function decide(base)
   redis.call('HSET', KEYS[5], vid, json)
   idem_store(KEYS[8], idem_field, fingerprint, vid, idem_ttl)
   redis.call('SADD', KEYS[10], idem_field)
+  redis.call('ZADD', KEYS[11], valid_until, vid)
   redis.call('XADD', KEYS[7], '*', 't', 'claim', 'd', json)
   issued = issued + 1
   rreserved = rreserved + reserve

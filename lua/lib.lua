@@ -20,3 +20,17 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+
+-- Expire an issued voucher `v` (decoded record) at `now`: its reservation returns to the
+-- campaign's `available` and to its round; the person's chance stays used.
+local function expire_voucher(ledger, round, vouchers, expiry, events, v, now)
+  local reserve = tonumber(v.reserve_fen)
+  v.status = 'expired'
+  redis.call('HSET', vouchers, v.voucher_id, cjson.encode(v))
+  redis.call('ZREM', expiry, v.voucher_id)
+  redis.call('HINCRBY', ledger, 'reserved', -reserve)
+  redis.call('HINCRBY', ledger, 'available', reserve)
+  redis.call('HINCRBY', round, 'reserved', -reserve)
+  redis.call('XADD', events, '*', 't', 'expiry', 'd', cjson.encode({
+    voucher_id = v.voucher_id, round_id = v.round_id, reserve_fen = reserve, expired_at = now}))
+end

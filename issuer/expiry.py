@@ -1,0 +1,59 @@
+"""The expiry sweeper: vouchers past `expires_at` become `expired` and their reservation
+returns to the pool. Every worker runs one; the script makes concurrent sweeps safe."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from issuer import keys, metrics
+from issuer.claims import RECORD as VOUCHER
+from issuer.scripts import Scripts
+
+log = logging.getLogger("issuer.expiry")
+SWEEP_BATCH = 500  # vouchers per script call
+SWEEP_INTERVAL_S = 1.0
+
+
+async def sweep(redis: Redis, scripts: Scripts, campaign_id: str, now_ms: int) -> int:
+    """Expire every voucher of the campaign due at `now_ms`; returns how many."""
+    ck = keys.CampaignKeys(campaign_id)
+    expired = 0
+    while due := await redis.zrangebyscore(ck.expiry, 0, now_ms, start=0, num=SWEEP_BATCH):
+        records = await redis.hmget(ck.vouchers, due)
+        rounds: list[str] = []
+        args: list[object] = [now_ms, len(due)]
+        for voucher_id, raw in zip(due, records, strict=True):
+            key = ck.round(VOUCHER.decode(raw).round_id) if raw else ck.round("")
+            if key not in rounds:
+                rounds.append(key)
+            args += [voucher_id, rounds.index(key) + 1]
+        script_keys = [ck.ledger, ck.vouchers, ck.expiry, ck.events, *rounds]
+        done = await scripts.run("expire", script_keys, args)
+        expired += int(done)
+        if len(due) < SWEEP_BATCH:
+            break
+    if expired:
+        metrics.child(metrics.EXPIRED, campaign_id).inc(expired)
+    return expired
+
+
+async def sweep_all(redis: Redis, scripts: Scripts, now_ms: int) -> int:
+    campaigns = sorted(m.decode() for m in await redis.smembers(keys.CAMPAIGNS))
+    return sum([await sweep(redis, scripts, c, now_ms) for c in campaigns])
+
+
+async def run(redis: Redis, scripts: Scripts, stop: asyncio.Event) -> None:
+    """Sweep every campaign once a second until `stop` is set."""
+    while not stop.is_set():
+        try:
+            await sweep_all(redis, scripts, int(time.time() * 1000))
+        except RedisError as exc:
+            log.warning("expiry sweep failed, retrying: %r", exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), SWEEP_INTERVAL_S)

@@ -1,0 +1,311 @@
+"""The money path: a voucher applied at payment, refunds (and clawbacks), reimbursement
+marks. Each state change is one script in the campaign's slot that checks everything
+before its first write and appends its event to the campaign stream."""
+
+from __future__ import annotations
+
+import msgspec
+from redis.asyncio import Redis
+
+from issuer import keys, merchants, money
+from issuer.campaigns import CachedCampaign, Campaigns, fingerprint, idem_field
+from issuer.claims import RECORD as VOUCHER
+from issuer.errors import ApiError
+from issuer.ids import campaign_of, new_id
+from issuer.model import (
+    Eligibility,
+    ItemIn,
+    ItemOut,
+    MerchantOut,
+    RedemptionIn,
+    RedemptionOut,
+    RefundIn,
+    RefundOut,
+    RepaidIn,
+)
+from issuer.products import expand_categories, is_appliance, valid_gb_code
+from issuer.schedule import from_millis, to_millis
+from issuer.scripts import Scripts
+
+STALE_RETRIES = 8  # concurrent refunds of one redemption: recompute and try again
+
+
+class RedemptionRecord(msgspec.Struct, kw_only=True):
+    """A redemption as Redis keeps it (times in epoch ms)."""
+
+    redemption_id: str
+    campaign_id: str
+    voucher_id: str
+    round_id: str
+    user_id: str
+    merchant_id: str
+    order_id: str
+    order_amount_fen: int
+    discount_fen: int
+    payable_fen: int
+    paid_at: int
+    items: list[ItemOut]
+    status: str = "redeemed"
+    refunded_fen: int = 0
+    subsidy_returned_fen: int = 0
+    paid_to_merchant: bool = False
+    redeemed_at: int = 0
+    by: str = ""
+
+
+class RefundRecord(msgspec.Struct, kw_only=True):
+    refund_id: str
+    redemption_id: str
+    amount_fen: int
+    reason: str
+    by: str
+    subsidy_returned_fen: int = 0
+    clawback_due_fen: int = 0
+    status: str = ""
+
+
+REDEMPTION = msgspec.json.Decoder(RedemptionRecord)
+REFUND = msgspec.json.Decoder(RefundRecord)
+ENCODE = msgspec.json.Encoder()
+
+
+def check_items(eligibility: Eligibility, body: RedemptionIn) -> None:
+    """Refuse a payment whose items are not all subsidised, or do not add up."""
+    allowed = expand_categories(eligibility.categories)
+    for n, item in enumerate(body.items):
+        where = f"items[{n}] {item.category}"
+        if item.category not in allowed:
+            raise ApiError("PRODUCT_NOT_ELIGIBLE", where)
+        if not is_appliance(item.category):
+            continue
+        needs_code = item.gb_code is not None or eligibility.require_gb_code
+        if needs_code and (item.gb_code is None or not valid_gb_code(item.gb_code)):
+            raise ApiError("INVALID_GB_CODE", where)
+        if item.energy_grade is None or item.energy_grade > eligibility.appliance_min_grade:
+            raise ApiError("ENERGY_GRADE_TOO_LOW", f"{where}: grade {item.energy_grade}")
+    total = sum(item.amount_fen for item in body.items)
+    if total != body.order_amount_fen:
+        raise ApiError(
+            "AMOUNT_MISMATCH", f"order_amount_fen {body.order_amount_fen}, items sum to {total}"
+        )
+
+
+def merchant_refusal(
+    cached: CachedCampaign, merchant: MerchantOut | None, items: list[ItemIn]
+) -> str:
+    """Why this merchant may not take the voucher now ("" if it may)."""
+    if merchant is None or merchant.status != "active":
+        return "MERCHANT_NOT_ELIGIBLE"
+    if not cached.region.contains_code(merchant.county_code):
+        return "MERCHANT_NOT_ELIGIBLE"
+    sells = expand_categories(merchant.categories)
+    if any(item.category not in sells for item in items):
+        return "MERCHANT_NOT_ELIGIBLE"
+    return ""
+
+
+def redemption_out(rec: RedemptionRecord, tz: str) -> RedemptionOut:
+    return RedemptionOut(
+        redemption_id=rec.redemption_id,
+        voucher_id=rec.voucher_id,
+        campaign_id=rec.campaign_id,
+        user_id=rec.user_id,
+        merchant_id=rec.merchant_id,
+        order_id=rec.order_id,
+        order_amount_fen=rec.order_amount_fen,
+        discount_fen=rec.discount_fen,
+        payable_fen=rec.payable_fen,
+        status=rec.status,
+        paid_at=from_millis(rec.paid_at, tz),
+        redeemed_at=from_millis(rec.redeemed_at, tz),
+        refunded_fen=rec.refunded_fen,
+        subsidy_returned_fen=rec.subsidy_returned_fen,
+        paid_to_merchant=rec.paid_to_merchant,
+        items=rec.items,
+    )
+
+
+def refund_out(rec: RefundRecord) -> RefundOut:
+    return RefundOut(
+        refund_id=rec.refund_id,
+        redemption_id=rec.redemption_id,
+        amount_fen=rec.amount_fen,
+        subsidy_returned_fen=rec.subsidy_returned_fen,
+        clawback_due_fen=rec.clawback_due_fen,
+        status=rec.status,
+    )
+
+
+class Redemptions:
+    """Entry point of the Payment endpoints and of reimbursement marks."""
+
+    def __init__(self, redis: Redis, scripts: Scripts, campaigns: Campaigns) -> None:
+        self.redis = redis
+        self.scripts = scripts
+        self.campaigns = campaigns
+
+    async def _campaign(self, entity_id: str, what: str) -> CachedCampaign:
+        try:
+            return await self.campaigns.cached(campaign_of(entity_id, what))
+        except ApiError:
+            raise ApiError("NOT_FOUND", f"{what} {entity_id}") from None
+
+    async def _read(self, key: str, field: str, what: str) -> bytes:
+        raw: bytes | None = await self.redis.hget(key, field)
+        if raw is None:
+            raise ApiError("NOT_FOUND", f"{what} {field}")
+        return raw
+
+    async def redeem(
+        self, body: RedemptionIn, key_id: str, now_s: float
+    ) -> tuple[RedemptionOut, bool]:
+        """Apply the voucher to the payment; returns (redemption, replayed)."""
+        cached = await self._campaign(body.voucher_id, "voucher")
+        check_items(cached.definition.eligibility, body)
+        ck = cached.keys
+        voucher = VOUCHER.decode(await self._read(ck.vouchers, body.voucher_id, "voucher"))
+        raw_merchant = await self.redis.hget(keys.MERCHANTS, body.merchant_id)
+        merchant = merchants.DECODE.decode(raw_merchant) if raw_merchant else None
+        discount = money.discount(body.order_amount_fen, voucher.discount_rate_bp, voucher.cap_fen)
+        record = RedemptionRecord(
+            redemption_id=new_id(cached.keys.campaign_id),
+            campaign_id=ck.campaign_id,
+            voucher_id=body.voucher_id,
+            round_id=voucher.round_id,
+            user_id=body.user_id,
+            merchant_id=body.merchant_id,
+            order_id=body.order_id,
+            order_amount_fen=body.order_amount_fen,
+            discount_fen=discount,
+            payable_fen=body.order_amount_fen - discount,
+            paid_at=to_millis(body.paid_at),
+            items=[ItemOut(**msgspec.structs.asdict(item)) for item in body.items],
+            by=key_id,
+        )
+        cur, prev = ck.idempotency(now_s)
+        code, payload = await self.scripts.run(
+            "redeem",
+            [
+                ck.ledger,
+                ck.round(voucher.round_id),
+                ck.vouchers,
+                ck.redemptions,
+                ck.orders,
+                ck.expiry,
+                ck.events,
+                cur,
+                prev,
+            ],
+            [
+                idem_field(key_id, body.request_id),
+                fingerprint(body),
+                keys.IDEMPOTENCY_BUCKET_S * 2,
+                body.voucher_id,
+                body.user_id,
+                body.order_id,
+                ENCODE.encode(record),
+                discount,
+                merchant_refusal(cached, merchant, body.items),
+            ],
+        )
+        code = code.decode()
+        if code not in ("OK", "REPLAY"):
+            raise ApiError(code, f"voucher {body.voucher_id}" if code == "NOT_FOUND" else None)
+        return redemption_out(REDEMPTION.decode(payload), cached.definition.timezone), (
+            code == "REPLAY"
+        )
+
+    async def get(self, redemption_id: str) -> RedemptionOut:
+        cached = await self._campaign(redemption_id, "redemption")
+        raw = await self._read(cached.keys.redemptions, redemption_id, "redemption")
+        return redemption_out(REDEMPTION.decode(raw), cached.definition.timezone)
+
+    async def refund(
+        self, redemption_id: str, body: RefundIn, key_id: str, now_s: float
+    ) -> tuple[RefundOut, bool]:
+        """Refund part or all of a redeemed order; returns (refund, replayed)."""
+        cached = await self._campaign(redemption_id, "redemption")
+        ck = cached.keys
+        cur, prev = ck.idempotency(now_s)
+        refund_id = new_id(ck.campaign_id)
+        for _ in range(STALE_RETRIES):
+            raw = await self._read(ck.redemptions, redemption_id, "redemption")
+            rec = REDEMPTION.decode(raw)
+            returned = money.subsidy_returned(
+                rec.discount_fen, rec.order_amount_fen, rec.refunded_fen, body.amount_fen
+            )
+            record = RefundRecord(
+                refund_id=refund_id,
+                redemption_id=redemption_id,
+                amount_fen=body.amount_fen,
+                reason=body.reason,
+                by=key_id,
+            )
+            code, payload = await self.scripts.run(
+                "refund",
+                [
+                    ck.ledger,
+                    ck.round(rec.round_id),
+                    ck.vouchers,
+                    ck.redemptions,
+                    ck.refunds,
+                    ck.events,
+                    cur,
+                    prev,
+                ],
+                [
+                    idem_field(key_id, body.request_id),
+                    fingerprint((redemption_id, body)),
+                    keys.IDEMPOTENCY_BUCKET_S * 2,
+                    redemption_id,
+                    rec.refunded_fen,
+                    body.amount_fen,
+                    returned,
+                    ENCODE.encode(record),
+                ],
+            )
+            code = code.decode()
+            if code == "STALE":
+                continue
+            if code == "TOO_MUCH":
+                raise ApiError(
+                    "INVALID_REQUEST", f"amount_fen: only {payload.decode()} fen left to refund"
+                )
+            if code not in ("OK", "REPLAY"):
+                raise ApiError(code)
+            return refund_out(REFUND.decode(payload)), code == "REPLAY"
+        raise ApiError("UNAVAILABLE", "the redemption kept changing, retry")
+
+    async def clawback_repaid(
+        self, refund_id: str, body: RepaidIn, key_id: str, now_s: float
+    ) -> tuple[RefundOut, bool]:
+        """The merchant paid a clawback back; returns (refund, replayed)."""
+        ck = (await self._campaign(refund_id, "refund")).keys
+        cur, prev = ck.idempotency(now_s)
+        code, payload = await self.scripts.run(
+            "clawback_repaid",
+            [ck.ledger, ck.refunds, ck.events, cur, prev],
+            [
+                idem_field(key_id, body.request_id),
+                fingerprint((refund_id, body)),
+                keys.IDEMPOTENCY_BUCKET_S * 2,
+                refund_id,
+                key_id,
+                body.reason,
+            ],
+        )
+        code = code.decode()
+        if code not in ("OK", "REPLAY"):
+            raise ApiError(code, f"refund {refund_id}" if code == "NOT_FOUND" else None)
+        return refund_out(REFUND.decode(payload)), code == "REPLAY"
+
+
+async def mark_paid(
+    scripts: Scripts, campaign_id: str, batch_id: str, redemption_ids: list[str]
+) -> list[str]:
+    """Record that the merchants were reimbursed (settlement); returns the ids marked."""
+    ck = keys.CampaignKeys(campaign_id)
+    marked = await scripts.run(
+        "mark_paid", [ck.redemptions, ck.events], [batch_id, *redemption_ids]
+    )
+    return [m.decode() for m in marked]
