@@ -20,7 +20,7 @@ class Report(msgspec.Struct, kw_only=True):
     campaign_id: str
     redis_vouchers: int
     postgres_vouchers: int
-    in_stream: int  # claims still on their way to PostgreSQL
+    in_stream: int  # events still on their way to PostgreSQL
     problems: list[str]
 
     @property
@@ -34,31 +34,39 @@ def _entry_id(raw: bytes | str) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
-async def claims_in_flight(redis: Redis, stream: str) -> dict[str, dict[str, Any]]:
-    """The claims (voucher id -> event) not yet written to PostgreSQL: entries still
-    pending in the flusher group or not delivered yet. Acknowledged entries that linger
-    in the stream until the next trim do not count."""
+InFlight = list[tuple[str, dict[str, Any]]]  # (type, data) in stream order
+
+
+async def events_in_flight(redis: Redis, stream: str) -> InFlight:
+    """The events not yet written to PostgreSQL, oldest first: entries still pending in the
+    flusher group or not delivered yet. Acknowledged entries that linger in the stream
+    until the next trim do not count. (A pending entry may already be committed: callers
+    skip what PostgreSQL already holds.)"""
     last_delivered = (0, 0)
     pending: set[tuple[int, int]] = set()
     try:
         groups = await redis.xinfo_groups(stream)
     except ResponseError:  # no stream yet
-        return {}
+        return []
     group = next((g for g in groups if g["name"].decode() == keys.FLUSH_GROUP), None)
     if group is not None:
         last_delivered = _entry_id(group["last-delivered-id"])
         for p in await redis.xpending_range(stream, keys.FLUSH_GROUP, "-", "+", 1 << 30):
             pending.add(_entry_id(p["message_id"]))
-    found: dict[str, dict[str, Any]] = {}
+    found: InFlight = []
     start = "-"
     while entries := await redis.xrange(stream, min=start, count=1000):
         for raw_id, fields in entries:
             entry = _entry_id(raw_id)
-            if fields.get(b"t") == b"claim" and (entry in pending or entry > last_delivered):
-                event = msgspec.json.decode(fields[b"d"])
-                found[event["voucher_id"]] = event
+            if entry in pending or entry > last_delivered:
+                found.append((fields[b"t"].decode(), msgspec.json.decode(fields[b"d"])))
         start = "(" + entries[-1][0].decode()
     return found
+
+
+def claims_of(flying: InFlight) -> dict[str, dict[str, Any]]:
+    """voucher id -> claim event, of the claims in flight."""
+    return {data["voucher_id"]: data for kind, data in flying if kind == "claim"}
 
 
 async def read_ledger(redis: Redis, ck: keys.CampaignKeys) -> dict[str, int] | None:
@@ -89,39 +97,103 @@ async def round_ids(redis: Redis, ck: keys.CampaignKeys) -> list[str]:
     return [rnd.round_id for rnd in STORED.decode(raw).rounds] if raw else []
 
 
+class Vouchers(msgspec.Struct, kw_only=True):
+    """Each voucher's (status, reserve, round) as PostgreSQL holds it with the events in
+    flight applied on top, and the money PostgreSQL plus those events account for."""
+
+    state: dict[str, tuple[str, int, str]]
+    spent: int
+    clawback_due: int
+
+
+async def project(pool: asyncpg.Pool, campaign_id: str, flying: InFlight) -> Vouchers:
+    rows = await pool.fetch(
+        "SELECT voucher_id, round_id, status, reserve_fen FROM vouchers WHERE campaign_id = $1",
+        campaign_id,
+    )
+    state = {r["voucher_id"]: (r["status"], r["reserve_fen"], r["round_id"]) for r in rows}
+    redeemed = {
+        r["redemption_id"]: r["discount_fen"]
+        for r in await pool.fetch(
+            "SELECT redemption_id, discount_fen FROM redemptions WHERE campaign_id = $1",
+            campaign_id,
+        )
+    }
+    refunds = {
+        r["refund_id"]: r
+        for r in await pool.fetch(
+            "SELECT refund_id, subsidy_returned_fen, clawback_due_fen, repaid_at IS NOT NULL"
+            " AS repaid FROM refunds WHERE campaign_id = $1",
+            campaign_id,
+        )
+    }
+    spent = sum(redeemed.values()) - sum(r["subsidy_returned_fen"] for r in refunds.values())
+    clawback = sum(r["clawback_due_fen"] for r in refunds.values() if not r["repaid"])
+    for kind, data in flying:
+        vid = data.get("voucher_id", "")
+        if kind == "claim" and vid not in state:
+            state[vid] = ("issued", data["reserve_fen"], data["round_id"])
+        elif kind in ("redemption", "expiry", "refund") and vid in state:
+            status = {"redemption": "redeemed", "expiry": "expired"}.get(kind)
+            _, reserve, round_id = state[vid]
+            state[vid] = (status or data["voucher_status"], reserve, round_id)
+        if kind == "redemption" and data["redemption_id"] not in redeemed:
+            spent += data["discount_fen"]
+        elif kind == "refund" and data["refund_id"] not in refunds:
+            spent -= data["subsidy_returned_fen"]
+            clawback += data["clawback_due_fen"]
+        elif kind == "clawback_repaid":
+            recorded = refunds.get(data["refund_id"])
+            if recorded is None or not recorded["repaid"]:
+                clawback -= data["clawback_fen"]
+    return Vouchers(state=state, spent=spent, clawback_due=clawback)
+
+
 async def reconcile(redis: Redis, pool: asyncpg.Pool, campaign_id: str) -> Report:
     ck = keys.CampaignKeys(campaign_id)
     problems: list[str] = []
     in_redis = await hash_keys(redis, ck.vouchers)
-    flying = await claims_in_flight(redis, ck.events)
+    flying = await events_in_flight(redis, ck.events)
     rows = await pool.fetch(
-        "SELECT voucher_id, round_id, person_ref, user_id, status, reserve_fen"
-        " FROM vouchers WHERE campaign_id = $1",
+        "SELECT voucher_id, round_id, person_ref, user_id FROM vouchers WHERE campaign_id = $1",
         campaign_id,
     )
     in_pg = {r["voucher_id"] for r in rows}
-    flying = {vid: event for vid, event in flying.items() if vid not in in_pg}
-    if missing := in_redis - in_pg - flying.keys():
+    claims = {vid: e for vid, e in claims_of(flying).items() if vid not in in_pg}
+    if missing := in_redis - in_pg - claims.keys():
         problems.append(f"{len(missing)} vouchers in Redis but not in PostgreSQL nor in flight")
     if extra := in_pg - in_redis:
         problems.append(f"{len(extra)} vouchers in PostgreSQL but not in Redis")
     for column in ("person_ref", "user_id"):
         if len({r[column] for r in rows}) != len(rows):
             problems.append(f"PostgreSQL holds two vouchers for one {column}")
+    record = await project(pool, campaign_id, flying)
+    held_by_round: Counter[str] = Counter()
+    for status, reserve, round_id in record.state.values():
+        if status == "issued":
+            held_by_round[round_id] += reserve
     ledger = await read_ledger(redis, ck)
     if ledger is None:
         problems.append("ledger missing in Redis")
     else:
         problems += ledger_problems(ledger)
-        reserved = ledger["reserved"]
-        held = sum(r["reserve_fen"] for r in rows if r["status"] == "issued")
-        held += sum(e["reserve_fen"] for e in flying.values())
-        if held != reserved:
-            problems.append(f"reserved {reserved} fen in Redis, vouchers hold {held} fen")
+        recorded = {
+            "reserved": held_by_round.total(),
+            "spent": record.spent,
+            "clawback_due": record.clawback_due,
+        }
+        for field, value in recorded.items():
+            if ledger[field] != value:
+                problems.append(
+                    f"{field} {ledger[field]} fen in Redis, PostgreSQL (with the events in"
+                    f" flight) accounts for {value} fen"
+                )
     per_round = Counter(r["round_id"] for r in rows)
-    per_round.update(e["round_id"] for e in flying.values())
+    per_round.update(e["round_id"] for e in claims.values())
     for round_id in await round_ids(redis, ck):
-        issued, quota = await redis.hmget(ck.round(round_id), "issued", "quota")
+        issued, quota, reserved = await redis.hmget(
+            ck.round(round_id), "issued", "quota", "reserved"
+        )
         if issued is None:
             problems.append(f"round {round_id} missing in Redis")
             continue
@@ -131,6 +203,11 @@ async def reconcile(redis: Redis, pool: asyncpg.Pool, campaign_id: str) -> Repor
             problems.append(
                 f"round {round_id}: Redis counts {int(issued)} issued,"
                 f" PostgreSQL holds {per_round[round_id]} (with those in flight)"
+            )
+        if int(reserved) != held_by_round[round_id]:
+            problems.append(
+                f"round {round_id}: {int(reserved)} fen reserved in Redis, its issued"
+                f" vouchers hold {held_by_round[round_id]} fen"
             )
     if len(await hash_keys(redis, ck.persons)) != len(in_redis):
         problems.append("person index and vouchers differ in Redis")

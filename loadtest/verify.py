@@ -27,13 +27,13 @@ from issuer.campaigns import hash_keys
 from issuer.errors import ApiError
 from issuer.flusher import stream_lag
 from issuer.ids import campaign_of
-from issuer.reconcile import claims_in_flight, ledger_problems, read_ledger, round_ids
+from issuer.reconcile import events_in_flight, ledger_problems, read_ledger, round_ids
 
 POLL_S = 0.2
 PROGRESS_EVERY_S = 5.0
 EXAMPLES = 3  # ids shown when sets differ
 QUOTA = "issued ≤ quota per round"
-BUDGET = "reserved ≤ round budget"
+BUDGET = "reserved + spent ≤ round budget"
 
 
 class Check(msgspec.Struct):
@@ -69,26 +69,26 @@ def _examples(ids: Iterable[str]) -> str:
 
 async def wait_drained(redis: Redis, campaign_id: str, drain_timeout: float) -> Check:
     """Poll until no stream entry waits for PostgreSQL, or at least none of this campaign's
-    claims; progress goes to stderr every few seconds."""
+    events; progress goes to stderr every few seconds."""
     stream = keys.CampaignKeys(campaign_id).events
     start = last_note = time.monotonic()
     while True:
         lag, age = await stream_lag(redis)
-        flying = len(await claims_in_flight(redis, stream)) if lag else 0
+        flying = len(await events_in_flight(redis, stream)) if lag else 0
         waited = time.monotonic() - start
         if not flying:
-            detail = f"no claim of {campaign_id} waits for PostgreSQL (after {waited:.1f} s)"
+            detail = f"no event of {campaign_id} waits for PostgreSQL (after {waited:.1f} s)"
             return Check("flusher drained", True, detail)
         if waited >= drain_timeout:
             detail = (
-                f"{flying} claims of {campaign_id} still not in PostgreSQL after"
+                f"{flying} events of {campaign_id} still not in PostgreSQL after"
                 f" {drain_timeout:g} s ({lag} entries waiting in all streams, oldest {age:.0f} s)"
             )
             return Check("flusher drained", False, detail)
         if time.monotonic() - last_note >= PROGRESS_EVERY_S:
             last_note = time.monotonic()
             print(
-                f"waiting for the flusher: {flying} claims of {campaign_id} not yet in"
+                f"waiting for the flusher: {flying} events of {campaign_id} not yet in"
                 f" PostgreSQL, {lag} entries in all streams ({waited:.0f} s)",
                 file=sys.stderr,
                 flush=True,
@@ -159,7 +159,8 @@ async def _round_checks(
     redis: Redis, ck: keys.CampaignKeys, pg_issued: Counter[str]
 ) -> list[Check]:
     """Per round: vouchers issued (the Redis counter and the PostgreSQL rows) within the
-    quota, and money reserved within the round budget; -1 in Redis means no limit."""
+    quota, and the money it holds (reserved by issued vouchers, spent by redeemed ones)
+    within the round budget; -1 in Redis means no limit."""
     rounds = await round_ids(redis, ck)
     if not rounds:
         missing = f"campaign {ck.campaign_id} has no definition in Redis"
@@ -167,12 +168,15 @@ async def _round_checks(
     quotas: list[tuple[bool, str]] = []
     budgets: list[tuple[bool, str]] = []
     for round_id in rounds:
-        fields = await redis.hmget(ck.round(round_id), "issued", "quota", "reserved", "budget")
+        fields = await redis.hmget(
+            ck.round(round_id), "issued", "quota", "reserved", "budget", "spent"
+        )
         if None in fields:
             quotas.append((False, f"round {round_id} missing in Redis"))
             budgets.append(quotas[-1])
             continue
-        issued, quota, reserved, budget = (int(v) for v in fields)
+        issued, quota, reserved, budget, spent = (int(v) for v in fields)
+        held = f"{reserved} reserved + {spent} spent fen"
         counts = f"{round_id}: Redis {issued}, PostgreSQL {pg_issued[round_id]}"
         if quota < 0:
             quotas.append((True, f"{counts}, no quota"))
@@ -180,9 +184,9 @@ async def _round_checks(
             over = max(issued, pg_issued[round_id]) > quota
             quotas.append((not over, f"{counts}, quota {quota}"))
         if budget < 0:
-            budgets.append((True, f"{round_id}: {reserved} fen reserved, no round budget"))
+            budgets.append((True, f"{round_id}: {held}, no round budget"))
         else:
-            budgets.append((reserved <= budget, f"{round_id}: {reserved} of {budget} fen reserved"))
+            budgets.append((reserved + spent <= budget, f"{round_id}: {held} of {budget}"))
     return [_verdict_of(QUOTA, quotas), _verdict_of(BUDGET, budgets)]
 
 

@@ -63,7 +63,7 @@ async def test_clean_surge_passes(redis: Redis, pg: asyncpg.Pool, surge: Surge) 
     assert [c.name for c in checks] == [
         "flusher drained",
         QUOTA_CHECK,
-        "reserved ≤ round budget",
+        "reserved + spent ≤ round budget",
         "one voucher per person",
         "one voucher per account",
         "ledger balances",
@@ -173,7 +173,7 @@ async def test_round_reserved_over_budget(redis: Redis, pg: asyncpg.Pool, surge:
     reserved = int(await redis.hget(rnd, "reserved"))
     await redis.hset(rnd, "budget", reserved - 1)
     try:
-        assert await run(redis, pg, surge) == {"reserved ≤ round budget"}
+        assert await run(redis, pg, surge) == {"reserved + spent ≤ round budget"}
     finally:
         await redis.hset(rnd, "budget", -1)
     assert await run(redis, pg, surge) == set()
@@ -240,4 +240,4 @@ async def test_flusher_not_drained(redis: Redis, pg: asyncpg.Pool) -> None:
         await redis.srem(keys.CAMPAIGNS, campaign_id)
         await redis.delete(stream)
     assert checks[0].name == "flusher drained" and not checks[0].ok
-    assert "1 claims of" in checks[0].detail and "after 0.3 s" in checks[0].detail
+    assert "1 events of" in checks[0].detail and "after 0.3 s" in checks[0].detail
