@@ -1,7 +1,8 @@
 """`make bench`: req/s and p50/p99 latency of (a) an empty aiohttp+uvloop handler, (b) our
-claim endpoint while the round has quota, (c) our claim endpoint after sell-out and (d) a
-naive claim-as-PostgreSQL-transaction app, all with the same number of server workers, run
-interleaved for R repetitions; prints medians and the ratios against their targets."""
+claim endpoint while the round has quota, (c) our claim endpoint after sell-out, (d) a
+naive claim-as-PostgreSQL-transaction app and (e) our redemption endpoint, all with the
+same number of server workers, run interleaved for R repetitions; prints medians and the
+ratios against their targets."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import uvloop
 from bench import cpu, report
 from bench.loadgen import Clients, Merged, Target
 from bench.signing import FIRST_N, Plan
-from bench.stack import EMPTY, NAIVE, OPEN, SOLD_OUT, Stack, fs_type
+from bench.stack import EMPTY, MERCHANT, NAIVE, OPEN, REDEEM, SOLD_OUT, Stack, fs_type
 
 OUT = Path(__file__).resolve().parent / "out" / "results.json"
 HEADROOM = 1.4  # requests built per run: this times the last rate seen, times the run's length
@@ -38,6 +39,7 @@ class Scenario:
     expect: int  # the status every response should have
     guess: float  # req/s assumed before the first run, to size the requests built
     cycle: bool = False
+    redeem: bool = False  # payments with vouchers issued just before the run
 
 
 SCENARIOS = (
@@ -45,6 +47,7 @@ SCENARIOS = (
     Scenario("b", "claim, round open (201 issued)", OPEN, 201, 8_000),
     Scenario("c", "claim after sell-out (409)", SOLD_OUT, 409, 15_000),
     Scenario("d", "naive: claim as a PostgreSQL transaction", NAIVE, 201, 3_000),
+    Scenario("e", "redemption (201 redeemed)", REDEEM, 201, 3_000, redeem=True),
 )
 
 
@@ -59,7 +62,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--naive-pool", type=int, default=2, help="PG connections per naive worker (2 was fastest)"
     )
-    parser.add_argument("--scenarios", default="abcd", help="which of a, b, c, d to run")
+    parser.add_argument("--scenarios", default="abcde", help="which of a … e to run")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--keep", action="store_true", help="keep the temp dir for a look")
     args = parser.parse_args(argv)
@@ -108,7 +111,7 @@ class Bench:
         assert st.service and st.empty and st.naive
         return {"a": st.empty.port, "d": st.naive.port}.get(s.key, st.service.port)
 
-    def plans(self, s: Scenario, rep: int) -> list[Plan]:
+    async def plans(self, s: Scenario, rep: int) -> list[Plan]:
         procs = self.args.clients
         if s.cycle:
             per = CYCLED
@@ -116,19 +119,22 @@ class Bench:
             rate = self.rate_seen.get(s.key, s.guess)
             length = self.args.warmup + self.args.seconds
             per = math.ceil(rate * HEADROOM * length / procs) + 1_000
-        key = self.stack.key("app")
-        path = f"/v1/campaigns/{s.campaign}/claims"
+        key = self.stack.key("payment" if s.redeem else "app")
+        path = "/v1/redemptions" if s.redeem else f"/v1/campaigns/{s.campaign}/claims"
         plans = []
         for _ in range(procs):
-            plans.append(Plan(path, key.id, key.secret, f"{s.key}{rep}", self.next_n, per, s.cycle))
+            vouchers = tuple(await self.stack.issue(self.next_n, per)) if s.redeem else ()
+            tag = f"{s.key}{rep}"
+            plans.append(
+                Plan(path, key.id, key.secret, tag, self.next_n, per, s.cycle, vouchers, MERCHANT)
+            )
             self.next_n += per
         return plans
 
     async def run(self, s: Scenario, rep: int) -> report.RunResult:
         args = self.args
-        built, build_s = await asyncio.to_thread(
-            self.clients.build, self.plans(s, rep), "127.0.0.1"
-        )
+        plans = await self.plans(s, rep)
+        built, build_s = await asyncio.to_thread(self.clients.build, plans, "127.0.0.1")
         per_client = args.connections // args.clients
         target = Target("127.0.0.1", self.port(s), per_client, args.warmup, args.seconds)
         issuer_side = s.key in "bc"
@@ -143,8 +149,9 @@ class Bench:
         used = cpu.cores(first, last, span)
         merged: Merged = await asyncio.to_thread(self.clients.collect)
         server: dict[str, float] = {}
-        if issuer_side:
-            server = server_figures(before, after, merged.count)
+        if issuer_side or s.redeem:
+            if issuer_side:
+                server = server_figures(before, after, merged.count)
             drain = time.monotonic()
             await self.stack.drained()
             server["drain_s"] = time.monotonic() - drain
@@ -181,7 +188,9 @@ def progress(r: report.RunResult, s: Scenario, reps: int) -> str:
     line += f"\n    cores: {cores}\n    cpu µs per request: {per}"
     if r.cpu_cores.get("other", 0) >= 0.1 and r.cpu_others:
         line += f"\n    other, busiest outside the bench: {r.cpu_others}"
-    if r.server:
+    if "measured" not in r.server and "drain_s" in r.server:
+        line += f"\n    flusher drained in {r.server['drain_s']:.1f} s"
+    elif r.server:
         sv = r.server
         share = sv["claims_to_redis"] / sv["measured"] if sv["measured"] else 0.0
         line += (

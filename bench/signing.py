@@ -1,4 +1,4 @@
-"""Claim requests as raw HTTP/1.1 bytes, each signed with its own nonce (API.md
+"""Claim and redemption requests as raw HTTP/1.1 bytes, each signed with its own nonce (API.md
 "Authentication"), built before the timed phase so the load generator only writes them."""
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ ENCODER = msgspec.json.Encoder()
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """The requests of one client process: claims for persons first_n .. first_n+count-1."""
+    """The requests of one client process: claims for persons first_n .. first_n+count-1,
+    or, given their vouchers (one per person, in order), payments with them."""
 
     path: str
     key_id: str
@@ -29,6 +30,8 @@ class Plan:
     first_n: int
     count: int
     cycle: bool = False  # send the requests round and round (only for the empty handler)
+    vouchers: tuple[str, ...] = ()
+    merchant_id: str = ""
 
 
 def claim_body(n: int, tag: str) -> bytes:
@@ -39,6 +42,31 @@ def claim_body(n: int, tag: str) -> bytes:
             "user_id": f"u{n}",
             "person": {"id_number": id_number(n)},
             "location": XIANGNING_SEAT,
+        }
+    )
+
+
+def redemption_body(n: int, tag: str, voucher_id: str, merchant_id: str) -> bytes:
+    """Person n pays 5,000 CNY for a grade-1 refrigerator with their voucher."""
+    amount = 500_000
+    item = {
+        "category": "refrigerator",
+        "name": "冰箱",
+        "amount_fen": amount,
+        "quantity": 1,
+        "gb_code": "6901234567892",
+        "energy_grade": 1,
+    }
+    return ENCODER.encode(
+        {
+            "request_id": f"{tag}-{n}",
+            "voucher_id": voucher_id,
+            "user_id": f"u{n}",
+            "merchant_id": merchant_id,
+            "order_id": f"{tag}-order-{n}",
+            "order_amount_fen": amount,
+            "paid_at": "2026-11-24T10:00:00+08:00",
+            "items": [item],
         }
     )
 
@@ -54,7 +82,11 @@ def build(plan: Plan, host: str) -> list[bytes]:
     )
     out: list[bytes] = []
     for n in range(plan.first_n, plan.first_n + plan.count):
-        body = claim_body(n, plan.tag)
+        if plan.vouchers:
+            voucher_id = plan.vouchers[n - plan.first_n]
+            body = redemption_body(n, plan.tag, voucher_id, plan.merchant_id)
+        else:
+            body = claim_body(n, plan.tag)
         nonce = f"{plan.tag}-nonce-{n:010d}"
         sig = signature(plan.secret, "POST", plan.path, ts, nonce, body)
         out.append(

@@ -29,6 +29,8 @@ SHOWN = ("server_version", *DURABLE, "wal_sync_method", "shared_buffers")
 OPEN_QUOTA = 10**7
 DRAIN_TIMEOUT_S = 120
 OPEN, SOLD_OUT, NAIVE, EMPTY = "bench-open", "bench-soldout", "naive", "empty"
+REDEEM, MERCHANT = "bench-redeem", "bench-merchant"
+ISSUE_CONCURRENCY = 64
 
 
 def fs_type(path: Path) -> str:
@@ -101,7 +103,15 @@ class Stack:
             ops = Client(url, self.key("ops"), session)
             app = Client(url, self.key("app"), session)
             plenty = campaign(quota=OPEN_QUOTA, budget_fen=OPEN_QUOTA * 200_000, open_for_s=7200)
-            for campaign_id, body in ((OPEN, plenty), (SOLD_OUT, campaign(quota=1))):
+            merchant = {"name": "bench", "county_code": "141029", "categories": ["appliance"]}
+            put = await ops.call("PUT", f"/v1/merchants/{MERCHANT}", merchant)
+            if put.status not in (200, 201):
+                raise RuntimeError(f"PUT {MERCHANT}: {put.status} {put.body}")
+            for campaign_id, body in (
+                (OPEN, plenty),
+                (SOLD_OUT, campaign(quota=1)),
+                (REDEEM, plenty),
+            ):
                 put = await ops.call("PUT", f"/v1/campaigns/{campaign_id}", body)
                 if put.status not in (200, 201):
                     raise RuntimeError(f"PUT {campaign_id}: {put.status} {put.body}")
@@ -109,6 +119,25 @@ class Stack:
                 got = await app.call("POST", f"/v1/campaigns/{SOLD_OUT}/claims", claim(n))
                 if got.status != expected:
                     raise RuntimeError(f"sell-out setup: {got.status} {got.body}")
+
+    async def issue(self, first_n: int, count: int) -> list[str]:
+        """Vouchers for persons first_n .. first_n+count-1 in the redemption campaign."""
+        assert self.service is not None
+        found: list[str] = [""] * count
+        todo = iter(range(count))
+        async with aiohttp.ClientSession() as session:
+            app = Client(self.service.url, self.key("app"), session)
+
+            async def worker() -> None:
+                for i in todo:
+                    body = claim(first_n + i, request_id=f"bench-issue-{first_n + i}")
+                    got = await app.call("POST", f"/v1/campaigns/{REDEEM}/claims", body)
+                    if got.status != 201:
+                        raise RuntimeError(f"issuing for the redemption bench: {got.body}")
+                    found[i] = got.body["voucher_id"]
+
+            await asyncio.gather(*(worker() for _ in range(ISSUE_CONCURRENCY)))
+        return found
 
     async def drained(self) -> None:
         """Wait until the flusher has written every claim to PostgreSQL."""

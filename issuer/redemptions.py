@@ -163,8 +163,13 @@ class Redemptions:
         cached = await self._campaign(body.voucher_id, "voucher")
         check_items(cached.definition.eligibility, body)
         ck = cached.keys
-        voucher = VOUCHER.decode(await self._read(ck.vouchers, body.voucher_id, "voucher"))
-        raw_merchant = await self.redis.hget(keys.MERCHANTS, body.merchant_id)
+        async with self.redis.pipeline(transaction=False) as pipe:  # one round trip
+            pipe.hget(ck.vouchers, body.voucher_id)
+            pipe.hget(keys.MERCHANTS, body.merchant_id)
+            raw_voucher, raw_merchant = await pipe.execute()
+        if raw_voucher is None:
+            raise ApiError("NOT_FOUND", f"voucher {body.voucher_id}")
+        voucher = VOUCHER.decode(raw_voucher)
         merchant = merchants.DECODE.decode(raw_merchant) if raw_merchant else None
         discount = money.discount(body.order_amount_fen, voucher.discount_rate_bp, voucher.cap_fen)
         record = RedemptionRecord(
