@@ -1,5 +1,6 @@
 """The expiry sweeper: vouchers past `expires_at` become `expired` and their reservation
-returns to the pool. Every worker runs one; the script makes concurrent sweeps safe."""
+returns to the pool (it also runs the round carry-over). Every worker runs one; the scripts
+make concurrent sweeps safe."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from issuer import keys, metrics
+from issuer import carry, keys, metrics
 from issuer.claims import RECORD as VOUCHER
 from issuer.scripts import Scripts
 
@@ -43,16 +44,14 @@ async def sweep(redis: Redis, scripts: Scripts, campaign_id: str, now_ms: int) -
     return expired
 
 
-async def sweep_all(redis: Redis, scripts: Scripts, now_ms: int) -> int:
-    campaigns = sorted(m.decode() for m in await redis.smembers(keys.CAMPAIGNS))
-    return sum([await sweep(redis, scripts, c, now_ms) for c in campaigns])
-
-
 async def run(redis: Redis, scripts: Scripts, stop: asyncio.Event) -> None:
-    """Sweep every campaign once a second until `stop` is set."""
+    """Once a second until `stop` is set: expire what is due, carry unused round budgets."""
     while not stop.is_set():
         try:
-            await sweep_all(redis, scripts, int(time.time() * 1000))
+            now_ms = int(time.time() * 1000)
+            for campaign_id in sorted(m.decode() for m in await redis.smembers(keys.CAMPAIGNS)):
+                await sweep(redis, scripts, campaign_id, now_ms)
+                await carry.carry_over(redis, scripts, campaign_id, now_ms)
         except RedisError as exc:
             log.warning("expiry sweep failed, retrying: %r", exc)
         with contextlib.suppress(TimeoutError):

@@ -89,6 +89,8 @@ class CampaignDef(Strict, kw_only=True):
     geofence: Geofence
     rounds: list[RoundSpec] | RoundRule
     eligibility: Eligibility
+    # Xi County: a closed round's unused budget moves to the next round still open
+    carry_over: bool = False
 
 
 class Round(Struct, kw_only=True, omit_defaults=True):

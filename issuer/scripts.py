@@ -29,6 +29,7 @@ NAMES = (
     "refund",
     "clawback_repaid",
     "mark_paid",
+    "carry_over",
 )
 
 
