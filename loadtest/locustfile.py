@@ -1,12 +1,14 @@
 """Locust scenarios of the 10:00 opening, signed like a real app backend.
 
 - `SurgeUser`: one person, one account; claims as soon as the round opens (a claim sent
-  early gets NOT_OPEN and is sent again, new request_id, once the round is open), retries
-  timeouts and 5xx with the same request_id, then stays idle. `SurgeShape` ramps users
-  from zero to `--surge-users` within `--ramp-s` seconds and stops after `--surge-s`.
-- `AbuseUser`: one person behind several accounts and devices at once, retry storms of one
-  request_id, a replayed signature, locations just outside the Linfen boundary, claims to
-  a round that has not opened.
+  early gets NOT_OPEN and is sent again, new request_id, once the round is open),
+  retries timeouts and 5xx with the same request_id. With `--merchant` (mixed), a winner
+  pays with the voucher a few seconds later and one in five returns half the order; then
+  it idles. `SurgeShape` ramps users from zero to `--surge-users` within `--ramp-s`
+  seconds and stops after `--surge-s`.
+- `AbuseUser`: one person behind several accounts and devices at once, retry storms of
+  one request_id, a replayed signature, locations just outside the Linfen boundary,
+  claims to a round that has not opened.
 
 Expected refusals count as successes; a 5xx, a timeout, an unexpected code or a broken
 promise (two vouchers for one person, two answers to one request_id, a replay accepted)
@@ -28,9 +30,11 @@ from __future__ import annotations
 import csv
 import itertools
 import os
+import random
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +57,15 @@ PERSONS_PER_PROCESS = 1_000_000
 SOLD_OUT = {"ROUND_QUOTA_EXHAUSTED", "ROUND_BUDGET_EXHAUSTED", "BUDGET_EXHAUSTED"}
 CLAIM_ANSWERS = {"ISSUED", "REPLAY", "ALREADY_CLAIMED", "NOT_OPEN", *SOLD_OUT}
 RETRIES = 3
+REFUND_SHARE = 0.2  # of the payments in the mixed scenario
+GB_CODE = "6901234567892"  # a valid 13-digit product code
 
 
 class Process:
     """What one Locust process shares between its users."""
 
     key: ApiKey
+    payment_key: ApiKey
     options: Any
     persons: itertools.count[int]
     told: list[str]  # voucher ids clients were told about, not yet written or shipped
@@ -71,6 +78,9 @@ def _arguments(parser: Any) -> None:
     parser.add_argument("--keys-file", default=".issuer/keys.toml", help="keys file (app key)")
     parser.add_argument("--campaign", default="demo", help="campaign whose round opens")
     parser.add_argument("--future-campaign", default="", help="campaign not open yet (abuse)")
+    parser.add_argument(
+        "--merchant", default="", help="merchant where winners pay (mixed); none: no payments"
+    )
     parser.add_argument("--opens-at", type=float, default=0, help="round opening, epoch s")
     parser.add_argument("--surge-users", type=int, default=2000)
     parser.add_argument("--ramp-s", type=float, default=3)
@@ -87,7 +97,9 @@ def _init(environment: Environment, **_: Any) -> None:
     out = Path(options.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     Process.options = options
-    Process.key = next(k for k in load_keys(Path(options.keys_file)).values() if k.role == "app")
+    keys = load_keys(Path(options.keys_file)).values()
+    Process.key = next(k for k in keys if k.role == "app")
+    Process.payment_key = next(k for k in keys if k.role == "payment")
     first = FIRST_PERSON + index * PERSONS_PER_PROCESS
     Process.persons = itertools.count(first)
     Process.told = []
@@ -140,18 +152,18 @@ def _quitting(environment: Environment, **_: Any) -> None:
         environment.process_exit_code = 1
 
 
-def outcome(status: int, body: bytes) -> tuple[str, str | None]:
-    """(ISSUED | REPLAY | error code | HTTP <status>, voucher id if any) of an answer."""
+def outcome(status: int, body: bytes) -> tuple[str, Any]:
+    """(OK for a 2xx | error code | HTTP <status>, the decoded body) of an answer."""
     try:
         doc = msgspec.json.decode(body) if body else {}
     except msgspec.DecodeError:
         return f"HTTP {status}", None
-    if status == 201 and isinstance(doc, dict) and "voucher_id" in doc:
-        return "ISSUED", doc["voucher_id"]
+    if 200 <= status < 300:
+        return "OK", doc
     error = doc.get("error") if isinstance(doc, dict) else None
     if isinstance(error, dict) and "code" in error:
-        return str(error["code"]), error.get("voucher_id")
-    return f"HTTP {status}", None
+        return str(error["code"]), doc
+    return f"HTTP {status}", doc
 
 
 class ClaimingUser(FastHttpUser):
@@ -161,6 +173,37 @@ class ClaimingUser(FastHttpUser):
     network_timeout = 10.0
     connection_timeout = 5.0
 
+    def post(
+        self,
+        path: str,
+        body: dict[str, Any],
+        name: str,
+        expected: set[str],
+        key: ApiKey,
+        headers: dict[str, str] | None = None,
+        success: str = "OK",
+    ) -> tuple[str, Any]:
+        """POST signed JSON (signed now unless `headers` are given), judge the answer's
+        code (`success` for a 2xx, REPLAY for a replayed one, else the error code) against
+        `expected`, log it; returns (code, decoded body)."""
+        raw = ENCODE.encode(body)
+        headers = headers or signed_headers(key, "POST", path, raw)
+        started = time.time()
+        with self.client.post(
+            path, data=raw.decode(), headers=headers, name=name, catch_response=True
+        ) as resp:
+            code, doc = outcome(resp.status_code or 0, resp.content or b"")
+            if code == "OK":
+                replay = resp.headers.get("Idempotent-Replay") == "true"
+                code = "REPLAY" if replay else success
+            ok = code in expected
+            if ok:
+                resp.success()
+            else:
+                resp.failure(f"unexpected {code}")
+        Process.rows.append((started, name, code, (time.time() - started) * 1000, ok))
+        return code, doc
+
     def send(
         self,
         campaign: str,
@@ -169,25 +212,14 @@ class ClaimingUser(FastHttpUser):
         expected: set[str],
         headers: dict[str, str] | None = None,
     ) -> tuple[str, str | None]:
-        """POST one claim (signed now unless `headers` are given); returns its outcome."""
+        """POST one claim; returns its outcome (ISSUED | REPLAY | code, voucher id)."""
         path = f"/v1/campaigns/{campaign}/claims"
-        raw = ENCODE.encode(body)
-        headers = headers or signed_headers(Process.key, "POST", path, raw)
-        started = time.time()
-        with self.client.post(
-            path, data=raw.decode(), headers=headers, name=name, catch_response=True
-        ) as resp:
-            code, voucher_id = outcome(resp.status_code or 0, resp.content or b"")
-            if code == "ISSUED" and resp.headers.get("Idempotent-Replay") == "true":
-                code = "REPLAY"
-            ok = code in expected
-            if ok:
-                resp.success()
-            else:
-                resp.failure(f"unexpected {code}")
+        code, doc = self.post(path, body, name, expected, Process.key, headers, "ISSUED")
+        voucher_id = doc.get("voucher_id") if isinstance(doc, dict) else None
+        if voucher_id is None and isinstance(doc, dict):
+            voucher_id = (doc.get("error") or {}).get("voucher_id")
         if voucher_id is not None and campaign == Process.options.campaign:
             Process.told.append(voucher_id)
-        Process.rows.append((started, name, code, (time.time() - started) * 1000, ok))
         return code, voucher_id
 
     def claim_with_retries(
@@ -228,11 +260,49 @@ class SurgeUser(ClaimingUser):
         while not self.done:
             self.attempt += 1
             body = claim_body(self.person, f"surge-{self.person}-{self.attempt}", f"u{self.person}")
-            code, _ = self.claim_with_retries(Process.options.campaign, body, "surge claim")
+            code, voucher_id = self.claim_with_retries(
+                Process.options.campaign, body, "surge claim"
+            )
             if code == "NOT_OPEN":
                 gevent.sleep(max(0.05, Process.options.opens_at - time.time()))
                 continue
             self.done = True
+            if code in ("ISSUED", "REPLAY") and voucher_id and Process.options.merchant:
+                self.pay(voucher_id)
+
+    def pay(self, voucher_id: str) -> None:
+        """mixed: a winner pays a few seconds later with the voucher; one in five returns
+        part of the order afterwards."""
+        gevent.sleep(random.uniform(1, 5))
+        amount = random.randrange(100_000, 3_000_000)
+        order = f"order-{self.person}"
+        body = {
+            "request_id": f"pay-{self.person}",
+            "voucher_id": voucher_id,
+            "user_id": f"u{self.person}",
+            "merchant_id": Process.options.merchant,
+            "order_id": order,
+            "order_amount_fen": amount,
+            "paid_at": datetime.now(UTC).isoformat(),
+            "items": [
+                {
+                    "category": "refrigerator",
+                    "name": "冰箱",
+                    "amount_fen": amount,
+                    "quantity": 1,
+                    "gb_code": GB_CODE,
+                    "energy_grade": 1,
+                }
+            ],
+        }
+        key, ok = Process.payment_key, "REDEEMED"
+        code, doc = self.post("/v1/redemptions", body, "mixed: redeem", {ok}, key, None, ok)
+        if code != "REDEEMED" or random.random() >= REFUND_SHARE:
+            return
+        gevent.sleep(random.uniform(0.5, 2))
+        path = f"/v1/redemptions/{doc['redemption_id']}/refunds"
+        back = {"request_id": f"refund-{self.person}", "amount_fen": amount // 2, "reason": "退货"}
+        self.post(path, back, "mixed: refund", {"REFUNDED"}, key, None, "REFUNDED")
 
 
 class AbuseUser(ClaimingUser):

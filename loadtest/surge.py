@@ -1,12 +1,12 @@
 """`make surge`: rehearse a 10:00 opening on this machine, then prove nothing was over-issued.
 
 Starts `issuer serve` (2 workers) on the embedded servers (or REDIS_URL / DATABASE_URL),
-creates a campaign whose round opens a few seconds later and one that opens in an hour,
-runs the Locust surge and abuse scenarios headless for a bounded time, and lets Locust's
-quitting hook run the verifier. Writes to `--out` (default loadtest/out): Locust's HTML
-report and CSVs, `surge.png` (requests/s, outcomes, p50/p99 over time), `summary.md`,
-`verify.txt`. Exit code: Locust's (non-zero on any failure or failed invariant).
-"""
+creates a campaign whose round opens a few seconds later, one that opens in an hour and
+a merchant, runs the Locust surge, abuse and mixed (winners pay, some refund) scenarios
+headless for a bounded time, and lets Locust's quitting hook run the verifier. Writes to
+`--out` (default loadtest/out): Locust's HTML report and CSVs, `surge.png` (requests/s,
+outcomes, p50/p99 over time), `summary.md`, `verify.txt`. Exit code: Locust's (non-zero
+on any failure or failed invariant)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quota", type=int, default=500, help="vouchers in the round")
     parser.add_argument("--processes", type=int, default=1, help="Locust processes")
     parser.add_argument("--workers", type=int, default=2, help="issuer worker processes")
+    parser.add_argument(
+        "--no-mixed", dest="mixed", action="store_false", help="winners do not pay or refund"
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     return parser.parse_args(argv)
 
@@ -72,19 +75,24 @@ class Servers:
 
 async def create_campaigns(
     service: Service, keys_file: Path, quota: int, opens_at: float
-) -> tuple[str, str]:
-    """The surge campaign (opens at `opens_at`) and one that opens in an hour."""
+) -> tuple[str, str, str]:
+    """The surge campaign (opens at `opens_at`), one that opens in an hour, and the
+    merchant where the winners pay (mixed)."""
     ops = next(k for k in load_keys(keys_file).values() if k.role == "ops")
     stamp = time.strftime("%H%M%S")
-    surge_id, future_id = f"surge-{stamp}", f"future-{stamp}"
+    surge_id, future_id, merchant_id = f"surge-{stamp}", f"future-{stamp}", f"shop-{stamp}"
     async with aiohttp.ClientSession() as session:
         client = Client(service.url, ops, session)
+        shop = {"name": "乡宁家电城", "county_code": "141029", "categories": ["appliance"]}
+        resp = await client.call("PUT", f"/v1/merchants/{merchant_id}", shop)
+        if resp.status != 201:
+            raise RuntimeError(f"merchant {merchant_id}: {resp.status} {resp.body}")
         for campaign_id, opens_in in ((surge_id, opens_at - time.time()), (future_id, 3600)):
             body = campaign(quota=quota, opens_in_s=opens_in, open_for_s=3600)
             resp = await client.call("PUT", f"/v1/campaigns/{campaign_id}", body)
             if resp.status != 201:
                 raise RuntimeError(f"campaign {campaign_id}: {resp.status} {resp.body}")
-    return surge_id, future_id
+    return surge_id, future_id, merchant_id
 
 
 async def round_state(service: Service, keys_file: Path, campaign_id: str) -> dict[str, Any]:
@@ -96,13 +104,19 @@ async def round_state(service: Service, keys_file: Path, campaign_id: str) -> di
 
 
 def locust_command(
-    args: argparse.Namespace, url: str, keys_file: Path, ids: tuple[str, str], opens_at: float
+    args: argparse.Namespace,
+    url: str,
+    keys_file: Path,
+    ids: tuple[str, str, str],
+    opens_at: float,
 ) -> list[str]:
     out = args.out
     cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py")]
     cmd += ["--headless", "--only-summary", "--loglevel", "WARNING", "--host", url]
     cmd += ["--csv", str(out / "locust"), "--html", str(out / "report.html")]
     cmd += ["--keys-file", str(keys_file), "--campaign", ids[0], "--future-campaign", ids[1]]
+    if args.mixed:
+        cmd += ["--merchant", ids[2]]
     cmd += ["--opens-at", f"{opens_at:.3f}", "--surge-users", str(args.users)]
     cmd += ["--ramp-s", str(args.ramp), "--surge-s", str(args.seconds), "--out-dir", str(out)]
     if args.processes > 1:

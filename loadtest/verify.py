@@ -27,7 +27,13 @@ from issuer.campaigns import hash_keys
 from issuer.errors import ApiError
 from issuer.flusher import stream_lag
 from issuer.ids import campaign_of
-from issuer.reconcile import events_in_flight, ledger_problems, read_ledger, round_ids
+from issuer.reconcile import (
+    events_in_flight,
+    ledger_problems,
+    project,
+    read_ledger,
+    round_ids,
+)
 
 POLL_S = 0.2
 PROGRESS_EVERY_S = 5.0
@@ -190,6 +196,17 @@ async def _round_checks(
     return [_verdict_of(QUOTA, quotas), _verdict_of(BUDGET, budgets)]
 
 
+async def _money_check(pool: asyncpg.Pool, campaign_id: str, ledger: dict[str, int]) -> Check:
+    """The ledger's reserved, spent and clawback_due against what the vouchers,
+    redemptions and refunds recorded in PostgreSQL account for."""
+    record = await project(pool, campaign_id, [])
+    held = sum(reserve for status, reserve, _ in record.state.values() if status == "issued")
+    recorded = {"reserved": held, "spent": record.spent, "clawback_due": record.clawback_due}
+    notes = [f"{field} Redis {ledger[field]}, PostgreSQL {v}" for field, v in recorded.items()]
+    same = all(ledger[field] == v for field, v in recorded.items())
+    return Check("Redis money == PostgreSQL money", same, ", ".join(notes))
+
+
 async def verify(
     redis: Redis,
     pool: asyncpg.Pool,
@@ -236,6 +253,7 @@ async def verify(
         problems = ledger_problems(ledger)
         values = ", ".join(f"{field} {value}" for field, value in ledger.items())
         checks.append(Check("ledger balances", not problems, "; ".join([*problems, values])))
+        checks.append(await _money_check(pool, campaign_id, ledger))
 
     only_redis, only_pg = in_redis - in_pg, in_pg - in_redis
     same = f"{len(in_redis)} in Redis, {len(in_pg)} in PostgreSQL"

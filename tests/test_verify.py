@@ -22,6 +22,7 @@ from tests.people import campaign, claim
 QUOTA = 20
 CLAIMS = 60
 SAME = "Redis vouchers == PostgreSQL vouchers"
+MONEY = "Redis money == PostgreSQL money"
 QUOTA_CHECK = "issued ≤ quota per round"
 UNTOLD = "no voucher that no client was told about"
 UNKNOWN = "every voucher told to a client exists"
@@ -67,6 +68,7 @@ async def test_clean_surge_passes(redis: Redis, pg: asyncpg.Pool, surge: Surge) 
         "one voucher per person",
         "one voucher per account",
         "ledger balances",
+        MONEY,
         SAME,
         UNKNOWN,
         UNTOLD,
@@ -93,12 +95,12 @@ async def test_main_prints_and_exits(
     ]
     assert await asyncio.to_thread(main, [*argv, str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 10 and all(line.startswith("PASS ") for line in lines), lines
+    assert len(lines) == 11 and all(line.startswith("PASS ") for line in lines), lines
 
     assert await asyncio.to_thread(main, [*argv, str(tmp_path / "told-1.txt")]) == 1
     out = capsys.readouterr().out
     assert f"FAIL {UNTOLD}: {QUOTA - 5} vouchers" in out
-    assert out.splitlines()[-1].startswith(f"FAIL 1 of 9 checks of {surge.campaign_id}")
+    assert out.splitlines()[-1].startswith(f"FAIL 1 of 10 checks of {surge.campaign_id}")
 
 
 def test_load_told(tmp_path: Path) -> None:
@@ -155,7 +157,8 @@ async def test_extra_voucher_in_postgres(
     redis: Redis, pg: asyncpg.Pool, surge: Surge, forged: None, also: set[str]
 ) -> None:
     # one row over the quota, in PostgreSQL only, that no client heard of
-    assert await run(redis, pg, surge) == {SAME, QUOTA_CHECK, UNTOLD, *also}
+    # its reservation is money Redis never held
+    assert await run(redis, pg, surge) == {SAME, QUOTA_CHECK, UNTOLD, MONEY, *also}
 
 
 async def test_round_issued_over_quota(redis: Redis, pg: asyncpg.Pool, surge: Surge) -> None:
@@ -186,6 +189,19 @@ async def test_ledger_available_changed(redis: Redis, pg: asyncpg.Pool, surge: S
         assert await run(redis, pg, surge) == {"ledger balances"}
     finally:
         await redis.hincrby(ledger, "available", -1)
+    assert await run(redis, pg, surge) == set()
+
+
+async def test_money_moved_without_a_record(redis: Redis, pg: asyncpg.Pool, surge: Surge) -> None:
+    """A balanced ledger that claims a spend PostgreSQL never saw."""
+    ledger = keys.CampaignKeys(surge.campaign_id).ledger
+    await redis.hincrby(ledger, "spent", 5)
+    await redis.hincrby(ledger, "available", -5)
+    try:
+        assert await run(redis, pg, surge) == {MONEY}
+    finally:
+        await redis.hincrby(ledger, "spent", -5)
+        await redis.hincrby(ledger, "available", 5)
     assert await run(redis, pg, surge) == set()
 
 
