@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -15,7 +16,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from issuer import keys, merchants, metrics, registrations, vouchers
+from issuer import documents, keys, merchants, metrics, registrations, reports, vouchers
 from issuer.auth import ApiKey, Role, Verified, require_role, verify
 from issuer.campaigns import Campaigns
 from issuer.claims import Claims
@@ -25,9 +26,14 @@ from issuer.model import (
     CampaignDef,
     CampaignOut,
     ClaimIn,
+    DecisionIn,
+    DisbursementIn,
+    DisbursementList,
+    DisbursementOut,
     Id,
     MerchantDef,
     MerchantOut,
+    PaidIn,
     RedemptionIn,
     RedemptionOut,
     RefundIn,
@@ -36,6 +42,9 @@ from issuer.model import (
     RegistrationOut,
     RepaidIn,
     RoundBudgetIn,
+    SettlementList,
+    SettlementOut,
+    SettlementQuery,
     StatusChangeIn,
     UserId,
     VoucherList,
@@ -43,6 +52,7 @@ from issuer.model import (
 )
 from issuer.redemptions import Redemptions
 from issuer.scripts import Scripts
+from issuer.settlement import Settlement
 
 log = logging.getLogger("issuer.api")
 MAX_BODY = 64 * 1024
@@ -76,6 +86,7 @@ class Ctx:
     campaigns: Campaigns
     claims: Claims
     redemptions: Redemptions
+    settlement: Settlement
     keys: dict[str, ApiKey]
     person_key: bytes
 
@@ -90,6 +101,7 @@ class Route:
     body: type | None
     response: type
     status: int = 200
+    query: type | None = None  # a Struct of the query string, passed as the handler's body
 
 
 def reply(payload: Any, status: int = 200, *, replay: bool = False) -> web.Response:
@@ -285,6 +297,90 @@ async def clawback_repaid(ctx: Ctx, request: web.Request, body: RepaidIn) -> web
     return reply(out, replay=replay)
 
 
+async def upload_documents(ctx: Ctx, request: web.Request, _: None) -> web.Response:
+    out = await ctx.settlement.submit(
+        request.match_info["redemption_id"],
+        request["verified"].key,
+        request.headers.get("Content-Type", ""),
+        request["raw_body"],
+    )
+    return reply(out, 201)
+
+
+async def list_settlements(ctx: Ctx, request: web.Request, query: SettlementQuery) -> web.Response:
+    key: ApiKey = request["verified"].key
+    if key.role == "merchant":
+        query = msgspec.structs.replace(query, merchant_id=key.merchant_id)
+    return reply(SettlementList(settlements=await ctx.settlement.queue(query)))
+
+
+def stored_reply(result: tuple[int, bytes, bool]) -> web.Response:
+    status, body, replay = result
+    headers = {"Idempotent-Replay": "true"} if replay else None
+    return web.Response(body=body, status=status, content_type=JSON, headers=headers)
+
+
+async def decide(ctx: Ctx, request: web.Request, body: DecisionIn) -> web.Response:
+    redemption_id = request.match_info["redemption_id"]
+    key: ApiKey = request["verified"].key
+    return stored_reply(await ctx.settlement.decide(redemption_id, body, key))
+
+
+async def disburse(ctx: Ctx, request: web.Request, body: DisbursementIn) -> web.Response:
+    return stored_reply(await ctx.settlement.disburse(body, request["verified"].key))
+
+
+async def disbursement_paid(ctx: Ctx, request: web.Request, body: PaidIn) -> web.Response:
+    disbursement_id = path_id(request, "disbursement_id")
+    return stored_reply(await ctx.settlement.paid(disbursement_id, body, request["verified"].key))
+
+
+def _pool(ctx: Ctx) -> asyncpg.Pool:
+    if ctx.pg is None:
+        raise ApiError("UNAVAILABLE", "PostgreSQL is not connected")
+    return ctx.pg
+
+
+CONTENT_TYPES = {
+    "csv": "text/csv; charset=utf-8",
+    "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+}
+
+
+def attachment(body: bytes, fmt: str, filename: str) -> web.Response:
+    return web.Response(
+        body=body,
+        headers={
+            "Content-Type": CONTENT_TYPES[fmt],
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            "X-Content-SHA256": hashlib.sha256(body).hexdigest(),
+        },
+    )
+
+
+async def report(ctx: Ctx, request: web.Request, query: reports.ReportQuery) -> web.Response:
+    cached = await ctx.campaigns.cached(path_id(request, "campaign_id"))
+    campaign_id = cached.keys.campaign_id
+    out = await reports.build_report(_pool(ctx), campaign_id, query.by, cached.definition.timezone)
+    if query.format == "json":
+        return reply(out)
+    render = reports.report_csv if query.format == "csv" else reports.report_xlsx
+    name = f"{campaign_id}-report-{query.by}.{query.format}"
+    return attachment(render(out), query.format, name)
+
+
+async def reconciliation(
+    ctx: Ctx, request: web.Request, query: reports.ReconciliationQuery
+) -> web.Response:
+    """The day's redemptions and refunds as CSV; its SHA-256 in `X-Content-SHA256`."""
+    cached = await ctx.campaigns.cached(path_id(request, "campaign_id"))
+    campaign_id = cached.keys.campaign_id
+    body = await reports.reconciliation_file(
+        _pool(ctx), campaign_id, query.date, cached.definition.timezone
+    )
+    return attachment(body, "csv", f"{campaign_id}-{query.date.isoformat()}.csv")
+
+
 ROUTES: tuple[Route, ...] = (
     Route(
         "PUT",
@@ -410,6 +506,75 @@ ROUTES: tuple[Route, ...] = (
         RefundOut,
     ),
     Route(
+        "POST",
+        "/v1/redemptions/{redemption_id}/documents",
+        upload_documents,
+        ("merchant",),
+        "Upload a redemption's reimbursement documents (multipart/form-data: confirmation,"
+        " invoice, payment_proof, photo, energy_label, meta JSON); runs the checks",
+        None,
+        SettlementOut,
+        201,
+    ),
+    Route(
+        "GET",
+        "/v1/settlements",
+        list_settlements,
+        ("auditor", "merchant"),
+        "Submissions by status (a merchant key: its own)",
+        None,
+        SettlementList,
+        query=SettlementQuery,
+    ),
+    Route(
+        "POST",
+        "/v1/settlements/{redemption_id}/decision",
+        decide,
+        ("auditor",),
+        "Approve or reject a submission (override_reason to approve one that failed a check)",
+        DecisionIn,
+        SettlementOut,
+    ),
+    Route(
+        "POST",
+        "/v1/disbursements",
+        disburse,
+        ("auditor",),
+        "Batch approved, unpaid records per merchant, due 30 working days after approval",
+        DisbursementIn,
+        DisbursementList,
+        201,
+    ),
+    Route(
+        "POST",
+        "/v1/disbursements/{disbursement_id}/paid",
+        disbursement_paid,
+        ("auditor",),
+        "Record a batch as paid; later refunds of its redemptions become clawbacks",
+        PaidIn,
+        DisbursementOut,
+    ),
+    Route(
+        "GET",
+        "/v1/campaigns/{campaign_id}/report",
+        report,
+        ("ops", "auditor"),
+        "Issued, redeemed and refunded figures by total, round, day, merchant or category",
+        None,
+        reports.ReportOut,
+        query=reports.ReportQuery,
+    ),
+    Route(
+        "GET",
+        "/v1/campaigns/{campaign_id}/reconciliation",
+        reconciliation,
+        ("ops", "auditor"),
+        "The day's redemptions and refunds as CSV, with its SHA-256",
+        None,
+        bytes,
+        query=reports.ReconciliationQuery,
+    ),
+    Route(
         "GET",
         "/v1/vouchers/{voucher_id}",
         get_voucher,
@@ -438,8 +603,13 @@ def endpoint(ctx: Ctx, route: Route) -> Callable[[web.Request], Awaitable[web.Re
 
     async def handle(request: web.Request) -> web.Response:
         require_role(request["verified"], *route.roles)
-        body = None
-        if decoder is not None:
+        body: Any = None
+        if route.query is not None:
+            try:
+                body = msgspec.convert(dict(request.query), route.query, strict=False)
+            except msgspec.ValidationError as exc:
+                raise ApiError("INVALID_REQUEST", f"query: {exc}") from None
+        elif decoder is not None:
             try:
                 body = decoder.decode(request["raw_body"])
             except msgspec.ValidationError as exc:
@@ -489,7 +659,13 @@ def middlewares(ctx: Ctx) -> list[Any]:
     ) -> web.StreamResponse:
         if not request.path.startswith("/v1/"):
             return await handler(request)
+        name = request.match_info.route.name
+        limit = documents.MAX_UPLOAD_BYTES if name == "upload_documents" else MAX_BODY
+        if (request.content_length or 0) > limit:
+            raise ApiError("INVALID_REQUEST", f"body over {limit} bytes")
         raw = await request.read()
+        if len(raw) > limit:
+            raise ApiError("INVALID_REQUEST", f"body over {limit} bytes")
         verified = verify(
             ctx.keys, request.method, request.path_qs, request.headers, raw, time.time()
         )
@@ -555,7 +731,8 @@ def ops_routes(ctx: Ctx, ready: Callable[[], Awaitable[dict[str, Any]]]) -> list
 
 
 def make_app(ctx: Ctx, ready: Callable[[], Awaitable[dict[str, Any]]]) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY, middlewares=middlewares(ctx))
+    # the upload route's limit; every other route is held to MAX_BODY before reading
+    app = web.Application(client_max_size=documents.MAX_UPLOAD_BYTES, middlewares=middlewares(ctx))
     # routes are tried in order: the surge's route first
     for route in sorted(ROUTES, key=lambda r: r.handler is not claim):
         app.router.add_route(

@@ -16,6 +16,8 @@ ENV = {
     "DATABASE_URL": "database_url",
     "ISSUER_DATA_DIR": "data_dir",
     "ISSUER_KEYS_FILE": "keys_file",
+    "ISSUER_DOCUMENTS_DIR": "documents_dir",
+    "ISSUER_HOLIDAYS_FILE": "holidays_file",
     "ISSUER_PERSON_KEY": "person_key",
     "ISSUER_HOST": "host",
     "ISSUER_PORT": "port",
@@ -33,6 +35,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     database_url: str | None = None  # None: start an embedded PostgreSQL under data_dir
     data_dir: Path = Path(".issuer")
     keys_file: Path | None = None  # None: data_dir/keys.toml
+    documents_dir: Path | None = None  # uploaded reimbursement documents; None: data_dir/documents
+    holidays_file: Path | None = None  # official holidays of years chinese-calendar lacks
     person_key: str | None = None  # None: a random key kept in data_dir/person.key
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535)] = 8080
@@ -59,6 +63,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     @property
     def keys_path(self) -> Path:
         return self.keys_file or self.data_dir / "keys.toml"
+
+    @property
+    def documents_path(self) -> Path:
+        return self.documents_dir or self.data_dir / "documents"
 
     def person_secret(self) -> bytes:
         """The HMAC key for person references; generated once for development."""

@@ -39,6 +39,11 @@ ERRORS: dict[str, tuple[int, str, bool]] = {
         False,
     ),
     "ALREADY_REPAID": (409, "追回款已到账 / this clawback is already repaid", False),
+    "SETTLEMENT_CLOSED": (
+        409,
+        "该笔核销已审核或已结算 / already decided or paid",
+        False,
+    ),
     "NO_CLAWBACK_DUE": (409, "该退款无需追回 / nothing is due back for this refund", False),
     "BUDGET_CONFLICT": (409, "预算已被修改或低于已占用 / stale or too low budget", False),
     "IDEMPOTENCY_MISMATCH": (

@@ -91,6 +91,8 @@ class CampaignDef(Strict, kw_only=True):
     eligibility: Eligibility
     # Xi County: a closed round's unused budget moves to the next round still open
     carry_over: bool = False
+    # Xi County: reimbursement documents are due this many days after the round closes
+    document_deadline_days: Annotated[int, Meta(ge=0, le=365)] | None = None
 
 
 class Round(Struct, kw_only=True, omit_defaults=True):
@@ -196,6 +198,39 @@ class RepaidIn(Strict, kw_only=True):
     reason: Annotated[str, Meta(max_length=500)] = ""
 
 
+class DocumentMeta(Strict, kw_only=True):
+    """The `meta` part of a document upload: what the merchant read off the papers."""
+
+    invoice_no: Annotated[str, Meta(min_length=1, max_length=64)]
+    invoice_buyer_name: Annotated[str, Meta(min_length=1, max_length=64)]
+    invoice_amount_fen: Fen
+    paid_amount_fen: Fen
+    gb_codes: Annotated[list[Annotated[str, Meta(max_length=32)]], Meta(max_length=50)] = []
+
+
+class DecisionIn(Strict, kw_only=True):
+    request_id: RequestId
+    decision: Literal["approve", "reject"]
+    reason: Annotated[str, Meta(min_length=1, max_length=500)]
+    # approving a record that failed an automatic check needs this, and it is logged
+    override_reason: Annotated[str, Meta(min_length=1, max_length=500)] | None = None
+
+
+class SettlementQuery(Strict, kw_only=True):
+    status: Literal["submitted", "approved", "rejected", "paid"] | None = None
+    merchant_id: Id | None = None
+
+
+class DisbursementIn(Strict, kw_only=True):
+    request_id: RequestId
+    merchant_id: Id | None = None
+
+
+class PaidIn(Strict, kw_only=True):
+    request_id: RequestId
+    reason: Annotated[str, Meta(max_length=500)] = ""
+
+
 class RoundBudgetIn(Strict, kw_only=True):
     request_id: RequestId
     expected_budget_fen: Fen | None
@@ -264,6 +299,57 @@ class RefundOut(Struct, kw_only=True):
     subsidy_returned_fen: int
     clawback_due_fen: int
     status: str  # returned | clawback_due | repaid
+
+
+class CheckResult(Struct, kw_only=True):
+    name: str  # required_parts, energy_labels, buyer_name, amounts, gb_codes, deadline
+    passed: bool
+    detail: str
+
+
+class StoredFile(Struct, kw_only=True):
+    part: str
+    sha256: str
+    content_type: str
+    size: int
+
+
+class SettlementOut(Struct, kw_only=True, omit_defaults=True):
+    """A redemption's reimbursement record: submitted, approved, rejected or paid."""
+
+    redemption_id: str
+    campaign_id: str
+    merchant_id: str
+    status: str
+    subsidy_fen: int  # what the merchant is reimbursed: discount less subsidy returned
+    checks: list[CheckResult]
+    checks_passed: bool
+    files: list[StoredFile]
+    submitted_at: datetime
+    decided_at: datetime | None = None
+    decided_by: str | None = None
+    reason: str | None = None
+    override_reason: str | None = None
+    due_date: date | None = None
+    disbursement_id: str | None = None
+
+
+class SettlementList(Struct, kw_only=True):
+    settlements: list[SettlementOut]
+
+
+class DisbursementOut(Struct, kw_only=True, omit_defaults=True):
+    disbursement_id: str
+    merchant_id: str
+    due_date: date
+    total_fen: int
+    redemption_ids: list[str]
+    status: str  # due | paid
+    paid_at: datetime | None = None
+
+
+class DisbursementList(Struct, kw_only=True):
+    disbursements: list[DisbursementOut]
 
 
 class VoucherList(Struct, kw_only=True):

@@ -52,6 +52,11 @@ def document(routes: Sequence[Route]) -> dict[str, Any]:
             {"name": h, "in": "header", "required": True, "schema": {"type": "string"}}
             for h in SIGNATURE_HEADERS
         ]
+        if route.query is not None:
+            params += [
+                {"name": f.encode_name, "in": "query", "required": f.required, "schema": {}}
+                for f in msgspec.structs.fields(route.query)
+            ]
         op: dict[str, Any] = {
             "summary": route.summary,
             "operationId": route.handler.__name__,

@@ -220,10 +220,15 @@ class Redemptions:
             code == "REPLAY"
         )
 
-    async def get(self, redemption_id: str) -> RedemptionOut:
+    async def record(self, redemption_id: str) -> tuple[CachedCampaign, RedemptionRecord]:
+        """The redemption as Redis holds it, with its campaign; NOT_FOUND if none."""
         cached = await self._campaign(redemption_id, "redemption")
         raw = await self._read(cached.keys.redemptions, redemption_id, "redemption")
-        return redemption_out(REDEMPTION.decode(raw), cached.definition.timezone)
+        return cached, REDEMPTION.decode(raw)
+
+    async def get(self, redemption_id: str) -> RedemptionOut:
+        cached, rec = await self.record(redemption_id)
+        return redemption_out(rec, cached.definition.timezone)
 
     async def refund(
         self, redemption_id: str, body: RefundIn, key_id: str, now_s: float

@@ -63,8 +63,11 @@ async def worker_main(settings: Settings, port: int) -> None:
     from issuer.api import Ctx, make_app
     from issuer.campaigns import Campaigns
     from issuer.claims import Claims
+    from issuer.documents import LocalStore
     from issuer.redemptions import Redemptions
     from issuer.scripts import Scripts
+    from issuer.settlement import Settlement
+    from issuer.workdays import Calendar
 
     assert settings.redis_url and settings.database_url
     redis = redis_client(settings.redis_url)
@@ -72,6 +75,7 @@ async def worker_main(settings: Settings, port: int) -> None:
     pg = await store.connect(settings.database_url, min_size=0, max_size=2)
     campaigns = Campaigns(redis, scripts)
     person_key = settings.person_secret()
+    redemptions = Redemptions(redis, scripts, campaigns)
     ctx = Ctx(
         settings=settings,
         redis=redis,
@@ -79,7 +83,16 @@ async def worker_main(settings: Settings, port: int) -> None:
         scripts=scripts,
         campaigns=campaigns,
         claims=Claims(redis, scripts, campaigns, person_key, settings.batch_max),
-        redemptions=Redemptions(redis, scripts, campaigns),
+        redemptions=redemptions,
+        settlement=Settlement(
+            pg,
+            redis,
+            scripts,
+            redemptions,
+            LocalStore(settings.documents_path),
+            person_key,
+            Calendar.from_file(settings.holidays_file),
+        ),
         keys=auth.load_keys(settings.keys_path),
         person_key=person_key,
     )

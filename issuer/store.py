@@ -111,6 +111,69 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX events_refund ON events ((data->>'refund_id'))
         WHERE type = 'clawback_repaid';
     """,
+    """
+    CREATE TABLE settlements (
+        redemption_id   text PRIMARY KEY,
+        campaign_id     text        NOT NULL,
+        merchant_id     text        NOT NULL,
+        status          text        NOT NULL,  -- submitted | approved | rejected | paid
+        meta            jsonb       NOT NULL,  -- the buyer name only as a keyed hash
+        checks          jsonb       NOT NULL,
+        checks_passed   boolean     NOT NULL,
+        submitted_at    timestamptz NOT NULL,
+        decided_at      timestamptz,
+        decided_by      text,
+        reason          text,
+        override_reason text,
+        due_date        date,
+        disbursement_id text
+    );
+    CREATE INDEX settlements_queue ON settlements (status, merchant_id, submitted_at);
+    CREATE TABLE settlement_files (
+        redemption_id text   NOT NULL,
+        seq           int    NOT NULL,
+        part          text   NOT NULL,
+        sha256        text   NOT NULL,
+        content_type  text   NOT NULL,
+        size          bigint NOT NULL,
+        PRIMARY KEY (redemption_id, seq)
+    );
+    CREATE TABLE disbursements (
+        disbursement_id text PRIMARY KEY,
+        merchant_id     text        NOT NULL,
+        created_at      timestamptz NOT NULL DEFAULT now(),
+        created_by      text        NOT NULL,
+        due_date        date        NOT NULL,
+        total_fen       bigint      NOT NULL,
+        paid_at         timestamptz,
+        paid_by         text
+    );
+    -- who did what, when and why; rows are never changed or removed
+    CREATE TABLE audit_log (
+        id      bigserial PRIMARY KEY,
+        at      timestamptz NOT NULL DEFAULT now(),
+        actor   text        NOT NULL,
+        action  text        NOT NULL,
+        subject text        NOT NULL,
+        reason  text        NOT NULL DEFAULT '',
+        details jsonb       NOT NULL DEFAULT '{}'
+    );
+    CREATE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        RAISE EXCEPTION 'audit_log is append-only';
+    END $$;
+    CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON audit_log
+        FOR EACH STATEMENT EXECUTE FUNCTION audit_log_append_only();
+    -- idempotency of the settlement writes (request_id -> first answer)
+    CREATE TABLE settlement_requests (
+        key_id      text  NOT NULL,
+        request_id  text  NOT NULL,
+        fingerprint text  NOT NULL,
+        status      int   NOT NULL,
+        response    bytea NOT NULL,
+        PRIMARY KEY (key_id, request_id)
+    );
+    """,
 )
 
 # One statement records a batch of stream entries and projects the new ones into tables.

@@ -1,0 +1,407 @@
+"""Reimbursing merchants: document submissions, the auditor's decisions, disbursement
+batches due 30 working days after approval, and marking them paid. Kept in PostgreSQL
+(not the surge path); every auditor action is an append-only audit log entry; marking a
+batch paid also tells the gate (Redis), so that later refunds become clawbacks."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from datetime import date, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import asyncpg
+import msgspec
+from redis.asyncio import Redis
+
+from issuer import documents, keys
+from issuer.auth import ApiKey
+from issuer.campaigns import fingerprint
+from issuer.claims import RECORD as VOUCHER
+from issuer.errors import ApiError
+from issuer.identity import name_ref
+from issuer.model import (
+    CheckResult,
+    DecisionIn,
+    DisbursementIn,
+    DisbursementList,
+    DisbursementOut,
+    PaidIn,
+    SettlementOut,
+    SettlementQuery,
+    StoredFile,
+)
+from issuer.redemptions import REDEMPTION, RedemptionRecord, Redemptions, mark_paid
+from issuer.registrations import RECORD as REGISTRATION
+from issuer.schedule import to_millis
+from issuer.scripts import Scripts
+from issuer.workdays import Calendar
+
+PAY_WITHIN_WORKING_DAYS = 30  # Xiangning: approved records are paid within 30 working days
+BUREAU_TZ = ZoneInfo("Asia/Shanghai")
+ENCODE = msgspec.json.Encoder()
+CHECKS = msgspec.json.Decoder(list[CheckResult])
+Action = Callable[[asyncpg.Connection], Awaitable[tuple[int, Any]]]
+
+SELECT = """
+SELECT s.*, coalesce(r.discount_fen - r.subsidy_returned_fen, 0) AS subsidy_fen,
+       coalesce((SELECT jsonb_agg(jsonb_build_object('part', f.part, 'sha256', f.sha256,
+                     'content_type', f.content_type, 'size', f.size) ORDER BY f.seq)
+                 FROM settlement_files f WHERE f.redemption_id = s.redemption_id),
+                '[]'::jsonb) AS files
+FROM settlements s LEFT JOIN redemptions r USING (redemption_id)
+"""
+
+
+def settlement_out(row: asyncpg.Record, subsidy_fen: int | None = None) -> SettlementOut:
+    return SettlementOut(
+        redemption_id=row["redemption_id"],
+        campaign_id=row["campaign_id"],
+        merchant_id=row["merchant_id"],
+        status=row["status"],
+        subsidy_fen=row["subsidy_fen"] if subsidy_fen is None else subsidy_fen,
+        checks=CHECKS.decode(row["checks"]),
+        checks_passed=row["checks_passed"],
+        files=msgspec.json.decode(row["files"], type=list[StoredFile]),
+        submitted_at=row["submitted_at"],
+        decided_at=row["decided_at"],
+        decided_by=row["decided_by"],
+        reason=row["reason"],
+        override_reason=row["override_reason"],
+        due_date=row["due_date"],
+        disbursement_id=row["disbursement_id"],
+    )
+
+
+async def audit(
+    conn: asyncpg.Connection, actor: str, action: str, subject: str, reason: str, **details: Any
+) -> None:
+    await conn.execute(
+        "INSERT INTO audit_log (actor, action, subject, reason, details)"
+        " VALUES ($1, $2, $3, $4, $5::jsonb)",
+        actor,
+        action,
+        subject,
+        reason,
+        ENCODE.encode(details).decode(),
+    )
+
+
+def subsidy(rec: RedemptionRecord) -> int:
+    """What the merchant is reimbursed for a redemption: its discount, less what refunds
+    returned."""
+    return rec.discount_fen - rec.subsidy_returned_fen
+
+
+class Settlement:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        redis: Redis,
+        scripts: Scripts,
+        redemptions: Redemptions,
+        store: documents.DocumentStore,
+        person_key: bytes,
+        calendar: Calendar,
+    ) -> None:
+        self.pool = pool
+        self.redis = redis
+        self.scripts = scripts
+        self.redemptions = redemptions
+        self.store = store
+        self.person_key = person_key
+        self.calendar = calendar
+
+    # ------------------------------------------------------------ merchant
+
+    async def submit(
+        self, redemption_id: str, key: ApiKey, content_type: str, raw: bytes
+    ) -> SettlementOut:
+        """Store a redemption's documents (replacing any earlier set) and check them."""
+        cached, rec = await self.redemptions.record(redemption_id)
+        if key.merchant_id != rec.merchant_id:
+            raise ApiError("FORBIDDEN", "a merchant submits documents for its own redemptions")
+        meta, parts = documents.parse_upload(content_type, raw)
+        ck = cached.keys
+        raw_voucher = await self.redis.hget(ck.vouchers, rec.voucher_id)
+        person = VOUCHER.decode(raw_voucher).person_ref if raw_voucher else ""
+        raw_registration = await self.redis.hget(ck.registrations, person)
+        days = cached.definition.document_deadline_days
+        rnd = next((r for r in cached.stored.rounds if r.round_id == rec.round_id), None)
+        deadline = None
+        if days is not None and rnd is not None:
+            deadline = to_millis(rnd.closes_at) + days * 86_400_000
+        codes = documents.appliance_codes([(i.category, i.gb_code) for i in rec.items])
+        facts = documents.Facts(
+            order_amount_fen=rec.order_amount_fen,
+            gb_codes=codes,
+            appliances=len(codes),
+            buyer_name_ref=REGISTRATION.decode(raw_registration).name_ref
+            if raw_registration
+            else None,
+            deadline_ms=deadline,
+            submitted_ms=int(time.time() * 1000),
+        )
+        checks = documents.run_checks(meta, parts, facts, self.person_key)
+        passed = all(c.passed for c in checks)
+        for part in parts:  # content-addressed: writing before the record is harmless
+            await asyncio.to_thread(self.store.put, part.sha256, part.data)
+        kept = msgspec.structs.replace(
+            meta, invoice_buyer_name=name_ref(self.person_key, meta.invoice_buyer_name)
+        )
+        async with self.pool.acquire() as conn, conn.transaction():
+            status = await conn.fetchval(
+                "SELECT status FROM settlements WHERE redemption_id = $1 FOR UPDATE",
+                redemption_id,
+            )
+            if status in ("approved", "paid"):
+                raise ApiError("SETTLEMENT_CLOSED", f"redemption {redemption_id} is {status}")
+            await conn.execute(
+                """
+                INSERT INTO settlements (redemption_id, campaign_id, merchant_id, status, meta,
+                                         checks, checks_passed, submitted_at)
+                VALUES ($1, $2, $3, 'submitted', $4::jsonb, $5::jsonb, $6, now())
+                ON CONFLICT (redemption_id) DO UPDATE
+                SET status = 'submitted', meta = excluded.meta, checks = excluded.checks,
+                    checks_passed = excluded.checks_passed, submitted_at = now(),
+                    decided_at = NULL, decided_by = NULL, reason = NULL, override_reason = NULL
+                """,
+                redemption_id,
+                ck.campaign_id,
+                rec.merchant_id,
+                ENCODE.encode(kept).decode(),
+                ENCODE.encode(checks).decode(),
+                passed,
+            )
+            await conn.execute(
+                "DELETE FROM settlement_files WHERE redemption_id = $1", redemption_id
+            )
+            await conn.executemany(
+                "INSERT INTO settlement_files VALUES ($1, $2, $3, $4, $5, $6)",
+                [
+                    (redemption_id, n, p.kind, p.sha256, p.content_type, len(p.data))
+                    for n, p in enumerate(parts)
+                ],
+            )
+            await audit(
+                conn,
+                key.id,
+                "documents_submitted",
+                redemption_id,
+                "",
+                files=len(parts),
+                checks_passed=passed,
+            )
+            row = await conn.fetchrow(SELECT + " WHERE s.redemption_id = $1", redemption_id)
+        return settlement_out(row, subsidy(rec))
+
+    # ------------------------------------------------------------ auditor
+
+    async def queue(self, query: SettlementQuery) -> list[SettlementOut]:
+        rows = await self.pool.fetch(
+            SELECT + " WHERE ($1::text IS NULL OR s.status = $1)"
+            " AND ($2::text IS NULL OR s.merchant_id = $2) ORDER BY s.submitted_at LIMIT 1000",
+            query.status,
+            query.merchant_id,
+        )
+        return [settlement_out(r) for r in rows]
+
+    async def once(self, key_id: str, request_id: str, payload: object, action: Action) -> Any:
+        """Run `action` in one transaction, once per request_id: (status, JSON bytes,
+        replayed). A refusal (ApiError) records nothing."""
+        print_ = fingerprint(payload)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext($1))", f"{key_id}|{request_id}"
+            )
+            row = await conn.fetchrow(
+                "SELECT fingerprint, status, response FROM settlement_requests"
+                " WHERE key_id = $1 AND request_id = $2",
+                key_id,
+                request_id,
+            )
+            if row is not None:
+                if row["fingerprint"] != print_:
+                    raise ApiError("IDEMPOTENCY_MISMATCH")
+                return row["status"], row["response"], True
+            status, out = await action(conn)
+            body = ENCODE.encode(out)
+            await conn.execute(
+                "INSERT INTO settlement_requests VALUES ($1, $2, $3, $4, $5)",
+                key_id,
+                request_id,
+                print_,
+                status,
+                body,
+            )
+            return status, body, False
+
+    async def decide(
+        self, redemption_id: str, body: DecisionIn, key: ApiKey
+    ) -> tuple[int, bytes, bool]:
+        async def action(conn: asyncpg.Connection) -> tuple[int, SettlementOut]:
+            row = await conn.fetchrow(
+                "SELECT status, checks_passed FROM settlements WHERE redemption_id = $1 FOR UPDATE",
+                redemption_id,
+            )
+            if row is None:
+                raise ApiError("NOT_FOUND", f"no documents for redemption {redemption_id}")
+            if row["status"] != "submitted":
+                raise ApiError(
+                    "SETTLEMENT_CLOSED", f"redemption {redemption_id} is {row['status']}"
+                )
+            approve = body.decision == "approve"
+            if approve and not row["checks_passed"] and body.override_reason is None:
+                raise ApiError(
+                    "INVALID_REQUEST",
+                    "override_reason: required to approve a record that failed a check",
+                )
+            due = None
+            if approve:
+                try:
+                    today = datetime.now(BUREAU_TZ).date()
+                    due = self.calendar.add_working_days(today, PAY_WITHIN_WORKING_DAYS)
+                except ValueError as exc:
+                    raise ApiError("UNAVAILABLE", str(exc)) from None
+            await conn.execute(
+                "UPDATE settlements SET status = $2, decided_at = now(), decided_by = $3,"
+                " reason = $4, override_reason = $5, due_date = $6 WHERE redemption_id = $1",
+                redemption_id,
+                "approved" if approve else "rejected",
+                key.id,
+                body.reason,
+                body.override_reason if approve else None,
+                due,
+            )
+            overridden = approve and not row["checks_passed"]
+            await audit(
+                conn,
+                key.id,
+                "override_approved" if overridden else "approved" if approve else "rejected",
+                redemption_id,
+                body.reason,
+                override_reason=body.override_reason if overridden else None,
+            )
+            out = await conn.fetchrow(SELECT + " WHERE s.redemption_id = $1", redemption_id)
+            return 200, settlement_out(out)
+
+        result: tuple[int, bytes, bool] = await self.once(
+            key.id, body.request_id, (redemption_id, body), action
+        )
+        return result
+
+    async def disburse(self, body: DisbursementIn, key: ApiKey) -> tuple[int, bytes, bool]:
+        """One batch per merchant of its approved records not yet in a batch."""
+
+        async def action(conn: asyncpg.Connection) -> tuple[int, DisbursementList]:
+            rows = await conn.fetch(
+                "SELECT redemption_id, merchant_id, due_date FROM settlements"
+                " WHERE status = 'approved' AND disbursement_id IS NULL"
+                " AND ($1::text IS NULL OR merchant_id = $1)"
+                " ORDER BY merchant_id, redemption_id FOR UPDATE",
+                body.merchant_id,
+            )
+            by_merchant: dict[str, list[asyncpg.Record]] = defaultdict(list)
+            for row in rows:
+                by_merchant[row["merchant_id"]].append(row)
+            batches = []
+            for merchant_id, mine in by_merchant.items():
+                ids = [r["redemption_id"] for r in mine]
+                total = sum(subsidy(rec) for rec in await self._records(ids))
+                due: date = min(r["due_date"] for r in mine)
+                batch_id = f"d-{secrets.token_hex(10)}"
+                await conn.execute(
+                    "INSERT INTO disbursements (disbursement_id, merchant_id, created_by,"
+                    " due_date, total_fen) VALUES ($1, $2, $3, $4, $5)",
+                    batch_id,
+                    merchant_id,
+                    key.id,
+                    due,
+                    total,
+                )
+                await conn.execute(
+                    "UPDATE settlements SET disbursement_id = $1"
+                    " WHERE redemption_id = ANY($2::text[])",
+                    batch_id,
+                    ids,
+                )
+                await audit(conn, key.id, "disbursement_created", batch_id, "", redemptions=ids)
+                batches.append(
+                    DisbursementOut(
+                        disbursement_id=batch_id,
+                        merchant_id=merchant_id,
+                        due_date=due,
+                        total_fen=total,
+                        redemption_ids=ids,
+                        status="due",
+                    )
+                )
+            return 201, DisbursementList(disbursements=batches)
+
+        result: tuple[int, bytes, bool] = await self.once(key.id, body.request_id, body, action)
+        return result
+
+    async def paid(
+        self, disbursement_id: str, body: PaidIn, key: ApiKey
+    ) -> tuple[int, bytes, bool]:
+        """Record the payment; the gate learns the redemptions were reimbursed."""
+
+        async def action(conn: asyncpg.Connection) -> tuple[int, DisbursementOut]:
+            batch = await conn.fetchrow(
+                "SELECT * FROM disbursements WHERE disbursement_id = $1 FOR UPDATE",
+                disbursement_id,
+            )
+            if batch is None:
+                raise ApiError("NOT_FOUND", f"disbursement {disbursement_id}")
+            if batch["paid_at"] is not None:
+                raise ApiError("SETTLEMENT_CLOSED", f"disbursement {disbursement_id} is paid")
+            rows = await conn.fetch(
+                "SELECT redemption_id, campaign_id FROM settlements WHERE disbursement_id = $1"
+                " ORDER BY redemption_id",
+                disbursement_id,
+            )
+            by_campaign: dict[str, list[str]] = defaultdict(list)
+            for row in rows:
+                by_campaign[row["campaign_id"]].append(row["redemption_id"])
+            for campaign_id, ids in by_campaign.items():  # idempotent: safe to redo on retry
+                await mark_paid(self.scripts, campaign_id, disbursement_id, ids)
+            paid_at = await conn.fetchval(
+                "UPDATE disbursements SET paid_at = now(), paid_by = $2"
+                " WHERE disbursement_id = $1 RETURNING paid_at",
+                disbursement_id,
+                key.id,
+            )
+            await conn.execute(
+                "UPDATE settlements SET status = 'paid' WHERE disbursement_id = $1",
+                disbursement_id,
+            )
+            await audit(conn, key.id, "disbursement_paid", disbursement_id, body.reason)
+            return 200, DisbursementOut(
+                disbursement_id=disbursement_id,
+                merchant_id=batch["merchant_id"],
+                due_date=batch["due_date"],
+                total_fen=batch["total_fen"],
+                redemption_ids=[r["redemption_id"] for r in rows],
+                status="paid",
+                paid_at=paid_at,
+            )
+
+        result: tuple[int, bytes, bool] = await self.once(
+            key.id, body.request_id, (disbursement_id, body), action
+        )
+        return result
+
+    async def _records(self, redemption_ids: list[str]) -> list[RedemptionRecord]:
+        """The redemptions as Redis holds them now (refunds included)."""
+        by_campaign: dict[str, list[str]] = defaultdict(list)
+        for rid in redemption_ids:
+            by_campaign[rid.rpartition(".")[0]].append(rid)
+        found = []
+        for campaign_id, ids in by_campaign.items():
+            raws = await self.redis.hmget(keys.CampaignKeys(campaign_id).redemptions, ids)
+            found += [REDEMPTION.decode(raw) for raw in raws if raw is not None]
+        return found
