@@ -102,6 +102,7 @@ class Route:
     response: type
     status: int = 200
     query: type | None = None  # a Struct of the query string, passed as the handler's body
+    files: tuple[str, ...] = ()  # media types answered as a download (response bytes: only)
 
 
 def reply(payload: Any, status: int = 200, *, replay: bool = False) -> web.Response:
@@ -361,7 +362,9 @@ def attachment(body: bytes, fmt: str, filename: str) -> web.Response:
 async def report(ctx: Ctx, request: web.Request, query: reports.ReportQuery) -> web.Response:
     cached = await ctx.campaigns.cached(path_id(request, "campaign_id"))
     campaign_id = cached.keys.campaign_id
-    out = await reports.build_report(_pool(ctx), campaign_id, query.by, cached.definition.timezone)
+    out = await reports.build_report(
+        _pool(ctx), campaign_id, query.by, cached.definition.timezone, now()
+    )
     if query.format == "json":
         return reply(out)
     render = reports.report_csv if query.format == "csv" else reports.report_xlsx
@@ -563,6 +566,7 @@ ROUTES: tuple[Route, ...] = (
         None,
         reports.ReportOut,
         query=reports.ReportQuery,
+        files=(CONTENT_TYPES["csv"], CONTENT_TYPES["xlsx"]),
     ),
     Route(
         "GET",
@@ -573,6 +577,7 @@ ROUTES: tuple[Route, ...] = (
         None,
         bytes,
         query=reports.ReconciliationQuery,
+        files=(CONTENT_TYPES["csv"],),
     ),
     Route(
         "GET",

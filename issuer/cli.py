@@ -1,4 +1,4 @@
-"""The `issuer` command: serve, flush, campaign load, call, reconcile."""
+"""The `issuer` command: serve, flush, campaign load, call, report, reconciliation, reconcile."""
 
 from __future__ import annotations
 
@@ -128,6 +128,53 @@ def cmd_call(args: argparse.Namespace) -> int:
     return 0 if status < 400 else 1
 
 
+def _download(args: argparse.Namespace, path: str, default_name: str) -> tuple[Path, bytes]:
+    """GET a file with the auditor key; refuse it if its bytes do not match their digest."""
+    import hashlib
+
+    import aiohttp
+
+    from issuer.client import Client, RawResponse
+
+    settings = Settings.from_env()
+    key = _client_key(settings, "auditor", args.key_id)
+
+    async def get() -> RawResponse:
+        async with aiohttp.ClientSession() as session:
+            return await Client(args.url, key, session).request("GET", path)
+
+    got = asyncio.run(get())
+    if got.status != 200:
+        raise SystemExit(f"{got.status} {got.body.decode(errors='replace')}")
+    digest = hashlib.sha256(got.body).hexdigest()
+    if got.headers.get("X-Content-SHA256") not in (None, digest):
+        raise SystemExit("download corrupted: SHA-256 differs from the server's")
+    out = Path(args.out)
+    target = out / default_name if out.is_dir() else out
+    target.write_bytes(got.body)
+    print(f"{target}  {len(got.body)} bytes  sha256 {digest}")
+    return target, got.body
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    query = f"by={args.by}&format={args.format}"
+    name = f"{args.campaign}-report-{args.by}.{args.format}"
+    _download(args, f"/v1/campaigns/{args.campaign}/report?{query}", name)
+    return 0
+
+
+def cmd_reconciliation(args: argparse.Namespace) -> int:
+    """The day's reconciliation file and, beside it, its digest in `sha256sum` format."""
+    import hashlib
+
+    name = f"{args.campaign}-{args.date}.csv"
+    path = f"/v1/campaigns/{args.campaign}/reconciliation?date={args.date}"
+    target, body = _download(args, path, name)
+    digest_file = target.with_name(target.name + ".sha256")
+    digest_file.write_text(f"{hashlib.sha256(body).hexdigest()}  {target.name}\n")
+    return 0
+
+
 def cmd_campaign_load(args: argparse.Namespace) -> int:
     from issuer.campaign_file import load_campaign_file
 
@@ -212,6 +259,27 @@ def parser() -> argparse.ArgumentParser:
     load.add_argument("--url", default=url)
     load.add_argument("--key-id")
     load.set_defaults(func=cmd_campaign_load)
+
+    rep = sub.add_parser("report", help="download a campaign report (CSV, XLSX or JSON)")
+    rep.add_argument("campaign")
+    rep.add_argument(
+        "--by", default="total", choices=["total", "round", "day", "merchant", "category"]
+    )
+    rep.add_argument("--format", default="csv", choices=["csv", "xlsx", "json"])
+    rep.add_argument("--out", default=".", help="file or directory (default: here)")
+    rep.add_argument("--url", default=url)
+    rep.add_argument("--key-id")
+    rep.set_defaults(func=cmd_report)
+
+    day = sub.add_parser(
+        "reconciliation", help="download a day's reconciliation file and write its .sha256"
+    )
+    day.add_argument("campaign")
+    day.add_argument("date", help="YYYY-MM-DD in the campaign's time zone")
+    day.add_argument("--out", default=".", help="file or directory (default: here)")
+    day.add_argument("--url", default=url)
+    day.add_argument("--key-id")
+    day.set_defaults(func=cmd_reconciliation)
 
     r = sub.add_parser("reconcile", help="compare Redis with PostgreSQL; non-zero on drift")
     r.add_argument("campaigns", nargs="+")

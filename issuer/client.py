@@ -38,6 +38,12 @@ class Response(msgspec.Struct):
     headers: dict[str, str]
 
 
+class RawResponse(msgspec.Struct):
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+
 class Client:
     """Signed JSON calls against one base URL with one key."""
 
@@ -46,12 +52,16 @@ class Client:
         self.key = key
         self.session = session
 
-    async def call(self, method: str, path_qs: str, payload: Any = None) -> Response:
+    async def request(self, method: str, path_qs: str, payload: Any = None) -> RawResponse:
+        """A signed call whose answer is returned as bytes (CSV, XLSX, or JSON undecoded)."""
         body = b"" if payload is None else msgspec.json.encode(payload)
         headers = signed_headers(self.key, method, path_qs, body)
         async with self.session.request(
             method, self.base_url + path_qs, data=body, headers=headers
         ) as resp:
-            raw = await resp.read()
-            decoded = msgspec.json.decode(raw) if raw else None
-            return Response(resp.status, decoded, dict(resp.headers))
+            return RawResponse(resp.status, await resp.read(), dict(resp.headers))
+
+    async def call(self, method: str, path_qs: str, payload: Any = None) -> Response:
+        raw = await self.request(method, path_qs, payload)
+        decoded = msgspec.json.decode(raw.body) if raw.body else None
+        return Response(raw.status, decoded, raw.headers)

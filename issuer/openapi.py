@@ -38,7 +38,7 @@ fetch('/openapi.json').then(r => r.json()).then(spec => {
 
 
 def document(routes: Sequence[Route]) -> dict[str, Any]:
-    types = [t for r in routes for t in (r.body, r.response) if t is not None]
+    types = [t for r in routes for t in (r.body, r.response) if t not in (None, bytes)]
     schemas, components = msgspec.json.schema_components([*types, ErrorEnvelope], ref_template=REF)
     by_type = dict(zip([*types, ErrorEnvelope], schemas, strict=True))
     error = {"content": {"application/json": {"schema": by_type[ErrorEnvelope]}}}
@@ -57,16 +57,16 @@ def document(routes: Sequence[Route]) -> dict[str, Any]:
                 {"name": f.encode_name, "in": "query", "required": f.required, "schema": {}}
                 for f in msgspec.structs.fields(route.query)
             ]
+        content = {m: {"schema": {"type": "string", "format": "binary"}} for m in route.files}
+        if route.response is not bytes:
+            content["application/json"] = {"schema": by_type[route.response]}
         op: dict[str, Any] = {
             "summary": route.summary,
             "operationId": route.handler.__name__,
             "x-roles": list(route.roles),
             "parameters": params,
             "responses": {
-                str(route.status): {
-                    "description": "success",
-                    "content": {"application/json": {"schema": by_type[route.response]}},
-                },
+                str(route.status): {"description": "success", "content": content},
                 **{str(s): {"description": "error", **error} for s in statuses},
             },
         }

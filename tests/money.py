@@ -93,3 +93,24 @@ async def ledger(service: Service, campaign_id: str) -> dict[str, int]:
 
 async def gather(*calls: Any) -> list[Any]:
     return list(await asyncio.gather(*calls))
+
+
+async def report_rows(service: Service, campaign_id: str, by: str = "total") -> list[Any]:
+    resp = await service.call("GET", f"/v1/campaigns/{campaign_id}/report?by={by}", role="auditor")
+    assert resp.status == 200, resp.body
+    rows: list[Any] = resp.body["rows"]
+    return rows
+
+
+async def assert_report_agrees(service: Service, campaign_id: str) -> dict[str, int]:
+    """Once the flusher has drained, the report (from PostgreSQL) says what the ledger (Redis)
+    holds: net subsidy = spent, clawbacks owed = clawback due, issued = the round's count.
+    For one-round campaigns; returns the ledger."""
+    await service.drained()
+    state = await service.call("GET", f"/v1/campaigns/{campaign_id}")
+    led = await ledger(service, campaign_id)
+    (total,) = await report_rows(service, campaign_id)
+    assert total["net_subsidy_fen"] == led["spent_fen"], (total, led)
+    assert total["clawback_due_fen"] == led["clawback_due_fen"], (total, led)
+    assert total["issued"] == state.body["current_round"]["issued"], (total, state.body)
+    return led

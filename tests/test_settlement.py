@@ -24,7 +24,15 @@ from issuer.client import Response, signed_headers
 from issuer.documents import MAX_PART_BYTES
 from issuer.workdays import Calendar
 from tests.conftest import Keyspace, Service, start_service, stop_service
-from tests.money import GB_CODE, issue, ledger, new_campaign, payment, redeem, refund
+from tests.money import (
+    GB_CODE,
+    assert_report_agrees,
+    issue,
+    new_campaign,
+    payment,
+    redeem,
+    refund,
+)
 from tests.people import id_number
 
 MERCHANT = "demo-merchant"  # the merchant of the development merchant key
@@ -71,20 +79,6 @@ def papers(
         "gb_codes": [GB_CODE],
     }
     return body_of(parts, meta)
-
-
-async def report_total(service: Service, campaign_id: str) -> dict[str, Any]:
-    resp = await service.call("GET", f"/v1/campaigns/{campaign_id}/report?by=total")
-    assert resp.status == 200, resp.body
-    row: dict[str, Any] = resp.body["rows"][0]
-    return row
-
-
-async def assert_report_agrees(service: Service, campaign_id: str) -> dict[str, int]:
-    """The report (from PostgreSQL) says what the ledger (Redis) says."""
-    await service.drained()
-    led = await ledger(service, campaign_id)
-    return led
 
 
 def checks_of(resp: Response) -> dict[str, bool]:
