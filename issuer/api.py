@@ -8,6 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from importlib.resources import files
 from typing import Any
 
 import asyncpg
@@ -16,14 +17,16 @@ from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from issuer import documents, keys, merchants, metrics, registrations, reports, vouchers
+from issuer import documents, gauges, keys, merchants, metrics, registrations, reports, vouchers
 from issuer.auth import ApiKey, Role, Verified, require_role, verify
 from issuer.campaigns import Campaigns
 from issuer.claims import Claims
 from issuer.config import Settings
 from issuer.errors import ApiError, GateRefusal
+from issuer.ids import campaign_prefix
 from issuer.model import (
     CampaignDef,
+    CampaignLive,
     CampaignOut,
     ClaimIn,
     DecisionIn,
@@ -33,6 +36,7 @@ from issuer.model import (
     Id,
     MerchantDef,
     MerchantOut,
+    OpsOverview,
     PaidIn,
     RedemptionIn,
     RedemptionOut,
@@ -251,7 +255,7 @@ def _count(metric: Any, campaign_id: str, code: str) -> None:
 
 async def redeem(ctx: Ctx, request: web.Request, body: RedemptionIn) -> web.Response:
     verified: Verified = request["verified"]
-    campaign_id = body.voucher_id.rpartition(".")[0] or "-"
+    campaign_id = campaign_prefix(body.voucher_id) or "-"
     try:
         out, replay = await ctx.redemptions.redeem(body, verified.key.id, time.time())
     except ApiError as err:
@@ -259,10 +263,6 @@ async def redeem(ctx: Ctx, request: web.Request, body: RedemptionIn) -> web.Resp
             _count(metrics.REDEMPTIONS, campaign_id, err.code)
         raise
     _count(metrics.REDEMPTIONS, campaign_id, "REPLAY" if replay else "OK")
-    log.info(
-        "redeemed",
-        extra={"campaign": campaign_id, "redemption": out.redemption_id, "replay": replay},
-    )
     return reply(out, 201, replay=replay)
 
 
@@ -277,7 +277,7 @@ async def get_redemption(ctx: Ctx, request: web.Request, _: None) -> web.Respons
 async def refund(ctx: Ctx, request: web.Request, body: RefundIn) -> web.Response:
     verified: Verified = request["verified"]
     redemption_id = request.match_info["redemption_id"]
-    campaign_id = redemption_id.rpartition(".")[0] or "-"
+    campaign_id = campaign_prefix(redemption_id) or "-"
     try:
         out, replay = await ctx.redemptions.refund(
             redemption_id, body, verified.key.id, time.time()
@@ -334,6 +334,24 @@ async def disburse(ctx: Ctx, request: web.Request, body: DisbursementIn) -> web.
 async def disbursement_paid(ctx: Ctx, request: web.Request, body: PaidIn) -> web.Response:
     disbursement_id = path_id(request, "disbursement_id")
     return stored_reply(await ctx.settlement.paid(disbursement_id, body, request["verified"].key))
+
+
+async def ops_overview(ctx: Ctx, request: web.Request, _: None) -> web.Response:
+    """Every campaign's live ledger, current round and claims by outcome (the /ops page)."""
+    counts = metrics.claim_counts()
+    states = await gauges.campaigns(ctx.redis, ctx.campaigns)
+    live = [
+        CampaignLive(
+            campaign_id=c.campaign_id,
+            name=c.definition.name,
+            status=c.status,
+            ledger=c.ledger,
+            current_round=c.current_round,
+            claims=counts.get(c.campaign_id, {}),
+        )
+        for c in states
+    ]
+    return reply(OpsOverview(generated_at=now(), campaigns=live))
 
 
 def _pool(ctx: Ctx) -> asyncpg.Pool:
@@ -581,6 +599,15 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "GET",
+        "/v1/ops/overview",
+        ops_overview,
+        ("ops",),
+        "Every campaign's live ledger, current round and claims by outcome (the /ops page)",
+        None,
+        OpsOverview,
+    ),
+    Route(
+        "GET",
         "/v1/vouchers/{voucher_id}",
         get_voucher,
         ("app", "payment", "ops", "auditor"),
@@ -621,6 +648,8 @@ def endpoint(ctx: Ctx, route: Route) -> Callable[[web.Request], Awaitable[web.Re
                 raise ApiError("INVALID_REQUEST", str(exc)) from None
             except msgspec.DecodeError as exc:
                 raise ApiError("INVALID_REQUEST", f"malformed JSON: {exc}") from None
+            request["request_id"] = getattr(body, "request_id", None)
+            request["campaign"] = campaign_prefix(getattr(body, "voucher_id", ""))
         return await route.handler(ctx, request, body)
 
     handle.__name__ = route.handler.__name__
@@ -628,6 +657,46 @@ def endpoint(ctx: Ctx, route: Route) -> Callable[[web.Request], Awaitable[web.Re
 
 
 # ------------------------------------------------------------------ middlewares
+
+
+def as_api_error(request: web.Request, exc: Exception) -> ApiError:
+    """The contract's error for any exception a handler raised."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return ApiError("INVALID_REQUEST", f"body over {MAX_BODY} bytes")
+    if isinstance(exc, web.HTTPNotFound):
+        return ApiError("NOT_FOUND", f"no route {request.path}")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return ApiError("INVALID_REQUEST", f"method {request.method} not allowed here")
+    if isinstance(exc, RedisError | OSError):
+        log.warning("redis unavailable: %r", exc)
+        return ApiError("UNAVAILABLE", "the gate is unreachable")
+    if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
+        log.warning("postgres unavailable: %r", exc)
+        return ApiError("UNAVAILABLE", "the record is unreachable")
+    log.exception("unexpected error", extra={"route": request.match_info.route.name})
+    return ApiError("INTERNAL")
+
+
+def request_fields(
+    request: web.Request, status: int, code: str, elapsed_s: float
+) -> dict[str, object]:
+    """One request's log line: who, what, outcome, latency; never a body (it holds PII)."""
+    verified: Verified | None = request.get("verified")
+    ids = request.match_info
+    subject = ids.get("voucher_id") or ids.get("redemption_id") or ids.get("refund_id") or ""
+    return {
+        "route": request.match_info.route.name,
+        "method": request.method,
+        "status": status,
+        "code": code,
+        "request_id": request.get("request_id"),
+        "campaign": ids.get("campaign_id") or request.get("campaign") or campaign_prefix(subject),
+        "key": verified.key.id if verified else None,
+        "trace": request.headers.get("X-Request-Id"),
+        "latency_ms": round(elapsed_s * 1000, 3),
+    }
 
 
 def middlewares(ctx: Ctx) -> list[Any]:
@@ -638,24 +707,23 @@ def middlewares(ctx: Ctx) -> list[Any]:
         started = time.perf_counter()
         route = request.match_info.route.resource
         name = route.canonical if route is not None else "unmatched"
+        code = "OK"
         try:
             response = await handler(request)
-        except ApiError as err:
+        except Exception as exc:  # every failure answers in the contract's error format
+            err = as_api_error(request, exc)
+            code = err.code
             response = error_response(err)
-        except web.HTTPRequestEntityTooLarge:
-            response = error_response(ApiError("INVALID_REQUEST", f"body over {MAX_BODY} bytes"))
-        except web.HTTPNotFound:
-            response = error_response(ApiError("NOT_FOUND", f"no route {request.path}"))
-        except web.HTTPMethodNotAllowed:
-            response = error_response(
-                ApiError("INVALID_REQUEST", f"method {request.method} not allowed here")
-            )
-            response.set_status(405)
-        except (RedisError, OSError) as exc:
-            log.warning("redis unavailable: %s", exc)
-            response = error_response(ApiError("UNAVAILABLE", "the gate is unreachable"))
+            if isinstance(exc, web.HTTPMethodNotAllowed):
+                response.set_status(405)
         metrics.child(metrics.REQUESTS, name, str(response.status)).inc()
-        metrics.child(metrics.LATENCY, name).observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        metrics.child(metrics.LATENCY, name).observe(elapsed)
+        level = logging.INFO if request.method != "GET" else logging.DEBUG
+        if log.isEnabledFor(level):
+            if code == "OK" and response.headers.get("Idempotent-Replay"):
+                code = "REPLAY"
+            log.log(level, "request", extra=request_fields(request, response.status, code, elapsed))
         return response
 
     @web.middleware
@@ -715,7 +783,9 @@ def ops_routes(ctx: Ctx, ready: Callable[[], Awaitable[dict[str, Any]]]) -> list
         return web.json_response(checks, status=200 if ok else 503)
 
     async def metrics_page(request: web.Request) -> web.Response:
-        body, content_type = metrics.exposition()
+        health = await ready()
+        states = await gauges.campaigns(ctx.redis, ctx.campaigns) if health.get("redis_ok") else []
+        body, content_type = metrics.exposition(gauges.families(states, health))
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     spec = ENCODER.encode(openapi.document(ROUTES))
@@ -726,12 +796,19 @@ def ops_routes(ctx: Ctx, ready: Callable[[], Awaitable[dict[str, Any]]]) -> list
     async def docs(request: web.Request) -> web.Response:
         return web.Response(text=openapi.DOCS_PAGE, content_type="text/html")
 
+    ops_html = files("issuer.data").joinpath("ops.html").read_text()
+
+    async def ops_page(request: web.Request) -> web.Response:
+        """The live ops page; it signs its calls with an ops key entered in its login form."""
+        return web.Response(text=ops_html, content_type="text/html")
+
     return [
         web.get("/healthz", healthz),
         web.get("/readyz", readyz),
         web.get("/metrics", metrics_page),
         web.get("/openapi.json", openapi_json),
         web.get("/docs", docs),
+        web.get("/ops", ops_page),
     ]
 
 

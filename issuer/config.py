@@ -1,9 +1,11 @@
-"""Settings, read once from the environment and validated at start."""
+"""Settings, read once at start from an optional TOML file (`ISSUER_CONFIG`) and the
+environment (which wins), and validated with clear errors."""
 
 from __future__ import annotations
 
 import os
 import secrets
+import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -27,7 +29,10 @@ ENV = {
     "ISSUER_FLUSH_BATCH": "flush_batch",
     "ISSUER_READY_MAX_LAG": "ready_max_lag",
     "ISSUER_EMBEDDED_PG_FAST": "embedded_pg_fast",
+    "ISSUER_SHUTDOWN_GRACE_S": "shutdown_grace_s",
+    "ISSUER_RUN_FLUSHER": "run_flusher",
 }
+CONFIG_FILE = "ISSUER_CONFIG"  # a TOML file of Settings fields (`workers = 4`)
 
 
 class Settings(msgspec.Struct, kw_only=True, frozen=True):
@@ -46,19 +51,31 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     flush_batch: Annotated[int, Meta(ge=1, le=50000)] = 2000  # stream entries per PG write
     ready_max_lag: Annotated[int, Meta(ge=0)] = 100_000  # unflushed entries before not ready
     embedded_pg_fast: bool = False  # tests: fsync off for the embedded PostgreSQL
+    # on SIGTERM, seconds a worker keeps serving while /readyz already fails
+    shutdown_grace_s: Annotated[float, Meta(ge=0, le=300)] = 1.0
+    run_flusher: bool = True  # false where the flusher runs as its own deployment
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> Settings:
-        """Settings from environment variables (empty ones ignored), then overrides."""
+        """Settings from the `ISSUER_CONFIG` file, then environment variables (empty ones
+        ignored), then overrides; SystemExit naming the bad value otherwise."""
         source = os.environ if env is None else env
-        values: dict[str, object] = {
-            field: source[var] for var, field in ENV.items() if source.get(var)
-        }
+        values = _config_file(source.get(CONFIG_FILE))
+        values.update({field: source[var] for var, field in ENV.items() if source.get(var)})
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return msgspec.convert(values, cls, strict=False, dec_hook=_to_path)
         except msgspec.ValidationError as exc:
             raise SystemExit(f"configuration error: {exc}") from None
+
+    def to_env(self) -> dict[str, str]:
+        """The environment variables that give these settings to a child process."""
+        out = {}
+        for var, field in ENV.items():
+            value = getattr(self, field)
+            if value is not None:
+                out[var] = str(value).lower() if isinstance(value, bool) else str(value)
+        return out
 
     @property
     def keys_path(self) -> Path:
@@ -81,6 +98,20 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
         return path.read_text().strip().encode()
+
+
+def _config_file(path: str | None) -> dict[str, object]:
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SystemExit(f"configuration file {path}: {exc}") from None
+    unknown = sorted(set(values) - set(Settings.__struct_fields__))
+    if unknown:
+        raise SystemExit(f"configuration file {path}: unknown setting(s) {', '.join(unknown)}")
+    return values
 
 
 def _to_path(kind: type, value: object) -> Path:

@@ -81,6 +81,9 @@ class EmbeddedServer:
             time.sleep(0.05)
         log.info("%s up: pid %d, %s, data in %s", self.name, self.pid, self.url, self.data_dir)
 
+    def running(self) -> bool:
+        return self._proc.poll() is None
+
     def stop(self, timeout: float = 10) -> None:
         """Shut the server down cleanly, or SIGKILL it if it takes more than `timeout` seconds."""
         if self._proc.poll() is None:

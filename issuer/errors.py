@@ -58,6 +58,7 @@ ERRORS: dict[str, tuple[int, str, bool]] = {
     "RATE_LIMITED": (429, "请求过于频繁 / too many requests", True),
     "OVERLOADED": (503, "系统繁忙 / overloaded, retry later", True),
     "UNAVAILABLE": (503, "服务暂不可用 / service unavailable", True),
+    "INTERNAL": (500, "服务内部错误 / internal error, logged", True),
 }
 
 

@@ -138,7 +138,9 @@ class Flusher:
             if entries:
                 await self.redis.xack(stream, keys.FLUSH_GROUP, *[e[0] for e in entries])
                 await self._trim(stream)
-        metrics.FLUSHED.inc(len(cols[0]))
+        if cols[0]:
+            metrics.FLUSHED.inc(len(cols[0]))
+            metrics.FLUSH_BATCH_SIZE.observe(len(cols[0]))
         return len(cols[0])
 
     async def _trim(self, stream: str) -> None:

@@ -12,6 +12,11 @@ def new_id(campaign_id: str) -> str:
     return f"{campaign_id}.{os.urandom(10).hex()}"
 
 
+def campaign_prefix(entity_id: str) -> str | None:
+    """The campaign id an id starts with, or None (for logs and metrics labels)."""
+    return entity_id.rpartition(".")[0] or None
+
+
 def campaign_of(entity_id: str, what: str = "voucher") -> str:
     """The campaign id inside an id; NOT_FOUND naming `what` if it holds none."""
     campaign_id, dot, token = entity_id.rpartition(".")

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -16,6 +18,8 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
 
 REQUESTS = Counter(
     "issuer_requests_total", "HTTP requests by route and status", ["route", "status"]
@@ -47,11 +51,25 @@ SCRIPT_SECONDS = Histogram(
 )
 FLUSHED = Counter("issuer_flusher_entries_total", "Stream entries written to PostgreSQL")
 FLUSH_LAG = Gauge(
-    "issuer_flusher_lag_entries", "Stream entries not yet in PostgreSQL", multiprocess_mode="max"
+    "issuer_flusher_lag_entries",
+    "Stream entries not yet in PostgreSQL",
+    multiprocess_mode="livemax",
 )
 FLUSH_LAG_SECONDS = Gauge(
-    "issuer_flusher_lag_seconds", "Age of the oldest unflushed entry", multiprocess_mode="max"
+    "issuer_flusher_lag_seconds", "Age of the oldest unflushed entry", multiprocess_mode="livemax"
 )
+FLUSH_BATCH_SIZE = Histogram(
+    "issuer_flusher_batch_size",
+    "Stream entries per PostgreSQL transaction",
+    buckets=(1, 10, 50, 100, 500, 1000, 2000, 5000, 20000),
+)
+EMBEDDED_UP = Gauge(
+    "issuer_embedded_server_up",
+    "1 while the embedded server the supervisor started is running",
+    ["server"],
+    multiprocess_mode="livemax",
+)
+WORKERS = Gauge("issuer_workers", "HTTP worker processes running", multiprocess_mode="livemax")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -60,10 +78,50 @@ def child(metric: Any, *labels: str) -> Any:
     return metric.labels(*labels)
 
 
-def exposition() -> tuple[bytes, str]:
-    """The text format of every metric, across worker processes when there are several."""
+class _Fixed(Collector):
+    """Families computed by the caller for one scrape."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self.families = list(families)
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
+
+
+def exposition(extra: Iterable[Metric] = ()) -> tuple[bytes, str]:
+    """The text format of every metric, across worker processes when there are several,
+    followed by `extra` (gauges read at scrape time)."""
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(), CONTENT_TYPE_LATEST
+        text = generate_latest(registry)
+    else:
+        text = generate_latest()
+    scraped = CollectorRegistry()
+    scraped.register(_Fixed(extra))
+    return text + generate_latest(scraped), CONTENT_TYPE_LATEST
+
+
+def claim_counts() -> dict[str, dict[str, int]]:
+    """Claims so far by campaign and outcome code, summed over every worker process."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    else:
+        registry = REGISTRY
+    counts: dict[str, dict[str, int]] = {}
+    for family in registry.collect():
+        if family.name != "issuer_claims":
+            continue
+        for sample in family.samples:
+            if sample.name == "issuer_claims_total":
+                by_code = counts.setdefault(sample.labels["campaign"], {})
+                code = sample.labels["code"]
+                by_code[code] = by_code.get(code, 0) + int(sample.value)
+    return counts
+
+
+def process_gone(pid: int) -> None:
+    """Drop a dead process's live gauges (multiprocess mode)."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

@@ -386,6 +386,22 @@ class CampaignOut(Struct, kw_only=True, omit_defaults=True):
     rounds_total: int = 0
 
 
+class CampaignLive(Struct, kw_only=True, omit_defaults=True):
+    """A campaign as the ops page shows it: money, the current round, claims by outcome."""
+
+    campaign_id: str
+    name: str
+    status: str
+    ledger: Ledger
+    current_round: RoundState | None = None
+    claims: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+class OpsOverview(Struct, kw_only=True):
+    generated_at: datetime
+    campaigns: list[CampaignLive]
+
+
 class MerchantOut(Struct, kw_only=True):
     merchant_id: str
     name: str

@@ -7,12 +7,15 @@ script and retries, so callers never see a missing script.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from importlib.resources import files
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+
+from issuer import metrics
 
 NAMES = (
     "claim_batch",
@@ -49,7 +52,11 @@ class Scripts:
         }
 
     async def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        return await self._scripts[name](keys=list(keys), args=list(args))
+        started = time.perf_counter()
+        try:
+            return await self._scripts[name](keys=list(keys), args=list(args))
+        finally:
+            metrics.child(metrics.SCRIPT_SECONDS, name).observe(time.perf_counter() - started)
 
     async def load_all(self, redis: Redis) -> None:
         """Load every script (readiness: Redis answers a script, not just PING)."""

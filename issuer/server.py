@@ -14,19 +14,24 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
+import msgspec
 import uvloop
 from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
-from issuer import auth, expiry, flusher, keys, store
+from issuer import auth, expiry, flusher, keys, metrics, store
 from issuer.config import Settings
 
+if TYPE_CHECKING:
+    from issuer.embedded import EmbeddedServer
+
 log = logging.getLogger("issuer.server")
-WORKER_STOP_TIMEOUT_S = 15
+WORKER_STOP_TIMEOUT_S = 15  # in-flight requests, after the shutdown grace
+FLUSHER_STOP_TIMEOUT_S = 60  # draining the streams into PostgreSQL
 
 
 def redis_client(url: str, max_connections: int = 64) -> Redis:
@@ -125,6 +130,8 @@ async def worker_main(settings: Settings, port: int) -> None:
     log.info("worker up", extra={"pid": os.getpid(), "port": port})
     sweeping = asyncio.create_task(expiry.run(redis, scripts, stop))
     await stop.wait()
+    # not ready from now on; keep serving while load balancers notice, then stop accepting
+    await asyncio.sleep(settings.shutdown_grace_s)
     await runner.cleanup()
     await sweeping
     await redis.aclose()
@@ -140,11 +147,11 @@ def run_worker(settings: Settings, port: int) -> None:
 
 
 @contextlib.contextmanager
-def backing_servers(settings: Settings) -> Iterator[Settings]:
+def backing_servers(settings: Settings) -> Iterator[tuple[Settings, list[EmbeddedServer]]]:
     """Settings with real URLs: the given ones, or embedded servers started (and stopped)."""
     from issuer import embedded
 
-    started: list[embedded.EmbeddedServer] = []
+    started: list[EmbeddedServer] = []
     urls: dict[str, str] = {}
     try:
         if not settings.redis_url:
@@ -156,71 +163,69 @@ def backing_servers(settings: Settings) -> Iterator[Settings]:
             )
             started.append(embedded.start_postgres(settings.data_dir, settings=fast))
             urls["database_url"] = started[-1].url
-        yield Settings.from_env({}, **{**_as_dict(settings), **urls})
+        yield msgspec.structs.replace(settings, **urls), started
     finally:
         for server in reversed(started):
             server.stop()
-
-
-def _as_dict(settings: Settings) -> dict[str, object]:
-    return {f: getattr(settings, f) for f in settings.__struct_fields__}
+            metrics.EMBEDDED_UP.labels(server.name).set(0)
 
 
 def worker_env(settings: Settings, port: int) -> dict[str, str]:
+    """The environment of a child process: ours, with the settings as the supervisor
+    resolved them (URLs of embedded servers, the port actually bound)."""
     env = dict(os.environ)
-    values = {
-        "REDIS_URL": settings.redis_url,
-        "DATABASE_URL": settings.database_url,
-        "ISSUER_DATA_DIR": str(settings.data_dir),
-        "ISSUER_KEYS_FILE": str(settings.keys_path),
-        "ISSUER_HOST": settings.host,
-        "ISSUER_PORT": str(port),
-        "ISSUER_LOG_LEVEL": settings.log_level,
-        "ISSUER_BATCH_MAX": str(settings.batch_max),
-        "ISSUER_READY_MAX_LAG": str(settings.ready_max_lag),
-    }
-    if settings.person_key:
-        values["ISSUER_PERSON_KEY"] = settings.person_key
-    env.update({k: v for k, v in values.items() if v is not None})
+    env.update(settings.to_env())
+    env["ISSUER_PORT"] = str(port)
     return env
 
 
 class Supervisor:
-    """Keeps N workers running (a worker that dies is replaced) and runs the flusher."""
+    """Keeps N workers and one flusher running (a child that dies is replaced), watches the
+    embedded servers, and on SIGTERM stops workers first, then lets the flusher drain."""
 
-    def __init__(self, settings: Settings, port: int) -> None:
+    def __init__(self, settings: Settings, port: int, servers: list[EmbeddedServer]) -> None:
         self.settings = settings
         self.port = port
+        self.servers = servers
         self.workers: list[subprocess.Popen[bytes]] = []
+        self.flusher: subprocess.Popen[bytes] | None = None
         self.stopping = False
 
-    def spawn(self) -> subprocess.Popen[bytes]:
-        cmd = [sys.executable, "-m", "issuer.cli", "worker"]
+    def spawn(self, command: str) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", "issuer.cli", command]
         return subprocess.Popen(cmd, env=worker_env(self.settings, self.port))
+
+    def replace_dead(self) -> None:
+        for i, proc in enumerate(self.workers):
+            if proc.poll() is not None and not self.stopping:
+                log.warning(
+                    "worker died, replacing it", extra={"pid": proc.pid, "code": proc.returncode}
+                )
+                metrics.process_gone(proc.pid)
+                self.workers[i] = self.spawn("worker")
+        if self.flusher is not None and self.flusher.poll() is not None and not self.stopping:
+            log.warning(
+                "flusher died, replacing it",
+                extra={"pid": self.flusher.pid, "code": self.flusher.returncode},
+            )
+            metrics.process_gone(self.flusher.pid)
+            self.flusher = self.spawn("flush")
 
     async def watch(self) -> None:
         while not self.stopping:
-            for i, proc in enumerate(self.workers):
-                if proc.poll() is not None and not self.stopping:
-                    log.warning(
-                        "worker died, replacing it",
-                        extra={"pid": proc.pid, "code": proc.returncode},
-                    )
-                    self.workers[i] = self.spawn()
+            self.replace_dead()
+            metrics.WORKERS.set(sum(p.poll() is None for p in self.workers))
+            for server in self.servers:
+                metrics.EMBEDDED_UP.labels(server.name).set(1 if server.running() else 0)
             await asyncio.sleep(0.2)
 
     def terminate(self) -> None:
+        """Workers first (they turn unready, finish in-flight requests and exit), then the
+        flusher, which drains the streams into PostgreSQL before it exits."""
         self.stopping = True
-        for proc in self.workers:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + WORKER_STOP_TIMEOUT_S
-        for proc in self.workers:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _stop_all(self.workers, self.settings.shutdown_grace_s + WORKER_STOP_TIMEOUT_S)
+        if self.flusher is not None:
+            _stop_all([self.flusher], FLUSHER_STOP_TIMEOUT_S)
 
     async def run(self, load: list[Path], on_ready: str | None) -> None:
         stop = asyncio.Event()
@@ -231,11 +236,13 @@ class Supervisor:
         redis = redis_client(self.settings.redis_url)
         pool = await store.connect(self.settings.database_url)
         await store.migrate(pool)
+        await pool.close()
         await load_campaign_files(redis, load)
-        self.workers = [self.spawn() for _ in range(self.settings.workers)]
+        await redis.aclose()
+        if self.settings.run_flusher:
+            self.flusher = self.spawn("flush")
+        self.workers = [self.spawn("worker") for _ in range(self.settings.workers)]
         watcher = asyncio.create_task(self.watch())
-        flush = flusher.Flusher(redis, pool, batch=self.settings.flush_batch)
-        flushing = asyncio.create_task(flush.run(stop))
         await wait_ready(self.settings.host, self.port, stop)
         if on_ready and not stop.is_set():
             print(on_ready, flush=True)
@@ -243,9 +250,21 @@ class Supervisor:
         log.info("stopping: workers first, then the flusher drains")
         await asyncio.to_thread(self.terminate)
         watcher.cancel()
-        await flushing
-        await redis.aclose()
-        await pool.close()
+
+
+def _stop_all(procs: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
+    """SIGTERM each process, wait for all up to `timeout_s`, then SIGKILL stragglers."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("child did not stop in time, killing it", extra={"pid": proc.pid})
+            proc.kill()
+            proc.wait()
 
 
 async def wait_ready(host: str, port: int, stop: asyncio.Event, within_s: float = 60) -> None:
@@ -299,5 +318,5 @@ def serve(settings: Settings, load: list[Path]) -> None:
         f"  keys file: {settings.keys_path}\n"
         f"  try:       .venv/bin/issuer call GET /v1/campaigns/demo --url http://{host}:{port}"
     )
-    with reserved, backing_servers(settings) as live:
-        uvloop.run(Supervisor(live, port).run(load, banner))
+    with reserved, backing_servers(settings) as (live, servers):
+        uvloop.run(Supervisor(live, port, servers).run(load, banner))

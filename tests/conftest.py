@@ -149,6 +149,7 @@ def start_service(
         "ISSUER_DATA_DIR": str(data_dir),
         "ISSUER_PERSON_KEY": "test-person-key",
         "ISSUER_LOG_LEVEL": "WARNING",
+        "ISSUER_SHUTDOWN_GRACE_S": "0",
         **(extra_env or {}),
     }
     proc = subprocess.Popen(

@@ -1,0 +1,329 @@
+"""Operating the service: settings from a TOML file and the environment, Prometheus gauges
+read from Redis, structured logs without personal data, a graceful stop in order
+(unready, in-flight answered, streams flushed, embedded servers stopped) and children
+that die replaced."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import msgspec
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from issuer.auth import load_keys
+from issuer.client import Client
+from issuer.config import Settings
+from tests.conftest import ROOT, Service
+from tests.money import issue, new_campaign
+from tests.people import campaign, claim, id_number
+
+RESERVE = 200_000  # the default reserve: the cap
+
+
+# ------------------------------------------------------------------ settings
+
+
+def test_settings_from_a_file_and_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "issuer.toml"
+    path.write_text('workers = 2\nport = 9001\nlog_level = "DEBUG"\nshutdown_grace_s = 5\n')
+    settings = Settings.from_env({"ISSUER_CONFIG": str(path), "ISSUER_WORKERS": "3"})
+    assert (settings.workers, settings.port, settings.log_level) == (3, 9001, "DEBUG")
+    assert settings.shutdown_grace_s == 5.0
+    child = Settings.from_env(settings.to_env())  # what a worker process reads back
+    assert child == settings
+
+    path.write_text("workerz = 2\n")
+    with pytest.raises(SystemExit, match=r"unknown setting.*workerz"):
+        Settings.from_env({"ISSUER_CONFIG": str(path)})
+    path.write_text("workers = [\n")
+    with pytest.raises(SystemExit, match=f"configuration file {path}"):
+        Settings.from_env({"ISSUER_CONFIG": str(path)})
+    with pytest.raises(SystemExit, match="workers"):
+        Settings.from_env({"ISSUER_WORKERS": "0"})
+    with pytest.raises(SystemExit, match=r"[Nn]o such file"):
+        Settings.from_env({"ISSUER_CONFIG": str(tmp_path / "missing.toml")})
+
+
+def test_serve_refuses_a_bad_setting_with_a_clear_message(tmp_path: Path) -> None:
+    env = {**os.environ, "ISSUER_DATA_DIR": str(tmp_path), "ISSUER_LOG_LEVEL": "LOUD"}
+    done = subprocess.run(
+        [sys.executable, "-m", "issuer.cli", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert done.returncode != 0
+    assert "configuration error" in done.stderr and "log_level" in done.stderr
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def scrape(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+async def test_metrics_read_the_ledger_and_rounds_from_redis(service: Service) -> None:
+    campaign_id = await new_campaign(service, quota=5, round_budget_fen=10 * RESERVE)
+    for n in range(2):
+        await issue(service, campaign_id, 70_000 + n)
+    pause = {"request_id": f"pause-{campaign_id}", "reason": "演练 drill"}
+    assert (await service.call("POST", f"/v1/campaigns/{campaign_id}/pause", pause)).status == 200
+    await service.drained()
+    async with service.session.get(service.url + "/metrics") as resp:
+        assert resp.status == 200
+        samples = scrape(await resp.text())
+    ledger = {
+        account: value(samples, "issuer_campaign_ledger_fen", campaign=campaign_id, account=account)
+        for account in ("budget", "available", "reserved", "spent", "clawback_due")
+    }
+    assert ledger["reserved"] == 2 * RESERVE
+    assert ledger["available"] == ledger["budget"] - 2 * RESERVE
+    assert value(samples, "issuer_campaign_paused", campaign=campaign_id) == 1
+    assert value(samples, "issuer_round_issued", campaign=campaign_id, round="r1") == 2
+    assert value(samples, "issuer_round_quota", campaign=campaign_id, round="r1") == 5
+    round_fen = {
+        a: value(samples, "issuer_round_fen", campaign=campaign_id, round="r1", account=a)
+        for a in ("budget", "reserved", "spent")
+    }
+    assert round_fen == {"budget": 10 * RESERVE, "reserved": 2 * RESERVE, "spent": 0}
+    # counted in whichever worker answered, summed over the processes
+    assert value(samples, "issuer_claims_total", campaign=campaign_id, code="OK") == 2
+    assert value(samples, "issuer_backend_up", backend="redis") == 1
+    assert value(samples, "issuer_backend_up", backend="postgres") == 1
+    assert value(samples, "issuer_redis_script_seconds_count", script="claim_batch") >= 1
+    assert value(samples, "issuer_redis_script_seconds_count", script="set_status") >= 1
+    assert ("issuer_flusher_lag_entries", frozenset()) in samples
+    assert value(samples, "issuer_workers") == 2
+    assert value(samples, "issuer_flusher_entries_total") > 0
+
+    overview = await service.call("GET", "/v1/ops/overview")
+    assert overview.status == 200
+    (mine,) = [c for c in overview.body["campaigns"] if c["campaign_id"] == campaign_id]
+    assert mine["status"] == "paused" and mine["claims"] == {"OK": 2}
+    assert mine["current_round"]["issued"] == 2
+    assert (await service.call("GET", "/v1/ops/overview", role="app")).status == 403
+
+
+# ------------------------------------------------------------------ lifecycle
+
+
+class Running:
+    """`issuer serve` on its own embedded servers, its stderr (JSON logs) in a file."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str]) -> None:
+        self.log_path = data_dir / "serve.log"
+        self.log = self.log_path.open("w")
+        full_env = {
+            **{k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")},
+            "ISSUER_DATA_DIR": str(data_dir),
+            "ISSUER_EMBEDDED_PG_FAST": "true",
+            "ISSUER_PERSON_KEY": "test-person-key",
+            **env,
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "issuer.cli", "serve", "--port", "0", "--workers", "2"],
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            cwd=ROOT,
+        )
+        assert self.proc.stdout is not None
+        banner = self.proc.stdout.readline()
+        match = re.search(r"(http://\S+)", banner)
+        assert match, (banner, self.log_path.read_text()[-2000:])
+        self.url = match.group(1)
+        self.keys = load_keys(data_dir / "keys.toml")
+
+    def lines(self) -> list[dict[str, Any]]:
+        self.log.flush()
+        return [msgspec.json.decode(line) for line in self.log_path.read_text().splitlines()]
+
+    def embedded_pids(self) -> dict[str, int]:
+        found = {}
+        for line in self.lines():
+            match = re.match(r"(valkey|postgres) up: pid (\d+)", line["msg"])
+            if match:
+                found[match.group(1)] = int(match.group(2))
+        return found
+
+    def children(self) -> dict[int, str]:
+        """Direct children of the supervisor: pid -> command line."""
+        task = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        found = {}
+        for pid in map(int, task.read_text().split()):
+            try:
+                found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except FileNotFoundError:
+                continue
+        return found
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        self.log.close()
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    # not tmp_path: the unprivileged postgres user must be able to enter it
+    with tempfile.TemporaryDirectory(prefix="issuer-ops-") as d:
+        os.chmod(d, 0o755)
+        yield Path(d)
+
+
+@pytest.fixture
+async def running(data_dir: Path) -> AsyncIterator[Running]:
+    serve = await asyncio.to_thread(
+        Running, data_dir, {"ISSUER_SHUTDOWN_GRACE_S": "1.5", "ISSUER_LOG_LEVEL": "INFO"}
+    )
+    try:
+        yield serve
+    finally:
+        serve.stop()
+
+
+def assert_gone(pid: int) -> None:
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+async def test_sigterm_stops_in_order_and_loses_nothing(running: Running) -> None:
+    keys = running.keys
+    async with aiohttp.ClientSession() as session:
+        ops = Client(running.url, next(k for k in keys.values() if k.role == "ops"), session)
+        app = Client(running.url, next(k for k in keys.values() if k.role == "app"), session)
+        campaign_id = "graceful"
+        resp = await ops.call("PUT", f"/v1/campaigns/{campaign_id}", campaign(quota=None))
+        assert resp.status == 201, resp.body
+        path = f"/v1/campaigns/{campaign_id}/claims"
+
+        async def claims(first: int, count: int) -> list[int]:
+            out = []
+            for n in range(first, first + count):
+                try:
+                    out.append((await app.call("POST", path, claim(71_000 + n))).status)
+                except aiohttp.ClientError:
+                    out.append(0)  # refused connection once the workers stopped accepting
+            return out
+
+        load = [asyncio.create_task(claims(c * 1000, 400)) for c in range(8)]
+        await asyncio.sleep(0.5)
+        pids = running.embedded_pids()
+        assert set(pids) == {"valkey", "postgres"}
+        running.proc.send_signal(signal.SIGTERM)
+        # readiness fails first, while requests are still answered
+        async with asyncio.timeout(1.5):
+            while True:
+                async with session.get(running.url + "/readyz") as ready:
+                    if ready.status == 503:
+                        assert (await ready.json())["serving_ok"] is False
+                        break
+                await asyncio.sleep(0.05)
+        statuses = [s for done in await asyncio.gather(*load) for s in done]
+    code = await asyncio.to_thread(running.proc.wait, 60)
+    assert code == 0
+    for pid in pids.values():
+        assert_gone(pid)
+    issued = statuses.count(201)
+    assert issued > 0
+    assert set(statuses) <= {201, 0}, {s for s in statuses if s not in (201, 0)}
+
+    lines = running.lines()
+    messages = [line["msg"] for line in lines]
+    assert "stopping: workers first, then the flusher drains" in messages
+    assert messages.count("worker stopped") == 2
+    requests = [line for line in lines if line["msg"] == "request"]
+    # a response can be lost with its connection at the very end: the client then sees an
+    # error for a voucher that exists (and is recorded), never a success that is not
+    answered = sum(1 for r in requests if r["status"] == 201 and r["route"] == "claim")
+    assert issued <= answered <= issued + 8
+    for r in requests[:5]:
+        assert {"route", "status", "code", "request_id", "campaign", "latency_ms"} <= set(r)
+    # the log never holds an ID number in clear
+    text = running.log_path.read_text()
+    assert not any(id_number(71_000 + n) in text for n in range(0, 8000, 7))
+
+    # the stream was drained into PostgreSQL before the servers stopped: start them again
+    # (no service) and count
+    from issuer import embedded
+
+    with (
+        embedded.start_postgres(running.log_path.parent) as pg,
+        embedded.start_redis(running.log_path.parent) as _,
+    ):
+        conn = await asyncpg.connect(pg.url)
+        try:
+            recorded = await conn.fetchval(
+                "SELECT count(*) FROM vouchers WHERE campaign_id = $1", campaign_id
+            )
+        finally:
+            await conn.close()
+    assert recorded == answered
+
+
+async def test_a_killed_worker_or_flusher_is_replaced(running: Running) -> None:
+    children = running.children()
+    flusher = [pid for pid, cmd in children.items() if cmd.endswith(" flush ")]
+    workers = [pid for pid, cmd in children.items() if cmd.endswith(" worker ")]
+    assert len(flusher) == 1 and len(workers) == 2, children
+    os.kill(workers[0], signal.SIGKILL)
+    os.kill(flusher[0], signal.SIGKILL)
+    async with asyncio.timeout(20):
+        while True:
+            now = running.children()
+            if (
+                len([c for c in now.values() if c.endswith(" worker ")]) == 2
+                and len([c for c in now.values() if c.endswith(" flush ")]) == 1
+                and workers[0] not in now
+                and flusher[0] not in now
+            ):
+                break
+            await asyncio.sleep(0.2)
+    keys = running.keys
+    async with aiohttp.ClientSession() as session:
+        ops = Client(running.url, next(k for k in keys.values() if k.role == "ops"), session)
+        app = Client(running.url, next(k for k in keys.values() if k.role == "app"), session)
+        resp = await ops.call("PUT", "/v1/campaigns/replaced", campaign())
+        assert resp.status == 201
+        for n in range(20):
+            got = await app.call("POST", "/v1/campaigns/replaced/claims", claim(72_000 + n))
+            assert got.status == 201, got.body
+        async with asyncio.timeout(20):  # the new flusher catches up
+            while True:
+                async with session.get(running.url + "/readyz") as ready:
+                    if (await ready.json()).get("flusher_lag_entries") == 0:
+                        break
+                await asyncio.sleep(0.1)
+    logged = [line for line in running.lines() if "died, replacing it" in line["msg"]]
+    assert {line["msg"] for line in logged} == {
+        "worker died, replacing it",
+        "flusher died, replacing it",
+    }
+    assert running.proc.poll() is None  # the supervisor kept running throughout
