@@ -183,12 +183,15 @@ class Claims:
         campaigns: Campaigns,
         person_key: bytes,
         batch_max: int,
+        queue_max: int,
     ) -> None:
         self.redis = redis
         self.scripts = scripts
         self.campaigns = campaigns
         self.person_key = person_key
         self.batch_max = batch_max
+        self.queue_max = queue_max  # claims waiting for (or in) a script call, this worker
+        self.waiting = 0
         self._batchers: dict[tuple[str, str, str], Batcher] = {}
         self._nonces = NonceSpender(scripts, batch_max)
 
@@ -243,7 +246,14 @@ class Claims:
             ),
             nonce_key=cached.keys.nonces(verified.timestamp),
         )
-        code, payload = await self._batcher(cached, rnd).submit(pending)
+        if self.waiting >= self.queue_max:
+            # shed: a fast 503 now beats an answer after the queue has grown without limit
+            raise ApiError("OVERLOADED", f"{self.waiting} claims queued", retry_after=1)
+        self.waiting += 1
+        try:
+            code, payload = await self._batcher(cached, rnd).submit(pending)
+        finally:
+            self.waiting -= 1
         if code in ("OK", "REPLAY"):
             return voucher_out(
                 RECORD.decode(payload), definition.timezone, "issued"

@@ -87,7 +87,9 @@ async def worker_main(settings: Settings, port: int) -> None:
         pg=pg,
         scripts=scripts,
         campaigns=campaigns,
-        claims=Claims(redis, scripts, campaigns, person_key, settings.batch_max),
+        claims=Claims(
+            redis, scripts, campaigns, person_key, settings.batch_max, settings.claim_queue_max
+        ),
         redemptions=redemptions,
         settlement=Settlement(
             pg,

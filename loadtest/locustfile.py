@@ -57,6 +57,7 @@ PERSONS_PER_PROCESS = 1_000_000
 SOLD_OUT = {"ROUND_QUOTA_EXHAUSTED", "ROUND_BUDGET_EXHAUSTED", "BUDGET_EXHAUSTED"}
 CLAIM_ANSWERS = {"ISSUED", "REPLAY", "ALREADY_CLAIMED", "NOT_OPEN", *SOLD_OUT}
 RETRIES = 3
+SHED_RETRIES = 30  # OVERLOADED answers an app waits out before giving up
 REFUND_SHARE = 0.2  # of the payments in the mixed scenario
 GB_CODE = "6901234567892"  # a valid 13-digit product code
 
@@ -225,13 +226,21 @@ class ClaimingUser(FastHttpUser):
     def claim_with_retries(
         self, campaign: str, body: dict[str, Any], name: str
     ) -> tuple[str, str | None]:
-        """A claim retried like an app would: same request_id after a timeout or a 5xx."""
-        for attempt in range(RETRIES):
-            code, voucher_id = self.send(campaign, body, name, CLAIM_ANSWERS)
-            if code in CLAIM_ANSWERS or attempt == RETRIES - 1:
+        """A claim retried like an app would: same request_id after a timeout or a 5xx, and
+        after `Retry-After` when the service sheds load (OVERLOADED is an expected answer)."""
+        failures = 0
+        for _ in range(RETRIES + SHED_RETRIES):
+            code, voucher_id = self.send(campaign, body, name, CLAIM_ANSWERS | {"OVERLOADED"})
+            if code == "OVERLOADED":
+                gevent.sleep(random.uniform(1.0, 2.0))  # Retry-After: 1, with jitter
+                continue
+            if code in CLAIM_ANSWERS:
                 return code, voucher_id
-            gevent.sleep(0.2 * 2**attempt)
-        raise AssertionError("unreachable")
+            failures += 1
+            if failures == RETRIES:
+                break
+            gevent.sleep(0.2 * 2**failures)
+        return code, voucher_id
 
 
 def claim_body(person: int, request_id: str, user: str, **extra: Any) -> dict[str, Any]:

@@ -1,0 +1,128 @@
+"""Faults and hostile load on real processes: shedding when the claim queue is full, and
+Redis going away and coming back mid-surge."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+
+from issuer import embedded
+from issuer.auth import load_keys
+from tests.conftest import Keyspace, Service, start_service, stop_service, unique_id
+from tests.money import ledger
+from tests.people import campaign, claim
+
+
+@pytest.fixture(scope="module")
+async def shedding(keyspace: Keyspace, workdir: Path) -> AsyncIterator[Service]:
+    """One worker that lets at most 20 claims wait for the gate."""
+    data_dir = workdir / f"data-{keyspace.name}-shedding"
+    env = {"ISSUER_CLAIM_QUEUE_MAX": "20"}
+    proc, url = await asyncio.to_thread(start_service, keyspace, data_dir, 1, env)
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1000))
+    try:
+        yield Service(proc, url, load_keys(data_dir / "keys.toml"), session)
+    finally:
+        await session.close()
+        await asyncio.to_thread(stop_service, proc)
+
+
+async def test_a_full_queue_sheds_with_retry_after_and_a_retry_succeeds(
+    shedding: Service,
+) -> None:
+    campaign_id = unique_id()
+    resp = await shedding.call("PUT", f"/v1/campaigns/{campaign_id}", campaign(quota=None))
+    assert resp.status == 201, resp.body
+    path = f"/v1/campaigns/{campaign_id}/claims"
+    bodies = [claim(80_000 + n) for n in range(600)]
+    first = await asyncio.gather(*(shedding.call("POST", path, b, "app") for b in bodies))
+    codes = Counter(r.status for r in first)
+    assert set(codes) == {201, 503} and codes[503] > 0, codes
+    for shed in (r for r in first if r.status == 503):
+        assert shed.body["error"]["code"] == "OVERLOADED"
+        assert shed.body["error"]["retryable"] is True
+        assert shed.headers["Retry-After"] == "1"
+    # shed claims changed nothing: retried (same request_id, new signature), they go through
+    waiting = [b for b, r in zip(bodies, first, strict=True) if r.status == 503]
+    async with asyncio.timeout(60):
+        while waiting:
+            again = await asyncio.gather(
+                *(shedding.call("POST", path, b, "app") for b in waiting[:15])
+            )
+            assert {r.status for r in again} <= {201, 503}
+            done = {id(b) for b, r in zip(waiting, again, strict=False) if r.status == 201}
+            waiting = [b for b in waiting if id(b) not in done]
+    state = await shedding.call("GET", f"/v1/campaigns/{campaign_id}")
+    assert state.body["current_round"]["issued"] == 600
+    await ledger(shedding, campaign_id)
+
+
+@pytest.fixture(scope="module")
+async def own_redis(
+    keyspace: Keyspace, workdir: Path
+) -> AsyncIterator[tuple[Service, embedded.EmbeddedServer]]:
+    """The service on a Valkey of its own (AOF on), which the tests stop and restart."""
+    server = await asyncio.to_thread(embedded.start_redis, workdir / f"redis-{keyspace.name}")
+    data_dir = workdir / f"data-{keyspace.name}-own-redis"
+    env = {"REDIS_URL": server.url}
+    proc, url = await asyncio.to_thread(start_service, keyspace, data_dir, 2, env)
+    session = aiohttp.ClientSession()
+    try:
+        yield Service(proc, url, load_keys(data_dir / "keys.toml"), session), server
+    finally:
+        await session.close()
+        await asyncio.to_thread(stop_service, proc)
+        server.stop()
+
+
+async def readiness(service: Service) -> int:
+    async with service.session.get(service.url + "/readyz") as resp:
+        return resp.status
+
+
+async def test_redis_down_answers_unavailable_and_issues_nothing_then_recovers(
+    own_redis: tuple[Service, embedded.EmbeddedServer], pg: asyncpg.Pool
+) -> None:
+    service, server = own_redis
+    campaign_id = unique_id()
+    resp = await service.call("PUT", f"/v1/campaigns/{campaign_id}", campaign(quota=None))
+    assert resp.status == 201, resp.body
+    path = f"/v1/campaigns/{campaign_id}/claims"
+    before = await asyncio.gather(
+        *(service.call("POST", path, claim(81_000 + n), "app") for n in range(100))
+    )
+    assert {r.status for r in before} == {201}
+    await asyncio.to_thread(server.stop)  # a clean stop: the AOF has every write
+    down = await asyncio.gather(
+        *(service.call("POST", path, claim(81_100 + n), "app") for n in range(50))
+    )
+    assert {r.status for r in down} == {503}
+    assert {r.body["error"]["code"] for r in down} == {"UNAVAILABLE"}
+    assert await readiness(service) == 503
+    await asyncio.to_thread(server.restart)  # same port, same data; no scripts loaded
+    async with asyncio.timeout(30):
+        while True:
+            if await readiness(service) == 200:
+                break
+            await asyncio.sleep(0.2)
+    # the claims refused while Redis was down were never issued: retried, they are now
+    after = await asyncio.gather(
+        *(service.call("POST", path, claim(81_100 + n), "app") for n in range(50))
+    )
+    assert {r.status for r in after} == {201}
+    replay = await service.call("POST", path, claim(81_000), "app")  # issued before the stop
+    assert replay.status == 201 and replay.headers.get("Idempotent-Replay") == "true"
+    await service.drained()
+    state = await service.call("GET", f"/v1/campaigns/{campaign_id}")
+    assert state.body["current_round"]["issued"] == 150
+    await ledger(service, campaign_id)
+    recorded = await pg.fetchval(
+        "SELECT count(*) FROM vouchers WHERE campaign_id = $1", campaign_id
+    )
+    assert recorded == 150
