@@ -33,6 +33,7 @@ from issuer.schedule import from_millis
 from issuer.scripts import Scripts
 
 FIELDS_PER_CLAIM = 8
+FSYNC_TIMEOUT_MS = 2000  # durable acknowledgement: longest wait for Redis's fsync
 # refusals that hold for the rest of the round: a worker repeats them locally for a while
 STICKY = ("ROUND_QUOTA_EXHAUSTED", "ROUND_BUDGET_EXHAUSTED", "BUDGET_EXHAUSTED", "CAMPAIGN_PAUSED")
 
@@ -128,6 +129,8 @@ class Batcher(TickBatcher[Pending, tuple[str, bytes]]):
         ]
         result = await self.claims.scripts.run("claim_batch", script_keys, args)
         metrics.BATCH_SIZE.observe(len(items))
+        if self.claims.durable_ack and any(c == b"OK" for c in result[4::2]):
+            await self.claims.wait_fsync()
         status, version = result[0].decode(), result[1].decode()
         self.claims.after_batch(self.cached, self.round, status, version, result[4::2])
         return [(result[4 + 2 * i].decode(), result[5 + 2 * i]) for i in range(len(items))]
@@ -184,6 +187,7 @@ class Claims:
         person_key: bytes,
         batch_max: int,
         queue_max: int,
+        durable_ack: bool = False,
     ) -> None:
         self.redis = redis
         self.scripts = scripts
@@ -192,8 +196,17 @@ class Claims:
         self.batch_max = batch_max
         self.queue_max = queue_max  # claims waiting for (or in) a script call, this worker
         self.waiting = 0
+        self.durable_ack = durable_ack  # answer issued claims only once Redis fsynced them
         self._batchers: dict[tuple[str, str, str], Batcher] = {}
         self._nonces = NonceSpender(scripts, batch_max)
+
+    async def wait_fsync(self) -> None:
+        """Wait until Redis's AOF holds every write so far on disk (WAITAOF, one call per
+        batch); UNAVAILABLE if it does not confirm in time. The claims stay issued: a retry
+        with the same request_id is answered with them."""
+        local, _ = await self.redis.execute_command("WAITAOF", 1, 0, FSYNC_TIMEOUT_MS)
+        if int(local) < 1:
+            raise RedisError("WAITAOF: the AOF was not fsynced in time")
 
     async def spend_nonce(self, campaign_id: str, verified: Verified) -> bool:
         """Record the nonce of a claim the gate never saw; False if it was already used."""

@@ -32,6 +32,7 @@ ENV = {
     "ISSUER_SHUTDOWN_GRACE_S": "shutdown_grace_s",
     "ISSUER_RUN_FLUSHER": "run_flusher",
     "ISSUER_CLAIM_QUEUE_MAX": "claim_queue_max",
+    "ISSUER_DURABLE_ACK": "durable_ack",
 }
 CONFIG_FILE = "ISSUER_CONFIG"  # a TOML file of Settings fields (`workers = 4`)
 
@@ -51,6 +52,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     batch_max: Annotated[int, Meta(ge=1, le=5000)] = 500  # claims per script call
     # claims one worker lets wait for the gate; beyond, 503 OVERLOADED with Retry-After
     claim_queue_max: Annotated[int, Meta(ge=1, le=1_000_000)] = 2000
+    # "aof": a claim is answered only once WAITAOF confirms Redis fsynced it
+    durable_ack: Literal["none", "aof"] = "none"
     flush_batch: Annotated[int, Meta(ge=1, le=50000)] = 2000  # stream entries per PG write
     ready_max_lag: Annotated[int, Meta(ge=0)] = 100_000  # unflushed entries before not ready
     embedded_pg_fast: bool = False  # tests: fsync off for the embedded PostgreSQL

@@ -88,7 +88,13 @@ async def worker_main(settings: Settings, port: int) -> None:
         scripts=scripts,
         campaigns=campaigns,
         claims=Claims(
-            redis, scripts, campaigns, person_key, settings.batch_max, settings.claim_queue_max
+            redis,
+            scripts,
+            campaigns,
+            person_key,
+            settings.batch_max,
+            settings.claim_queue_max,
+            durable_ack=settings.durable_ack == "aof",
         ),
         redemptions=redemptions,
         settlement=Settlement(

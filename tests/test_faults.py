@@ -1,5 +1,5 @@
-"""Faults and hostile load on real processes: shedding when the claim queue is full, and
-Redis going away and coming back mid-surge."""
+"""Faults and hostile load on real processes: shedding when the claim queue is full, Redis
+going away and coming back mid-surge, and acknowledgements that survive Redis's SIGKILL."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 import pytest
+from redis.asyncio import Redis
 
-from issuer import embedded
+from issuer import embedded, keys
 from issuer.auth import load_keys
 from tests.conftest import Keyspace, Service, start_service, stop_service, unique_id
 from tests.money import ledger
@@ -126,3 +127,36 @@ async def test_redis_down_answers_unavailable_and_issues_nothing_then_recovers(
         "SELECT count(*) FROM vouchers WHERE campaign_id = $1", campaign_id
     )
     assert recorded == 150
+
+
+async def test_durable_ack_survives_kill_9_of_redis(keyspace: Keyspace, workdir: Path) -> None:
+    """ISSUER_DURABLE_ACK=aof: every voucher a client was told about is still in Redis after
+    Redis is killed with SIGKILL right after the answers (the AOF is fsynced every second,
+    so without WAITAOF the last second of claims could vanish)."""
+    server = await asyncio.to_thread(embedded.start_redis, workdir / f"redis-{keyspace.name}-aof")
+    data_dir = workdir / f"data-{keyspace.name}-durable"
+    env = {"REDIS_URL": server.url, "ISSUER_DURABLE_ACK": "aof"}
+    proc, url = await asyncio.to_thread(start_service, keyspace, data_dir, 2, env)
+    try:
+        async with aiohttp.ClientSession() as session:
+            service = Service(proc, url, load_keys(data_dir / "keys.toml"), session)
+            campaign_id = unique_id()
+            resp = await service.call("PUT", f"/v1/campaigns/{campaign_id}", campaign(quota=None))
+            assert resp.status == 201
+            path = f"/v1/campaigns/{campaign_id}/claims"
+            answers = await asyncio.gather(
+                *(service.call("POST", path, claim(82_000 + n), "app") for n in range(300))
+            )
+            await asyncio.to_thread(server.kill)
+        told = {r.body["voucher_id"] for r in answers if r.status == 201}
+        assert len(told) == 300
+        await asyncio.to_thread(server.restart)
+        client = Redis.from_url(server.url)
+        try:
+            kept = await client.hmget(keys.CampaignKeys(campaign_id).vouchers, sorted(told))
+        finally:
+            await client.aclose()
+        assert all(v is not None for v in kept)
+    finally:
+        await asyncio.to_thread(stop_service, proc)
+        server.stop()
