@@ -1,5 +1,5 @@
 """Operating the service: settings from a TOML file and the environment, Prometheus gauges
-read from Redis, structured logs without personal data, a graceful stop in order
+read from Redis, structured logs, no personal data in clear anywhere, a graceful stop in order
 (unready, in-flight answered, streams flushed, embedded servers stopped) and children
 that die replaced."""
 
@@ -21,12 +21,13 @@ import asyncpg
 import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
 
 from issuer.auth import load_keys
 from issuer.client import Client
 from issuer.config import Settings
 from tests.conftest import ROOT, Service
-from tests.money import issue, new_campaign
+from tests.money import issue, new_campaign, payment
 from tests.people import campaign, claim, id_number
 
 RESERVE = 200_000  # the default reserve: the cap
@@ -168,6 +169,14 @@ class Running:
             match = re.match(r"(valkey|postgres) up: pid (\d+)", line["msg"])
             if match:
                 found[match.group(1)] = int(match.group(2))
+        return found
+
+    def embedded_urls(self) -> dict[str, str]:
+        found = {}
+        for line in self.lines():
+            match = re.match(r"(valkey|postgres) up: pid \d+, (\S+),", line["msg"])
+            if match:
+                found[match.group(1)] = match.group(2)
         return found
 
     def children(self) -> dict[int, str]:
@@ -327,3 +336,85 @@ async def test_a_killed_worker_or_flusher_is_replaced(running: Running) -> None:
         "flusher died, replacing it",
     }
     assert running.proc.poll() is None  # the supervisor kept running throughout
+
+
+async def everything_in_redis(url: str) -> bytes:
+    client = Redis.from_url(url)
+    out = bytearray()
+    try:
+        async for key in client.scan_iter(count=1000):
+            kind = (await client.type(key)).decode()
+            out += key + b"\n"
+            if kind == "string":
+                out += await client.get(key) or b""
+            elif kind == "hash":
+                for field, val in (await client.hgetall(key)).items():
+                    out += field + b"=" + val + b"\n"
+            elif kind == "set":
+                out += b"\n".join(await client.smembers(key))
+            elif kind == "zset":
+                out += b"\n".join(await client.zrange(key, 0, -1))
+            elif kind == "stream":
+                for _, fields in await client.xrange(key):
+                    out += b"\n".join(k + b"=" + v for k, v in fields.items())
+            out += b"\n"
+    finally:
+        await client.aclose()
+    return bytes(out)
+
+
+async def everything_in_postgres(url: str) -> str:
+    conn = await asyncpg.connect(url)
+    try:
+        tables = await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1"
+        )
+        dumps = [
+            await conn.fetchval(
+                f"SELECT coalesce(string_agg(t::text, E'\\n'), '') FROM \"{name}\" t"
+            )
+            for (name,) in tables
+        ]
+    finally:
+        await conn.close()
+    return "\n".join(dumps)
+
+
+async def test_no_id_number_name_or_phone_is_kept_or_logged_in_clear(running: Running) -> None:
+    """After registrations, claims and payments: Redis, PostgreSQL and the logs hold
+    keyed hashes only, never an ID number, a name or a phone number in clear."""
+    keys = running.keys
+    people = [(id_number(73_000 + n), f"王小{n}明", f"1390000{n:04d}") for n in range(20)]
+    async with aiohttp.ClientSession() as session:
+        ops = Client(running.url, next(k for k in keys.values() if k.role == "ops"), session)
+        app = Client(running.url, next(k for k in keys.values() if k.role == "app"), session)
+        pay = Client(running.url, next(k for k in keys.values() if k.role == "payment"), session)
+        assert (await ops.call("PUT", "/v1/campaigns/pii", campaign())).status == 201
+        merchant = {"name": "乡宁家电城", "county_code": "141029", "categories": ["appliance"]}
+        assert (await ops.call("PUT", "/v1/merchants/m-pii", merchant)).status == 201
+        for n, (idn, name, phone) in enumerate(people):
+            person = {"id_number": idn, "name": name, "phone": phone}
+            reg = {"request_id": f"reg-pii-{n:04d}", "user_id": f"pii{n}", "person": person}
+            got = await app.call("POST", "/v1/campaigns/pii/registrations", reg)
+            assert got.status == 201, got.body
+            body = {**claim(73_000 + n, user=f"pii{n}"), "device_id": f"dev-{n}"}
+            got = await app.call("POST", "/v1/campaigns/pii/claims", body)
+            assert got.status == 201, got.body
+            voucher = {"voucher_id": got.body["voucher_id"], "user_id": f"pii{n}"}
+            got = await pay.call("POST", "/v1/redemptions", payment(voucher, "m-pii", 500_000))
+            assert got.status == 201, got.body
+        async with asyncio.timeout(30):
+            while True:
+                async with session.get(running.url + "/readyz") as ready:
+                    if (await ready.json()).get("flusher_lag_entries") == 0:
+                        break
+                await asyncio.sleep(0.1)
+    urls = running.embedded_urls()
+    stored = (await everything_in_redis(urls["valkey"])).decode("utf-8", "replace")
+    recorded = await everything_in_postgres(urls["postgres"])
+    logged = running.log_path.read_text()
+    assert "pii" in stored and "pii" in recorded and "pii" in logged  # we did look
+    for place, text in (("redis", stored), ("postgres", recorded), ("logs", logged)):
+        for idn, name, phone in people:
+            for secret in (idn, idn.lower(), idn[6:14] + idn[14:], name, phone):
+                assert secret not in text, (place, secret)
