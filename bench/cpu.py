@@ -34,6 +34,19 @@ def tree(pid: int) -> list[int]:
     return found
 
 
+def children(pid: int, command: str) -> list[int]:
+    """Direct children of `pid` whose command line ends with the word `command`."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            for child in map(int, task.read_text().split()):
+                with contextlib.suppress(OSError):
+                    argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+                    if command.encode() in argv[-2:]:
+                        found.append(child)
+    return found
+
+
 def stat(pid: int) -> tuple[str, int]:
     """Command name and user + system CPU ticks of a process so far (0 if it is gone)."""
     try:

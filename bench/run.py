@@ -1,6 +1,7 @@
 """`make bench`: req/s and p50/p99 latency of (a) an empty aiohttp+uvloop handler, (b) our
 claim endpoint while the round has quota, (c) our claim endpoint after sell-out, (d) a
-naive claim-as-PostgreSQL-transaction app and (e) our redemption endpoint, all with the
+naive claim-as-PostgreSQL-transaction app, (e) our redemption endpoint and (f) claims
+answered only once Redis fsynced them (ISSUER_DURABLE_ACK=aof), all with the
 same number of server workers, run interleaved for R repetitions; prints medians and the
 ratios against their targets."""
 
@@ -48,6 +49,7 @@ SCENARIOS = (
     Scenario("c", "claim after sell-out (409)", SOLD_OUT, 409, 15_000),
     Scenario("d", "naive: claim as a PostgreSQL transaction", NAIVE, 201, 3_000),
     Scenario("e", "redemption (201 redeemed)", REDEEM, 201, 3_000, redeem=True),
+    Scenario("f", "claim, durable ack (WAITAOF per batch)", OPEN, 201, 6_000),
 )
 
 
@@ -62,7 +64,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--naive-pool", type=int, default=2, help="PG connections per naive worker (2 was fastest)"
     )
-    parser.add_argument("--scenarios", default="abcde", help="which of a … e to run")
+    parser.add_argument("--scenarios", default="abcdef", help="which of a … f to run")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--keep", action="store_true", help="keep the temp dir for a look")
     args = parser.parse_args(argv)
@@ -108,8 +110,9 @@ class Bench:
 
     def port(self, s: Scenario) -> int:
         st = self.stack
-        assert st.service and st.empty and st.naive
-        return {"a": st.empty.port, "d": st.naive.port}.get(s.key, st.service.port)
+        assert st.service and st.durable and st.empty and st.naive
+        ports = {"a": st.empty.port, "d": st.naive.port, "f": st.durable.port}
+        return ports.get(s.key, st.service.port)
 
     async def plans(self, s: Scenario, rep: int) -> list[Plan]:
         procs = self.args.clients
@@ -137,14 +140,14 @@ class Bench:
         built, build_s = await asyncio.to_thread(self.clients.build, plans, "127.0.0.1")
         per_client = args.connections // args.clients
         target = Target("127.0.0.1", self.port(s), per_client, args.warmup, args.seconds)
-        issuer_side = s.key in "bc"
+        issuer_side = s.key in "bcf"
         start_at = time.monotonic() + 0.2
         self.clients.go(target, start_at)
         await asyncio.sleep(start_at + args.warmup - time.monotonic())
         first, opened = cpu.snapshot(self.groups), time.monotonic()
-        before = await self.stack.metrics() if issuer_side else ""
+        before = await self.stack.metrics(self.port(s)) if issuer_side else ""
         await asyncio.sleep(start_at + args.warmup + args.seconds - time.monotonic())
-        after = await self.stack.metrics() if issuer_side else ""
+        after = await self.stack.metrics(self.port(s)) if issuer_side else ""
         last, span = cpu.snapshot(self.groups), time.monotonic() - opened
         used = cpu.cores(first, last, span)
         merged: Merged = await asyncio.to_thread(self.clients.collect)

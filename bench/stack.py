@@ -15,7 +15,7 @@ import aiohttp
 import asyncpg
 
 from bench import naive
-from bench.cpu import Groups, tree
+from bench.cpu import Groups, children, tree
 from bench.procs import Service, Workers
 from issuer import embedded
 from issuer.auth import ApiKey, load_keys
@@ -55,6 +55,7 @@ class Stack:
         self.redis: embedded.EmbeddedServer | None = None
         self.pg: embedded.EmbeddedServer | None = None
         self.service: Service | None = None
+        self.durable: Service | None = None  # the same service with durable acks
         self.empty: Workers | None = None
         self.naive: Workers | None = None
         self.keys: dict[str, ApiKey] = {}
@@ -74,6 +75,14 @@ class Stack:
         }
         self.service = Service(workers, env, self.log)
         keys_path = data_dir / "keys.toml"
+        durable_env = {
+            **env,
+            "ISSUER_DATA_DIR": str(self.dir / "issuer-durable"),
+            "ISSUER_KEYS_FILE": str(keys_path),
+            "ISSUER_DURABLE_ACK": "aof",
+            "ISSUER_RUN_FLUSHER": "false",  # the first service's flusher drains every stream
+        }
+        self.durable = Service(workers, durable_env, self.log)
         self.keys = load_keys(keys_path)
         admin = re.sub(r"/[^/]*$", "/postgres", self.pg.url)
         naive_dsn = await naive.setup(admin, "bench_naive", NAIVE)
@@ -151,23 +160,23 @@ class Stack:
                 await asyncio.sleep(0.1)
         raise TimeoutError("the flusher did not drain")
 
-    async def metrics(self) -> str:
-        assert self.service is not None
+    async def metrics(self, port: int) -> str:
+        """The /metrics text of the service listening on `port`."""
         async with (
             aiohttp.ClientSession() as session,
-            session.get(self.service.url + "/metrics") as resp,
+            session.get(f"http://127.0.0.1:{port}/metrics") as resp,
         ):
             return await resp.text()
 
     def groups(self, clients: list[int]) -> Groups:
         """CPU groups: pids resolved at each snapshot."""
-        service, redis, pg = self.service, self.redis, self.pg
-        assert service and redis and pg and self.empty and self.naive
+        service, durable, redis, pg = self.service, self.durable, self.redis, self.pg
+        assert service and durable and redis and pg and self.empty and self.naive
         empty, naive_w = self.empty, self.naive
         return {
             "empty": lambda: empty.pids,
-            "issuer": lambda: tree(service.pid)[1:],
-            "flusher": lambda: [service.pid],
+            "issuer": lambda: children(service.pid, "worker") + children(durable.pid, "worker"),
+            "flusher": lambda: children(service.pid, "flush"),
             "naive": lambda: naive_w.pids,
             "valkey": lambda: tree(redis.pid),  # with its AOF-rewrite child
             "postgres": lambda: tree(pg.pid),
@@ -175,7 +184,7 @@ class Stack:
         }
 
     def stop(self) -> None:
-        for part in (self.empty, self.naive, self.service, self.pg, self.redis):
+        for part in (self.empty, self.naive, self.durable, self.service, self.pg, self.redis):
             if part is not None:
                 with contextlib.suppress(Exception):
                     part.stop()
