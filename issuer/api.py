@@ -223,7 +223,9 @@ async def register(ctx: Ctx, request: web.Request, body: RegistrationIn) -> web.
 async def claim(ctx: Ctx, request: web.Request, body: ClaimIn) -> web.Response:
     campaign_id = path_id(request, "campaign_id")
     try:
-        voucher, replay = await ctx.claims.claim(campaign_id, body, request["verified"])
+        voucher, replay = await ctx.claims.claim(
+            campaign_id, body, request["verified"], request.remote
+        )
     except ApiError as err:
         if err.code != "NOT_FOUND":  # no series for ids that name no campaign
             metrics.child(metrics.CLAIMS, campaign_id, err.code).inc()

@@ -4,6 +4,8 @@ everything else in micro-batches, one EVALSHA per batch per campaign round."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import math
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,11 +30,10 @@ from issuer.campaigns import (
 from issuer.errors import ApiError, GateRefusal
 from issuer.identity import person_ref
 from issuer.ids import new_id
-from issuer.model import ClaimIn, Round, VoucherOut
+from issuer.model import ClaimIn, RateLimit, RateLimits, Round, VoucherOut
 from issuer.schedule import from_millis
 from issuer.scripts import Scripts
 
-FIELDS_PER_CLAIM = 8
 FSYNC_TIMEOUT_MS = 2000  # durable acknowledgement: longest wait for Redis's fsync
 # refusals that hold for the rest of the round: a worker repeats them locally for a while
 STICKY = ("ROUND_QUOTA_EXHAUSTED", "ROUND_BUDGET_EXHAUSTED", "BUDGET_EXHAUSTED", "CAMPAIGN_PAUSED")
@@ -76,6 +77,25 @@ def voucher_out(rec: VoucherRecord, tz: str, status: str | None = None) -> Vouch
     )
 
 
+def rate_limits(limits: RateLimits) -> list[tuple[str, RateLimit | None]]:
+    """The claim script's rate-limit dimensions, in its order."""
+    return [
+        ("account", limits.per_account),
+        ("device", limits.per_device),
+        ("ip", limits.per_ip),
+    ]
+
+
+def _client_ip(given: str | None, remote: str | None) -> str:
+    """The normalised client IP of a claim ("" if unknown); INVALID_REQUEST if malformed."""
+    if given is None:
+        return remote or ""
+    try:
+        return str(ipaddress.ip_address(given))
+    except ValueError:
+        raise ApiError("INVALID_REQUEST", "client_ip: not an IP address") from None
+
+
 @dataclass(slots=True)
 class Pending:
     args: tuple[object, ...]
@@ -98,6 +118,7 @@ class Batcher(TickBatcher[Pending, tuple[str, bytes]]):
         ck = self.cached.keys
         definition = self.cached.definition
         nonce_keys: list[str] = []
+        now = time.time()
         args: list[object] = [
             self.round.round_id,
             definition.voucher.reserve,
@@ -106,13 +127,19 @@ class Batcher(TickBatcher[Pending, tuple[str, bytes]]):
             keys.NONCE_BUCKET_S * 2,
             len(items),
         ]
+        windows = []
+        for dimension, limit in rate_limits(definition.rate_limits):
+            window_s = limit.window_s if limit else 1
+            windows.append(ck.rate_window(dimension, window_s, now))
+            reset = math.ceil(window_s - now % window_s)
+            args += [limit.limit if limit else -1, reset, window_s * 2]
         for p in items:
             if p.nonce_key not in nonce_keys:
                 nonce_keys.append(p.nonce_key)
-            idem, fp, nonce_field, person, user, vid, extra = p.args
+            idem, fp, nonce_field, person, user, vid, extra, device, ip = p.args
             index = nonce_keys.index(p.nonce_key) + 1
-            args += [idem, fp, index, nonce_field, person, user, vid, extra]
-        cur, prev = ck.idempotency(time.time())
+            args += [idem, fp, index, nonce_field, person, user, vid, extra, device, ip]
+        cur, prev = ck.idempotency(now)
         script_keys = [
             ck.ledger,
             ck.round(self.round.round_id),
@@ -125,6 +152,7 @@ class Batcher(TickBatcher[Pending, tuple[str, bytes]]):
             prev,
             ck.winners,
             ck.expiry,
+            *windows,
             *nonce_keys,
         ]
         result = await self.claims.scripts.run("claim_batch", script_keys, args)
@@ -213,9 +241,10 @@ class Claims:
         return await self._nonces.submit((campaign_id, verified.timestamp, verified.nonce))
 
     async def claim(
-        self, campaign_id: str, claim: ClaimIn, verified: Verified
+        self, campaign_id: str, claim: ClaimIn, verified: Verified, remote: str | None = None
     ) -> tuple[VoucherOut, bool]:
-        """Issue a voucher or raise the refusal; returns (voucher, replayed)."""
+        """Issue a voucher or raise the refusal; returns (voucher, replayed). `remote` is
+        the caller's address, the client IP of rate limits when the body names none."""
         cached = await self.campaigns.cached(campaign_id)
         definition = cached.definition
         self._check_caller(cached, claim, verified)
@@ -246,6 +275,7 @@ class Claims:
             extra["device_id"] = claim.device_id
         if claim.staff_id is not None:
             extra["staff_id"] = claim.staff_id
+        client_ip = _client_ip(claim.client_ip, remote)
         canonical = msgspec.structs.replace(claim, person=None, person_ref=ref)
         pending = Pending(
             args=(
@@ -256,6 +286,8 @@ class Claims:
                 claim.user_id,
                 new_id(campaign_id),
                 EXTRA.encode(extra),
+                claim.device_id or "",
+                client_ip,
             ),
             nonce_key=cached.keys.nonces(verified.timestamp),
         )
@@ -273,6 +305,8 @@ class Claims:
             ), code == "REPLAY"
         if code == "ALREADY_CLAIMED":
             raise GateRefusal(code, voucher_id=payload.decode())
+        if code == "RATE_LIMITED":
+            raise GateRefusal(code, retry_after=int(payload))
         if code == "ROUND_CLOSED":
             nxt = cached.round_at(datetime.now(UTC))
             raise GateRefusal("NOT_OPEN" if nxt is not None else "CAMPAIGN_ENDED")

@@ -186,23 +186,29 @@ def start_postgres(
     return server
 
 
-def _child_options(
-    log_file: IO[bytes], owner: pwd.struct_passwd | None, death_signal: int
-) -> dict[str, Any]:
-    """Popen arguments: output to log_file, run as owner, own session, `death_signal` if we die."""
+def die_with_parent(death_signal: int) -> Callable[[], None]:
+    """A Popen `preexec_fn`: the child gets `death_signal` when this process dies, even by
+    SIGKILL, so that no child outlives its owner."""
     parent = os.getpid()
 
-    def die_with_parent() -> None:
+    def arm() -> None:
         _libc.prctl(_PR_SET_PDEATHSIG, death_signal)
         if os.getppid() != parent:  # we died before prctl took effect
             os._exit(1)
 
+    return arm
+
+
+def _child_options(
+    log_file: IO[bytes], owner: pwd.struct_passwd | None, death_signal: int
+) -> dict[str, Any]:
+    """Popen arguments: output to log_file, run as owner, own session, `death_signal` if we die."""
     return {
         "stdout": log_file,
         "stderr": subprocess.STDOUT,
         "cwd": "/",
         "start_new_session": True,  # a Ctrl-C in the terminal reaches us, not the server
-        "preexec_fn": die_with_parent,
+        "preexec_fn": die_with_parent(death_signal),
         "user": None if owner is None else owner.pw_uid,
         "group": None if owner is None else owner.pw_gid,
         "extra_groups": None if owner is None else [],

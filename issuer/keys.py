@@ -80,6 +80,10 @@ class CampaignKeys:
         request (same timestamp) is always checked against the same hash."""
         return bucket(f"{self.tag}:nonce", timestamp_s, NONCE_BUCKET_S)
 
+    def rate_window(self, dimension: str, window_s: int, now_s: float) -> str:
+        """Hash: identity (account, device or IP) -> claim attempts in the current window."""
+        return bucket(f"{self.tag}:rl:{dimension}:{window_s}", now_s, window_s)
+
 
 def global_idempotency(now_s: float) -> tuple[str, str]:
     return _bucket_pair(GLOBAL_IDEMPOTENCY, now_s, IDEMPOTENCY_BUCKET_S)

@@ -79,6 +79,19 @@ class Eligibility(Strict, kw_only=True):
     require_gb_code: bool = True
 
 
+class RateLimit(Strict, kw_only=True):
+    limit: Annotated[int, Meta(ge=1, le=10**6)]  # claim attempts per window
+    window_s: Annotated[int, Meta(ge=1, le=86_400)]
+
+
+class RateLimits(Strict, kw_only=True):
+    """Claim attempts that reach the gate, per app account, per device and per client IP."""
+
+    per_account: RateLimit | None = None
+    per_device: RateLimit | None = None
+    per_ip: RateLimit | None = None
+
+
 class CampaignDef(Strict, kw_only=True):
     name: Text
     timezone: str = "Asia/Shanghai"
@@ -93,6 +106,7 @@ class CampaignDef(Strict, kw_only=True):
     carry_over: bool = False
     # Xi County: reimbursement documents are due this many days after the round closes
     document_deadline_days: Annotated[int, Meta(ge=0, le=365)] | None = None
+    rate_limits: RateLimits = msgspec.field(default_factory=RateLimits)
 
 
 class Round(Struct, kw_only=True, omit_defaults=True):
@@ -160,6 +174,8 @@ class ClaimIn(Strict, kw_only=True):
     location: Location
     device_id: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
     staff_id: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
+    # the consumer's IP as the app backend saw it (rate limits); default: the caller's
+    client_ip: Annotated[str, Meta(min_length=2, max_length=45)] | None = None
 
 
 class StatusChangeIn(Strict, kw_only=True):

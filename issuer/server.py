@@ -200,8 +200,14 @@ class Supervisor:
         self.stopping = False
 
     def spawn(self, command: str) -> subprocess.Popen[bytes]:
+        from issuer.embedded import die_with_parent
+
         cmd = [sys.executable, "-m", "issuer.cli", command]
-        return subprocess.Popen(cmd, env=worker_env(self.settings, self.port))
+        return subprocess.Popen(
+            cmd,
+            env=worker_env(self.settings, self.port),
+            preexec_fn=die_with_parent(signal.SIGTERM),  # a killed supervisor leaves no child
+        )
 
     def replace_dead(self) -> None:
         for i, proc in enumerate(self.workers):

@@ -1,20 +1,29 @@
 -- Decide a batch of claims for one campaign round, in order, atomically.
 -- KEYS: 1 ledger, 2 round, 3 persons, 4 accounts, 5 vouchers, 6 registrations,
---       7 events, 8 idem current, 9 idem previous, 10 winners, 11 expiry, 12.. nonce buckets
+--       7 events, 8 idem current, 9 idem previous, 10 winners, 11 expiry,
+--       12-14 rate-limit windows (per account, device, client IP), 15.. nonce buckets
 -- ARGV: 1 round_id, 2 reserve_fen, 3 mode (self|staff), 4 idem ttl s, 5 nonce ttl s,
---       6 claim count, then 8 fields per claim:
+--       6 claim count, 7-15 per rate-limit dimension: limit (-1: none), seconds until the
+--       window ends (Retry-After), window ttl s; then 10 fields per claim:
 --       idem field, fingerprint, nonce bucket index, nonce field,
---       person_ref, user_id, voucher_id candidate, extra JSON object body ("{}" or fields)
+--       person_ref, user_id, voucher_id candidate, extra JSON object body ("{}" or fields),
+--       device id ("" if none), client IP ("" if none)
 -- Returns: {status, version, issued, quota, then per claim: code, payload}
 --   code OK / REPLAY: payload = voucher JSON; ALREADY_CLAIMED: payload = voucher id;
---   any other refusal code: payload = "".
-local FIELDS = 8
+--   RATE_LIMITED: payload = seconds to wait; any other refusal code: payload = "".
+local FIELDS = 10
+local FIRST = 16  -- ARGV index of the first claim's first field
 local round_id = ARGV[1]
 local reserve = tonumber(ARGV[2])
 local staff_mode = ARGV[3] == 'staff'
 local idem_ttl = tonumber(ARGV[4])
 local nonce_ttl = tonumber(ARGV[5])
 local n = tonumber(ARGV[6])
+local limits = {}
+for d = 0, 2 do
+  limits[d + 1] = {key = KEYS[12 + d], limit = tonumber(ARGV[7 + 3 * d]),
+                   reset = ARGV[8 + 3 * d], ttl = tonumber(ARGV[9 + 3 * d]), used = false}
+end
 
 local led = redis.call('HMGET', KEYS[1], 'status', 'version', 'available')
 local rnd = redis.call('HMGET', KEYS[2], 'opens', 'closes', 'valid_until', 'quota', 'budget',
@@ -42,12 +51,34 @@ local function decide(base)
   local idem_field, fingerprint = ARGV[base], ARGV[base + 1]
   local nonce_idx = tonumber(ARGV[base + 2])
   local person, user = ARGV[base + 4], ARGV[base + 5]
-  local nkey = KEYS[11 + nonce_idx]
+  local nkey = KEYS[14 + nonce_idx]
   if redis.call('HSETNX', nkey, ARGV[base + 3], 1) == 0 then return 'UNAUTHENTICATED', '' end
   nonce_used[nkey] = true
   local prior = idem_lookup(KEYS[8], KEYS[9], idem_field, fingerprint)
   if prior == false then return 'IDEMPOTENCY_MISMATCH', '' end
-  if prior then return 'REPLAY', redis.call('HGET', KEYS[5], prior) end
+  if prior then
+    -- the voucher as first answered: issued, before any redemption, expiry or refund
+    local first = cjson.decode(redis.call('HGET', KEYS[5], prior))
+    first.status = 'issued'
+    first.redemption_id = nil
+    return 'REPLAY', cjson.encode(first)
+  end
+  -- rate limits count attempts that reach the gate (a replay above is not one)
+  local who = {user, ARGV[base + 8], ARGV[base + 9]}
+  for d = 1, 3 do
+    local lim = limits[d]
+    if lim.limit >= 0 and who[d] ~= '' and
+        tonumber(redis.call('HGET', lim.key, who[d]) or '0') >= lim.limit then
+      return 'RATE_LIMITED', lim.reset
+    end
+  end
+  for d = 1, 3 do
+    local lim = limits[d]
+    if lim.limit >= 0 and who[d] ~= '' then
+      redis.call('HINCRBY', lim.key, who[d], 1)
+      lim.used = true
+    end
+  end
   if status == 'paused' then return 'CAMPAIGN_PAUSED', '' end
   if status ~= 'active' then return 'CAMPAIGN_ENDED', '' end
   if now < opens then return 'NOT_OPEN', '' end
@@ -89,7 +120,7 @@ end
 
 out = {status, led[2], 0, 0}
 for i = 0, n - 1 do
-  local code, payload = decide(7 + i * FIELDS)
+  local code, payload = decide(FIRST + i * FIELDS)
   out[#out + 1] = code
   out[#out + 1] = payload
 end
@@ -100,6 +131,9 @@ if granted > 0 then
   redis.call('EXPIRE', KEYS[10], idem_ttl, 'NX')
 end
 for nkey in pairs(nonce_used) do redis.call('EXPIRE', nkey, nonce_ttl, 'NX') end
+for _, lim in ipairs(limits) do
+  if lim.used then redis.call('EXPIRE', lim.key, lim.ttl, 'NX') end
+end
 out[3] = issued
 out[4] = quota
 return out

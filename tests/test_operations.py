@@ -192,8 +192,12 @@ class Running:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         assert self.proc.stdout is not None
         self.proc.stdout.close()
         self.log.close()
@@ -418,3 +422,22 @@ async def test_no_id_number_name_or_phone_is_kept_or_logged_in_clear(running: Ru
         for idn, name, phone in people:
             for secret in (idn, idn.lower(), idn[6:14] + idn[14:], name, phone):
                 assert secret not in text, (place, secret)
+
+
+async def test_a_killed_supervisor_leaves_no_child_behind(running: Running) -> None:
+    children = running.children()
+    pids = [*children, *running.embedded_pids().values()]
+    assert len(children) >= 3  # two workers and the flusher
+    running.proc.kill()
+    async with asyncio.timeout(30):
+        while True:
+            alive = []
+            for pid in pids:
+                try:
+                    os.kill(pid, 0)
+                    alive.append(pid)
+                except ProcessLookupError:
+                    pass
+            if not alive:
+                break
+            await asyncio.sleep(0.1)
