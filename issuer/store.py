@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+
 import asyncpg
+
+log = logging.getLogger("issuer.store")
 
 # Each entry is one migration; never edit an applied one, append a new one.
 MIGRATIONS: tuple[str, ...] = (
@@ -346,6 +352,23 @@ async def connect(dsn: str, min_size: int = 1, max_size: int = 4) -> asyncpg.Poo
     pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
     assert pool is not None
     return pool
+
+
+async def connect_when_up(dsn: str, stop: asyncio.Event) -> asyncpg.Pool | None:
+    """A migrated pool, retrying (with backoff, up to 5 s apart) while PostgreSQL is down;
+    None if `stop` is set first."""
+    delay = 0.2
+    while not stop.is_set():
+        try:
+            pool = await connect(dsn)
+            await migrate(pool)
+            return pool
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("postgres not reachable, retrying: %r", exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        delay = min(delay * 2, 5.0)
+    return None
 
 
 async def migrate(pool: asyncpg.Pool) -> int:

@@ -5,6 +5,10 @@ rate limits per account, device and client IP decided in the claim script."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import re
+import signal
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +21,7 @@ from redis.asyncio import Redis
 from issuer import embedded, keys
 from issuer.auth import load_keys
 from issuer.client import Response
+from issuer.reconcile import reconcile
 from tests.conftest import Keyspace, Service, start_service, stop_service, unique_id
 from tests.money import ledger
 from tests.people import campaign, claim
@@ -246,3 +251,101 @@ async def test_per_ip_limit_uses_the_reported_client_ip(service: Service) -> Non
     # without client_ip the caller's own address counts: loopback here
     own = [await service.call("POST", path, claim(83_330 + n), "app") for n in range(3)]
     assert [r.status for r in own[:2]] == [201, 201] and limited(own[2])
+
+
+# ------------------------------------------------------------------ PostgreSQL and the flusher
+
+PG_OUTAGE_S = float(os.environ.get("ISSUER_TEST_PG_OUTAGE_S", "30"))
+
+
+def child_pids(parent: int, command: str) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{parent}/task").glob("*/children"):
+        for pid in map(int, task.read_text().split()):
+            with contextlib.suppress(FileNotFoundError):
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if command.encode() in argv:
+                    found.append(pid)
+    return found
+
+
+async def lag_in_metrics(service: Service) -> float:
+    async with service.session.get(service.url + "/metrics") as resp:
+        text = await resp.text()
+    match = re.search(r"^issuer_flusher_lag_entries (\S+)$", text, re.M)
+    assert match, "no flusher lag gauge"
+    return float(match.group(1))
+
+
+async def test_flusher_killed_and_postgres_down_for_a_while_lose_nothing(
+    keyspace: Keyspace, workdir: Path, redis: Redis
+) -> None:
+    """A surge goes on while the flusher is SIGKILLed mid-batch and PostgreSQL is stopped:
+    claims keep being issued, the backlog shows in the metrics, and once PostgreSQL is
+    back the flusher catches up with every voucher exactly once."""
+    pg_server = await asyncio.to_thread(
+        embedded.start_postgres, workdir / f"pg-{keyspace.name}", settings={"fsync": "off"}
+    )
+    data_dir = workdir / f"data-{keyspace.name}-pg-outage"
+    env = {"DATABASE_URL": pg_server.url}
+    proc, url = await asyncio.to_thread(start_service, keyspace, data_dir, 2, env)
+    issued: list[str] = []
+    stop = asyncio.Event()
+    try:
+        async with aiohttp.ClientSession() as session:
+            service = Service(proc, url, load_keys(data_dir / "keys.toml"), session)
+            campaign_id = unique_id()
+            body = campaign(quota=None)
+            assert (await service.call("PUT", f"/v1/campaigns/{campaign_id}", body)).status == 201
+            path = f"/v1/campaigns/{campaign_id}/claims"
+
+            async def surge(first: int) -> None:
+                n = first
+                while not stop.is_set():
+                    got = await service.call("POST", path, claim(n), "app")
+                    assert got.status == 201, got.body  # PostgreSQL is not on this path
+                    issued.append(got.body["voucher_id"])
+                    n += 1
+
+            load = [asyncio.create_task(surge(84_000 + 20_000 * i)) for i in range(4)]
+            await asyncio.sleep(1.0)
+            (flusher,) = child_pids(proc.pid, "flush")
+            os.kill(flusher, signal.SIGKILL)
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(pg_server.stop)
+            await asyncio.sleep(PG_OUTAGE_S / 2)
+            backlog = await lag_in_metrics(service)
+            assert backlog > 0
+            await asyncio.sleep(PG_OUTAGE_S / 2)
+            assert await lag_in_metrics(service) > backlog  # it grows while PostgreSQL is away
+            await asyncio.to_thread(pg_server.restart)
+            await asyncio.sleep(1.0)
+            stop.set()
+            await asyncio.gather(*load)
+            async with asyncio.timeout(60):
+                while True:
+                    async with session.get(url + "/readyz") as resp:
+                        if (await resp.json()).get("flusher_lag_entries") == 0:
+                            break
+                    await asyncio.sleep(0.2)
+            assert await lag_in_metrics(service) == 0
+        conn = await asyncpg.connect(pg_server.url)
+        try:
+            recorded = await conn.fetch(
+                "SELECT voucher_id FROM vouchers WHERE campaign_id = $1", campaign_id
+            )
+            pool = await asyncpg.create_pool(pg_server.url, min_size=1, max_size=2)
+            try:
+                report = await reconcile(redis, pool, campaign_id)
+            finally:
+                await pool.close()
+        finally:
+            await conn.close()
+        assert sorted(r["voucher_id"] for r in recorded) == sorted(issued)
+        assert len(set(issued)) == len(issued) > 0
+        assert await redis.hlen(keys.CampaignKeys(campaign_id).vouchers) == len(issued)
+        assert report.ok, report.problems
+    finally:
+        stop.set()
+        await asyncio.to_thread(stop_service, proc)
+        pg_server.stop()
