@@ -9,7 +9,7 @@ USERS ?= 2000
 SECONDS ?= 60
 QUOTA ?= 500
 
-.PHONY: run test lint bench surge clean
+.PHONY: run test lint bench surge fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ bench: $(STAMP)
 ## surge: rehearse a 10:00 opening with Locust, then verify every invariant (loadtest/out/)
 surge: $(STAMP)
 	$(BIN)/python -m loadtest.surge --users $(USERS) --seconds $(SECONDS) --quota $(QUOTA)
+
+## fuzz: schemathesis over every operation of /openapi.json, many examples each
+fuzz: $(STAMP)
+	ISSUER_FUZZ_EXAMPLES=$${ISSUER_FUZZ_EXAMPLES:-300} $(BIN)/python -m pytest -q tests/test_fuzz.py
 
 clean:
 	rm -rf .issuer loadtest/out bench/out
