@@ -22,6 +22,7 @@ from issuer import embedded, keys
 from issuer.auth import load_keys
 from issuer.client import Response
 from issuer.reconcile import reconcile
+from loadtest.verify import verify
 from tests.conftest import Keyspace, Service, start_service, stop_service, unique_id
 from tests.money import ledger
 from tests.people import campaign, claim
@@ -349,3 +350,50 @@ async def test_flusher_killed_and_postgres_down_for_a_while_lose_nothing(
         stop.set()
         await asyncio.to_thread(stop_service, proc)
         pg_server.stop()
+
+
+async def test_a_worker_killed_mid_surge_tells_no_unrecorded_success(
+    service: Service, redis: Redis, pg: asyncpg.Pool
+) -> None:
+    """Clients retry (same request_id) after an error, as apps do; after a worker is
+    SIGKILLed mid-surge every invariant holds and every voucher was told to its client."""
+    campaign_id = unique_id()
+    body = campaign(quota=300)
+    assert (await service.call("PUT", f"/v1/campaigns/{campaign_id}", body)).status == 201
+    path = f"/v1/campaigns/{campaign_id}/claims"
+    people = iter(range(85_000, 85_900))
+    told: set[str] = set()
+    errors = Counter[str]()
+
+    async def client() -> None:
+        for n in people:
+            while True:
+                try:
+                    got = await service.call("POST", path, claim(n), "app")
+                except aiohttp.ClientError as exc:
+                    errors[type(exc).__name__] += 1
+                    await asyncio.sleep(0.05)
+                    continue
+                if got.status == 503:
+                    errors["503"] += 1
+                    await asyncio.sleep(0.05)
+                    continue
+                assert got.status in (201, 409), got.body
+                if got.status == 201:
+                    told.add(got.body["voucher_id"])
+                break
+
+    load = [asyncio.create_task(client()) for _ in range(60)]
+    await asyncio.sleep(0.3)
+    victim = child_pids(service.proc.pid, "worker")[0]
+    os.kill(victim, signal.SIGKILL)
+    await asyncio.gather(*load)
+    assert len(told) == 300
+    checks = await verify(redis, pg, campaign_id, told)
+    assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+    assert sum(errors.values()) > 0  # the kill did hit requests in flight
+    async with asyncio.timeout(20):  # the supervisor replaced the worker
+        while True:
+            if len(child_pids(service.proc.pid, "worker")) == 2:
+                break
+            await asyncio.sleep(0.1)
