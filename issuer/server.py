@@ -24,6 +24,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 from issuer import auth, expiry, flusher, keys, metrics, store
+from issuer.children import die_with_parent
 from issuer.config import Settings
 
 if TYPE_CHECKING:
@@ -156,16 +157,19 @@ def run_worker(settings: Settings, port: int) -> None:
 
 @contextlib.contextmanager
 def backing_servers(settings: Settings) -> Iterator[tuple[Settings, list[EmbeddedServer]]]:
-    """Settings with real URLs: the given ones, or embedded servers started (and stopped)."""
-    from issuer import embedded
-
+    """Settings with real URLs: the given ones, or embedded servers started (and stopped).
+    The embedded module (and its server wheels) is imported only when one is needed."""
     started: list[EmbeddedServer] = []
     urls: dict[str, str] = {}
     try:
         if not settings.redis_url:
+            from issuer import embedded
+
             started.append(embedded.start_redis(settings.data_dir))
             urls["redis_url"] = started[-1].url
         if not settings.database_url:
+            from issuer import embedded
+
             fast = (
                 {"fsync": "off", "synchronous_commit": "off"} if settings.embedded_pg_fast else None
             )
@@ -200,8 +204,6 @@ class Supervisor:
         self.stopping = False
 
     def spawn(self, command: str) -> subprocess.Popen[bytes]:
-        from issuer.embedded import die_with_parent
-
         cmd = [sys.executable, "-m", "issuer.cli", command]
         return subprocess.Popen(
             cmd,

@@ -383,7 +383,10 @@ def test_service_hpa_pdb_and_flusher() -> None:
     assert not service["spec"]["selector"].items() <= flusher_labels.items()
     (container,) = flusher["spec"]["template"]["spec"]["containers"]
     assert container["args"] == ["flush"]
-    assert {e["name"] for e in container["env"]} == {"REDIS_URL", "DATABASE_URL"}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env.keys() == {"REDIS_URL", "DATABASE_URL", "ISSUER_HOST", "ISSUER_METRICS_PORT"}
+    port = flusher["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"]
+    assert env["ISSUER_METRICS_PORT"] == port == str(container["ports"][0]["containerPort"])
     assert flusher["spec"]["replicas"] >= 1
 
 

