@@ -1,4 +1,5 @@
-"""The `issuer` command: serve, flush, campaign load, call, report, reconciliation, reconcile."""
+"""The `issuer` command: serve, flush, campaign load, call, report, reconciliation, reconcile,
+rebuild."""
 
 from __future__ import annotations
 
@@ -226,6 +227,30 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return 0 if asyncio.run(run()) else 1
 
 
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    if not settings.redis_url or not settings.database_url:
+        raise SystemExit("issuer rebuild needs REDIS_URL and DATABASE_URL")
+    if bool(args.campaigns) == args.all:
+        raise SystemExit("issuer rebuild: name the campaigns or give --all")
+
+    async def run() -> bool:
+        from issuer import store
+        from issuer.rebuild import rebuild_campaigns
+        from issuer.server import redis_client
+
+        assert settings.redis_url and settings.database_url
+        redis = redis_client(settings.redis_url)
+        pool = await store.connect(settings.database_url)
+        try:
+            return await rebuild_campaigns(redis, pool, args.campaigns or None, args.force)
+        finally:
+            await redis.aclose()
+            await pool.close()
+
+    return 0 if asyncio.run(run()) else 1
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="issuer", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -292,6 +317,12 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reconcile", help="compare Redis with PostgreSQL; non-zero on drift")
     r.add_argument("campaigns", nargs="+")
     r.set_defaults(func=cmd_reconcile)
+
+    rb = sub.add_parser("rebuild", help="rebuild campaigns in Redis from PostgreSQL after a loss")
+    rb.add_argument("campaigns", nargs="*")
+    rb.add_argument("--all", action="store_true", help="every campaign PostgreSQL knows")
+    rb.add_argument("--force", action="store_true", help="replace a campaign still in Redis")
+    rb.set_defaults(func=cmd_rebuild)
     return p
 
 

@@ -84,6 +84,11 @@ class CampaignKeys:
         """Hash: identity (account, device or IP) -> claim attempts in the current window."""
         return bucket(f"{self.tag}:rl:{dimension}:{window_s}", now_s, window_s)
 
+    def staged(self, key: str) -> str:
+        """Where `issuer rebuild` writes one of this campaign's keys before moving it in
+        place; same hash tag, so the move is one script in the campaign's slot."""
+        return f"{self.tag}:rebuild:{key.removeprefix(self.tag + ':')}"
+
 
 def global_idempotency(now_s: float) -> tuple[str, str]:
     return _bucket_pair(GLOBAL_IDEMPOTENCY, now_s, IDEMPOTENCY_BUCKET_S)

@@ -28,7 +28,8 @@ class Report(msgspec.Struct, kw_only=True):
         return not self.problems
 
 
-def _entry_id(raw: bytes | str) -> tuple[int, int]:
+def entry_order(raw: bytes | str) -> tuple[int, int]:
+    """A stream entry id as (ms, seq), which sorts in stream order."""
     text = raw.decode() if isinstance(raw, bytes) else raw
     ms, seq = text.split("-")
     return int(ms), int(seq)
@@ -50,14 +51,14 @@ async def events_in_flight(redis: Redis, stream: str) -> InFlight:
         return []
     group = next((g for g in groups if g["name"].decode() == keys.FLUSH_GROUP), None)
     if group is not None:
-        last_delivered = _entry_id(group["last-delivered-id"])
+        last_delivered = entry_order(group["last-delivered-id"])
         for p in await redis.xpending_range(stream, keys.FLUSH_GROUP, "-", "+", 1 << 30):
-            pending.add(_entry_id(p["message_id"]))
+            pending.add(entry_order(p["message_id"]))
     found: InFlight = []
     start = "-"
     while entries := await redis.xrange(stream, min=start, count=1000):
         for raw_id, fields in entries:
-            entry = _entry_id(raw_id)
+            entry = entry_order(raw_id)
             if entry in pending or entry > last_delivered:
                 found.append((fields[b"t"].decode(), msgspec.json.decode(fields[b"d"])))
         start = "(" + entries[-1][0].decode()

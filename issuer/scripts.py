@@ -33,6 +33,7 @@ NAMES = (
     "clawback_repaid",
     "mark_paid",
     "carry_over",
+    "rebuild_commit",
 )
 
 

