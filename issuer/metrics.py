@@ -50,13 +50,17 @@ SCRIPT_SECONDS = Histogram(
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
 )
 FLUSHED = Counter("issuer_flusher_entries_total", "Stream entries written to PostgreSQL")
+# Set by whichever process measured the streams last (the flusher, or the worker answering
+# /readyz or /metrics, which measures first): the most recent value is the true one.
 FLUSH_LAG = Gauge(
     "issuer_flusher_lag_entries",
     "Stream entries not yet in PostgreSQL",
-    multiprocess_mode="livemax",
+    multiprocess_mode="livemostrecent",
 )
 FLUSH_LAG_SECONDS = Gauge(
-    "issuer_flusher_lag_seconds", "Age of the oldest unflushed entry", multiprocess_mode="livemax"
+    "issuer_flusher_lag_seconds",
+    "Age of the oldest unflushed entry",
+    multiprocess_mode="livemostrecent",
 )
 FLUSH_BATCH_SIZE = Histogram(
     "issuer_flusher_batch_size",
