@@ -279,16 +279,21 @@ async def lag_in_metrics(service: Service) -> float:
 
 
 async def test_flusher_killed_and_postgres_down_for_a_while_lose_nothing(
-    keyspace: Keyspace, workdir: Path, redis: Redis
+    keyspace: Keyspace, workdir: Path
 ) -> None:
     """A surge goes on while the flusher is SIGKILLed mid-batch and PostgreSQL is stopped:
     claims keep being issued, the backlog shows in the metrics, and once PostgreSQL is
-    back the flusher catches up with every voucher exactly once."""
+    back the flusher catches up with every voucher exactly once. Its own Valkey and
+    PostgreSQL: no other service's flusher may read these streams."""
     pg_server = await asyncio.to_thread(
         embedded.start_postgres, workdir / f"pg-{keyspace.name}", settings={"fsync": "off"}
     )
+    redis_server = await asyncio.to_thread(
+        embedded.start_redis, workdir / f"redis-{keyspace.name}-pg-outage"
+    )
+    redis = Redis.from_url(redis_server.url)
     data_dir = workdir / f"data-{keyspace.name}-pg-outage"
-    env = {"DATABASE_URL": pg_server.url}
+    env = {"DATABASE_URL": pg_server.url, "REDIS_URL": redis_server.url}
     proc, url = await asyncio.to_thread(start_service, keyspace, data_dir, 2, env)
     issued: list[str] = []
     stop = asyncio.Event()
@@ -349,7 +354,9 @@ async def test_flusher_killed_and_postgres_down_for_a_while_lose_nothing(
     finally:
         stop.set()
         await asyncio.to_thread(stop_service, proc)
+        await redis.aclose()
         pg_server.stop()
+        redis_server.stop()
 
 
 async def test_a_worker_killed_mid_surge_tells_no_unrecorded_success(
