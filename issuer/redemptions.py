@@ -216,9 +216,16 @@ class Redemptions:
         code = code.decode()
         if code not in ("OK", "REPLAY"):
             raise ApiError(code, f"voucher {body.voucher_id}" if code == "NOT_FOUND" else None)
-        return redemption_out(REDEMPTION.decode(payload), cached.definition.timezone), (
-            code == "REPLAY"
-        )
+        rec = REDEMPTION.decode(payload)
+        if code == "REPLAY":  # the first answer, before any refund or reimbursement
+            rec = msgspec.structs.replace(
+                rec,
+                status="redeemed",
+                refunded_fen=0,
+                subsidy_returned_fen=0,
+                paid_to_merchant=False,
+            )
+        return redemption_out(rec, cached.definition.timezone), code == "REPLAY"
 
     async def record(self, redemption_id: str) -> tuple[CachedCampaign, RedemptionRecord]:
         """The redemption as Redis holds it, with its campaign; NOT_FOUND if none."""
@@ -283,7 +290,10 @@ class Redemptions:
                 )
             if code not in ("OK", "REPLAY"):
                 raise ApiError(code)
-            return refund_out(REFUND.decode(payload)), code == "REPLAY"
+            refund_rec = REFUND.decode(payload)
+            if code == "REPLAY" and refund_rec.status == "repaid":  # answered before repayment
+                refund_rec = msgspec.structs.replace(refund_rec, status="clawback_due")
+            return refund_out(refund_rec), code == "REPLAY"
         raise ApiError("UNAVAILABLE", "the redemption kept changing, retry")
 
     async def clawback_repaid(

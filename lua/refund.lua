@@ -1,6 +1,6 @@
 -- Refund (part of) a redeemed order. The voucher is never given back; the refunded share
 -- of the subsidy leaves `spent`: to `available` if the merchant was not reimbursed yet,
--- to `clawback_due` if it was.
+-- to `clawback_due` if it was (a share that floors to 0 fen is owed by nobody).
 -- KEYS: 1 ledger, 2 round of the voucher, 3 vouchers, 4 redemptions, 5 refunds, 6 events,
 --       7 idem current, 8 idem previous
 -- ARGV: 1 idem field, 2 fingerprint, 3 idem ttl s, 4 redemption id, 5 refunded fen the
@@ -29,7 +29,7 @@ f.created_at = now
 f.subsidy_returned_fen = returned
 redis.call('HINCRBY', KEYS[1], 'spent', -returned)
 redis.call('HINCRBY', KEYS[2], 'spent', -returned)
-if r.paid_to_merchant then
+if r.paid_to_merchant and returned > 0 then
   f.clawback_due_fen = returned
   f.status = 'clawback_due'
   redis.call('HINCRBY', KEYS[1], 'clawback_due', returned)

@@ -7,7 +7,9 @@ local led = redis.call('HMGET', KEYS[1], 'status', 'version')
 if not led[1] then return {'NOT_FOUND', '', ''} end
 local prior = idem_lookup(KEYS[3], KEYS[4], ARGV[1], ARGV[2])
 if prior == false then return {'IDEMPOTENCY_MISMATCH', '', ''} end
-if prior then return {'REPLAY', led[1], prior} end
+-- a replay answers as the first call did: the status it set (the fingerprint covers it),
+-- not the status now, which a later pause or resume may have changed
+if prior then return {'REPLAY', ARGV[4], prior} end
 if led[1] == 'ended' then return {'CAMPAIGN_ENDED', led[1], led[2]} end
 local version = tonumber(led[2]) + 1
 redis.call('HSET', KEYS[1], 'status', ARGV[4], 'version', version)
