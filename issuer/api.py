@@ -681,6 +681,15 @@ def as_api_error(request: web.Request, exc: Exception) -> ApiError:
     return ApiError("INTERNAL")
 
 
+def failure_response(request: web.Request, exc: Exception) -> tuple[str, web.Response]:
+    """(error code, response) for an exception a handler raised."""
+    err = as_api_error(request, exc)
+    response = error_response(err)
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        response.set_status(405)
+    return err.code, response
+
+
 def request_fields(
     request: web.Request, status: int, code: str, elapsed_s: float
 ) -> dict[str, object]:
@@ -713,11 +722,9 @@ def middlewares(ctx: Ctx) -> list[Any]:
         try:
             response = await handler(request)
         except Exception as exc:  # every failure answers in the contract's error format
-            err = as_api_error(request, exc)
-            code = err.code
-            response = error_response(err)
-            if isinstance(exc, web.HTTPMethodNotAllowed):
-                response.set_status(405)
+            # (no local may keep `exc`: its traceback holds this frame, a cycle that only
+            # the garbage collector would free, in long pauses under load)
+            code, response = failure_response(request, exc)
         metrics.child(metrics.REQUESTS, name, str(response.status)).inc()
         elapsed = time.perf_counter() - started
         metrics.child(metrics.LATENCY, name).observe(elapsed)

@@ -6,6 +6,7 @@ that die replaced."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import re
 import signal
@@ -13,20 +14,25 @@ import socket
 import subprocess
 import sys
 import tempfile
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import asyncpg
 import msgspec
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
+from issuer import api
 from issuer.auth import load_keys
 from issuer.client import Client
 from issuer.config import Settings
+from issuer.errors import ApiError
 from tests.conftest import ROOT, Keyspace, Service
 from tests.money import issue, new_campaign, payment
 from tests.people import campaign, claim, id_number
@@ -484,3 +490,27 @@ async def test_a_flusher_on_its_own_serves_its_metrics(keyspace: Keyspace) -> No
     finally:
         proc.terminate()
         assert await asyncio.to_thread(proc.wait, 30) == 0
+
+
+async def test_a_refusal_is_freed_without_the_garbage_collector() -> None:
+    """The error middleware keeps no reference to the exception it answered: its traceback
+    holds the middleware's frame, and such a cycle lives until a collection, whose pauses
+    showed as a 50 ms p99 on sold-out refusals."""
+    errors = api.middlewares(cast(api.Ctx, None))[0]
+    freed: list[weakref.ref[ApiError]] = []
+
+    def refusal() -> ApiError:
+        err = ApiError("ROUND_QUOTA_EXHAUSTED")
+        freed.append(weakref.ref(err))
+        return err
+
+    async def refuse(request: web.Request) -> web.Response:
+        raise refusal()  # as handlers do: no local holds the exception
+
+    gc.disable()
+    try:
+        response = await errors(make_mocked_request("POST", "/v1/campaigns/c/claims"), refuse)
+        assert response.status == 409
+        assert freed[0]() is None
+    finally:
+        gc.enable()
