@@ -381,14 +381,17 @@ class AbuseUser(ClaimingUser):
 
     @task(2)
     def replayed_signature(self) -> None:
-        """The same signed bytes twice: the second is refused 401."""
+        """The same signed bytes twice: the second is refused 401 (if the client gave up on
+        the first, the service may still be deciding it: then either copy may be the one
+        refused, and the other is answered)."""
         person = next(Process.persons)
         campaign = Process.options.campaign
         body = claim_body(person, f"replay-{person}", f"u{person}")
         path = f"/v1/campaigns/{campaign}/claims"
         headers = signed_headers(Process.key, "POST", path, ENCODE.encode(body))
-        self.send(campaign, body, "abuse: first of a replay", GATE_ANSWERS, headers)
-        self.send(campaign, body, "abuse: replayed signature", {"UNAUTHENTICATED"}, headers)
+        first, _ = self.send(campaign, body, "abuse: first of a replay", GATE_ANSWERS, headers)
+        expected = GATE_ANSWERS | {"UNAUTHENTICATED"} if first == "HTTP 0" else {"UNAUTHENTICATED"}
+        self.send(campaign, body, "abuse: replayed signature", expected, headers)
 
     @task(2)
     def just_outside(self) -> None:
