@@ -129,14 +129,19 @@ class Service:
         return await self.client(role).call(method, path, payload)
 
     async def drained(self) -> None:
-        """Wait (up to 30 s) until the flusher has written every stream entry to PostgreSQL."""
-        async with asyncio.timeout(30):
-            while True:
-                async with self.session.get(self.url + "/readyz") as resp:
-                    checks = await resp.json()
-                if checks.get("flusher_lag_entries") == 0:
-                    return
-                await asyncio.sleep(0.05)
+        await wait_drained(self.session, self.url)
+
+
+async def wait_drained(session: aiohttp.ClientSession, url: str, within_s: float = 30) -> None:
+    """Wait until the flusher of the service at `url` has written every stream entry to
+    PostgreSQL (its /readyz says so, even while it answers 503 for another reason)."""
+    async with asyncio.timeout(within_s):
+        while True:
+            async with session.get(url + "/readyz") as resp:
+                checks = await resp.json()
+            if checks.get("flusher_lag_entries") == 0:
+                return
+            await asyncio.sleep(0.05)
 
 
 def start_service(

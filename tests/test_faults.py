@@ -23,7 +23,14 @@ from issuer.auth import load_keys
 from issuer.client import Response
 from issuer.reconcile import reconcile
 from loadtest.verify import verify
-from tests.conftest import Keyspace, Service, start_service, stop_service, unique_id
+from tests.conftest import (
+    Keyspace,
+    Service,
+    start_service,
+    stop_service,
+    unique_id,
+    wait_drained,
+)
 from tests.money import ledger
 from tests.people import campaign, claim
 
@@ -328,12 +335,7 @@ async def test_flusher_killed_and_postgres_down_for_a_while_lose_nothing(
             await asyncio.sleep(1.0)
             stop.set()
             await asyncio.gather(*load)
-            async with asyncio.timeout(60):
-                while True:
-                    async with session.get(url + "/readyz") as resp:
-                        if (await resp.json()).get("flusher_lag_entries") == 0:
-                            break
-                    await asyncio.sleep(0.2)
+            await wait_drained(session, url, within_s=60)
             assert await lag_in_metrics(service) == 0
         conn = await asyncpg.connect(pg_server.url)
         try:

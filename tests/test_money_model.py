@@ -67,7 +67,7 @@ from issuer.client import Client, Response
 from issuer.reconcile import reconcile
 from issuer.redemptions import mark_paid
 from issuer.scripts import Scripts
-from tests.conftest import Keyspace, start_service, stop_service, unique_id
+from tests.conftest import Keyspace, start_service, stop_service, unique_id, wait_drained
 from tests.money import fridge
 from tests.people import campaign, claim
 
@@ -423,15 +423,8 @@ class Harness:
         return self.run(self.clients[role].call(method, path, payload))
 
     async def drained(self) -> None:
-        """Wait (up to 30 s) until the flusher has written every stream entry."""
         assert self.session is not None
-        async with asyncio.timeout(30):
-            while True:
-                async with self.session.get(self.url + "/readyz") as resp:
-                    checks = await resp.json()
-                if checks.get("flusher_lag_entries") == 0:
-                    return
-                await asyncio.sleep(0.05)
+        await wait_drained(self.session, self.url)
 
     async def _disconnect(self) -> None:
         if self.session is not None:

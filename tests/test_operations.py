@@ -33,7 +33,7 @@ from issuer.auth import load_keys
 from issuer.client import Client
 from issuer.config import Settings
 from issuer.errors import ApiError
-from tests.conftest import ROOT, Keyspace, Service
+from tests.conftest import ROOT, Keyspace, Service, wait_drained
 from tests.money import issue, new_campaign, payment
 from tests.people import campaign, claim, id_number
 
@@ -335,12 +335,7 @@ async def test_a_killed_worker_or_flusher_is_replaced(running: Running) -> None:
         for n in range(20):
             got = await app.call("POST", "/v1/campaigns/replaced/claims", claim(72_000 + n))
             assert got.status == 201, got.body
-        async with asyncio.timeout(20):  # the new flusher catches up
-            while True:
-                async with session.get(running.url + "/readyz") as ready:
-                    if (await ready.json()).get("flusher_lag_entries") == 0:
-                        break
-                await asyncio.sleep(0.1)
+        await wait_drained(session, running.url, within_s=20)  # the new flusher catches up
     logged = [line for line in running.lines() if "died, replacing it" in line["msg"]]
     assert {line["msg"] for line in logged} == {
         "worker died, replacing it",
@@ -414,12 +409,7 @@ async def test_no_id_number_name_or_phone_is_kept_or_logged_in_clear(running: Ru
             voucher = {"voucher_id": got.body["voucher_id"], "user_id": f"pii{n}"}
             got = await pay.call("POST", "/v1/redemptions", payment(voucher, "m-pii", 500_000))
             assert got.status == 201, got.body
-        async with asyncio.timeout(30):
-            while True:
-                async with session.get(running.url + "/readyz") as ready:
-                    if (await ready.json()).get("flusher_lag_entries") == 0:
-                        break
-                await asyncio.sleep(0.1)
+        await wait_drained(session, running.url)
     urls = running.embedded_urls()
     stored = (await everything_in_redis(urls["valkey"])).decode("utf-8", "replace")
     recorded = await everything_in_postgres(urls["postgres"])

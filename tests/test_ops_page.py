@@ -250,15 +250,21 @@ async def test_wrong_secret_shows_login_error(service: Service, watched: Watched
     assert watched.leaked(app.secret) == []
 
 
-async def test_failed_call_shows_banner_and_keeps_polling(
-    service: Service, watched: Watched
-) -> None:
-    page = watched.page
+async def open_by_token_link(page: Page, service: Service) -> Locator:
+    """A new campaign, the page opened by the ops key's #key= link; the campaign's card."""
     key = service.key("ops")
     campaign_id = await new_campaign(service, quota=10)
     await page.goto(f"{service.url}/ops#key={key.id}:{key.secret}")
     card = page.locator(f'[data-campaign="{campaign_id}"]')
     await expect(card).to_be_visible()
+    return card
+
+
+async def test_failed_call_shows_banner_and_keeps_polling(
+    service: Service, watched: Watched
+) -> None:
+    page = watched.page
+    card = await open_by_token_link(page, service)
     banner = page.locator("#error")
     await expect(banner).to_be_hidden()
 
@@ -282,17 +288,14 @@ async def test_fragment_token_logs_in_and_leaves_the_url(
     service: Service, watched: Watched
 ) -> None:
     page = watched.page
-    key = service.key("ops")
-    campaign_id = await new_campaign(service, quota=10)
-    await page.goto(f"{service.url}/ops#key={key.id}:{key.secret}")
-    await expect(page.locator(f'[data-campaign="{campaign_id}"]')).to_be_visible()
+    card = await open_by_token_link(page, service)
     await expect(page.locator("#login")).to_be_hidden()
     assert page.url == service.url + "/ops"
     assert await page.evaluate("location.hash") == ""
-    assert watched.leaked(key.secret) == []
+    assert watched.leaked(service.key("ops").secret) == []
     # the session survives a reload (sessionStorage), without the fragment
     await page.reload()
-    await expect(page.locator(f'[data-campaign="{campaign_id}"]')).to_be_visible()
+    await expect(card).to_be_visible()
     # logging out forgets the key
     await page.get_by_role("button", name="log out").click()
     await expect(page.locator("#login")).to_be_visible()
