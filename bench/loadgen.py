@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing as mp
+import random
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ class Target:
     connections: int
     warmup_s: float
     seconds: float
+    retry_after_s: float = 0.0  # a connection answered 503 waits 1-2 times this, as apps do
 
 
 @dataclass(slots=True)
@@ -41,6 +43,7 @@ class Part:
 
     window_s: float
     latencies: array[float]  # seconds, responses sent and received inside the window
+    served: array[float]  # the latencies of the answers below 500 (not shed, not failed)
     statuses: dict[int, int]
     warm: int  # responses before the window
     exhausted: bool  # ran out of requests before the window's planned end
@@ -55,8 +58,11 @@ class Part:
 class Load:
     """Shared state of one process's connections: the requests and what came back."""
 
-    def __init__(self, requests: list[bytes], cycle: bool, start: float, end: float) -> None:
+    def __init__(
+        self, requests: list[bytes], cycle: bool, start: float, end: float, retry_after_s: float
+    ) -> None:
         self.requests = requests
+        self.retry_after_s = retry_after_s
         self.cycle = cycle
         self.next_index = 0
         self.start = start
@@ -97,20 +103,27 @@ class Load:
             self.status.append(status)
         elif now < self.start:
             self.warm += 1
-        self.send(conn)
+        if status == 503 and self.retry_after_s:  # with jitter, or the retries come in waves
+            wait = self.retry_after_s * (1 + random.random())
+            asyncio.get_running_loop().call_later(wait, self.send, conn)
+        else:
+            self.send(conn)
 
     def part(self) -> Part:
         """The measured window ends early if the requests ran out."""
         end = self.end if self.exhausted_at is None else min(self.end, self.exhausted_at)
-        lat = array("d")
+        lat, served = array("d"), array("d")
         statuses: dict[int, int] = {}
         for sent, done, status in zip(self.sent_at, self.done_at, self.status, strict=True):
             if done <= end:
                 lat.append(done - sent)
+                if status < 500:
+                    served.append(done - sent)
                 statuses[status] = statuses.get(status, 0) + 1
         return Part(
             window_s=max(0.0, end - self.start),
             latencies=lat,
+            served=served,
             statuses=statuses,
             warm=self.warm,
             exhausted=end < self.end,
@@ -177,7 +190,7 @@ async def run_load(requests: list[bytes], cycle: bool, target: Target, start_at:
     loop = asyncio.get_running_loop()
     await asyncio.sleep(max(0.0, start_at - time.monotonic()))
     begin = time.monotonic() + target.warmup_s
-    load = Load(requests, cycle, begin, begin + target.seconds)
+    load = Load(requests, cycle, begin, begin + target.seconds, target.retry_after_s)
     conns: list[Conn] = []
 
     def factory() -> Conn:
@@ -227,9 +240,11 @@ class Merged:
 
     parts: list[Part]
     latencies: list[float] = field(init=False)
+    served: list[float] = field(init=False)
 
     def __post_init__(self) -> None:
         self.latencies = sorted(x for p in self.parts for x in p.latencies)
+        self.served = sorted(x for p in self.parts for x in p.served)
 
     @property
     def rate(self) -> float:
@@ -239,11 +254,12 @@ class Merged:
     def count(self) -> int:
         return len(self.latencies)
 
-    def percentile_ms(self, q: float) -> float:
-        if not self.latencies:
+    def percentile_ms(self, q: float, of: list[float] | None = None) -> float:
+        """The q-quantile of the latencies (or of `of`, e.g. `served`) in ms."""
+        values = self.latencies if of is None else of
+        if not values:
             return float("nan")
-        index = min(len(self.latencies) - 1, int(q * len(self.latencies)))
-        return self.latencies[index] * 1000
+        return values[min(len(values) - 1, int(q * len(values)))] * 1000
 
     @property
     def statuses(self) -> dict[int, int]:
