@@ -76,6 +76,17 @@ class CachedCampaign:
         return current_round(self.stored.rounds, now)
 
 
+def round_settings(rnd: Round) -> dict[str, int]:
+    """A round hash's settings, in the order `campaign_put` takes them (-1: none)."""
+    return {
+        "opens": to_millis(rnd.opens_at),
+        "closes": to_millis(rnd.closes_at),
+        "valid_until": to_millis(rnd.valid_until),
+        "quota": -1 if rnd.quota is None else rnd.quota,
+        "budget": -1 if rnd.budget_fen is None else rnd.budget_fen,
+    }
+
+
 def fingerprint(payload: object) -> str:
     """Stable digest of a request body, to tell a replay from a reused request_id."""
     return hashlib.blake2b(ENCODE.encode(payload), digest_size=12).hexdigest()
@@ -195,13 +206,7 @@ class Campaigns:
                 len(rounds),
             ]
             for r in rounds:
-                args += [
-                    to_millis(r.opens_at),
-                    to_millis(r.closes_at),
-                    to_millis(r.valid_until),
-                    -1 if r.quota is None else r.quota,
-                    -1 if r.budget_fen is None else r.budget_fen,
-                ]
+                args += round_settings(r).values()
             script_keys = [ck.definition, ck.ledger, ck.events, keys.CAMPAIGNS]
             script_keys += [ck.round(r.round_id) for r in old_rounds]
             script_keys += [ck.round(r.round_id) for r in rounds]

@@ -54,10 +54,9 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from issuer import keys, merchants
-from issuer.campaigns import ENCODE, STORED
-from issuer.model import Round, StoredCampaign
+from issuer.campaigns import ENCODE, STORED, round_settings
+from issuer.model import StoredCampaign
 from issuer.reconcile import entry_order, events_in_flight, round_ids
-from issuer.schedule import to_millis
 from issuer.scripts import Scripts
 
 CHUNK = 1000  # rows per read from PostgreSQL, fields per HSET
@@ -166,17 +165,6 @@ class Writes:
             await pipe.execute()
 
 
-def round_fields(rnd: Round) -> dict[str, int]:
-    """A round hash's settings as `campaign_put` writes them."""
-    return {
-        "opens": to_millis(rnd.opens_at),
-        "closes": to_millis(rnd.closes_at),
-        "valid_until": to_millis(rnd.valid_until),
-        "quota": -1 if rnd.quota is None else rnd.quota,
-        "budget": -1 if rnd.budget_fen is None else rnd.budget_fen,
-    }
-
-
 def replay_setup(events: Iterable[asyncpg.Record]) -> Setup:
     """Fold the setup events, oldest first (a campaign's first event defines it)."""
     setup = None
@@ -184,7 +172,7 @@ def replay_setup(events: Iterable[asyncpg.Record]) -> Setup:
         data = DOCUMENT.decode(row["data"])
         if row["type"] == "campaign":  # (re)defined: rounds as the new definition says
             stored = STORED.decode(row["data"])
-            rounds = {r.round_id: round_fields(r) for r in stored.rounds}
+            rounds = {r.round_id: round_settings(r) for r in stored.rounds}
             setup = Setup(stored=stored, status="active", version=data["version"], rounds=rounds)
             continue
         assert setup is not None, "a campaign's first event defines it"
