@@ -308,7 +308,7 @@ async def test_flusher_killed_and_postgres_down_for_a_while_lose_nothing(
         async with aiohttp.ClientSession() as session:
             service = Service(proc, url, load_keys(data_dir / "keys.toml"), session)
             campaign_id = unique_id()
-            body = campaign(quota=None)
+            body = campaign(quota=None, budget_fen=10**13)  # money for the whole outage
             assert (await service.call("PUT", f"/v1/campaigns/{campaign_id}", body)).status == 201
             path = f"/v1/campaigns/{campaign_id}/claims"
 
