@@ -320,7 +320,7 @@ async def test_flusher_killed_and_postgres_down_for_a_while_lose_nothing(
                     issued.append(got.body["voucher_id"])
                     n += 1
 
-            load = [asyncio.create_task(surge(84_000 + 20_000 * i)) for i in range(4)]
+            load = [asyncio.create_task(surge(84_000 + 1_000_000 * i)) for i in range(4)]
             await asyncio.sleep(1.0)
             (flusher,) = child_pids(proc.pid, "flush")
             os.kill(flusher, signal.SIGKILL)
