@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("issuer.server")
 WORKER_STOP_TIMEOUT_S = 15  # in-flight requests, after the shutdown grace
 FLUSHER_STOP_TIMEOUT_S = 60  # draining the streams into PostgreSQL
+STABLE_S = 10.0  # a child that ran this long before it died is replaced at once
 
 
 def redis_client(url: str, max_connections: int = 64) -> Redis:
@@ -201,31 +202,51 @@ class Supervisor:
         self.servers = servers
         self.workers: list[subprocess.Popen[bytes]] = []
         self.flusher: subprocess.Popen[bytes] | None = None
+        self.born: dict[int, float] = {}  # pid -> when it was started
+        self.delay: dict[str, float] = {}  # slot -> the wait before its last restart
+        self.restart_at: dict[str, float] = {}  # slot -> when its dead child is replaced
         self.stopping = False
 
     def spawn(self, command: str) -> subprocess.Popen[bytes]:
         cmd = [sys.executable, "-m", "issuer.cli", command]
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             cmd,
             env=worker_env(self.settings, self.port),
             preexec_fn=die_with_parent(signal.SIGTERM),  # a killed supervisor leaves no child
         )
+        self.born[proc.pid] = time.monotonic()
+        return proc
 
     def replace_dead(self) -> None:
+        if self.stopping:
+            return
         for i, proc in enumerate(self.workers):
-            if proc.poll() is not None and not self.stopping:
-                log.warning(
-                    "worker died, replacing it", extra={"pid": proc.pid, "code": proc.returncode}
-                )
-                metrics.process_gone(proc.pid)
-                self.workers[i] = self.spawn("worker")
-        if self.flusher is not None and self.flusher.poll() is not None and not self.stopping:
+            self.workers[i] = self.replacement(f"worker {i}", proc, "worker")
+        if self.flusher is not None:
+            self.flusher = self.replacement("flusher", self.flusher, "flush")
+
+    def replacement(
+        self, slot: str, proc: subprocess.Popen[bytes], command: str
+    ) -> subprocess.Popen[bytes]:
+        """`proc` while it runs; once it died, a new child, after a wait that grows while
+        the children of this slot keep dying young."""
+        if proc.poll() is None:
+            return proc
+        now = time.monotonic()
+        if slot not in self.restart_at:
+            lived = now - self.born.pop(proc.pid, now)
+            self.delay[slot] = restart_delay(self.delay.get(slot, 0.0), lived)
+            self.restart_at[slot] = now + self.delay[slot]
+            name = "flusher" if command == "flush" else "worker"
             log.warning(
-                "flusher died, replacing it",
-                extra={"pid": self.flusher.pid, "code": self.flusher.returncode},
+                f"{name} died, replacing it",
+                extra={"pid": proc.pid, "code": proc.returncode, "in_s": self.delay[slot]},
             )
-            metrics.process_gone(self.flusher.pid)
-            self.flusher = self.spawn("flush")
+            metrics.process_gone(proc.pid)
+        if now < self.restart_at[slot]:
+            return proc
+        del self.restart_at[slot]
+        return self.spawn(command)
 
     async def watch(self) -> None:
         while not self.stopping:
@@ -266,6 +287,15 @@ class Supervisor:
         log.info("stopping: workers first, then the flusher drains")
         await asyncio.to_thread(self.terminate)
         watcher.cancel()
+
+
+def restart_delay(previous_s: float, lived_s: float) -> float:
+    """Seconds to wait before replacing a child that lived `lived_s`: none if it had run a
+    while; else twice the previous wait, from 0.5 s up to 30 s, so that a child that cannot
+    start does not restart in a tight loop."""
+    if lived_s >= STABLE_S:
+        return 0.0
+    return min(max(previous_s * 2, 0.5), 30.0)
 
 
 def _stop_all(procs: list[subprocess.Popen[bytes]], timeout_s: float) -> None:

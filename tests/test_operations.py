@@ -33,6 +33,7 @@ from issuer.auth import load_keys
 from issuer.client import Client
 from issuer.config import Settings
 from issuer.errors import ApiError
+from issuer.server import STABLE_S, restart_delay
 from tests.conftest import ROOT, Keyspace, Service, wait_drained
 from tests.money import issue, new_campaign, payment
 from tests.people import campaign, claim, id_number
@@ -504,3 +505,11 @@ async def test_a_refusal_is_freed_without_the_garbage_collector() -> None:
         assert freed[0]() is None
     finally:
         gc.enable()
+
+
+def test_a_child_that_keeps_dying_young_is_restarted_ever_later() -> None:
+    waits = [0.0]
+    for _ in range(8):
+        waits.append(restart_delay(waits[-1], lived_s=0.3))
+    assert waits[1:] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert restart_delay(30.0, lived_s=STABLE_S) == 0.0  # it had run: replaced at once
