@@ -149,7 +149,11 @@ class Campaigns:
         return raw, (version or b"0").decode()
 
     async def describe(self, campaign_id: str, now: datetime) -> CampaignOut:
-        cached = await self.load(campaign_id)
+        """The campaign as Redis holds it now (its definition reloaded into the cache)."""
+        return await self.live_state(await self.load(campaign_id), now)
+
+    async def live_state(self, cached: CachedCampaign, now: datetime) -> CampaignOut:
+        """`cached`'s definition with its ledger and current round read from Redis."""
         ck = cached.keys
         current = cached.round_at(now)
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -164,7 +168,7 @@ class Campaigns:
             rnd = {k.decode(): int(v) for k, v in results[1].items()}
             round_state = round_state_of(current.round_id, rnd, tz)
         return CampaignOut(
-            campaign_id=campaign_id,
+            campaign_id=ck.campaign_id,
             definition=cached.definition,
             status=led.get("status", "unknown"),
             ledger=Ledger(

@@ -19,12 +19,14 @@ LEDGER_ACCOUNTS = ("budget", "available", "reserved", "spent", "clawback_due", "
 
 
 async def campaigns(redis: Redis, known: Campaigns) -> list[CampaignOut]:
-    """Every registered campaign's definition, ledger and current round, now."""
+    """Every registered campaign's definition, ledger and current round, now. The worker's
+    cached definitions serve (a scrape or the ops page must not reload them: that would drop
+    the cached sold-out refusals the surge relies on)."""
     now = datetime.now(UTC)
     found = []
     for campaign_id in sorted(m.decode() for m in await redis.smembers(keys.CAMPAIGNS)):
         try:
-            found.append(await known.describe(campaign_id, now))
+            found.append(await known.live_state(await known.cached(campaign_id), now))
         except ApiError:  # removed since the registry was read
             continue
     return found
