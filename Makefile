@@ -36,7 +36,8 @@ bench: $(STAMP)
 ## surge: rehearse a 10:00 opening with Locust, then verify every invariant (loadtest/out/)
 surge: $(STAMP)
 	$(BIN)/python -m loadtest.surge --users $(USERS) --seconds $(SECONDS) --quota $(QUOTA) \
-		$(if $(QUEUE_MAX),--queue-max $(QUEUE_MAX))
+		$(if $(PROCESSES),--processes $(PROCESSES)) $(if $(QUEUE_MAX),--queue-max $(QUEUE_MAX)) \
+		$(if $(SHED_LAG_MS),--shed-lag-ms $(SHED_LAG_MS))
 
 ## fuzz: schemathesis over every operation of /openapi.json, many examples each
 fuzz: $(STAMP)

@@ -1,11 +1,14 @@
 """Above capacity: what shedding does for the claims that are served. Two `issuer serve`s
-on the same embedded Valkey and PostgreSQL, one with the default claim queue (2,000 per
-worker) and one with `ISSUER_CLAIM_QUEUE_MAX` small, get closed-loop claims from more and
-more connections (each one request in flight, as many users pressing "claim" at once; a
-connection answered 503 waits 1-2 times `--retry-after` seconds, as the header asks).
-Printed per connection count: req/s, p50/p99 of the answers served (below 500) and how
-many were shed (503 OVERLOADED). Without shedding, served latency grows with the crowd;
-with it, it stays near the cost of one full queue and the rest are refused at once."""
+on the same embedded Valkey and PostgreSQL, one that never sheds (a claim queue and a loop
+lag bound too large to reach) and one that sheds (the defaults, or `--queue-max` and
+`--lag-ms`), get closed-loop claims from more and more connections (each one request in
+flight, as many users pressing "claim" at once; a connection answered 503 waits 1-2 times
+`--retry-after` seconds, as the header asks). Printed per connection count: req/s, p50/p99
+of the answers served (below 500), how many were shed (503 OVERLOADED), and from the
+service's own histograms over the window: the claim route's p99 from its middleware on,
+and its event loop's lag p99 (both as bucket upper bounds). Without
+shedding, served latency grows with the crowd; with it, it stays bounded and the rest are
+refused at once."""
 
 from __future__ import annotations
 
@@ -21,12 +24,14 @@ from pathlib import Path
 import aiohttp
 import uvloop
 
+from bench import scrape
 from bench.loadgen import Clients, Merged, Target
 from bench.procs import Service
 from bench.signing import FIRST_N, Plan
 from issuer import embedded
 from issuer.auth import ApiKey, load_keys
 from issuer.client import Client
+from issuer.config import Settings
 from tests.people import campaign
 
 CAMPAIGN = "overload"
@@ -37,7 +42,10 @@ GUESS_RATE = 20_000  # req/s assumed when sizing the requests built per run
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench.overload", description=__doc__)
     parser.add_argument("--connections", default="128,512,2048", help="comma-separated")
-    parser.add_argument("--queue-max", type=int, default=64, help="of the shedding service")
+    parser.add_argument(
+        "--queue-max", type=int, help="ISSUER_CLAIM_QUEUE_MAX of the shedding service"
+    )
+    parser.add_argument("--lag-ms", type=int, help="ISSUER_SHED_LAG_MS of the shedding service")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--clients", type=int, default=2, help="load-generator processes")
     parser.add_argument("--seconds", type=float, default=6)
@@ -60,12 +68,33 @@ async def create_campaign(url: str, ops: ApiKey) -> None:
             raise RuntimeError(f"PUT {CAMPAIGN}: {got.status} {got.body}")
 
 
-def row(label: str, connections: int, merged: Merged) -> str:
+CLAIM_ROUTE = "/v1/campaigns/{campaign_id}/claims"
+
+
+async def scraped(url: str) -> tuple[scrape.Buckets, scrape.Buckets]:
+    """The service's claim latency and event-loop lag histograms so far."""
+    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as resp:
+        text = await resp.text()
+    return (
+        scrape.buckets(text, "issuer_request_seconds", route=CLAIM_ROUTE),
+        scrape.buckets(text, "issuer_event_loop_lag_seconds"),
+    )
+
+
+def row(
+    label: str,
+    connections: int,
+    merged: Merged,
+    before: tuple[scrape.Buckets, scrape.Buckets],
+    after: tuple[scrape.Buckets, scrape.Buckets],
+) -> str:
     shed = merged.statuses.get(503, 0)
+    inside, lag = (scrape.since(a, b) for a, b in zip(after, before, strict=True))
     return (
         f"| {label} | {connections:,} | {merged.rate:,.0f} |"
-        f" {merged.percentile_ms(0.5, merged.served):.1f} |"
-        f" {merged.percentile_ms(0.99, merged.served):.1f} | {shed:,} |"
+        f" {merged.percentile_ms(0.5, merged.served):.0f} |"
+        f" {merged.percentile_ms(0.99, merged.served):.0f} | {shed:,} |"
+        f" {scrape.quantile_ms(inside, 0.99):g} | {scrape.quantile_ms(lag, 0.99):g} |"
     )
 
 
@@ -86,23 +115,34 @@ def main(argv: list[str] | None = None) -> int:
             "ISSUER_LOG_LEVEL": "WARNING",
         }
         log = work / "services.log"
-        services.append(Service(args.workers, env, log))
+        never = {"ISSUER_CLAIM_QUEUE_MAX": str(10**6), "ISSUER_SHED_LAG_MS": str(60_000)}
+        services.append(Service(args.workers, {**env, **never}, log))
         keys_file = work / "plain" / "keys.toml"
         shedding = {
             **env,
             "ISSUER_DATA_DIR": str(work / "shedding"),
             "ISSUER_KEYS_FILE": str(keys_file),
-            "ISSUER_CLAIM_QUEUE_MAX": str(args.queue_max),
             "ISSUER_RUN_FLUSHER": "false",
         }
+        if args.queue_max is not None:
+            shedding["ISSUER_CLAIM_QUEUE_MAX"] = str(args.queue_max)
+        if args.lag_ms is not None:
+            shedding["ISSUER_SHED_LAG_MS"] = str(args.lag_ms)
+        bounds = Settings.from_env(shedding)
         services.append(Service(args.workers, shedding, log))
         keys = load_keys(keys_file)
         app = next(k for k in keys.values() if k.role == "app")
         ops = next(k for k in keys.values() if k.role == "ops")
         asyncio.run(create_campaign(services[0].url, ops))
-        labels = ("default queue (2,000)", f"queue {args.queue_max}")
-        print("| service | connections | req/s | served p50 ms | served p99 ms | shed (503) |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        labels = (
+            "never sheds",
+            f"sheds (queue {bounds.claim_queue_max:,}, lag {bounds.shed_lag_ms} ms)",
+        )
+        print(
+            "| service | connections | req/s | served p50 ms | served p99 ms | shed (503) |"
+            " p99 ms inside (≤) | loop lag p99 ms (≤) |"
+        )
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         first_n = FIRST_N
         per = math.ceil(GUESS_RATE * (args.seconds + args.warmup) / args.clients)
         for connections in (int(c) for c in args.connections.split(",")):
@@ -122,8 +162,13 @@ def main(argv: list[str] | None = None) -> int:
                     args.seconds,
                     retry_after_s=args.retry_after,
                 )
-                clients.go(target, time.monotonic() + 0.2)
-                print(row(label, connections, clients.collect()), flush=True)
+                start_at = time.monotonic() + 0.2
+                clients.go(target, start_at)
+                time.sleep(max(0.0, start_at + args.warmup - time.monotonic()))
+                before = asyncio.run(scraped(service.url))
+                merged = clients.collect()
+                after = asyncio.run(scraped(service.url))
+                print(row(label, connections, merged, before, after), flush=True)
                 time.sleep(1.0)
         return 0
     finally:

@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from issuer import documents, gauges, keys, merchants, metrics, registrations, reports, vouchers
+from issuer.admission import Admission
 from issuer.auth import ApiKey, Role, Verified, require_role, verify
 from issuer.campaigns import Campaigns
 from issuer.claims import Claims
@@ -93,6 +94,7 @@ class Ctx:
     settlement: Settlement
     keys: dict[str, ApiKey]
     person_key: bytes
+    admission: Admission
 
 
 @dataclass(frozen=True)
@@ -742,6 +744,8 @@ def middlewares(ctx: Ctx) -> list[Any]:
         if not request.path.startswith("/v1/"):
             return await handler(request)
         name = request.match_info.route.name
+        if name == "claim":
+            ctx.admission.check(ctx.claims.waiting)  # before anything is read or checked
         limit = documents.MAX_UPLOAD_BYTES if name == "upload_documents" else MAX_BODY
         if (request.content_length or 0) > limit:
             raise ApiError("INVALID_REQUEST", f"body over {limit} bytes")

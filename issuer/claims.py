@@ -214,7 +214,6 @@ class Claims:
         campaigns: Campaigns,
         person_key: bytes,
         batch_max: int,
-        queue_max: int,
         durable_ack: bool = False,
     ) -> None:
         self.redis = redis
@@ -222,8 +221,7 @@ class Claims:
         self.campaigns = campaigns
         self.person_key = person_key
         self.batch_max = batch_max
-        self.queue_max = queue_max  # claims waiting for (or in) a script call, this worker
-        self.waiting = 0
+        self.waiting = 0  # claims waiting for (or in) a script call, this worker
         self.durable_ack = durable_ack  # answer issued claims only once Redis fsynced them
         self._batchers: dict[tuple[str, str, str], Batcher] = {}
         self._nonces = NonceSpender(scripts, batch_max)
@@ -291,9 +289,6 @@ class Claims:
             ),
             nonce_key=cached.keys.nonces(verified.timestamp),
         )
-        if self.waiting >= self.queue_max:
-            # shed: a fast 503 now beats an answer after the queue has grown without limit
-            raise ApiError("OVERLOADED", f"{self.waiting} claims queued", retry_after=1)
         self.waiting += 1
         try:
             code, payload = await self._batcher(cached, rnd).submit(pending)

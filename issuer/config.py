@@ -32,6 +32,7 @@ ENV = {
     "ISSUER_SHUTDOWN_GRACE_S": "shutdown_grace_s",
     "ISSUER_RUN_FLUSHER": "run_flusher",
     "ISSUER_CLAIM_QUEUE_MAX": "claim_queue_max",
+    "ISSUER_SHED_LAG_MS": "shed_lag_ms",
     "ISSUER_DURABLE_ACK": "durable_ack",
     "ISSUER_METRICS_PORT": "metrics_port",
 }
@@ -52,7 +53,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     batch_max: Annotated[int, Meta(ge=1, le=5000)] = 500  # claims per script call
     # claims one worker lets wait for the gate; beyond, 503 OVERLOADED with Retry-After
-    claim_queue_max: Annotated[int, Meta(ge=1, le=1_000_000)] = 2000
+    claim_queue_max: Annotated[int, Meta(ge=1, le=1_000_000)] = 256
+    # a worker whose event loop runs this late sheds claims the same way
+    shed_lag_ms: Annotated[int, Meta(ge=1, le=60_000)] = 50
     # "aof": a claim is answered only once WAITAOF confirms Redis fsynced it
     durable_ack: Literal["none", "aof"] = "none"
     # `issuer flush` on its own (not under `issuer serve`): serve /metrics on this port

@@ -49,6 +49,16 @@ SCRIPT_SECONDS = Histogram(
     ["script"],
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
 )
+SHED = Counter(
+    "issuer_claims_shed_total",
+    "Claims refused 503 OVERLOADED before being read, by reason (queue full, loop late)",
+    ["reason"],
+)
+LOOP_LAG = Histogram(
+    "issuer_event_loop_lag_seconds",
+    "How late a worker's event loop ran, sampled every 10 ms",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
 FLUSHED = Counter("issuer_flusher_entries_total", "Stream entries written to PostgreSQL")
 # Set by whichever process measured the streams last (the flusher, or the worker answering
 # /readyz or /metrics, which measures first): the most recent value is the true one.

@@ -67,6 +67,7 @@ def reuseport_socket(host: str, port: int, *, listen: bool) -> socket.socket:
 async def worker_main(settings: Settings, port: int) -> None:
     """One HTTP worker: serves until SIGTERM, then stops accepting and finishes in-flight
     requests (their batches included) before closing its connections."""
+    from issuer.admission import Admission, LoopLag
     from issuer.api import Ctx, make_app
     from issuer.campaigns import Campaigns
     from issuer.claims import Claims
@@ -83,6 +84,7 @@ async def worker_main(settings: Settings, port: int) -> None:
     campaigns = Campaigns(redis, scripts)
     person_key = settings.person_secret()
     redemptions = Redemptions(redis, scripts, campaigns)
+    loop_lag = LoopLag()
     ctx = Ctx(
         settings=settings,
         redis=redis,
@@ -95,7 +97,6 @@ async def worker_main(settings: Settings, port: int) -> None:
             campaigns,
             person_key,
             settings.batch_max,
-            settings.claim_queue_max,
             durable_ack=settings.durable_ack == "aof",
         ),
         redemptions=redemptions,
@@ -110,6 +111,7 @@ async def worker_main(settings: Settings, port: int) -> None:
         ),
         keys=auth.load_keys(settings.keys_path),
         person_key=person_key,
+        admission=Admission(settings.claim_queue_max, settings.shed_lag_ms / 1000, loop_lag),
     )
     stop = asyncio.Event()
 
@@ -137,12 +139,14 @@ async def worker_main(settings: Settings, port: int) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop_lag.start()
     log.info("worker up", extra={"pid": os.getpid(), "port": port})
     sweeping = asyncio.create_task(expiry.run(redis, scripts, stop))
     await stop.wait()
     # not ready from now on; keep serving while load balancers notice, then stop accepting
     await asyncio.sleep(settings.shutdown_grace_s)
     await runner.cleanup()
+    loop_lag.stop()
     await sweeping
     await redis.aclose()
     await pg.close()

@@ -26,6 +26,7 @@ from typing import Any
 
 import aiohttp
 
+from bench import scrape
 from bench.procs import ROOT, Service, stop
 from issuer import embedded
 from issuer.auth import load_keys
@@ -49,7 +50,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--queue-max",
         type=int,
         help="ISSUER_CLAIM_QUEUE_MAX of the service: claims a worker lets wait before it"
-        " sheds with 503 OVERLOADED (low values show shedding above capacity)",
+        " sheds with 503 OVERLOADED",
+    )
+    parser.add_argument(
+        "--shed-lag-ms",
+        type=int,
+        help="ISSUER_SHED_LAG_MS of the service: how late a worker's event loop may run"
+        " before it sheds",
     )
     parser.add_argument(
         "--no-mixed", dest="mixed", action="store_false", help="winners do not pay or refund"
@@ -152,22 +159,10 @@ CLAIM_ROUTE = "/v1/campaigns/{campaign_id}/claims"
 async def service_latency(service: Service) -> dict[float, float]:
     """Upper bounds (ms) of the claim route's p50 and p99 as the service measured them
     (its latency histogram): what the service did, without the load generator's queue."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     async with aiohttp.ClientSession() as session, session.get(service.url + "/metrics") as resp:
         text = await resp.text()
-    buckets = sorted(
-        (float(sample.labels["le"]), sample.value)
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "issuer_request_seconds_bucket"
-        and sample.labels.get("route") == CLAIM_ROUTE
-    )
-    total = buckets[-1][1] if buckets else 0
-    return {
-        q: next((le * 1000 for le, n in buckets if n >= q * total), math.inf) if total else 0.0
-        for q in (0.5, 0.99)
-    }
+    counts = scrape.buckets(text, "issuer_request_seconds", route=CLAIM_ROUTE)
+    return {q: scrape.quantile_ms(counts, q) for q in (0.5, 0.99)}
 
 
 def locust_failures(out: Path) -> int:
@@ -235,11 +230,13 @@ def chart(rows: list[Row], opens_at: float, path: Path) -> None:
         bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
     mid.set_ylabel("answers/s by outcome")
     mid.legend(fontsize="small", ncol=3, loc="upper right")
+    served = {
+        s: [r[3] for r in by_second[s] if r[1] == "surge claim" and r[2] != "OVERLOADED"]
+        for s in seconds
+    }
     for q, label in ((0.5, "p50"), (0.99, "p99")):
-        low.plot(
-            seconds, [percentile([r[3] for r in by_second[s]], q) for s in seconds], label=label
-        )
-    low.set_ylabel("latency ms")
+        low.plot(seconds, [percentile(served[s], q) for s in seconds], label=label)
+    low.set_ylabel("served surge claims, ms")
     low.set_xlabel("seconds since the round opened")
     low.legend()
     for axis in (top, mid, low):
@@ -269,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         service_env = {**env, "ISSUER_DATA_DIR": str(data_dir)}
         if args.queue_max is not None:
             service_env["ISSUER_CLAIM_QUEUE_MAX"] = str(args.queue_max)
+        if args.shed_lag_ms is not None:
+            service_env["ISSUER_SHED_LAG_MS"] = str(args.shed_lag_ms)
         service = Service(args.workers, service_env, log)
         keys_file = data_dir / "keys.toml"
         opens_at = time.time() + LEAD_S + 2

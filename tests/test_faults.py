@@ -1,6 +1,7 @@
-"""Faults and hostile load on real processes: shedding when the claim queue is full, Redis
-going away and coming back mid-surge, acknowledgements that survive Redis's SIGKILL, and
-rate limits per account, device and client IP decided in the claim script."""
+"""Faults and hostile load on real processes: shedding when the claim queue is full or the
+event loop late, Redis going away and coming back mid-surge, acknowledgements that survive
+Redis's SIGKILL, and rate limits per account, device and client IP decided in the claim
+script."""
 
 from __future__ import annotations
 
@@ -15,12 +16,13 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
 from issuer import embedded, keys
 from issuer.auth import load_keys
-from issuer.client import Response
+from issuer.client import Response, signed_headers
 from issuer.reconcile import reconcile
 from loadtest.verify import verify
 from tests.conftest import (
@@ -35,11 +37,10 @@ from tests.money import ledger
 from tests.people import campaign, claim
 
 
-@pytest.fixture(scope="module")
-async def shedding(keyspace: Keyspace, workdir: Path) -> AsyncIterator[Service]:
-    """One worker that lets at most 20 claims wait for the gate."""
-    data_dir = workdir / f"data-{keyspace.name}-shedding"
-    env = {"ISSUER_CLAIM_QUEUE_MAX": "20"}
+async def one_worker(
+    keyspace: Keyspace, workdir: Path, name: str, env: dict[str, str]
+) -> AsyncIterator[Service]:
+    data_dir = workdir / f"data-{keyspace.name}-{name}"
     proc, url = await asyncio.to_thread(start_service, keyspace, data_dir, 1, env)
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1000))
     try:
@@ -49,34 +50,90 @@ async def shedding(keyspace: Keyspace, workdir: Path) -> AsyncIterator[Service]:
         await asyncio.to_thread(stop_service, proc)
 
 
-async def test_a_full_queue_sheds_with_retry_after_and_a_retry_succeeds(
-    shedding: Service,
-) -> None:
+@pytest.fixture(scope="module")
+async def shedding(keyspace: Keyspace, workdir: Path) -> AsyncIterator[Service]:
+    """One worker that lets at most 20 claims wait for the gate."""
+    async for service in one_worker(
+        keyspace, workdir, "shedding", {"ISSUER_CLAIM_QUEUE_MAX": "20"}
+    ):
+        yield service
+
+
+@pytest.fixture(scope="module")
+async def late(keyspace: Keyspace, workdir: Path) -> AsyncIterator[Service]:
+    """One worker that sheds once its event loop runs 5 ms late (and never for its queue)."""
+    async for service in one_worker(keyspace, workdir, "late", {"ISSUER_SHED_LAG_MS": "5"}):
+        yield service
+
+
+Signed = tuple[bytes, dict[str, str]]
+
+
+async def post_signed(service: Service, path: str, signed: Signed) -> Response:
+    """POST bytes signed beforehand, so that the same signature can be sent again."""
+    body, headers = signed
+    async with service.session.post(service.url + path, data=body, headers=headers) as resp:
+        return Response(resp.status, await resp.json(), dict(resp.headers))
+
+
+async def burst_then_resend_the_shed(
+    service: Service, first_n: int, count: int
+) -> tuple[str, list[Response]]:
+    """`count` claims at once to a new campaign; every one shed is sent again, the very same
+    signed bytes, until it is served. Returns (campaign, the first answers)."""
     campaign_id = unique_id()
-    resp = await shedding.call("PUT", f"/v1/campaigns/{campaign_id}", campaign(quota=None))
+    resp = await service.call("PUT", f"/v1/campaigns/{campaign_id}", campaign(quota=None))
     assert resp.status == 201, resp.body
     path = f"/v1/campaigns/{campaign_id}/claims"
-    bodies = [claim(80_000 + n) for n in range(600)]
-    first = await asyncio.gather(*(shedding.call("POST", path, b, "app") for b in bodies))
-    codes = Counter(r.status for r in first)
-    assert set(codes) == {201, 503} and codes[503] > 0, codes
+    app = service.key("app")
+    signed: list[Signed] = []
+    for n in range(first_n, first_n + count):
+        body = msgspec.json.encode(claim(n))
+        signed.append((body, signed_headers(app, "POST", path, body)))
+    first = await asyncio.gather(*(post_signed(service, path, s) for s in signed))
+    assert {r.status for r in first} <= {201, 503}
     for shed in (r for r in first if r.status == 503):
         assert shed.body["error"]["code"] == "OVERLOADED"
         assert shed.body["error"]["retryable"] is True
         assert shed.headers["Retry-After"] == "1"
-    # shed claims changed nothing: retried (same request_id, new signature), they go through
-    waiting = [b for b, r in zip(bodies, first, strict=True) if r.status == 503]
+    # a shed claim was refused before it was read: it changed nothing and spent nothing,
+    # not even its nonce, so the same signed request is served once the worker has room
+    waiting = [s for s, r in zip(signed, first, strict=True) if r.status == 503]
     async with asyncio.timeout(60):
         while waiting:
-            again = await asyncio.gather(
-                *(shedding.call("POST", path, b, "app") for b in waiting[:15])
-            )
-            assert {r.status for r in again} <= {201, 503}
-            done = {id(b) for b, r in zip(waiting, again, strict=False) if r.status == 201}
-            waiting = [b for b in waiting if id(b) not in done]
-    state = await shedding.call("GET", f"/v1/campaigns/{campaign_id}")
-    assert state.body["current_round"]["issued"] == 600
-    await ledger(shedding, campaign_id)
+            again = [await post_signed(service, path, s) for s in waiting[:15]]
+            assert {r.status for r in again} <= {201, 503}, [r.body for r in again]
+            served = {id(s) for s, r in zip(waiting, again, strict=False) if r.status == 201}
+            waiting = [s for s in waiting if id(s) not in served]
+    state = await service.call("GET", f"/v1/campaigns/{campaign_id}")
+    assert state.body["current_round"]["issued"] == count
+    await ledger(service, campaign_id)
+    return campaign_id, first
+
+
+async def shed_counts(service: Service) -> dict[str, float]:
+    async with service.session.get(service.url + "/metrics") as resp:
+        text = await resp.text()
+    found = re.findall(r'^issuer_claims_shed_total\{reason="(\w+)"\} (\S+)$', text, re.M)
+    return {reason: float(n) for reason, n in found}
+
+
+async def test_a_full_queue_sheds_with_retry_after_and_the_same_request_is_served_later(
+    shedding: Service,
+) -> None:
+    _, first = await burst_then_resend_the_shed(shedding, 80_000, 600)
+    assert Counter(r.status for r in first)[503] > 0
+    assert all("claims queued" in r.body["error"]["message"] for r in first if r.status == 503)
+    counts = await shed_counts(shedding)
+    assert counts.get("queue", 0) > 0 and counts.get("lag", 0) == 0, counts
+
+
+async def test_a_late_event_loop_sheds_before_reading_and_changes_nothing(late: Service) -> None:
+    _, first = await burst_then_resend_the_shed(late, 82_000, 1500)
+    assert Counter(r.status for r in first)[503] > 0
+    assert all("late" in r.body["error"]["message"] for r in first if r.status == 503)
+    counts = await shed_counts(late)
+    assert counts.get("lag", 0) > 0 and counts.get("queue", 0) == 0, counts
 
 
 @pytest.fixture(scope="module")

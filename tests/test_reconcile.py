@@ -75,7 +75,7 @@ async def env(keyspace: Keyspace, redis: Redis) -> AsyncIterator[Env]:
     await store.migrate(pool)
     scripts = Scripts(redis)
     campaigns = Campaigns(redis, scripts)
-    claims = Claims(redis, scripts, campaigns, person_key=b"k", batch_max=100, queue_max=10_000)
+    claims = Claims(redis, scripts, campaigns, person_key=b"k", batch_max=100)
     yield Env(keyspace, redis, pool, campaigns, claims)
     await pool.close()
 

@@ -1,0 +1,68 @@
+"""Admission of claims: when this worker is behind, shed a claim with 503 OVERLOADED and
+`Retry-After` before its body is read or its signature checked, so that the claims it
+serves keep a bounded latency and the rest of the crowd is told to come back.
+
+A worker is behind when its claim queue is full (claims waiting for the gate), or when its
+event loop runs late: above a few thousand connections the backlog is in the HTTP layer
+(requests read and parsed before any handler runs), which no queue of claims can see.
+A shed claim changes nothing and spends nothing, not even its nonce: it is refused as a
+load balancer would refuse it, and its retry is a new request."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from issuer import metrics
+from issuer.errors import ApiError
+
+TICK_S = 0.01  # how often the loop's lateness is sampled
+
+
+class LoopLag:
+    """How late this process's event loop runs. A timer notes the time every TICK_S; while
+    one pass of the loop works through a backlog of callbacks, the timer cannot fire, and
+    the time since it last did grows: that is read at any moment, mid-pass included."""
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self._last = time.monotonic()
+        self._timer = asyncio.get_running_loop().call_later(TICK_S, self._tick)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        metrics.LOOP_LAG.observe(max(0.0, now - self._last - TICK_S))
+        self._last = now
+        self._timer = asyncio.get_running_loop().call_later(TICK_S, self._tick)
+
+    def seconds(self) -> float:
+        """How far behind the loop is now (0 when the timer fires on time)."""
+        return max(0.0, time.monotonic() - self._last - TICK_S)
+
+
+class Admission:
+    """Decides, before a claim is read, whether this worker can take it."""
+
+    def __init__(self, queue_max: int, lag_max_s: float, lag: LoopLag) -> None:
+        self.queue_max = queue_max  # claims waiting for (or in) a script call
+        self.lag_max_s = lag_max_s
+        self.lag = lag
+
+    def check(self, waiting: int) -> None:
+        """OVERLOADED (Retry-After: 1) if `waiting` claims fill the queue or the loop is
+        more than lag_max_s late; nothing otherwise."""
+        if waiting >= self.queue_max:
+            metrics.child(metrics.SHED, "queue").inc()
+            raise ApiError("OVERLOADED", f"{waiting} claims queued", retry_after=1)
+        late = self.lag.seconds()
+        if late > self.lag_max_s:
+            metrics.child(metrics.SHED, "lag").inc()
+            raise ApiError("OVERLOADED", f"event loop {late * 1000:.0f} ms late", retry_after=1)
