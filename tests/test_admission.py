@@ -51,4 +51,3 @@ async def test_a_late_loop_is_seen_mid_pass_and_refused_until_the_timer_runs_aga
     await asyncio.sleep(3 * TICK_S)  # the loop is free again: the timer fires on time
     assert lag.seconds() < 0.2
     assert refusal(admission, 0) is None
-
