@@ -49,6 +49,9 @@ def redis_client(url: str, max_connections: int = 64) -> Redis:
     return Redis(connection_pool=pool)
 
 
+LISTEN_BACKLOG = 4096  # connections a worker's kernel queue holds before accept (somaxconn caps)
+
+
 def reuseport_socket(host: str, port: int, *, listen: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -56,8 +59,17 @@ def reuseport_socket(host: str, port: int, *, listen: bool) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     if listen:
-        sock.listen(4096)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
+    return sock
+
+
+async def start_site(runner: web.AppRunner, host: str, port: int) -> socket.socket:
+    """Serve `runner` on a shared port; returns the listening socket. The site listens
+    again with its own backlog: aiohttp's default (128) drops the SYNs of a crowd that
+    connects at once, and their clients retransmit after 1, 3, 7 s."""
+    sock = reuseport_socket(host, port, listen=True)
+    await web.SockSite(runner, sock, backlog=LISTEN_BACKLOG).start()
     return sock
 
 
@@ -135,7 +147,7 @@ async def worker_main(settings: Settings, port: int) -> None:
     app = make_app(ctx, ready)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10)
     await runner.setup()
-    await web.SockSite(runner, reuseport_socket(settings.host, port, listen=True)).start()
+    await start_site(runner, settings.host, port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

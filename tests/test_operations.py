@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,7 @@ from issuer.auth import load_keys
 from issuer.client import Client
 from issuer.config import Settings
 from issuer.errors import ApiError
-from issuer.server import STABLE_S, restart_delay
+from issuer.server import LISTEN_BACKLOG, STABLE_S, restart_delay, start_site
 from tests.conftest import ROOT, Keyspace, Service, wait_drained
 from tests.money import issue, new_campaign, payment
 from tests.people import campaign, claim, id_number
@@ -513,3 +514,20 @@ def test_a_child_that_keeps_dying_young_is_restarted_ever_later() -> None:
         waits.append(restart_delay(waits[-1], lived_s=0.3))
     assert waits[1:] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
     assert restart_delay(30.0, lived_s=STABLE_S) == 0.0  # it had run: replaced at once
+
+
+SOMAXCONN = int(Path("/proc/sys/net/core/somaxconn").read_text())  # the kernel's cap
+
+
+async def test_a_worker_listens_with_a_backlog_for_a_crowd_connecting_at_once() -> None:
+    """aiohttp's site listens again with 128 unless told; at 10:00 the SYNs past it were
+    dropped and their clients waited 1-7 s to retransmit."""
+    runner = web.AppRunner(web.Application())
+    await runner.setup()
+    try:
+        sock = await start_site(runner, "127.0.0.1", 0)
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        backlog = struct.unpack_from("8B6I", info)[13]  # tcpi_sacked: a listener's backlog
+        assert backlog == min(LISTEN_BACKLOG, SOMAXCONN)
+    finally:
+        await runner.cleanup()
