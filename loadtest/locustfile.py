@@ -64,6 +64,9 @@ GATE_ANSWERS = CLAIM_ANSWERS | {SHED}
 DECIDED_AGAIN = {"NOT_OPEN", "OVERLOADED", "HTTP 0"}
 RETRIES = 3
 SHED_RETRIES = 30  # OVERLOADED answers an app waits out before giving up
+# the end of a run: how long users may take to stop, and a worker's report interval (+1 s)
+STOP_GRACE_S = 30
+REPORT_S = 4
 REFUND_SHARE = 0.2  # of the payments in the mixed scenario
 GB_CODE = "6901234567892"  # a valid 13-digit product code
 
@@ -416,14 +419,27 @@ class AbuseUser(ClaimingUser):
 
 
 class SurgeShape(LoadTestShape):
-    """Zero to `--surge-users` within `--ramp-s` seconds, then hold until `--surge-s`."""
+    """Zero to `--surge-users` within `--ramp-s` seconds, hold until `--surge-s`, then down
+    to zero: users finish the request in hand (`--stop-timeout`), and the run ends once the
+    master has seen no user for a report interval, so that the last reports, with the
+    vouchers the users were told about, have arrived. (Ending the run with users still
+    running would cut claims off mid-flight: issued, and no client told.)"""
+
+    stopped_at: float | None = None
 
     def tick(self) -> tuple[int, float] | None:
         assert self.runner is not None
         options: Any = self.runner.environment.parsed_options
         run_time = self.get_run_time()
         if run_time >= options.surge_s:
-            return None
+            if self.runner.user_count:
+                self.stopped_at = None
+            elif self.stopped_at is None:
+                self.stopped_at = run_time
+            done = self.stopped_at is not None and run_time - self.stopped_at > REPORT_S
+            if done or run_time > options.surge_s + STOP_GRACE_S:
+                return None
+            return 0, max(options.surge_users, 1)
         ramp = max(options.ramp_s, 0.1)
         users = min(options.surge_users, int(options.surge_users * (run_time + 1) / ramp))
         return users, options.surge_users / ramp
