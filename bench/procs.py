@@ -75,9 +75,9 @@ class Workers:
 
 class Service:
     """`issuer serve --workers N --port 0` on given Redis and PostgreSQL; the port is read
-    from its banner line."""
+    from its banner line. `nice` lowers its CPU priority (and its children's)."""
 
-    def __init__(self, workers: int, env: dict[str, str], log: Path) -> None:
+    def __init__(self, workers: int, env: dict[str, str], log: Path, nice: int = 0) -> None:
         cmd = [sys.executable, "-m", "issuer.cli", "serve", "--port", "0"]
         cmd += ["--workers", str(workers)]
         with log.open("a") as err:
@@ -88,6 +88,7 @@ class Service:
                 stderr=err,
                 text=True,
                 cwd=ROOT,
+                preexec_fn=(lambda: os.nice(nice)) if nice else None,
             )
         assert self.proc.stdout is not None
         banner = self.proc.stdout.readline()
