@@ -37,7 +37,7 @@ bench: $(STAMP)
 surge: $(STAMP)
 	$(BIN)/python -m loadtest.surge --users $(USERS) --seconds $(SECONDS) --quota $(QUOTA) \
 		$(if $(PROCESSES),--processes $(PROCESSES)) $(if $(QUEUE_MAX),--queue-max $(QUEUE_MAX)) \
-		$(if $(SHED_LAG_MS),--shed-lag-ms $(SHED_LAG_MS))
+		$(if $(SHED_LAG_MS),--shed-lag-ms $(SHED_LAG_MS)) $(if $(OVERLOAD),--overload $(OVERLOAD))
 
 ## fuzz: schemathesis over every operation of /openapi.json, many examples each
 fuzz: $(STAMP)

@@ -19,6 +19,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -34,7 +36,6 @@ from issuer.client import Client
 from issuer.config import Settings
 from tests.people import campaign
 
-CAMPAIGN = "overload"
 QUOTA = 10**7
 GUESS_RATE = 20_000  # req/s assumed when sizing the requests built per run
 
@@ -60,12 +61,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def create_campaign(url: str, ops: ApiKey) -> None:
+async def create_campaign(url: str, ops: ApiKey, campaign_id: str) -> None:
     async with aiohttp.ClientSession() as session:
         body = campaign(quota=QUOTA, budget_fen=QUOTA * 200_000, open_for_s=7200)
-        got = await Client(url, ops, session).call("PUT", f"/v1/campaigns/{CAMPAIGN}", body)
+        got = await Client(url, ops, session).call("PUT", f"/v1/campaigns/{campaign_id}", body)
         if got.status not in (200, 201):
-            raise RuntimeError(f"PUT {CAMPAIGN}: {got.status} {got.body}")
+            raise RuntimeError(f"PUT {campaign_id}: {got.status} {got.body}")
 
 
 CLAIM_ROUTE = "/v1/campaigns/{campaign_id}/claims"
@@ -98,83 +99,118 @@ def row(
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    work = Path(tempfile.mkdtemp(prefix="issuer-overload-", dir="/tmp"))
-    work.chmod(0o755)  # postgres runs as its own user when we are root
-    redis = embedded.start_redis(work)
-    pg = embedded.start_postgres(work)
+@dataclass(frozen=True)
+class Crowd:
+    """How hard, and against which shedding bounds (None: the service's defaults)."""
+
+    connections: tuple[int, ...]
+    workers: int = 2
+    clients: int = 2
+    seconds: float = 6
+    warmup: float = 1
+    retry_after: float = 1.0
+    queue_max: int | None = None
+    lag_ms: int | None = None
+
+
+def compare(redis_url: str, database_url: str, work: Path, crowd: Crowd) -> Iterator[str]:
+    """Start a service that never sheds and one that does on the given servers, and yield
+    the lines of the table as they are measured; both are stopped at the end."""
     services: list[Service] = []
-    clients = Clients(args.clients)
+    clients = Clients(crowd.clients)
+    stamp = time.strftime("%H%M%S")
     try:
         env = {
-            "REDIS_URL": redis.url,
-            "DATABASE_URL": pg.url,
-            "ISSUER_DATA_DIR": str(work / "plain"),
+            "REDIS_URL": redis_url,
+            "DATABASE_URL": database_url,
+            "ISSUER_DATA_DIR": str(work / f"plain-{stamp}"),
             "ISSUER_PERSON_KEY": "overload-person-key",
             "ISSUER_LOG_LEVEL": "WARNING",
         }
         log = work / "services.log"
         never = {"ISSUER_CLAIM_QUEUE_MAX": str(10**6), "ISSUER_SHED_LAG_MS": str(60_000)}
-        services.append(Service(args.workers, {**env, **never}, log))
-        keys_file = work / "plain" / "keys.toml"
+        services.append(Service(crowd.workers, {**env, **never}, log))
+        keys_file = work / f"plain-{stamp}" / "keys.toml"
         shedding = {
             **env,
-            "ISSUER_DATA_DIR": str(work / "shedding"),
+            "ISSUER_DATA_DIR": str(work / f"shedding-{stamp}"),
             "ISSUER_KEYS_FILE": str(keys_file),
             "ISSUER_RUN_FLUSHER": "false",
         }
-        if args.queue_max is not None:
-            shedding["ISSUER_CLAIM_QUEUE_MAX"] = str(args.queue_max)
-        if args.lag_ms is not None:
-            shedding["ISSUER_SHED_LAG_MS"] = str(args.lag_ms)
+        if crowd.queue_max is not None:
+            shedding["ISSUER_CLAIM_QUEUE_MAX"] = str(crowd.queue_max)
+        if crowd.lag_ms is not None:
+            shedding["ISSUER_SHED_LAG_MS"] = str(crowd.lag_ms)
         bounds = Settings.from_env(shedding)
-        services.append(Service(args.workers, shedding, log))
+        services.append(Service(crowd.workers, shedding, log))
         keys = load_keys(keys_file)
         app = next(k for k in keys.values() if k.role == "app")
         ops = next(k for k in keys.values() if k.role == "ops")
-        asyncio.run(create_campaign(services[0].url, ops))
+        campaign_id = f"overload-{stamp}"
+        asyncio.run(create_campaign(services[0].url, ops, campaign_id))
         labels = (
             "never sheds",
             f"sheds (queue {bounds.claim_queue_max:,}, lag {bounds.shed_lag_ms} ms)",
         )
-        print(
+        yield (
             "| service | connections | req/s | served p50 ms | served p99 ms | shed (503) |"
             " p99 ms inside (≤) | loop lag p99 ms (≤) |"
         )
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        yield "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
         first_n = FIRST_N
-        per = math.ceil(GUESS_RATE * (args.seconds + args.warmup) / args.clients)
-        for connections in (int(c) for c in args.connections.split(",")):
+        per = math.ceil(GUESS_RATE * (crowd.seconds + crowd.warmup) / crowd.clients)
+        path = f"/v1/campaigns/{campaign_id}/claims"
+        for connections in crowd.connections:
             for label, service in zip(labels, services, strict=True):
-                path = f"/v1/campaigns/{CAMPAIGN}/claims"
                 plans = []
-                for i in range(args.clients):
-                    tag = f"ov{connections}-{service.port}-{i}"
+                for i in range(crowd.clients):
+                    tag = f"ov{stamp}-{connections}-{service.port}-{i}"
                     plans.append(Plan(path, app.id, app.secret, tag, first_n, per))
                     first_n += per
                 clients.build(plans, "127.0.0.1")
                 target = Target(
                     "127.0.0.1",
                     service.port,
-                    max(1, connections // args.clients),
-                    args.warmup,
-                    args.seconds,
-                    retry_after_s=args.retry_after,
+                    max(1, connections // crowd.clients),
+                    crowd.warmup,
+                    crowd.seconds,
+                    retry_after_s=crowd.retry_after,
                 )
                 start_at = time.monotonic() + 0.2
                 clients.go(target, start_at)
-                time.sleep(max(0.0, start_at + args.warmup - time.monotonic()))
+                time.sleep(max(0.0, start_at + crowd.warmup - time.monotonic()))
                 before = asyncio.run(scraped(service.url))
                 merged = clients.collect()
                 after = asyncio.run(scraped(service.url))
-                print(row(label, connections, merged, before, after), flush=True)
+                yield row(label, connections, merged, before, after)
                 time.sleep(1.0)
-        return 0
     finally:
         clients.close()
         for service in reversed(services):
             service.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    work = Path(tempfile.mkdtemp(prefix="issuer-overload-", dir="/tmp"))
+    work.chmod(0o755)  # postgres runs as its own user when we are root
+    redis = embedded.start_redis(work)
+    pg = embedded.start_postgres(work)
+    crowd = Crowd(
+        connections=tuple(int(c) for c in args.connections.split(",")),
+        workers=args.workers,
+        clients=args.clients,
+        seconds=args.seconds,
+        warmup=args.warmup,
+        retry_after=args.retry_after,
+        queue_max=args.queue_max,
+        lag_ms=args.lag_ms,
+    )
+    try:
+        for line in compare(redis.url, pg.url, work, crowd):
+            print(line, flush=True)
+        return 0
+    finally:
         pg.stop()
         redis.stop()
         shutil.rmtree(work, ignore_errors=True)

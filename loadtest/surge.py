@@ -3,10 +3,12 @@
 Starts `issuer serve` (2 workers) on the embedded servers (or REDIS_URL / DATABASE_URL),
 creates a campaign whose round opens a few seconds later, one that opens in an hour and
 a merchant, runs the Locust surge, abuse and mixed (winners pay, some refund) scenarios
-headless for a bounded time, and lets Locust's quitting hook run the verifier. Writes to
-`--out` (default loadtest/out): Locust's HTML report and CSVs, `surge.png` (requests/s,
-outcomes, p50/p99 over time), `summary.md`, `verify.txt`. Exit code: Locust's (non-zero
-on any failure or failed invariant)."""
+headless for a bounded time, and lets Locust's quitting hook run the verifier. Then, since
+Locust saturates before the service on one machine, it brings a crowd above capacity with
+the closed-loop generator of `bench.overload` (`--overload`): served latency with and
+without shedding. Writes to `--out` (default loadtest/out): Locust's HTML report and CSVs,
+`surge.png` (requests/s, outcomes, served p50/p99 over time), `summary.md`, `verify.txt`.
+Exit code: Locust's (non-zero on any failure or failed invariant)."""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from typing import Any
 
 import aiohttp
 
-from bench import scrape
+from bench import cpu, overload, scrape
 from bench.procs import ROOT, Service, stop
 from issuer import embedded
 from issuer.auth import load_keys
@@ -64,6 +66,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         help="run the service at this lower CPU priority (1-19), so that on one machine"
         " Locust outruns it: a crowd above the service's capacity",
+    )
+    parser.add_argument(
+        "--overload",
+        default="2048,8192",
+        help="then, connection counts of closed-loop claims above capacity, against a"
+        " service that never sheds and one that does (bench.overload); none: skip",
+    )
+    parser.add_argument(
+        "--overload-seconds", type=float, default=8, help="measured per row (after as long / 2)"
     )
     parser.add_argument(
         "--no-mixed", dest="mixed", action="store_false", help="winners do not pay or refund"
@@ -263,6 +274,56 @@ def chart(rows: list[Row], opens_at: float, path: Path) -> None:
     plt.close(fig)
 
 
+class CpuWatch:
+    """The busiest second of a process tree (Locust: its master and workers)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.samples = 0
+        self.peak_cores = 0.0
+        self._last = (time.monotonic(), self._ticks())
+
+    def _ticks(self) -> int:
+        return sum(cpu.stat(p)[1] for p in cpu.tree(self.pid))
+
+    def sample(self) -> None:
+        now, ticks = time.monotonic(), self._ticks()
+        then, before = self._last
+        if now > then and ticks >= before:
+            self.peak_cores = max(
+                self.peak_cores, (ticks - before) / cpu.TICKS_PER_S / (now - then)
+            )
+        self._last = (now, ticks)
+        self.samples += 1
+
+    def verdict(self, processes: int) -> str:
+        line = f"Locust at its busiest: {self.peak_cores:.2f} cores for {processes} process(es)."
+        if self.peak_cores >= 0.9 * processes:
+            line += (
+                " It was saturated: the client-side latencies above include its own queue;"
+                " the service's own figures are the lines measured inside the service."
+            )
+        return line
+
+
+def above_capacity(args: argparse.Namespace, servers: Servers) -> str:
+    """The crowd Locust cannot bring on one machine: closed-loop claims from a generator
+    that outruns the service, against a service that never sheds and one that does."""
+    connections = tuple(int(c) for c in args.overload.split(","))
+    print(
+        f"\nabove capacity: {', '.join(f'{c:,}' for c in connections)} connections of"
+        " closed-loop claims (bench.overload), never shedding vs shedding",
+        flush=True,
+    )
+    seconds = args.overload_seconds
+    crowd = overload.Crowd(connections, workers=args.workers, seconds=seconds, warmup=seconds / 2)
+    lines = []
+    for line in overload.compare(servers.redis_url, servers.database_url, servers.dir, crowd):
+        print(line, flush=True)
+        lines.append(line)
+    return "Above capacity (`bench.overload`, served = answered below 500):\n\n" + "\n".join(lines)
+
+
 def prepare(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for pattern in ("told-*.txt", "requests-*.csv", "locust*.csv", "verify.txt"):
@@ -296,11 +357,15 @@ def main(argv: list[str] | None = None) -> int:
         cmd = locust_command(args, service.url, keys_file, ids, opens_at)
         locust = subprocess.Popen(cmd, env={**os.environ, **env}, cwd=ROOT, text=True)
         deadline = time.time() + args.seconds + 120
+        locust_cpu = CpuWatch(locust.pid)
         while locust.poll() is None:
             if time.time() > deadline:
                 stop(locust)
                 raise RuntimeError("Locust did not stop in time")
-            time.sleep(5)
+            time.sleep(1)
+            locust_cpu.sample()
+            if locust_cpu.samples % 5:
+                continue
             state = asyncio.run(round_state(service, keys_file, ids[0]))
             print(
                 f"  {time.time() - opens_at:+.0f} s: issued {state.get('issued', 0)}"
@@ -313,9 +378,15 @@ def main(argv: list[str] | None = None) -> int:
         verify_text = verify_path.read_text() if verify_path.exists() else ""
         inside = asyncio.run(service_latency(service))
         table = summary(rows, locust_failures(args.out), issued, args.quota, verify_text, inside)
+        table += "\n\n" + locust_cpu.verdict(args.processes)
         chart(rows, opens_at, args.out / "surge.png")
+        print("\n" + table, flush=True)
+        if args.overload != "none":
+            service.stop()
+            service = None
+            table += "\n\n" + above_capacity(args, servers)
         (args.out / "summary.md").write_text(table + "\n")
-        print("\n" + table + f"\n\nwrote {args.out}/ (report.html, surge.png, summary.md)")
+        print(f"\nwrote {args.out}/ (report.html, surge.png, summary.md)")
         return locust.returncode
     finally:
         if service is not None:
