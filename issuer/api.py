@@ -730,7 +730,10 @@ def middlewares(ctx: Ctx) -> list[Any]:
         metrics.child(metrics.REQUESTS, name, str(response.status)).inc()
         elapsed = time.perf_counter() - started
         metrics.child(metrics.LATENCY, name).observe(elapsed)
-        level = logging.INFO if request.method != "GET" else logging.DEBUG
+        # shed claims are counted (issuer_claims_shed_total), not logged one by one: a
+        # line each would flood the log, and cost CPU, exactly when the worker is behind
+        quiet = request.method == "GET" or code == "OVERLOADED"
+        level = logging.DEBUG if quiet else logging.INFO
         if log.isEnabledFor(level):
             if code == "OK" and response.headers.get("Idempotent-Replay"):
                 code = "REPLAY"
