@@ -54,6 +54,8 @@ SHED = Counter(
     "Claims refused 503 OVERLOADED before being read, by reason (queue full, loop late)",
     ["reason"],
 )
+for _reason in ("queue", "lag"):  # both series exist, at 0, before the first shed
+    SHED.labels(_reason)
 LOOP_LAG = Histogram(
     "issuer_event_loop_lag_seconds",
     "How late a worker's event loop ran, sampled every 10 ms",
