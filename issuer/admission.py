@@ -11,7 +11,9 @@ load balancer would refuse it, and its retry is a new request."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator
 
 from issuer import metrics
 from issuer.errors import ApiError
@@ -39,9 +41,12 @@ class LoopLag:
 
     def _tick(self) -> None:
         now = time.monotonic()
-        metrics.LOOP_LAG.observe(max(0.0, now - self._last - TICK_S))
+        late = max(0.0, now - self._last - TICK_S)
         self._last = now
+        # the next tick first: a timer that stopped would read as a loop ever later, and
+        # every claim would be shed
         self._timer = asyncio.get_running_loop().call_later(TICK_S, self._tick)
+        metrics.LOOP_LAG.observe(late)
 
     def seconds(self) -> float:
         """How far behind the loop is now (0 when the timer fires on time)."""
@@ -49,20 +54,28 @@ class LoopLag:
 
 
 class Admission:
-    """Decides, before a claim is read, whether this worker can take it."""
+    """Decides, before a claim is read, whether this worker can take it, and counts the
+    claims it took until they are answered."""
 
     def __init__(self, queue_max: int, lag_max_s: float, lag: LoopLag) -> None:
-        self.queue_max = queue_max  # claims waiting for (or in) a script call
+        self.queue_max = queue_max  # claims in hand: admitted, not yet answered
         self.lag_max_s = lag_max_s
         self.lag = lag
+        self.in_hand = 0
 
-    def check(self, waiting: int) -> None:
-        """OVERLOADED (Retry-After: 1) if `waiting` claims fill the queue or the loop is
-        more than lag_max_s late; nothing otherwise."""
-        if waiting >= self.queue_max:
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Hold one claim until the block ends; OVERLOADED (Retry-After: 1) instead if
+        queue_max claims are in hand or the loop is more than lag_max_s late."""
+        if self.in_hand >= self.queue_max:
             metrics.child(metrics.SHED, "queue").inc()
-            raise ApiError("OVERLOADED", f"{waiting} claims queued", retry_after=1)
+            raise ApiError("OVERLOADED", f"{self.in_hand} claims queued", retry_after=1)
         late = self.lag.seconds()
         if late > self.lag_max_s:
             metrics.child(metrics.SHED, "lag").inc()
             raise ApiError("OVERLOADED", f"event loop {late * 1000:.0f} ms late", retry_after=1)
+        self.in_hand += 1
+        try:
+            yield
+        finally:
+            self.in_hand -= 1

@@ -729,11 +729,12 @@ def middlewares(ctx: Ctx) -> list[Any]:
             code, response = failure_response(request, exc)
         metrics.child(metrics.REQUESTS, name, str(response.status)).inc()
         elapsed = time.perf_counter() - started
-        metrics.child(metrics.LATENCY, name).observe(elapsed)
+        shed = code == "OVERLOADED"
+        if not shed:  # the latency of what was served: shed answers would drown it
+            metrics.child(metrics.LATENCY, name).observe(elapsed)
         # shed claims are counted (issuer_claims_shed_total), not logged one by one: a
         # line each would flood the log, and cost CPU, exactly when the worker is behind
-        quiet = request.method == "GET" or code == "OVERLOADED"
-        level = logging.DEBUG if quiet else logging.INFO
+        level = logging.DEBUG if request.method == "GET" or shed else logging.INFO
         if log.isEnabledFor(level):
             if code == "OK" and response.headers.get("Idempotent-Replay"):
                 code = "REPLAY"
@@ -747,8 +748,6 @@ def middlewares(ctx: Ctx) -> list[Any]:
         if not request.path.startswith("/v1/"):
             return await handler(request)
         name = request.match_info.route.name
-        if name == "claim":
-            ctx.admission.check(ctx.claims.waiting)  # before anything is read or checked
         limit = documents.MAX_UPLOAD_BYTES if name == "upload_documents" else MAX_BODY
         if (request.content_length or 0) > limit:
             raise ApiError("INVALID_REQUEST", f"body over {limit} bytes")
@@ -780,7 +779,18 @@ def middlewares(ctx: Ctx) -> list[Any]:
                 raise ApiError("UNAUTHENTICATED", "nonce already used") from None
             raise
 
-    return [errors, authenticate]
+    @web.middleware
+    async def admit(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Claims only: shed before anything is read or checked; hold the claim until it
+        is answered."""
+        if request.match_info.route.name != "claim":
+            return await handler(request)
+        with ctx.admission.admit():
+            return await handler(request)
+
+    return [errors, admit, authenticate]
 
 
 # ------------------------------------------------------------------ operations

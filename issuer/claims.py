@@ -221,7 +221,6 @@ class Claims:
         self.campaigns = campaigns
         self.person_key = person_key
         self.batch_max = batch_max
-        self.waiting = 0  # claims waiting for (or in) a script call, this worker
         self.durable_ack = durable_ack  # answer issued claims only once Redis fsynced them
         self._batchers: dict[tuple[str, str, str], Batcher] = {}
         self._nonces = NonceSpender(scripts, batch_max)
@@ -289,11 +288,7 @@ class Claims:
             ),
             nonce_key=cached.keys.nonces(verified.timestamp),
         )
-        self.waiting += 1
-        try:
-            code, payload = await self._batcher(cached, rnd).submit(pending)
-        finally:
-            self.waiting -= 1
+        code, payload = await self._batcher(cached, rnd).submit(pending)
         if code in ("OK", "REPLAY"):
             return voucher_out(
                 RECORD.decode(payload), definition.timezone, "issued"

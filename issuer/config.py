@@ -52,7 +52,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     workers: Annotated[int, Meta(ge=1, le=64)] = 1
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     batch_max: Annotated[int, Meta(ge=1, le=5000)] = 500  # claims per script call
-    # claims one worker lets wait for the gate; beyond, 503 OVERLOADED with Retry-After
+    # claims one worker holds (admitted, not yet answered); beyond, new ones are shed:
+    # 503 OVERLOADED with Retry-After
     claim_queue_max: Annotated[int, Meta(ge=1, le=1_000_000)] = 256
     # a worker whose event loop runs this late sheds claims the same way
     shed_lag_ms: Annotated[int, Meta(ge=1, le=60_000)] = 50

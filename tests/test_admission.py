@@ -1,15 +1,23 @@
-"""Admission decides from a full claim queue or a late event loop, and sees the loop late
-while one long pass is still running (the case of a backlog of requests)."""
+"""Admission decides from the claims in hand or a late event loop, sees the loop late while
+one long pass is still running (the case of a backlog of requests), and the lateness
+timer keeps running."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import ExitStack
+from typing import Any, cast
 
+import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
 
+from issuer import metrics
 from issuer.admission import TICK_S, Admission, LoopLag
+from issuer.api import MAX_BODY, Ctx, make_app
+from issuer.config import Settings
 from issuer.errors import ApiError
 
 
@@ -22,32 +30,98 @@ async def lag() -> AsyncIterator[LoopLag]:
     lag.stop()
 
 
-def refusal(admission: Admission, waiting: int) -> ApiError | None:
+def refusal(admission: Admission) -> ApiError | None:
+    """The refusal of one more claim, or None (the claim is let in and answered at once)."""
     try:
-        admission.check(waiting)
+        with admission.admit():
+            return None
     except ApiError as exc:
         return exc
-    return None
 
 
-async def test_a_full_queue_is_refused_with_retry_after(lag: LoopLag) -> None:
+async def test_claims_in_hand_up_to_the_bound_then_refused_with_retry_after(
+    lag: LoopLag,
+) -> None:
     admission = Admission(queue_max=20, lag_max_s=10, lag=lag)
-    assert refusal(admission, 19) is None
-    shed = refusal(admission, 20)
-    assert shed is not None
-    assert (shed.code, shed.status, shed.retry_after) == ("OVERLOADED", 503, 1)
-    assert "20 claims queued" in str(shed)
+    with ExitStack() as held:
+        for _ in range(19):
+            held.enter_context(admission.admit())
+        assert admission.in_hand == 19
+        assert refusal(admission) is None
+        held.enter_context(admission.admit())
+        shed = refusal(admission)
+        assert shed is not None
+        assert (shed.code, shed.status, shed.retry_after) == ("OVERLOADED", 503, 1)
+        assert "20 claims queued" in str(shed)
+        assert admission.in_hand == 20  # a refused claim is not counted
+    assert admission.in_hand == 0  # answered, or failed: each one is let go
+    with pytest.raises(KeyError), admission.admit():
+        raise KeyError
+    assert admission.in_hand == 0
 
 
 async def test_a_late_loop_is_seen_mid_pass_and_refused_until_the_timer_runs_again(
     lag: LoopLag,
 ) -> None:
     admission = Admission(queue_max=10**6, lag_max_s=0.2, lag=lag)
-    assert refusal(admission, 0) is None
+    assert refusal(admission) is None
     time.sleep(0.3)  # noqa: ASYNC251 -- one pass of the loop busy 300 ms, as with a backlog
     assert lag.seconds() >= 0.3 - TICK_S
-    shed = refusal(admission, 0)
+    shed = refusal(admission)
     assert shed is not None and shed.code == "OVERLOADED" and "late" in str(shed)
     await asyncio.sleep(3 * TICK_S)  # the loop is free again: the timer fires on time
     assert lag.seconds() < 0.2
-    assert refusal(admission, 0) is None
+    assert refusal(admission) is None
+
+
+async def test_the_timer_keeps_running_when_recording_fails(
+    lag: LoopLag, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A timer that stopped would read as a loop ever later: every claim would be shed."""
+
+    def broken(_: float) -> None:
+        raise OSError("metrics file")
+
+    monkeypatch.setattr(metrics.LOOP_LAG, "observe", broken)
+    loop = asyncio.get_running_loop()
+    errors: list[object] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    try:
+        await asyncio.sleep(10 * TICK_S)
+    finally:
+        loop.set_exception_handler(None)
+    assert errors  # the failing tick was reported ...
+    assert lag.seconds() < 5 * TICK_S  # ... and ticking went on
+
+
+async def test_claims_are_shed_before_they_are_read_or_checked_and_nothing_else_is() -> None:
+    """Through the real app: with a worker that takes no claim, an unsigned claim and an
+    oversized one get 503 OVERLOADED, not 401 or 400; a payment, which is never shed, is
+    checked as usual."""
+    nothing = cast(Any, None)  # parts of the worker these requests never reach
+    ctx = Ctx(
+        settings=Settings(),
+        redis=nothing,
+        pg=None,
+        scripts=nothing,
+        campaigns=nothing,
+        claims=nothing,
+        redemptions=nothing,
+        settlement=nothing,
+        keys={},
+        person_key=b"k",
+        admission=Admission(queue_max=0, lag_max_s=10, lag=LoopLag()),
+    )
+
+    async def ready() -> dict[str, Any]:
+        return {}
+
+    async with TestServer(make_app(ctx, ready)) as server, aiohttp.ClientSession() as session:
+        claims = server.make_url("/v1/campaigns/demo/claims")
+        async with session.post(claims, data=b"not json") as resp:
+            assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+            assert (await resp.json())["error"]["code"] == "OVERLOADED"
+        async with session.post(claims, data=b"x" * (MAX_BODY + 1)) as resp:
+            assert (await resp.json())["error"]["code"] == "OVERLOADED"
+        async with session.post(server.make_url("/v1/redemptions"), data=b"{}") as resp:
+            assert (await resp.json())["error"]["code"] == "UNAUTHENTICATED"
