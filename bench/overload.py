@@ -37,7 +37,8 @@ from issuer.config import Settings
 from tests.people import campaign
 
 QUOTA = 10**7
-GUESS_RATE = 20_000  # req/s assumed when sizing the requests built per run
+GUESS_RATE = 20_000  # req/s assumed when sizing the requests built per run ...
+PER_CONNECTION_RATE = 40  # ... or this per connection, for a small crowd
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -67,19 +68,6 @@ async def create_campaign(url: str, ops: ApiKey, campaign_id: str) -> None:
         got = await Client(url, ops, session).call("PUT", f"/v1/campaigns/{campaign_id}", body)
         if got.status not in (200, 201):
             raise RuntimeError(f"PUT {campaign_id}: {got.status} {got.body}")
-
-
-CLAIM_ROUTE = "/v1/campaigns/{campaign_id}/claims"
-
-
-async def scraped(url: str) -> tuple[scrape.Buckets, scrape.Buckets]:
-    """The service's claim latency and event-loop lag histograms so far."""
-    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as resp:
-        text = await resp.text()
-    return (
-        scrape.buckets(text, "issuer_request_seconds", route=CLAIM_ROUTE),
-        scrape.buckets(text, "issuer_event_loop_lag_seconds"),
-    )
 
 
 def row(
@@ -158,9 +146,10 @@ def compare(redis_url: str, database_url: str, work: Path, crowd: Crowd) -> Iter
         )
         yield "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
         first_n = FIRST_N
-        per = math.ceil(GUESS_RATE * (crowd.seconds + crowd.warmup) / crowd.clients)
         path = f"/v1/campaigns/{campaign_id}/claims"
         for connections in crowd.connections:
+            rate = min(GUESS_RATE, PER_CONNECTION_RATE * connections)
+            per = math.ceil(rate * (crowd.seconds + crowd.warmup) / crowd.clients)
             for label, service in zip(labels, services, strict=True):
                 plans = []
                 for i in range(crowd.clients):
@@ -179,9 +168,9 @@ def compare(redis_url: str, database_url: str, work: Path, crowd: Crowd) -> Iter
                 start_at = time.monotonic() + 0.2
                 clients.go(target, start_at)
                 time.sleep(max(0.0, start_at + crowd.warmup - time.monotonic()))
-                before = asyncio.run(scraped(service.url))
+                before = asyncio.run(scrape.claim_histograms(service.url))
                 merged = clients.collect()
-                after = asyncio.run(scraped(service.url))
+                after = asyncio.run(scrape.claim_histograms(service.url))
                 yield row(label, connections, merged, before, after)
                 time.sleep(1.0)
     finally:

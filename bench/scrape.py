@@ -4,9 +4,26 @@ from __future__ import annotations
 
 import math
 
+import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 Buckets = dict[float, float]  # upper bound (s) -> cumulative count
+CLAIM_ROUTE = "/v1/campaigns/{campaign_id}/claims"
+TIMEOUT = aiohttp.ClientTimeout(total=10)
+
+
+async def claim_histograms(url: str) -> tuple[Buckets, Buckets]:
+    """The claim route's latency (served claims) and the event-loop lag histograms of the
+    service at `url`, so far."""
+    async with (
+        aiohttp.ClientSession(timeout=TIMEOUT) as session,
+        session.get(url + "/metrics") as resp,
+    ):
+        text = await resp.text()
+    return (
+        buckets(text, "issuer_request_seconds", route=CLAIM_ROUTE),
+        buckets(text, "issuer_event_loop_lag_seconds"),
+    )
 
 
 def buckets(text: str, name: str, **labels: str) -> Buckets:

@@ -64,9 +64,7 @@ GATE_ANSWERS = CLAIM_ANSWERS | {SHED}
 DECIDED_AGAIN = {"NOT_OPEN", "OVERLOADED", "HTTP 0"}
 RETRIES = 3
 SHED_RETRIES = 30  # OVERLOADED answers an app waits out before giving up
-# the end of a run: how long users may take to stop, and a worker's report interval (+1 s)
-STOP_GRACE_S = 30
-REPORT_S = 4
+REPORT_S = 4  # a Locust worker's report interval, and a second to spare
 REFUND_SHARE = 0.2  # of the payments in the mixed scenario
 GB_CODE = "6901234567892"  # a valid 13-digit product code
 
@@ -437,7 +435,9 @@ class SurgeShape(LoadTestShape):
             elif self.stopped_at is None:
                 self.stopped_at = run_time
             done = self.stopped_at is not None and run_time - self.stopped_at > REPORT_S
-            if done or run_time > options.surge_s + STOP_GRACE_S:
+            # users get --stop-timeout to finish the request in hand, then two reports
+            grace = options.stop_timeout + 2 * REPORT_S + 5
+            if done or run_time > options.surge_s + grace:
                 return None
             return 0, max(options.surge_users, 1)
         ramp = max(options.ramp_s, 0.1)

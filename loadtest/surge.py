@@ -173,17 +173,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-CLAIM_ROUTE = "/v1/campaigns/{campaign_id}/claims"
-
-
 async def service_latency(service: Service) -> dict[str, float]:
     """Upper bounds (ms) of the claim route's p50 and p99 as the service measured them
     (from its middleware on: without the load generator's queue), and of its event loops'
     lag p99 (how long a request could wait to be read)."""
-    async with aiohttp.ClientSession() as session, session.get(service.url + "/metrics") as resp:
-        text = await resp.text()
-    claims = scrape.buckets(text, "issuer_request_seconds", route=CLAIM_ROUTE)
-    lag = scrape.buckets(text, "issuer_event_loop_lag_seconds")
+    claims, lag = await scrape.claim_histograms(service.url)
     return {
         "p50": scrape.quantile_ms(claims, 0.5),
         "p99": scrape.quantile_ms(claims, 0.99),
@@ -316,7 +310,14 @@ def above_capacity(args: argparse.Namespace, servers: Servers) -> str:
         flush=True,
     )
     seconds = args.overload_seconds
-    crowd = overload.Crowd(connections, workers=args.workers, seconds=seconds, warmup=seconds / 2)
+    crowd = overload.Crowd(
+        connections,
+        workers=args.workers,
+        seconds=seconds,
+        warmup=seconds / 2,
+        queue_max=args.queue_max,
+        lag_ms=args.shed_lag_ms,
+    )
     lines = []
     for line in overload.compare(servers.redis_url, servers.database_url, servers.dir, crowd):
         print(line, flush=True)
