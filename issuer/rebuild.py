@@ -23,12 +23,17 @@ Rebuilt exactly as the scripts would have left it:
   per stream) and its ids following the last one recorded (the flusher would skip an entry
   whose id PostgreSQL already holds).
 
-Not rebuilt, being short-lived and never recorded: idempotency records, claim and call
-nonces, rate-limit windows (they start again from zero), the winners set. Until the
-idempotency window (24-48 h) has passed, a retried request whose answer was lost is decided
-again: a claim answers ALREADY_CLAIMED instead of a replay, a redemption VOUCHER_USED, a
-refund is made again while money is left to refund; and a signature seen just before the
-loss is not known as a replay.
+- the idempotency records of the redemptions and refunds made in the last two idempotency
+  buckets (24-48 h), from the request each one recorded, so that a payment platform
+  retrying across the loss gets its first answer, not a second refund; merged into any
+  still there (--force) without replacing them.
+
+Not rebuilt, being short-lived and never recorded: the other idempotency records, claim
+and call nonces, rate-limit windows (they start again from zero), the winners set. Until
+the idempotency window (24-48 h) has passed, a retried claim whose answer was lost answers
+ALREADY_CLAIMED (with its voucher id) instead of a replay, a retried clawback repayment
+ALREADY_REPAID; a redemption or refund recorded before its request was (older releases)
+is decided again; and a signature seen just before the loss is not known as a replay.
 
 The records are written to staging keys in the campaign's slot (~1000 fields per HSET,
 pipelined) and moved in place by one script (`lua/rebuild_commit.lua`), so a running
@@ -141,6 +146,8 @@ class Setup:
 class Tally:
     """What the records account for."""
 
+    requests_since_s: float  # the start of the oldest idempotency bucket still looked up
+    request_buckets: set[str] = field(default_factory=set)  # staged idempotency buckets
     records: Counter[str] = field(default_factory=Counter)
     issued: Counter[str] = field(default_factory=Counter)  # per round
     reserved: Counter[str] = field(default_factory=Counter)  # per round, by issued vouchers
@@ -210,8 +217,27 @@ def stage_registration(
     out.hashes[ck.registrations][doc["person_ref"]] = ENCODE.encode(doc)
 
 
+def stage_request(
+    ck: keys.CampaignKeys,
+    doc: dict[str, Any],
+    made_at_ms: int,
+    result_id: str,
+    tally: Tally,
+    out: Writes,
+) -> None:
+    """The idempotency record of the request that made `doc`, if recent enough to be
+    looked up: in its bucket, as the script wrote it (fingerprint, newline, result id)."""
+    made_at_s = made_at_ms / 1000
+    if not doc.get("request_key") or made_at_s < tally.requests_since_s:
+        return
+    bucket = ck.idempotency(made_at_s)[0]
+    out.hashes[bucket][doc["request_key"]] = f"{doc['request_fingerprint']}\n{result_id}"
+    tally.request_buckets.add(bucket)
+
+
 def stage_redemption(ck: keys.CampaignKeys, row: asyncpg.Record, tally: Tally, out: Writes) -> None:
     doc = DOCUMENT.decode(row["data"])
+    stage_request(ck, doc, doc["redeemed_at"], doc["redemption_id"], tally, out)
     refunded, returned = row["refunded_fen"], row["subsidy_returned_fen"]
     doc.update(refunded_fen=refunded, subsidy_returned_fen=returned, paid_to_merchant=row["paid"])
     if refunded:
@@ -223,6 +249,7 @@ def stage_redemption(ck: keys.CampaignKeys, row: asyncpg.Record, tally: Tally, o
 
 def stage_refund(ck: keys.CampaignKeys, row: asyncpg.Record, tally: Tally, out: Writes) -> None:
     doc = DOCUMENT.decode(row["data"])
+    stage_request(ck, doc, doc["created_at"], doc["refund_id"], tally, out)
     if row["repaid_at"] is None:
         tally.clawback_due += doc["clawback_due_fen"]
     else:
@@ -273,7 +300,8 @@ async def stage_records(
     redis: Redis, conn: asyncpg.Connection, ck: keys.CampaignKeys, progress: Progress
 ) -> Tally:
     """Write every record to the staging keys; returns what they account for."""
-    tally = Tally()
+    now_bucket = int(time.time() // keys.IDEMPOTENCY_BUCKET_S)
+    tally = Tally(requests_since_s=(now_bucket - 1) * keys.IDEMPOTENCY_BUCKET_S)
     total = await conn.fetchval(RECORD_COUNT, ck.campaign_id)
     progress(0, total)
     for kind, query, stage in SECTIONS:
@@ -338,14 +366,21 @@ async def rebuild(
         live = state_keys(ck, setup.rounds)
         staged = [ck.staged(key) for key in live]
         await redis.delete(*staged)  # left by an interrupted rebuild
+        tally = None
         try:
             tally = await stage_records(redis, conn, ck, progress)
             ledger = await stage_setup(redis, ck, setup, tally)
             await resume_stream(redis, ck.events, await conn.fetchval(LAST_ENTRY, ck.events))
-            if not await Scripts(redis).run("rebuild_commit", live + staged, []):
+            # requests in the buckets a script would look in now (one may have rolled over
+            # while staging); merged, in the same script that moves the records in place
+            merged = sorted(set(ck.idempotency(time.time())) & tally.request_buckets)
+            args = [len(live), len(merged), keys.IDEMPOTENCY_BUCKET_S * 2]
+            commit = live + staged + merged + [ck.staged(key) for key in merged]
+            if not await Scripts(redis).run("rebuild_commit", commit, args):
                 raise RebuildRefused(f"campaign {campaign_id} came back while being rebuilt")
         finally:
-            await redis.delete(*staged)
+            buckets = tally.request_buckets if tally is not None else set()
+            await redis.delete(*staged, *(ck.staged(key) for key in buckets))
     await redis.sadd(keys.CAMPAIGNS, campaign_id)
     return Summary(
         campaign_id=campaign_id,

@@ -51,6 +51,10 @@ class RedemptionRecord(msgspec.Struct, kw_only=True):
     paid_to_merchant: bool = False
     redeemed_at: int = 0
     by: str = ""
+    # the request that made it (idempotency field and body fingerprint), recorded so that
+    # `issuer rebuild` can restore its idempotency record after a Redis loss
+    request_key: str = ""
+    request_fingerprint: str = ""
 
 
 class RefundRecord(msgspec.Struct, kw_only=True):
@@ -62,6 +66,8 @@ class RefundRecord(msgspec.Struct, kw_only=True):
     subsidy_returned_fen: int = 0
     clawback_due_fen: int = 0
     status: str = ""
+    request_key: str = ""  # as in RedemptionRecord
+    request_fingerprint: str = ""
 
 
 REDEMPTION = msgspec.json.Decoder(RedemptionRecord)
@@ -172,6 +178,7 @@ class Redemptions:
         voucher = VOUCHER.decode(raw_voucher)
         merchant = merchants.DECODE.decode(raw_merchant) if raw_merchant else None
         discount = money.discount(body.order_amount_fen, voucher.discount_rate_bp, voucher.cap_fen)
+        request_key, request_fingerprint = idem_field(key_id, body.request_id), fingerprint(body)
         record = RedemptionRecord(
             redemption_id=new_id(cached.keys.campaign_id),
             campaign_id=ck.campaign_id,
@@ -186,6 +193,8 @@ class Redemptions:
             paid_at=to_millis(body.paid_at),
             items=[ItemOut(**msgspec.structs.asdict(item)) for item in body.items],
             by=key_id,
+            request_key=request_key,
+            request_fingerprint=request_fingerprint,
         )
         cur, prev = ck.idempotency(now_s)
         code, payload = await self.scripts.run(
@@ -202,8 +211,8 @@ class Redemptions:
                 prev,
             ],
             [
-                idem_field(key_id, body.request_id),
-                fingerprint(body),
+                request_key,
+                request_fingerprint,
                 keys.IDEMPOTENCY_BUCKET_S * 2,
                 body.voucher_id,
                 body.user_id,
@@ -245,6 +254,8 @@ class Redemptions:
         ck = cached.keys
         cur, prev = ck.idempotency(now_s)
         refund_id = new_id(ck.campaign_id)
+        request_key = idem_field(key_id, body.request_id)
+        request_fingerprint = fingerprint((redemption_id, body))
         for _ in range(STALE_RETRIES):
             raw = await self._read(ck.redemptions, redemption_id, "redemption")
             rec = REDEMPTION.decode(raw)
@@ -257,6 +268,8 @@ class Redemptions:
                 amount_fen=body.amount_fen,
                 reason=body.reason,
                 by=key_id,
+                request_key=request_key,
+                request_fingerprint=request_fingerprint,
             )
             code, payload = await self.scripts.run(
                 "refund",
@@ -271,8 +284,8 @@ class Redemptions:
                     prev,
                 ],
                 [
-                    idem_field(key_id, body.request_id),
-                    fingerprint((redemption_id, body)),
+                    request_key,
+                    request_fingerprint,
                     keys.IDEMPOTENCY_BUCKET_S * 2,
                     redemption_id,
                     rec.refunded_fen,

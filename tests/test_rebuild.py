@@ -44,6 +44,8 @@ class Workload:
     claimed: list[int]  # persons holding a voucher of `active`
     unrefunded: list[dict[str, Any]]  # redemptions of `active` never refunded
     clawback_due: str  # a refund of `active` whose clawback is not repaid
+    first_payment: dict[str, Any]  # the request of the first redemption, and its answer
+    first_refund: dict[str, Any]  # the same for the first refund (a third of the order)
 
     @property
     def campaigns(self) -> list[str]:
@@ -77,14 +79,10 @@ async def active_campaign(service: Service, redis: Redis, merchant: str) -> dict
     campaign_id = await put_campaign(service, campaign(quota=1000, round_budget_fen=ROUND_BUDGET))
     claimed = [next(PERSONS) for _ in range(SELF_CLAIMS)]
     vouchers = await asyncio.gather(*(issue(service, campaign_id, n) for n in claimed))
-    paid = await asyncio.gather(
-        *(
-            redeem(service, payment(v, merchant, 500_000 + 79_193 * i))
-            for i, v in enumerate(vouchers[:40])
-        )
-    )
+    payments = [payment(v, merchant, 500_000 + 79_193 * i) for i, v in enumerate(vouchers[:40])]
+    paid = await asyncio.gather(*(redeem(service, body) for body in payments))
     redemptions = [ok(resp) for resp in paid]
-    await asyncio.gather(
+    refunded = await asyncio.gather(
         *(refund_ok(service, r, 3, f"part-{i}") for i, r in enumerate(redemptions[:10])),
         *(refund_ok(service, r, 1, f"full-{i}") for i, r in enumerate(redemptions[10:15])),
     )
@@ -108,6 +106,8 @@ async def active_campaign(service: Service, redis: Redis, merchant: str) -> dict
         "claimed": claimed,
         "unrefunded": redemptions[25:],
         "clawback_due": clawbacks[1]["refund_id"],
+        "first_payment": {"request": payments[0], "answer": redemptions[0]},
+        "first_refund": {"of": redemptions[0], "answer": refunded[0]},
     }
 
 
@@ -350,6 +350,21 @@ async def test_the_command_rebuilds_every_campaign_after_another_loss(
         assert mine[0].split("] ")[1].startswith("  0%") and "100%" in mine[-1], progress
     assert_same(await snapshot(redis, workload.campaigns), before)
     await assert_reconciled(redis, pg, workload.campaigns)
+
+
+async def test_payments_and_refunds_retried_across_the_loss_get_their_first_answer(
+    service: Service, workload: Workload
+) -> None:
+    """After the loss and the rebuild (the tests above), a payment platform that never got
+    its answers retries the same requests: the same redemption and refund come back as
+    replays, and no money moves a second time."""
+    before = await ledger(service, workload.active)
+    paid = await redeem(service, workload.first_payment["request"])
+    assert paid.status == 201 and paid.headers.get("Idempotent-Replay") == "true", paid.body
+    assert paid.body["redemption_id"] == workload.first_payment["answer"]["redemption_id"]
+    again = await refund_ok(service, workload.first_refund["of"], 3, "part-0")
+    assert again["refund_id"] == workload.first_refund["answer"]["refund_id"]
+    assert await ledger(service, workload.active) == before
 
 
 async def test_the_service_carries_on_after_the_rebuild(
