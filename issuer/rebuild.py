@@ -365,7 +365,8 @@ async def rebuild(
         setup = replay_setup(await conn.fetch(SETUP_EVENTS, campaign_id))
         live = state_keys(ck, setup.rounds)
         staged = [ck.staged(key) for key in live]
-        await redis.delete(*staged)  # left by an interrupted rebuild
+        left = [ck.staged(key) for key in ck.idempotency(time.time())]
+        await redis.delete(*staged, *left)  # left by an interrupted rebuild
         tally = None
         try:
             tally = await stage_records(redis, conn, ck, progress)
