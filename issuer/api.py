@@ -800,12 +800,26 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+# /readyz?scope= -> the checks it leaves out
+READY_SCOPES: dict[str, frozenset[str]] = {
+    "all": frozenset(),
+    "gate": frozenset({"postgres_ok"}),
+}
+
+
 def ops_routes(ctx: Ctx, ready: Callable[[], Awaitable[dict[str, Any]]]) -> list[web.RouteDef]:
     from issuer import openapi
 
     async def readyz(request: web.Request) -> web.Response:
+        """Every check (API.md), or with `?scope=gate` those the claim path needs: claims
+        go on while PostgreSQL is away (the streams hold them, up to the flusher-lag
+        bound), so a load balancer routing claims can follow this one instead."""
+        scope = request.query.get("scope", "all")
+        if scope not in READY_SCOPES:
+            raise ApiError("INVALID_REQUEST", f"scope: one of {', '.join(READY_SCOPES)}")
         checks = await ready()
-        ok = all(v is True for k, v in checks.items() if k.endswith("ok"))
+        ignored = READY_SCOPES[scope]
+        ok = all(v is True for k, v in checks.items() if k.endswith("ok") and k not in ignored)
         return web.json_response(checks, status=200 if ok else 503)
 
     async def metrics_page(request: web.Request) -> web.Response:

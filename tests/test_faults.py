@@ -154,8 +154,8 @@ async def own_redis(
         server.stop()
 
 
-async def readiness(service: Service) -> int:
-    async with service.session.get(service.url + "/readyz") as resp:
+async def readiness(service: Service, query: str = "") -> int:
+    async with service.session.get(service.url + "/readyz" + query) as resp:
         return resp.status
 
 
@@ -178,6 +178,9 @@ async def test_redis_down_answers_unavailable_and_issues_nothing_then_recovers(
     assert {r.status for r in down} == {503}
     assert {r.body["error"]["code"] for r in down} == {"UNAVAILABLE"}
     assert await readiness(service) == 503
+    assert await readiness(service, "?scope=gate") == 503  # no claim without the gate
+    async with service.session.get(service.url + "/readyz?scope=nope") as resp:
+        assert resp.status == 400 and (await resp.json())["error"]["code"] == "INVALID_REQUEST"
     await asyncio.to_thread(server.restart)  # same port, same data; no scripts loaded
     async with asyncio.timeout(30):
         while True:
@@ -386,6 +389,11 @@ async def test_flusher_killed_and_postgres_down_for_a_while_lose_nothing(
             await asyncio.sleep(PG_OUTAGE_S / 2)
             backlog = await lag_in_metrics(service)
             assert backlog > 0
+            # not ready as API.md defines it; ready for claims, which go on
+            async with session.get(url + "/readyz") as resp:
+                assert resp.status == 503 and (await resp.json())["postgres_ok"] is False
+            async with session.get(url + "/readyz?scope=gate") as resp:
+                assert resp.status == 200, await resp.text()
             await asyncio.sleep(PG_OUTAGE_S / 2)
             assert await lag_in_metrics(service) > backlog  # it grows while PostgreSQL is away
             await asyncio.to_thread(pg_server.restart)
