@@ -101,6 +101,16 @@ class Crowd:
     lag_ms: int | None = None
 
 
+def shedding_env(queue_max: int | None, lag_ms: int | None) -> dict[str, str]:
+    """The settings of a service's shedding bounds (None: its default)."""
+    env = {}
+    if queue_max is not None:
+        env["ISSUER_CLAIM_QUEUE_MAX"] = str(queue_max)
+    if lag_ms is not None:
+        env["ISSUER_SHED_LAG_MS"] = str(lag_ms)
+    return env
+
+
 def compare(redis_url: str, database_url: str, work: Path, crowd: Crowd) -> Iterator[str]:
     """Start a service that never sheds and one that does on the given servers, and yield
     the lines of the table as they are measured; both are stopped at the end."""
@@ -124,11 +134,8 @@ def compare(redis_url: str, database_url: str, work: Path, crowd: Crowd) -> Iter
             "ISSUER_DATA_DIR": str(work / f"shedding-{stamp}"),
             "ISSUER_KEYS_FILE": str(keys_file),
             "ISSUER_RUN_FLUSHER": "false",
+            **shedding_env(crowd.queue_max, crowd.lag_ms),
         }
-        if crowd.queue_max is not None:
-            shedding["ISSUER_CLAIM_QUEUE_MAX"] = str(crowd.queue_max)
-        if crowd.lag_ms is not None:
-            shedding["ISSUER_SHED_LAG_MS"] = str(crowd.lag_ms)
         bounds = Settings.from_env(shedding)
         services.append(Service(crowd.workers, shedding, log))
         keys = load_keys(keys_file)

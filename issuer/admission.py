@@ -2,8 +2,8 @@
 `Retry-After` before its body is read or its signature checked, so that the claims it
 serves keep a bounded latency and the rest of the crowd is told to come back.
 
-A worker is behind when its claim queue is full (claims waiting for the gate), or when its
-event loop runs late: above a few thousand connections the backlog is in the HTTP layer
+A worker is behind when it holds as many claims as it may (admitted, not yet answered), or
+when its event loop runs late: above a few thousand connections the backlog is in the HTTP layer
 (requests read and parsed before any handler runs), which no queue of claims can see.
 A shed claim changes nothing and spends nothing, not even its nonce: it is refused as a
 load balancer would refuse it, and its retry is a new request."""

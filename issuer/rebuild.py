@@ -146,7 +146,7 @@ class Setup:
 class Tally:
     """What the records account for."""
 
-    requests_since_s: float  # the start of the oldest idempotency bucket still looked up
+    looked_up: tuple[str, str]  # the idempotency buckets a script looks in (staging began)
     request_buckets: set[str] = field(default_factory=set)  # staged idempotency buckets
     records: Counter[str] = field(default_factory=Counter)
     issued: Counter[str] = field(default_factory=Counter)  # per round
@@ -227,10 +227,9 @@ def stage_request(
 ) -> None:
     """The idempotency record of the request that made `doc`, if recent enough to be
     looked up: in its bucket, as the script wrote it (fingerprint, newline, result id)."""
-    made_at_s = made_at_ms / 1000
-    if not doc.get("request_key") or made_at_s < tally.requests_since_s:
+    bucket = ck.idempotency(made_at_ms / 1000)[0]
+    if not doc.get("request_key") or bucket not in tally.looked_up:
         return
-    bucket = ck.idempotency(made_at_s)[0]
     out.hashes[bucket][doc["request_key"]] = f"{doc['request_fingerprint']}\n{result_id}"
     tally.request_buckets.add(bucket)
 
@@ -297,11 +296,15 @@ async def batches(conn: asyncpg.Connection, query: str, *args: Any) -> AsyncIter
 
 
 async def stage_records(
-    redis: Redis, conn: asyncpg.Connection, ck: keys.CampaignKeys, progress: Progress
+    redis: Redis,
+    conn: asyncpg.Connection,
+    ck: keys.CampaignKeys,
+    looked_up: tuple[str, str],
+    progress: Progress,
 ) -> Tally:
-    """Write every record to the staging keys; returns what they account for."""
-    now_bucket = int(time.time() // keys.IDEMPOTENCY_BUCKET_S)
-    tally = Tally(requests_since_s=(now_bucket - 1) * keys.IDEMPOTENCY_BUCKET_S)
+    """Write every record to the staging keys (requests: those of the `looked_up`
+    idempotency buckets); returns what they account for."""
+    tally = Tally(looked_up=looked_up)
     total = await conn.fetchval(RECORD_COUNT, ck.campaign_id)
     progress(0, total)
     for kind, query, stage in SECTIONS:
@@ -365,11 +368,12 @@ async def rebuild(
         setup = replay_setup(await conn.fetch(SETUP_EVENTS, campaign_id))
         live = state_keys(ck, setup.rounds)
         staged = [ck.staged(key) for key in live]
-        left = [ck.staged(key) for key in ck.idempotency(time.time())]
-        await redis.delete(*staged, *left)  # left by an interrupted rebuild
+        looked_up = ck.idempotency(time.time())
+        # left by an interrupted rebuild
+        await redis.delete(*staged, *(ck.staged(key) for key in looked_up))
         tally = None
         try:
-            tally = await stage_records(redis, conn, ck, progress)
+            tally = await stage_records(redis, conn, ck, looked_up, progress)
             ledger = await stage_setup(redis, ck, setup, tally)
             await resume_stream(redis, ck.events, await conn.fetchval(LAST_ENTRY, ck.events))
             # requests in the buckets a script would look in now (one may have rolled over

@@ -272,22 +272,18 @@ class CpuWatch:
     """The busiest second of a process tree (Locust: its master and workers)."""
 
     def __init__(self, pid: int) -> None:
-        self.pid = pid
+        self.groups: cpu.Groups = {"locust": lambda: cpu.tree(pid)}
         self.samples = 0
         self.peak_cores = 0.0
-        self._last = (time.monotonic(), self._ticks())
-
-    def _ticks(self) -> int:
-        return sum(cpu.stat(p)[1] for p in cpu.tree(self.pid))
+        self._last = (time.monotonic(), cpu.snapshot(self.groups))
 
     def sample(self) -> None:
-        now, ticks = time.monotonic(), self._ticks()
+        now, snapshot = time.monotonic(), cpu.snapshot(self.groups)
         then, before = self._last
-        if now > then and ticks >= before:
-            self.peak_cores = max(
-                self.peak_cores, (ticks - before) / cpu.TICKS_PER_S / (now - then)
-            )
-        self._last = (now, ticks)
+        if now > then:
+            used = cpu.cores(before, snapshot, now - then)["locust"]
+            self.peak_cores = max(self.peak_cores, used)
+        self._last = (now, snapshot)
         self.samples += 1
 
     def verdict(self, processes: int) -> str:
@@ -342,10 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = servers.dir / "issuer"
         log = servers.dir / "service.log"
         service_env = {**env, "ISSUER_DATA_DIR": str(data_dir)}
-        if args.queue_max is not None:
-            service_env["ISSUER_CLAIM_QUEUE_MAX"] = str(args.queue_max)
-        if args.shed_lag_ms is not None:
-            service_env["ISSUER_SHED_LAG_MS"] = str(args.shed_lag_ms)
+        service_env |= overload.shedding_env(args.queue_max, args.shed_lag_ms)
         service = Service(args.workers, service_env, log, nice=args.service_nice)
         keys_file = data_dir / "keys.toml"
         opens_at = time.time() + LEAD_S + 2

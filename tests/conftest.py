@@ -5,6 +5,7 @@ module, and `issuer serve` itself as a subprocess on loopback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import secrets
@@ -188,17 +189,29 @@ def stop_service(proc: subprocess.Popen[str]) -> None:
         proc.stdout.close()
 
 
-@pytest.fixture(scope="module")
-async def service(keyspace: Keyspace, workdir: Path) -> AsyncIterator[Service]:
-    data_dir = workdir / f"data-{keyspace.name}"
-    proc, url = await asyncio.to_thread(start_service, keyspace, data_dir)
-    connector = aiohttp.TCPConnector(limit=2000)
-    session = aiohttp.ClientSession(connector=connector)
+@contextlib.asynccontextmanager
+async def running_service(
+    keyspace: Keyspace,
+    data_dir: Path,
+    workers: int = 2,
+    env: dict[str, str] | None = None,
+    connections: int = 100,
+) -> AsyncIterator[Service]:
+    """`issuer serve` for the block, with a client session of `connections` connections."""
+    proc, url = await asyncio.to_thread(start_service, keyspace, data_dir, workers, env)
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections))
     try:
         yield Service(proc, url, load_keys(data_dir / "keys.toml"), session)
     finally:
         await session.close()
         await asyncio.to_thread(stop_service, proc)
+
+
+@pytest.fixture(scope="module")
+async def service(keyspace: Keyspace, workdir: Path) -> AsyncIterator[Service]:
+    data_dir = workdir / f"data-{keyspace.name}"
+    async with running_service(keyspace, data_dir, connections=2000) as running:
+        yield running
 
 
 def unique_id(prefix: str = "c") -> str:

@@ -28,6 +28,7 @@ from loadtest.verify import verify
 from tests.conftest import (
     Keyspace,
     Service,
+    running_service,
     start_service,
     stop_service,
     unique_id,
@@ -37,32 +38,21 @@ from tests.money import ledger
 from tests.people import campaign, claim
 
 
-async def one_worker(
-    keyspace: Keyspace, workdir: Path, name: str, env: dict[str, str]
-) -> AsyncIterator[Service]:
-    data_dir = workdir / f"data-{keyspace.name}-{name}"
-    proc, url = await asyncio.to_thread(start_service, keyspace, data_dir, 1, env)
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1000))
-    try:
-        yield Service(proc, url, load_keys(data_dir / "keys.toml"), session)
-    finally:
-        await session.close()
-        await asyncio.to_thread(stop_service, proc)
-
-
 @pytest.fixture(scope="module")
 async def shedding(keyspace: Keyspace, workdir: Path) -> AsyncIterator[Service]:
-    """One worker that lets at most 20 claims wait for the gate."""
-    async for service in one_worker(
-        keyspace, workdir, "shedding", {"ISSUER_CLAIM_QUEUE_MAX": "20"}
-    ):
+    """One worker that holds at most 20 claims at a time."""
+    data_dir = workdir / f"data-{keyspace.name}-shedding"
+    env = {"ISSUER_CLAIM_QUEUE_MAX": "20"}
+    async with running_service(keyspace, data_dir, 1, env, connections=1000) as service:
         yield service
 
 
 @pytest.fixture(scope="module")
 async def late(keyspace: Keyspace, workdir: Path) -> AsyncIterator[Service]:
     """One worker that sheds once its event loop runs 5 ms late (and never for its queue)."""
-    async for service in one_worker(keyspace, workdir, "late", {"ISSUER_SHED_LAG_MS": "5"}):
+    data_dir = workdir / f"data-{keyspace.name}-late"
+    env = {"ISSUER_SHED_LAG_MS": "5"}
+    async with running_service(keyspace, data_dir, 1, env, connections=1000) as service:
         yield service
 
 
@@ -143,14 +133,10 @@ async def own_redis(
     """The service on a Valkey of its own (AOF on), which the tests stop and restart."""
     server = await asyncio.to_thread(embedded.start_redis, workdir / f"redis-{keyspace.name}")
     data_dir = workdir / f"data-{keyspace.name}-own-redis"
-    env = {"REDIS_URL": server.url}
-    proc, url = await asyncio.to_thread(start_service, keyspace, data_dir, 2, env)
-    session = aiohttp.ClientSession()
     try:
-        yield Service(proc, url, load_keys(data_dir / "keys.toml"), session), server
+        async with running_service(keyspace, data_dir, 2, {"REDIS_URL": server.url}) as service:
+            yield service, server
     finally:
-        await session.close()
-        await asyncio.to_thread(stop_service, proc)
         server.stop()
 
 

@@ -5,7 +5,6 @@ ledger agree at each step. Then upload limits and malformed bodies: 4xx, nothing
 
 from __future__ import annotations
 
-import asyncio
 import io
 import os
 from collections.abc import AsyncIterator
@@ -19,11 +18,10 @@ import asyncpg
 import msgspec
 import pytest
 
-from issuer.auth import load_keys
 from issuer.client import Response, signed_headers
 from issuer.documents import MAX_PART_BYTES
 from issuer.workdays import Calendar
-from tests.conftest import Keyspace, Service, start_service, stop_service
+from tests.conftest import Keyspace, Service, running_service
 from tests.money import (
     GB_CODE,
     assert_report_agrees,
@@ -101,13 +99,8 @@ def holidays(workdir: Path, keyspace: Keyspace) -> Path:
 async def service(keyspace: Keyspace, workdir: Path, holidays: Path) -> AsyncIterator[Service]:
     data_dir = workdir / f"data-{keyspace.name}"
     env = {"ISSUER_HOLIDAYS_FILE": str(holidays)}
-    proc, url = await asyncio.to_thread(start_service, keyspace, data_dir, 2, env)
-    session = aiohttp.ClientSession()
-    try:
-        yield Service(proc, url, load_keys(data_dir / "keys.toml"), session)
-    finally:
-        await session.close()
-        await asyncio.to_thread(stop_service, proc)
+    async with running_service(keyspace, data_dir, 2, env) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
