@@ -198,6 +198,9 @@ class Campaigns:
             raise ApiError("INVALID_REQUEST", "rounds: the campaign has no round")
         ck = keys.CampaignKeys(campaign_id)
         stored = StoredCampaign(campaign_id=campaign_id, definition=definition, rounds=rounds)
+        # the registry lives in the global slot: listed first, so whatever reads it (the
+        # flusher, the sweeps) never misses a campaign that exists
+        await self.redis.sadd(keys.CAMPAIGNS, campaign_id)
         for _ in range(5):  # retried only if another writer changed it in between
             raw, version = await self._read_definition(ck)
             old_rounds = STORED.decode(raw).rounds if raw else []
@@ -211,7 +214,7 @@ class Campaigns:
             ]
             for r in rounds:
                 args += round_settings(r).values()
-            script_keys = [ck.definition, ck.ledger, ck.events, keys.CAMPAIGNS]
+            script_keys = [ck.definition, ck.ledger, ck.events]
             script_keys += [ck.round(r.round_id) for r in old_rounds]
             script_keys += [ck.round(r.round_id) for r in rounds]
             code, _ = await self.scripts.run("campaign_put", script_keys, args)

@@ -155,10 +155,12 @@ class Batcher(TickBatcher[Pending, tuple[str, bytes]]):
             *windows,
             *nonce_keys,
         ]
-        result = await self.claims.scripts.run("claim_batch", script_keys, args)
+        scripts = self.claims.scripts
+        if scripts.ack == "none":
+            result = await scripts.run("claim_batch", script_keys, args)
+        else:  # answer only once the batch's vouchers are durable (ISSUER_DURABLE_ACK)
+            result = await scripts.run_acked("claim_batch", script_keys, args, _issued_any)
         metrics.BATCH_SIZE.observe(len(items))
-        if self.claims.durable_ack and any(c == b"OK" for c in result[4::2]):
-            await self.claims.wait_fsync()
         status, version = result[0].decode(), result[1].decode()
         self.claims.after_batch(self.cached, self.round, status, version, result[4::2])
         return [(result[4 + 2 * i].decode(), result[5 + 2 * i]) for i in range(len(items))]
@@ -172,6 +174,10 @@ class Batcher(TickBatcher[Pending, tuple[str, bytes]]):
 
     def idle(self) -> None:
         self.claims.retire(self)
+
+
+def _issued_any(result: list[bytes]) -> bool:
+    return any(c == b"OK" for c in result[4::2])
 
 
 class NonceSpender(TickBatcher[tuple[str, int, str], bool]):
@@ -214,24 +220,14 @@ class Claims:
         campaigns: Campaigns,
         person_key: bytes,
         batch_max: int,
-        durable_ack: bool = False,
     ) -> None:
         self.redis = redis
         self.scripts = scripts
         self.campaigns = campaigns
         self.person_key = person_key
         self.batch_max = batch_max
-        self.durable_ack = durable_ack  # answer issued claims only once Redis fsynced them
         self._batchers: dict[tuple[str, str, str], Batcher] = {}
         self._nonces = NonceSpender(scripts, batch_max)
-
-    async def wait_fsync(self) -> None:
-        """Wait until Redis's AOF holds every write so far on disk (WAITAOF, one call per
-        batch); UNAVAILABLE if it does not confirm in time. The claims stay issued: a retry
-        with the same request_id is answered with them."""
-        local, _ = await self.redis.execute_command("WAITAOF", 1, 0, FSYNC_TIMEOUT_MS)
-        if int(local) < 1:
-            raise RedisError("WAITAOF: the AOF was not fsynced in time")
 
     async def spend_nonce(self, campaign_id: str, verified: Verified) -> bool:
         """Record the nonce of a claim the gate never saw; False if it was already used."""

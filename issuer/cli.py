@@ -57,18 +57,17 @@ def cmd_flush(args: argparse.Namespace) -> int:
     from issuer import logs
 
     logs.setup(settings.log_level)
-    if not settings.redis_url or not settings.database_url:
+    if not settings.external_redis or not settings.database_url:
         raise SystemExit("issuer flush needs REDIS_URL and DATABASE_URL")
 
     async def run() -> None:
         import signal
         import socket
 
-        from issuer import store
+        from issuer import store, topology
         from issuer.flusher import Flusher
-        from issuer.server import redis_client
 
-        assert settings.redis_url and settings.database_url
+        assert settings.database_url
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -80,7 +79,7 @@ def cmd_flush(args: argparse.Namespace) -> int:
         pool = await store.connect_when_up(settings.database_url, stop)
         if pool is None:
             return
-        redis = redis_client(settings.redis_url)
+        redis = topology.connect(settings)
         # one name per host: a flusher restarted after a crash re-reads its own pending
         # entries at once instead of waiting for another consumer's idle-time rescue
         flusher = Flusher(redis, pool, consumer=socket.gethostname(), batch=settings.flush_batch)
@@ -204,16 +203,15 @@ def cmd_campaign_load(args: argparse.Namespace) -> int:
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    if not settings.redis_url or not settings.database_url:
+    if not settings.external_redis or not settings.database_url:
         raise SystemExit("issuer reconcile needs REDIS_URL and DATABASE_URL")
 
     async def run() -> bool:
-        from issuer import store
+        from issuer import store, topology
         from issuer.reconcile import reconcile
-        from issuer.server import redis_client
 
-        assert settings.redis_url and settings.database_url
-        redis = redis_client(settings.redis_url)
+        assert settings.database_url
+        redis = topology.connect(settings)
         pool = await store.connect(settings.database_url)
         ok = True
         for campaign_id in args.campaigns:
@@ -229,18 +227,17 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    if not settings.redis_url or not settings.database_url:
+    if not settings.external_redis or not settings.database_url:
         raise SystemExit("issuer rebuild needs REDIS_URL and DATABASE_URL")
     if bool(args.campaigns) == args.all:
         raise SystemExit("issuer rebuild: name the campaigns or give --all")
 
     async def run() -> bool:
-        from issuer import store
+        from issuer import store, topology
         from issuer.rebuild import rebuild_campaigns
-        from issuer.server import redis_client
 
-        assert settings.redis_url and settings.database_url
-        redis = redis_client(settings.redis_url)
+        assert settings.database_url
+        redis = topology.connect(settings)
         pool = await store.connect(settings.database_url)
         try:
             return await rebuild_campaigns(redis, pool, args.campaigns or None, args.force)

@@ -35,12 +35,24 @@ ENV = {
     "ISSUER_SHED_LAG_MS": "shed_lag_ms",
     "ISSUER_DURABLE_ACK": "durable_ack",
     "ISSUER_METRICS_PORT": "metrics_port",
+    "ISSUER_REDIS_MODE": "redis_mode",
+    "ISSUER_SENTINELS": "sentinels",
+    "ISSUER_SENTINEL_MASTER": "sentinel_master",
+    "ISSUER_EMBEDDED_REDIS": "embedded_redis",
 }
+# when a claim is answered: at once, once Redis fsynced it, or once a replica has it
+DurableAck = Literal["none", "aof", "replica"]
 CONFIG_FILE = "ISSUER_CONFIG"  # a TOML file of Settings fields (`workers = 4`)
 
 
 class Settings(msgspec.Struct, kw_only=True, frozen=True):
     redis_url: str | None = None  # None: start an embedded Valkey under data_dir
+    # None: sentinel if sentinels are named, else cluster if redis_url is a cluster node
+    redis_mode: Literal["standalone", "cluster", "sentinel"] | None = None
+    sentinels: str | None = None  # host:port,host:port of the Sentinels (sentinel mode)
+    sentinel_master: str | None = None  # the name the Sentinels know the primary by
+    # without redis_url: one embedded Valkey, or a cluster of 3 primaries + 3 replicas
+    embedded_redis: Literal["standalone", "cluster"] = "standalone"
     database_url: str | None = None  # None: start an embedded PostgreSQL under data_dir
     data_dir: Path = Path(".issuer")
     keys_file: Path | None = None  # None: data_dir/keys.toml
@@ -57,8 +69,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     claim_queue_max: Annotated[int, Meta(ge=1, le=1_000_000)] = 256
     # a worker whose event loop runs this late sheds claims the same way
     shed_lag_ms: Annotated[int, Meta(ge=1, le=60_000)] = 50
-    # "aof": a claim is answered only once WAITAOF confirms Redis fsynced it
-    durable_ack: Literal["none", "aof"] = "none"
+    # "aof": a claim is answered only once WAITAOF confirms Redis fsynced it; "replica":
+    # once WAIT confirms a replica received it (both on the connection that ran the script)
+    durable_ack: DurableAck = "none"
     # `issuer flush` on its own (not under `issuer serve`): serve /metrics on this port
     metrics_port: Annotated[int, Meta(ge=1, le=65535)] | None = None
     flush_batch: Annotated[int, Meta(ge=1, le=50000)] = 2000  # stream entries per PG write
@@ -89,6 +102,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             if value is not None:
                 out[var] = str(value).lower() if isinstance(value, bool) else str(value)
         return out
+
+    @property
+    def external_redis(self) -> bool:
+        """Whether a Redis service is given (a URL, or Sentinels), not to be embedded."""
+        return bool(self.redis_url or self.sentinels)
 
     @property
     def keys_path(self) -> Path:

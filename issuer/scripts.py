@@ -8,14 +8,16 @@ script and retries, so callers never see a missing script.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.resources import files
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MovedError, RedisError, TimeoutError
 
-from issuer import metrics
+from issuer import metrics, topology
+from issuer.config import DurableAck
 
 NAMES = (
     "claim_batch",
@@ -44,13 +46,19 @@ def source(name: str) -> str:
     )
 
 
-class Scripts:
-    """One registered script per file; call `run(name, keys, args)`."""
+ACK_TIMEOUT_MS = 2000  # durable acknowledgement: longest wait for an fsync or a replica
 
-    def __init__(self, redis: Redis) -> None:
+
+class Scripts:
+    """One registered script per file; call `run(name, keys, args)`, or `run_acked` to
+    wait until what the script wrote is durable (`ack`: "aof" or "replica")."""
+
+    def __init__(self, redis: Any, ack: DurableAck = "none") -> None:
         self._scripts: dict[str, AsyncScript] = {
             name: redis.register_script(source(name)) for name in NAMES
         }
+        self.ack = ack
+        self.owners = topology.Owners(redis)
 
     async def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         started = time.perf_counter()
@@ -59,7 +67,49 @@ class Scripts:
         finally:
             metrics.child(metrics.SCRIPT_SECONDS, name).observe(time.perf_counter() - started)
 
-    async def load_all(self, redis: Redis) -> None:
+    async def run_acked(
+        self, name: str, keys: Sequence[str], args: Sequence[Any], wait: Callable[[Any], bool]
+    ) -> Any:
+        """Run a script on the primary that owns its slot and, when `wait(result)`, wait on
+        the same connection until its writes are durable: WAITAOF 1 0 (fsynced by that
+        primary) or WAIT 1 (received by a replica), which only count that connection's
+        writes. RedisError if not confirmed in time: the writes stay, and a retry with the
+        same request_id is answered from them. A slot that moved is followed once."""
+        for attempt in (1, 2):
+            started = time.perf_counter()
+            try:
+                async with self.owners.of(keys[0]).client() as conn:
+                    result = await self._scripts[name](
+                        keys=list(keys), args=list(args), client=conn
+                    )
+                    if wait(result):
+                        await self._confirm(conn)
+                    return result
+            except MovedError:
+                await self.owners.refresh()
+                if attempt == 2:
+                    raise
+            except (RedisConnectionError, TimeoutError):
+                await self.owners.refresh()  # the primary may be gone: learn its successor
+                raise
+            finally:
+                metrics.child(metrics.SCRIPT_SECONDS, name).observe(time.perf_counter() - started)
+        raise AssertionError("unreachable")
+
+    async def _confirm(self, conn: Any) -> None:
+        if self.ack == "aof":
+            local, _ = await conn.execute_command("WAITAOF", 1, 0, ACK_TIMEOUT_MS)
+            if int(local) < 1:
+                raise RedisError("WAITAOF: the AOF was not fsynced in time")
+        elif (
+            self.ack == "replica" and int(await conn.execute_command("WAIT", 1, ACK_TIMEOUT_MS)) < 1
+        ):
+            raise RedisError("WAIT: no replica confirmed in time")
+
+    async def aclose(self) -> None:
+        await self.owners.aclose()
+
+    async def load_all(self, redis: Any) -> None:
         """Load every script (readiness: Redis answers a script, not just PING)."""
         for script in self._scripts.values():
             await redis.script_load(script.script)

@@ -20,33 +20,20 @@ import asyncpg
 import msgspec
 import uvloop
 from aiohttp import web
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from issuer import auth, expiry, flusher, keys, metrics, store
+from issuer import auth, expiry, flusher, keys, metrics, store, topology
 from issuer.children import die_with_parent
 from issuer.config import Settings
 
 if TYPE_CHECKING:
-    from issuer.embedded import EmbeddedServer
+    from issuer.embedded import EmbeddedGroup, EmbeddedServer
 
 log = logging.getLogger("issuer.server")
 WORKER_STOP_TIMEOUT_S = 15  # in-flight requests, after the shutdown grace
 FLUSHER_STOP_TIMEOUT_S = 60  # draining the streams into PostgreSQL
 STABLE_S = 10.0  # a child that ran this long before it died is replaced at once
-
-
-def redis_client(url: str, max_connections: int = 64) -> Redis:
-    """A client whose pool makes bursts wait for a connection instead of failing."""
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=5,
-        socket_timeout=5,
-        socket_connect_timeout=2,
-        health_check_interval=5,
-    )
-    return Redis(connection_pool=pool)
 
 
 LISTEN_BACKLOG = 4096  # connections a worker's kernel queue holds before accept (somaxconn caps)
@@ -89,9 +76,9 @@ async def worker_main(settings: Settings, port: int) -> None:
     from issuer.settlement import Settlement
     from issuer.workdays import Calendar
 
-    assert settings.redis_url and settings.database_url
-    redis = redis_client(settings.redis_url)
-    scripts = Scripts(redis)
+    assert settings.database_url
+    redis = topology.connect(settings)
+    scripts = Scripts(redis, ack=settings.durable_ack)
     pg = await store.connect(settings.database_url, min_size=0, max_size=2)
     campaigns = Campaigns(redis, scripts)
     person_key = settings.person_secret()
@@ -109,7 +96,6 @@ async def worker_main(settings: Settings, port: int) -> None:
             campaigns,
             person_key,
             settings.batch_max,
-            durable_ack=settings.durable_ack == "aof",
         ),
         redemptions=redemptions,
         settlement=Settlement(
@@ -134,6 +120,9 @@ async def worker_main(settings: Settings, port: int) -> None:
             entries, age = await flusher.stream_lag(redis)
             checks.update(redis_ok=True, flusher_lag_entries=entries, flusher_lag_seconds=age)
             checks["flusher_ok"] = entries <= settings.ready_max_lag
+            problem = await topology.health(redis)
+            if problem is not None:
+                checks.update(redis_ok=False, redis_error=problem)
         except (RedisError, OSError) as exc:
             checks.update(redis_ok=False, redis_error=type(exc).__name__)
         try:
@@ -160,6 +149,7 @@ async def worker_main(settings: Settings, port: int) -> None:
     await runner.cleanup()
     loop_lag.stop()
     await sweeping
+    await scripts.aclose()
     await redis.aclose()
     await pg.close()
     log.info("worker stopped", extra={"pid": os.getpid()})
@@ -173,17 +163,22 @@ def run_worker(settings: Settings, port: int) -> None:
 
 
 @contextlib.contextmanager
-def backing_servers(settings: Settings) -> Iterator[tuple[Settings, list[EmbeddedServer]]]:
+def backing_servers(
+    settings: Settings,
+) -> Iterator[tuple[Settings, list[EmbeddedServer | EmbeddedGroup]]]:
     """Settings with real URLs: the given ones, or embedded servers started (and stopped).
     The embedded module (and its server wheels) is imported only when one is needed."""
-    started: list[EmbeddedServer] = []
+    started: list[EmbeddedServer | EmbeddedGroup] = []
     urls: dict[str, str] = {}
     try:
-        if not settings.redis_url:
+        if not settings.external_redis:
             from issuer import embedded
 
-            started.append(embedded.start_redis(settings.data_dir))
-            urls["redis_url"] = started[-1].url
+            if settings.embedded_redis == "cluster":
+                started.append(embedded.start_cluster(settings.data_dir))
+            else:
+                started.append(embedded.start_redis(settings.data_dir))
+            urls.update(redis_url=started[-1].url, redis_mode=settings.embedded_redis)
         if not settings.database_url:
             from issuer import embedded
 
@@ -192,7 +187,7 @@ def backing_servers(settings: Settings) -> Iterator[tuple[Settings, list[Embedde
             )
             started.append(embedded.start_postgres(settings.data_dir, settings=fast))
             urls["database_url"] = started[-1].url
-        yield msgspec.structs.replace(settings, **urls), started
+        yield topology.resolved(msgspec.structs.replace(settings, **urls)), started
     finally:
         for server in reversed(started):
             server.stop()
@@ -212,7 +207,9 @@ class Supervisor:
     """Keeps N workers and one flusher running (a child that dies is replaced), watches the
     embedded servers, and on SIGTERM stops workers first, then lets the flusher drain."""
 
-    def __init__(self, settings: Settings, port: int, servers: list[EmbeddedServer]) -> None:
+    def __init__(
+        self, settings: Settings, port: int, servers: list[EmbeddedServer | EmbeddedGroup]
+    ) -> None:
         self.settings = settings
         self.port = port
         self.servers = servers
@@ -285,8 +282,12 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        assert self.settings.redis_url and self.settings.database_url
-        redis = redis_client(self.settings.redis_url)
+        assert self.settings.database_url
+        redis = topology.connect(self.settings)
+        try:
+            await topology.check(self.settings, redis)
+        except topology.TopologyError as exc:
+            raise SystemExit(f"configuration error: {exc}") from None
         pool = await store.connect(self.settings.database_url)
         await store.migrate(pool)
         await pool.close()

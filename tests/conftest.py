@@ -1,6 +1,10 @@
 """Real servers for the suite: one embedded Valkey and one embedded PostgreSQL per session
 (or REDIS_URL / DATABASE_URL), a fresh Redis database and PostgreSQL database per test
-module, and `issuer serve` itself as a subprocess on loopback."""
+module, and `issuer serve` itself as a subprocess on loopback.
+
+A module that sets `TOPOLOGIES = ("standalone", "cluster")` runs all its tests once per
+topology: `cluster` is an embedded Valkey Cluster of 3 primaries and 3 replicas (one per
+session, emptied for each module), which the service detects from REDIS_URL."""
 
 from __future__ import annotations
 
@@ -20,10 +24,12 @@ import aiohttp
 import asyncpg
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from issuer import embedded
 from issuer.auth import ApiKey, load_keys
 from issuer.client import Client, Response
+from issuer.keys import CAMPAIGNS, CampaignKeys
 
 ROOT = Path(__file__).resolve().parent.parent
 _module_counter = iter(range(1, 1_000_000))
@@ -61,13 +67,51 @@ def servers(workdir: Path) -> Iterator[Servers]:
             server.stop()
 
 
+@pytest.fixture(scope="session")
+def cluster(workdir: Path) -> Iterator[embedded.EmbeddedGroup]:
+    with embedded.start_cluster(workdir) as group:
+        yield group
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    topologies = getattr(metafunc.module, "TOPOLOGIES", None)
+    if topologies and "keyspace" in metafunc.fixturenames:
+        metafunc.parametrize("topology", topologies, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def topology(request: pytest.FixtureRequest) -> str:
+    """The Redis topology of this module's keyspace: "standalone" unless parametrised."""
+    return getattr(request, "param", "standalone")
+
+
 class Keyspace:
     """One test module's Redis database and PostgreSQL database."""
 
-    def __init__(self, redis_url: str, database_url: str, name: str) -> None:
+    def __init__(self, redis_url: str, database_url: str, name: str, topology: str) -> None:
         self.redis_url = redis_url
         self.database_url = database_url
         self.name = name
+        self.topology = topology
+
+    def redis(self) -> Any:
+        """A client of this keyspace's Redis (a `RedisCluster` on a cluster)."""
+        if self.topology == "cluster":
+            return RedisCluster.from_url(self.redis_url)
+        return Redis.from_url(self.redis_url)
+
+
+async def campaign_primaries(keyspace: Keyspace) -> set[str]:
+    """The primaries that hold the campaigns registered in this keyspace (one on a server)."""
+    client = keyspace.redis()
+    try:
+        ids = [m.decode() for m in await client.smembers(CAMPAIGNS)]
+        if keyspace.topology != "cluster":
+            return {keyspace.redis_url}
+        await client.initialize()
+        return {client.get_node_from_key(CampaignKeys(c).ledger).name for c in ids}
+    finally:
+        await client.aclose()
 
 
 def _with_path(url: str, path: str) -> str:
@@ -75,23 +119,30 @@ def _with_path(url: str, path: str) -> str:
 
 
 @pytest.fixture(scope="module")
-async def keyspace(servers: Servers, request: pytest.FixtureRequest) -> AsyncIterator[Keyspace]:
+async def keyspace(
+    servers: Servers, topology: str, request: pytest.FixtureRequest
+) -> AsyncIterator[Keyspace]:
     n = next(_module_counter)
     name = f"t{n}_{request.module.__name__.rsplit('.', 1)[-1]}"[:60].lower()
-    redis_url = _with_path(servers.redis_url, f"/{n % 16}")
-    redis = Redis.from_url(redis_url)
-    await redis.flushdb()
-    await redis.aclose()
+    if topology == "cluster":  # one database only: the module has the cluster to itself
+        redis_url = request.getfixturevalue("cluster").url
+        client: Any = RedisCluster.from_url(redis_url)
+        await client.flushall(target_nodes=RedisCluster.PRIMARIES)
+    else:
+        redis_url = _with_path(servers.redis_url, f"/{n % 16}")
+        client = Redis.from_url(redis_url)
+        await client.flushdb()
+    await client.aclose()
     admin = await asyncpg.connect(servers.database_url)
     await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
     await admin.execute(f'CREATE DATABASE "{name}"')
     await admin.close()
-    yield Keyspace(redis_url, _with_path(servers.database_url, f"/{name}"), name)
+    yield Keyspace(redis_url, _with_path(servers.database_url, f"/{name}"), name, topology)
 
 
 @pytest.fixture(scope="module")
 async def redis(keyspace: Keyspace) -> AsyncIterator[Redis]:
-    client = Redis.from_url(keyspace.redis_url)
+    client = keyspace.redis()
     yield client
     await client.aclose()
 

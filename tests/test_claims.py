@@ -14,9 +14,10 @@ import pytest
 from redis.asyncio import Redis
 
 from issuer.keys import CampaignKeys
-from tests.conftest import Service, unique_id
+from tests.conftest import Keyspace, Service, campaign_primaries, unique_id
 from tests.people import BEIJING, XI_SEAT, YUNCHENG, campaign, claim
 
+TOPOLOGIES = ("standalone", "cluster")  # the same tests on one server and a cluster
 RESERVE = 200_000
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -339,3 +340,10 @@ async def test_example_campaigns_load_over_http(service: Service, example: str) 
     resp = await service.call("PUT", f"/v1/campaigns/{campaign_id}", body)
     assert resp.status == 201, resp.body
     assert msgspec.convert(resp.body["definition"], CampaignDef) == definition
+
+
+async def test_campaigns_landed_on_several_primaries(service: Service, keyspace: Keyspace) -> None:
+    """On a cluster, this module's campaigns were spread over more than one primary (so the
+    tests above crossed nodes); on one server there is one."""
+    found = await campaign_primaries(keyspace)
+    assert len(found) >= (2 if keyspace.topology == "cluster" else 1), found

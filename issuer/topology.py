@@ -1,0 +1,210 @@
+"""Which Redis the gate runs on, and the client for it: one server (`standalone`), a
+Redis/Valkey Cluster (`cluster`), or a primary with replicas behind Sentinel (`sentinel`).
+
+Routing, MOVED/ASK and failover discovery are redis-py's (`RedisCluster`, `Sentinel`);
+this module only chooses, checks what it was given, and finds the node that owns a slot
+for the few commands that must share one connection with a script (WAIT and WAITAOF
+count the writes of their own connection only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import msgspec
+import redis
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialBackoff
+from redis.crc import key_slot
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from issuer.config import Settings
+
+Mode = Literal["standalone", "cluster", "sentinel"]
+SLOTS = 16384
+SOCKET_TIMEOUT_S = 5
+CONNECT_TIMEOUT_S = 2
+REFRESH_EVERY_S = 0.1  # at most this often a failed owner lookup re-reads the slot map
+
+
+class TopologyError(Exception):
+    """The Redis settings do not describe a reachable, whole service (names the setting)."""
+
+
+def resolve_mode(settings: Settings) -> Mode:
+    """The mode to run in: ISSUER_REDIS_MODE when given; else `sentinel` when sentinels
+    are named; else `cluster` if REDIS_URL's server is a cluster node, `standalone` if not."""
+    if settings.redis_mode is not None:
+        return settings.redis_mode
+    if settings.sentinels:
+        return "sentinel"
+    if not settings.redis_url:
+        return "standalone"
+    try:
+        with redis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=SOCKET_TIMEOUT_S,
+            socket_connect_timeout=CONNECT_TIMEOUT_S,
+        ) as probe:
+            enabled = probe.info("cluster").get("cluster_enabled")
+    except RedisError as exc:
+        raise TopologyError(f"REDIS_URL {settings.redis_url}: unreachable ({exc})") from None
+    return "cluster" if str(enabled) == "1" else "standalone"
+
+
+def resolved(settings: Settings) -> Settings:
+    """`settings` with the mode decided and its settings complete; SystemExit naming the
+    setting otherwise."""
+    try:
+        mode = resolve_mode(settings)
+        if mode == "sentinel":
+            if not settings.sentinels or not settings.sentinel_master:
+                raise TopologyError(
+                    "ISSUER_REDIS_MODE=sentinel needs ISSUER_SENTINELS and ISSUER_SENTINEL_MASTER"
+                )
+            sentinel_addresses(settings.sentinels)
+        elif not settings.redis_url:
+            raise TopologyError(f"ISSUER_REDIS_MODE={mode} needs REDIS_URL")
+    except TopologyError as exc:
+        raise SystemExit(f"configuration error: {exc}") from None
+    return msgspec.structs.replace(settings, redis_mode=mode)
+
+
+def sentinel_addresses(value: str) -> list[tuple[str, int]]:
+    """`host:port,host:port` as pairs; TopologyError naming ISSUER_SENTINELS if malformed."""
+    found = []
+    for item in value.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise TopologyError(f"ISSUER_SENTINELS: {item.strip()!r} is not host:port")
+        found.append((host.strip("[]"), int(port)))
+    return found
+
+
+def connect(settings: Settings, max_connections: int = 64) -> Any:
+    """The client of the configured topology (`Redis` or `RedisCluster`: the same commands).
+    A standalone pool makes bursts wait for a connection instead of failing."""
+    settings = resolved(settings)  # probes REDIS_URL only if the mode is not given
+    mode = settings.redis_mode
+    timeouts: dict[str, Any] = {
+        "socket_timeout": SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": CONNECT_TIMEOUT_S,
+    }
+    if mode == "sentinel":
+        assert settings.sentinels and settings.sentinel_master
+        sentinel = Sentinel(sentinel_addresses(settings.sentinels), **timeouts)
+        return sentinel.master_for(
+            settings.sentinel_master, max_connections=max_connections, **timeouts
+        )
+    assert settings.redis_url
+    if mode == "cluster":
+        # A failover takes about cluster-node-timeout: retry briefly, then let the claim
+        # answer 503 (the client retries with the same request_id) instead of hanging.
+        return RedisCluster.from_url(
+            settings.redis_url,
+            max_connections=max_connections,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+            **timeouts,
+        )
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=max_connections,
+        timeout=5,
+        health_check_interval=5,
+        **timeouts,
+    )
+    return Redis(connection_pool=pool)
+
+
+async def health(client: Any) -> str | None:
+    """None when every slot has a primary that answers; else why not, in a few words."""
+    if not isinstance(client, RedisCluster):
+        return None
+    try:
+        info = await client.cluster_info()
+    except RedisError as exc:
+        return f"cluster unreachable: {type(exc).__name__}"
+    assigned = int(info.get("cluster_slots_assigned", 0))
+    if assigned < SLOTS:
+        return f"cluster covers {assigned} of {SLOTS} slots"
+    if info.get("cluster_state") != "ok":
+        return f"cluster_state {info.get('cluster_state')}"
+    return None
+
+
+async def check(settings: Settings, client: Any) -> None:
+    """At start: the service is reachable and whole; TopologyError naming the setting."""
+    where = (
+        f"ISSUER_SENTINELS {settings.sentinels} (master {settings.sentinel_master})"
+        if settings.redis_mode == "sentinel"
+        else f"REDIS_URL {settings.redis_url}"
+    )
+    try:
+        if isinstance(client, RedisCluster):
+            await client.initialize()
+        await client.ping()
+    except RedisError as exc:
+        raise TopologyError(f"{where}: unreachable ({type(exc).__name__}: {exc})") from None
+    problem = await health(client)
+    if problem is not None:
+        raise TopologyError(f"{where}: {problem}")
+
+
+def slot_groups(client: Any, keys: Iterable[str]) -> list[list[str]]:
+    """`keys` grouped so that each group may go in one multi-key command: all together on
+    one server, by hash slot on a cluster (CROSSSLOT otherwise)."""
+    keys = list(keys)
+    if not isinstance(client, RedisCluster):
+        return [keys] if keys else []
+    groups: dict[int, list[str]] = {}
+    for key in keys:
+        groups.setdefault(key_slot(key.encode()), []).append(key)
+    return list(groups.values())
+
+
+class Owners:
+    """The client of the primary that owns a key's slot: the client itself on one server or
+    behind Sentinel; on a cluster a plain client per primary, from redis-py's slot map."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._nodes: dict[str, Redis] = {}
+        self._refreshed = 0.0
+
+    def of(self, key: str) -> Any:
+        if not isinstance(self.client, RedisCluster):
+            return self.client
+        node = self.client.get_node_from_key(key)
+        if node is None:
+            raise redis.exceptions.SlotNotCoveredError(f"no primary for the slot of {key}")
+        owner = self._nodes.get(node.name)
+        if owner is None:
+            owner = self._nodes[node.name] = Redis(
+                host=node.host,
+                port=node.port,
+                socket_timeout=SOCKET_TIMEOUT_S,
+                socket_connect_timeout=CONNECT_TIMEOUT_S,
+            )
+        return owner
+
+    async def refresh(self) -> None:
+        """Re-read the slot map after MOVED or a lost node (at most every REFRESH_EVERY_S)."""
+        if not isinstance(self.client, RedisCluster):
+            return
+        now = time.monotonic()
+        if now - self._refreshed < REFRESH_EVERY_S:
+            return
+        self._refreshed = now
+        with contextlib.suppress(RedisError):  # no node answers yet: the next failure retries
+            await self.client.nodes_manager.initialize()
+
+    async def aclose(self) -> None:
+        for owner in self._nodes.values():
+            await owner.aclose()
+        self._nodes.clear()
