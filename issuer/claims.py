@@ -40,7 +40,9 @@ STICKY = ("ROUND_QUOTA_EXHAUSTED", "ROUND_BUDGET_EXHAUSTED", "BUDGET_EXHAUSTED",
 
 
 class VoucherRecord(msgspec.Struct, kw_only=True):
-    """A voucher as the claim script stores it (times in epoch ms)."""
+    """A voucher as the claim script stores it (times in epoch ms). The script also keeps
+    the request that made it, `request`: [idempotency field, body fingerprint], which only
+    `issuer rebuild` reads."""
 
     voucher_id: str
     campaign_id: str

@@ -9,7 +9,8 @@
 --       person_ref, user_id, voucher_id candidate, extra JSON object body ("{}" or fields),
 --       device id ("" if none), client IP ("" if none)
 -- Returns: {status, version, issued, quota, then per claim: code, payload}
---   code OK / REPLAY: payload = voucher JSON; ALREADY_CLAIMED: payload = voucher id;
+--   code OK / REPLAY: payload = voucher JSON (with request = [idem field, fingerprint]);
+--   ALREADY_CLAIMED: payload = voucher id;
 --   RATE_LIMITED: payload = seconds to wait; any other refusal code: payload = "".
 local FIELDS = 10
 local FIRST = 16  -- ARGV index of the first claim's first field
@@ -103,6 +104,7 @@ local function decide(base)
   rec.issued_at = now
   rec.expires_at = tonumber(valid_until)
   rec.reserve_fen = reserve
+  rec.request = {idem_field, fingerprint}  -- so that issuer rebuild can restore its record
   local json = cjson.encode(rec)
   redis.call('HSET', KEYS[3], person, vid)
   redis.call('HSET', KEYS[4], user, vid)
