@@ -23,17 +23,19 @@ Rebuilt exactly as the scripts would have left it:
   per stream) and its ids following the last one recorded (the flusher would skip an entry
   whose id PostgreSQL already holds).
 
-- the idempotency records of the redemptions and refunds made in the last two idempotency
-  buckets (24-48 h), from the request each one recorded, so that a payment platform
-  retrying across the loss gets its first answer, not a second refund; merged into any
-  still there (--force) without replacing them.
+- the idempotency records of the claims, redemptions and refunds made in the last two
+  idempotency buckets (24-48 h), from the request each one recorded, so that a client
+  retrying across the loss gets its first answer (a replay of the voucher, not
+  ALREADY_CLAIMED; not a second refund); those claims' requests in the winners set, which
+  exempts them from a worker's local sold-out refusal; both merged into any still there
+  (--force) without replacing them.
 
 Not rebuilt, being short-lived and never recorded: the other idempotency records, claim
-and call nonces, rate-limit windows (they start again from zero), the winners set. Until
-the idempotency window (24-48 h) has passed, a retried claim whose answer was lost answers
-ALREADY_CLAIMED (with its voucher id) instead of a replay, a retried clawback repayment
-ALREADY_REPAID; a redemption or refund recorded before its request was (older releases)
-is decided again; and a signature seen just before the loss is not known as a replay.
+and call nonces, rate-limit windows (they start again from zero). Until the idempotency
+window (24-48 h) has passed, a retried clawback repayment answers ALREADY_REPAID instead of
+a replay; a claim, redemption or refund recorded before its request was (older releases)
+is decided again (a claim: ALREADY_CLAIMED with its voucher id); and a signature seen just
+before the loss is not known as a replay.
 
 The records are written to staging keys in the campaign's slot (~1000 fields per HSET,
 pipelined) and moved in place by one script (`lua/rebuild_commit.lua`), so a running
@@ -49,7 +51,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -161,6 +163,7 @@ class Writes:
 
     hashes: defaultdict[str, dict[str, Any]] = field(default_factory=lambda: defaultdict(dict))
     expiry: dict[str, int] = field(default_factory=dict)
+    winners: list[str] = field(default_factory=list)  # idempotency fields of claims
 
     async def send(self, redis: Redis, ck: keys.CampaignKeys) -> None:
         """Write them to the staging keys."""
@@ -169,6 +172,8 @@ class Writes:
                 pipe.hset(ck.staged(key), mapping=fields)
             if self.expiry:
                 pipe.zadd(ck.staged(ck.expiry), self.expiry)
+            if self.winners:
+                pipe.sadd(ck.staged(ck.winners), *self.winners)
             await pipe.execute()
 
 
@@ -201,6 +206,9 @@ def stage_voucher(ck: keys.CampaignKeys, row: asyncpg.Record, tally: Tally, out:
     if row["redemption_id"] is not None:
         doc["redemption_id"] = row["redemption_id"]
     voucher_id, round_id = doc["voucher_id"], doc["round_id"]
+    request = doc.get("request", (None, None))  # [idempotency field, fingerprint]
+    if stage_request(ck, request, doc["issued_at"], voucher_id, tally, out):
+        out.winners.append(request[0])
     out.hashes[ck.vouchers][voucher_id] = ENCODE.encode(doc)
     out.hashes[ck.persons][doc["person_ref"]] = voucher_id
     out.hashes[ck.accounts][doc["user_id"]] = voucher_id
@@ -219,24 +227,28 @@ def stage_registration(
 
 def stage_request(
     ck: keys.CampaignKeys,
-    doc: dict[str, Any],
+    request: Sequence[str | None],
     made_at_ms: int,
     result_id: str,
     tally: Tally,
     out: Writes,
-) -> None:
-    """The idempotency record of the request that made `doc`, if recent enough to be
-    looked up: in its bucket, as the script wrote it (fingerprint, newline, result id)."""
+) -> bool:
+    """The idempotency record of `request` (idempotency field and body fingerprint, None
+    in records older than them), if recent enough to be looked up: in its bucket, as the
+    script wrote it (fingerprint, newline, result id). True if staged."""
+    request_key, request_fingerprint = request
     bucket = ck.idempotency(made_at_ms / 1000)[0]
-    if not doc.get("request_key") or bucket not in tally.looked_up:
-        return
-    out.hashes[bucket][doc["request_key"]] = f"{doc['request_fingerprint']}\n{result_id}"
+    if not request_key or bucket not in tally.looked_up:
+        return False
+    out.hashes[bucket][request_key] = f"{request_fingerprint}\n{result_id}"
     tally.request_buckets.add(bucket)
+    return True
 
 
 def stage_redemption(ck: keys.CampaignKeys, row: asyncpg.Record, tally: Tally, out: Writes) -> None:
     doc = DOCUMENT.decode(row["data"])
-    stage_request(ck, doc, doc["redeemed_at"], doc["redemption_id"], tally, out)
+    request = doc.get("request_key"), doc.get("request_fingerprint")
+    stage_request(ck, request, doc["redeemed_at"], doc["redemption_id"], tally, out)
     refunded, returned = row["refunded_fen"], row["subsidy_returned_fen"]
     doc.update(refunded_fen=refunded, subsidy_returned_fen=returned, paid_to_merchant=row["paid"])
     if refunded:
@@ -248,7 +260,8 @@ def stage_redemption(ck: keys.CampaignKeys, row: asyncpg.Record, tally: Tally, o
 
 def stage_refund(ck: keys.CampaignKeys, row: asyncpg.Record, tally: Tally, out: Writes) -> None:
     doc = DOCUMENT.decode(row["data"])
-    stage_request(ck, doc, doc["created_at"], doc["refund_id"], tally, out)
+    request = doc.get("request_key"), doc.get("request_fingerprint")
+    stage_request(ck, request, doc["created_at"], doc["refund_id"], tally, out)
     if row["repaid_at"] is None:
         tally.clawback_due += doc["clawback_due_fen"]
     else:
@@ -355,8 +368,10 @@ async def rebuild(
     *,
     force: bool = False,
     progress: Progress = lambda done, total: None,
+    clock: Callable[[], float] = time.time,
 ) -> Summary:
-    """Rebuild one campaign's Redis state from PostgreSQL; RebuildRefused if it may not."""
+    """Rebuild one campaign's Redis state from PostgreSQL; RebuildRefused if it may not.
+    `clock` (epoch s) says which idempotency buckets a script looks in."""
     started = time.monotonic()
     ck = keys.CampaignKeys(campaign_id)
     recorded = await pool.fetchval(DEFINITION, campaign_id)
@@ -368,24 +383,24 @@ async def rebuild(
         setup = replay_setup(await conn.fetch(SETUP_EVENTS, campaign_id))
         live = state_keys(ck, setup.rounds)
         staged = [ck.staged(key) for key in live]
-        looked_up = ck.idempotency(time.time())
+        looked_up = ck.idempotency(clock())
+        requests = [*(ck.staged(key) for key in looked_up), ck.staged(ck.winners)]
         # left by an interrupted rebuild
-        await redis.delete(*staged, *(ck.staged(key) for key in looked_up))
-        tally = None
+        await redis.delete(*staged, *requests)
         try:
             tally = await stage_records(redis, conn, ck, looked_up, progress)
             ledger = await stage_setup(redis, ck, setup, tally)
             await resume_stream(redis, ck.events, await conn.fetchval(LAST_ENTRY, ck.events))
             # requests in the buckets a script would look in now (one may have rolled over
             # while staging); merged, in the same script that moves the records in place
-            merged = sorted(set(ck.idempotency(time.time())) & tally.request_buckets)
+            merged = sorted(set(ck.idempotency(clock())) & tally.request_buckets)
             args = [len(live), len(merged), keys.IDEMPOTENCY_BUCKET_S * 2]
             commit = live + staged + merged + [ck.staged(key) for key in merged]
+            commit += [ck.winners, ck.staged(ck.winners)]
             if not await Scripts(redis).run("rebuild_commit", commit, args):
                 raise RebuildRefused(f"campaign {campaign_id} came back while being rebuilt")
         finally:
-            buckets = tally.request_buckets if tally is not None else set()
-            await redis.delete(*staged, *(ck.staged(key) for key in buckets))
+            await redis.delete(*staged, *requests)
     await redis.sadd(keys.CAMPAIGNS, campaign_id)
     return Summary(
         campaign_id=campaign_id,

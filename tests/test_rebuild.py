@@ -33,6 +33,10 @@ from tests.people import campaign, claim, id_number, iso
 PERSONS = itertools.count(600_000)  # this module's persons: 600,000 and up
 SELF_CLAIMS = 150
 ROUND_BUDGET = 10**9
+# a claim's event as releases before vouchers carried their request recorded it
+AS_OLDER_RELEASES = """
+UPDATE events SET data = data - 'request' WHERE type = 'claim' AND data->>'voucher_id' = $1
+"""
 
 
 @dataclass
@@ -44,6 +48,7 @@ class Workload:
     claimed: list[int]  # persons holding a voucher of `active`
     unrefunded: list[dict[str, Any]]  # redemptions of `active` never refunded
     clawback_due: str  # a refund of `active` whose clawback is not repaid
+    first_claim: dict[str, Any]  # the request of the first claim, and its answer
     first_payment: dict[str, Any]  # the request of the first redemption, and its answer
     first_refund: dict[str, Any]  # the same for the first refund (a third of the order)
 
@@ -78,7 +83,11 @@ async def active_campaign(service: Service, redis: Redis, merchant: str) -> dict
     and refunds after it (clawbacks, one repaid), a pause and resume, a round budget CAS."""
     campaign_id = await put_campaign(service, campaign(quota=1000, round_budget_fen=ROUND_BUDGET))
     claimed = [next(PERSONS) for _ in range(SELF_CLAIMS)]
-    vouchers = await asyncio.gather(*(issue(service, campaign_id, n) for n in claimed))
+    first_claim = claim(claimed[0], request_id="rb-claim-first")
+    path = f"/v1/campaigns/{campaign_id}/claims"
+    first = ok(await service.call("POST", path, first_claim, "app"))
+    others = await asyncio.gather(*(issue(service, campaign_id, n) for n in claimed[1:]))
+    vouchers = [first, *others]
     payments = [payment(v, merchant, 500_000 + 79_193 * i) for i, v in enumerate(vouchers[:40])]
     paid = await asyncio.gather(*(redeem(service, body) for body in payments))
     redemptions = [ok(resp) for resp in paid]
@@ -106,6 +115,7 @@ async def active_campaign(service: Service, redis: Redis, merchant: str) -> dict
         "claimed": claimed,
         "unrefunded": redemptions[25:],
         "clawback_due": clawbacks[1]["refund_id"],
+        "first_claim": {"request": first_claim, "answer": first},
         "first_payment": {"request": payments[0], "answer": redemptions[0]},
         "first_refund": {"of": redemptions[0], "answer": refunded[0]},
     }
@@ -201,8 +211,8 @@ async def value(redis: Redis, key: bytes) -> Any:
 
 
 def short_lived(ck: keys.CampaignKeys, key: str) -> bool:
-    """Keys the rebuild cannot restore (idempotency, nonces, rate windows, winners) or
-    starts empty (the stream)."""
+    """Keys the rebuild cannot restore (nonces, rate windows), restores in part
+    (idempotency, winners: `record_requests`) or starts empty (the stream)."""
 
     def kind(name: str) -> str:  # "{c:id}:idem:20000" -> "idem"
         return name.removeprefix(f"{ck.tag}:").partition(":")[0]
@@ -223,6 +233,23 @@ async def snapshot(redis: Redis, campaign_ids: list[str]) -> dict[str, Any]:
     return found
 
 
+async def record_requests(redis: Redis, campaign_ids: list[str], now: float) -> dict[str, Any]:
+    """The idempotency records (in the buckets looked in at `now`) of the requests that made
+    the campaigns' vouchers, redemptions and refunds, and the winners set: what a rebuild
+    restores of them."""
+    found: dict[str, Any] = {}
+    for campaign_id in campaign_ids:
+        ck = keys.CampaignKeys(campaign_id)
+        made = {decoded(raw)["request"][0] for raw in await redis.hvals(ck.vouchers)}
+        for key in (ck.redemptions, ck.refunds):
+            made |= {decoded(raw)["request_key"] for raw in await redis.hvals(key)}
+        for bucket in ck.idempotency(now):
+            held = await redis.hgetall(bucket)
+            found[bucket] = {k: v for k, v in held.items() if k.decode() in made}
+        found[ck.winners] = await redis.smembers(ck.winners)
+    return found
+
+
 def assert_same(after: dict[str, Any], before: dict[str, Any]) -> None:
     assert sorted(after) == sorted(before)
     for key, held in before.items():
@@ -238,6 +265,15 @@ async def assert_reconciled(redis: Redis, pg: asyncpg.Pool, campaign_ids: list[s
 async def lose_redis(redis: Redis) -> None:
     """The loss: everything in this module's database, under the running service."""
     await redis.flushdb()
+
+
+async def lose_campaign(redis: Redis, campaign_id: str) -> None:
+    """The loss of one campaign's keys, the flusher first made to leave its stream (it
+    reads only registered campaigns)."""
+    await redis.srem(keys.CAMPAIGNS, campaign_id)
+    await asyncio.sleep(1)  # the flusher's blocking read (200 ms) still listing it is over
+    tag = keys.CampaignKeys(campaign_id).tag
+    await redis.unlink(*[key async for key in redis.scan_iter(match=f"{tag}:*", count=1000)])
 
 
 def run_rebuild(keyspace: Keyspace, *args: str) -> subprocess.CompletedProcess[str]:
@@ -282,6 +318,10 @@ async def test_rebuild_restores_what_redis_held(
 ) -> None:
     await assert_reconciled(redis, pg, workload.campaigns)
     before = await snapshot(redis, workload.campaigns)
+    now = time.time()
+    requests = await record_requests(redis, workload.campaigns, now)
+    claims, payments = SELF_CLAIMS + 25 + 3, 40 + 5 + 20  # vouchers; redemptions and refunds
+    assert sum(map(len, requests.values())) == 2 * claims + payments  # claims: in winners too
     active, paused = keys.CampaignKeys(workload.active), keys.CampaignKeys(workload.paused)
     refunds = {doc["status"] for doc in before[active.refunds].values()}
     assert refunds == {"returned", "clawback_due", "repaid"}
@@ -307,6 +347,7 @@ async def test_rebuild_restores_what_redis_held(
     ]
     elapsed = time.perf_counter() - started
     assert_same(await snapshot(redis, workload.campaigns), before)
+    assert await record_requests(redis, workload.campaigns, now) == requests
     await assert_reconciled(redis, pg, workload.campaigns)
 
     records = [tuple(s.records.values()) for s in summaries]  # vouchers, registrations, ...
@@ -365,6 +406,52 @@ async def test_payments_and_refunds_retried_across_the_loss_get_their_first_answ
     again = await refund_ok(service, workload.first_refund["of"], 3, "part-0")
     assert again["refund_id"] == workload.first_refund["answer"]["refund_id"]
     assert await ledger(service, workload.active) == before
+
+
+async def test_a_claim_retried_across_the_loss_gets_its_first_answer(
+    service: Service, workload: Workload
+) -> None:
+    """After the loss and the rebuild, an app that never got its claim's answer retries the
+    same body, signed anew: its voucher comes back as a replay of the first answer (issued,
+    although redeemed since); another body under the same request_id is refused."""
+    path = f"/v1/campaigns/{workload.active}/claims"
+    first = workload.first_claim
+    again = await service.call("POST", path, first["request"], "app")
+    assert again.status == 201 and again.headers.get("Idempotent-Replay") == "true", again.body
+    assert again.body == first["answer"]
+    other = first["request"] | {"user_id": "u-someone-else"}
+    refused = await service.call("POST", path, other, "app")
+    assert refused.status == 422, refused.body
+    assert refused.body["error"]["code"] == "IDEMPOTENCY_MISMATCH"
+
+
+async def test_claims_with_no_request_restored_are_decided_again(
+    service: Service, redis: Redis, pg: asyncpg.Pool
+) -> None:
+    """Retried across a loss, a claim recorded before vouchers carried their request (an
+    older release), and any claim once its idempotency buckets are past, answers
+    ALREADY_CLAIMED with its voucher: the rebuild restores no record of its request."""
+    campaign_id = await put_campaign(service, campaign())
+    path = f"/v1/campaigns/{campaign_id}/claims"
+    older, recent = (claim(n, request_id=f"rb-decided-{n}") for n in (next(PERSONS), next(PERSONS)))
+    vouchers = [ok(await service.call("POST", path, body, "app")) for body in (older, recent)]
+    await service.drained()
+    assert await pg.execute(AS_OLDER_RELEASES, vouchers[0]["voucher_id"]) == "UPDATE 1"
+
+    async def decided_again(body: dict[str, Any], voucher: dict[str, Any]) -> None:
+        resp = await service.call("POST", path, body, "app")
+        assert resp.status == 409 and resp.body["error"]["code"] == "ALREADY_CLAIMED", resp.body
+        assert resp.body["voucher_id"] == voucher["voucher_id"]
+
+    await lose_campaign(redis, campaign_id)
+    await rebuild(redis, pg, campaign_id)
+    await decided_again(older, vouchers[0])
+    replay = await service.call("POST", path, recent, "app")
+    assert replay.status == 201 and replay.headers.get("Idempotent-Replay") == "true", replay.body
+    await lose_campaign(redis, campaign_id)
+    two_days_on = time.time() + 2 * keys.IDEMPOTENCY_BUCKET_S
+    await rebuild(redis, pg, campaign_id, clock=lambda: two_days_on)
+    await decided_again(recent, vouchers[1])
 
 
 async def test_the_service_carries_on_after_the_rebuild(
