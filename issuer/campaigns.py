@@ -306,5 +306,6 @@ def round_state_of(round_id: str, rnd: dict[str, int], tz: str) -> RoundState:
         quota=None if rnd["quota"] < 0 else rnd["quota"],
         reserved_fen=rnd["reserved"],
         spent_fen=rnd.get("spent", 0),
+        overdrawn_fen=rnd.get("overdrawn", 0),
         budget_fen=None if rnd["budget"] < 0 else rnd["budget"],
     )

@@ -1,5 +1,7 @@
 """Carry-over (Xi County): once a round closes, the budget it did not use moves to the
-next round that is still open, for campaigns whose definition says `carry_over`."""
+next round that is still open, for campaigns whose definition says `carry_over`. Unused is
+`budget + overdrawn - reserved - spent`: discount money above reservations came from the
+campaign pool, not from the round's budget."""
 
 from __future__ import annotations
 
@@ -28,11 +30,14 @@ async def carry_over(redis: Redis, scripts: Scripts, campaign_id: str, now_ms: i
     nxt = following[0]
     async with redis.pipeline(transaction=False) as pipe:
         for r in closed:
-            pipe.hmget(ck.round(r.round_id), "budget", "reserved", "spent")
+            pipe.hmget(ck.round(r.round_id), "budget", "reserved", "spent", "overdrawn")
         states = await pipe.execute()
     moved = 0
-    for r, (budget, reserved, spent) in zip(closed, states, strict=True):
-        if budget is None or int(budget) - int(reserved) - int(spent or 0) <= 0:
+    for r, (budget, reserved, spent, overdrawn) in zip(closed, states, strict=True):
+        if (
+            budget is None
+            or int(budget) + int(overdrawn or 0) - int(reserved) - int(spent or 0) <= 0
+        ):
             continue  # nothing unused (or no round budget): no script call
         moved += int(
             await scripts.run(

@@ -51,7 +51,8 @@ def families(states: Iterable[CampaignOut], health: Mapping[str, Any]) -> list[M
     )
     round_money = GaugeMetricFamily(
         "issuer_round_fen",
-        "Current round's budget and the money it holds (reserved, spent)",
+        "Current round's budget, the money it holds (reserved, spent) and what the campaign"
+        " pool paid above reservations (overdrawn)",
         labels=["campaign", "round", "account"],
     )
     for state in states:
@@ -69,6 +70,7 @@ def families(states: Iterable[CampaignOut], health: Mapping[str, Any]) -> list[M
             round_money.add_metric([cid, rnd.round_id, "budget"], rnd.budget_fen)
         round_money.add_metric([cid, rnd.round_id, "reserved"], rnd.reserved_fen)
         round_money.add_metric([cid, rnd.round_id, "spent"], rnd.spent_fen)
+        round_money.add_metric([cid, rnd.round_id, "overdrawn"], rnd.overdrawn_fen)
     up = GaugeMetricFamily(
         "issuer_backend_up", "1 if this worker reaches the backend", labels=["backend"]
     )

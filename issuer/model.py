@@ -390,6 +390,9 @@ class RoundState(Struct, kw_only=True, omit_defaults=True):
     quota: int | None = None
     reserved_fen: int
     spent_fen: int
+    # discount money above reservations that the campaign pool paid for this round, less
+    # what refunds returned (they repay it first): reserved + spent <= budget + overdrawn
+    overdrawn_fen: int
     budget_fen: int | None = None
 
 

@@ -1,5 +1,6 @@
-"""Fen arithmetic of the programme: the discount at payment and the subsidy a refund
-returns. Integers only; Python does it because Lua's numbers are doubles."""
+"""Fen arithmetic of the programme: the discount at payment, the subsidy a refund
+returns and how much of it repays a round's overdraw. Integers only; Python does it
+because Lua's numbers are doubles."""
 
 from __future__ import annotations
 
@@ -20,3 +21,17 @@ def subsidy_returned(
     after = discount_fen * (refunded_before_fen + amount_fen) // order_amount_fen
     before = discount_fen * refunded_before_fen // order_amount_fen
     return after - before
+
+
+def overdraw_left(overdrawn_fen: int, returned_fen: int) -> int:
+    """What a redemption still owes the campaign pool: the part of its discount above the
+    reservation (`overdrawn_fen`, paid from `available`) less the subsidy its refunds
+    returned (`returned_fen`), which repays that part first."""
+    return max(0, overdrawn_fen - returned_fen)
+
+
+def overdraw_repaid(overdrawn_fen: int, returned_before_fen: int, returned_fen: int) -> int:
+    """How much of a refund's returned subsidy repays the redemption's overdraw."""
+    return overdraw_left(overdrawn_fen, returned_before_fen) - overdraw_left(
+        overdrawn_fen, returned_before_fen + returned_fen
+    )

@@ -50,6 +50,7 @@ class RedemptionRecord(msgspec.Struct, kw_only=True):
     subsidy_returned_fen: int = 0
     paid_to_merchant: bool = False
     redeemed_at: int = 0
+    overdrawn_fen: int = 0  # discount above the reservation, from `available` (the script)
     by: str = ""
     # the request that made it (idempotency field and body fingerprint), recorded so that
     # `issuer rebuild` can restore its idempotency record after a Redis loss
@@ -262,6 +263,7 @@ class Redemptions:
             returned = money.subsidy_returned(
                 rec.discount_fen, rec.order_amount_fen, rec.refunded_fen, body.amount_fen
             )
+            repaid = money.overdraw_repaid(rec.overdrawn_fen, rec.subsidy_returned_fen, returned)
             record = RefundRecord(
                 refund_id=refund_id,
                 redemption_id=redemption_id,
@@ -292,6 +294,7 @@ class Redemptions:
                     body.amount_fen,
                     returned,
                     ENCODE.encode(record),
+                    repaid,
                 ],
             )
             code = code.decode()

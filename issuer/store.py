@@ -180,6 +180,11 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (key_id, request_id)
     );
     """,
+    # the part of a discount above the reservation, paid from the campaign pool (rounds
+    # record it as overdrawn); redemptions recorded before it was carried hold 0
+    """
+    ALTER TABLE redemptions ADD COLUMN overdrawn_fen bigint NOT NULL DEFAULT 0;
+    """,
 )
 
 # One statement records a batch of stream entries and projects the new ones into tables.
@@ -215,13 +220,15 @@ WITH new AS (
 ), redemptions_new AS (
     INSERT INTO redemptions (redemption_id, campaign_id, voucher_id, round_id, user_id,
                              merchant_id, order_id, order_amount_fen, discount_fen,
-                             payable_fen, paid_at, redeemed_at, items, entry_id)
+                             payable_fen, paid_at, redeemed_at, items, entry_id,
+                             overdrawn_fen)
     SELECT data->>'redemption_id', campaign_id, data->>'voucher_id', data->>'round_id',
            data->>'user_id', data->>'merchant_id', data->>'order_id',
            (data->>'order_amount_fen')::bigint, (data->>'discount_fen')::bigint,
            (data->>'payable_fen')::bigint,
            to_timestamp((data->>'paid_at')::bigint / 1000.0),
-           to_timestamp((data->>'redeemed_at')::bigint / 1000.0), data->'items', entry_id
+           to_timestamp((data->>'redeemed_at')::bigint / 1000.0), data->'items', entry_id,
+           coalesce((data->>'overdrawn_fen')::bigint, 0)
     FROM new WHERE type = 'redemption'
     ON CONFLICT DO NOTHING
 ), refunds_new AS (

@@ -28,7 +28,7 @@ end
 
 local led = redis.call('HMGET', KEYS[1], 'status', 'version', 'available')
 local rnd = redis.call('HMGET', KEYS[2], 'opens', 'closes', 'valid_until', 'quota', 'budget',
-  'issued', 'reserved', 'spent')
+  'issued', 'reserved', 'spent', 'overdrawn')
 local out
 if not led[1] or not rnd[1] then
   out = {'missing', led[2] or '0', 0, 0}
@@ -43,7 +43,8 @@ local available = tonumber(led[3])
 local opens, closes, valid_until = tonumber(rnd[1]), tonumber(rnd[2]), rnd[3]
 local quota, rbudget = tonumber(rnd[4]), tonumber(rnd[5])
 local issued, rreserved = tonumber(rnd[6]), tonumber(rnd[7])
-local rspent = tonumber(rnd[8] or 0)  -- money of the round's redeemed vouchers
+-- money of the round's redeemed vouchers that its budget paid (not the campaign pool)
+local rspent = tonumber(rnd[8] or 0) - tonumber(rnd[9] or 0)
 local now = now_ms()
 local granted = 0
 local nonce_used = {}

@@ -26,14 +26,16 @@ end
 if redis.call('HEXISTS', KEYS[5], ARGV[6]) == 1 then return {'ORDER_ALREADY_REDEEMED', ''} end
 local discount = tonumber(ARGV[8])
 local reserve = tonumber(v.reserve_fen)
--- a discount above the reservation takes the difference from `available`
-if discount > reserve and tonumber(redis.call('HGET', KEYS[1], 'available')) < discount - reserve
-then
+-- a discount above the reservation takes the difference from `available`, whatever the
+-- round budget (that bounds what claims reserve); the round records it as `overdrawn`
+local over = math.max(0, discount - reserve)
+if tonumber(redis.call('HGET', KEYS[1], 'available')) < over then
   return {'BUDGET_EXHAUSTED', ''}
 end
 -- every check passed: write
 local rec = cjson.decode(ARGV[7])
 rec.redeemed_at = now
+rec.overdrawn_fen = over
 local json = cjson.encode(rec)
 v.status = 'redeemed'
 v.redemption_id = rec.redemption_id
@@ -46,6 +48,7 @@ redis.call('HINCRBY', KEYS[1], 'spent', discount)
 redis.call('HINCRBY', KEYS[1], 'available', reserve - discount)
 redis.call('HINCRBY', KEYS[2], 'reserved', -reserve)
 redis.call('HINCRBY', KEYS[2], 'spent', discount)
+redis.call('HINCRBY', KEYS[2], 'overdrawn', over)
 idem_store(KEYS[8], ARGV[1], ARGV[2], rec.redemption_id, tonumber(ARGV[3]))
 redis.call('XADD', KEYS[7], '*', 't', 'redemption', 'd', json)
 return {'OK', json}

@@ -1,11 +1,13 @@
 -- Refund (part of) a redeemed order. The voucher is never given back; the refunded share
 -- of the subsidy leaves `spent`: to `available` if the merchant was not reimbursed yet,
--- to `clawback_due` if it was (a share that floors to 0 fen is owed by nobody).
+-- to `clawback_due` if it was (a share that floors to 0 fen is owed by nobody). The share
+-- repays the round's overdraw of this redemption first (issuer/money.py overdraw_repaid).
 -- KEYS: 1 ledger, 2 round of the voucher, 3 vouchers, 4 redemptions, 5 refunds, 6 events,
 --       7 idem current, 8 idem previous
 -- ARGV: 1 idem field, 2 fingerprint, 3 idem ttl s, 4 redemption id, 5 refunded fen the
 --       caller computed from (compare-and-set), 6 amount fen, 7 subsidy returned fen,
---       8 refund record JSON (refund_id, redemption_id, amount_fen, reason, by)
+--       8 refund record JSON (refund_id, redemption_id, amount_fen, reason, by),
+--       9 overdraw repaid fen (computed from the same refunded fen)
 -- Returns {code, payload}: OK / REPLAY with the refund JSON; NOT_FOUND,
 -- IDEMPOTENCY_MISMATCH, ALREADY_REFUNDED, TOO_MUCH (more than is left to refund), or
 -- STALE (another refund came first: recompute and retry).
@@ -29,6 +31,7 @@ f.created_at = now
 f.subsidy_returned_fen = returned
 redis.call('HINCRBY', KEYS[1], 'spent', -returned)
 redis.call('HINCRBY', KEYS[2], 'spent', -returned)
+redis.call('HINCRBY', KEYS[2], 'overdrawn', -tonumber(ARGV[9]))
 if r.paid_to_merchant and returned > 0 then
   f.clawback_due_fen = returned
   f.status = 'clawback_due'

@@ -3,9 +3,10 @@
 -- ARGV: 1 idem field, 2 fingerprint, 3 idem ttl s, 4 expected budget (-1 = none),
 --       5 new budget, 6 new quota ("" = unchanged), 7 event JSON
 -- Returns {code, budget, quota, issued, reserved} (NOT_FOUND: {code} alone); the new
--- budget may not be below the round's reserved + spent money: OK, REPLAY,
--- IDEMPOTENCY_MISMATCH, NOT_FOUND, BUDGET_CONFLICT.
-local rnd = redis.call('HMGET', KEYS[2], 'budget', 'quota', 'issued', 'reserved', 'spent')
+-- budget may not be below what the round's budget holds (reserved + spent - overdrawn):
+-- OK, REPLAY, IDEMPOTENCY_MISMATCH, NOT_FOUND, BUDGET_CONFLICT.
+local rnd = redis.call('HMGET', KEYS[2], 'budget', 'quota', 'issued', 'reserved', 'spent',
+  'overdrawn')
 if not rnd[1] or redis.call('EXISTS', KEYS[1]) == 0 then return {'NOT_FOUND'} end
 local prior = idem_lookup(KEYS[4], KEYS[5], ARGV[1], ARGV[2])
 if prior == false then return {'IDEMPOTENCY_MISMATCH', rnd[1], rnd[2], rnd[3], rnd[4]} end
@@ -18,7 +19,7 @@ if prior then
   return {'REPLAY', rnd[1], rnd[2], rnd[3], rnd[4]}
 end
 local budget, issued = tonumber(ARGV[5]), tonumber(rnd[3])
-local held = tonumber(rnd[4]) + tonumber(rnd[5] or 0)  -- reserved + spent
+local held = tonumber(rnd[4]) + tonumber(rnd[5] or 0) - tonumber(rnd[6] or 0)
 local quota = rnd[2]
 if ARGV[6] ~= '' then quota = ARGV[6] end
 if tonumber(rnd[1]) ~= tonumber(ARGV[4]) or budget < held

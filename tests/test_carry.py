@@ -11,15 +11,15 @@ from redis.asyncio import Redis
 from issuer import carry, expiry, keys
 from issuer.scripts import Scripts
 from tests.conftest import Service, unique_id
-from tests.money import issue
+from tests.money import issue, new_merchant, payment, redeem
 from tests.people import campaign, iso
 
 
-def two_rounds(carry_over: bool) -> tuple[dict[str, Any], int]:
+def two_rounds(carry_over: bool, reserve_fen: int | None = None) -> tuple[dict[str, Any], int]:
     """r1 open now (budget 1,000,000 fen), r2 later (budget 0); returns (body, r1 closes ms)."""
     now = datetime.now(UTC)
     r1_closes = now + timedelta(hours=1)
-    body = campaign()
+    body = campaign(reserve_fen=reserve_fen)
     body["carry_over"] = carry_over
     body["rounds"] = [
         {
@@ -78,3 +78,25 @@ async def test_no_carry_unless_the_campaign_says_so(service: Service, redis: Red
     assert (await service.call("PUT", f"/v1/campaigns/{campaign_id}", body)).status == 201
     assert await carry.carry_over(redis, Scripts(redis), campaign_id, r1_closes + 1) == 0
     assert await budgets(redis, campaign_id) == (1_000_000, 0)
+
+
+async def test_what_the_pool_paid_above_reservations_is_not_carried(
+    service: Service, redis: Redis
+) -> None:
+    """Reservations of 100,000: a discount of 200,000 overdraws r1 by 100,000, which came
+    from the campaign pool, so r1's unused budget is 1,000,000 - 100,000 reserved - 100,000
+    spent from its reservation."""
+    campaign_id = unique_id()
+    body, r1_closes = two_rounds(carry_over=True, reserve_fen=100_000)
+    assert (await service.call("PUT", f"/v1/campaigns/{campaign_id}", body)).status == 201
+    vouchers = [await issue(service, campaign_id, 510 + n) for n in range(2)]
+    merchant = await new_merchant(service)
+    assert (await redeem(service, payment(vouchers[0], merchant, 2_000_000))).status == 201
+    rnd = keys.CampaignKeys(campaign_id).round("r1")
+    assert await redis.hmget(rnd, "reserved", "spent", "overdrawn") == [
+        b"100000",
+        b"200000",
+        b"100000",
+    ]
+    assert await carry.carry_over(redis, Scripts(redis), campaign_id, r1_closes + 1) == 800_000
+    assert await budgets(redis, campaign_id) == (200_000, 800_000)

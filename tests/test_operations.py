@@ -116,9 +116,14 @@ async def test_metrics_read_the_ledger_and_rounds_from_redis(service: Service) -
     assert value(samples, "issuer_round_quota", campaign=campaign_id, round="r1") == 5
     round_fen = {
         a: value(samples, "issuer_round_fen", campaign=campaign_id, round="r1", account=a)
-        for a in ("budget", "reserved", "spent")
+        for a in ("budget", "reserved", "spent", "overdrawn")
     }
-    assert round_fen == {"budget": 10 * RESERVE, "reserved": 2 * RESERVE, "spent": 0}
+    assert round_fen == {
+        "budget": 10 * RESERVE,
+        "reserved": 2 * RESERVE,
+        "spent": 0,
+        "overdrawn": 0,
+    }
     # counted in whichever worker answered, summed over the processes
     assert value(samples, "issuer_claims_total", campaign=campaign_id, code="OK") == 2
     assert value(samples, "issuer_backend_up", backend="redis") == 1

@@ -14,6 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from issuer import expiry
+from issuer.campaigns import HINT_TTL_S
 from issuer.reconcile import reconcile
 from issuer.redemptions import mark_paid
 from issuer.scripts import Scripts
@@ -180,6 +181,60 @@ async def test_discount_above_the_reservation_comes_from_available_or_is_refused
     assert await ledger(service, campaign_id) == before
     assert (await redeem(service, payment(second, merchant, 500_000))).status == 201
     assert (await ledger(service, campaign_id))["available_fen"] == 0
+
+
+async def current_round(service: Service, campaign_id: str) -> dict[str, Any]:
+    resp = await service.call("GET", f"/v1/campaigns/{campaign_id}")
+    assert resp.status == 200, resp.body
+    return resp.body["current_round"]  # type: ignore[no-any-return]
+
+
+async def test_a_discount_above_the_reservation_overdraws_the_round_until_refunded(
+    service: Service, redis: Redis, pg: asyncpg.Pool
+) -> None:
+    """Two claims reserve the whole round budget (2 x 50,000); a discount of 200,000 takes
+    150,000 from the pool: the round is overdrawn, never refused at the till, and still
+    issues nothing more; refunds repay the overdraw first, then free the round's budget."""
+    reserve = 50_000
+    campaign_id = await new_campaign(
+        service, quota=None, reserve_fen=reserve, round_budget_fen=2 * reserve
+    )
+    merchant = await new_merchant(service)
+    first, _ = await issue(service, campaign_id, 60), await issue(service, campaign_id, 61)
+    path = f"/v1/campaigns/{campaign_id}/claims"
+
+    async def claim_code(n: int) -> Any:
+        resp = await service.call("POST", path, claim(n), "app")
+        return resp.status if resp.status == 201 else resp.body["error"]["code"]
+
+    assert await claim_code(62) == "ROUND_BUDGET_EXHAUSTED"
+    paid = await redeem(service, payment(first, merchant, 3_000_000))
+    assert paid.status == 201 and paid.body["discount_fen"] == 200_000, paid.body
+    rnd = await current_round(service, campaign_id)
+    money = ("reserved_fen", "spent_fen", "overdrawn_fen", "budget_fen")
+    assert [rnd[k] for k in money] == [reserve, 200_000, 150_000, 2 * reserve]
+    assert await claim_code(62) == "ROUND_BUDGET_EXHAUSTED"  # the pool paid, not the round
+    # the budget may go as low as what its claims reserved, whatever the pool paid
+    cas = {"request_id": f"cas-{campaign_id}", "expected_budget_fen": 2 * reserve}
+    budget_path = f"/v1/campaigns/{campaign_id}/rounds/r1/budget"
+    resp = await service.call("POST", budget_path, {**cas, "budget_fen": 2 * reserve})
+    assert resp.status == 200, resp.body
+
+    rid = paid.body["redemption_id"]
+    before = await ledger(service, campaign_id)
+    assert (await refund(service, rid, 750_000, f"od-{rid[-8:]}-1")).status == 201  # 50,000 back
+    rnd = await current_round(service, campaign_id)
+    assert [rnd[k] for k in money[:3]] == [reserve, 150_000, 100_000]
+    assert await claim_code(62) == "ROUND_BUDGET_EXHAUSTED"
+    assert (await ledger(service, campaign_id))["available_fen"] == before["available_fen"] + 50_000
+    assert (await refund(service, rid, 2_250_000, f"od-{rid[-8:]}-2")).status == 201  # 150,000
+    rnd = await current_round(service, campaign_id)
+    assert [rnd[k] for k in money[:3]] == [reserve, 0, 0]
+    await asyncio.sleep(HINT_TTL_S + 0.1)  # the workers' local "budget used up" lapses
+    assert await claim_code(62) == 201  # the first voucher's reservation is free again
+    await service.drained()
+    report = await reconcile(redis, pg, campaign_id)
+    assert report.ok, report.problems
 
 
 async def test_hundreds_redeeming_one_voucher_only_one_wins(service: Service) -> None:
