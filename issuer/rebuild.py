@@ -11,7 +11,9 @@ Rebuilt exactly as the scripts would have left it:
 - `def` (the recorded StoredCampaign, with its explicit rounds) and the campaign registry;
 - each round hash: times, quota and budget as the definition set them, then every recorded
   round budget edit and carry-over in stream order; issued (its vouchers), reserved
-  (reserve_fen of those still issued), spent (their discounts less subsidy returned);
+  (reserve_fen of those still issued), spent (their discounts less subsidy returned),
+  overdrawn (what each redemption's discount took from the pool above its reservation,
+  less the subsidy its refunds returned: issuer/money.py overdraw_left);
 - the ledger: status and version as last recorded, budget, adjustments (0: no operation
   changes them), reserved, spent, clawback_due (subsidy returned after reimbursement and
   not repaid) and available = budget + adjustments - reserved - spent - clawback_due;
@@ -60,7 +62,7 @@ import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from issuer import keys, merchants
+from issuer import keys, merchants, money
 from issuer.campaigns import ENCODE, STORED, round_settings
 from issuer.model import StoredCampaign
 from issuer.reconcile import entry_order, events_in_flight, round_ids
@@ -154,6 +156,7 @@ class Tally:
     issued: Counter[str] = field(default_factory=Counter)  # per round
     reserved: Counter[str] = field(default_factory=Counter)  # per round, by issued vouchers
     spent: Counter[str] = field(default_factory=Counter)  # per round, net of subsidy returned
+    overdrawn: Counter[str] = field(default_factory=Counter)  # per round, not yet repaid
     clawback_due: int = 0
 
 
@@ -256,6 +259,7 @@ def stage_redemption(ck: keys.CampaignKeys, row: asyncpg.Record, tally: Tally, o
     out.hashes[ck.redemptions][doc["redemption_id"]] = ENCODE.encode(doc)
     out.hashes[ck.orders][doc["order_id"]] = doc["redemption_id"]
     tally.spent[doc["round_id"]] += doc["discount_fen"] - returned
+    tally.overdrawn[doc["round_id"]] += money.overdraw_left(doc.get("overdrawn_fen", 0), returned)
 
 
 def stage_refund(ck: keys.CampaignKeys, row: asyncpg.Record, tally: Tally, out: Writes) -> None:
@@ -425,6 +429,7 @@ async def stage_setup(
             "issued": tally.issued[round_id],
             "reserved": tally.reserved[round_id],
             "spent": tally.spent[round_id],
+            "overdrawn": tally.overdrawn[round_id],
         }
     await out.send(redis, ck)
     await redis.set(ck.staged(ck.definition), ENCODE.encode(setup.stored))

@@ -10,7 +10,7 @@ import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from issuer import keys
+from issuer import keys, money
 from issuer.campaigns import STORED, hash_keys
 
 LEDGER_FIELDS = ("budget", "available", "reserved", "spent", "clawback_due", "adjustments")
@@ -100,11 +100,17 @@ async def round_ids(redis: Redis, ck: keys.CampaignKeys) -> list[str]:
 
 class Vouchers(msgspec.Struct, kw_only=True):
     """Each voucher's (status, reserve, round) as PostgreSQL holds it with the events in
-    flight applied on top, and the money PostgreSQL plus those events account for."""
+    flight applied on top, and the money PostgreSQL plus those events account for: per
+    round, spent (discounts less subsidy returned) and overdrawn (issuer/money.py)."""
 
     state: dict[str, tuple[str, int, str]]
-    spent: int
+    spent_by_round: Counter[str]
+    overdrawn: Counter[str]
     clawback_due: int
+
+    @property
+    def spent(self) -> int:
+        return self.spent_by_round.total()
 
 
 async def project(pool: asyncpg.Pool, campaign_id: str, flying: InFlight) -> Vouchers:
@@ -113,22 +119,25 @@ async def project(pool: asyncpg.Pool, campaign_id: str, flying: InFlight) -> Vou
         campaign_id,
     )
     state = {r["voucher_id"]: (r["status"], r["reserve_fen"], r["round_id"]) for r in rows}
-    redeemed = {
-        r["redemption_id"]: r["discount_fen"]
+    redeemed = {  # redemption id -> (round, discount, overdrawn at payment)
+        r["redemption_id"]: (r["round_id"], r["discount_fen"], r["overdrawn_fen"])
         for r in await pool.fetch(
-            "SELECT redemption_id, discount_fen FROM redemptions WHERE campaign_id = $1",
+            "SELECT redemption_id, round_id, discount_fen, overdrawn_fen FROM redemptions"
+            " WHERE campaign_id = $1",
             campaign_id,
         )
     }
     refunds = {
         r["refund_id"]: r
         for r in await pool.fetch(
-            "SELECT refund_id, subsidy_returned_fen, clawback_due_fen, repaid_at IS NOT NULL"
-            " AS repaid FROM refunds WHERE campaign_id = $1",
+            "SELECT refund_id, redemption_id, subsidy_returned_fen, clawback_due_fen,"
+            " repaid_at IS NOT NULL AS repaid FROM refunds WHERE campaign_id = $1",
             campaign_id,
         )
     }
-    spent = sum(redeemed.values()) - sum(r["subsidy_returned_fen"] for r in refunds.values())
+    returned: Counter[str] = Counter()  # per redemption
+    for f in refunds.values():
+        returned[f["redemption_id"]] += f["subsidy_returned_fen"]
     clawback = sum(r["clawback_due_fen"] for r in refunds.values() if not r["repaid"])
     for kind, data in flying:
         vid = data.get("voucher_id", "")
@@ -139,15 +148,21 @@ async def project(pool: asyncpg.Pool, campaign_id: str, flying: InFlight) -> Vou
             _, reserve, round_id = state[vid]
             state[vid] = (status or data["voucher_status"], reserve, round_id)
         if kind == "redemption" and data["redemption_id"] not in redeemed:
-            spent += data["discount_fen"]
+            over = data.get("overdrawn_fen", 0)
+            redeemed[data["redemption_id"]] = (data["round_id"], data["discount_fen"], over)
         elif kind == "refund" and data["refund_id"] not in refunds:
-            spent -= data["subsidy_returned_fen"]
+            returned[data["redemption_id"]] += data["subsidy_returned_fen"]
             clawback += data["clawback_due_fen"]
         elif kind == "clawback_repaid":
             recorded = refunds.get(data["refund_id"])
             if recorded is None or not recorded["repaid"]:
                 clawback -= data["clawback_fen"]
-    return Vouchers(state=state, spent=spent, clawback_due=clawback)
+    spent: Counter[str] = Counter()
+    overdrawn: Counter[str] = Counter()
+    for rid, (round_id, discount, over) in redeemed.items():
+        spent[round_id] += discount - returned[rid]
+        overdrawn[round_id] += money.overdraw_left(over, returned[rid])
+    return Vouchers(state=state, spent_by_round=spent, overdrawn=overdrawn, clawback_due=clawback)
 
 
 async def reconcile(redis: Redis, pool: asyncpg.Pool, campaign_id: str) -> Report:
@@ -192,8 +207,8 @@ async def reconcile(redis: Redis, pool: asyncpg.Pool, campaign_id: str) -> Repor
     per_round = Counter(r["round_id"] for r in rows)
     per_round.update(e["round_id"] for e in claims.values())
     for round_id in await round_ids(redis, ck):
-        issued, quota, reserved = await redis.hmget(
-            ck.round(round_id), "issued", "quota", "reserved"
+        issued, quota, reserved, spent, overdrawn = await redis.hmget(
+            ck.round(round_id), "issued", "quota", "reserved", "spent", "overdrawn"
         )
         if issued is None:
             problems.append(f"round {round_id} missing in Redis")
@@ -210,6 +225,16 @@ async def reconcile(redis: Redis, pool: asyncpg.Pool, campaign_id: str) -> Repor
                 f"round {round_id}: {int(reserved)} fen reserved in Redis, its issued"
                 f" vouchers hold {held_by_round[round_id]} fen"
             )
+        money_of_round = {
+            "spent": (int(spent or 0), record.spent_by_round[round_id]),
+            "overdrawn": (int(overdrawn or 0), record.overdrawn[round_id]),
+        }
+        for name, (in_redis_fen, recorded_fen) in money_of_round.items():
+            if in_redis_fen != recorded_fen:
+                problems.append(
+                    f"round {round_id}: {name} {in_redis_fen} fen in Redis, PostgreSQL (with"
+                    f" the events in flight) accounts for {recorded_fen} fen"
+                )
     if len(await hash_keys(redis, ck.persons)) != len(in_redis):
         problems.append("person index and vouchers differ in Redis")
     return Report(

@@ -5,7 +5,8 @@ Grouping rules: `round`, `merchant` and `category` attribute a refund to its red
 redemption day, refunds by refund day) in the campaign's time zone. A redemption with items
 of several categories counts once in each; its amounts are split over the categories in
 proportion to the item amounts (largest remainder), so that the category rows add up to
-the total.
+the total. `overdrawn_fen` (what the campaign pool paid above reservations, less what
+refunds returned) is given by total and by round only: it is a round's account.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Literal
 import asyncpg
 import msgspec
 
+from issuer import money
 from issuer.model import Strict
 from issuer.schedule import zone
 
@@ -47,6 +49,9 @@ class ReportRow(msgspec.Struct, kw_only=True):
     net_subsidy_fen: int  # redeemed_amount_fen - subsidy_returned_fen
     clawback_due_fen: int  # returned subsidy the merchants still owe (paid out, not repaid)
     merchants: int  # merchants with redemptions
+    # discounts above reservations that the campaign pool paid, less what refunds returned
+    # (they repay it first); None where the grouping is not by rounds (day, merchant, category)
+    overdrawn_fen: int | None = None
 
 
 class ReportOut(msgspec.Struct, kw_only=True):
@@ -73,6 +78,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("净补贴金额(分)", "net_subsidy_fen"),
     ("待追回补贴(分)", "clawback_due_fen"),
     ("核销商户数", "merchants"),
+    ("超出预留由资金池垫付(分)", "overdrawn_fen"),
 )
 
 
@@ -85,6 +91,7 @@ class _Group:
     refunded: int = 0
     returned: int = 0
     owed: int = 0
+    overdrawn: int = 0
     merchants: set[str] = field(default_factory=set)
 
 
@@ -125,7 +132,7 @@ def _category_shares(rec: asyncpg.Record, refunds: tuple[int, int, int]) -> list
 
 REDEMPTIONS = """
 SELECT redemption_id, round_id, merchant_id, order_amount_fen, discount_fen, redeemed_at,
-       items::text AS items
+       items::text AS items, overdrawn_fen
 FROM redemptions WHERE campaign_id = $1
 """
 REFUNDS = """
@@ -180,6 +187,7 @@ async def build_report(
         for share in shares:
             g = groups[share.key]
             g.redeemed += 1
+            g.overdrawn += money.overdraw_left(rec["overdrawn_fen"], refund[1])
             g.merchants.add(rec["merchant_id"])
             g.order += share.order
             g.discount += share.discount
@@ -194,15 +202,16 @@ async def build_report(
             g.returned += f["subsidy_returned_fen"]
             g.owed += f["owed"]
     counts_issues = by in ("total", "round", "day")
+    by_rounds = by in ("total", "round")
     if counts_issues:
         for row in issued:
             key = {"total": "total", "round": row["round_id"], "day": str(row["day"])}[by]
             groups[key].issued += row["n"]
-    rows = [_row(key, g, counts_issues) for key, g in sorted(groups.items())]
+    rows = [_row(key, g, counts_issues, by_rounds) for key, g in sorted(groups.items())]
     return ReportOut(campaign_id=campaign_id, by=by, generated_at=now.astimezone(local), rows=rows)
 
 
-def _row(key: str, g: _Group, counts_issues: bool) -> ReportRow:
+def _row(key: str, g: _Group, counts_issues: bool, by_rounds: bool) -> ReportRow:
     return ReportRow(
         key=key,
         issued=g.issued if counts_issues else None,
@@ -215,6 +224,7 @@ def _row(key: str, g: _Group, counts_issues: bool) -> ReportRow:
         net_subsidy_fen=g.discount - g.returned,
         clawback_due_fen=g.owed,
         merchants=len(g.merchants),
+        overdrawn_fen=g.overdrawn if by_rounds else None,
     )
 
 

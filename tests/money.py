@@ -104,7 +104,8 @@ async def report_rows(service: Service, campaign_id: str, by: str = "total") -> 
 
 async def assert_report_agrees(service: Service, campaign_id: str) -> dict[str, int]:
     """Once the flusher has drained, the report (from PostgreSQL) says what the ledger (Redis)
-    holds: net subsidy = spent, clawbacks owed = clawback due, issued = the round's count.
+    holds: net subsidy = spent, clawbacks owed = clawback due, issued and overdrawn = the
+    round's.
     For one-round campaigns; returns the ledger."""
     await service.drained()
     state = await service.call("GET", f"/v1/campaigns/{campaign_id}")
@@ -112,5 +113,7 @@ async def assert_report_agrees(service: Service, campaign_id: str) -> dict[str, 
     (total,) = await report_rows(service, campaign_id)
     assert total["net_subsidy_fen"] == led["spent_fen"], (total, led)
     assert total["clawback_due_fen"] == led["clawback_due_fen"], (total, led)
-    assert total["issued"] == state.body["current_round"]["issued"], (total, state.body)
+    rnd = state.body["current_round"]
+    assert total["issued"] == rnd["issued"], (total, rnd)
+    assert total["overdrawn_fen"] == rnd["overdrawn_fen"], (total, rnd)
     return led

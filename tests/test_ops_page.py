@@ -151,6 +151,7 @@ async def test_login_live_updates_and_screenshot(
     await expect(card.locator('[data-field="reserved"]')).to_have_text("¥4,000.00")
     await expect(card.locator('[data-field="available"]')).to_have_text("¥46,000.00")
     await expect(card.locator('[data-field="spent"]')).to_have_text("¥0.00")
+    await expect(card.locator('[data-field="round-overdrawn"]')).to_have_text("¥0.00")
     await expect(card.locator('[data-code="OK"]')).to_have_attribute("data-value", "2")
     first_update = await page.locator("#updated").get_attribute("data-generated-at")
 

@@ -33,6 +33,7 @@ from tests.people import campaign, claim, id_number, iso
 PERSONS = itertools.count(600_000)  # this module's persons: 600,000 and up
 SELF_CLAIMS = 150
 ROUND_BUDGET = 10**9
+OVERDRAWING = 800_000  # an order whose discount (80,000) is above a 50,000 reservation
 # a claim's event as releases before vouchers carried their request recorded it
 AS_OLDER_RELEASES = """
 UPDATE events SET data = data - 'request' WHERE type = 'claim' AND data->>'voucher_id' = $1
@@ -152,9 +153,10 @@ async def staff_claim(service: Service, campaign_id: str, n: int) -> Any:
 
 
 async def paused_campaign(service: Service, redis: Redis, merchant: str) -> str:
-    """Staff mode: 30 registrations, 25 counter claims, 5 redemptions; r1's unused budget
-    carried to r2 once r1 closed, its vouchers expired and the freed budget carried too;
-    left paused."""
+    """Staff mode: 30 registrations, 25 counter claims, 5 redemptions (3 with a discount
+    above the reservation, which overdraws r1; a third of one of those refunded); r1's
+    unused budget carried to r2 once r1 closed, its vouchers expired and the freed budget
+    carried too; left paused."""
     now = datetime.now(UTC)
     body = campaign(mode="staff", reserve_fen=50_000)
     campaign_id = await put_campaign(
@@ -163,8 +165,11 @@ async def paused_campaign(service: Service, redis: Redis, merchant: str) -> str:
     persons = [next(PERSONS) for _ in range(30)]
     vouchers = await asyncio.gather(*(staff_claim(service, campaign_id, n) for n in persons[:25]))
     await asyncio.gather(*(register(service, campaign_id, n) for n in persons[25:]))
-    for v in vouchers[:5]:
-        ok(await redeem(service, payment(v, merchant, 300_000)))
+    paid = [
+        ok(await redeem(service, payment(v, merchant, amount)))
+        for v, amount in zip(vouchers[:5], (300_000, 300_000, *[OVERDRAWING] * 3), strict=True)
+    ]
+    await refund_ok(service, paid[-1], 3, f"overdraw-{campaign_id}")
     scripts = Scripts(redis)
     r1_closes = to_millis(now + timedelta(hours=1))
     assert await carry.carry_over(redis, scripts, campaign_id, r1_closes + 1) > 0
@@ -320,7 +325,7 @@ async def test_rebuild_restores_what_redis_held(
     before = await snapshot(redis, workload.campaigns)
     now = time.time()
     requests = await record_requests(redis, workload.campaigns, now)
-    claims, payments = SELF_CLAIMS + 25 + 3, 40 + 5 + 20  # vouchers; redemptions and refunds
+    claims, payments = SELF_CLAIMS + 25 + 3, 40 + 5 + 21  # vouchers; redemptions and refunds
     assert sum(map(len, requests.values())) == 2 * claims + payments  # claims: in winners too
     active, paused = keys.CampaignKeys(workload.active), keys.CampaignKeys(workload.paused)
     refunds = {doc["status"] for doc in before[active.refunds].values()}
@@ -329,6 +334,8 @@ async def test_rebuild_restores_what_redis_held(
     assert statuses == {"redeemed", "expired"}
     assert before[paused.ledger][b"status"] == b"paused"
     assert before[paused.round("r2")][b"budget"] > 2_000_000  # carried over
+    # 3 x 30,000 above the reservations, less the 26,666 the refund returned
+    assert before[paused.round("r1")][b"overdrawn"] == 3 * 30_000 - 26_666
     assert before[active.round("r1")][b"budget"] == ROUND_BUDGET - 10**8
 
     await lose_redis(redis)
@@ -351,7 +358,7 @@ async def test_rebuild_restores_what_redis_held(
     await assert_reconciled(redis, pg, workload.campaigns)
 
     records = [tuple(s.records.values()) for s in summaries]  # vouchers, registrations, ...
-    assert records == [(SELF_CLAIMS, 0, 40, 20), (25, 30, 5, 0), (3, 0, 0, 0)]
+    assert records == [(SELF_CLAIMS, 0, 40, 20), (25, 30, 5, 1), (3, 0, 0, 0)]
     assert summaries[1].status == "paused"
     led = summaries[0].ledger
     assert led["available"] + led["reserved"] + led["spent"] + led["clawback_due"] == led["budget"]

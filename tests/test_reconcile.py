@@ -44,9 +44,9 @@ class Env:
     campaigns: Campaigns
     claims: Claims
 
-    async def new_campaign(self, claims: int) -> str:
+    async def new_campaign(self, claims: int, reserve_fen: int | None = None) -> str:
         campaign_id = unique_id("rc")
-        body = msgspec.convert(campaign(quota=5000), CampaignDef)
+        body = msgspec.convert(campaign(quota=5000, reserve_fen=reserve_fen), CampaignDef)
         assert await self.campaigns.put(campaign_id, body)
 
         async def one(n: int) -> None:
@@ -309,4 +309,27 @@ async def test_money_drift_is_named(env: Env) -> None:
         finally:
             await env.redis.hincrby(ledger, field, -7)
             await env.redis.hincrby(ledger, "available", 7)
+    await assert_clean(env, campaign_id)
+
+
+async def test_round_overdraw_in_flight_recorded_and_drifted(env: Env) -> None:
+    """Reservations of 10,000: money_moves' discounts of 50,000 overdraw the round by
+    40,000 each; the refund of half the first order returns 25,000, which repays its
+    overdraw first; the 1 fen refund of the second returns nothing."""
+    campaign_id = await env.new_campaign(6, reserve_fen=10_000)
+    await env.flush()
+    await money_moves(env, campaign_id)
+    rnd = keys.CampaignKeys(campaign_id).round("r1")
+    assert int(await env.redis.hget(rnd, "overdrawn")) == 15_000 + 40_000
+    report = await env.report(campaign_id)  # in flight
+    assert report.ok, report.problems
+    await env.flush()
+    await assert_clean(env, campaign_id)
+    for field in ("overdrawn", "spent"):
+        await env.redis.hincrby(rnd, field, 7)
+        try:
+            report = await env.report(campaign_id)
+            assert has(report, f"round r1: {field} "), report.problems
+        finally:
+            await env.redis.hincrby(rnd, field, -7)
     await assert_clean(env, campaign_id)

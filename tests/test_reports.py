@@ -129,6 +129,7 @@ async def test_total_agrees_with_the_ledger_and_the_requests(
         "net_subsidy_fen": discounts - returned,
         "clawback_due_fen": refunds[-1]["clawback_due_fen"],
         "merchants": 2,
+        "overdrawn_fen": 0,  # every voucher reserved its cap
     }
     assert led["spent_fen"] == discounts - returned
 
@@ -154,6 +155,7 @@ async def test_every_grouping_adds_up_to_the_total(
     elif by == "merchant":
         assert {r["key"]: r["redeemed"] for r in rows} == {both: 4, furniture: 3}
         assert all(r["issued"] is None and r["redemption_rate"] is None for r in rows)
+        assert all(r["overdrawn_fen"] is None for r in rows)
         assert all(r["merchants"] == 1 for r in rows)
     else:  # a redemption with a fridge and a sofa counts in both categories
         by_key = {r["key"]: r for r in rows}
@@ -161,6 +163,24 @@ async def test_every_grouping_adds_up_to_the_total(
         fridges = sum(b["items"][0]["amount_fen"] for b in workload["bodies"][:4])
         assert by_key["refrigerator"]["order_amount_fen"] == fridges
         assert by_key["refrigerator"]["merchants"] == 1 and by_key["sofa"]["merchants"] == 2
+
+
+async def test_round_rows_carry_what_the_pool_paid_above_reservations(
+    service: Service,
+) -> None:
+    """Reservations of 50,000: discounts of 100,000 and 30,000; a fifth of the first order
+    refunded returns 20,000, which repays its overdraw first (50,000 -> 30,000)."""
+    campaign_id = await new_campaign(service, reserve_fen=50_000)
+    merchant = await new_merchant(service)
+    first, second = [await issue(service, campaign_id, 46_000 + n) for n in range(2)]
+    paid = await redeem(service, payment(first, merchant, 1_000_000))
+    assert (await redeem(service, payment(second, merchant, 300_000))).status == 201
+    rid = paid.body["redemption_id"]
+    assert (await refund(service, rid, 200_000, f"rpt-od-{rid[-8:]}")).status == 201
+    await assert_report_agrees(service, campaign_id)  # with the round's overdrawn_fen
+    (row,) = await report_rows(service, campaign_id, "round")
+    assert (row["key"], row["overdrawn_fen"]) == ("r1", 30_000)
+    assert all(r["overdrawn_fen"] is None for r in await report_rows(service, campaign_id, "day"))
 
 
 async def test_csv_and_xlsx_say_what_the_json_says(
