@@ -22,12 +22,13 @@ import asyncpg
 import msgspec
 from redis.asyncio import Redis
 
-from issuer import keys, store
+from issuer import keys, money, store
 from issuer.campaigns import hash_keys
 from issuer.errors import ApiError
 from issuer.flusher import stream_lag
 from issuer.ids import campaign_of
 from issuer.reconcile import (
+    Vouchers,
     events_in_flight,
     ledger_problems,
     project,
@@ -39,7 +40,14 @@ POLL_S = 0.2
 PROGRESS_EVERY_S = 5.0
 EXAMPLES = 3  # ids shown when sets differ
 QUOTA = "issued ≤ quota per round"
-BUDGET = "reserved + spent ≤ round budget"
+ISSUANCE = "claims' reservations ≤ round budget"
+LEDGER = "reserved + spent ≤ round budget + overdrawn"
+# per round, from PostgreSQL: each redemption's discount, its voucher's reservation and the
+# subsidy its refunds returned
+REDEMPTIONS = """
+SELECT r.round_id, r.discount_fen, v.reserve_fen, r.subsidy_returned_fen
+FROM redemptions r JOIN vouchers v USING (voucher_id) WHERE r.campaign_id = $1
+"""
 
 
 class Check(msgspec.Struct):
@@ -161,45 +169,90 @@ def _verdict_of(name: str, notes: list[tuple[bool, str]]) -> Check:
     return Check(name, not bad, "; ".join(bad or [note for _, note in notes]))
 
 
+class RoundMoney(msgspec.Struct):
+    """A round's money as PostgreSQL's rows and the rules account for it: `held` by its
+    issued vouchers' reservations, `used` (spent from reservations), `overdrawn` (taken
+    from the campaign pool above them, not yet returned: issuer/money.py)."""
+
+    held: int = 0
+    used: int = 0
+    overdrawn: int = 0
+
+
+async def round_money(
+    pool: asyncpg.Pool, campaign_id: str, record: Vouchers
+) -> dict[str, RoundMoney]:
+    """Each round's RoundMoney, the overdraw worked out from each discount and its voucher's
+    reservation, never read from what the scripts recorded."""
+    rounds: dict[str, RoundMoney] = {}
+    for status, reserve, round_id in record.state.values():
+        if status == "issued":
+            rounds.setdefault(round_id, RoundMoney()).held += reserve
+    for r in await pool.fetch(REDEMPTIONS, campaign_id):
+        returned = r["subsidy_returned_fen"]
+        over = money.overdraw_left(max(0, r["discount_fen"] - r["reserve_fen"]), returned)
+        got = rounds.setdefault(r["round_id"], RoundMoney())
+        got.used += r["discount_fen"] - returned - over
+        got.overdrawn += over
+    return rounds
+
+
 async def _round_checks(
-    redis: Redis, ck: keys.CampaignKeys, pg_issued: Counter[str]
+    redis: Redis, ck: keys.CampaignKeys, pg_issued: Counter[str], pg_money: dict[str, RoundMoney]
 ) -> list[Check]:
     """Per round: vouchers issued (the Redis counter and the PostgreSQL rows) within the
-    quota, and the money it holds (reserved by issued vouchers, spent by redeemed ones)
-    within the round budget; -1 in Redis means no limit."""
+    quota; what its claims reserved (held by issued vouchers, spent from reservations, as
+    PostgreSQL's rows account for it) within the round budget; and its ledger in Redis,
+    reserved + spent ≤ budget + overdrawn, with overdrawn what the rules make of the rows
+    (a discount above the reservation comes from the campaign pool). -1 in Redis means no
+    limit."""
     rounds = await round_ids(redis, ck)
     if not rounds:
         missing = f"campaign {ck.campaign_id} has no definition in Redis"
-        return [Check(QUOTA, False, missing), Check(BUDGET, False, missing)]
+        return [Check(name, False, missing) for name in (QUOTA, ISSUANCE, LEDGER)]
     quotas: list[tuple[bool, str]] = []
-    budgets: list[tuple[bool, str]] = []
+    issuance: list[tuple[bool, str]] = []
+    ledgers: list[tuple[bool, str]] = []
     for round_id in rounds:
         fields = await redis.hmget(
-            ck.round(round_id), "issued", "quota", "reserved", "budget", "spent"
+            ck.round(round_id), "issued", "quota", "reserved", "budget", "spent", "overdrawn"
         )
-        if None in fields:
-            quotas.append((False, f"round {round_id} missing in Redis"))
-            budgets.append(quotas[-1])
+        if None in fields[:5]:
+            missing_round = (False, f"round {round_id} missing in Redis")
+            quotas.append(missing_round)
+            issuance.append(missing_round)
+            ledgers.append(missing_round)
             continue
-        issued, quota, reserved, budget, spent = (int(v) for v in fields)
-        held = f"{reserved} reserved + {spent} spent fen"
+        issued, quota, reserved, budget, spent, overdrawn = (int(v or 0) for v in fields)
         counts = f"{round_id}: Redis {issued}, PostgreSQL {pg_issued[round_id]}"
         if quota < 0:
             quotas.append((True, f"{counts}, no quota"))
         else:
             over = max(issued, pg_issued[round_id]) > quota
             quotas.append((not over, f"{counts}, quota {quota}"))
+        pg = pg_money.get(round_id, RoundMoney())
+        claimed = f"{round_id}: {pg.held} held + {pg.used} spent from reservations"
+        led = f"{round_id}: {reserved} reserved + {spent} spent, {overdrawn} overdrawn"
+        same = overdrawn == pg.overdrawn
+        if not same:
+            led += f" (the rules make {pg.overdrawn} of PostgreSQL's rows)"
         if budget < 0:
-            budgets.append((True, f"{round_id}: {held}, no round budget"))
+            issuance.append((True, f"{claimed}, no round budget"))
+            ledgers.append((same, f"{led}, no round budget"))
         else:
-            budgets.append((reserved + spent <= budget, f"{round_id}: {held} of {budget}"))
-    return [_verdict_of(QUOTA, quotas), _verdict_of(BUDGET, budgets)]
+            issuance.append((pg.held + pg.used <= budget, f"{claimed} of {budget}"))
+            ok = same and reserved + spent <= budget + overdrawn
+            ledgers.append((ok, f"{led} of {budget}"))
+    return [
+        _verdict_of(QUOTA, quotas),
+        _verdict_of(ISSUANCE, issuance),
+        _verdict_of(LEDGER, ledgers),
+    ]
 
 
-async def _money_check(pool: asyncpg.Pool, campaign_id: str, ledger: dict[str, int]) -> Check:
+def _money_check(record: Vouchers, ledger: dict[str, int]) -> Check:
     """The ledger's reserved, spent and clawback_due against what the vouchers,
     redemptions and refunds recorded in PostgreSQL account for."""
-    record = await project(pool, campaign_id, [])
     held = sum(reserve for status, reserve, _ in record.state.values() if status == "issued")
     recorded = {"reserved": held, "spent": record.spent, "clawback_due": record.clawback_due}
     notes = [f"{field} Redis {ledger[field]}, PostgreSQL {v}" for field, v in recorded.items()]
@@ -225,7 +278,9 @@ async def verify(
     in_pg = {r["voucher_id"] for r in rows}
     in_redis = await hash_keys(redis, ck.vouchers)
 
-    checks += await _round_checks(redis, ck, Counter(r["round_id"] for r in rows))
+    record = await project(pool, campaign_id, [])
+    pg_money = await round_money(pool, campaign_id, record)
+    checks += await _round_checks(redis, ck, Counter(r["round_id"] for r in rows), pg_money)
 
     checks.append(
         _one_each(
@@ -253,7 +308,7 @@ async def verify(
         problems = ledger_problems(ledger)
         values = ", ".join(f"{field} {value}" for field, value in ledger.items())
         checks.append(Check("ledger balances", not problems, "; ".join([*problems, values])))
-        checks.append(await _money_check(pool, campaign_id, ledger))
+        checks.append(_money_check(record, ledger))
 
     only_redis, only_pg = in_redis - in_pg, in_pg - in_redis
     same = f"{len(in_redis)} in Redis, {len(in_pg)} in PostgreSQL"

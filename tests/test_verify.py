@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from issuer import keys
 from loadtest.verify import Check, load_told, main, verify
 from tests.conftest import Keyspace, Service, unique_id
+from tests.money import issue, new_campaign, new_merchant, payment, redeem, refund
 from tests.people import campaign, claim
 
 QUOTA = 20
@@ -24,6 +25,8 @@ CLAIMS = 60
 SAME = "Redis vouchers == PostgreSQL vouchers"
 MONEY = "Redis money == PostgreSQL money"
 QUOTA_CHECK = "issued ≤ quota per round"
+ISSUANCE = "claims' reservations ≤ round budget"
+LEDGER = "reserved + spent ≤ round budget + overdrawn"
 UNTOLD = "no voucher that no client was told about"
 UNKNOWN = "every voucher told to a client exists"
 
@@ -64,7 +67,8 @@ async def test_clean_surge_passes(redis: Redis, pg: asyncpg.Pool, surge: Surge) 
     assert [c.name for c in checks] == [
         "flusher drained",
         QUOTA_CHECK,
-        "reserved + spent ≤ round budget",
+        ISSUANCE,
+        LEDGER,
         "one voucher per person",
         "one voucher per account",
         "ledger balances",
@@ -95,12 +99,12 @@ async def test_main_prints_and_exits(
     ]
     assert await asyncio.to_thread(main, [*argv, str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 11 and all(line.startswith("PASS ") for line in lines), lines
+    assert len(lines) == 12 and all(line.startswith("PASS ") for line in lines), lines
 
     assert await asyncio.to_thread(main, [*argv, str(tmp_path / "told-1.txt")]) == 1
     out = capsys.readouterr().out
     assert f"FAIL {UNTOLD}: {QUOTA - 5} vouchers" in out
-    assert out.splitlines()[-1].startswith(f"FAIL 1 of 10 checks of {surge.campaign_id}")
+    assert out.splitlines()[-1].startswith(f"FAIL 1 of 11 checks of {surge.campaign_id}")
 
 
 def test_load_told(tmp_path: Path) -> None:
@@ -176,7 +180,7 @@ async def test_round_reserved_over_budget(redis: Redis, pg: asyncpg.Pool, surge:
     reserved = int(await redis.hget(rnd, "reserved"))
     await redis.hset(rnd, "budget", reserved - 1)
     try:
-        assert await run(redis, pg, surge) == {"reserved + spent ≤ round budget"}
+        assert await run(redis, pg, surge) == {ISSUANCE, LEDGER}
     finally:
         await redis.hset(rnd, "budget", -1)
     assert await run(redis, pg, surge) == set()
@@ -257,3 +261,72 @@ async def test_flusher_not_drained(redis: Redis, pg: asyncpg.Pool) -> None:
         await redis.delete(stream)
     assert checks[0].name == "flusher drained" and not checks[0].ok
     assert "1 events of" in checks[0].detail and "after 0.3 s" in checks[0].detail
+
+
+RESERVE = 50_000  # below the cap (200,000): a discount above it comes from the pool
+
+
+@pytest.fixture(scope="module")
+async def overdrawn(service: Service) -> str:
+    """A round whose claims reserved all of its budget (3 x RESERVE), then a discount of
+    100,000 on one voucher (50,000 above its reservation, from the campaign pool) and a
+    refund of a fifth of that order (its 20,000 of subsidy repay the overdraw first)."""
+    campaign_id = await new_campaign(
+        service, quota=None, reserve_fen=RESERVE, round_budget_fen=3 * RESERVE
+    )
+    vouchers = [await issue(service, campaign_id, 7_000 + n) for n in range(3)]
+    resp = await service.call("POST", f"/v1/campaigns/{campaign_id}/claims", claim(7_003), "app")
+    assert resp.body["error"]["code"] == "ROUND_BUDGET_EXHAUSTED", resp.body
+    merchant = await new_merchant(service)
+    paid = await redeem(service, payment(vouchers[0], merchant, 1_000_000))
+    assert paid.status == 201 and paid.body["discount_fen"] == 100_000, paid.body
+    assert (
+        await refund(service, paid.body["redemption_id"], 200_000, "vf-overdraw-1")
+    ).status == 201
+    rnd = (await service.call("GET", f"/v1/campaigns/{campaign_id}")).body["current_round"]
+    assert (rnd["reserved_fen"], rnd["spent_fen"], rnd["overdrawn_fen"]) == (
+        100_000,
+        80_000,
+        30_000,
+    )
+    assert rnd["reserved_fen"] + rnd["spent_fen"] > rnd["budget_fen"]  # what FAILed before
+    return campaign_id
+
+
+async def overdrawn_failures(redis: Redis, pg: asyncpg.Pool, campaign_id: str) -> set[str]:
+    return failing(await verify(redis, pg, campaign_id, None))
+
+
+async def test_a_round_overdrawn_by_the_rules_passes(
+    redis: Redis, pg: asyncpg.Pool, overdrawn: str
+) -> None:
+    checks = {c.name: c for c in await verify(redis, pg, overdrawn, None)}
+    assert not failing(list(checks.values())), [c.line for c in checks.values()]
+    assert checks[ISSUANCE].detail == "r1: 100000 held + 50000 spent from reservations of 150000"
+    assert checks[LEDGER].detail == "r1: 100000 reserved + 80000 spent, 30000 overdrawn of 150000"
+
+
+@pytest.mark.parametrize(
+    ("overdraw", "budget", "fails"),
+    [
+        # the round took the discount above the reservation from its own budget (no
+        # overdraw recorded): it holds more than its budget
+        (-30_000, 0, {LEDGER}),
+        # an overdraw the rules do not make of the rows, hiding money the round lacks
+        (10_000, -10_000, {LEDGER, ISSUANCE}),
+        # claims reserved more than the round budget
+        (0, -1, {LEDGER, ISSUANCE}),
+    ],
+)
+async def test_a_round_overdrawn_against_the_rules_fails(
+    redis: Redis, pg: asyncpg.Pool, overdrawn: str, overdraw: int, budget: int, fails: set[str]
+) -> None:
+    rnd = keys.CampaignKeys(overdrawn).round("r1")
+    await redis.hincrby(rnd, "overdrawn", overdraw)
+    await redis.hincrby(rnd, "budget", budget)
+    try:
+        assert await overdrawn_failures(redis, pg, overdrawn) == fails
+    finally:
+        await redis.hincrby(rnd, "overdrawn", -overdraw)
+        await redis.hincrby(rnd, "budget", -budget)
+    assert await overdrawn_failures(redis, pg, overdrawn) == set()
