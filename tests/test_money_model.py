@@ -3,8 +3,11 @@
 rules (API.md, PROGRAM.md, the check order of lua/claim_batch.lua, redeem.lua, refund.lua,
 clawback_repaid.lua, round_budget.lua). After every step the service must answer exactly
 what the model predicts (HTTP status and error code, or the success body's money) and hold
-the model's ledger and round, and the ledger must balance:
-`available + reserved + spent + clawback_due == budget + adjustments`, all >= 0.
+the model's ledger and round, the ledger must balance:
+`available + reserved + spent + clawback_due == budget + adjustments`, all >= 0, and so
+must the round's: `reserved + spent <= budget + overdrawn`, where `overdrawn` is what the
+campaign pool paid of discounts above reservations, less what refunds returned (they repay
+it first), and what the round's claims reserved stays within its budget.
 At the end of each example the vouchers and redemptions read over HTTP and the rows in
 PostgreSQL (once the flusher has drained) must match the model, and reconcile must pass.
 
@@ -135,6 +138,7 @@ class Redemption:
     order_id: str
     order_fen: int
     discount_fen: int
+    overdrawn_fen: int  # the discount above the voucher's reservation
     refunded_fen: int = 0
     subsidy_returned_fen: int = 0
     paid_to_merchant: bool = False
@@ -173,6 +177,12 @@ class Round:
     issued: int = 0
     reserved_fen: int = 0
     spent_fen: int = 0
+    overdrawn_fen: int = 0  # discounts above reservations, from `available`, not repaid
+
+    @property
+    def held_fen(self) -> int:
+        """What the round's budget holds: reservations and the spending they covered."""
+        return self.reserved_fen + self.spent_fen - self.overdrawn_fen
 
 
 @dataclass
@@ -247,7 +257,7 @@ class Model:
             return refused("ALREADY_CLAIMED", voucher_id=held)
         if r.quota is not None and r.issued >= r.quota:
             return refused("ROUND_QUOTA_EXHAUSTED")
-        if r.budget_fen is not None and r.reserved_fen + r.spent_fen + reserve > r.budget_fen:
+        if r.budget_fen is not None and r.held_fen + reserve > r.budget_fen:
             return refused("ROUND_BUDGET_EXHAUSTED")
         if self.available < reserve:
             return refused("BUDGET_EXHAUSTED")
@@ -283,8 +293,9 @@ class Model:
     def redeem(self, redemption_id: str, voucher_id: str, order_id: str, order_fen: int) -> None:
         v = self.vouchers[voucher_id]
         d = discount(order_fen, self.cfg.rate_bp, self.cfg.cap_fen)
+        over = max(0, d - v.reserve_fen)  # from `available`, whatever the round budget
         self.redemptions[redemption_id] = Redemption(
-            redemption_id, voucher_id, order_id, order_fen, d
+            redemption_id, voucher_id, order_id, order_fen, d, over
         )
         self.orders.append(order_id)
         v.status, v.redemption_id = "redeemed", redemption_id
@@ -293,6 +304,8 @@ class Model:
         self.available += v.reserve_fen - d
         self.round.reserved_fen -= v.reserve_fen
         self.round.spent_fen += d
+        self.round.overdrawn_fen += over
+        OUTCOMES["redeem: overdrew the round"] += over > 0
 
     # -- refunds: lua/refund.lua after idempotency
     def decide_refund(self, redemption_id: str, amount_fen: int) -> Expect:
@@ -309,6 +322,10 @@ class Model:
         owed = r.paid_to_merchant and returned > 0  # a share that floors to 0 is owed by nobody
         f = Refund(refund_id, redemption_id, amount_fen, returned, owed)
         self.refunds[refund_id] = f
+        # the returned subsidy repays the redemption's overdraw first
+        repaid = min(returned, max(0, r.overdrawn_fen - r.subsidy_returned_fen))
+        self.round.overdrawn_fen -= repaid
+        OUTCOMES["refund: repaid an overdraw"] += repaid > 0
         r.refunded_fen += amount_fen
         r.subsidy_returned_fen += returned
         self.spent -= returned
@@ -361,7 +378,7 @@ class Model:
         new_quota = r.quota if quota is None else quota
         if (
             expected != r.budget_fen
-            or budget < r.reserved_fen + r.spent_fen
+            or budget < r.held_fen
             or (new_quota is not None and new_quota < r.issued)
         ):
             return refused("BUDGET_CONFLICT")
@@ -820,7 +837,7 @@ class MoneyMachine(RuleBasedStateMachine):
         """Compare-and-set the round's budget (and maybe quota): current or stale expected,
         a budget above or below what the round holds, a quota above or below issued."""
         r, cap = self.m.round, self.m.cfg.cap_fen
-        held = r.reserved_fen + r.spent_fen
+        held = r.held_fen
         expected = data.draw(
             st.sampled_from([r.budget_fen, r.budget_fen, None, (r.budget_fen or 0) + 1]),
             "expected",
@@ -880,18 +897,21 @@ class MoneyMachine(RuleBasedStateMachine):
         got = resp.body["current_round"]
         r = self.m.round
         assert (got["round_id"], got["issued"], got.get("quota")) == ("r1", r.issued, r.quota), got
-        assert (got["reserved_fen"], got["spent_fen"], got.get("budget_fen")) == (
+        money = ("reserved_fen", "spent_fen", "overdrawn_fen")
+        assert (*(got[k] for k in money), got.get("budget_fen")) == (
             r.reserved_fen,
             r.spent_fen,
+            r.overdrawn_fen,
             r.budget_fen,
         ), (got, r)
         if r.quota is not None:
             assert r.issued <= r.quota
+        assert 0 <= r.overdrawn_fen <= r.spent_fen, r
         if r.budget_fen is not None:
-            # Not reserved + spent: a discount above the reservation is taken from the
-            # campaign's `available` (lua/redeem.lua, ARCHITECTURE.md) whatever the round
-            # budget, so with reserve_fen below the cap a round can end above its budget.
-            assert r.reserved_fen <= r.budget_fen
+            # the round ledger: its claims' reservations (held, or spent) within the budget;
+            # a discount above the reservation came from the campaign pool (overdrawn)
+            assert r.held_fen <= r.budget_fen, r
+            assert r.reserved_fen + r.spent_fen <= r.budget_fen + r.overdrawn_fen, r
 
     # ------------------------------------------------------------ at the end of an example
 
@@ -936,8 +956,8 @@ class MoneyMachine(RuleBasedStateMachine):
             v.voucher_id: (v.status, v.redemption_id) for v in self.m.vouchers.values()
         }
         rows = await pool.fetch(
-            "SELECT redemption_id, voucher_id, order_amount_fen, discount_fen, refunded_fen,"
-            " subsidy_returned_fen, paid_to_merchant_at IS NOT NULL AS paid"
+            "SELECT redemption_id, voucher_id, order_amount_fen, discount_fen, overdrawn_fen,"
+            " refunded_fen, subsidy_returned_fen, paid_to_merchant_at IS NOT NULL AS paid"
             " FROM redemptions WHERE campaign_id = $1",
             cid,
         )
@@ -946,6 +966,7 @@ class MoneyMachine(RuleBasedStateMachine):
                 r.voucher_id,
                 r.order_fen,
                 r.discount_fen,
+                r.overdrawn_fen,
                 r.refunded_fen,
                 r.subsidy_returned_fen,
                 r.paid_to_merchant,
