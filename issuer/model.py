@@ -347,6 +347,10 @@ class SettlementOut(Struct, kw_only=True, omit_defaults=True):
     reason: str | None = None
     override_reason: str | None = None
     due_date: date | None = None
+    # a due date reaching a year whose official holidays are not known yet counts that
+    # year's weekends only until they are (then it is recomputed)
+    due_date_provisional: bool
+    provisional_until_year: int | None = None
     disbursement_id: str | None = None
 
 
@@ -358,6 +362,8 @@ class DisbursementOut(Struct, kw_only=True, omit_defaults=True):
     disbursement_id: str
     merchant_id: str
     due_date: date
+    due_date_provisional: bool  # as a settlement record's
+    provisional_until_year: int | None = None
     total_fen: int
     redemption_ids: list[str]
     status: str  # due | paid
@@ -416,9 +422,18 @@ class CampaignLive(Struct, kw_only=True, omit_defaults=True):
     claims: dict[str, int] = msgspec.field(default_factory=dict)
 
 
+class ProvisionalDueDates(Struct, kw_only=True):
+    """Approved records not yet paid whose due date is provisional, and the soonest."""
+
+    provisional: int
+    soonest_due_date: date | None
+    soonest_until_year: int | None  # the year whose official holidays it waits for
+
+
 class OpsOverview(Struct, kw_only=True):
     generated_at: datetime
     campaigns: list[CampaignLive]
+    due_dates: ProvisionalDueDates | None = None  # None while PostgreSQL does not answer
 
 
 class MerchantOut(Struct, kw_only=True):

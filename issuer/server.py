@@ -23,9 +23,10 @@ from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from issuer import auth, expiry, flusher, keys, metrics, store, topology
+from issuer import auth, due_dates, expiry, flusher, keys, metrics, store, topology
 from issuer.children import die_with_parent
 from issuer.config import Settings
+from issuer.workdays import Calendar, HolidaysFileError
 
 if TYPE_CHECKING:
     from issuer.embedded import EmbeddedGroup, EmbeddedServer
@@ -74,7 +75,6 @@ async def worker_main(settings: Settings, port: int) -> None:
     from issuer.redemptions import Redemptions
     from issuer.scripts import Scripts
     from issuer.settlement import Settlement
-    from issuer.workdays import Calendar
 
     assert settings.database_url
     redis = topology.connect(settings)
@@ -140,6 +140,14 @@ async def worker_main(settings: Settings, port: int) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload_calendar() -> None:
+        task = asyncio.create_task(ctx.settlement.reload_calendar(settings.holidays_file))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload_calendar)
     loop_lag.start()
     log.info("worker up", extra={"pid": os.getpid(), "port": port})
     sweeping = asyncio.create_task(expiry.run(redis, scripts, stop))
@@ -269,6 +277,12 @@ class Supervisor:
                 metrics.EMBEDDED_UP.labels(server.name).set(1 if server.running() else 0)
             await asyncio.sleep(0.2)
 
+    def reload(self) -> None:
+        """SIGHUP: each worker reads the holidays file again and recomputes due dates."""
+        for proc in self.workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGHUP)
+
     def terminate(self) -> None:
         """Workers first (they turn unready, finish in-flight requests and exit), then the
         flusher, which drains the streams into PostgreSQL before it exits."""
@@ -282,6 +296,11 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        try:
+            calendar = Calendar.from_file(self.settings.holidays_file)
+        except HolidaysFileError as exc:
+            raise SystemExit(f"configuration error: {exc}") from None
         assert self.settings.database_url
         redis = topology.connect(self.settings)
         try:
@@ -290,6 +309,7 @@ class Supervisor:
             raise SystemExit(f"configuration error: {exc}") from None
         pool = await store.connect(self.settings.database_url)
         await store.migrate(pool)
+        await due_dates.recompute(pool, calendar)  # a year known since the last start
         await pool.close()
         await load_campaign_files(redis, load)
         await redis.aclose()

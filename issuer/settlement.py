@@ -6,19 +6,21 @@ batch paid also tells the gate (Redis), so that later refunds become clawbacks."
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from datetime import date, datetime
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import asyncpg
 import msgspec
 from redis.asyncio import Redis
 
-from issuer import documents, keys
+from issuer import documents, due_dates, keys
+from issuer.audit import audit
 from issuer.auth import ApiKey
 from issuer.campaigns import fingerprint
 from issuer.claims import RECORD as VOUCHER
@@ -39,10 +41,9 @@ from issuer.redemptions import REDEMPTION, RedemptionRecord, Redemptions, mark_p
 from issuer.registrations import RECORD as REGISTRATION
 from issuer.schedule import to_millis
 from issuer.scripts import Scripts
-from issuer.workdays import Calendar
+from issuer.workdays import Calendar, HolidaysFileError
 
-PAY_WITHIN_WORKING_DAYS = 30  # Xiangning: approved records are paid within 30 working days
-BUREAU_TZ = ZoneInfo("Asia/Shanghai")
+log = logging.getLogger("issuer.settlement")
 ENCODE = msgspec.json.Encoder()
 CHECKS = msgspec.json.Decoder(list[CheckResult])
 Action = Callable[[asyncpg.Connection], Awaitable[tuple[int, Any]]]
@@ -73,21 +74,9 @@ def settlement_out(row: asyncpg.Record, subsidy_fen: int | None = None) -> Settl
         reason=row["reason"],
         override_reason=row["override_reason"],
         due_date=row["due_date"],
+        due_date_provisional=row["provisional_until_year"] is not None,
+        provisional_until_year=row["provisional_until_year"],
         disbursement_id=row["disbursement_id"],
-    )
-
-
-async def audit(
-    conn: asyncpg.Connection, actor: str, action: str, subject: str, reason: str, **details: Any
-) -> None:
-    await conn.execute(
-        "INSERT INTO audit_log (actor, action, subject, reason, details)"
-        " VALUES ($1, $2, $3, $4, $5::jsonb)",
-        actor,
-        action,
-        subject,
-        reason,
-        ENCODE.encode(details).decode(),
     )
 
 
@@ -107,7 +96,9 @@ class Settlement:
         store: documents.DocumentStore,
         person_key: bytes,
         calendar: Calendar,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """`clock` (epoch s) dates approvals, hence due dates."""
         self.pool = pool
         self.redis = redis
         self.scripts = scripts
@@ -115,6 +106,7 @@ class Settlement:
         self.store = store
         self.person_key = person_key
         self.calendar = calendar
+        self.clock = clock
 
     # ------------------------------------------------------------ merchant
 
@@ -202,11 +194,17 @@ class Settlement:
     # ------------------------------------------------------------ auditor
 
     async def queue(self, query: SettlementQuery) -> list[SettlementOut]:
+        """The records in the order they are to be paid: by the soonest their due date may
+        turn out to be (a provisional one as if it moved earlier by the most it may), then
+        those without a due date in the order they were submitted."""
         rows = await self.pool.fetch(
             SELECT + " WHERE ($1::text IS NULL OR s.status = $1)"
-            " AND ($2::text IS NULL OR s.merchant_id = $2) ORDER BY s.submitted_at LIMIT 1000",
+            " AND ($2::text IS NULL OR s.merchant_id = $2)"
+            " ORDER BY s.due_date - CASE WHEN s.provisional_until_year IS NULL THEN 0 ELSE $3 END,"
+            " s.submitted_at LIMIT 1000",
             query.status,
             query.merchant_id,
+            due_dates.MAY_MOVE_EARLIER_DAYS,
         )
         return [settlement_out(r) for r in rows]
 
@@ -260,22 +258,20 @@ class Settlement:
                     "INVALID_REQUEST",
                     "override_reason: required to approve a record that failed a check",
                 )
-            due = None
-            if approve:
-                try:
-                    today = datetime.now(BUREAU_TZ).date()
-                    due = self.calendar.add_working_days(today, PAY_WITHIN_WORKING_DAYS)
-                except ValueError as exc:
-                    raise ApiError("UNAVAILABLE", str(exc)) from None
+            at = datetime.fromtimestamp(self.clock(), UTC)
+            await due_dates.hold(conn)
+            due = due_dates.due_after(self.calendar, at) if approve else None
             await conn.execute(
-                "UPDATE settlements SET status = $2, decided_at = now(), decided_by = $3,"
-                " reason = $4, override_reason = $5, due_date = $6 WHERE redemption_id = $1",
+                "UPDATE settlements SET status = $2, decided_at = $3, decided_by = $4,"
+                " reason = $5, override_reason = $6, due_date = $7,"
+                " provisional_until_year = $8 WHERE redemption_id = $1",
                 redemption_id,
                 "approved" if approve else "rejected",
+                at,
                 key.id,
                 body.reason,
                 body.override_reason if approve else None,
-                due,
+                *(due or (None, None)),
             )
             overridden = approve and not row["checks_passed"]
             await audit(
@@ -285,6 +281,8 @@ class Settlement:
                 redemption_id,
                 body.reason,
                 override_reason=body.override_reason if overridden else None,
+                due_date=due.day if due else None,
+                provisional_until_year=due.provisional_until_year if due else None,
             )
             out = await conn.fetchrow(SELECT + " WHERE s.redemption_id = $1", redemption_id)
             return 200, settlement_out(out)
@@ -299,7 +297,8 @@ class Settlement:
 
         async def action(conn: asyncpg.Connection) -> tuple[int, DisbursementList]:
             rows = await conn.fetch(
-                "SELECT redemption_id, merchant_id, due_date FROM settlements"
+                "SELECT redemption_id, merchant_id, due_date, provisional_until_year"
+                " FROM settlements"
                 " WHERE status = 'approved' AND disbursement_id IS NULL"
                 " AND ($1::text IS NULL OR merchant_id = $1)"
                 " ORDER BY merchant_id, redemption_id FOR UPDATE",
@@ -312,15 +311,17 @@ class Settlement:
             for merchant_id, mine in by_merchant.items():
                 ids = [r["redemption_id"] for r in mine]
                 total = sum(subsidy(rec) for rec in await self._records(ids))
-                due: date = min(r["due_date"] for r in mine)
+                due = due_dates.batch_due(
+                    (r["due_date"], r["provisional_until_year"]) for r in mine
+                )
                 batch_id = f"d-{secrets.token_hex(10)}"
                 await conn.execute(
                     "INSERT INTO disbursements (disbursement_id, merchant_id, created_by,"
-                    " due_date, total_fen) VALUES ($1, $2, $3, $4, $5)",
+                    " due_date, provisional_until_year, total_fen) VALUES ($1, $2, $3, $4, $5, $6)",
                     batch_id,
                     merchant_id,
                     key.id,
-                    due,
+                    *due,
                     total,
                 )
                 await conn.execute(
@@ -334,7 +335,9 @@ class Settlement:
                     DisbursementOut(
                         disbursement_id=batch_id,
                         merchant_id=merchant_id,
-                        due_date=due,
+                        due_date=due.day,
+                        due_date_provisional=due.provisional_until_year is not None,
+                        provisional_until_year=due.provisional_until_year,
                         total_fen=total,
                         redemption_ids=ids,
                         status="due",
@@ -384,6 +387,8 @@ class Settlement:
                 disbursement_id=disbursement_id,
                 merchant_id=batch["merchant_id"],
                 due_date=batch["due_date"],
+                due_date_provisional=batch["provisional_until_year"] is not None,
+                provisional_until_year=batch["provisional_until_year"],
                 total_fen=batch["total_fen"],
                 redemption_ids=[r["redemption_id"] for r in rows],
                 status="paid",
@@ -394,6 +399,17 @@ class Settlement:
             key.id, body.request_id, (disbursement_id, body), action
         )
         return result
+
+    async def reload_calendar(self, path: Path | None) -> None:
+        """Read the holidays file again (a bad one is logged and the calendar kept) and
+        recompute the provisional due dates whose year it now knows."""
+        try:
+            self.calendar = Calendar.from_file(path)
+            await due_dates.recompute(self.pool, self.calendar)
+        except HolidaysFileError as exc:
+            log.error("holidays file not reloaded", extra={"error": str(exc)})
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.error("due dates not recomputed", extra={"error": repr(exc)})
 
     async def _records(self, redemption_ids: list[str]) -> list[RedemptionRecord]:
         """The redemptions as Redis holds them now (refunds included)."""

@@ -185,6 +185,14 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE redemptions ADD COLUMN overdrawn_fen bigint NOT NULL DEFAULT 0;
     """,
+    # a due date that reached a year whose official holidays were not known is provisional
+    # (weekends only) until that year is known; NULL: final
+    """
+    ALTER TABLE settlements ADD COLUMN provisional_until_year int;
+    ALTER TABLE disbursements ADD COLUMN provisional_until_year int;
+    CREATE INDEX settlements_provisional ON settlements (due_date)
+        WHERE provisional_until_year IS NOT NULL;
+    """,
 )
 
 # One statement records a batch of stream entries and projects the new ones into tables.

@@ -1,14 +1,15 @@
 """Working days of mainland China: weekends and official holidays off, make-up workdays
 (调休) on, from the `chinese-calendar` package, which knows only the years the State
 Council has published. A year it does not know yet can be given in a TOML file
-(`ISSUER_HOLIDAYS_FILE`, copied from the State Council's notice); any other year is an
-error, never a guess."""
+(`ISSUER_HOLIDAYS_FILE`, copied from the State Council's notice); a count that reaches a
+year neither knows is provisional: that year's days count as working on weekdays only."""
 
 from __future__ import annotations
 
 import tomllib
 from datetime import date, timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 import chinese_calendar
 import msgspec
@@ -21,7 +22,17 @@ class Year(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class YearsFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    year: list[Year]
+    year: list[Year] = []  # none yet: the package alone
+
+
+class HolidaysFileError(ValueError):
+    """The holidays file cannot be read or is malformed; the message names it."""
+
+
+class Due(NamedTuple):
+    day: date
+    # the first year counted weekends-only (its holidays not known yet); None: final
+    provisional_until_year: int | None = None
 
 
 class Calendar:
@@ -40,25 +51,38 @@ class Calendar:
             parsed = msgspec.convert(
                 tomllib.loads(path.read_text()), YearsFile, builtin_types=(date,)
             )
-        except (OSError, tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
-            raise SystemExit(f"holidays file {path}: {exc}") from None
+        except (
+            OSError,
+            UnicodeDecodeError,
+            tomllib.TOMLDecodeError,
+            msgspec.ValidationError,
+        ) as exc:
+            raise HolidaysFileError(f"holidays file {path}: {exc}") from None
         return cls(parsed.year)
 
-    def is_working_day(self, day: date) -> bool:
-        """ValueError for a year neither the package nor the file covers."""
+    def is_working_day(self, day: date) -> bool | None:
+        """None for a year neither the package nor the file covers."""
         if day.year in self.years:
             return day in self.on or (day.weekday() < 5 and day not in self.off)
         try:
             return bool(chinese_calendar.is_workday(day))
-        except NotImplementedError as exc:
-            raise ValueError(f"no official holiday calendar for {day.year}: {exc}") from None
+        except NotImplementedError:
+            return None
 
-    def add_working_days(self, start: date, days: int) -> date:
+    def knows(self, year: int) -> bool:
+        return self.is_working_day(date(year, 1, 1)) is not None
+
+    def add_working_days(self, start: date, days: int) -> Due:
         """The `days`-th working day after `start` (not counting `start` itself)."""
         day = start
         left = days
+        waits_for = None
         while left > 0:
             day += timedelta(days=1)
-            if self.is_working_day(day):
+            working = self.is_working_day(day)
+            if working is None:
+                waits_for = waits_for or day.year
+                working = day.weekday() < 5
+            if working:
                 left -= 1
-        return day
+        return Due(day, waits_for)

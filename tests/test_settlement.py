@@ -170,7 +170,8 @@ async def test_claim_to_clawback_with_audit(
     assert approved.status == 200 and approved.body["status"] == "approved"
     today = datetime.now(ZoneInfo("Asia/Shanghai")).date()
     due = Calendar.from_file(holidays).add_working_days(today, 30)
-    assert approved.body["due_date"] == due.isoformat()
+    assert approved.body["due_date"] == due.day.isoformat()
+    assert approved.body["due_date_provisional"] is (due.provisional_until_year is not None)
     replay = await decide(good, "decide-good-1")
     assert replay.headers.get("Idempotent-Replay") == "true" and replay.body == approved.body
     again = await decide(good, "decide-good-2")
