@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -17,7 +18,17 @@ from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from issuer import documents, gauges, keys, merchants, metrics, registrations, reports, vouchers
+from issuer import (
+    documents,
+    due_dates,
+    gauges,
+    keys,
+    merchants,
+    metrics,
+    registrations,
+    reports,
+    vouchers,
+)
 from issuer.admission import Admission
 from issuer.auth import ApiKey, Role, Verified, require_role, verify
 from issuer.campaigns import Campaigns
@@ -39,6 +50,7 @@ from issuer.model import (
     MerchantOut,
     OpsOverview,
     PaidIn,
+    ProvisionalDueDates,
     RedemptionIn,
     RedemptionOut,
     RefundIn,
@@ -355,7 +367,17 @@ async def ops_overview(ctx: Ctx, request: web.Request, _: None) -> web.Response:
         )
         for c in states
     ]
-    return reply(OpsOverview(generated_at=now(), campaigns=live))
+    due = await provisional_due_dates(ctx)
+    return reply(OpsOverview(generated_at=now(), campaigns=live, due_dates=due))
+
+
+async def provisional_due_dates(ctx: Ctx) -> ProvisionalDueDates | None:
+    """The provisional due dates, or None while PostgreSQL does not answer."""
+    if ctx.pg is None:
+        return None
+    with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+        return await due_dates.provisional(ctx.pg)
+    return None
 
 
 def _pool(ctx: Ctx) -> asyncpg.Pool:
@@ -825,7 +847,11 @@ def ops_routes(ctx: Ctx, ready: Callable[[], Awaitable[dict[str, Any]]]) -> list
     async def metrics_page(request: web.Request) -> web.Response:
         health = await ready()
         states = await gauges.campaigns(ctx.redis, ctx.campaigns) if health.get("redis_ok") else []
-        body, content_type = metrics.exposition(gauges.families(states, health))
+        extra = gauges.families(states, health)
+        due = await provisional_due_dates(ctx) if health.get("postgres_ok") else None
+        if due is not None:
+            extra += due_dates.families(due)
+        body, content_type = metrics.exposition(extra)
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     spec = ENCODER.encode(openapi.document(ROUTES))
