@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -56,6 +57,13 @@ async def submitted(pg: asyncpg.Pool, redemption_id: str, merchant_id: str) -> N
     )
 
 
+async def in_process(pg: asyncpg.Pool, redis: Redis, clock: Callable[[], float]) -> Settlement:
+    """Settlement on the package's calendar alone, dating approvals by `clock`."""
+    await store.migrate(pg)
+    nothing = cast(Any, None)  # parts of settlement that approvals and batches never use
+    return Settlement(pg, redis, nothing, nothing, nothing, b"k", Calendar(), clock=clock)
+
+
 async def approve(settlement: Settlement, redemption_id: str) -> dict[str, Any]:
     body = DecisionIn(request_id=f"approve-{redemption_id}", decision="approve", reason="ok")
     status, out, _ = await settlement.decide(redemption_id, body, AUDITOR)
@@ -78,12 +86,8 @@ async def scraped(service: Service) -> dict[str, float]:
 async def test_a_due_date_waits_for_its_year_then_is_recomputed(
     keyspace: Keyspace, workdir: Path, pg: asyncpg.Pool, redis: Redis
 ) -> None:
-    await store.migrate(pg)
-    nothing = cast(Any, None)  # parts of settlement that approvals and batches never use
     clock = at(date(2026, 12, 2))
-    settlement = Settlement(
-        pg, redis, nothing, nothing, nothing, b"k", Calendar(), clock=lambda: clock
-    )
+    settlement = await in_process(pg, redis, lambda: clock)
     await submitted(pg, "dd.december", "m-december")
     await submitted(pg, "dd.october", "m-october")
 
@@ -166,6 +170,28 @@ async def test_a_due_date_waits_for_its_year_then_is_recomputed(
     assert (
         await pg.fetchval("SELECT count(*) FROM settlements WHERE provisional_until_year > 0") == 0
     )
+
+
+async def test_issuer_serve_recomputes_at_start_up(
+    keyspace: Keyspace, workdir: Path, pg: asyncpg.Pool, redis: Redis
+) -> None:
+    """A newer package or a holidays file given while the service was down: the dates
+    are recomputed before the workers start."""
+    settlement = await in_process(pg, redis, lambda: at(date(2026, 12, 2)))
+    await submitted(pg, "dd.restart", "m-restart")
+    assert (await approve(settlement, "dd.restart"))["due_date_provisional"] is True
+    holidays = workdir / f"holidays-start-{keyspace.name}.toml"
+    holidays.write_text(HOLIDAYS_2027)
+    env = {"ISSUER_HOLIDAYS_FILE": str(holidays)}
+    async with running_service(keyspace, workdir / f"data-{keyspace.name}", 1, env) as service:
+        listed = await service.call("GET", "/v1/settlements?merchant_id=m-restart", role="auditor")
+        (record,) = listed.body["settlements"]
+        assert record["due_date"] == "2027-01-14" and record["due_date_provisional"] is False
+    logged = await pg.fetchval(
+        "SELECT count(*) FROM audit_log WHERE action = 'due_date_recomputed'"
+        " AND subject = 'dd.restart'"
+    )
+    assert logged == 1
 
 
 def test_a_batch_is_provisional_while_a_provisional_record_may_come_first() -> None:
