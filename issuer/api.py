@@ -794,7 +794,11 @@ def middlewares(ctx: Ctx) -> list[Any]:
             return await handler(request)
         except GateRefusal:
             raise
-        except ApiError:
+        except ApiError as err:
+            # UNAVAILABLE: the gate may have run (and spent the nonce), or not; either
+            # way a retry is decided by the gate, so the answer stays 503
+            if err.code == "UNAVAILABLE":
+                raise
             # Refused before the gate: spend the nonce anyway, a replay must not succeed
             # later (say once the round has opened).
             if not await ctx.claims.spend_nonce(request.match_info["campaign_id"], verified):

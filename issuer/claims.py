@@ -34,7 +34,6 @@ from issuer.model import ClaimIn, RateLimit, RateLimits, Round, VoucherOut
 from issuer.schedule import from_millis
 from issuer.scripts import Scripts
 
-FSYNC_TIMEOUT_MS = 2000  # durable acknowledgement: longest wait for Redis's fsync
 # refusals that hold for the rest of the round: a worker repeats them locally for a while
 STICKY = ("ROUND_QUOTA_EXHAUSTED", "ROUND_BUDGET_EXHAUSTED", "BUDGET_EXHAUSTED", "CAMPAIGN_PAUSED")
 
@@ -179,7 +178,9 @@ class Batcher(TickBatcher[Pending, tuple[str, bytes]]):
 
 
 def _issued_any(result: list[bytes]) -> bool:
-    return any(c == b"OK" for c in result[4::2])
+    """Whether a batch answers a voucher (new, or replayed: its first answer may have been a
+    503 because it was not confirmed then)."""
+    return any(c in (b"OK", b"REPLAY") for c in result[4::2])
 
 
 class NonceSpender(TickBatcher[tuple[str, int, str], bool]):

@@ -82,7 +82,13 @@ def cmd_flush(args: argparse.Namespace) -> int:
         redis = topology.connect(settings)
         # one name per host: a flusher restarted after a crash re-reads its own pending
         # entries at once instead of waiting for another consumer's idle-time rescue
-        flusher = Flusher(redis, pool, consumer=socket.gethostname(), batch=settings.flush_batch)
+        flusher = Flusher(
+            redis,
+            pool,
+            consumer=socket.gethostname(),
+            batch=settings.flush_batch,
+            ack=settings.durable_ack,
+        )
         if args.once:
             print(f"flushed {await flusher.drain()} entries")
         else:

@@ -20,10 +20,11 @@ from typing import Any
 import asyncpg
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from issuer import keys, metrics, topology
-from issuer.scripts import Scripts
+from issuer.config import DurableAck
+from issuer.scripts import ACK_TIMEOUT_MS, Scripts
 from issuer.store import MONEY_TYPES, PROJECT_MONEY, RECORD_BATCH, RECORD_STATUS
 
 log = logging.getLogger("issuer.flusher")
@@ -91,11 +92,15 @@ class Flusher:
         consumer: str = "",
         batch: int = 2000,
         claim_idle_ms: int = 60_000,
+        ack: DurableAck = "none",
     ) -> None:
         self.redis = redis
         self.pool = pool
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.scripts = Scripts(redis)
+        # "replica": record only entries a replica has too, so that PostgreSQL never holds
+        # a voucher that a failover took back (and that a retried claim would issue again)
+        self.ack = ack
         self.batch = batch
         self.claim_idle_ms = claim_idle_ms
         self._groups: set[str] = set()
@@ -156,6 +161,8 @@ class Flusher:
         to `block_ms`; on a cluster one per hash slot, pipelined (one round trip per node),
         and a pause of `block_ms` instead of blocking when none had anything."""
         groups = topology.slot_groups(self.redis, streams)
+        if self.ack == "replica":
+            return await self._read_replicated(groups, start, block_ms)
         if len(groups) == 1:
             replies = [await self.redis.xreadgroup(**self._read_args(groups[0], start, block_ms))]
         else:
@@ -166,6 +173,31 @@ class Flusher:
             if block_ms and not any(replies):
                 await asyncio.sleep(block_ms / 1000)
         return [(s.decode(), entries) for reply in replies for s, entries in reply or []]
+
+    async def _read_replicated(
+        self, groups: list[list[str]], start: str, block_ms: int | None
+    ) -> list[tuple[str, list[Entry]]]:
+        """Read each slot's streams on one pinned connection to its primary, then WAIT 1
+        on it: XREADGROUP propagates its deliveries, so a replica that confirms them has
+        every entry read too. Unconfirmed: RedisError, and the entries stay pending."""
+        found: list[tuple[str, list[Entry]]] = []
+        try:
+            for group in groups:
+                conn = self.scripts.owners.pinned(group[0])
+                wait = block_ms if len(groups) == 1 else None
+                reply = await conn.xreadgroup(**self._read_args(group, start, wait))
+                entries = [(s.decode(), e) for s, e in reply or []]
+                confirm = any(e for _, e in entries)
+                if confirm and int(await conn.execute_command("WAIT", 1, ACK_TIMEOUT_MS)) < 1:
+                    raise RedisError("WAIT: no replica has the entries read")
+                found += entries
+        except RedisError:
+            await self.scripts.owners.unpin()
+            await self.scripts.owners.refresh()
+            raise
+        if block_ms and len(groups) > 1 and not found:
+            await asyncio.sleep(block_ms / 1000)
+        return found
 
     def _read_args(self, streams: list[str], start: str, block_ms: int | None) -> dict[str, Any]:
         return {

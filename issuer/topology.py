@@ -30,6 +30,10 @@ Mode = Literal["standalone", "cluster", "sentinel"]
 SLOTS = 16384
 SOCKET_TIMEOUT_S = 5
 CONNECT_TIMEOUT_S = 2
+# Once more after 20 ms, then fail: during a failover a claim answers 503 at once (its
+# client retries with the same request_id) rather than holding a connection for seconds
+QUICK_RETRY = Retry(ExponentialBackoff(cap=0.2, base=0.02), 1)
+CLUSTER_CONNECTIONS_FACTOR = 16  # a cluster pool cannot make a burst wait: allow more
 REFRESH_EVERY_S = 0.1  # at most this often a failed owner lookup re-reads the slot map
 
 
@@ -100,7 +104,10 @@ def connect(settings: Settings, max_connections: int = 64) -> Any:
         assert settings.sentinels and settings.sentinel_master
         sentinel = Sentinel(sentinel_addresses(settings.sentinels), **timeouts)
         return sentinel.master_for(
-            settings.sentinel_master, max_connections=max_connections, **timeouts
+            settings.sentinel_master,
+            max_connections=max_connections,
+            retry=QUICK_RETRY,
+            **timeouts,
         )
     assert settings.redis_url
     if mode == "cluster":
@@ -108,8 +115,9 @@ def connect(settings: Settings, max_connections: int = 64) -> Any:
         # answer 503 (the client retries with the same request_id) instead of hanging.
         return RedisCluster.from_url(
             settings.redis_url,
-            max_connections=max_connections,
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+            # per node, and not blocking: past it a command fails (MaxConnectionsError)
+            max_connections=max_connections * CLUSTER_CONNECTIONS_FACTOR,
+            retry=QUICK_RETRY,
             **timeouts,
         )
     pool = BlockingConnectionPool.from_url(
@@ -175,7 +183,30 @@ class Owners:
     def __init__(self, client: Any) -> None:
         self.client = client
         self._nodes: dict[str, Redis] = {}
+        self._pinned: dict[str, Redis] = {}
         self._refreshed = 0.0
+
+    def pinned(self, key: str) -> Any:
+        """One connection to the owner of `key`'s slot, the same on every call (until
+        `unpin`): WAIT on it covers what was read or written on it before."""
+        owner = self.of(key)
+        name = self._name(key)
+        conn = self._pinned.get(name)
+        if conn is None:
+            conn = self._pinned[name] = owner.client()
+        return conn
+
+    async def unpin(self) -> None:
+        """Drop the pinned connections (after an error: their node may be gone)."""
+        for conn in self._pinned.values():
+            await conn.aclose()
+        self._pinned.clear()
+
+    def _name(self, key: str) -> str:
+        if not isinstance(self.client, RedisCluster):
+            return ""
+        node = self.client.get_node_from_key(key)
+        return "" if node is None else str(node.name)
 
     def of(self, key: str) -> Any:
         if not isinstance(self.client, RedisCluster):
@@ -190,6 +221,7 @@ class Owners:
                 port=node.port,
                 socket_timeout=SOCKET_TIMEOUT_S,
                 socket_connect_timeout=CONNECT_TIMEOUT_S,
+                retry=QUICK_RETRY,  # a gone primary: 503 at once, the client retries
             )
         return owner
 
@@ -205,6 +237,7 @@ class Owners:
             await self.client.nodes_manager.initialize()
 
     async def aclose(self) -> None:
+        await self.unpin()
         for owner in self._nodes.values():
             await owner.aclose()
         self._nodes.clear()

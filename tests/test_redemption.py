@@ -18,7 +18,7 @@ from issuer.campaigns import HINT_TTL_S
 from issuer.reconcile import reconcile
 from issuer.redemptions import mark_paid
 from issuer.scripts import Scripts
-from tests.conftest import Service
+from tests.conftest import Keyspace, Service, campaign_primaries
 from tests.money import (
     fridge,
     issue,
@@ -31,6 +31,7 @@ from tests.money import (
 )
 from tests.people import claim
 
+TOPOLOGIES = ("standalone", "cluster")  # the same tests on one server and a cluster
 RESERVE = 200_000
 FAR_FUTURE_MS = int((time.time() + 30 * 86400) * 1000)
 
@@ -434,3 +435,10 @@ async def test_postgres_records_the_money_path_and_reconcile_agrees(
     )
     report = await reconcile(redis, pg, campaign_id)
     assert report.ok, report.problems
+
+
+async def test_campaigns_landed_on_several_primaries(service: Service, keyspace: Keyspace) -> None:
+    """On a cluster, this module's campaigns were spread over more than one primary (so the
+    tests above crossed nodes); on one server there is one."""
+    found = await campaign_primaries(keyspace)
+    assert len(found) >= (2 if keyspace.topology == "cluster" else 1), found
