@@ -22,8 +22,9 @@ import asyncpg
 import msgspec
 from redis.asyncio import Redis
 
-from issuer import keys, money, store
+from issuer import keys, money, store, topology
 from issuer.campaigns import hash_keys
+from issuer.config import Settings
 from issuer.errors import ApiError
 from issuer.flusher import stream_lag
 from issuer.ids import campaign_of
@@ -362,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"cannot read told ids: {exc}")
 
     async def run() -> list[Check]:
-        redis = Redis.from_url(args.redis_url)
+        redis = topology.connect(Settings.from_env(redis_url=args.redis_url))  # or a cluster
         pool = await store.connect(args.database_url)
         try:
             return await verify(redis, pool, args.campaign, told, args.drain_timeout)
