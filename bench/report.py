@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 # (numerator, denominator, target): throughput ratios the service must reach
-# (scenario, baseline, target); None: measured, no target (f/b: what durable acks cost)
+# (scenario, baseline, target); None: measured, no target (f/b, r/b: what durable acks cost)
 TARGETS: tuple[tuple[str, str, float | None], ...] = (
     ("b", "a", 0.5),
     ("c", "a", 0.8),
     ("b", "d", 10.0),
     ("f", "b", None),
+    ("r", "b", None),
 )
 
 

@@ -1,9 +1,9 @@
 """`make bench`: req/s and p50/p99 latency of (a) an empty aiohttp+uvloop handler, (b) our
 claim endpoint while the round has quota, (c) our claim endpoint after sell-out, (d) a
 naive claim-as-PostgreSQL-transaction app, (e) our redemption endpoint and (f) claims
-answered only once Redis fsynced them (ISSUER_DURABLE_ACK=aof), all with the
-same number of server workers, run interleaved for R repetitions; prints medians and the
-ratios against their targets."""
+answered only once Redis fsynced them (ISSUER_DURABLE_ACK=aof) and (r) once a replica has
+them (ISSUER_DURABLE_ACK=replica), all with the same number of server workers, run
+interleaved for R repetitions; prints medians and the ratios against their targets."""
 
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ SCENARIOS = (
     Scenario("d", "naive: claim as a PostgreSQL transaction", NAIVE, 201, 3_000),
     Scenario("e", "redemption (201 redeemed)", REDEEM, 201, 3_000, redeem=True),
     Scenario("f", "claim, durable ack (WAITAOF per batch)", OPEN, 201, 6_000),
+    Scenario("r", "claim, replica ack (WAIT 1 per batch)", OPEN, 201, 6_000),
 )
 
 
@@ -64,7 +65,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--naive-pool", type=int, default=2, help="PG connections per naive worker (2 was fastest)"
     )
-    parser.add_argument("--scenarios", default="abcdef", help="which of a … f to run")
+    parser.add_argument("--scenarios", default="abcdefr", help="which of a … f, r to run")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--keep", action="store_true", help="keep the temp dir for a look")
     args = parser.parse_args(argv)
@@ -110,8 +111,13 @@ class Bench:
 
     def port(self, s: Scenario) -> int:
         st = self.stack
-        assert st.service and st.durable and st.empty and st.naive
-        ports = {"a": st.empty.port, "d": st.naive.port, "f": st.durable.port}
+        assert st.service and st.durable and st.replicated and st.empty and st.naive
+        ports = {
+            "a": st.empty.port,
+            "d": st.naive.port,
+            "f": st.durable.port,
+            "r": st.replicated.port,
+        }
         return ports.get(s.key, st.service.port)
 
     async def plans(self, s: Scenario, rep: int) -> list[Plan]:
@@ -140,7 +146,7 @@ class Bench:
         built, build_s = await asyncio.to_thread(self.clients.build, plans, "127.0.0.1")
         per_client = args.connections // args.clients
         target = Target("127.0.0.1", self.port(s), per_client, args.warmup, args.seconds)
-        issuer_side = s.key in "bcf"
+        issuer_side = s.key in "bcfr"
         start_at = time.monotonic() + 0.2
         self.clients.go(target, start_at)
         await asyncio.sleep(start_at + args.warmup - time.monotonic())
@@ -155,6 +161,8 @@ class Bench:
         if issuer_side or s.redeem:
             if issuer_side:
                 server = server_figures(before, after, merged.count)
+                if server["batches"]:
+                    server["valkey_us_per_batch"] = used["valkey"] * span / server["batches"] * 1e6
             drain = time.monotonic()
             await self.stack.drained()
             server["drain_s"] = time.monotonic() - drain
@@ -198,8 +206,9 @@ def progress(r: report.RunResult, s: Scenario, reps: int) -> str:
         share = sv["claims_to_redis"] / sv["measured"] if sv["measured"] else 0.0
         line += (
             f"\n    redis: {sv['batches']:,.0f} batches, mean {sv['mean_batch']:.1f} claims,"
-            f" {sv['mean_script_ms']:.2f} ms per script; claims to redis / measured"
-            f" {share:.2f}; flusher drained in {sv['drain_s']:.1f} s"
+            f" {sv['mean_script_ms']:.2f} ms per script,"
+            f" valkey {sv.get('valkey_us_per_batch', 0):,.0f} µs CPU per batch;"
+            f" claims to redis / measured {share:.2f}; flusher drained in {sv['drain_s']:.1f} s"
         )
     other = {k: v for k, v in r.statuses.items() if k != s.expect}
     if other or r.exhausted or r.troubles:

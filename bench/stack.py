@@ -53,9 +53,12 @@ class Stack:
         self.dir.chmod(0o755)  # postgres runs as its own user when we are root
         self.log = self.dir / "servers.log"
         self.redis: embedded.EmbeddedServer | None = None
+        # the replica that ISSUER_DURABLE_ACK=replica waits for
+        self.replica: embedded.EmbeddedServer | None = None
         self.pg: embedded.EmbeddedServer | None = None
         self.service: Service | None = None
-        self.durable: Service | None = None  # the same service with durable acks
+        self.durable: Service | None = None  # the same service with durable acks (aof)
+        self.replicated: Service | None = None  # and with ISSUER_DURABLE_ACK=replica
         self.empty: Workers | None = None
         self.naive: Workers | None = None
         self.keys: dict[str, ApiKey] = {}
@@ -63,6 +66,7 @@ class Stack:
 
     async def start(self, workers: int, naive_pool: int) -> None:
         self.redis = embedded.start_redis(self.dir)
+        self.replica = embedded.start_replica(self.dir, self.redis)
         self.pg = embedded.start_postgres(self.dir, settings=DURABLE)
         self.pg_settings = await self._pg_settings(self.pg.url)
         data_dir = self.dir / "issuer"
@@ -83,6 +87,12 @@ class Stack:
             "ISSUER_RUN_FLUSHER": "false",  # the first service's flusher drains every stream
         }
         self.durable = Service(workers, durable_env, self.log)
+        replicated_env = {
+            **durable_env,
+            "ISSUER_DATA_DIR": str(self.dir / "issuer-replicated"),
+            "ISSUER_DURABLE_ACK": "replica",
+        }
+        self.replicated = Service(workers, replicated_env, self.log)
         self.keys = load_keys(keys_path)
         admin = re.sub(r"/[^/]*$", "/postgres", self.pg.url)
         naive_dsn = await naive.setup(admin, "bench_naive", NAIVE)
@@ -170,21 +180,27 @@ class Stack:
 
     def groups(self, clients: list[int]) -> Groups:
         """CPU groups: pids resolved at each snapshot."""
-        service, durable, redis, pg = self.service, self.durable, self.redis, self.pg
-        assert service and durable and redis and pg and self.empty and self.naive
+        service, durable, replicated = self.service, self.durable, self.replicated
+        redis, replica, pg = self.redis, self.replica, self.pg
+        assert service and durable and replicated and redis and replica and pg
+        assert self.empty and self.naive
         empty, naive_w = self.empty, self.naive
         return {
             "empty": lambda: empty.pids,
-            "issuer": lambda: children(service.pid, "worker") + children(durable.pid, "worker"),
+            "issuer": lambda: [
+                pid for s in (service, durable, replicated) for pid in children(s.pid, "worker")
+            ],
             "flusher": lambda: children(service.pid, "flush"),
             "naive": lambda: naive_w.pids,
             "valkey": lambda: tree(redis.pid),  # with its AOF-rewrite child
+            "replica": lambda: tree(replica.pid),
             "postgres": lambda: tree(pg.pid),
             "client": lambda: clients,
         }
 
     def stop(self) -> None:
-        for part in (self.empty, self.naive, self.durable, self.service, self.pg, self.redis):
+        parts = (self.empty, self.naive, self.replicated, self.durable, self.service)
+        for part in (*parts, self.pg, self.replica, self.redis):
             if part is not None:
                 with contextlib.suppress(Exception):
                     part.stop()

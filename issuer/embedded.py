@@ -150,6 +150,14 @@ def _start_valkey(name: str, directory: Path, port: int, *extra: str) -> Embedde
     )
 
 
+def start_replica(data_dir: Path, primary: EmbeddedServer) -> EmbeddedServer:
+    """A Valkey replica of `primary` on 127.0.0.1, data in data_dir/redis-replica."""
+    port = _free_port()
+    primary_port = primary.url.rsplit(":", 1)[1].split("/")[0]
+    of = ("--replicaof", "127.0.0.1", primary_port)
+    return _start_valkey("valkey-replica", data_dir.resolve() / "redis-replica", port, *of)
+
+
 class EmbeddedGroup:
     """Several servers that make one Redis service (a cluster, or a primary with replicas
     and sentinels); `url` names the first node, as REDIS_URL would."""
