@@ -16,7 +16,6 @@ import asyncpg
 import msgspec
 from aiohttp import web
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from issuer import (
     documents,
@@ -27,6 +26,7 @@ from issuer import (
     metrics,
     registrations,
     reports,
+    topology,
     vouchers,
 )
 from issuer.admission import Admission
@@ -695,7 +695,7 @@ def as_api_error(request: web.Request, exc: Exception) -> ApiError:
         return ApiError("NOT_FOUND", f"no route {request.path}")
     if isinstance(exc, web.HTTPMethodNotAllowed):
         return ApiError("INVALID_REQUEST", f"method {request.method} not allowed here")
-    if isinstance(exc, RedisError | OSError):
+    if isinstance(exc, (*topology.REDIS_ERRORS, OSError)):
         log.warning("redis unavailable: %r", exc)
         return ApiError("UNAVAILABLE", "the gate is unreachable")
     if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):

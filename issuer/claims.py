@@ -12,9 +12,8 @@ from datetime import UTC, datetime
 
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from issuer import keys, metrics
+from issuer import keys, metrics, topology
 from issuer.auth import Verified
 from issuer.batching import TickBatcher
 from issuer.campaigns import (
@@ -169,7 +168,7 @@ class Batcher(TickBatcher[Pending, tuple[str, bytes]]):
     def failure(self, exc: BaseException) -> BaseException:
         # Not a refusal: the batch may or may not have been applied. Nothing is given
         # back; the client retries with the same request_id and gets the true answer.
-        if isinstance(exc, RedisError):
+        if isinstance(exc, topology.REDIS_ERRORS):
             return ApiError("UNAVAILABLE", type(exc).__name__)
         return exc
 
@@ -380,7 +379,7 @@ class Claims:
                     accounts=frozenset(await hash_keys(self.redis, ck.accounts)),
                 )
             cached.hint = Hint(code, round_id, time.time() + HINT_TTL_S, holders)
-        except RedisError:
+        except topology.REDIS_ERRORS:
             cached.hint = None
         finally:
             cached.arming = False

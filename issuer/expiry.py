@@ -10,9 +10,8 @@ import logging
 import time
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from issuer import carry, keys, metrics
+from issuer import carry, keys, metrics, topology
 from issuer.claims import RECORD as VOUCHER
 from issuer.scripts import Scripts
 
@@ -52,7 +51,7 @@ async def run(redis: Redis, scripts: Scripts, stop: asyncio.Event) -> None:
             for campaign_id in sorted(m.decode() for m in await redis.smembers(keys.CAMPAIGNS)):
                 await sweep(redis, scripts, campaign_id, now_ms)
                 await carry.carry_over(redis, scripts, campaign_id, now_ms)
-        except RedisError as exc:
+        except topology.REDIS_ERRORS as exc:
             log.warning("expiry sweep failed, retrying: %r", exc)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), SWEEP_INTERVAL_S)

@@ -191,7 +191,7 @@ class Flusher:
                 if confirm and int(await conn.execute_command("WAIT", 1, ACK_TIMEOUT_MS)) < 1:
                     raise RedisError("WAIT: no replica has the entries read")
                 found += entries
-        except RedisError:
+        except topology.REDIS_ERRORS:
             await self.scripts.owners.unpin()
             await self.scripts.owners.refresh()
             raise

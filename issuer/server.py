@@ -21,7 +21,6 @@ import msgspec
 import uvloop
 from aiohttp import web
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from issuer import auth, due_dates, expiry, flusher, keys, metrics, store, topology
 from issuer.children import die_with_parent
@@ -123,8 +122,9 @@ async def worker_main(settings: Settings, port: int) -> None:
             problem = await topology.health(redis)
             if problem is not None:
                 checks.update(redis_ok=False, redis_error=problem)
-        except (RedisError, OSError) as exc:
-            checks.update(redis_ok=False, redis_error=type(exc).__name__)
+        except (*topology.REDIS_ERRORS, OSError) as exc:
+            reason = await topology.health(redis)  # on a cluster: which slots lack a primary
+            checks.update(redis_ok=False, redis_error=reason or type(exc).__name__)
         try:
             await pg.fetchval("SELECT 1", timeout=2)
             checks["postgres_ok"] = True

@@ -21,7 +21,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 from redis.crc import key_slot
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
 from issuer.config import Settings
@@ -35,6 +35,11 @@ CONNECT_TIMEOUT_S = 2
 QUICK_RETRY = Retry(ExponentialBackoff(cap=0.2, base=0.02), 1)
 CLUSTER_CONNECTIONS_FACTOR = 16  # a cluster pool cannot make a burst wait: allow more
 REFRESH_EVERY_S = 0.1  # at most this often a failed owner lookup re-reads the slot map
+
+
+# What a lost, unreachable or partly covered Redis raises: redis-py's cluster client raises
+# RedisClusterException (not a RedisError) when it finds slots without a primary
+REDIS_ERRORS = (RedisError, RedisClusterException)
 
 
 class TopologyError(Exception):
@@ -136,8 +141,8 @@ async def health(client: Any) -> str | None:
         return None
     try:
         info = await client.cluster_info()
-    except RedisError as exc:
-        return f"cluster unreachable: {type(exc).__name__}"
+    except REDIS_ERRORS as exc:  # redis-py says which slots lack a primary
+        return f"cluster unreachable: {type(exc).__name__}: {str(exc)[:200]}"
     assigned = int(info.get("cluster_slots_assigned", 0))
     if assigned < SLOTS:
         return f"cluster covers {assigned} of {SLOTS} slots"
@@ -157,7 +162,7 @@ async def check(settings: Settings, client: Any) -> None:
         if isinstance(client, RedisCluster):
             await client.initialize()
         await client.ping()
-    except RedisError as exc:
+    except REDIS_ERRORS as exc:
         raise TopologyError(f"{where}: unreachable ({type(exc).__name__}: {exc})") from None
     problem = await health(client)
     if problem is not None:
@@ -233,7 +238,7 @@ class Owners:
         if now - self._refreshed < REFRESH_EVERY_S:
             return
         self._refreshed = now
-        with contextlib.suppress(RedisError):  # no node answers yet: the next failure retries
+        with contextlib.suppress(*REDIS_ERRORS):  # no node answers yet: the next failure retries
             await self.client.nodes_manager.initialize()
 
     async def aclose(self) -> None:

@@ -39,6 +39,7 @@ from tests.conftest import ROOT, Keyspace, Service, wait_drained
 from tests.money import issue, new_campaign, payment
 from tests.people import campaign, claim, id_number
 
+TOPOLOGIES = ("standalone", "cluster")  # gauges, ops overview, readiness on both
 RESERVE = 200_000  # the default reserve: the cap
 
 

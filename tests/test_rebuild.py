@@ -30,6 +30,7 @@ from tests.conftest import ROOT, Keyspace, Service, unique_id
 from tests.money import issue, ledger, new_merchant, payment, redeem, refund
 from tests.people import campaign, claim, id_number, iso
 
+TOPOLOGIES = ("standalone", "cluster")  # issuer rebuild --all on one server and a cluster
 PERSONS = itertools.count(600_000)  # this module's persons: 600,000 and up
 SELF_CLAIMS = 150
 ROUND_BUDGET = 10**9
