@@ -137,6 +137,7 @@ def _start_valkey(name: str, directory: Path, port: int, *extra: str) -> Embedde
         "--appendonly", "yes",
         "--appendfsync", "everysec",
         "--save", "",
+        "--repl-diskless-sync-delay", "0",  # a replica syncs at once, not 5 s later
         *extra,
     ]  # fmt: skip
     return EmbeddedServer(
@@ -205,7 +206,6 @@ def start_cluster(data_dir: Path, primaries: int = 3, replicas: int = 1) -> Embe
         "--cluster-enabled", "yes",
         "--cluster-config-file", "nodes.conf",
         "--cluster-node-timeout", str(CLUSTER_NODE_TIMEOUT_MS),
-        "--repl-diskless-sync-delay", "0",  # a replica syncs at once, not 5 s later
     ]  # fmt: skip
     nodes: list[EmbeddedServer] = []
     try:

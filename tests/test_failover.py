@@ -54,6 +54,7 @@ class Drill:
     # (sent, answered, status, code), times from time.monotonic()
     answers: list[tuple[float, float, int, str]] = field(default_factory=list)
     killed_at: float | None = None
+    promoted_at: float | None = None  # when a replica first said it is the primary
 
     def gap(self) -> tuple[float, Counter[str]]:
         """Seconds from the kill to the first 201 of a claim sent after it, and by code the
@@ -113,6 +114,7 @@ async def run_drill(
             await asyncio.to_thread(drop_sockets, port)
             os.kill(replica.pid, signal.SIGCONT)
             await promoted([r.url for r in replicas])
+            drill.promoted_at = time.monotonic()
             await asyncio.to_thread(primary.restart)
             await stop.wait()
     except TimeoutError:
@@ -218,7 +220,8 @@ async def drill_and_check(
     lost = set(drill.told) - {k.decode() for k in vouchers}
     statuses = Counter(s for _, _, s, _ in drill.answers)
     print(
-        f"\nfailover drill {label}: {len(drill.told)} told, gap {gap_s:.2f} s,"
+        f"\nfailover drill {label}: {len(drill.told)} told, gap {gap_s:.2f} s"
+        f" (replica promoted after {(drill.promoted_at or 0) - (drill.killed_at or 0):.2f} s),"
         f" answers in the gap {dict(during)}, lost acknowledgements {len(lost)},"
         f" statuses {dict(statuses)}, reconcile problems {report.problems[:3]}"
     )
