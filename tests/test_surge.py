@@ -12,6 +12,8 @@ import pytest
 from loadtest import surge
 from tests.conftest import Keyspace
 
+TOPOLOGIES = ("standalone", "cluster")  # the surge and its verifier on one server and a cluster
+
 
 async def test_short_surge_passes_the_verifier(
     keyspace: Keyspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
