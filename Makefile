@@ -32,6 +32,7 @@ lint: $(STAMP)
 ## bench: throughput and latency table (see README "Results")
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.cluster
 
 ## surge: rehearse a 10:00 opening with Locust, then verify every invariant (loadtest/out/)
 surge: $(STAMP)
