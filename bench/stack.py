@@ -151,6 +151,9 @@ class Stack:
                 for i in todo:
                     body = claim(first_n + i, request_id=f"bench-issue-{first_n + i}")
                     got = await app.call("POST", f"/v1/campaigns/{REDEEM}/claims", body)
+                    while got.status == 503 and got.body["error"]["retryable"]:
+                        await asyncio.sleep(0.1)  # shed or unavailable: retry, as a client does
+                        got = await app.call("POST", f"/v1/campaigns/{REDEEM}/claims", body)
                     if got.status != 201:
                         raise RuntimeError(f"issuing for the redemption bench: {got.body}")
                     found[i] = got.body["voucher_id"]
