@@ -68,11 +68,12 @@ async def stream_lag(redis: Redis) -> tuple[int, float]:
             continue
         group = next((g for g in groups if g["name"].decode() == keys.FLUSH_GROUP), None)
         if group is None:
-            total += await redis.xlen(stream)
-            continue
-        waiting = int(group.get("lag") or 0) + int(group["pending"])
+            waiting = await redis.xlen(stream)
+        else:
+            waiting = int(group.get("lag") or 0) + int(group["pending"])
+        metrics.FLUSH_LAG_BY_CAMPAIGN.labels(stream_campaign(stream)).set(waiting)
         total += waiting
-        if waiting:
+        if group is not None and waiting:
             first = await redis.xrange(stream, count=1)
             if first:
                 ms = int(first[0][0].decode().split("-")[0])

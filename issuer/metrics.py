@@ -69,6 +69,12 @@ FLUSH_LAG = Gauge(
     "Stream entries not yet in PostgreSQL",
     multiprocess_mode="livemostrecent",
 )
+FLUSH_LAG_BY_CAMPAIGN = Gauge(
+    "issuer_flusher_campaign_lag_entries",
+    "Stream entries not yet in PostgreSQL, per campaign stream (campaign \"\": the global one)",
+    ["campaign"],
+    multiprocess_mode="livemostrecent",
+)
 FLUSH_LAG_SECONDS = Gauge(
     "issuer_flusher_lag_seconds",
     "Age of the oldest unflushed entry",

@@ -132,6 +132,11 @@ async def test_metrics_read_the_ledger_and_rounds_from_redis(service: Service) -
     assert value(samples, "issuer_redis_script_seconds_count", script="claim_batch") >= 1
     assert value(samples, "issuer_redis_script_seconds_count", script="set_status") >= 1
     assert ("issuer_flusher_lag_entries", frozenset()) in samples
+    # per campaign stream too, wherever it lives (on a cluster each on its own slot)
+    assert (
+        "issuer_flusher_campaign_lag_entries",
+        frozenset({("campaign", campaign_id)}),
+    ) in samples
     assert value(samples, "issuer_workers") == 2
     assert value(samples, "issuer_flusher_entries_total") > 0
 
