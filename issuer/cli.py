@@ -93,7 +93,7 @@ def cmd_flush(args: argparse.Namespace) -> int:
             print(f"flushed {await flusher.drain()} entries")
         else:
             await flusher.run(stop)
-        await redis.aclose()
+        await topology.close(redis)
         await pool.close()
 
     asyncio.run(run())
@@ -224,7 +224,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
             report = await reconcile(redis, pool, campaign_id)
             print(msgspec.json.encode(report).decode())
             ok = ok and report.ok
-        await redis.aclose()
+        await topology.close(redis)
         await pool.close()
         return ok
 
@@ -248,7 +248,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         try:
             return await rebuild_campaigns(redis, pool, args.campaigns or None, args.force)
         finally:
-            await redis.aclose()
+            await topology.close(redis)
             await pool.close()
 
     return 0 if asyncio.run(run()) else 1

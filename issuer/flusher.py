@@ -20,11 +20,11 @@ from typing import Any
 import asyncpg
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from issuer import keys, metrics, topology
 from issuer.config import DurableAck
-from issuer.scripts import ACK_TIMEOUT_MS, Scripts
+from issuer.scripts import Scripts
 from issuer.store import MONEY_TYPES, PROJECT_MONEY, RECORD_BATCH, RECORD_STATUS
 
 log = logging.getLogger("issuer.flusher")
@@ -178,9 +178,10 @@ class Flusher:
     async def _read_replicated(
         self, groups: list[list[str]], start: str, block_ms: int | None
     ) -> list[tuple[str, list[Entry]]]:
-        """Read each slot's streams on one pinned connection to its primary, then WAIT 1
-        on it: XREADGROUP propagates its deliveries, so a replica that confirms them has
-        every entry read too. Unconfirmed: RedisError, and the entries stay pending."""
+        """Read each slot's streams on one pinned connection to its primary, then WAIT on
+        it for its replicas: XREADGROUP propagates its deliveries, so a replica that
+        confirms them has every entry read too. Unconfirmed: RedisError, and the entries
+        stay pending."""
         found: list[tuple[str, list[Entry]]] = []
         try:
             for group in groups:
@@ -188,9 +189,8 @@ class Flusher:
                 wait = block_ms if len(groups) == 1 else None
                 reply = await conn.xreadgroup(**self._read_args(group, start, wait))
                 entries = [(s.decode(), e) for s, e in reply or []]
-                confirm = any(e for _, e in entries)
-                if confirm and int(await conn.execute_command("WAIT", 1, ACK_TIMEOUT_MS)) < 1:
-                    raise RedisError("WAIT: no replica has the entries read")
+                if any(e for _, e in entries):
+                    await self.scripts.confirm_replicas(conn)
                 found += entries
         except topology.REDIS_ERRORS:
             await self.scripts.owners.unpin()

@@ -71,7 +71,7 @@ FLUSH_LAG = Gauge(
 )
 FLUSH_LAG_BY_CAMPAIGN = Gauge(
     "issuer_flusher_campaign_lag_entries",
-    "Stream entries not yet in PostgreSQL, per campaign stream (campaign \"\": the global one)",
+    'Stream entries not yet in PostgreSQL, per campaign stream (campaign "": the global one)',
     ["campaign"],
     multiprocess_mode="livemostrecent",
 )

@@ -47,6 +47,7 @@ def source(name: str) -> str:
 
 
 ACK_TIMEOUT_MS = 2000  # durable acknowledgement: longest wait for an fsync or a replica
+REPLICAS_TTL_S = 1.0  # how long a primary's count of connected replicas is trusted
 
 
 class Scripts:
@@ -59,6 +60,7 @@ class Scripts:
         }
         self.ack = ack
         self.owners = topology.Owners(redis)
+        self._replicas: dict[int, tuple[float, int]] = {}  # pool -> (when read, count)
 
     async def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         started = time.perf_counter()
@@ -72,9 +74,10 @@ class Scripts:
     ) -> Any:
         """Run a script on the primary that owns its slot and, when `wait(result)`, wait on
         the same connection until its writes are durable: WAITAOF 1 0 (fsynced by that
-        primary) or WAIT 1 (received by a replica), which only count that connection's
-        writes. RedisError if not confirmed in time: the writes stay, and a retry with the
-        same request_id is answered from them. A slot that moved is followed once."""
+        primary) or WAIT (received by its replicas, `confirm_replicas`), which only count
+        that connection's writes. RedisError if not confirmed in time: the writes stay,
+        and a retry with the same request_id is answered from them. A slot that moved is
+        followed once."""
         for attempt in (1, 2):
             started = time.perf_counter()
             try:
@@ -101,10 +104,22 @@ class Scripts:
             local, _ = await conn.execute_command("WAITAOF", 1, 0, ACK_TIMEOUT_MS)
             if int(local) < 1:
                 raise RedisError("WAITAOF: the AOF was not fsynced in time")
-        elif (
-            self.ack == "replica" and int(await conn.execute_command("WAIT", 1, ACK_TIMEOUT_MS)) < 1
-        ):
-            raise RedisError("WAIT: no replica confirmed in time")
+        elif self.ack == "replica":
+            await self.confirm_replicas(conn)
+
+    async def confirm_replicas(self, conn: Any) -> None:
+        """WAIT until every replica connected to the primary (at least one) has what this
+        connection wrote or read from a stream: a failover may promote any of them, and
+        with WAIT 1 one that had not confirmed could take the batch back. The count is read
+        (INFO replication) at most every REPLICAS_TTL_S. RedisError if not in time."""
+        key, now = id(conn.connection_pool), time.monotonic()
+        seen = self._replicas.get(key)
+        if seen is None or now - seen[0] > REPLICAS_TTL_S:
+            info = await conn.info("replication")
+            seen = self._replicas[key] = (now, int(info.get("connected_slaves", 0)))
+        need = max(1, seen[1])
+        if int(await conn.execute_command("WAIT", need, ACK_TIMEOUT_MS)) < need:
+            raise RedisError(f"WAIT: {need} replica(s) did not confirm in time")
 
     async def aclose(self) -> None:
         await self.owners.aclose()

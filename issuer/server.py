@@ -158,7 +158,7 @@ async def worker_main(settings: Settings, port: int) -> None:
     loop_lag.stop()
     await sweeping
     await scripts.aclose()
-    await redis.aclose()
+    await topology.close(redis)
     await pg.close()
     log.info("worker stopped", extra={"pid": os.getpid()})
 
@@ -312,7 +312,7 @@ class Supervisor:
         await due_dates.recompute(pool, calendar)  # a year known since the last start
         await pool.close()
         await load_campaign_files(redis, load)
-        await redis.aclose()
+        await topology.close(redis)
         if self.settings.run_flusher:
             self.flusher = self.spawn("flush")
         self.workers = [self.spawn("worker") for _ in range(self.settings.workers)]

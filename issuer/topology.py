@@ -135,6 +135,14 @@ def connect(settings: Settings, max_connections: int = 64) -> Any:
     return Redis(connection_pool=pool)
 
 
+async def close(client: Any) -> None:
+    """Close a client of `connect` and, behind Sentinel, its connections to the Sentinels."""
+    await client.aclose()
+    manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
+    for sentinel in manager.sentinels if manager is not None else ():
+        await sentinel.aclose()
+
+
 async def health(client: Any) -> str | None:
     """None when every slot has a primary that answers; else why not, in a few words."""
     if not isinstance(client, RedisCluster):

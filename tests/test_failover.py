@@ -90,13 +90,17 @@ async def press_claim(
 
 
 async def run_drill(
-    service: Service, campaign_id: str, primary: EmbeddedServer, replicas: list[EmbeddedServer]
+    service: Service,
+    campaign_id: str,
+    primary: EmbeddedServer,
+    replicas: list[EmbeddedServer],
+    sentinels: tuple[EmbeddedServer, ...],
 ) -> Drill:
     """Claims flow; after KILL_AFTER vouchers the campaign's first replica stops for LAG_S,
     then its `primary` is killed (SIGKILL) with its replication sockets, and the replica
-    resumes; once one of `replicas` was promoted the killed server is started again, as
-    its supervisor would, and rejoins as a replica. The drill runs until the quota is sold
-    out or DRILL_S pass."""
+    resumes; once one of `replicas` was promoted (and every one of `sentinels` names it)
+    the killed server is started again, as its supervisor would, and rejoins as a replica.
+    The drill runs until the quota is sold out or DRILL_S pass."""
     replica = replicas[0]
     drill, stop = Drill(), asyncio.Event()
     clients = [
@@ -115,6 +119,7 @@ async def run_drill(
             os.kill(replica.pid, signal.SIGCONT)
             await promoted([r.url for r in replicas])
             drill.promoted_at = time.monotonic()
+            await converged(sentinels, primary)
             await asyncio.to_thread(primary.restart)
             await stop.wait()
     except TimeoutError:
@@ -130,6 +135,22 @@ def drop_sockets(port: str) -> None:
     """Destroy every TCP socket to or from `port`, with the data still in its buffers."""
     for side in ("sport", "dport"):
         subprocess.run(["ss", "-K", side, "=", f":{port}"], capture_output=True, check=True)
+
+
+async def converged(sentinels: tuple[EmbeddedServer, ...], old: EmbeddedServer) -> None:
+    """Until no Sentinel names `old` as the primary any more. Restarted before that, the old
+    primary can be handed to a client by a Sentinel that has not heard of the failover
+    (README, Known gaps)."""
+    old_port = int(old.url.rsplit(":", 1)[1].split("/")[0])
+    for sentinel in sentinels:
+        async with Redis.from_url(sentinel.url) as client:
+            while True:
+                host_port = await client.execute_command(
+                    "SENTINEL", "GET-MASTER-ADDR-BY-NAME", embedded.SENTINEL_MASTER
+                )
+                if int(host_port[1]) != old_port:
+                    break
+                await asyncio.sleep(0.05)
 
 
 async def promoted(urls: list[str]) -> None:
@@ -205,10 +226,11 @@ async def drill_and_check(
     primary: EmbeddedServer,
     replicas: list[EmbeddedServer],
     label: str,
+    sentinels: tuple[EmbeddedServer, ...] = (),
 ) -> Outcome:
     """Run the drill, wait for the flusher, then verify and reconcile through `client`
     (of the topology, after the failover); prints the drill's figures."""
-    drill = await run_drill(service, campaign_id, primary, replicas)
+    drill = await run_drill(service, campaign_id, primary, replicas, sentinels)
     gap_s, during = drill.gap()
     await service.drained()
     try:
@@ -216,9 +238,9 @@ async def drill_and_check(
         report = await reconcile(client, pg, campaign_id)
         vouchers = await client.hkeys(keys.CampaignKeys(campaign_id).vouchers)
     finally:
-        await client.aclose()
+        await topology.close(client)
     lost = set(drill.told) - {k.decode() for k in vouchers}
-    statuses = Counter(s for _, _, s, _ in drill.answers)
+    statuses = Counter((s, c) for _, _, s, c in drill.answers)
     print(
         f"\nfailover drill {label}: {len(drill.told)} told, gap {gap_s:.2f} s"
         f" (replica promoted after {(drill.promoted_at or 0) - (drill.killed_at or 0):.2f} s),"
@@ -289,7 +311,7 @@ async def test_sentinel_failover_mid_surge(
             client = topology.connect(settings)
             primary, replicas = group.nodes[0], group.nodes[1:3]
             outcome = await drill_and_check(
-                svc, pg, client, campaign_id, primary, replicas, "sentinel"
+                svc, pg, client, campaign_id, primary, replicas, "sentinel", tuple(group.nodes[3:])
             )
         assert_nothing_lost(outcome)
     finally:
