@@ -132,7 +132,7 @@ def connect(settings: Settings, max_connections: int = 64) -> Any:
         health_check_interval=5,
         **timeouts,
     )
-    return Redis(connection_pool=pool)
+    return Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
 
 
 async def close(client: Any) -> None:
