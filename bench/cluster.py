@@ -23,7 +23,6 @@ import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -32,7 +31,6 @@ from types import FrameType
 from typing import Any
 
 import aiohttp
-import asyncpg
 import redis
 import uvloop
 from redis.cluster import RedisCluster
@@ -42,9 +40,9 @@ from bench import cpu
 from bench.cpu import Groups, children, tree
 from bench.loadgen import GRACE_S, Clients, Merged, Part, Target
 from bench.procs import Service
-from bench.run import cpu_model, server_figures
+from bench.run import cpu_model, run_arguments, server_figures
 from bench.signing import FIRST_N, Plan
-from bench.stack import DURABLE, OPEN_QUOTA, PERSON_KEY, SHOWN, fs_type
+from bench.stack import DURABLE, OPEN_QUOTA, PERSON_KEY, bench_dir, fs_type, pg_settings
 from issuer import embedded
 from issuer.auth import ApiKey, load_keys
 from issuer.client import Client
@@ -143,8 +141,7 @@ class ClusterStack:
 
     def __init__(self, keep: bool) -> None:
         self.keep = keep
-        self.dir = Path(tempfile.mkdtemp(prefix="issuer-bench-cluster-", dir="/tmp"))
-        self.dir.chmod(0o755)  # postgres runs as its own user when we are root
+        self.dir = bench_dir("issuer-bench-cluster-")
         self.log = self.dir / "servers.log"
         self.pg: embedded.EmbeddedServer | None = None
         self.cluster: embedded.EmbeddedGroup | None = None
@@ -240,14 +237,6 @@ class ClusterStack:
                     part.stop()
         if not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
-
-
-async def pg_settings(url: str) -> dict[str, str]:
-    conn = await asyncpg.connect(url)
-    try:
-        return {name: str(await conn.fetchval(f"SHOW {name}")) for name in SHOWN}
-    finally:
-        await conn.close()
 
 
 def split(total: int, parts: int) -> list[int]:
@@ -519,11 +508,7 @@ def setup_line(d: dict[str, Any]) -> str:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench.cluster", description=__doc__)
-    parser.add_argument("--workers", type=int, default=2, help="issuer serve workers")
-    parser.add_argument("--seconds", type=float, default=6, help="measured seconds per run")
-    parser.add_argument("--warmup", type=float, default=1, help="unmeasured seconds first")
-    parser.add_argument("--repeat", type=int, default=3, help="interleaved repetitions")
-    parser.add_argument("--connections", type=int, default=128, help="in total")
+    run_arguments(parser, seconds=6)
     parser.add_argument("--limit", type=float, default=900, help="seconds before it gives up")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--keep", action="store_true", help="keep the temp dir for a look")

@@ -54,13 +54,18 @@ SCENARIOS = (
 )
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench.run", description=__doc__)
-    parser.add_argument("--workers", type=int, default=2, help="server processes per scenario")
-    parser.add_argument("--seconds", type=float, default=8, help="measured seconds per run")
+def run_arguments(parser: argparse.ArgumentParser, seconds: float) -> None:
+    """The arguments every bench takes: workers, run length, repetitions, connections."""
+    parser.add_argument("--workers", type=int, default=2, help="server processes per service")
+    parser.add_argument("--seconds", type=float, default=seconds, help="measured s per run")
     parser.add_argument("--warmup", type=float, default=1, help="unmeasured seconds first")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved repetitions")
     parser.add_argument("--connections", type=int, default=128, help="in total")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench.run", description=__doc__)
+    run_arguments(parser, seconds=8)
     parser.add_argument("--clients", type=int, default=2, help="load-generator processes")
     parser.add_argument(
         "--naive-pool", type=int, default=2, help="PG connections per naive worker (2 was fastest)"

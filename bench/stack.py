@@ -44,13 +44,29 @@ def fs_type(path: Path) -> str:
     return kind
 
 
+def bench_dir(prefix: str) -> Path:
+    """A fresh temp dir the embedded servers can use (postgres runs as its own user when we
+    are root)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o755)
+    return path
+
+
+async def pg_settings(url: str) -> dict[str, str]:
+    """The PostgreSQL settings a bench reports (SHOWN)."""
+    conn = await asyncpg.connect(url)
+    try:
+        return {name: str(await conn.fetchval(f"SHOW {name}")) for name in SHOWN}
+    finally:
+        await conn.close()
+
+
 class Stack:
     """Start with `await Stack.start(workers, naive_pool)`; always `stop()`."""
 
     def __init__(self, keep: bool) -> None:
         self.keep = keep
-        self.dir = Path(tempfile.mkdtemp(prefix="issuer-bench-", dir="/tmp"))
-        self.dir.chmod(0o755)  # postgres runs as its own user when we are root
+        self.dir = bench_dir("issuer-bench-")
         self.log = self.dir / "servers.log"
         self.redis: embedded.EmbeddedServer | None = None
         # the replica that ISSUER_DURABLE_ACK=replica waits for
@@ -68,7 +84,7 @@ class Stack:
         self.redis = embedded.start_redis(self.dir)
         self.replica = embedded.start_replica(self.dir, self.redis)
         self.pg = embedded.start_postgres(self.dir, settings=DURABLE)
-        self.pg_settings = await self._pg_settings(self.pg.url)
+        self.pg_settings = await pg_settings(self.pg.url)
         data_dir = self.dir / "issuer"
         env = {
             "REDIS_URL": self.redis.url,
@@ -105,14 +121,6 @@ class Stack:
 
     def key(self, role: str) -> ApiKey:
         return next(k for k in self.keys.values() if k.role == role)
-
-    @staticmethod
-    async def _pg_settings(url: str) -> dict[str, str]:
-        conn = await asyncpg.connect(url)
-        try:
-            return {name: str(await conn.fetchval(f"SHOW {name}")) for name in SHOWN}
-        finally:
-            await conn.close()
 
     async def _campaigns(self) -> None:
         """One round open for an hour with quota to spare, and one already sold out."""
