@@ -196,17 +196,16 @@ class Owners:
     def __init__(self, client: Any) -> None:
         self.client = client
         self._nodes: dict[str, Redis] = {}
-        self._pinned: dict[str, Redis] = {}
+        self._pinned: dict[int, Any] = {}  # id of an owner -> its pinned connection
         self._refreshed = 0.0
 
     def pinned(self, key: str) -> Any:
         """One connection to the owner of `key`'s slot, the same on every call (until
         `unpin`): WAIT on it covers what was read or written on it before."""
         owner = self.of(key)
-        name = self._name(key)
-        conn = self._pinned.get(name)
+        conn = self._pinned.get(id(owner))
         if conn is None:
-            conn = self._pinned[name] = owner.client()
+            conn = self._pinned[id(owner)] = owner.client()
         return conn
 
     async def unpin(self) -> None:
@@ -214,12 +213,6 @@ class Owners:
         for conn in self._pinned.values():
             await conn.aclose()
         self._pinned.clear()
-
-    def _name(self, key: str) -> str:
-        if not isinstance(self.client, RedisCluster):
-            return ""
-        node = self.client.get_node_from_key(key)
-        return "" if node is None else str(node.name)
 
     def of(self, key: str) -> Any:
         if not isinstance(self.client, RedisCluster):
