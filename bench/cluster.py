@@ -158,8 +158,7 @@ class ClusterStack:
         with self.slot_map() as rc:
             ports = sorted(int(node.port) for node in rc.get_primaries())
         for node in self.cluster.nodes:
-            port = int(node.url.rsplit(":", 1)[1].split("/")[0])
-            (self.primaries if port in ports else self.replicas)[port] = node.pid
+            (self.primaries if node.port in ports else self.replicas)[node.port] = node.pid
         assert len(self.primaries) == 3 and len(self.replicas) == 3, (ports, self.cluster.nodes)
         data_dir = self.dir / "issuer"
         env = {

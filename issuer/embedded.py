@@ -80,6 +80,11 @@ class EmbeddedServer:
             time.sleep(0.05)
         log.info("%s up: pid %d, %s, data in %s", self.name, self.pid, self.url, self.data_dir)
 
+    @property
+    def port(self) -> int:
+        """The TCP port in `url`."""
+        return int(self.url.rsplit(":", 1)[1].split("/")[0])
+
     def running(self) -> bool:
         return self._proc.poll() is None
 
@@ -154,8 +159,7 @@ def _start_valkey(name: str, directory: Path, port: int, *extra: str) -> Embedde
 def start_replica(data_dir: Path, primary: EmbeddedServer) -> EmbeddedServer:
     """A Valkey replica of `primary` on 127.0.0.1, data in data_dir/redis-replica."""
     port = _free_port()
-    primary_port = primary.url.rsplit(":", 1)[1].split("/")[0]
-    of = ("--replicaof", "127.0.0.1", primary_port)
+    of = ("--replicaof", "127.0.0.1", str(primary.port))
     return _start_valkey("valkey-replica", data_dir.resolve() / "redis-replica", port, *of)
 
 
@@ -176,7 +180,7 @@ class EmbeddedGroup:
             node.stop(timeout)
 
     def node(self, port: int) -> EmbeddedServer:
-        return next(n for n in self.nodes if n.url == f"redis://127.0.0.1:{port}/0")
+        return next(n for n in self.nodes if n.port == port)
 
     def __enter__(self) -> Self:
         return self

@@ -114,8 +114,7 @@ async def run_drill(
             await asyncio.sleep(LAG_S)
             await asyncio.to_thread(primary.kill)
             drill.killed_at = time.monotonic()
-            port = primary.url.rsplit(":", 1)[1].split("/")[0]
-            await asyncio.to_thread(drop_sockets, port)
+            await asyncio.to_thread(drop_sockets, primary.port)
             os.kill(replica.pid, signal.SIGCONT)
             await promoted([r.url for r in replicas])
             drill.promoted_at = time.monotonic()
@@ -131,7 +130,7 @@ async def run_drill(
     return drill
 
 
-def drop_sockets(port: str) -> None:
+def drop_sockets(port: int) -> None:
     """Destroy every TCP socket to or from `port`, with the data still in its buffers."""
     for side in ("sport", "dport"):
         subprocess.run(["ss", "-K", side, "=", f":{port}"], capture_output=True, check=True)
@@ -141,14 +140,13 @@ async def converged(sentinels: tuple[EmbeddedServer, ...], old: EmbeddedServer) 
     """Until no Sentinel names `old` as the primary any more. Restarted before that, the old
     primary can be handed to a client by a Sentinel that has not heard of the failover
     (README, Known gaps)."""
-    old_port = int(old.url.rsplit(":", 1)[1].split("/")[0])
     for sentinel in sentinels:
         async with Redis.from_url(sentinel.url) as client:
             while True:
                 host_port = await client.execute_command(
                     "SENTINEL", "GET-MASTER-ADDR-BY-NAME", embedded.SENTINEL_MASTER
                 )
-                if int(host_port[1]) != old_port:
+                if int(host_port[1]) != old.port:
                     break
                 await asyncio.sleep(0.05)
 
@@ -295,7 +293,7 @@ async def test_sentinel_failover_mid_surge(
         embedded.start_sentinel_set, workdir / f"sentinel-{keyspace.name}", 2
     )
     try:
-        sentinels = ",".join(n.url.split("//")[1].split("/")[0] for n in group.nodes[3:])
+        sentinels = ",".join(f"127.0.0.1:{n.port}" for n in group.nodes[3:])
         settings = Settings(
             redis_mode="sentinel", sentinels=sentinels, sentinel_master=embedded.SENTINEL_MASTER
         )
