@@ -232,14 +232,17 @@ def start_cluster(data_dir: Path, primaries: int = 3, replicas: int = 1) -> Embe
 def _wait_cluster_ok(ports: list[int], known: int) -> None:
     """Until every node says cluster_state:ok and knows all `known` nodes, and every replica
     has finished its first sync (before, a failover would promote an empty replica)."""
+    _wait_all(ports, partial(_node_ok, known=known), "valkey cluster node")
+
+
+def _wait_all(ports: list[int], ok: Callable[[redis.Redis], bool], what: str) -> None:
+    """Until `ok` holds for the server on each of `ports`, within _START_TIMEOUT."""
     deadline = time.monotonic() + _START_TIMEOUT
     for port in ports:
         with redis.Redis(host="127.0.0.1", port=port, socket_timeout=1) as client:
-            while not _node_ok(client, known):
+            while not ok(client):
                 if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"valkey cluster node {port} not ok after {_START_TIMEOUT} s"
-                    )
+                    raise RuntimeError(f"{what} {port} not ready after {_START_TIMEOUT} s")
                 time.sleep(0.1)
 
 
@@ -291,11 +294,27 @@ def start_sentinel_set(data_dir: Path, replicas: int = 1, sentinels: int = 3) ->
                     partial(_valkey_ready, port),
                 )
             )
+        _wait_all(ports[1 + replicas :], partial(_sentinel_ok, replicas, sentinels - 1), "sentinel")
     except BaseException:
         for node in nodes:
             node.stop()
         raise
     return EmbeddedGroup("valkey-sentinel", nodes, nodes[0].url)
+
+
+def _sentinel_ok(replicas: int, others: int, client: redis.Redis) -> bool:
+    """Whether a sentinel could fail the primary over now: it knows the `others` sentinels
+    (to win the vote) and `replicas` synced replicas (to promote one), and its quorum is
+    reachable. A sentinel learns replicas from the primary's INFO every 10 s and other
+    sentinels every 2 s: killed sooner, the primary is never failed over."""
+    try:
+        known = client.execute_command("SENTINEL", "REPLICAS", SENTINEL_MASTER)
+        peers = client.execute_command("SENTINEL", "SENTINELS", SENTINEL_MASTER)
+        client.execute_command("SENTINEL", "CKQUORUM", SENTINEL_MASTER)
+    except redis.RedisError:
+        return False
+    synced = [r for r in known if r.get(b"master-link-status") == b"ok"]
+    return len(synced) >= replicas and len(peers) >= others
 
 
 def start_postgres(

@@ -61,7 +61,9 @@ class Drill:
         answers received before that to claims sent after the kill."""
         assert self.killed_at is not None
         after = [a for a in self.answers if a[0] >= self.killed_at]
-        first_ok = next(answered for _, answered, status, _ in after if status == 201)
+        ok = [answered for _, answered, status, _ in after if status == 201]
+        assert ok, f"no claim issued after the kill (replica promoted at {self.promoted_at})"
+        first_ok = ok[0]
         during = Counter(c for _, answered, _, c in after if answered < first_ok)
         return first_ok - self.killed_at, during
 
