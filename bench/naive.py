@@ -21,9 +21,9 @@ import uvloop
 from aiohttp import web
 
 from bench.serving import serve
-from issuer.api import error_response, reply
 from issuer.auth import ApiKey, load_keys, verify
 from issuer.errors import ApiError
+from issuer.http import error_response, reply
 from issuer.identity import person_ref
 from issuer.model import ClaimIn
 

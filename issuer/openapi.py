@@ -11,7 +11,7 @@ import msgspec
 from issuer.errors import ERRORS, ErrorEnvelope
 
 if TYPE_CHECKING:
-    from issuer.api import Route
+    from issuer.http import Route
 
 SIGNATURE_HEADERS = ("X-Api-Key", "X-Timestamp", "X-Nonce", "X-Signature")
 REF = "#/components/schemas/{name}"

@@ -67,10 +67,11 @@ async def worker_main(settings: Settings, port: int) -> None:
     """One HTTP worker: serves until SIGTERM, then stops accepting and finishes in-flight
     requests (their batches included) before closing its connections."""
     from issuer.admission import Admission, LoopLag
-    from issuer.api import Ctx, make_app
+    from issuer.app import make_app
     from issuer.campaigns import Campaigns
     from issuer.claims import Claims
     from issuer.documents import LocalStore
+    from issuer.http import Ctx
     from issuer.redemptions import Redemptions
     from issuer.scripts import Scripts
     from issuer.settlement import Settlement

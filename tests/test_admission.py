@@ -16,9 +16,10 @@ from aiohttp.test_utils import TestServer
 
 from issuer import metrics
 from issuer.admission import TICK_S, Admission, LoopLag
-from issuer.api import MAX_BODY, Ctx, make_app
+from issuer.app import make_app
 from issuer.config import Settings
 from issuer.errors import ApiError
+from issuer.http import MAX_BODY, Ctx
 
 
 @pytest.fixture

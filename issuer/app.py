@@ -1,0 +1,258 @@
+"""The aiohttp app: each route wrapped to check its role and decode its body, the
+middlewares that sign-check, shed and shape errors, and the unsigned operational pages."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from importlib.resources import files
+from typing import Any
+
+import asyncpg
+import msgspec
+from aiohttp import web
+
+from issuer import documents, due_dates, gauges, keys, metrics, openapi, topology
+from issuer.auth import Verified, require_role, verify
+from issuer.errors import ApiError, GateRefusal
+from issuer.http import ENCODER, JSON, MAX_BODY, Ctx, Route, error_response
+from issuer.ids import campaign_prefix
+from issuer.routes import ROUTES
+from issuer.routes_claims import claim
+from issuer.routes_ops import provisional_due_dates
+
+log = logging.getLogger("issuer.api")
+
+
+def endpoint(ctx: Ctx, route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """Wrap a handler: check the role, decode and validate the body with msgspec."""
+    decoder: msgspec.json.Decoder[Any] | None = (
+        msgspec.json.Decoder(route.body) if route.body is not None else None
+    )
+
+    async def handle(request: web.Request) -> web.Response:
+        require_role(request["verified"], *route.roles)
+        body: Any = None
+        if route.query is not None:
+            try:
+                body = msgspec.convert(dict(request.query), route.query, strict=False)
+            except msgspec.ValidationError as exc:
+                raise ApiError("INVALID_REQUEST", f"query: {exc}") from None
+        elif decoder is not None:
+            try:
+                body = decoder.decode(request["raw_body"])
+            except msgspec.ValidationError as exc:
+                raise ApiError("INVALID_REQUEST", str(exc)) from None
+            except msgspec.DecodeError as exc:
+                raise ApiError("INVALID_REQUEST", f"malformed JSON: {exc}") from None
+            request["request_id"] = getattr(body, "request_id", None)
+            request["campaign"] = campaign_prefix(getattr(body, "voucher_id", ""))
+        return await route.handler(ctx, request, body)
+
+    handle.__name__ = route.handler.__name__
+    return handle
+
+
+def as_api_error(request: web.Request, exc: Exception) -> ApiError:
+    """The contract's error for any exception a handler raised."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return ApiError("INVALID_REQUEST", f"body over {MAX_BODY} bytes")
+    if isinstance(exc, web.HTTPNotFound):
+        return ApiError("NOT_FOUND", f"no route {request.path}")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return ApiError("INVALID_REQUEST", f"method {request.method} not allowed here")
+    if isinstance(exc, (*topology.REDIS_ERRORS, OSError)):
+        log.warning("redis unavailable: %r", exc)
+        return ApiError("UNAVAILABLE", "the gate is unreachable")
+    if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
+        log.warning("postgres unavailable: %r", exc)
+        return ApiError("UNAVAILABLE", "the record is unreachable")
+    log.exception("unexpected error", extra={"route": request.match_info.route.name})
+    return ApiError("INTERNAL")
+
+
+def failure_response(request: web.Request, exc: Exception) -> tuple[str, web.Response]:
+    """(error code, response) for an exception a handler raised."""
+    err = as_api_error(request, exc)
+    response = error_response(err)
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        response.set_status(405)
+    return err.code, response
+
+
+def request_fields(
+    request: web.Request, status: int, code: str, elapsed_s: float
+) -> dict[str, object]:
+    """One request's log line: who, what, outcome, latency; never a body (it holds PII)."""
+    verified: Verified | None = request.get("verified")
+    ids = request.match_info
+    subject = ids.get("voucher_id") or ids.get("redemption_id") or ids.get("refund_id") or ""
+    return {
+        "route": request.match_info.route.name,
+        "method": request.method,
+        "status": status,
+        "code": code,
+        "request_id": request.get("request_id"),
+        "campaign": ids.get("campaign_id") or request.get("campaign") or campaign_prefix(subject),
+        "key": verified.key.id if verified else None,
+        "trace": request.headers.get("X-Request-Id"),
+        "latency_ms": round(elapsed_s * 1000, 3),
+    }
+
+
+def middlewares(ctx: Ctx) -> list[Any]:
+    @web.middleware
+    async def errors(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        started = time.perf_counter()
+        route = request.match_info.route.resource
+        name = route.canonical if route is not None else "unmatched"
+        code = "OK"
+        try:
+            response = await handler(request)
+        except Exception as exc:  # every failure answers in the contract's error format
+            # (no local may keep `exc`: its traceback holds this frame, a cycle that only
+            # the garbage collector would free, in long pauses under load)
+            code, response = failure_response(request, exc)
+        metrics.child(metrics.REQUESTS, name, str(response.status)).inc()
+        elapsed = time.perf_counter() - started
+        shed = code == "OVERLOADED"
+        if not shed:  # the latency of what was served: shed answers would drown it
+            metrics.child(metrics.LATENCY, name).observe(elapsed)
+        # shed claims are counted (issuer_claims_shed_total), not logged one by one: a
+        # line each would flood the log, and cost CPU, exactly when the worker is behind
+        level = logging.DEBUG if request.method == "GET" or shed else logging.INFO
+        if log.isEnabledFor(level):
+            if code == "OK" and response.headers.get("Idempotent-Replay"):
+                code = "REPLAY"
+            log.log(level, "request", extra=request_fields(request, response.status, code, elapsed))
+        return response
+
+    @web.middleware
+    async def authenticate(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if not request.path.startswith("/v1/"):
+            return await handler(request)
+        name = request.match_info.route.name
+        limit = documents.MAX_UPLOAD_BYTES if name == "upload_documents" else MAX_BODY
+        if (request.content_length or 0) > limit:
+            raise ApiError("INVALID_REQUEST", f"body over {limit} bytes")
+        raw = await request.read()
+        if len(raw) > limit:
+            raise ApiError("INVALID_REQUEST", f"body over {limit} bytes")
+        verified = verify(
+            ctx.keys, request.method, request.path_qs, request.headers, raw, time.time()
+        )
+        # Claims check their nonce inside the batched script; other calls do it here.
+        if request.match_info.route.name != "claim":
+            fresh = await ctx.redis.set(
+                keys.nonce_key(verified.key.id, verified.nonce), 1, nx=True, ex=keys.NONCE_BUCKET_S
+            )
+            if not fresh:
+                raise ApiError("UNAUTHENTICATED", "nonce already used")
+        request["verified"] = verified
+        request["raw_body"] = raw
+        if request.match_info.route.name != "claim":
+            return await handler(request)
+        try:
+            return await handler(request)
+        except GateRefusal:
+            raise
+        except ApiError as err:
+            # UNAVAILABLE: the gate may have run (and spent the nonce), or not; either
+            # way a retry is decided by the gate, so the answer stays 503
+            if err.code == "UNAVAILABLE":
+                raise
+            # Refused before the gate: spend the nonce anyway, a replay must not succeed
+            # later (say once the round has opened).
+            if not await ctx.claims.spend_nonce(request.match_info["campaign_id"], verified):
+                raise ApiError("UNAUTHENTICATED", "nonce already used") from None
+            raise
+
+    @web.middleware
+    async def admit(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Claims only: shed before anything is read or checked; hold the claim until it
+        is answered."""
+        if request.match_info.route.name != "claim":
+            return await handler(request)
+        with ctx.admission.admit():
+            return await handler(request)
+
+    return [errors, admit, authenticate]
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+# /readyz?scope= -> the checks it leaves out
+READY_SCOPES: dict[str, frozenset[str]] = {
+    "all": frozenset(),
+    "gate": frozenset({"postgres_ok"}),
+}
+
+
+def ops_routes(ctx: Ctx, ready: Callable[[], Awaitable[dict[str, Any]]]) -> list[web.RouteDef]:
+    async def readyz(request: web.Request) -> web.Response:
+        """Every check (API.md), or with `?scope=gate` those the claim path needs: claims
+        go on while PostgreSQL is away (the streams hold them, up to the flusher-lag
+        bound), so a load balancer routing claims can follow this one instead."""
+        scope = request.query.get("scope", "all")
+        if scope not in READY_SCOPES:
+            raise ApiError("INVALID_REQUEST", f"scope: one of {', '.join(READY_SCOPES)}")
+        checks = await ready()
+        ignored = READY_SCOPES[scope]
+        ok = all(v is True for k, v in checks.items() if k.endswith("ok") and k not in ignored)
+        return web.json_response(checks, status=200 if ok else 503)
+
+    async def metrics_page(request: web.Request) -> web.Response:
+        health = await ready()
+        states = await gauges.campaigns(ctx.redis, ctx.campaigns) if health.get("redis_ok") else []
+        extra = gauges.families(states, health)
+        due = await provisional_due_dates(ctx) if health.get("postgres_ok") else None
+        if due is not None:
+            extra += due_dates.families(due)
+        body, content_type = metrics.exposition(extra)
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    spec = ENCODER.encode(openapi.document(ROUTES))
+
+    async def openapi_json(request: web.Request) -> web.Response:
+        return web.Response(body=spec, content_type=JSON)
+
+    async def docs(request: web.Request) -> web.Response:
+        return web.Response(text=openapi.DOCS_PAGE, content_type="text/html")
+
+    ops_html = files("issuer.data").joinpath("ops.html").read_text()
+
+    async def ops_page(request: web.Request) -> web.Response:
+        """The live ops page; it signs its calls with an ops key entered in its login form."""
+        return web.Response(text=ops_html, content_type="text/html")
+
+    return [
+        web.get("/healthz", healthz),
+        web.get("/readyz", readyz),
+        web.get("/metrics", metrics_page),
+        web.get("/openapi.json", openapi_json),
+        web.get("/docs", docs),
+        web.get("/ops", ops_page),
+    ]
+
+
+def make_app(ctx: Ctx, ready: Callable[[], Awaitable[dict[str, Any]]]) -> web.Application:
+    # the upload route's limit; every other route is held to MAX_BODY before reading
+    app = web.Application(client_max_size=documents.MAX_UPLOAD_BYTES, middlewares=middlewares(ctx))
+    # routes are tried in order: the surge's route first
+    for route in sorted(ROUTES, key=lambda r: r.handler is not claim):
+        app.router.add_route(
+            route.method, route.path, endpoint(ctx, route), name=route.handler.__name__
+        )
+    app.add_routes(ops_routes(ctx, ready))
+    return app

@@ -1,0 +1,112 @@
+"""What every route module shares: the per-worker context, the route record, replies."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+from aiohttp import web
+from redis.asyncio import Redis
+
+from issuer.admission import Admission
+from issuer.auth import ApiKey, Role
+from issuer.campaigns import Campaigns
+from issuer.claims import Claims
+from issuer.config import Settings
+from issuer.errors import ApiError
+from issuer.model import Id
+from issuer.redemptions import Redemptions
+from issuer.scripts import Scripts
+from issuer.settlement import Settlement
+
+MAX_BODY = 64 * 1024
+JSON = "application/json"
+ENCODER = msgspec.json.Encoder()
+Handler = Callable[["Ctx", web.Request, Any], Awaitable[web.Response]]
+
+
+@dataclass
+class Ctx:
+    """What every handler may use; one per worker process."""
+
+    settings: Settings
+    redis: Redis
+    pg: asyncpg.Pool | None
+    scripts: Scripts
+    campaigns: Campaigns
+    claims: Claims
+    redemptions: Redemptions
+    settlement: Settlement
+    keys: dict[str, ApiKey]
+    person_key: bytes
+    admission: Admission
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    roles: tuple[Role, ...]
+    summary: str
+    body: type | None
+    response: type
+    status: int = 200
+    query: type | None = None  # a Struct of the query string, passed as the handler's body
+    files: tuple[str, ...] = ()  # media types answered as a download (response bytes: only)
+
+
+def reply(payload: Any, status: int = 200, *, replay: bool = False) -> web.Response:
+    headers = {"Idempotent-Replay": "true"} if replay else None
+    return web.Response(
+        body=ENCODER.encode(payload), status=status, content_type=JSON, headers=headers
+    )
+
+
+def error_response(err: ApiError) -> web.Response:
+    return web.Response(
+        body=ENCODER.encode(err.envelope()),
+        status=err.status,
+        content_type=JSON,
+        headers=err.headers(),
+    )
+
+
+def path_id(request: web.Request, name: str, pattern: type = Id) -> str:
+    value = request.match_info[name]
+    try:
+        return str(msgspec.convert(value, pattern))
+    except msgspec.ValidationError:
+        raise ApiError("INVALID_REQUEST", f"{name}: not a valid id") from None
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def stored_reply(result: tuple[int, bytes, bool]) -> web.Response:
+    status, body, replay = result
+    headers = {"Idempotent-Replay": "true"} if replay else None
+    return web.Response(body=body, status=status, content_type=JSON, headers=headers)
+
+
+CONTENT_TYPES = {
+    "csv": "text/csv; charset=utf-8",
+    "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+}
+
+
+def attachment(body: bytes, fmt: str, filename: str) -> web.Response:
+    return web.Response(
+        body=body,
+        headers={
+            "Content-Type": CONTENT_TYPES[fmt],
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            "X-Content-SHA256": hashlib.sha256(body).hexdigest(),
+        },
+    )

@@ -1,0 +1,110 @@
+"""Registration, claims and vouchers (API.md: claims and vouchers)."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+from aiohttp import web
+
+from issuer import metrics, registrations, vouchers
+from issuer.auth import Verified
+from issuer.errors import ApiError
+from issuer.http import Ctx, Route, path_id, reply
+from issuer.model import (
+    ClaimIn,
+    Id,
+    RegistrationIn,
+    RegistrationOut,
+    UserId,
+    VoucherList,
+    VoucherOut,
+)
+
+
+async def register(ctx: Ctx, request: web.Request, body: RegistrationIn) -> web.Response:
+    verified: Verified = request["verified"]
+    out, outcome = await registrations.register(
+        ctx.scripts,
+        ctx.campaigns,
+        ctx.person_key,
+        path_id(request, "campaign_id"),
+        body,
+        verified.key.id,
+        time.time(),
+    )
+    # a replay answers as the first call did; the same person under a new request_id: 200
+    return reply(out, 200 if outcome == "EXISTING" else 201, replay=outcome == "REPLAY")
+
+
+async def claim(ctx: Ctx, request: web.Request, body: ClaimIn) -> web.Response:
+    campaign_id = path_id(request, "campaign_id")
+    try:
+        voucher, replay = await ctx.claims.claim(
+            campaign_id, body, request["verified"], request.remote
+        )
+    except ApiError as err:
+        if err.code != "NOT_FOUND":  # no series for ids that name no campaign
+            metrics.child(metrics.CLAIMS, campaign_id, err.code).inc()
+        raise
+    metrics.child(metrics.CLAIMS, campaign_id, "REPLAY" if replay else "OK").inc()
+    return reply(voucher, 201, replay=replay)
+
+
+async def get_voucher(ctx: Ctx, request: web.Request, _: None) -> web.Response:
+    voucher_id = request.match_info["voucher_id"]
+    return reply(await vouchers.get(ctx.redis, ctx.campaigns, voucher_id))
+
+
+async def user_vouchers(ctx: Ctx, request: web.Request, _: None) -> web.Response:
+    user_id = path_id(request, "user_id", UserId)
+    campaign_id = request.query.get("campaign_id")
+    if campaign_id is not None:
+        try:
+            campaign_id = msgspec.convert(campaign_id, Id)
+        except msgspec.ValidationError:
+            raise ApiError("INVALID_REQUEST", "campaign_id: not a valid id") from None
+    found = await vouchers.of_user(ctx.redis, ctx.campaigns, user_id, campaign_id)
+    return reply(VoucherList(vouchers=found))
+
+
+CLAIM_ROUTES: tuple[Route, ...] = (
+    Route(
+        "POST",
+        "/v1/campaigns/{campaign_id}/registrations",
+        register,
+        ("app",),
+        "Register a person for a campaign",
+        RegistrationIn,
+        RegistrationOut,
+        201,
+    ),
+    Route(
+        "POST",
+        "/v1/campaigns/{campaign_id}/claims",
+        claim,
+        ("app", "merchant"),
+        "Claim a voucher (app key; merchant key in staff mode)",
+        ClaimIn,
+        VoucherOut,
+        201,
+    ),
+    Route(
+        "GET",
+        "/v1/vouchers/{voucher_id}",
+        get_voucher,
+        ("app", "payment", "ops", "auditor"),
+        "Read a voucher",
+        None,
+        VoucherOut,
+    ),
+    Route(
+        "GET",
+        "/v1/users/{user_id}/vouchers",
+        user_vouchers,
+        ("app", "ops", "auditor"),
+        "A user's vouchers",
+        None,
+        VoucherList,
+    ),
+)
