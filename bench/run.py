@@ -22,7 +22,7 @@ from typing import Any
 
 import uvloop
 
-from bench import cpu, report
+from bench import cpu, profile, report
 from bench.loadgen import Clients, Merged, Target
 from bench.signing import FIRST_N, Plan
 from bench.stack import EMPTY, MERCHANT, NAIVE, OPEN, REDEEM, SOLD_OUT, Stack, fs_type
@@ -73,6 +73,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scenarios", default="abcdefr", help="which of a … f, r to run")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--keep", action="store_true", help="keep the temp dir for a look")
+    parser.add_argument(
+        "--profile", type=Path, help="write a py-spy flame graph per scenario (rep 1) here"
+    )
     args = parser.parse_args(argv)
     if args.connections < args.clients:
         parser.error("--connections must be at least --clients")
@@ -125,6 +128,17 @@ class Bench:
         }
         return ports.get(s.key, st.service.port)
 
+    def worker_pid(self, s: Scenario) -> int:
+        """One server worker of the service that answers scenario `s` (to profile it)."""
+        st = self.stack
+        assert st.service and st.durable and st.replicated and st.empty and st.naive
+        if s.key == "a":
+            return st.empty.pids[0]
+        if s.key == "d":
+            return st.naive.pids[0]
+        service = {"f": st.durable, "r": st.replicated}.get(s.key, st.service)
+        return cpu.children(service.pid, "worker")[0]
+
     async def plans(self, s: Scenario, rep: int) -> list[Plan]:
         procs = self.args.clients
         if s.cycle:
@@ -155,6 +169,10 @@ class Bench:
         start_at = time.monotonic() + 0.2
         self.clients.go(target, start_at)
         await asyncio.sleep(start_at + args.warmup - time.monotonic())
+        profiling = None
+        if args.profile is not None and rep == 1:
+            out = args.profile / f"{s.key}.svg"
+            profiling = profile.start(self.worker_pid(s), args.seconds, out)
         first, opened = cpu.snapshot(self.groups), time.monotonic()
         before = await self.stack.metrics(self.port(s)) if issuer_side else ""
         await asyncio.sleep(start_at + args.warmup + args.seconds - time.monotonic())
@@ -162,6 +180,8 @@ class Bench:
         last, span = cpu.snapshot(self.groups), time.monotonic() - opened
         used = cpu.cores(first, last, span)
         merged: Merged = await asyncio.to_thread(self.clients.collect)
+        if profiling is not None:
+            await asyncio.to_thread(profile.finish, profiling)
         server: dict[str, float] = {}
         if issuer_side or s.redeem:
             if issuer_side:
