@@ -8,15 +8,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-# (numerator, denominator, target): throughput ratios the service must reach
-# (scenario, baseline, target); None: measured, no target (f/b, r/b: what durable acks cost)
+# (scenario, baseline, target): throughput ratios the service must reach; None: measured,
+# no target (b/d: against the naive app; f/b, r/b: what durable acks cost)
 TARGETS: tuple[tuple[str, str, float | None], ...] = (
-    ("b", "a", 0.5),
-    ("c", "a", 0.8),
-    ("b", "d", 10.0),
+    ("b", "a", 0.3),
+    ("c", "a", 0.6),
+    ("g", "a", 0.6),
+    ("b", "d", None),
     ("f", "b", None),
     ("r", "b", None),
 )
+# CPU per request by part, each median over the repetitions: (name, scenario, CPU groups,
+# the baseline scenario whose worker CPU it is divided by or None for µs, the ceiling)
+PARTS: tuple[tuple[str, str, tuple[str, ...], str | None, float], ...] = (
+    ("worker CPU, sold-out refusal (c) / empty (a)", "c", ("issuer",), "a", 1.5),
+    ("worker CPU, refusal before the opening (g) / empty (a)", "g", ("issuer",), "a", 1.5),
+    ("worker CPU, issued claim (b) / empty (a)", "b", ("issuer",), "a", 2.5),
+    ("worker CPU, redemption (e) / empty (a)", "e", ("issuer",), "a", 4.0),
+    ("Valkey CPU µs per issued claim (b)", "b", ("valkey",), None, 30.0),
+    ("flusher + PostgreSQL CPU µs per issued claim (b)", "b", ("flusher", "postgres"), None, 40.0),
+)
+WORKERS = {"a": "empty", "d": "naive"}  # the CPU group of each scenario's server workers
+SHED_PER = 10_000  # claims shed (503) are counted per this many answers
 
 
 @dataclass
@@ -65,6 +78,63 @@ class Ratio:
         return "—" if self.target is None else f"≥ {self.target:g}"
 
 
+@dataclass
+class Part:
+    """A per-request figure against its ceiling: a ratio ("×"), µs ("µs") or a count ("")."""
+
+    name: str
+    value: float
+    ceiling: float
+    unit: str
+
+    @property
+    def verdict(self) -> str:
+        return "PASS" if self.value <= self.ceiling else "MISS"
+
+    @property
+    def goal(self) -> str:
+        return f"≤ {self.ceiling:g}{self._suffix}"
+
+    @property
+    def shown(self) -> str:
+        digits = {"×": 2, "µs": 0}.get(self.unit, 1)
+        return f"{self.value:.{digits}f}{self._suffix}"
+
+    @property
+    def _suffix(self) -> str:
+        return {"×": "×", "µs": " µs"}.get(self.unit, "")
+
+
+def cpu_us(runs: list[RunResult], scenario: str, groups: tuple[str, ...]) -> float | None:
+    """Median µs of CPU per request that `groups` spent in `scenario`'s runs."""
+    per = [
+        sum(r.cpu_cores.get(g, 0.0) for g in groups) / r.rate * 1e6
+        for r in runs
+        if r.scenario == scenario and r.rate
+    ]
+    return statistics.median(per) if per else None
+
+
+def parts(runs: list[RunResult]) -> list[Part]:
+    """The PARTS rows whose scenarios ran, then the claims shed in (b) per SHED_PER."""
+    out = []
+    for name, scenario, groups, baseline, ceiling in PARTS:
+        value = cpu_us(runs, scenario, groups)
+        if value is None:
+            continue
+        if baseline is None:
+            out.append(Part(name, value, ceiling, "µs"))
+            continue
+        base = cpu_us(runs, baseline, (WORKERS.get(baseline, "issuer"),))
+        if base:
+            out.append(Part(name, value / base, ceiling, "×"))
+    claims = [r for r in runs if r.scenario == "b"]
+    if claims:
+        shed = sum(r.statuses.get(503, 0) for r in claims) / sum(r.count for r in claims)
+        out.append(Part(f"claims shed in (b), per {SHED_PER:,}", shed * SHED_PER, 0, ""))
+    return out
+
+
 def summarise(titles: dict[str, str], runs: list[RunResult]) -> list[Summary]:
     """Per scenario, the median of each figure over its repetitions."""
     out = []
@@ -92,7 +162,7 @@ def ratios(summaries: list[Summary]) -> list[Ratio]:
     ]
 
 
-def text_table(summaries: list[Summary], found: list[Ratio]) -> str:
+def text_table(summaries: list[Summary], found: list[Ratio], costs: list[Part]) -> str:
     width = max(len(s.title) for s in summaries) + 4
     lines = [f"{'scenario':<{width}} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}"]
     for s in summaries:
@@ -101,10 +171,14 @@ def text_table(summaries: list[Summary], found: list[Ratio]) -> str:
     lines.append("")
     for r in found:
         lines.append(f"{r.name:<5} {r.value:>7.2f}   target {r.goal:<6} {r.verdict}")
+    lines.append("")
+    width = max((len(c.name) for c in costs), default=0)
+    for c in costs:
+        lines.append(f"{c.name:<{width}} {c.shown:>9}   target {c.goal:<8} {c.verdict}")
     return "\n".join(lines)
 
 
-def markdown(summaries: list[Summary], found: list[Ratio], setup: str) -> str:
+def markdown(summaries: list[Summary], found: list[Ratio], costs: list[Part], setup: str) -> str:
     lines = [
         "| scenario | req/s (median) | p50 ms | p99 ms |",
         "| --- | ---: | ---: | ---: |",
@@ -116,6 +190,9 @@ def markdown(summaries: list[Summary], found: list[Ratio], setup: str) -> str:
     lines += ["", "| ratio | value | target | |", "| --- | ---: | ---: | --- |"]
     for r in found:
         lines.append(f"| {r.name} | {r.value:.2f} | {r.goal} | {r.verdict} |")
+    lines += ["", "| CPU per request | value | target | |", "| --- | ---: | ---: | --- |"]
+    for c in costs:
+        lines.append(f"| {c.name} | {c.shown} | {c.goal} | {c.verdict} |")
     lines += ["", setup]
     return "\n".join(lines)
 
@@ -126,6 +203,7 @@ def write_json(
     runs: list[RunResult],
     summaries: list[Summary],
     found: list[Ratio],
+    costs: list[Part],
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {
@@ -133,5 +211,6 @@ def write_json(
         "runs": [asdict(r) for r in runs],
         "medians": [asdict(s) for s in summaries],
         "ratios": [{**asdict(r), "verdict": r.verdict} for r in found],
+        "cpu_per_request": [{**asdict(c), "verdict": c.verdict} for c in costs],
     }
     path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")

@@ -1,9 +1,10 @@
 """`make bench`: req/s and p50/p99 latency of (a) an empty aiohttp+uvloop handler, (b) our
-claim endpoint while the round has quota, (c) our claim endpoint after sell-out, (d) a
-naive claim-as-PostgreSQL-transaction app, (e) our redemption endpoint and (f) claims
-answered only once Redis fsynced them (ISSUER_DURABLE_ACK=aof) and (r) once a replica has
-them (ISSUER_DURABLE_ACK=replica), all with the same number of server workers, run
-interleaved for R repetitions; prints medians and the ratios against their targets."""
+claim endpoint while the round has quota, (c) our claim endpoint after sell-out, (g) our
+claim endpoint before the round opens, (d) a naive claim-as-PostgreSQL-transaction app,
+(e) our redemption endpoint and (f) claims answered only once Redis fsynced them
+(ISSUER_DURABLE_ACK=aof) and (r) once a replica has them (ISSUER_DURABLE_ACK=replica), all
+with the same number of server workers, run interleaved for R repetitions; prints medians,
+the throughput ratios and the CPU per request of each part against their targets."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import uvloop
 from bench import cpu, profile, report
 from bench.loadgen import Clients, Merged, Target
 from bench.signing import FIRST_N, Plan
-from bench.stack import EMPTY, MERCHANT, NAIVE, OPEN, REDEEM, SOLD_OUT, Stack, fs_type
+from bench.stack import EMPTY, MERCHANT, NAIVE, NOT_YET, OPEN, REDEEM, SOLD_OUT, Stack, fs_type
 
 OUT = Path(__file__).resolve().parent / "out" / "results.json"
 HEADROOM = 1.4  # requests built per run: this times the last rate seen, times the run's length
@@ -47,6 +48,7 @@ SCENARIOS = (
     Scenario("a", "empty aiohttp+uvloop handler", EMPTY, 200, 0, cycle=True),
     Scenario("b", "claim, round open (201 issued)", OPEN, 201, 8_000),
     Scenario("c", "claim after sell-out (409)", SOLD_OUT, 409, 15_000),
+    Scenario("g", "claim before the opening (409 NOT_OPEN)", NOT_YET, 409, 15_000),
     Scenario("d", "naive: claim as a PostgreSQL transaction", NAIVE, 201, 3_000),
     Scenario("e", "redemption (201 redeemed)", REDEEM, 201, 3_000, redeem=True),
     Scenario("f", "claim, durable ack (WAITAOF per batch)", OPEN, 201, 6_000),
@@ -70,7 +72,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--naive-pool", type=int, default=2, help="PG connections per naive worker (2 was fastest)"
     )
-    parser.add_argument("--scenarios", default="abcdefr", help="which of a … f, r to run")
+    parser.add_argument("--scenarios", default="abcgdefr", help="which of a … g, r to run")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--keep", action="store_true", help="keep the temp dir for a look")
     parser.add_argument(
@@ -302,8 +304,9 @@ async def bench(args: argparse.Namespace) -> int:
                 await asyncio.sleep(0.5)
         summaries = report.summarise(titles, runs)
         found = report.ratios(summaries)
+        costs = report.parts(runs)
         print()
-        print(report.text_table(summaries, found))
+        print(report.text_table(summaries, found, costs))
         busy = [r.cpu_cores.get("other", 0.0) for r in runs]
         if max(busy) >= 0.2:
             print(
@@ -311,8 +314,8 @@ async def bench(args: argparse.Namespace) -> int:
                 f" {statistics.median(busy):.2f}) during the runs; those figures are low."
             )
         print("\nMarkdown for the README:\n")
-        print(report.markdown(summaries, found, setup_line(settings)))
-        report.write_json(args.out, settings, runs, summaries, found)
+        print(report.markdown(summaries, found, costs, setup_line(settings)))
+        report.write_json(args.out, settings, runs, summaries, found, costs)
         print(f"\nwrote {args.out}")
         if args.keep:
             print(f"kept {stack.dir}")

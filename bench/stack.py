@@ -30,6 +30,7 @@ OPEN_QUOTA = 10**7
 DRAIN_TIMEOUT_S = 120
 OPEN, SOLD_OUT, NAIVE, EMPTY = "bench-open", "bench-soldout", "naive", "empty"
 REDEEM, MERCHANT = "bench-redeem", "bench-merchant"
+NOT_YET = "bench-notopen"  # its round opens in a day: every claim is refused NOT_OPEN
 ISSUE_CONCURRENCY = 64
 
 
@@ -123,7 +124,8 @@ class Stack:
         return next(k for k in self.keys.values() if k.role == role)
 
     async def _campaigns(self) -> None:
-        """One round open for an hour with quota to spare, and one already sold out."""
+        """One round open for an hour with quota to spare, one already sold out, one for
+        payments and one that opens tomorrow."""
         assert self.service is not None
         url = self.service.url
         async with aiohttp.ClientSession() as session:
@@ -138,6 +140,7 @@ class Stack:
                 (OPEN, plenty),
                 (SOLD_OUT, campaign(quota=1)),
                 (REDEEM, plenty),
+                (NOT_YET, campaign(quota=OPEN_QUOTA, opens_in_s=86_400)),
             ):
                 put = await ops.call("PUT", f"/v1/campaigns/{campaign_id}", body)
                 if put.status not in (200, 201):
