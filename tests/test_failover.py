@@ -279,9 +279,16 @@ async def test_cluster_failover_mid_surge(
         assert_nothing_lost(outcome)
     else:
         # the replica missed what the primary acknowledged while it was behind: those
-        # vouchers vanished, the quota was sold again, and reconcile names the drift
+        # vouchers vanished and the quota was sold again. Reconcile names the drift where
+        # the flusher had copied a lost voucher to PostgreSQL before the kill; one that
+        # neither holds any more is only in the client's answer.
         assert outcome.lost, "the lagging replica should have lost acknowledged claims"
-        assert not outcome.report.ok and outcome.report.problems, "reconcile must name it"
+        rows = await pg.fetch(
+            "SELECT voucher_id FROM vouchers WHERE voucher_id = ANY($1::text[])",
+            sorted(outcome.lost),
+        )
+        print(f"lost acknowledgements that PostgreSQL holds: {len(rows)}")
+        assert outcome.report.ok == (not rows), outcome.report.problems
 
 
 async def test_sentinel_failover_mid_surge(
