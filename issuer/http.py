@@ -6,13 +6,14 @@ import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import msgspec
 from aiohttp import web
 from redis.asyncio import Redis
 
+from issuer import metrics
 from issuer.admission import Admission
 from issuer.auth import ApiKey, Role
 from issuer.campaigns import Campaigns
@@ -28,6 +29,7 @@ MAX_BODY = 64 * 1024
 JSON = "application/json"
 ENCODER = msgspec.json.Encoder()
 Handler = Callable[["Ctx", web.Request, Any], Awaitable[web.Response]]
+T = TypeVar("T")
 
 
 @dataclass
@@ -75,6 +77,21 @@ def error_response(err: ApiError) -> web.Response:
         content_type=JSON,
         headers=err.headers(),
     )
+
+
+async def counted(
+    metric: Any, campaign_id: str, outcome: Awaitable[tuple[T, bool]]
+) -> tuple[T, bool]:
+    """Await a write's (result, replay) and count it in `metric` by campaign and outcome:
+    OK, REPLAY or the error code (none for NOT_FOUND: no series for ids that name nothing)."""
+    try:
+        result, replay = await outcome
+    except ApiError as err:
+        if err.code != "NOT_FOUND":
+            metrics.child(metric, campaign_id, err.code).inc()
+        raise
+    metrics.child(metric, campaign_id, "REPLAY" if replay else "OK").inc()
+    return result, replay
 
 
 def path_id(request: web.Request, name: str, pattern: type = Id) -> str:

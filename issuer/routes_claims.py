@@ -10,7 +10,7 @@ from aiohttp import web
 from issuer import metrics, registrations, vouchers
 from issuer.auth import Verified
 from issuer.errors import ApiError
-from issuer.http import Ctx, Route, path_id, reply
+from issuer.http import Ctx, Route, counted, path_id, reply
 from issuer.model import (
     ClaimIn,
     Id,
@@ -39,15 +39,8 @@ async def register(ctx: Ctx, request: web.Request, body: RegistrationIn) -> web.
 
 async def claim(ctx: Ctx, request: web.Request, body: ClaimIn) -> web.Response:
     campaign_id = path_id(request, "campaign_id")
-    try:
-        voucher, replay = await ctx.claims.claim(
-            campaign_id, body, request["verified"], request.remote
-        )
-    except ApiError as err:
-        if err.code != "NOT_FOUND":  # no series for ids that name no campaign
-            metrics.child(metrics.CLAIMS, campaign_id, err.code).inc()
-        raise
-    metrics.child(metrics.CLAIMS, campaign_id, "REPLAY" if replay else "OK").inc()
+    claimed = ctx.claims.claim(campaign_id, body, request["verified"], request.remote)
+    voucher, replay = await counted(metrics.CLAIMS, campaign_id, claimed)
     return reply(voucher, 201, replay=replay)
 
 

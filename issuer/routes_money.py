@@ -3,32 +3,22 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from aiohttp import web
 
 from issuer import metrics
 from issuer.auth import Verified
 from issuer.errors import ApiError
-from issuer.http import Ctx, Route, reply
+from issuer.http import Ctx, Route, counted, reply
 from issuer.ids import campaign_prefix
 from issuer.model import RedemptionIn, RedemptionOut, RefundIn, RefundOut, RepaidIn
-
-
-def _count(metric: Any, campaign_id: str, code: str) -> None:
-    metrics.child(metric, campaign_id, code).inc()
 
 
 async def redeem(ctx: Ctx, request: web.Request, body: RedemptionIn) -> web.Response:
     verified: Verified = request["verified"]
     campaign_id = campaign_prefix(body.voucher_id) or "-"
-    try:
-        out, replay = await ctx.redemptions.redeem(body, verified.key.id, time.time())
-    except ApiError as err:
-        if err.code != "NOT_FOUND":
-            _count(metrics.REDEMPTIONS, campaign_id, err.code)
-        raise
-    _count(metrics.REDEMPTIONS, campaign_id, "REPLAY" if replay else "OK")
+    redeemed = ctx.redemptions.redeem(body, verified.key.id, time.time())
+    out, replay = await counted(metrics.REDEMPTIONS, campaign_id, redeemed)
     return reply(out, 201, replay=replay)
 
 
@@ -44,15 +34,8 @@ async def refund(ctx: Ctx, request: web.Request, body: RefundIn) -> web.Response
     verified: Verified = request["verified"]
     redemption_id = request.match_info["redemption_id"]
     campaign_id = campaign_prefix(redemption_id) or "-"
-    try:
-        out, replay = await ctx.redemptions.refund(
-            redemption_id, body, verified.key.id, time.time()
-        )
-    except ApiError as err:
-        if err.code != "NOT_FOUND":
-            _count(metrics.REFUNDS, campaign_id, err.code)
-        raise
-    _count(metrics.REFUNDS, campaign_id, "REPLAY" if replay else "OK")
+    refunded = ctx.redemptions.refund(redemption_id, body, verified.key.id, time.time())
+    out, replay = await counted(metrics.REFUNDS, campaign_id, refunded)
     return reply(out, 201, replay=replay)
 
 
