@@ -92,7 +92,7 @@ class Stack:
             "DATABASE_URL": self.pg.url,
             "ISSUER_DATA_DIR": str(data_dir),
             "ISSUER_PERSON_KEY": PERSON_KEY,
-            "ISSUER_LOG_LEVEL": "WARNING",
+            "ISSUER_LOG_LEVEL": "INFO",  # every write logged, as in production
         }
         self.service = Service(workers, env, self.log)
         keys_path = data_dir / "keys.toml"

@@ -13,7 +13,7 @@ import asyncpg
 import msgspec
 from aiohttp import web
 
-from issuer import documents, due_dates, gauges, keys, metrics, openapi, topology
+from issuer import documents, due_dates, gauges, keys, logs, metrics, openapi, topology
 from issuer.auth import Verified, require_role, verify
 from issuer.errors import ApiError, GateRefusal
 from issuer.http import ENCODER, JSON, MAX_BODY, Ctx, Route, error_response
@@ -103,43 +103,55 @@ def request_fields(
     }
 
 
+Next = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
 def middlewares(ctx: Ctx) -> list[Any]:
+    """One middleware: a chain of them costs a coroutine per layer and request."""
+
     @web.middleware
-    async def errors(
-        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
+    async def serve(request: web.Request, handler: Next) -> web.StreamResponse:
+        """Shed (claims), sign-check and answer every failure in the contract's format;
+        count and log every request."""
         started = time.perf_counter()
-        route = request.match_info.route.resource
-        name = route.canonical if route is not None else "unmatched"
+        route = request.match_info.route
         code = "OK"
         try:
-            response = await handler(request)
+            if route.name == "claim":
+                with ctx.admission.admit():
+                    response = await claim(request, handler)
+            elif request.path.startswith("/v1/"):
+                response = await signed(request, handler)
+            else:
+                response = await handler(request)
         except Exception as exc:  # every failure answers in the contract's error format
             # (no local may keep `exc`: its traceback holds this frame, a cycle that only
             # the garbage collector would free, in long pauses under load)
             code, response = failure_response(request, exc)
-        metrics.child(metrics.REQUESTS, name, str(response.status)).inc()
+        name = route.resource.canonical if route.resource is not None else "unmatched"
+        metrics.count(metrics.child(metrics.REQUESTS, name, str(response.status)))
         elapsed = time.perf_counter() - started
         shed = code == "OVERLOADED"
         if not shed:  # the latency of what was served: shed answers would drown it
-            metrics.child(metrics.LATENCY, name).observe(elapsed)
+            metrics.observe(metrics.child(metrics.LATENCY, name), elapsed)
         # shed claims are counted (issuer_claims_shed_total), not logged one by one: a
         # line each would flood the log, and cost CPU, exactly when the worker is behind
         level = logging.DEBUG if request.method == "GET" or shed else logging.INFO
         if log.isEnabledFor(level):
             if code == "OK" and response.headers.get("Idempotent-Replay"):
                 code = "REPLAY"
-            log.log(level, "request", extra=request_fields(request, response.status, code, elapsed))
+            logs.batched(
+                log, level, "request", request_fields(request, response.status, code, elapsed)
+            )
         return response
 
-    @web.middleware
-    async def authenticate(
-        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        if not request.path.startswith("/v1/"):
-            return await handler(request)
-        name = request.match_info.route.name
-        limit = documents.MAX_UPLOAD_BYTES if name == "upload_documents" else MAX_BODY
+    async def read_signed(request: web.Request) -> Verified:
+        """Read the body (held to its route's limit) and check its signature."""
+        limit = (
+            documents.MAX_UPLOAD_BYTES
+            if request.match_info.route.name == "upload_documents"
+            else MAX_BODY
+        )
         if (request.content_length or 0) > limit:
             raise ApiError("INVALID_REQUEST", f"body over {limit} bytes")
         raw = await request.read()
@@ -148,17 +160,23 @@ def middlewares(ctx: Ctx) -> list[Any]:
         verified = verify(
             ctx.keys, request.method, request.path_qs, request.headers, raw, time.time()
         )
-        # Claims check their nonce inside the batched script; other calls do it here.
-        if request.match_info.route.name != "claim":
-            fresh = await ctx.redis.set(
-                keys.nonce_key(verified.key.id, verified.nonce), 1, nx=True, ex=keys.NONCE_BUCKET_S
-            )
-            if not fresh:
-                raise ApiError("UNAUTHENTICATED", "nonce already used")
         request["verified"] = verified
         request["raw_body"] = raw
-        if request.match_info.route.name != "claim":
-            return await handler(request)
+        return verified
+
+    async def signed(request: web.Request, handler: Next) -> web.StreamResponse:
+        verified = await read_signed(request)
+        fresh = await ctx.redis.set(
+            keys.nonce_key(verified.key.id, verified.nonce), 1, nx=True, ex=keys.NONCE_BUCKET_S
+        )
+        if not fresh:
+            raise ApiError("UNAUTHENTICATED", "nonce already used")
+        return await handler(request)
+
+    async def claim(request: web.Request, handler: Next) -> web.StreamResponse:
+        """Claims check their nonce inside the batched script, or, refused before it, in a
+        batch of their own."""
+        verified = await read_signed(request)
         try:
             return await handler(request)
         except GateRefusal:
@@ -174,18 +192,7 @@ def middlewares(ctx: Ctx) -> list[Any]:
                 raise ApiError("UNAUTHENTICATED", "nonce already used") from None
             raise
 
-    @web.middleware
-    async def admit(
-        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        """Claims only: shed before anything is read or checked; hold the claim until it
-        is answered."""
-        if request.match_info.route.name != "claim":
-            return await handler(request)
-        with ctx.admission.admit():
-            return await handler(request)
-
-    return [errors, admit, authenticate]
+    return [serve]
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -160,7 +160,7 @@ class Batcher(TickBatcher[Pending, tuple[str, bytes]]):
             result = await scripts.run("claim_batch", script_keys, args)
         else:  # answer only once the batch's vouchers are durable (ISSUER_DURABLE_ACK)
             result = await scripts.run_acked("claim_batch", script_keys, args, _issued_any)
-        metrics.BATCH_SIZE.observe(len(items))
+        metrics.observe(metrics.BATCH_SIZE, len(items))
         status, version = result[0].decode(), result[1].decode()
         self.claims.after_batch(self.cached, self.round, status, version, result[4::2])
         return [(result[4 + 2 * i].decode(), result[5 + 2 * i]) for i in range(len(items))]

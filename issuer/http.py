@@ -88,9 +88,9 @@ async def counted(
         result, replay = await outcome
     except ApiError as err:
         if err.code != "NOT_FOUND":
-            metrics.child(metric, campaign_id, err.code).inc()
+            metrics.count(metrics.child(metric, campaign_id, err.code))
         raise
-    metrics.child(metric, campaign_id, "REPLAY" if replay else "OK").inc()
+    metrics.count(metrics.child(metric, campaign_id, "REPLAY" if replay else "OK"))
     return result, replay
 
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import functools
 import os
 from collections.abc import Iterable
@@ -100,6 +102,56 @@ def child(metric: Any, *labels: str) -> Any:
     return metric.labels(*labels)
 
 
+PUBLISH_S = 0.1  # longest time a count made in one worker waits to reach the others' scrape
+_counts: dict[Any, float] = {}  # child -> amount not yet added
+_observed: dict[Any, list[float]] = {}  # histogram child -> [count per bucket..., sum]
+_publishing: list[asyncio.TimerHandle] = []  # the pending publish, if one is due
+
+
+def count(series: Any, amount: float = 1) -> None:
+    """`series.inc(amount)`, kept in this process until the next publish: with several
+    workers every inc() writes a shared file under a lock, a cost paid per request."""
+    _counts[series] = _counts.get(series, 0) + amount
+    if not _publishing:
+        _schedule()
+
+
+def observe(series: Any, value: float) -> None:
+    """`series.observe(value)` of a histogram child, kept until the next publish."""
+    tally = _observed.get(series)
+    if tally is None:
+        tally = _observed[series] = [0.0] * (len(series._upper_bounds) + 1)
+    tally[bisect.bisect_left(series._upper_bounds, value)] += 1
+    tally[-1] += value
+    if not _publishing:
+        _schedule()
+
+
+def _schedule() -> None:
+    try:
+        _publishing.append(asyncio.get_running_loop().call_later(PUBLISH_S, publish))
+    except RuntimeError:  # no event loop (a command, a test): publish at once
+        publish()
+
+
+def publish() -> None:
+    """Add what this process counted and observed to the Prometheus values. A histogram's
+    buckets and sum are prometheus_client's own (private) values, the ones observe() adds
+    to; they hold per-bucket counts, summed into `le` buckets at collection."""
+    for handle in _publishing:
+        handle.cancel()
+    _publishing.clear()
+    for series, amount in _counts.items():
+        series.inc(amount)
+    _counts.clear()
+    for series, tally in _observed.items():
+        for bucket, n in zip(series._buckets, tally, strict=False):
+            if n:
+                bucket.inc(n)
+        series._sum.inc(tally[-1])
+    _observed.clear()
+
+
 class _Fixed(Collector):
     """Families computed by the caller for one scrape."""
 
@@ -113,6 +165,7 @@ class _Fixed(Collector):
 def exposition(extra: Iterable[Metric] = ()) -> tuple[bytes, str]:
     """The text format of every metric, across worker processes when there are several,
     followed by `extra` (gauges read at scrape time)."""
+    publish()
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
@@ -126,6 +179,7 @@ def exposition(extra: Iterable[Metric] = ()) -> tuple[bytes, str]:
 
 def claim_counts() -> dict[str, dict[str, int]]:
     """Claims so far by campaign and outcome code, summed over every worker process."""
+    publish()
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]

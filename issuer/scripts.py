@@ -50,6 +50,10 @@ ACK_TIMEOUT_MS = 2000  # durable acknowledgement: longest wait for an fsync or a
 REPLICAS_TTL_S = 1.0  # how long a primary's count of connected replicas is trusted
 
 
+def _took(name: str, started: float) -> None:
+    metrics.observe(metrics.child(metrics.SCRIPT_SECONDS, name), time.perf_counter() - started)
+
+
 class Scripts:
     """One registered script per file; call `run(name, keys, args)`, or `run_acked` to
     wait until what the script wrote is durable (`ack`: "aof" or "replica")."""
@@ -67,7 +71,7 @@ class Scripts:
         try:
             return await self._scripts[name](keys=list(keys), args=list(args))
         finally:
-            metrics.child(metrics.SCRIPT_SECONDS, name).observe(time.perf_counter() - started)
+            _took(name, started)
 
     async def run_acked(
         self, name: str, keys: Sequence[str], args: Sequence[Any], wait: Callable[[Any], bool]
@@ -96,7 +100,7 @@ class Scripts:
                 await self.owners.refresh()  # the primary may be gone: learn its successor
                 raise
             finally:
-                metrics.child(metrics.SCRIPT_SECONDS, name).observe(time.perf_counter() - started)
+                _took(name, started)
         raise AssertionError("unreachable")
 
     async def _confirm(self, conn: Any) -> None:

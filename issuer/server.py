@@ -22,7 +22,7 @@ import uvloop
 from aiohttp import web
 from redis.asyncio import Redis
 
-from issuer import auth, due_dates, expiry, flusher, keys, metrics, store, topology
+from issuer import auth, due_dates, expiry, flusher, keys, logs, metrics, store, topology
 from issuer.children import die_with_parent
 from issuer.config import Settings
 from issuer.workdays import Calendar, HolidaysFileError
@@ -161,6 +161,8 @@ async def worker_main(settings: Settings, port: int) -> None:
     await scripts.aclose()
     await topology.close(redis)
     await pg.close()
+    metrics.publish()  # the counts of the last tick
+    logs.write_batch()
     log.info("worker stopped", extra={"pid": os.getpid()})
 
 

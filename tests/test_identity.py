@@ -1,11 +1,12 @@
 """Identity numbers and keyed references."""
 
 import datetime
+import random
 from collections.abc import Callable
 
 import pytest
 
-from issuer.identity import name_ref, normalise_id_number, person_ref, phone_ref
+from issuer.identity import _check_digit, name_ref, normalise_id_number, person_ref, phone_ref
 
 KEY = b"k" * 32
 
@@ -143,3 +144,10 @@ def test_empty_values_rejected(ref: Callable[[bytes, str], str], value: str) -> 
 def test_empty_key_rejected() -> None:
     with pytest.raises(ValueError, match="key"):
         person_ref(b"", XIANGNING_1975)
+
+
+def test_check_digit_agrees_with_the_weighted_sum_on_many_numbers() -> None:
+    rng = random.Random(11643)
+    for _ in range(20_000):
+        first17 = "".join(rng.choice("0123456789") for _ in range(17))
+        assert _check_digit(first17) == with_check_digit(first17)[-1]
