@@ -26,7 +26,7 @@ _UNIT = {
     "h": timedelta(hours=1),
     "d": timedelta(days=1),
 }
-_ROUND_TIMES = ("opens_at", "closes_at", "valid_until")
+_ROUND_TIMES = ("opens_at", "closes_at", "valid_until", "applications_close_at", "draws_at")
 
 
 def load_campaign_file(path: Path, now: datetime | None = None) -> tuple[str, CampaignDef]:

@@ -1,5 +1,5 @@
 """The `issuer` command: serve, flush, campaign load, call, report, reconciliation, reconcile,
-rebuild."""
+rebuild, verify-draw."""
 
 from __future__ import annotations
 
@@ -254,6 +254,29 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     return 0 if asyncio.run(run()) else 1
 
 
+def cmd_verify_draw(args: argparse.Namespace) -> int:
+    """Recompute a published draw: 0 if it checks, 1 on any difference, 2 if unreadable."""
+    from issuer.draw import DrawDocument, verify
+
+    try:
+        raw = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+        doc = msgspec.json.decode(raw, type=DrawDocument)
+    except (OSError, msgspec.DecodeError) as e:
+        print(f"{args.file}: not a readable draw document: {e}", file=sys.stderr)
+        return 2
+    problems = verify(doc)
+    for problem in problems:
+        print(problem)
+    if problems:
+        return 1
+    won = sum(e.outcome == "won" for e in doc.applications)
+    print(
+        f"draw of {doc.campaign_id}/{doc.round_id} checks: {len(doc.applications)} applications,"
+        f" {won} winners, root {doc.applications_root}"
+    )
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="issuer", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -326,6 +349,10 @@ def parser() -> argparse.ArgumentParser:
     rb.add_argument("--all", action="store_true", help="every campaign PostgreSQL knows")
     rb.add_argument("--force", action="store_true", help="replace a campaign still in Redis")
     rb.set_defaults(func=cmd_rebuild)
+
+    vd = sub.add_parser("verify-draw", help="recompute a lottery draw from its published JSON")
+    vd.add_argument("file", help="the document of GET .../rounds/{round_id}/draw; - for stdin")
+    vd.set_defaults(func=cmd_verify_draw)
     return p
 
 

@@ -10,7 +10,7 @@ from datetime import date, datetime
 from typing import Annotated, Literal
 
 import msgspec
-from msgspec import Meta, Struct
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 Id = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,40}$", description="letters, digits, _ -")]
 UserId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.:@-]{1,64}$")]
@@ -27,6 +27,8 @@ Weekday = Literal[
     "day", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"
 ]
 Text = Annotated[str, Meta(min_length=1, max_length=200)]
+Sha256Hex = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$", description="lowercase hex SHA-256")]
+Allocation = Literal["first_come", "lottery"]
 
 
 class Strict(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -59,6 +61,13 @@ class RoundSpec(Strict, kw_only=True):
     valid_until: AwareDatetime
     quota: Quota | None = None  # None: limited by money only
     budget_fen: Fen | None = None  # None: no round budget, only the campaign's
+    # unset fields are left out of the definition as served, so first-come rounds read as
+    # before; a lottery round takes applications from opens_at to applications_close_at and
+    # draws its winners at draws_at with the seed whose SHA-256 is commitment
+    allocation: Annotated[Allocation, Meta(description="default first_come")] | UnsetType = UNSET
+    applications_close_at: AwareDatetime | UnsetType = UNSET
+    draws_at: AwareDatetime | UnsetType = UNSET
+    commitment: Sha256Hex | UnsetType = UNSET
 
 
 class RoundRule(Strict, kw_only=True):
@@ -118,6 +127,11 @@ class Round(Struct, kw_only=True, omit_defaults=True):
     valid_until: datetime
     quota: int | None = None
     budget_fen: int | None = None
+    allocation: Allocation = "first_come"
+    # lottery rounds only
+    applications_close_at: datetime | None = None
+    draws_at: datetime | None = None
+    commitment: str | None = None
 
 
 class StoredCampaign(Struct, kw_only=True):

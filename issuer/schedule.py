@@ -13,6 +13,8 @@ from datetime import UTC, date, datetime, time, timedelta
 from itertools import pairwise
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from msgspec import UnsetType
+
 from issuer.model import CampaignDef, Round, RoundRule, RoundSpec
 
 MAX_ROUNDS = 1000
@@ -73,7 +75,16 @@ def _from_spec(spec: RoundSpec, tz: ZoneInfo) -> Round:
         valid_until=spec.valid_until.astimezone(tz),
         quota=spec.quota,
         budget_fen=spec.budget_fen,
+        allocation=spec.allocation or "first_come",
+        applications_close_at=_local(spec.applications_close_at, tz),
+        draws_at=_local(spec.draws_at, tz),
+        commitment=spec.commitment or None,
     )
+
+
+def _local(dt: datetime | UnsetType, tz: ZoneInfo) -> datetime | None:
+    """An optional time of a round in the campaign's timezone; None if unset."""
+    return dt.astimezone(tz) if dt else None
 
 
 def _from_rule(rule: RoundRule, tz: ZoneInfo) -> list[Round]:
@@ -145,9 +156,33 @@ def _check(rounds: list[Round]) -> None:
             raise ValueError(f"round {r.round_id!r}: closes_at must be after opens_at")
         if r.valid_until < r.closes_at:
             raise ValueError(f"round {r.round_id!r}: valid_until must not be before closes_at")
+        _check_allocation(r)
     for prev, cur in pairwise(rounds):
         if cur.opens_at < prev.closes_at:
             raise ValueError(
                 f"round {cur.round_id!r} opens before round {prev.round_id!r} closes;"
                 " list rounds in time order without overlapping claim windows"
             )
+
+
+_LOTTERY_FIELDS = ("applications_close_at", "draws_at", "commitment")
+
+
+def _check_allocation(r: Round) -> None:
+    """ValueError unless a lottery round has its application window, draw time and
+    commitment, in order inside the round, and a first-come round has none of them."""
+    given = [name for name in _LOTTERY_FIELDS if getattr(r, name) is not None]
+    if r.allocation == "first_come":
+        if given:
+            raise ValueError(
+                f"round {r.round_id!r}: {', '.join(given)} only apply to allocation = 'lottery'"
+            )
+        return
+    if r.applications_close_at is None or r.draws_at is None or r.commitment is None:
+        missing = [name for name in _LOTTERY_FIELDS if name not in given]
+        raise ValueError(f"round {r.round_id!r}: a lottery round needs {', '.join(missing)}")
+    if not r.opens_at < r.applications_close_at <= r.draws_at < r.closes_at:
+        raise ValueError(
+            f"round {r.round_id!r}: a lottery round needs"
+            " opens_at < applications_close_at <= draws_at < closes_at"
+        )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
 from issuer.campaign_file import load_campaign_file
+from issuer.draw import commits
 from issuer.model import RoundRule
 from issuer.schedule import current_round, expand_rounds
 
@@ -40,7 +42,7 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["xiangning-2024", "xixian-2024", "demo"])
+@pytest.mark.parametrize("name", ["xiangning-2024", "xixian-2024", "xixian-2024-lottery", "demo"])
 def test_examples_load(name: str) -> None:
     campaign_id, defn = load_campaign_file(EXAMPLES / f"{name}.toml")
     assert campaign_id == name
@@ -75,6 +77,33 @@ def test_xixian_example() -> None:
     ]  # fmt: skip
     assert [r.budget_fen for r in rounds] == [30_000_000, 0, 0, 0, 0, 0]
     assert rounds[0].valid_until == datetime(2024, 6, 26, 22, tzinfo=CST)
+
+
+def test_xixian_lottery_example() -> None:
+    path = EXAMPLES / "xixian-2024-lottery.toml"
+    _, defn = load_campaign_file(path)
+    [rnd] = expand_rounds(defn)
+    assert rnd.allocation == "lottery"
+    assert rnd.opens_at == datetime(2024, 6, 17, 10, tzinfo=CST)
+    assert rnd.applications_close_at == datetime(2024, 6, 20, 22, tzinfo=CST)
+    assert rnd.draws_at == datetime(2024, 6, 21, 10, tzinfo=CST)
+    assert rnd.closes_at == rnd.valid_until == datetime(2024, 6, 26, 22, tzinfo=CST)
+    assert (rnd.quota, rnd.budget_fen) == (150, 30_000_000)
+    # the demo seed written in the file's comment opens its commitment
+    seed = re.search(r"seed = ([0-9a-f]{64})", path.read_text(encoding="utf-8"))
+    assert seed is not None and rnd.commitment is not None
+    assert commits(seed[1], rnd.commitment)
+
+
+def test_lottery_times_may_be_relative(tmp_path: Path) -> None:
+    lottery = 'allocation = "lottery"\napplications_close_at = "now+1d"\ndraws_at = "now+2d"\n'
+    lottery += f'commitment = "{"0" * 64}"\n'
+    path = write(tmp_path, GOOD.replace("[eligibility]", lottery + "\n[eligibility]"))
+    _, defn = load_campaign_file(path, now=NOW)
+    [rnd] = expand_rounds(defn)
+    now = NOW.replace(microsecond=0)
+    assert rnd.applications_close_at == now + timedelta(days=1)
+    assert rnd.draws_at == now + timedelta(days=2)
 
 
 def test_demo_round_is_open_at_load_time() -> None:
@@ -139,6 +168,7 @@ def test_relative_times_use_the_campaign_timezone(tmp_path: Path) -> None:
         ('region_codes = ["1410"]', "region_codes = []", "at `$.geofence.region_codes`"),
         ('name = "test"', "name = ", "Invalid value"),  # TOML syntax
         ('name = "test"', 'name = "test"\ntimezone = "Mars/Olympus"', "unknown timezone"),
+        ("valid_until = 2099", 'draws_at = "now+1d"\nvalid_until = 2099', "allocation = 'lottery'"),
     ],
 )
 def test_bad_file_names_the_field(tmp_path: Path, old: str, new: str, message: str) -> None:
