@@ -128,6 +128,47 @@ def _most_specific(features: _Features) -> list[Any]:
     ]
 
 
+GRID_CELLS = 64  # per side of the grid over a region's bounding box
+
+
+class _Grid:
+    """Cells over a geometry's bounding box, each known to lie wholly inside it, wholly
+    outside, or on its boundary: only points of boundary cells need the exact test (a
+    cell is a closed box, so a point on the line between two cells fits either answer)."""
+
+    def __init__(self, geometry: Any) -> None:
+        self.west, self.south, east, north = geometry.bounds
+        self.width = (east - self.west) / GRID_CELLS or 1.0
+        self.height = (north - self.south) / GRID_CELLS or 1.0
+        cells = [
+            shapely.box(
+                self.west + x * self.width,
+                self.south + y * self.height,
+                self.west + (x + 1) * self.width,
+                self.south + (y + 1) * self.height,
+            )
+            for y in range(GRID_CELLS)
+            for x in range(GRID_CELLS)
+        ]
+        inside = shapely.contains(geometry, cells)
+        touching = shapely.intersects(geometry, cells)
+        # per cell: True inside, False outside, None on the boundary
+        self.cells: list[bool | None] = [
+            True if i else (None if t else False)
+            for i, t in zip(inside.tolist(), touching.tolist(), strict=True)
+        ]
+
+    def inside(self, x: float, y: float) -> bool | None:
+        """Whether (x, y) lies in the geometry, or None if only the exact test can say."""
+        col = (x - self.west) / self.width
+        row = (y - self.south) / self.height
+        if not (0 <= col <= GRID_CELLS and 0 <= row <= GRID_CELLS):
+            return False  # outside the bounding box (NaN too)
+        return self.cells[
+            min(int(row), GRID_CELLS - 1) * GRID_CELLS + min(int(col), GRID_CELLS - 1)
+        ]
+
+
 class Region:
     """The union of the boundaries of some administrative codes; points on it count as in."""
 
@@ -139,6 +180,7 @@ class Region:
         matched = tuple(f for f in features if self._matches(f[0]))
         self._geometry = shapely.union_all(_most_specific(matched))
         shapely.prepare(self._geometry)
+        self._grid = _Grid(self._geometry)
 
     def _matches(self, code: str) -> bool:
         return code.startswith(self._prefixes)
@@ -149,6 +191,9 @@ class Region:
             lat, lon = wgs84_to_gcj02(lat, lon)
         elif crs != "gcj02":
             raise ValueError(f"unknown crs {crs!r}")
+        known = self._grid.inside(lon, lat)
+        if known is not None:
+            return known
         return bool(shapely.intersects_xy(self._geometry, lon, lat))
 
     def outline(self) -> list[tuple[float, float]]:

@@ -1,18 +1,21 @@
 """What keeps a claim cheap, where a regression would be silent: counts kept in process,
-log lines written in batches, one middleware."""
+log lines written in batches, one middleware, a grid before the exact geofence test."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import logging
+import random
 
 import msgspec
 import pytest
+import shapely
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from issuer import logs, metrics
 from issuer.app import middlewares
+from issuer.geofence import Region
 
 
 def exposition(registry: CollectorRegistry) -> list[str]:
@@ -72,3 +75,16 @@ async def test_request_lines_are_written_together_in_the_formatter_s_shape(
 
 def test_the_app_walks_one_middleware() -> None:
     assert len(middlewares(None)) == 1  # type: ignore[arg-type]
+
+
+def test_the_geofence_grid_answers_most_points_and_agrees_with_the_exact_test() -> None:
+    region = Region(["141000"])
+    west, south, east, north = region._geometry.bounds
+    rng = random.Random(141000)
+    points = [(rng.uniform(south, north), rng.uniform(west, east)) for _ in range(5_000)]
+    known = [region._grid.inside(lon, lat) for lat, lon in points]
+    assert sum(k is not None for k in known) > 0.8 * len(points)  # the exact test is rare
+    for (lat, lon), answer in zip(points, known, strict=True):
+        exact = bool(shapely.intersects_xy(region._geometry, lon, lat))
+        assert region.contains_point(lat, lon) == exact
+        assert answer in (None, exact)
