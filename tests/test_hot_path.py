@@ -15,7 +15,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 
 from issuer import logs, metrics
 from issuer.app import middlewares
+from issuer.errors import ApiError
 from issuer.geofence import Region
+from issuer.http import error_response
 
 
 def exposition(registry: CollectorRegistry) -> list[str]:
@@ -88,3 +90,11 @@ def test_the_geofence_grid_answers_most_points_and_agrees_with_the_exact_test() 
         exact = bool(shapely.intersects_xy(region._geometry, lon, lat))
         assert region.contains_point(lat, lon) == exact
         assert answer in (None, exact)
+
+
+def test_a_repeated_refusal_reuses_its_encoded_body() -> None:
+    first = error_response(ApiError("ROUND_QUOTA_EXHAUSTED"))
+    again = error_response(ApiError("ROUND_QUOTA_EXHAUSTED"))
+    assert first.body is again.body
+    held = error_response(ApiError("ALREADY_CLAIMED", voucher_id="v-1"))
+    assert b'"voucher_id":"v-1"' in bytes(held.body)  # type: ignore[arg-type]
