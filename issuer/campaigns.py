@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
@@ -75,6 +76,11 @@ class CachedCampaign:
     def round_at(self, now: datetime) -> Round | None:
         return current_round(self.stored.rounds, now)
 
+    @functools.cached_property
+    def lottery(self) -> bool:
+        """Whether a round is drawn by lottery (claims then check for waiting applicants)."""
+        return any(r.allocation == "lottery" for r in self.stored.rounds)
+
 
 def round_settings(rnd: Round) -> dict[str, int]:
     """A round hash's settings, in the order `campaign_put` takes them (-1: none)."""
@@ -84,6 +90,10 @@ def round_settings(rnd: Round) -> dict[str, int]:
         "valid_until": to_millis(rnd.valid_until),
         "quota": -1 if rnd.quota is None else rnd.quota,
         "budget": -1 if rnd.budget_fen is None else rnd.budget_fen,
+        # a lottery round takes applications until then; -1: a first-come round
+        "apps_close": -1
+        if rnd.applications_close_at is None
+        else to_millis(rnd.applications_close_at),
     }
 
 

@@ -4,6 +4,8 @@ everything else in micro-batches, one EVALSHA per batch per campaign round."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import ipaddress
 import math
 import time
@@ -13,7 +15,7 @@ from datetime import UTC, datetime
 import msgspec
 from redis.asyncio import Redis
 
-from issuer import keys, metrics, topology
+from issuer import applications, keys, metrics, topology
 from issuer.auth import Verified
 from issuer.batching import TickBatcher
 from issuer.campaigns import (
@@ -26,10 +28,11 @@ from issuer.campaigns import (
     hash_keys,
     idem_field,
 )
+from issuer.draw import application_ref
 from issuer.errors import ApiError, GateRefusal
 from issuer.identity import person_ref
 from issuer.ids import new_id
-from issuer.model import ClaimIn, RateLimit, RateLimits, Round, VoucherOut
+from issuer.model import ApplicationOut, ClaimIn, RateLimit, RateLimits, Round, VoucherOut
 from issuer.schedule import from_millis
 from issuer.scripts import Scripts
 
@@ -133,6 +136,7 @@ class Batcher(TickBatcher[Pending, tuple[str, bytes]]):
             windows.append(ck.rate_window(dimension, window_s, now))
             reset = math.ceil(window_s - now % window_s)
             args += [limit.limit if limit else -1, reset, window_s * 2]
+        args += [self.round.allocation, "1" if self.cached.lottery else ""]
         for p in items:
             if p.nonce_key not in nonce_keys:
                 nonce_keys.append(p.nonce_key)
@@ -152,6 +156,10 @@ class Batcher(TickBatcher[Pending, tuple[str, bytes]]):
             prev,
             ck.winners,
             ck.expiry,
+            ck.applications,
+            ck.applicants,
+            ck.applicant_accounts,
+            ck.entries(self.round.round_id),
             *windows,
             *nonce_keys,
         ]
@@ -227,6 +235,8 @@ class Claims:
         self.scripts = scripts
         self.campaigns = campaigns
         self.person_key = person_key
+        # application refs are published: keyed apart from the references to people
+        self.ref_key = hmac.new(person_key, b"application_ref", hashlib.sha256).digest()
         self.batch_max = batch_max
         self._batchers: dict[tuple[str, str, str], Batcher] = {}
         self._nonces = NonceSpender(scripts, batch_max)
@@ -237,9 +247,10 @@ class Claims:
 
     async def claim(
         self, campaign_id: str, claim: ClaimIn, verified: Verified, remote: str | None = None
-    ) -> tuple[VoucherOut, bool]:
-        """Issue a voucher or raise the refusal; returns (voucher, replayed). `remote` is
-        the caller's address, the client IP of rate limits when the body names none."""
+    ) -> tuple[VoucherOut | ApplicationOut, bool]:
+        """Issue a voucher (in a lottery round: take an application) or raise the refusal;
+        returns (voucher or application, replayed). `remote` is the caller's address, the
+        client IP of rate limits when the body names none."""
         cached = await self.campaigns.cached(campaign_id)
         definition = cached.definition
         self._check_caller(cached, claim, verified)
@@ -252,6 +263,11 @@ class Claims:
             raise ApiError("CAMPAIGN_ENDED")
         if now_dt < rnd.opens_at:
             raise ApiError("NOT_OPEN", f"round {rnd.round_id} opens at {rnd.opens_at.isoformat()}")
+        closes = rnd.applications_close_at
+        if closes is not None and now_dt >= closes:
+            raise ApiError(
+                "NOT_OPEN", f"applications to round {rnd.round_id} closed, drawn at {rnd.draws_at}"
+            )
         idem = idem_field(verified.key.id, claim.request_id)
         hint = cached.hint
         if (
@@ -270,6 +286,9 @@ class Claims:
             extra["device_id"] = claim.device_id
         if claim.staff_id is not None:
             extra["staff_id"] = claim.staff_id
+        candidate = new_id(campaign_id)
+        if rnd.allocation == "lottery":
+            extra["application_ref"] = application_ref(self.ref_key, candidate)
         client_ip = _client_ip(claim.client_ip, remote)
         canonical = msgspec.structs.replace(claim, person=None, person_ref=ref)
         pending = Pending(
@@ -279,7 +298,7 @@ class Claims:
                 verified.nonce,
                 ref,
                 claim.user_id,
-                new_id(campaign_id),
+                candidate,
                 EXTRA.encode(extra),
                 claim.device_id or "",
                 client_ip,
@@ -291,8 +310,14 @@ class Claims:
             return voucher_out(
                 RECORD.decode(payload), definition.timezone, "issued"
             ), code == "REPLAY"
-        if code == "ALREADY_CLAIMED":
-            raise GateRefusal(code, voucher_id=payload.decode())
+        if code in ("APPLIED", "REPLAY_APPLIED"):
+            app = applications.RECORD.decode(payload)
+            app_round = applications.round_of(cached.stored.rounds, app.round_id)
+            return applications.application_out(
+                app, app_round, definition.timezone
+            ), code == "REPLAY_APPLIED"
+        if code == "ALREADY_CLAIMED":  # no voucher: an application waits for its draw
+            raise GateRefusal(code, voucher_id=payload.decode() or None)
         if code == "RATE_LIMITED":
             raise GateRefusal(code, retry_after=int(payload))
         if code == "ROUND_CLOSED":

@@ -84,11 +84,12 @@ class ApiError(Exception):
         *,
         voucher_id: str | None = None,
         retry_after: int | None = None,
+        status: int | None = None,
     ) -> None:
-        status, message, _ = ERRORS[code]
+        usual, message, _ = ERRORS[code]
         super().__init__(f"{code}: {detail or message}")
         self.code = code
-        self.status = status
+        self.status = status or usual  # the contract gives a few refusals their own
         self.detail = detail
         self.voucher_id = voucher_id
         self.retry_after = retry_after

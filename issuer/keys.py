@@ -34,6 +34,9 @@ class CampaignKeys:
 
     __slots__ = (
         "accounts",
+        "applicant_accounts",
+        "applicants",
+        "applications",
         "campaign_id",
         "definition",
         "events",
@@ -65,11 +68,25 @@ class CampaignKeys:
         self.redemptions = f"{tag}:redemptions"  # hash redemption_id -> JSON record
         self.orders = f"{tag}:orders"  # hash order_id -> redemption_id (one per order)
         self.refunds = f"{tag}:refunds"  # hash refund_id -> JSON record
+        # lottery rounds: every application, and each person's and account's latest one
+        # (while it waits for its draw, they may neither apply again nor claim)
+        self.applications = f"{tag}:applications"  # hash application_id -> JSON record
+        self.applicants = f"{tag}:applicants"  # hash person_ref -> application_id
+        self.applicant_accounts = f"{tag}:applicant_accounts"  # hash user_id -> application_id
 
     def round(self, round_id: str) -> str:
         """Hash: opens/closes/valid_until (ms), quota, budget, issued, reserved (held by
         issued vouchers), spent (discounts of its redeemed vouchers, net of refunds)."""
         return f"{self.tag}:round:{round_id}"
+
+    def entries(self, round_id: str) -> str:
+        """Hash: application_ref -> application_id, the applications of a lottery round."""
+        return f"{self.tag}:entries:{round_id}"
+
+    def draw(self, round_id: str) -> str:
+        """Hash of a lottery round's draw: seed, root, cursor (applications decided, in rank
+        order), winners, full (1 once quota or money refused a winner)."""
+        return f"{self.tag}:draw:{round_id}"
 
     def idempotency(self, now_s: float) -> tuple[str, str]:
         """The current and the previous idempotency bucket (hash request key -> result)."""

@@ -388,8 +388,34 @@ class DisbursementList(Struct, kw_only=True):
     disbursements: list[DisbursementOut]
 
 
-class VoucherList(Struct, kw_only=True):
+class ApplicationOut(Struct, kw_only=True, omit_defaults=True):
+    """An application to a lottery round: applied, then won (with its voucher) or not_drawn."""
+
+    application_id: str
+    campaign_id: str
+    round_id: str
+    user_id: str
+    status: Literal["applied", "won", "not_drawn"]
+    draws_at: datetime
+    applied_at: datetime
+    voucher_id: str | None = None
+
+
+class VoucherList(Struct, kw_only=True, omit_defaults=True):
     vouchers: list[VoucherOut]
+    applications: list[ApplicationOut] = []  # to lottery rounds; left out if none
+
+
+class DrawIn(Strict, kw_only=True):
+    request_id: RequestId
+    seed: Annotated[str, Meta(pattern=r"^(?:[0-9a-fA-F]{2}){16,64}$")]
+
+
+class DrawOut(Struct, kw_only=True):
+    round_id: str
+    winners: int
+    applications: int
+    applications_root: str
 
 
 class Ledger(Struct, kw_only=True):

@@ -7,11 +7,12 @@ import time
 import msgspec
 from aiohttp import web
 
-from issuer import metrics, registrations, vouchers
+from issuer import applications, metrics, registrations, vouchers
 from issuer.auth import Verified
 from issuer.errors import ApiError
 from issuer.http import Ctx, Route, counted, path_id, reply
 from issuer.model import (
+    ApplicationOut,
     ClaimIn,
     Id,
     RegistrationIn,
@@ -40,8 +41,9 @@ async def register(ctx: Ctx, request: web.Request, body: RegistrationIn) -> web.
 async def claim(ctx: Ctx, request: web.Request, body: ClaimIn) -> web.Response:
     campaign_id = path_id(request, "campaign_id")
     claimed = ctx.claims.claim(campaign_id, body, request["verified"], request.remote)
-    voucher, replay = await counted(metrics.CLAIMS, campaign_id, claimed)
-    return reply(voucher, 201, replay=replay)
+    answer, replay = await counted(metrics.CLAIMS, campaign_id, claimed)
+    # an application to a lottery round is accepted, its outcome comes with the draw
+    return reply(answer, 202 if isinstance(answer, ApplicationOut) else 201, replay=replay)
 
 
 async def get_voucher(ctx: Ctx, request: web.Request, _: None) -> web.Response:
@@ -57,8 +59,10 @@ async def user_vouchers(ctx: Ctx, request: web.Request, _: None) -> web.Response
             campaign_id = msgspec.convert(campaign_id, Id)
         except msgspec.ValidationError:
             raise ApiError("INVALID_REQUEST", "campaign_id: not a valid id") from None
-    found = await vouchers.of_user(ctx.redis, ctx.campaigns, user_id, campaign_id)
-    return reply(VoucherList(vouchers=found))
+    ids = await vouchers.campaign_ids(ctx.redis, campaign_id)
+    found = await vouchers.of_user(ctx.redis, ctx.campaigns, user_id, ids)
+    applied = await applications.of_user(ctx.redis, ctx.campaigns, user_id, ids)
+    return reply(VoucherList(vouchers=found, applications=applied))
 
 
 CLAIM_ROUTES: tuple[Route, ...] = (

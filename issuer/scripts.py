@@ -36,6 +36,7 @@ NAMES = (
     "mark_paid",
     "carry_over",
     "rebuild_commit",
+    "draw_batch",
 )
 
 

@@ -29,13 +29,17 @@ async def get(redis: Redis, campaigns: Campaigns, voucher_id: str) -> VoucherOut
     return voucher_out(rec, cached.definition.timezone, "expired" if late else None)
 
 
-async def of_user(
-    redis: Redis, campaigns: Campaigns, user_id: str, campaign_id: str | None
-) -> list[VoucherOut]:
+async def campaign_ids(redis: Redis, campaign_id: str | None) -> list[str]:
+    """The campaign asked for, or every campaign."""
     if campaign_id is not None:
-        ids = [campaign_id]
-    else:
-        ids = sorted(m.decode() for m in await redis.smembers(keys.CAMPAIGNS))
+        return [campaign_id]
+    return sorted(m.decode() for m in await redis.smembers(keys.CAMPAIGNS))
+
+
+async def of_user(
+    redis: Redis, campaigns: Campaigns, user_id: str, ids: list[str]
+) -> list[VoucherOut]:
+    """The user's voucher in each of these campaigns that has one."""
     found = []
     for cid in ids:
         try:

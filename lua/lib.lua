@@ -34,3 +34,15 @@ local function expire_voucher(ledger, round, vouchers, expiry, events, v, now)
   redis.call('XADD', events, '*', 't', 'expiry', 'd', cjson.encode({
     voucher_id = v.voucher_id, round_id = v.round_id, reserve_fen = reserve, expired_at = now}))
 end
+
+-- Issue voucher `rec` (a decoded record, status issued): the person's and the account's
+-- hold, the record, its expiry and its claim event for the flusher. Returns its JSON.
+local function write_voucher(persons, accounts, vouchers, expiry, events, rec)
+  local json = cjson.encode(rec)
+  redis.call('HSET', persons, rec.person_ref, rec.voucher_id)
+  redis.call('HSET', accounts, rec.user_id, rec.voucher_id)
+  redis.call('HSET', vouchers, rec.voucher_id, json)
+  redis.call('ZADD', expiry, rec.expires_at, rec.voucher_id)
+  redis.call('XADD', events, '*', 't', 'claim', 'd', json)
+  return json
+end

@@ -1,0 +1,63 @@
+-- Decide the next applications of a lottery round's draw, in rank order, atomically:
+-- winners while quota, round budget and campaign money allow, then (from the first that
+-- does not fit) not drawn. A batch applies only at the draw's cursor, so a draw resumed
+-- after a crash, or run twice at once, decides every application once.
+-- KEYS: 1 ledger, 2 round, 3 persons, 4 accounts, 5 vouchers, 6 events, 7 expiry,
+--       8 applications, 9 draw
+-- ARGV: 1 seed, 2 root, 3 reserve_fen, 4 cursor this batch starts at, 5 count, then per
+--       application in rank order: application_id, voucher_id
+-- Returns {code, cursor, winners}: OK (applied), MOVED (the cursor was elsewhere: nothing
+-- done), MISMATCH (the draw began with another seed or root: nothing done)
+local seed, root, reserve = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local start, n = tonumber(ARGV[4]), tonumber(ARGV[5])
+local st = redis.call('HMGET', KEYS[9], 'cursor', 'seed', 'root', 'winners', 'full')
+local cursor, winners = tonumber(st[1] or '0'), tonumber(st[4] or '0')
+if st[2] and (st[2] ~= seed or st[3] ~= root) then return {'MISMATCH', cursor, winners} end
+if cursor ~= start then return {'MOVED', cursor, winners} end
+local available = tonumber(redis.call('HGET', KEYS[1], 'available'))
+local rnd = redis.call('HMGET', KEYS[2], 'valid_until', 'quota', 'budget', 'issued',
+  'reserved', 'spent', 'overdrawn')
+local valid_until = tonumber(rnd[1])
+local quota, rbudget = tonumber(rnd[2]), tonumber(rnd[3])
+local issued, rreserved = tonumber(rnd[4]), tonumber(rnd[5])
+local rspent = tonumber(rnd[6] or 0) - tonumber(rnd[7] or 0)
+local full = st[5] == '1'
+local now = now_ms()
+local granted = 0
+for i = 0, n - 1 do
+  local aid, vid = ARGV[6 + 2 * i], ARGV[7 + 2 * i]
+  local app = cjson.decode(redis.call('HGET', KEYS[8], aid))
+  if app.status == 'applied' then
+    if not full and (quota < 0 or issued < quota)
+        and (rbudget < 0 or rreserved + rspent + reserve <= rbudget)
+        and available >= reserve then
+      local rec = {voucher_id = vid, campaign_id = app.campaign_id, round_id = app.round_id,
+        user_id = app.user_id, person_ref = app.person_ref, status = 'issued',
+        issued_at = now, expires_at = valid_until, reserve_fen = reserve,
+        discount_rate_bp = app.discount_rate_bp, cap_fen = app.cap_fen,
+        device_id = app.device_id, staff_id = app.staff_id}
+      write_voucher(KEYS[3], KEYS[4], KEYS[5], KEYS[7], KEYS[6], rec)
+      issued = issued + 1
+      rreserved = rreserved + reserve
+      available = available - reserve
+      granted = granted + 1
+      app.status = 'won'
+      app.voucher_id = vid
+    else
+      full = true  -- winners are the lowest ranks: none after the first that does not fit
+      app.status = 'not_drawn'
+    end
+    local json = cjson.encode(app)
+    redis.call('HSET', KEYS[8], aid, json)
+    redis.call('XADD', KEYS[6], '*', 't', 'application', 'd', json)
+  end
+end
+winners = winners + granted
+redis.call('HSET', KEYS[9], 'cursor', start + n, 'seed', seed, 'root', root,
+  'winners', winners, 'full', full and '1' or '0')
+if granted > 0 then
+  redis.call('HSET', KEYS[2], 'issued', issued, 'reserved', rreserved)
+  redis.call('HINCRBY', KEYS[1], 'available', -granted * reserve)
+  redis.call('HINCRBY', KEYS[1], 'reserved', granted * reserve)
+end
+return {'OK', start + n, winners}

@@ -1,0 +1,239 @@
+"""Lottery rounds end to end: applications through the claim call, the draw revealed by
+ops and checked from its published document alone, resumed after a crash mid-draw."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import subprocess
+import sys
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import msgspec
+import pytest
+from redis.asyncio import Redis
+
+from issuer import draw, lottery
+from issuer.campaigns import Campaigns
+from issuer.keys import CampaignKeys
+from issuer.scripts import Scripts
+from tests.conftest import Service, unique_id
+from tests.people import campaign, claim, iso
+
+TOPOLOGIES = ("standalone", "cluster")
+SEED = "5eed" * 16
+COMMITMENT = hashlib.sha256(bytes.fromhex(SEED)).hexdigest()
+WINDOW_S = 6.0  # applications are taken for this long
+RESERVE = 200_000
+
+
+async def lottery_campaign(service: Service, *, quota: int, **kwargs: Any) -> tuple[str, datetime]:
+    """A campaign whose one round is a lottery taking applications for WINDOW_S; returns
+    it and its draw time (2 s after applications close)."""
+    body = campaign(quota=quota, opens_in_s=-1, **kwargs)
+    now = datetime.now(UTC)
+    closes = now + timedelta(seconds=WINDOW_S)
+    draws = closes + timedelta(seconds=2)
+    body["rounds"][0] |= {
+        "allocation": "lottery",
+        "applications_close_at": iso(closes),
+        "draws_at": iso(draws),
+        "commitment": COMMITMENT,
+    }
+    campaign_id = unique_id()
+    resp = await service.call("PUT", f"/v1/campaigns/{campaign_id}", body)
+    assert resp.status == 201, resp.body
+    return campaign_id, draws
+
+
+async def apply_all(service: Service, campaign_id: str, bodies: list[dict[str, Any]]) -> list[Any]:
+    app = service.client("app")
+    path = f"/v1/campaigns/{campaign_id}/claims"
+    return await asyncio.gather(*(app.call("POST", path, b) for b in bodies))
+
+
+async def until(when: datetime) -> None:
+    await asyncio.sleep(max(0.0, (when - datetime.now(UTC)).total_seconds()) + 0.05)
+
+
+def verify_draw_cli(doc: Any, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "draw.json"
+    path.write_text(json.dumps(doc))
+    return subprocess.run(
+        [sys.executable, "-m", "issuer.cli", "verify-draw", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_applications_then_a_draw_anyone_can_check(
+    service: Service, pg: asyncpg.Pool, tmp_path: Path
+) -> None:
+    campaign_id, draws_at = await lottery_campaign(service, quota=100)
+    path = f"/v1/campaigns/{campaign_id}/claims"
+    bodies = [claim(n) for n in range(300)]
+    answers = await apply_all(service, campaign_id, bodies + bodies[:20])
+    assert Counter(a.status for a in answers) == {202: 320}, [a.body for a in answers[:3]]
+    for n in range(20):  # sent at once: either one is the replay of the other
+        pair = (answers[n], answers[300 + n])
+        assert pair[0].body == pair[1].body
+        assert sorted(a.headers.get("Idempotent-Replay", "") for a in pair) == ["", "true"]
+    one = answers[0].body
+    assert one["status"] == "applied" and one["round_id"] == "r1"
+    assert (
+        datetime.fromisoformat(one["draws_at"]) == draws_at.replace(microsecond=0)
+        or one["draws_at"]
+    )
+    app = service.client("app")
+    refused = {
+        "same person again": claim(0, request_id="again-00000000", user="uother"),
+        "same account, other person": claim(400, user="u1"),
+    }
+    for why, body in refused.items():
+        resp = await app.call("POST", path, body)
+        assert resp.status == 409 and resp.body["error"]["code"] == "ALREADY_CLAIMED", why
+        assert "voucher_id" not in resp.body, why
+    mismatch = await app.call("POST", path, claim(0) | {"device_id": "d-other"})
+    assert mismatch.body["error"]["code"] == "IDEMPOTENCY_MISMATCH"
+    read = await app.call("GET", f"/v1/applications/{one['application_id']}")
+    assert read.status == 200 and read.body == one
+    listed = await app.call("GET", f"/v1/users/u0/vouchers?campaign_id={campaign_id}")
+    assert listed.body == {"vouchers": [], "applications": [one]}
+
+    await until(draws_at - timedelta(seconds=2))  # applications closed, not drawn yet
+    late = await app.call("POST", path, claim(500))
+    assert late.status == 409 and late.body["error"]["code"] == "NOT_OPEN"
+    draw_path = f"/v1/campaigns/{campaign_id}/rounds/r1/draw"
+    early = await service.call("POST", draw_path, {"request_id": "draw-0001", "seed": SEED})
+    assert early.status == 409 and early.body["error"]["code"] == "NOT_OPEN"
+    frozen = (await service.call("GET", draw_path, role="app")).body
+    assert frozen["seed"] is None and len(frozen["applications"]) == 300
+    assert frozen["applications_root"] == draw.applications_root(
+        e["application_ref"] for e in frozen["applications"]
+    )
+
+    await until(draws_at)
+    wrong = await service.call("POST", draw_path, {"request_id": "draw-0002", "seed": "ab" * 32})
+    assert wrong.status == 422 and wrong.body["error"]["code"] == "INVALID_REQUEST"
+    done = await service.call("POST", draw_path, {"request_id": "draw-0003", "seed": SEED})
+    assert done.status == 200, done.body
+    assert done.body == {
+        "round_id": "r1",
+        "winners": 100,
+        "applications": 300,
+        "applications_root": frozen["applications_root"],
+    }
+    again = await service.call("POST", draw_path, {"request_id": "draw-0004", "seed": SEED.upper()})
+    assert again.body == done.body  # idempotent: the same draw, nothing issued twice
+
+    doc = (await service.call("GET", draw_path, role="auditor")).body
+    assert doc["seed"] == SEED and doc["winners"] == 100 and doc["quota"] == 100
+    assert draw.verify(msgspec.convert(doc, draw.DrawDocument)) == []
+    checked = verify_draw_cli(doc, tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    ranked = draw.order(
+        SEED, doc["applications_root"], (e["application_ref"] for e in doc["applications"])
+    )
+    won = {e["application_ref"] for e in doc["applications"] if e["outcome"] == "won"}
+    assert won == set(ranked[:100])
+    other_seed = draw.order("00" * 32, doc["applications_root"], ranked)
+    assert set(other_seed[:100]) != won  # another seed, other winners
+    tampered = doc | {"applications": doc["applications"][1:]}
+    assert verify_draw_cli(tampered, tmp_path).returncode == 1
+
+    outcomes = [
+        (await app.call("GET", f"/v1/applications/{a.body['application_id']}")).body
+        for a in answers[:300]
+    ]
+    assert Counter(o["status"] for o in outcomes) == {"won": 100, "not_drawn": 200}
+    vouchers = [
+        (await app.call("GET", f"/v1/vouchers/{o['voucher_id']}")).body
+        for o in outcomes
+        if o["status"] == "won"
+    ]
+    assert {v["status"] for v in vouchers} == {"issued"}
+    assert len({v["user_id"] for v in vouchers}) == 100
+    state = (await service.call("GET", f"/v1/campaigns/{campaign_id}")).body
+    assert state["current_round"]["issued"] == 100
+    assert state["ledger"]["reserved_fen"] == 100 * RESERVE
+    winner = next(o for o in outcomes if o["status"] == "won")
+    listed = await app.call(
+        "GET", f"/v1/users/{winner['user_id']}/vouchers?campaign_id={campaign_id}"
+    )
+    assert listed.body["applications"] == [winner]
+    assert [v["voucher_id"] for v in listed.body["vouchers"]] == [winner["voucher_id"]]
+    # a winner holds the campaign's voucher: no second one from a later claim
+    held = await app.call("POST", path, claim(999, user=winner["user_id"]))
+    assert held.status == 409
+
+    await service.drained()
+    async with pg.acquire() as conn:
+        in_pg = await conn.fetchval(
+            "SELECT count(*) FROM vouchers WHERE campaign_id = $1", campaign_id
+        )
+        events = await conn.fetch(
+            "SELECT data->>'status' AS status, count(*) AS n FROM events"
+            " WHERE campaign_id = $1 AND type = 'application' GROUP BY 1",
+            campaign_id,
+        )
+    assert in_pg == 100
+    assert {r["status"]: r["n"] for r in events} == {"applied": 300, "won": 100, "not_drawn": 200}
+
+
+async def test_the_round_budget_binds_before_the_quota(service: Service) -> None:
+    campaign_id, draws_at = await lottery_campaign(service, quota=50, round_budget_fen=20 * RESERVE)
+    answers = await apply_all(service, campaign_id, [claim(n) for n in range(60)])
+    assert {a.status for a in answers} == {202}
+    await until(draws_at)
+    done = await service.call(
+        "POST", f"/v1/campaigns/{campaign_id}/rounds/r1/draw", {"request_id": "draw-0001", "seed": SEED}
+    )
+    assert done.body["winners"] == 20
+    doc = (await service.call("GET", f"/v1/campaigns/{campaign_id}/rounds/r1/draw")).body
+    assert draw.verify(msgspec.convert(doc, draw.DrawDocument)) == []
+
+
+async def test_a_draw_that_crashed_half_way_finishes_with_the_same_winners(
+    service: Service, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    campaign_id, draws_at = await lottery_campaign(service, quota=40)
+    answers = await apply_all(service, campaign_id, [claim(n) for n in range(120)])
+    assert {a.status for a in answers} == {202}
+    await until(draws_at)
+    scripts = Scripts(redis)
+    campaigns = Campaigns(redis, scripts)
+    monkeypatch.setattr(lottery, "DRAW_BATCH", 7)
+    run = scripts.run
+    calls = 0
+
+    async def crash_after_three(name: str, keys: Any, args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > 3:
+            raise ConnectionError("the worker died")
+        return await run(name, keys, args)
+
+    monkeypatch.setattr(scripts, "run", crash_after_three)
+    with pytest.raises(ConnectionError):
+        await lottery.draw(redis, scripts, campaigns, campaign_id, "r1", SEED)
+    ck = CampaignKeys(campaign_id)
+    assert int(await redis.hget(ck.draw("r1"), "cursor") or 0) == 21
+    # two callers finish it at once (a retry while another worker still runs)
+    monkeypatch.setattr(scripts, "run", run)
+    path = f"/v1/campaigns/{campaign_id}/rounds/r1/draw"
+    finished = await asyncio.gather(
+        lottery.draw(redis, scripts, campaigns, campaign_id, "r1", SEED),
+        service.call("POST", path, {"request_id": "draw-0001", "seed": SEED}),
+    )
+    assert finished[0].winners == 40 and finished[1].body["winners"] == 40
+    doc = (await service.call("GET", path)).body
+    assert draw.verify(msgspec.convert(doc, draw.DrawDocument)) == []
+    assert await redis.hlen(ck.vouchers) == 40
+    assert await redis.hlen(ck.persons) == 40
+    await scripts.aclose()
