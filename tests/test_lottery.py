@@ -192,7 +192,9 @@ async def test_the_round_budget_binds_before_the_quota(service: Service) -> None
     assert {a.status for a in answers} == {202}
     await until(draws_at)
     done = await service.call(
-        "POST", f"/v1/campaigns/{campaign_id}/rounds/r1/draw", {"request_id": "draw-0001", "seed": SEED}
+        "POST",
+        f"/v1/campaigns/{campaign_id}/rounds/r1/draw",
+        {"request_id": "draw-0001", "seed": SEED},
     )
     assert done.body["winners"] == 20
     doc = (await service.call("GET", f"/v1/campaigns/{campaign_id}/rounds/r1/draw")).body
