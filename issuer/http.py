@@ -62,6 +62,7 @@ class Route:
     status: int = 200
     query: type | None = None  # a Struct of the query string, passed as the handler's body
     files: tuple[str, ...] = ()  # media types answered as a download (response bytes: only)
+    also: tuple[tuple[int, type], ...] = ()  # other success answers: (status, type)
 
 
 def reply(payload: Any, status: int = 200, *, replay: bool = False) -> web.Response:

@@ -39,10 +39,12 @@ fetch('/openapi.json').then(r => r.json()).then(spec => {
 
 def document(routes: Sequence[Route]) -> dict[str, Any]:
     types = [t for r in routes for t in (r.body, r.response) if t not in (None, bytes)]
+    types += [t for r in routes for _, t in r.also if t not in types]
     schemas, components = msgspec.json.schema_components([*types, ErrorEnvelope], ref_template=REF)
     by_type = dict(zip([*types, ErrorEnvelope], schemas, strict=True))
     error = {"content": {"application/json": {"schema": by_type[ErrorEnvelope]}}}
-    statuses = sorted({status for status, _, _ in ERRORS.values()})
+    # a lottery seed that misses its commitment is refused 422 (API.md v1.1)
+    statuses = sorted({status for status, _, _ in ERRORS.values()} | {422})
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
         params = [
@@ -67,6 +69,13 @@ def document(routes: Sequence[Route]) -> dict[str, Any]:
             "parameters": params,
             "responses": {
                 str(route.status): {"description": "success", "content": content},
+                **{
+                    str(status): {
+                        "description": "success",
+                        "content": {"application/json": {"schema": by_type[t]}},
+                    }
+                    for status, t in route.also
+                },
                 **{str(s): {"description": "error", **error} for s in statuses},
             },
         }

@@ -81,10 +81,12 @@ CLAIM_ROUTES: tuple[Route, ...] = (
         "/v1/campaigns/{campaign_id}/claims",
         claim,
         ("app", "merchant"),
-        "Claim a voucher (app key; merchant key in staff mode)",
+        "Claim a voucher (app key; merchant key in staff mode); in a lottery round's"
+        " window, apply (202)",
         ClaimIn,
         VoucherOut,
         201,
+        also=((202, ApplicationOut),),
     ),
     Route(
         "GET",
