@@ -1,10 +1,11 @@
 """`make bench`: req/s and p50/p99 latency of (a) an empty aiohttp+uvloop handler, (b) our
-claim endpoint while the round has quota, (c) our claim endpoint after sell-out, (g) our
-claim endpoint before the round opens, (d) a naive claim-as-PostgreSQL-transaction app,
-(e) our redemption endpoint and (f) claims answered only once Redis fsynced them
-(ISSUER_DURABLE_ACK=aof) and (r) once a replica has them (ISSUER_DURABLE_ACK=replica), all
-with the same number of server workers, run interleaved for R repetitions; prints medians,
-the throughput ratios and the CPU per request of each part against their targets."""
+claim endpoint while the round has quota, (p) an application to a lottery round (202
+applied), (c) our claim endpoint after sell-out, (g) our claim endpoint before the round
+opens, (d) a naive claim-as-PostgreSQL-transaction app, (e) our redemption endpoint and (f)
+claims answered only once Redis fsynced them (ISSUER_DURABLE_ACK=aof) and (r) once a replica
+has them (ISSUER_DURABLE_ACK=replica), all with the same number of server workers, run
+interleaved for R repetitions; prints medians, the throughput ratios and the CPU per request
+of each part against their targets."""
 
 from __future__ import annotations
 
@@ -26,7 +27,18 @@ import uvloop
 from bench import cpu, profile, report
 from bench.loadgen import Clients, Merged, Target
 from bench.signing import FIRST_N, Plan
-from bench.stack import EMPTY, MERCHANT, NAIVE, NOT_YET, OPEN, REDEEM, SOLD_OUT, Stack, fs_type
+from bench.stack import (
+    EMPTY,
+    LOTTERY,
+    MERCHANT,
+    NAIVE,
+    NOT_YET,
+    OPEN,
+    REDEEM,
+    SOLD_OUT,
+    Stack,
+    fs_type,
+)
 
 OUT = Path(__file__).resolve().parent / "out" / "results.json"
 HEADROOM = 1.4  # requests built per run: this times the last rate seen, times the run's length
@@ -47,6 +59,7 @@ class Scenario:
 SCENARIOS = (
     Scenario("a", "empty aiohttp+uvloop handler", EMPTY, 200, 0, cycle=True),
     Scenario("b", "claim, round open (201 issued)", OPEN, 201, 8_000),
+    Scenario("p", "apply to a lottery round (202 applied)", LOTTERY, 202, 8_000),
     Scenario("c", "claim after sell-out (409)", SOLD_OUT, 409, 15_000),
     Scenario("g", "claim before the opening (409 NOT_OPEN)", NOT_YET, 409, 15_000),
     Scenario("d", "naive: claim as a PostgreSQL transaction", NAIVE, 201, 3_000),
@@ -72,7 +85,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--naive-pool", type=int, default=2, help="PG connections per naive worker (2 was fastest)"
     )
-    parser.add_argument("--scenarios", default="abcgdefr", help="which of a … g, r to run")
+    parser.add_argument("--scenarios", default="abpcgdefr", help="which of a … g, p, r to run")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--keep", action="store_true", help="keep the temp dir for a look")
     parser.add_argument(
@@ -167,7 +180,7 @@ class Bench:
         built, build_s = await asyncio.to_thread(self.clients.build, plans, "127.0.0.1")
         per_client = args.connections // args.clients
         target = Target("127.0.0.1", self.port(s), per_client, args.warmup, args.seconds)
-        issuer_side = s.key in "bcfr"
+        issuer_side = s.key in "bpcfr"
         start_at = time.monotonic() + 0.2
         self.clients.go(target, start_at)
         await asyncio.sleep(start_at + args.warmup - time.monotonic())

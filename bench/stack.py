@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import re
 import shutil
 import tempfile
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -20,7 +23,7 @@ from bench.procs import Service, Workers
 from issuer import embedded
 from issuer.auth import ApiKey, load_keys
 from issuer.client import Client
-from tests.people import campaign, claim
+from tests.people import campaign, claim, iso
 
 PERSON_KEY = "bench-person-key"
 # PostgreSQL's defaults, spelled out: every commit waits for its WAL to reach the disk.
@@ -31,6 +34,9 @@ DRAIN_TIMEOUT_S = 120
 OPEN, SOLD_OUT, NAIVE, EMPTY = "bench-open", "bench-soldout", "naive", "empty"
 REDEEM, MERCHANT = "bench-redeem", "bench-merchant"
 NOT_YET = "bench-notopen"  # its round opens in a day: every claim is refused NOT_OPEN
+LOTTERY = "bench-lottery"  # a lottery round taking applications for a day: every claim applies
+LOTTERY_SEED = "be5c" * 16  # never drawn in the bench; its commitment is in the round
+LOTTERY_QUOTA = 100
 ISSUE_CONCURRENCY = 64
 
 
@@ -60,6 +66,20 @@ async def pg_settings(url: str) -> dict[str, str]:
         return {name: str(await conn.fetchval(f"SHOW {name}")) for name in SHOWN}
     finally:
         await conn.close()
+
+
+def lottery_campaign() -> dict[str, Any]:
+    """A campaign whose one round is a lottery: applications from 5 s ago until tomorrow,
+    drawn a minute after they close (never within a bench), open two days."""
+    body = campaign(quota=LOTTERY_QUOTA, opens_in_s=-5, open_for_s=2 * 86_400)
+    now = datetime.now(UTC)
+    body["rounds"][0] |= {
+        "allocation": "lottery",
+        "applications_close_at": iso(now + timedelta(days=1)),
+        "draws_at": iso(now + timedelta(days=1, minutes=1)),
+        "commitment": hashlib.sha256(bytes.fromhex(LOTTERY_SEED)).hexdigest(),
+    }
+    return body
 
 
 class Stack:
@@ -125,7 +145,7 @@ class Stack:
 
     async def _campaigns(self) -> None:
         """One round open for an hour with quota to spare, one already sold out, one for
-        payments and one that opens tomorrow."""
+        payments, one that opens tomorrow and a lottery taking applications all day."""
         assert self.service is not None
         url = self.service.url
         async with aiohttp.ClientSession() as session:
@@ -141,6 +161,7 @@ class Stack:
                 (SOLD_OUT, campaign(quota=1)),
                 (REDEEM, plenty),
                 (NOT_YET, campaign(quota=OPEN_QUOTA, opens_in_s=86_400)),
+                (LOTTERY, lottery_campaign()),
             ):
                 put = await ops.call("PUT", f"/v1/campaigns/{campaign_id}", body)
                 if put.status not in (200, 201):
