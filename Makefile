@@ -34,11 +34,13 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.cluster
 
-## surge: rehearse a 10:00 opening with Locust, then verify every invariant (loadtest/out/)
+## surge: rehearse a 10:00 opening with Locust, then verify every invariant (loadtest/out/);
+## ALLOCATION=lottery: the crowd applies over the run, then the round is drawn and checked
 surge: $(STAMP)
 	$(BIN)/python -m loadtest.surge --users $(USERS) --seconds $(SECONDS) --quota $(QUOTA) \
 		$(if $(PROCESSES),--processes $(PROCESSES)) $(if $(QUEUE_MAX),--queue-max $(QUEUE_MAX)) \
-		$(if $(SHED_LAG_MS),--shed-lag-ms $(SHED_LAG_MS)) $(if $(OVERLOAD),--overload $(OVERLOAD))
+		$(if $(SHED_LAG_MS),--shed-lag-ms $(SHED_LAG_MS)) $(if $(OVERLOAD),--overload $(OVERLOAD)) \
+		$(if $(ALLOCATION),--allocation $(ALLOCATION))
 
 ## fuzz: schemathesis over every operation of /openapi.json, many examples each
 fuzz: $(STAMP)

@@ -5,7 +5,10 @@
   retries timeouts and 5xx with the same request_id. With `--merchant` (mixed), a winner
   pays with the voucher a few seconds later and one in five returns half the order; then
   it idles. `SurgeShape` ramps users from zero to `--surge-users` within `--ramp-s`
-  seconds and stops after `--surge-s`.
+  seconds and stops after `--surge-s`. With `--allocation lottery` the round is a lottery:
+  each surge user applies once at a random moment of the application window (opening
+  `--opens-at`, closing `--applications-close-at`), answered 202 APPLIED, and keeps the
+  application id for the harness, which draws after the window.
 - `AbuseUser`: one person behind several accounts and devices at once, retry storms of
   one request_id, a replayed signature, locations just outside the Linfen boundary,
   claims to a round that has not opened.
@@ -79,6 +82,9 @@ class Process:
     told: list[str]  # voucher ids clients were told about, not yet written or shipped
     rows: list[Row]  # one per request, not yet written or shipped
     outside: list[dict[str, float]]
+    applied: list[str]  # application ids clients were told about (lottery), not yet written
+    answers: set[str]  # what a claim may be answered: CLAIM_ANSWERS, and APPLIED in a lottery
+    gate: set[str]  # the same, or shed
 
 
 @events.init_command_line_parser.add_listener
@@ -95,6 +101,12 @@ def _arguments(parser: Any) -> None:
     parser.add_argument("--surge-s", type=float, default=60, help="whole run, then stop")
     parser.add_argument("--out-dir", default="loadtest/out")
     parser.add_argument("--verify", default="true", help="run loadtest.verify when quitting")
+    parser.add_argument(
+        "--allocation", default="first_come", choices=("first_come", "lottery"), help="the round's"
+    )
+    parser.add_argument(
+        "--applications-close-at", type=float, default=0, help="lottery: window end, epoch s"
+    )
 
 
 @events.init.add_listener
@@ -113,6 +125,10 @@ def _init(environment: Environment, **_: Any) -> None:
     Process.told = []
     Process.rows = []
     Process.outside = points_just_outside()
+    Process.applied = []
+    lottery = {"APPLIED"} if options.allocation == "lottery" else set()
+    Process.answers = CLAIM_ANSWERS | lottery
+    Process.gate = GATE_ANSWERS | lottery
 
 
 @events.report_to_master.add_listener
@@ -121,6 +137,7 @@ def _ship(data: dict[str, Any], **_: Any) -> None:
     after the worker's users stopped)."""
     data["issuer_told"], Process.told = Process.told, []
     data["issuer_rows"], Process.rows = Process.rows, []
+    data["issuer_applied"], Process.applied = Process.applied, []
 
 
 @events.worker_report.add_listener
@@ -128,6 +145,7 @@ def _collect(data: dict[str, Any], **_: Any) -> None:
     """On the master: keep what a worker shipped."""
     Process.told += data.get("issuer_told", [])
     Process.rows += [tuple(row) for row in data.get("issuer_rows", [])]
+    Process.applied += data.get("issuer_applied", [])
 
 
 @events.quitting.add_listener
@@ -139,6 +157,9 @@ def _quitting(environment: Environment, **_: Any) -> None:
     with (out / f"requests-{os.getpid()}.csv").open("w", newline="") as fh:
         csv.writer(fh).writerows(Process.rows)
     (out / f"told-{os.getpid()}.txt").write_text("".join(f"{v}\n" for v in Process.told))
+    if options.allocation == "lottery":  # not *.txt: these name applications, not vouchers
+        applied = "".join(f"{a}\n" for a in Process.applied)
+        (out / f"applied-{os.getpid()}.ids").write_text(applied)
     if options.verify != "true":
         return
     verify = subprocess.run(
@@ -204,6 +225,10 @@ class ClaimingUser(FastHttpUser):
             if code == "OK":
                 replay = resp.headers.get("Idempotent-Replay") == "true"
                 code = "REPLAY" if replay else success
+                if resp.status_code == 202:  # an application to a lottery round
+                    code = "REPLAY" if replay else "APPLIED"
+                    if isinstance(doc, dict) and path.endswith("/claims"):
+                        Process.applied.append(doc["application_id"])
             ok = code in expected
             if ok:
                 resp.success()
@@ -237,11 +262,11 @@ class ClaimingUser(FastHttpUser):
         after `Retry-After` when the service sheds load (OVERLOADED is an expected answer)."""
         failures = 0
         for _ in range(RETRIES + SHED_RETRIES):
-            code, voucher_id = self.send(campaign, body, name, GATE_ANSWERS)
+            code, voucher_id = self.send(campaign, body, name, Process.gate)
             if code == SHED:
                 gevent.sleep(random.uniform(1.0, 2.0))  # Retry-After: 1, with jitter
                 continue
-            if code in CLAIM_ANSWERS:
+            if code in Process.answers:
                 return code, voucher_id
             failures += 1
             if failures == RETRIES:
@@ -270,15 +295,25 @@ class SurgeUser(ClaimingUser):
         self.person = next(Process.persons)
         self.attempt = 0
         self.done = False
+        options = Process.options
+        self.at = 0.0  # first come: as soon as it opens
+        if options.allocation == "lottery":  # some moment of the window, all equally likely
+            self.at = random.uniform(options.opens_at, options.applications_close_at - 1.0)
 
     @task
     def claim(self) -> None:
+        if self.at:
+            gevent.sleep(max(0.0, self.at - time.time()))
         while not self.done:
             self.attempt += 1
             body = claim_body(self.person, f"surge-{self.person}-{self.attempt}", f"u{self.person}")
             code, voucher_id = self.claim_with_retries(
                 Process.options.campaign, body, "surge claim"
             )
+            closed = Process.options.applications_close_at
+            if code == "NOT_OPEN" and closed and time.time() >= closed:
+                self.done = True  # the window closed before this application got in
+                break
             if code == "NOT_OPEN":
                 gevent.sleep(max(0.05, Process.options.opens_at - time.time()))
                 continue
@@ -339,11 +374,11 @@ class AbuseUser(ClaimingUser):
             for i in range(4)
         ]
         jobs = [
-            gevent.spawn(self.send, Process.options.campaign, b, "abuse: accounts", GATE_ANSWERS)
+            gevent.spawn(self.send, Process.options.campaign, b, "abuse: accounts", Process.gate)
             for b in bodies
         ]
         gevent.joinall(jobs)
-        issued = [j.value for j in jobs if j.value and j.value[0] == "ISSUED"]
+        issued = [j.value for j in jobs if j.value and j.value[0] in ("ISSUED", "APPLIED")]
         if len(issued) > 1:
             events.request.fire(
                 request_type="CHECK",
@@ -362,13 +397,14 @@ class AbuseUser(ClaimingUser):
         body = claim_body(person, f"storm-{person}", f"u{person}")
         jobs = [
             gevent.spawn(
-                self.send, Process.options.campaign, body, "abuse: retry storm", GATE_ANSWERS
+                self.send, Process.options.campaign, body, "abuse: retry storm", Process.gate
             )
             for _ in range(5)
         ]
         gevent.joinall(jobs)
+        first = "APPLIED" if Process.options.allocation == "lottery" else "ISSUED"
         answers = {
-            (("ISSUED" if j.value[0] == "REPLAY" else j.value[0]), j.value[1])
+            ((first if j.value[0] == "REPLAY" else j.value[0]), j.value[1])
             for j in jobs
             if j.value and j.value[0] not in DECIDED_AGAIN
         }
@@ -392,9 +428,9 @@ class AbuseUser(ClaimingUser):
         body = claim_body(person, f"replay-{person}", f"u{person}")
         path = f"/v1/campaigns/{campaign}/claims"
         headers = signed_headers(Process.key, "POST", path, ENCODE.encode(body))
-        first, _ = self.send(campaign, body, "abuse: first of a replay", GATE_ANSWERS, headers)
+        first, _ = self.send(campaign, body, "abuse: first of a replay", Process.gate, headers)
         unknown = first in ("HTTP 0", SHED)
-        expected = GATE_ANSWERS | {"UNAUTHENTICATED"} if unknown else {"UNAUTHENTICATED", SHED}
+        expected = Process.gate | {"UNAUTHENTICATED"} if unknown else {"UNAUTHENTICATED", SHED}
         self.send(campaign, body, "abuse: replayed signature", expected, headers)
 
     @task(2)

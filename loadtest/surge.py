@@ -8,21 +8,32 @@ Locust saturates before the service on one machine, it brings a crowd above capa
 the closed-loop generator of `bench.overload` (`--overload`): served latency with and
 without shedding. Writes to `--out` (default loadtest/out): Locust's HTML report and CSVs,
 `surge.png` (requests/s, outcomes, served p50/p99 over time), `summary.md`, `verify.txt`.
-Exit code: Locust's (non-zero on any failure or failed invariant)."""
+Exit code: Locust's (non-zero on any failure or failed invariant).
+
+`--allocation lottery`: the surge round is a lottery (issue 15) committed to a random seed,
+whose application window is the run (`--seconds`): the crowd applies at moments spread
+over it (202 APPLIED) instead of in one second. After the window the harness reveals the
+seed (`POST .../rounds/r1/draw`), fetches the draw document (`draw.json`), checks it with
+`issuer verify-draw`, reads every application a client was told about
+(`applications.json`) and runs the verifier with them; the chart shows applications/s."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import csv
+import hashlib
+import json
 import math
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +45,12 @@ from issuer import embedded
 from issuer.auth import load_keys
 from issuer.client import Client
 from loadtest import Row
-from tests.people import campaign
+from tests.people import campaign, iso
 
 OUT = ROOT / "loadtest" / "out"
 LEAD_S = 4.0  # Locust starts this long before the round opens
+DRAW_AFTER_S = 2.0  # lottery: the draw is due this long after applications close
+READ_CONCURRENCY = 32  # lottery: applications read at once after the draw
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -79,8 +92,33 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-mixed", dest="mixed", action="store_false", help="winners do not pay or refund"
     )
+    parser.add_argument(
+        "--allocation",
+        default="first_come",
+        choices=("first_come", "lottery"),
+        help="lottery: the crowd applies over --seconds, then the round is drawn and checked",
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     return parser.parse_args(argv)
+
+
+class Lottery:
+    """The lottery round of a surge: a random seed committed to at campaign creation,
+    applications from the opening for `window_s`, the draw DRAW_AFTER_S later."""
+
+    def __init__(self, opens_at: float, window_s: float) -> None:
+        self.seed = secrets.token_hex(32)
+        self.commitment = hashlib.sha256(bytes.fromhex(self.seed)).hexdigest()
+        self.close_at = opens_at + window_s
+        self.draws_at = self.close_at + DRAW_AFTER_S
+
+    def round_fields(self) -> dict[str, str]:
+        return {
+            "allocation": "lottery",
+            "applications_close_at": iso(datetime.fromtimestamp(self.close_at, UTC)),
+            "draws_at": iso(datetime.fromtimestamp(self.draws_at, UTC)),
+            "commitment": self.commitment,
+        }
 
 
 class Servers:
@@ -105,10 +143,10 @@ class Servers:
 
 
 async def create_campaigns(
-    service: Service, keys_file: Path, quota: int, opens_at: float
+    service: Service, keys_file: Path, quota: int, opens_at: float, lottery: Lottery | None = None
 ) -> tuple[str, str, str]:
-    """The surge campaign (opens at `opens_at`), one that opens in an hour, and the
-    merchant where the winners pay (mixed)."""
+    """The surge campaign (opens at `opens_at`; a lottery round if `lottery`), one that
+    opens in an hour, and the merchant where the winners pay (mixed)."""
     ops = next(k for k in load_keys(keys_file).values() if k.role == "ops")
     stamp = time.strftime("%H%M%S")
     surge_id, future_id, merchant_id = f"surge-{stamp}", f"future-{stamp}", f"shop-{stamp}"
@@ -120,6 +158,8 @@ async def create_campaigns(
             raise RuntimeError(f"merchant {merchant_id}: {resp.status} {resp.body}")
         for campaign_id, opens_in in ((surge_id, opens_at - time.time()), (future_id, 3600)):
             body = campaign(quota=quota, opens_in_s=opens_in, open_for_s=3600)
+            if lottery is not None and campaign_id == surge_id:
+                body["rounds"][0] |= lottery.round_fields()
             resp = await client.call("PUT", f"/v1/campaigns/{campaign_id}", body)
             if resp.status != 201:
                 raise RuntimeError(f"campaign {campaign_id}: {resp.status} {resp.body}")
@@ -140,6 +180,7 @@ def locust_command(
     keys_file: Path,
     ids: tuple[str, str, str],
     opens_at: float,
+    lottery: Lottery | None = None,
 ) -> list[str]:
     out = args.out
     cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py")]
@@ -148,13 +189,93 @@ def locust_command(
     cmd += ["--stop-timeout", "20"]
     cmd += ["--csv", str(out / "locust"), "--html", str(out / "report.html")]
     cmd += ["--keys-file", str(keys_file), "--campaign", ids[0], "--future-campaign", ids[1]]
-    if args.mixed:
+    if args.mixed and lottery is None:
         cmd += ["--merchant", ids[2]]
     cmd += ["--opens-at", f"{opens_at:.3f}", "--surge-users", str(args.users)]
-    cmd += ["--ramp-s", str(args.ramp), "--surge-s", str(args.seconds), "--out-dir", str(out)]
+    cmd += [
+        "--ramp-s",
+        str(args.ramp),
+        "--surge-s",
+        str(locust_seconds(args)),
+        "--out-dir",
+        str(out),
+    ]
+    if lottery is not None:  # the harness verifies once it has drawn
+        cmd += ["--allocation", "lottery", "--applications-close-at", f"{lottery.close_at:.3f}"]
+        cmd += ["--verify", "false"]
     if args.processes > 1:
         cmd += ["--processes", str(args.processes)]
     return cmd
+
+
+def locust_seconds(args: argparse.Namespace) -> float:
+    """The whole Locust run: --seconds, or in a lottery the lead, the window and a second."""
+    if args.allocation == "lottery":
+        return LEAD_S + 2 + float(args.seconds) + 1
+    return float(args.seconds)
+
+
+def applied_ids(out: Path) -> list[str]:
+    """Every application id a Locust process was told about (applied-*.ids)."""
+    found = {line for f in out.glob("applied-*.ids") for line in f.read_text().split()}
+    return sorted(found)
+
+
+async def draw_round(
+    service: Service, keys_file: Path, campaign_id: str, lottery: Lottery, applied: list[str]
+) -> tuple[dict[str, Any], dict[str, Any], list[Any]]:
+    """At draws_at: reveal the seed, fetch the draw document, read every application a
+    client was told about; returns the draw's answer (with draw_s, how long it took), the
+    document and the applications as read."""
+    found = load_keys(keys_file).values()
+    ops = next(k for k in found if k.role == "ops")
+    app = next(k for k in found if k.role == "app")
+    await asyncio.sleep(max(0.0, lottery.draws_at - time.time()) + 0.2)
+    path = f"/v1/campaigns/{campaign_id}/rounds/r1/draw"
+    reveal = {"request_id": f"draw-{campaign_id}", "seed": lottery.seed}
+    async with aiohttp.ClientSession() as session:
+        ops_client = Client(service.url, ops, session)
+        app_client = Client(service.url, app, session)
+        started = time.monotonic()
+        done = await ops_client.call("POST", path, reveal)
+        took = time.monotonic() - started
+        if done.status != 200:
+            raise RuntimeError(f"draw of {campaign_id}: {done.status} {done.body}")
+        doc = (await ops_client.call("GET", path)).body
+        gate = asyncio.Semaphore(READ_CONCURRENCY)
+
+        async def read(application_id: str) -> Any:
+            async with gate:
+                return (await app_client.call("GET", f"/v1/applications/{application_id}")).body
+
+        reads = await asyncio.gather(*(read(a) for a in applied))
+    return {**done.body, "draw_s": took}, doc, list(reads)
+
+
+def check_draw(
+    env: dict[str, str], campaign_id: str, out: Path, doc: dict[str, Any], reads: list[Any]
+) -> tuple[int, str]:
+    """Writes draw.json and applications.json, runs `issuer verify-draw` on the published
+    document, then the verifier with the draw; writes verify.txt; returns (0 if both pass,
+    their output)."""
+    draw_path, reads_path = out / "draw.json", out / "applications.json"
+    draw_path.write_text(json.dumps(doc, ensure_ascii=False) + "\n")
+    reads_path.write_text(json.dumps(reads, ensure_ascii=False) + "\n")
+    cli = [sys.executable, "-m", "issuer.cli", "verify-draw", str(draw_path)]
+    offline = subprocess.run(
+        cli, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env}
+    )
+    verdict = "PASS" if offline.returncode == 0 else "FAIL"
+    text = f"{verdict} issuer verify-draw {draw_path.name}: exit {offline.returncode}"
+    text += "".join(f"; {line}" for line in (offline.stdout + offline.stderr).splitlines()[:3])
+    cmd = [sys.executable, "-m", "loadtest.verify", "--campaign", campaign_id, "--told", str(out)]
+    cmd += ["--draw", str(draw_path), "--applications", str(reads_path)]
+    checked = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env}
+    )
+    text += "\n" + checked.stdout + checked.stderr
+    (out / "verify.txt").write_text(text)
+    return (offline.returncode or checked.returncode), text
 
 
 def read_rows(out: Path) -> list[Row]:
@@ -197,6 +318,7 @@ def summary(
     quota: int,
     verify_text: str,
     inside: dict[str, float],
+    drawn: dict[str, Any] | None = None,
 ) -> str:
     claims = [r for r in rows if r[1] == "surge claim"]
     per_second = Counter(int(r[0]) for r in rows)
@@ -218,6 +340,17 @@ def summary(
         f" {inside['p99']:g} |",
         f"| event loop lag p99 ms (≤ bucket) | {inside['lag p99']:g} |",
         f"| failures (Locust) | {failures:,} |",
+    ]
+    if drawn is not None:  # a lottery: the applications, their rate and the draw
+        applied = Counter(int(r[0]) for r in rows if r[2] == "APPLIED")
+        lines += [
+            f"| applications (202 APPLIED) | {sum(applied.values()):,} |",
+            f"| applications/s at peak (1 s) | {max(applied.values(), default=0):,} |",
+            f"| drawn: winners / applications | {drawn['winners']:,} / {drawn['applications']:,} |",
+            f"| draw call s | {drawn['draw_s']:.2f} |",
+            f"| applications_root | `{drawn['applications_root']}` |",
+        ]
+    lines += [
         "",
         "| outcome | count |",
         "| --- | ---: |",
@@ -230,7 +363,7 @@ def summary(
     return "\n".join(lines)
 
 
-def chart(rows: list[Row], opens_at: float, path: Path) -> None:
+def chart(rows: list[Row], opens_at: float, path: Path, lottery: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,6 +376,10 @@ def chart(rows: list[Row], opens_at: float, path: Path) -> None:
     codes = [c for c, _ in Counter(r[2] for r in rows).most_common()]
     fig, (top, mid, low) = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
     top.plot(seconds, [len(by_second[s]) for s in seconds], label="requests/s")
+    if lottery:
+        applied = [sum(1 for r in by_second[s] if r[2] == "APPLIED") for s in seconds]
+        top.plot(seconds, applied, label="applications/s (202 APPLIED)")
+        top.legend(fontsize="small", loc="upper right")
     top.set_ylabel("requests/s")
     bottom = [0] * len(seconds)
     for code in codes:
@@ -258,11 +395,13 @@ def chart(rows: list[Row], opens_at: float, path: Path) -> None:
     for q, label in ((0.5, "p50"), (0.99, "p99")):
         low.plot(seconds, [percentile(served[s], q) for s in seconds], label=label)
     low.set_ylabel("served surge claims, ms")
-    low.set_xlabel("seconds since the round opened")
+    low.set_xlabel(
+        "seconds since applications opened" if lottery else "seconds since the round opened"
+    )
     low.legend()
     for axis in (top, mid, low):
         axis.axvline(0, color="grey", linestyle=":")
-    fig.suptitle("issuer surge rehearsal")
+    fig.suptitle("issuer lottery rehearsal: applications" if lottery else "issuer surge rehearsal")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -323,7 +462,8 @@ def above_capacity(args: argparse.Namespace, servers: Servers) -> str:
 
 def prepare(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    for pattern in ("told-*.txt", "requests-*.csv", "locust*.csv", "verify.txt"):
+    patterns = ("told-*.txt", "requests-*.csv", "locust*.csv", "verify.txt", "applied-*.ids")
+    for pattern in (*patterns, "draw.json", "applications.json"):
         for old in out.glob(pattern):
             old.unlink()
 
@@ -342,15 +482,22 @@ def main(argv: list[str] | None = None) -> int:
         service = Service(args.workers, service_env, log, nice=args.service_nice)
         keys_file = data_dir / "keys.toml"
         opens_at = time.time() + LEAD_S + 2
-        ids = asyncio.run(create_campaigns(service, keys_file, args.quota, opens_at))
+        lottery = Lottery(opens_at, args.seconds) if args.allocation == "lottery" else None
+        ids = asyncio.run(create_campaigns(service, keys_file, args.quota, opens_at, lottery))
         print(
             f"service {service.url}; campaign {ids[0]} opens in {opens_at - time.time():.0f} s"
             f" with {args.quota} vouchers; {args.users} users for {args.seconds:.0f} s",
             flush=True,
         )
-        cmd = locust_command(args, service.url, keys_file, ids, opens_at)
+        if lottery is not None:
+            print(
+                f"a lottery: applications for {args.seconds:.0f} s, drawn"
+                f" {DRAW_AFTER_S:g} s later; commitment {lottery.commitment}",
+                flush=True,
+            )
+        cmd = locust_command(args, service.url, keys_file, ids, opens_at, lottery)
         locust = subprocess.Popen(cmd, env={**os.environ, **env}, cwd=ROOT, text=True)
-        deadline = time.time() + args.seconds + 120
+        deadline = time.time() + locust_seconds(args) + 120
         locust_cpu = CpuWatch(locust.pid)
         while locust.poll() is None:
             if time.time() > deadline:
@@ -367,13 +514,25 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         rows = read_rows(args.out)
+        drawn: dict[str, Any] | None = None
+        returncode = locust.returncode
+        if lottery is not None:
+            applied = applied_ids(args.out)
+            print(f"drawing {len(applied):,} applications told to clients ...", flush=True)
+            drawn, doc, reads = asyncio.run(
+                draw_round(service, keys_file, ids[0], lottery, applied)
+            )
+            checked, text = check_draw(env, ids[0], args.out, doc, reads)
+            print(text, flush=True)
+            returncode = returncode or checked
         issued = int(asyncio.run(round_state(service, keys_file, ids[0])).get("issued", 0))
         verify_path = args.out / "verify.txt"
         verify_text = verify_path.read_text() if verify_path.exists() else ""
         inside = asyncio.run(service_latency(service))
-        table = summary(rows, locust_failures(args.out), issued, args.quota, verify_text, inside)
+        failures = locust_failures(args.out)
+        table = summary(rows, failures, issued, args.quota, verify_text, inside, drawn)
         table += "\n\n" + locust_cpu.verdict(args.processes)
-        chart(rows, opens_at, args.out / "surge.png")
+        chart(rows, opens_at, args.out / "surge.png", lottery is not None)
         print("\n" + table, flush=True)
         if args.overload != "none":
             service.stop()
@@ -381,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
             table += "\n\n" + above_capacity(args, servers)
         (args.out / "summary.md").write_text(table + "\n")
         print(f"\nwrote {args.out}/ (report.html, surge.png, summary.md)")
-        return locust.returncode
+        return returncode
     finally:
         if service is not None:
             service.stop()

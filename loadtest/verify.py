@@ -5,24 +5,32 @@ has written the campaign's claims to PostgreSQL, then prints one `PASS name: det
 `FAIL name: detail` line per invariant and a final verdict; the exit code is 0 only if
 every check passes. Told files list the voucher ids that clients received, one per line
 (a directory stands for every `*.txt` in it); ids of other campaigns are ignored.
+
+A lottery round adds `--draw FILE` (the published draw document) and `--applications FILE`
+(a JSON list of `GET /v1/applications/{id}` answers after the draw, one per application a
+client was told about): the document verifies, the winners are min(quota, applications)
+or fewer only where money binds, every application is in the draw, and every winner's
+application says won with its voucher (the told ids are then those vouchers).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import msgspec
 from redis.asyncio import Redis
 
-from issuer import keys, money, store, topology
+from issuer import draw, keys, money, store, topology
 from issuer.campaigns import hash_keys
 from issuer.config import Settings
 from issuer.errors import ApiError
@@ -325,6 +333,64 @@ async def verify(
     return checks
 
 
+async def lottery_checks(
+    redis: Redis,
+    pool: asyncpg.Pool,
+    campaign_id: str,
+    doc: dict[str, Any],
+    reads: list[dict[str, Any]],
+) -> list[Check]:
+    """A drawn lottery round: the published document checks, as many winners as the quota
+    and the applications allow (fewer only where the round's or campaign's money binds),
+    every application a client was told about in the draw, and every winner's application
+    won with a voucher that exists."""
+    checks = []
+    problems = draw.verify(msgspec.convert(doc, draw.DrawDocument))
+    detail = (
+        "; ".join(problems) if problems else f"{len(doc['applications'])} refs, ranks, outcomes"
+    )
+    checks.append(Check("draw document verifies", not problems, detail))
+    entries = doc["applications"]
+    won = sum(1 for e in entries if e.get("outcome") == "won")
+    quota = doc.get("quota")
+    expected = len(entries) if quota is None else min(quota, len(entries))
+    ck = keys.CampaignKeys(campaign_id)
+    reserved, budget = await redis.hmget(ck.round(doc["round_id"]), "reserved", "budget")
+    ledger = await read_ledger(redis, ck) or {}
+    unit = await pool.fetchval(
+        "SELECT coalesce(max(reserve_fen), 0) FROM vouchers WHERE campaign_id = $1", campaign_id
+    )
+    round_left = int(budget or -1) - int(reserved or 0) if int(budget or -1) >= 0 else None
+    binds = (round_left is not None and round_left < unit) or ledger.get("available", unit) < unit
+    counted = f"{won} won (document says {doc.get('winners')}) of {len(entries)} applications"
+    counted += f", quota {quota}"
+    ok = won == doc.get("winners") and (won == expected or (won < expected and binds))
+    if won < expected:
+        counted += ", money binds" if binds else f", {expected} expected"
+    checks.append(Check("winners == min(quota, applications)", ok, counted))
+    told = {r.get("application_id") for r in reads}
+    notes = [
+        (
+            len(told) == len(entries),
+            f"{len(told)} applications told to clients, {len(entries)} in the draw",
+        ),
+    ]
+    statuses = Counter(str(r.get("status")) for r in reads)
+    notes.append((statuses["won"] == won, f"{statuses['won']} read as won, {won} won in the draw"))
+    notes.append((statuses["applied"] == 0, f"{statuses['applied']} still applied"))
+    voucherless = [
+        r["application_id"] for r in reads if r.get("status") == "won" and not r.get("voucher_id")
+    ]
+    notes.append((not voucherless, f"{len(voucherless)} winners without a voucher"))
+    checks.append(_verdict_of("every winner's application says won with its voucher", notes))
+    return checks
+
+
+def won_vouchers(reads: list[dict[str, Any]]) -> set[str]:
+    """The voucher ids the winners' applications name: what clients of a lottery are told."""
+    return {str(r["voucher_id"]) for r in reads if r.get("status") == "won" and r.get("voucher_id")}
+
+
 def verdict(campaign_id: str, checks: list[Check]) -> str:
     """The final line: PASS, or FAIL with the names of the failed checks."""
     failed = [c.name for c in checks if not c.ok]
@@ -346,6 +412,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
     p.add_argument("--database-url", default=os.environ.get("DATABASE_URL"))
     p.add_argument("--drain-timeout", type=float, default=60.0, metavar="S")
+    p.add_argument("--draw", type=Path, help="lottery: the published draw document (JSON)")
+    p.add_argument(
+        "--applications", type=Path, help="lottery: the applications read after the draw (JSON)"
+    )
     return p
 
 
@@ -361,12 +431,26 @@ def main(argv: list[str] | None = None) -> int:
         told = load_told(args.told) if args.told is not None else None
     except OSError as exc:
         p.error(f"cannot read told ids: {exc}")
+    if (args.draw is None) != (args.applications is None):
+        p.error("--draw and --applications go together")
+    doc: dict[str, Any] | None = None
+    reads: list[dict[str, Any]] = []
+    if args.draw is not None:
+        try:
+            doc = json.loads(args.draw.read_text())
+            reads = json.loads(args.applications.read_text())
+        except (OSError, ValueError) as exc:
+            p.error(f"cannot read the draw: {exc}")
+        told = (told or set()) | won_vouchers(reads)
 
     async def run() -> list[Check]:
         redis = topology.connect(Settings.from_env(redis_url=args.redis_url))  # or a cluster
         pool = await store.connect(args.database_url)
         try:
-            return await verify(redis, pool, args.campaign, told, args.drain_timeout)
+            checks = await verify(redis, pool, args.campaign, told, args.drain_timeout)
+            if doc is not None:
+                checks += await lottery_checks(redis, pool, args.campaign, doc, reads)
+            return checks
         finally:
             await redis.aclose()
             await pool.close()
