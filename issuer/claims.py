@@ -263,11 +263,6 @@ class Claims:
             raise ApiError("CAMPAIGN_ENDED")
         if now_dt < rnd.opens_at:
             raise ApiError("NOT_OPEN", f"round {rnd.round_id} opens at {rnd.opens_at.isoformat()}")
-        closes = rnd.applications_close_at
-        if closes is not None and now_dt >= closes:
-            raise ApiError(
-                "NOT_OPEN", f"applications to round {rnd.round_id} closed, drawn at {rnd.draws_at}"
-            )
         idem = idem_field(verified.key.id, claim.request_id)
         hint = cached.hint
         if (

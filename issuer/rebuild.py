@@ -21,13 +21,16 @@ Rebuilt exactly as the scripts would have left it:
   redemption), persons and accounts (so one-per-person holds), the expiry set (vouchers
   still issued), registrations, redemptions (refund totals, status, reimbursement) and
   orders, refunds (repayment); and the merchants Redis lacks (global);
+- the applications to lottery rounds as last recorded (applied, won or not_drawn), each
+  person's and account's latest one, and each round's entries (application_ref -> id);
+  not a draw's state: a draw run again counts what was decided and decides the rest;
 - the stream, empty, with the flusher's group (a running flusher creates a group only once
   per stream) and its ids following the last one recorded (the flusher would skip an entry
   whose id PostgreSQL already holds).
 
-- the idempotency records of the claims, redemptions and refunds made in the last two
-  idempotency buckets (24-48 h), from the request each one recorded, so that a client
-  retrying across the loss gets its first answer (a replay of the voucher, not
+- the idempotency records of the claims, applications, redemptions and refunds made in
+  the last two idempotency buckets (24-48 h), from the request each one recorded, so that a
+  client retrying across the loss gets its first answer (a replay of the voucher, not
   ALREADY_CLAIMED; not a second refund); those claims' requests in the winners set, which
   exempts them from a worker's local sold-out refusal; both merged into any still there
   (--force) without replacing them.
@@ -89,6 +92,8 @@ SELECT (SELECT count(*) FROM vouchers WHERE campaign_id = $1)
      + (SELECT count(*) FROM events WHERE campaign_id = $1 AND type = 'registration')
      + (SELECT count(*) FROM redemptions WHERE campaign_id = $1)
      + (SELECT count(*) FROM refunds WHERE campaign_id = $1)
+     + (SELECT count(DISTINCT data->>'application_id') FROM events
+        WHERE campaign_id = $1 AND type = 'application')
 """
 # Each record's first document (its event) and what later events made of it; $1 campaign,
 # $2 its stream.
@@ -112,6 +117,17 @@ SELECT e.data, (SELECT min((c.data->>'repaid_at')::bigint) FROM events c
 FROM refunds f JOIN events e ON e.stream = $2 AND e.entry_id = f.entry_id
 WHERE f.campaign_id = $1
 """
+# each application as its latest event left it (applied, then won or not_drawn), oldest
+# application first, so that a person's and an account's latest one is staged last
+APPLICATIONS = """
+SELECT data FROM (
+    SELECT DISTINCT ON (data->>'application_id') data FROM events
+    WHERE campaign_id = $1 AND stream = $2 AND type = 'application'
+    ORDER BY data->>'application_id', split_part(entry_id, '-', 1)::bigint DESC,
+             split_part(entry_id, '-', 2)::bigint DESC
+) latest
+ORDER BY (data->>'applied_at')::bigint
+"""
 CAMPAIGNS = "SELECT campaign_id FROM campaigns ORDER BY campaign_id"
 DEFINITION = "SELECT definition FROM campaigns WHERE campaign_id = $1"
 MERCHANTS = """
@@ -131,7 +147,7 @@ class Summary(msgspec.Struct, kw_only=True):
     status: str
     version: int
     rounds: int
-    records: dict[str, int]  # vouchers, registrations, redemptions, refunds
+    records: dict[str, int]  # vouchers, registrations, redemptions, refunds, applications
     ledger: dict[str, Any]
     seconds: float
 
@@ -273,12 +289,27 @@ def stage_refund(ck: keys.CampaignKeys, row: asyncpg.Record, tally: Tally, out: 
     out.hashes[ck.refunds][doc["refund_id"]] = ENCODE.encode(doc)
 
 
+def stage_application(
+    ck: keys.CampaignKeys, row: asyncpg.Record, tally: Tally, out: Writes
+) -> None:
+    doc = DOCUMENT.decode(row["data"])
+    application_id = doc["application_id"]
+    stage_request(
+        ck, doc.get("request", (None, None)), doc["applied_at"], f"a:{application_id}", tally, out
+    )
+    out.hashes[ck.applications][application_id] = ENCODE.encode(doc)
+    out.hashes[ck.applicants][doc["person_ref"]] = application_id
+    out.hashes[ck.applicant_accounts][doc["user_id"]] = application_id
+    out.hashes[ck.entries(doc["round_id"])][doc["application_ref"]] = application_id
+
+
 Stage = Callable[[keys.CampaignKeys, asyncpg.Record, Tally, Writes], None]
 SECTIONS: tuple[tuple[str, str, Stage], ...] = (
     ("vouchers", VOUCHERS, stage_voucher),
     ("registrations", REGISTRATIONS, stage_registration),
     ("redemptions", REDEMPTIONS, stage_redemption),
     ("refunds", REFUNDS, stage_refund),
+    ("applications", APPLICATIONS, stage_application),
 )
 
 
@@ -303,7 +334,11 @@ def state_keys(ck: keys.CampaignKeys, rounds: Iterable[str]) -> list[str]:
     """The keys a rebuild writes (the stream aside)."""
     fixed = [ck.definition, ck.ledger, ck.persons, ck.accounts, ck.vouchers, ck.registrations]
     fixed += [ck.expiry, ck.redemptions, ck.orders, ck.refunds]
-    return fixed + [ck.round(r) for r in rounds]
+    fixed += [ck.applications, ck.applicants, ck.applicant_accounts]
+    # a lottery round's entries, and its draw state: not rebuilt, a draw run again counts
+    # what was decided and decides the rest (lua/draw_batch.lua)
+    per_round = [[ck.round(r), ck.entries(r), ck.draw(r)] for r in rounds]
+    return fixed + [key for keys_of_round in per_round for key in keys_of_round]
 
 
 async def batches(conn: asyncpg.Connection, query: str, *args: Any) -> AsyncIterator[list[Any]]:

@@ -1,7 +1,8 @@
 -- Decide the next applications of a lottery round's draw, in rank order, atomically:
 -- winners while quota, round budget and campaign money allow, then (from the first that
 -- does not fit) not drawn. A batch applies only at the draw's cursor, so a draw resumed
--- after a crash, or run twice at once, decides every application once.
+-- after a crash, or run twice at once, decides every application once; an application
+-- already decided is counted, not decided again.
 -- KEYS: 1 ledger, 2 round, 3 persons, 4 accounts, 5 vouchers, 6 events, 7 expiry,
 --       8 applications, 9 draw
 -- ARGV: 1 seed, 2 root, 3 reserve_fen, 4 cursor this batch starts at, 5 count, then per
@@ -24,11 +25,22 @@ local rspent = tonumber(rnd[6] or 0) - tonumber(rnd[7] or 0)
 local full = st[5] == '1'
 local now = now_ms()
 local granted = 0
+local function record(aid, app)
+  local json = cjson.encode(app)
+  redis.call('HSET', KEYS[8], aid, json)
+  redis.call('XADD', KEYS[6], '*', 't', 'application', 'd', json)
+end
+
 for i = 0, n - 1 do
   local aid, vid = ARGV[6 + 2 * i], ARGV[7 + 2 * i]
   local app = cjson.decode(redis.call('HGET', KEYS[8], aid))
   if app.status == 'applied' then
-    if not full and (quota < 0 or issued < quota)
+    if redis.call('HGET', KEYS[3], app.person_ref) == vid then
+      -- its voucher was issued and recorded, its outcome not (rebuilt after a Redis loss)
+      winners = winners + 1
+      app.status = 'won'
+      app.voucher_id = vid
+    elseif not full and (quota < 0 or issued < quota)
         and (rbudget < 0 or rreserved + rspent + reserve <= rbudget)
         and available >= reserve then
       local rec = {voucher_id = vid, campaign_id = app.campaign_id, round_id = app.round_id,
@@ -47,9 +59,13 @@ for i = 0, n - 1 do
       full = true  -- winners are the lowest ranks: none after the first that does not fit
       app.status = 'not_drawn'
     end
-    local json = cjson.encode(app)
-    redis.call('HSET', KEYS[8], aid, json)
-    redis.call('XADD', KEYS[6], '*', 't', 'application', 'd', json)
+    record(aid, app)
+  elseif app.status == 'won' then
+    -- decided before this draw state began (rebuilt after a Redis loss): counted as it is
+    -- passed, so that the totals hold however the draw got here
+    winners = winners + 1
+  else
+    full = true
   end
 end
 winners = winners + granted

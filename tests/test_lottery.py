@@ -21,23 +21,27 @@ from redis.asyncio import Redis
 from issuer import draw, lottery
 from issuer.campaigns import Campaigns
 from issuer.keys import CampaignKeys
+from issuer.rebuild import rebuild
 from issuer.scripts import Scripts
 from tests.conftest import Service, unique_id
 from tests.people import campaign, claim, iso
+from tests.test_rebuild import lose_campaign
 
 TOPOLOGIES = ("standalone", "cluster")
 SEED = "5eed" * 16
 COMMITMENT = hashlib.sha256(bytes.fromhex(SEED)).hexdigest()
-WINDOW_S = 6.0  # applications are taken for this long
+WINDOW_S = 8.0  # applications are taken for this long (300 of them: well within it)
 RESERVE = 200_000
 
 
-async def lottery_campaign(service: Service, *, quota: int, **kwargs: Any) -> tuple[str, datetime]:
-    """A campaign whose one round is a lottery taking applications for WINDOW_S; returns
+async def lottery_campaign(
+    service: Service, *, quota: int, window_s: float = WINDOW_S, **kwargs: Any
+) -> tuple[str, datetime]:
+    """A campaign whose one round is a lottery taking applications for `window_s`; returns
     it and its draw time (2 s after applications close)."""
     body = campaign(quota=quota, opens_in_s=-1, **kwargs)
     now = datetime.now(UTC)
-    closes = now + timedelta(seconds=WINDOW_S)
+    closes = now + timedelta(seconds=window_s)
     draws = closes + timedelta(seconds=2)
     body["rounds"][0] |= {
         "allocation": "lottery",
@@ -201,15 +205,20 @@ async def test_the_round_budget_binds_before_the_quota(service: Service) -> None
     assert draw.verify(msgspec.convert(doc, draw.DrawDocument)) == []
 
 
-async def test_a_draw_that_crashed_half_way_finishes_with_the_same_winners(
-    service: Service, redis: Redis, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    campaign_id, draws_at = await lottery_campaign(service, quota=40)
+async def half_drawn(
+    service: Service, redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> tuple[str, list[str]]:
+    """A round of 120 applications (quota 40) whose draw crashed after 3 batches of 7: the
+    campaign, and the application ids that must win (the 40 lowest ranks)."""
+    campaign_id, draws_at = await lottery_campaign(service, quota=40, window_s=5)
     answers = await apply_all(service, campaign_id, [claim(n) for n in range(120)])
     assert {a.status for a in answers} == {202}
     await until(draws_at)
     scripts = Scripts(redis)
     campaigns = Campaigns(redis, scripts)
+    cached = await campaigns.cached(campaign_id)
+    found = await lottery.entries(redis, cached, "r1")
+    ranked = draw.order(SEED, draw.applications_root(found), found)
     monkeypatch.setattr(lottery, "DRAW_BATCH", 7)
     run = scripts.run
     calls = 0
@@ -224,18 +233,66 @@ async def test_a_draw_that_crashed_half_way_finishes_with_the_same_winners(
     monkeypatch.setattr(scripts, "run", crash_after_three)
     with pytest.raises(ConnectionError):
         await lottery.draw(redis, scripts, campaigns, campaign_id, "r1", SEED)
+    await scripts.aclose()
     ck = CampaignKeys(campaign_id)
-    assert int(await redis.hget(ck.draw("r1"), "cursor") or 0) == 21
+    assert int(await redis.hget(ck.draw("r1"), "cursor")) == 21
+    assert await redis.hlen(ck.vouchers) == 21
+    return campaign_id, [found[ref] for ref in ranked[:40]]
+
+
+async def assert_drawn_once(
+    service: Service, redis: Any, campaign_id: str, winners: list[str]
+) -> None:
+    """The draw is complete and checks, its winners are `winners`, each with one voucher."""
+    doc = (await service.call("GET", f"/v1/campaigns/{campaign_id}/rounds/r1/draw")).body
+    assert draw.verify(msgspec.convert(doc, draw.DrawDocument)) == []
+    assert doc["winners"] == 40
+    ck = CampaignKeys(campaign_id)
+    records = [msgspec.json.decode(r) for r in await redis.hvals(ck.applications)]
+    assert sorted(r["application_id"] for r in records if r["status"] == "won") == sorted(winners)
+    assert await redis.hlen(ck.vouchers) == 40
+    assert await redis.hlen(ck.persons) == 40
+    state = (await service.call("GET", f"/v1/campaigns/{campaign_id}")).body
+    assert state["current_round"]["issued"] == 40
+    assert state["ledger"]["reserved_fen"] == 40 * RESERVE
+
+
+async def test_a_draw_that_crashed_half_way_finishes_with_the_same_winners(
+    service: Service, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    campaign_id, winners = await half_drawn(service, redis, monkeypatch)
     # two callers finish it at once (a retry while another worker still runs)
-    monkeypatch.setattr(scripts, "run", run)
+    monkeypatch.setattr(lottery, "DRAW_BATCH", 7)
+    scripts = Scripts(redis)
+    campaigns = Campaigns(redis, scripts)
     path = f"/v1/campaigns/{campaign_id}/rounds/r1/draw"
     finished = await asyncio.gather(
         lottery.draw(redis, scripts, campaigns, campaign_id, "r1", SEED),
         service.call("POST", path, {"request_id": "draw-0001", "seed": SEED}),
     )
-    assert finished[0].winners == 40 and finished[1].body["winners"] == 40
-    doc = (await service.call("GET", path)).body
-    assert draw.verify(msgspec.convert(doc, draw.DrawDocument)) == []
-    assert await redis.hlen(ck.vouchers) == 40
-    assert await redis.hlen(ck.persons) == 40
     await scripts.aclose()
+    assert finished[0].winners == 40 and finished[1].body["winners"] == 40
+    await assert_drawn_once(service, redis, campaign_id, winners)
+
+
+async def test_a_draw_whose_redis_was_lost_half_way_finishes_after_the_rebuild(
+    service: Service, redis: Redis, pg: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    campaign_id, winners = await half_drawn(service, redis, monkeypatch)
+    await service.drained()
+    await lose_campaign(redis, campaign_id)
+    summary = await rebuild(redis, pg, campaign_id)
+    assert summary.records["applications"] == 120 and summary.records["vouchers"] == 21
+    # a retried application is answered as first, across the loss
+    replay = await service.call("POST", f"/v1/campaigns/{campaign_id}/claims", claim(5), "app")
+    assert replay.status == 202 and replay.headers.get("Idempotent-Replay") == "true"
+    path = f"/v1/campaigns/{campaign_id}/rounds/r1/draw"
+    done = await service.call("POST", path, {"request_id": "draw-0001", "seed": SEED})
+    assert done.status == 200 and done.body["winners"] == 40, done.body
+    await assert_drawn_once(service, redis, campaign_id, winners)
+    await service.drained()
+    async with pg.acquire() as conn:
+        in_pg = await conn.fetchval(
+            "SELECT count(*) FROM vouchers WHERE campaign_id = $1", campaign_id
+        )
+    assert in_pg == 40

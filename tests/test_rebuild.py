@@ -359,7 +359,7 @@ async def test_rebuild_restores_what_redis_held(
     await assert_reconciled(redis, pg, workload.campaigns)
 
     records = [tuple(s.records.values()) for s in summaries]  # vouchers, registrations, ...
-    assert records == [(SELF_CLAIMS, 0, 40, 20), (25, 30, 5, 1), (3, 0, 0, 0)]
+    assert records == [(SELF_CLAIMS, 0, 40, 20, 0), (25, 30, 5, 1, 0), (3, 0, 0, 0, 0)]
     assert summaries[1].status == "paused"
     led = summaries[0].ledger
     assert led["available"] + led["reserved"] + led["spent"] + led["clawback_due"] == led["budget"]
