@@ -25,7 +25,7 @@ from redis.exceptions import ResponseError
 from issuer import keys, metrics, topology
 from issuer.config import DurableAck
 from issuer.scripts import Scripts
-from issuer.store import MONEY_TYPES, PROJECT_MONEY, RECORD_BATCH, RECORD_STATUS
+from issuer.store import PROJECT_MONEY, RECORD_BATCH, RECORD_CLAIMS, RECORD_STATUS
 
 log = logging.getLogger("issuer.flusher")
 # (entry id, fields); fields are empty or None for an entry deleted while pending
@@ -44,6 +44,8 @@ def stream_campaign(stream: str) -> str:
 def entry_data(fields: dict[bytes, bytes]) -> str:
     """The entry's JSON document: `d`, with the entry's other fields merged in."""
     data = fields[b"d"]
+    if len(fields) == 2:  # `t` and `d` only (claims, redemptions...): the document as is
+        return data.decode()
     extra = {k.decode(): v.decode() for k, v in fields.items() if k not in (b"t", b"d")}
     if not extra:
         return data.decode()
@@ -120,35 +122,46 @@ class Flusher:
         return names
 
     async def record(self, batches: Sequence[tuple[str, list[Entry]]]) -> int:
-        """Write entries to PostgreSQL in one transaction, then acknowledge and trim them."""
-        cols: tuple[list[str], ...] = ([], [], [], [], [])
+        """Write entries to PostgreSQL in one transaction, then acknowledge and trim them.
+
+        A batch of claims only (most of them under load) is one statement, RECORD_CLAIMS,
+        which needs no transaction around it; any other runs RECORD_BATCH and then only
+        the projections that the batch's event types concern."""
+        streams: list[str] = []
+        ids: list[str] = []
+        campaigns: list[str] = []
+        types: list[str] = []
+        docs: list[str] = []
         for stream, entries in batches:
             campaign = stream_campaign(stream)
             for entry_id, fields in entries:
                 if not fields:
                     continue  # deleted before it was recorded: nothing left to record
-                cols[0].append(stream)
-                cols[1].append(entry_id.decode())
-                cols[2].append(campaign)
-                cols[3].append(fields[b"t"].decode())
-                cols[4].append(entry_data(fields))
-        if cols[0]:
-            async with self.pool.acquire() as conn, conn.transaction():
-                await conn.fetchval(RECORD_BATCH, *cols)
-                types = set(cols[3])
-                if "status" in types:
-                    await conn.execute(RECORD_STATUS, cols[0], cols[1])
-                if types & MONEY_TYPES:
-                    for statement in PROJECT_MONEY:
-                        await conn.execute(statement, cols[0], cols[1])
+                streams.append(stream)
+                ids.append(entry_id.decode())
+                campaigns.append(campaign)
+                types.append(fields[b"t"].decode())
+                docs.append(entry_data(fields))
+        if ids:
+            kinds = set(types)
+            if kinds == {"claim"}:
+                await self.pool.fetchval(RECORD_CLAIMS, streams, ids, campaigns, docs)
+            else:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    await conn.fetchval(RECORD_BATCH, streams, ids, campaigns, types, docs)
+                    if "status" in kinds:
+                        await conn.execute(RECORD_STATUS, streams, ids)
+                    for concerns, statement in PROJECT_MONEY:
+                        if kinds & concerns:
+                            await conn.execute(statement, streams, ids)
         for stream, entries in batches:
             if entries:
                 await self.redis.xack(stream, keys.FLUSH_GROUP, *[e[0] for e in entries])
                 await self._trim(stream)
-        if cols[0]:
-            metrics.FLUSHED.inc(len(cols[0]))
-            metrics.FLUSH_BATCH_SIZE.observe(len(cols[0]))
-        return len(cols[0])
+        if ids:
+            metrics.FLUSHED.inc(len(ids))
+            metrics.FLUSH_BATCH_SIZE.observe(len(ids))
+        return len(ids)
 
     async def _trim(self, stream: str) -> None:
         """Drop entries that are delivered and acknowledged, never anything pending."""
