@@ -265,5 +265,17 @@ async def service(keyspace: Keyspace, workdir: Path) -> AsyncIterator[Service]:
         yield running
 
 
+def child_processes(pid: int) -> dict[int, str]:
+    """Direct children of process `pid`: pid -> command line."""
+    task = Path(f"/proc/{pid}/task/{pid}/children")
+    found = {}
+    for child in map(int, task.read_text().split()):
+        try:
+            found[child] = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except FileNotFoundError:
+            continue
+    return found
+
+
 def unique_id(prefix: str = "c") -> str:
     return f"{prefix}-{secrets.token_hex(4)}"

@@ -4,8 +4,11 @@ ops and checked from its published document alone, resumed after a crash mid-dra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -13,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import msgspec
 import pytest
@@ -23,7 +27,7 @@ from issuer.campaigns import Campaigns
 from issuer.keys import CampaignKeys
 from issuer.rebuild import rebuild
 from issuer.scripts import Scripts
-from tests.conftest import Service, unique_id
+from tests.conftest import Keyspace, Service, child_processes, unique_id
 from tests.people import campaign, claim, iso
 from tests.test_rebuild import lose_campaign
 
@@ -296,3 +300,113 @@ async def test_a_draw_whose_redis_was_lost_half_way_finishes_after_the_rebuild(
             "SELECT count(*) FROM vouchers WHERE campaign_id = $1", campaign_id
         )
     assert in_pg == 40
+
+
+async def test_one_voucher_per_person_across_first_come_and_lottery_rounds(
+    service: Service,
+) -> None:
+    body = campaign(quota=100, opens_in_s=-1, open_for_s=4)
+    first = body["rounds"][0]
+    opens = datetime.fromisoformat(first["closes_at"])
+    closes = opens + timedelta(seconds=4)
+    draws = closes + timedelta(seconds=1)
+    body["rounds"] = [
+        first | {"valid_until": iso(draws + timedelta(hours=1))},
+        {
+            "round_id": "r2",
+            "opens_at": iso(opens),
+            "closes_at": iso(draws + timedelta(minutes=5)),
+            "valid_until": iso(draws + timedelta(hours=1)),
+            "quota": 100,
+            "allocation": "lottery",
+            "applications_close_at": iso(closes),
+            "draws_at": iso(draws),
+            "commitment": COMMITMENT,
+        },
+    ]
+    campaign_id = unique_id()
+    assert (await service.call("PUT", f"/v1/campaigns/{campaign_id}", body)).status == 201
+    claimed = await apply_all(service, campaign_id, [claim(n) for n in range(10)])
+    assert {c.status for c in claimed} == {201}
+    await until(opens)
+    answers = await apply_all(
+        service, campaign_id, [claim(n, request_id=f"lottery-{n:06d}") for n in range(20)]
+    )
+    assert [a.status for a in answers] == [409] * 10 + [202] * 10
+    assert {a.body["error"]["voucher_id"] for a in answers[:10]} == {
+        c.body["voucher_id"] for c in claimed
+    }
+    await until(draws)
+    done = await service.call(
+        "POST",
+        f"/v1/campaigns/{campaign_id}/rounds/r2/draw",
+        {"request_id": "draw-0001", "seed": SEED},
+    )
+    assert done.body["winners"] == 10 and done.body["applications"] == 10
+    state = (await service.call("GET", f"/v1/campaigns/{campaign_id}")).body
+    assert state["ledger"]["reserved_fen"] == 20 * RESERVE
+
+
+async def test_a_worker_killed_mid_draw_of_a_large_round(
+    service: Service, redis: Redis, keyspace: Keyspace
+) -> None:
+    """20,000 applications, drawn 500 at a time; both workers are killed once the draw has
+    begun, and the draw, posted again, finishes with the same winners, each issued once."""
+    n, quota = 20_000, 2_000  # applications written directly: only the draw is under test
+    campaign_id, draws_at = await lottery_campaign(service, quota=quota, window_s=1)
+    ck = CampaignKeys(campaign_id)
+    refs = {}
+    async with redis.pipeline(transaction=False) as pipe:
+        for i in range(n):
+            application_id = f"{campaign_id}.{i:020x}"
+            ref = hashlib.sha256(application_id.encode()).hexdigest()
+            refs[ref] = application_id
+            record = {
+                "application_id": application_id,
+                "application_ref": ref,
+                "campaign_id": campaign_id,
+                "round_id": "r1",
+                "user_id": f"u{i}",
+                "person_ref": hashlib.sha256(f"person {i}".encode()).hexdigest(),
+                "status": "applied",
+                "applied_at": 0,
+                "discount_rate_bp": 1000,
+                "cap_fen": 200_000,
+            }
+            pipe.hset(ck.applications, application_id, json.dumps(record))
+            pipe.hset(ck.entries("r1"), ref, application_id)
+        await pipe.execute()
+    ranked = draw.order(SEED, draw.applications_root(refs), refs)
+    await until(draws_at)
+    path = f"/v1/campaigns/{campaign_id}/rounds/r1/draw"
+    posted = asyncio.ensure_future(
+        service.call("POST", path, {"request_id": "draw-0001", "seed": SEED})
+    )
+    async with asyncio.timeout(30):
+        while True:  # the first batch is in
+            if await redis.hget(ck.draw("r1"), "cursor"):
+                break
+            await asyncio.sleep(0.001)
+    workers = [pid for pid, cmd in child_processes(service.proc.pid).items() if "worker" in cmd]
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    killed_at = int(await redis.hget(ck.draw("r1"), "cursor"))
+    assert 0 < killed_at < n, "the workers died mid-draw"
+    with contextlib.suppress(aiohttp.ClientError):
+        await posted
+    async with asyncio.timeout(60):  # the supervisor starts new workers
+        while True:
+            with contextlib.suppress(aiohttp.ClientError):
+                done = await service.call("POST", path, {"request_id": "draw-0002", "seed": SEED})
+                if done.status == 200:
+                    break
+            await asyncio.sleep(0.2)
+    assert done.body["winners"] == quota and done.body["applications"] == n
+    records = [msgspec.json.decode(r) for r in await redis.hvals(ck.applications)]
+    won = {r["application_id"] for r in records if r["status"] == "won"}
+    assert won == {refs[ref] for ref in ranked[:quota]}
+    assert await redis.hlen(ck.vouchers) == quota
+    state = (await service.call("GET", f"/v1/campaigns/{campaign_id}")).body
+    assert state["current_round"]["issued"] == quota
+    assert state["ledger"]["reserved_fen"] == quota * RESERVE
+    print(f"workers killed at cursor {killed_at} of {n}; finished with {quota} winners")

@@ -36,7 +36,7 @@ from issuer.config import Settings
 from issuer.errors import ApiError
 from issuer.http import Ctx
 from issuer.server import LISTEN_BACKLOG, STABLE_S, restart_delay, start_site
-from tests.conftest import ROOT, Keyspace, Service, wait_drained
+from tests.conftest import ROOT, Keyspace, Service, child_processes, wait_drained
 from tests.money import issue, new_campaign, payment
 from tests.people import campaign, claim, id_number
 
@@ -202,14 +202,7 @@ class Running:
 
     def children(self) -> dict[int, str]:
         """Direct children of the supervisor: pid -> command line."""
-        task = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        found = {}
-        for pid in map(int, task.read_text().split()):
-            try:
-                found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except FileNotFoundError:
-                continue
-        return found
+        return child_processes(self.proc.pid)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
