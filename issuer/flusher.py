@@ -10,6 +10,7 @@ consumer are taken over with XAUTOCLAIM. Only acknowledged entries are trimmed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -32,6 +33,12 @@ log = logging.getLogger("issuer.flusher")
 Entry = tuple[bytes, dict[bytes, bytes] | None]
 CAMPAIGN_PREFIX = "{c:"
 STREAM_SUFFIX = "}:events"
+# run(): after a batch that was not full, the next read waits until this long after the
+# previous one, so that under steady traffic a transaction carries LINGER_MS of entries
+# rather than a few: its statement, commit, XACK and trim cost the same for 10 entries as
+# for 300. An entry reaches PostgreSQL up to this much later; a full batch goes at once.
+LINGER_MS = 200
+LAG_EVERY_S = 1.0  # run(): how often it exports the lag metrics (a few calls per stream)
 
 
 def stream_campaign(stream: str) -> str:
@@ -96,6 +103,7 @@ class Flusher:
         batch: int = 2000,
         claim_idle_ms: int = 60_000,
         ack: DurableAck = "none",
+        linger_ms: int = LINGER_MS,
     ) -> None:
         self.redis = redis
         self.pool = pool
@@ -106,6 +114,7 @@ class Flusher:
         self.ack = ack
         self.batch = batch
         self.claim_idle_ms = claim_idle_ms
+        self.linger_ms = linger_ms
         self._groups: set[str] = set()
 
     async def streams(self) -> list[str]:
@@ -265,7 +274,7 @@ class Flusher:
     async def run(self, stop: asyncio.Event) -> None:
         """Flush until `stop` is set, then drain what is left. Survives PostgreSQL or Redis
         outages by retrying: nothing is acknowledged that was not committed."""
-        rescued_at = 0.0
+        rescued_at = lag_at = 0.0
         first = True
         while not stop.is_set():
             try:
@@ -275,8 +284,16 @@ class Flusher:
                 if time.monotonic() - rescued_at > self.claim_idle_ms / 1000:
                     await self.rescue(await self.streams())
                     rescued_at = time.monotonic()
-                await self.flush_once()
-                await stream_lag(self.redis)
+                started = time.monotonic()
+                done = await self.flush_once()
+                if started - lag_at >= LAG_EVERY_S:
+                    await stream_lag(self.redis)
+                    lag_at = started
+                if 0 < done < self.batch:
+                    wait = self.linger_ms / 1000 - (time.monotonic() - started)
+                    if wait > 0:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), wait)
             except Exception as exc:  # whatever failed, nothing unrecorded was acknowledged
                 log.warning("flush failed, retrying: %r", exc)
                 first = True  # what was read but not recorded is pending: re-read it

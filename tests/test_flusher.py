@@ -11,9 +11,9 @@ import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import suppress
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import msgspec
@@ -532,4 +532,217 @@ async def test_trim_with_two_live_flushers(env: Env) -> None:
         await c.drain()
     finally:
         await rc.aclose()
+    await assert_exact(env, campaign_id)
+
+
+# ------------------------------------------------------------------ what keeps a batch cheap
+
+
+class StatementLog:
+    """The flusher's pool, logging every statement its connections run (BEGIN and COMMIT
+    included), so that a test sees which statements a batch costs."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.statements: list[str] = []
+
+    def _log(self, query: Any) -> None:
+        self.statements.append(query.query)
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self.pool.acquire() as conn:
+            conn.add_query_logger(self._log)
+            try:
+                yield conn
+            finally:
+                conn.remove_query_logger(self._log)
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        async with self.acquire() as conn:
+            return await conn.fetchval(query, *args)
+
+    def take(self) -> list[str]:
+        """The statements since the last take, each named as issuer.store names it."""
+        names = {store.RECORD_BATCH: "RECORD_BATCH", store.RECORD_CLAIMS: "RECORD_CLAIMS"}
+        names[store.RECORD_STATUS] = "RECORD_STATUS"
+        for i, (_, statement) in enumerate(store.PROJECT_MONEY):
+            names[statement] = f"PROJECT_MONEY[{i}]"
+        taken = [names.get(s, s.strip().rstrip(";").upper()) for s in self.statements]
+        self.statements.clear()
+        return taken
+
+
+_entry_ms = itertools.count(int(time.time() * 1000))
+
+
+def entry(kind: str, doc: dict[str, Any]) -> tuple[bytes, dict[bytes, bytes]]:
+    return f"{next(_entry_ms)}-0".encode(), {b"t": kind.encode(), b"d": msgspec.json.encode(doc)}
+
+
+def claim_doc(campaign_id: str, n: int) -> dict[str, Any]:
+    now = int(time.time() * 1000)
+    return {
+        "campaign_id": campaign_id,
+        "discount_rate_bp": 1000,
+        "cap_fen": 200_000,
+        "voucher_id": f"{campaign_id}.{n:020x}",
+        "round_id": "r1",
+        "user_id": f"u-{n}",
+        "person_ref": f"p-{n}",
+        "status": "issued",
+        "issued_at": now,
+        "expires_at": now + 86_400_000,
+        "reserve_fen": 200_000,
+        "request": [f"k:{n}", "f"],
+    }
+
+
+def redemption_doc(claim: dict[str, Any]) -> dict[str, Any]:
+    now = int(time.time() * 1000)
+    return {
+        "redemption_id": f"{claim['voucher_id']}.r",
+        "voucher_id": claim["voucher_id"],
+        "round_id": claim["round_id"],
+        "user_id": claim["user_id"],
+        "merchant_id": "m-1",
+        "order_id": f"o-{claim['voucher_id']}",
+        "order_amount_fen": 1_000_000,
+        "discount_fen": 100_000,
+        "payable_fen": 900_000,
+        "paid_at": now,
+        "redeemed_at": now,
+        "items": [],
+        "overdrawn_fen": 0,
+    }
+
+
+async def voucher_states(pool: asyncpg.Pool, ids: list[str]) -> dict[str, tuple[str, str | None]]:
+    rows = await pool.fetch(
+        "SELECT voucher_id, status, redemption_id FROM vouchers WHERE voucher_id = ANY($1)", ids
+    )
+    return {r["voucher_id"]: (r["status"], r["redemption_id"]) for r in rows}
+
+
+async def test_claim_only_batch_is_one_statement_and_rescues_late_claims(env: Env) -> None:
+    """A batch of claims alone is one statement (RECORD_CLAIMS: no transaction, no money
+    projection), yet a claim recorded after its voucher's redemption, expiry or refund (a
+    batch rescued late) starts in the state those events left; a re-delivered batch
+    changes nothing. Mixed batches run only the projections their event types concern."""
+    campaign_id = unique_id("fl")
+    stream = keys.CampaignKeys(campaign_id).events
+    await env.redis.xgroup_create(stream, keys.FLUSH_GROUP, id="0", mkstream=True)
+    log = StatementLog(env.pool)
+    r = env.redis_client()
+    try:
+        flusher = Flusher(r, cast(asyncpg.Pool, log), consumer="statements")
+        claims = [claim_doc(campaign_id, n) for n in range(6)]
+        redeemed, expired, refunded, together = claims[1], claims[2], claims[3], claims[4]
+        refund = {
+            "refund_id": f"{refunded['voucher_id']}.f",
+            "redemption_id": f"{refunded['voucher_id']}.r",
+            "voucher_id": refunded["voucher_id"],
+            "amount_fen": 1_000_000,
+            "subsidy_returned_fen": 100_000,
+            "clawback_due_fen": 0,
+            "reason": "test",
+            "created_at": int(time.time() * 1000),
+            "voucher_status": "refunded",
+        }
+        expiry = {"voucher_id": expired["voucher_id"], "round_id": "r1", "reserve_fen": 200_000}
+        # the money events of three vouchers arrive first (their claims were rescued late)
+        early = [
+            entry("redemption", redemption_doc(redeemed)),
+            entry("expiry", {**expiry, "expired_at": int(time.time() * 1000)}),
+            entry("redemption", redemption_doc(refunded)),
+            entry("refund", refund),
+        ]
+        assert await flusher.record([(stream, early)]) == 4
+        assert log.take() == [
+            "BEGIN",
+            "RECORD_BATCH",
+            "PROJECT_MONEY[0]",
+            "PROJECT_MONEY[1]",
+            "PROJECT_MONEY[2]",
+            "COMMIT",
+        ]
+
+        late = [entry("claim", c) for c in claims[:4]]
+        assert await flusher.record([(stream, late)]) == 4
+        assert log.take() == ["RECORD_CLAIMS"]
+        want = {
+            claims[0]["voucher_id"]: ("issued", None),
+            redeemed["voucher_id"]: ("redeemed", redemption_doc(redeemed)["redemption_id"]),
+            expired["voucher_id"]: ("expired", None),
+            refunded["voucher_id"]: ("refunded", refund["redemption_id"]),
+        }
+        ids = list(want)
+        assert await voucher_states(env.pool, ids) == want
+
+        # re-delivered: the same statement, nothing changes
+        assert await flusher.record([(stream, late)]) == 4
+        assert log.take() == ["RECORD_CLAIMS"]
+        assert await voucher_states(env.pool, ids) == want
+        assert await env.pool.fetchval(
+            "SELECT count(*) FROM events WHERE stream = $1", stream
+        ) == len(early) + len(late)
+
+        # a claim and its redemption in one batch, with a status change: the voucher
+        # projection runs after RECORD_BATCH; refunds are not concerned
+        mixed = [
+            entry("claim", together),
+            entry("redemption", redemption_doc(together)),
+            entry("claim", claims[5]),
+            entry("status", {"status": "paused", "version": 2}),
+        ]
+        assert await flusher.record([(stream, mixed)]) == 4
+        assert log.take() == [
+            "BEGIN",
+            "RECORD_BATCH",
+            "RECORD_STATUS",
+            "PROJECT_MONEY[0]",
+            "PROJECT_MONEY[1]",
+            "COMMIT",
+        ]
+        assert await voucher_states(
+            env.pool, [together["voucher_id"], claims[5]["voucher_id"]]
+        ) == {
+            together["voucher_id"]: ("redeemed", redemption_doc(together)["redemption_id"]),
+            claims[5]["voucher_id"]: ("issued", None),
+        }
+        assert await pending_ids(env.redis, stream) == []
+    finally:
+        await r.aclose()
+
+
+async def test_run_gathers_a_trickle_into_few_batches(env: Env) -> None:
+    """Under steady traffic run() lets `linger_ms` pass between reads, so that each
+    transaction carries many entries rather than one or two; nothing waits longer than
+    that, and everything arrives exactly once."""
+    campaign_id = await env.new_campaign()
+    r = env.redis_client()
+    try:
+        await Flusher(r, env.pool, consumer="trickle").drain()
+        flusher = Flusher(r, env.pool, consumer="trickle", linger_ms=300)
+        sizes: list[int] = []
+        record = flusher.record
+
+        async def counted(batches: Any) -> int:
+            done = await record(batches)
+            if done:
+                sizes.append(done)
+            return done
+
+        flusher.record = counted  # type: ignore[method-assign]
+        stop = asyncio.Event()
+        task = asyncio.create_task(flusher.run(stop))
+        for start in range(0, 60, 2):  # 60 claims over about 1.5 s
+            await env.claim_many(campaign_id, range(start, start + 2))
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(task, 20)
+    finally:
+        await r.aclose()
+    assert sum(sizes) == 60
+    assert len(sizes) <= 15, f"{len(sizes)} batches for 60 claims: {sizes}"
     await assert_exact(env, campaign_id)
