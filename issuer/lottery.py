@@ -2,7 +2,7 @@
 
 The applications of a round are frozen when applications close (the claim script takes
 none after). The draw orders their refs by rank (issuer/draw.py) and hands them to the
-`draw_batch` script DRAW_BATCH at a time; each batch moves the draw's cursor in Redis in
+`draw_batch` script a batch at a time; each batch moves the draw's cursor in Redis in
 the same step as its vouchers, so a draw that crashed, or runs twice at once, resumes at
 the cursor with the same order and decides every application once. A winner's voucher id
 is derived from its application, so a voucher issued again after a Redis loss is the same
@@ -22,7 +22,10 @@ from issuer.errors import ApiError
 from issuer.model import DrawOut, Round
 from issuer.scripts import Scripts
 
-DRAW_BATCH = 500  # applications per script call: a few ms of Redis at a time
+# applications per script call, a few ms of Redis each (bench.draw): fewer while winners
+# are drawn (a voucher each), more once the rest are only marked not drawn
+DRAW_BATCH = 50
+NOT_DRAWN_BATCH = 300
 READ_BATCH = 1000  # applications read per HMGET
 
 
@@ -75,16 +78,16 @@ async def draw(
         ck.draw(round_id),
     ]
     reserve = cached.definition.voucher.reserve
-    cursor, winners = 0, 0
+    cursor, winners, full = 0, 0, False
     while True:
-        batch = ranked[cursor : cursor + DRAW_BATCH]
-        args: list[object] = [seed, root, reserve, cursor, len(batch)]
+        batch = ranked[cursor : cursor + (NOT_DRAWN_BATCH if full else DRAW_BATCH)]
+        args: list[object] = [seed, root, reserve, cursor, len(batch), round_id]
         for application_id in batch:
             args += [application_id, winner_voucher_id(application_id)]
-        code, at, won = await scripts.run("draw_batch", script_keys, args)
+        code, at, won, no_more = await scripts.run("draw_batch", script_keys, args)
         if code == b"MISMATCH":  # the frozen list cannot change, nor the committed seed
             raise RuntimeError(f"draw of {campaign_id}/{round_id} began from other applications")
-        cursor, winners = int(at), int(won)
+        cursor, winners, full = int(at), int(won), no_more == 1
         if code == b"OK" and cursor >= len(ranked):
             break
     return DrawOut(

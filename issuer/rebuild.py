@@ -117,16 +117,23 @@ SELECT e.data, (SELECT min((c.data->>'repaid_at')::bigint) FROM events c
 FROM refunds f JOIN events e ON e.stream = $2 AND e.entry_id = f.entry_id
 WHERE f.campaign_id = $1
 """
-# each application as its latest event left it (applied, then won or not_drawn), oldest
-# application first, so that a person's and an account's latest one is staged last
+# each application as its latest record left it (applied, or won) or as not_drawn if a draw
+# said so, oldest application first, so that a person's and an account's latest one is
+# staged last
 APPLICATIONS = """
-SELECT data FROM (
+SELECT CASE WHEN lost.id IS NULL THEN latest.data
+            ELSE jsonb_set(latest.data, '{status}', '"not_drawn"') END AS data
+FROM (
     SELECT DISTINCT ON (data->>'application_id') data FROM events
     WHERE campaign_id = $1 AND stream = $2 AND type = 'application'
     ORDER BY data->>'application_id', split_part(entry_id, '-', 1)::bigint DESC,
              split_part(entry_id, '-', 2)::bigint DESC
 ) latest
-ORDER BY (data->>'applied_at')::bigint
+LEFT JOIN (
+    SELECT DISTINCT jsonb_array_elements_text(data->'application_ids') AS id FROM events
+    WHERE campaign_id = $1 AND stream = $2 AND type = 'not_drawn'
+) lost ON lost.id = latest.data->>'application_id'
+ORDER BY (latest.data->>'applied_at')::bigint
 """
 CAMPAIGNS = "SELECT campaign_id FROM campaigns ORDER BY campaign_id"
 DEFINITION = "SELECT definition FROM campaigns WHERE campaign_id = $1"

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from stdnum.cn import ric
+
+from issuer.keys import CampaignKeys
 
 XIANGNING_SEAT = {"lat": 35.9736, "lon": 110.8456}  # 乡宁县城, GCJ-02
 XI_SEAT = {"lat": 36.6927, "lon": 110.9402}  # 隰县城
@@ -77,3 +81,38 @@ def claim(
         "location": location or XIANGNING_SEAT,
         **extra,
     }
+
+
+def applications(campaign_id: str, round_id: str, n: int) -> list[dict[str, Any]]:
+    """n applications to a lottery round as the claim script records them, written
+    straight to Redis where only the draw is under test."""
+    found = []
+    for i in range(n):
+        application_id = f"{campaign_id}.{i:020x}"
+        found.append(
+            {
+                "application_id": application_id,
+                "application_ref": hashlib.sha256(application_id.encode()).hexdigest(),
+                "campaign_id": campaign_id,
+                "round_id": round_id,
+                "user_id": f"u{i}",
+                "person_ref": hashlib.sha256(f"person {i}".encode()).hexdigest(),
+                "status": "applied",
+                "applied_at": 0,
+                "discount_rate_bp": 1000,
+                "cap_fen": 200_000,
+            }
+        )
+    return found
+
+
+async def write_applications(
+    redis: Any, ck: CampaignKeys, records: list[dict[str, Any]]
+) -> dict[str, str]:
+    """Records straight into Redis; returns application_ref -> application_id."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for r in records:
+            pipe.hset(ck.applications, r["application_id"], json.dumps(r, separators=(",", ":")))
+            pipe.hset(ck.entries(r["round_id"]), r["application_ref"], r["application_id"])
+        await pipe.execute()
+    return {r["application_ref"]: r["application_id"] for r in records}

@@ -28,7 +28,7 @@ from issuer.keys import CampaignKeys
 from issuer.rebuild import rebuild
 from issuer.scripts import Scripts
 from tests.conftest import Keyspace, Service, child_processes, unique_id
-from tests.people import campaign, claim, iso
+from tests.people import applications, campaign, claim, iso, write_applications
 from tests.test_rebuild import lose_campaign
 
 TOPOLOGIES = ("standalone", "cluster")
@@ -190,8 +190,14 @@ async def test_applications_then_a_draw_anyone_can_check(
             " WHERE campaign_id = $1 AND type = 'application' GROUP BY 1",
             campaign_id,
         )
+        lost = await conn.fetchval(
+            "SELECT count(*) FROM events, jsonb_array_elements(data->'application_ids')"
+            " WHERE campaign_id = $1 AND type = 'not_drawn'",
+            campaign_id,
+        )
     assert in_pg == 100
-    assert {r["status"]: r["n"] for r in events} == {"applied": 300, "won": 100, "not_drawn": 200}
+    assert {r["status"]: r["n"] for r in events} == {"applied": 300, "won": 100}
+    assert lost == 200
 
 
 async def test_the_round_budget_binds_before_the_quota(service: Service) -> None:
@@ -355,27 +361,7 @@ async def test_a_worker_killed_mid_draw_of_a_large_round(
     n, quota = 20_000, 2_000  # applications written directly: only the draw is under test
     campaign_id, draws_at = await lottery_campaign(service, quota=quota, window_s=1)
     ck = CampaignKeys(campaign_id)
-    refs = {}
-    async with redis.pipeline(transaction=False) as pipe:
-        for i in range(n):
-            application_id = f"{campaign_id}.{i:020x}"
-            ref = hashlib.sha256(application_id.encode()).hexdigest()
-            refs[ref] = application_id
-            record = {
-                "application_id": application_id,
-                "application_ref": ref,
-                "campaign_id": campaign_id,
-                "round_id": "r1",
-                "user_id": f"u{i}",
-                "person_ref": hashlib.sha256(f"person {i}".encode()).hexdigest(),
-                "status": "applied",
-                "applied_at": 0,
-                "discount_rate_bp": 1000,
-                "cap_fen": 200_000,
-            }
-            pipe.hset(ck.applications, application_id, json.dumps(record))
-            pipe.hset(ck.entries("r1"), ref, application_id)
-        await pipe.execute()
+    refs = await write_applications(redis, ck, applications(campaign_id, "r1", n))
     ranked = draw.order(SEED, draw.applications_root(refs), refs)
     await until(draws_at)
     path = f"/v1/campaigns/{campaign_id}/rounds/r1/draw"
