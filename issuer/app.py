@@ -15,7 +15,7 @@ from aiohttp import web
 
 from issuer import documents, due_dates, gauges, keys, logs, metrics, openapi, topology
 from issuer.auth import Verified, require_role, verify
-from issuer.errors import ApiError, GateRefusal
+from issuer.errors import ApiError
 from issuer.http import ENCODER, JSON, MAX_BODY, Ctx, Route, error_response
 from issuer.ids import campaign_prefix
 from issuer.routes import ROUTES
@@ -128,6 +128,7 @@ def middlewares(ctx: Ctx) -> list[Any]:
             # (no local may keep `exc`: its traceback holds this frame, a cycle that only
             # the garbage collector would free, in long pauses under load)
             code, response = failure_response(request, exc)
+        code = request.get("refused", code)  # answered by the claim handler itself
         name = route.resource.canonical if route.resource is not None else "unmatched"
         metrics.count(metrics.child(metrics.REQUESTS, name, str(response.status)))
         elapsed = time.perf_counter() - started
@@ -175,22 +176,14 @@ def middlewares(ctx: Ctx) -> list[Any]:
 
     async def claim(request: web.Request, handler: Next) -> web.StreamResponse:
         """Claims check their nonce inside the batched script, or, refused before it, in a
-        batch of their own."""
+        batch of their own (the handler answers its own refusals: routes_claims.claim)."""
         verified = await read_signed(request)
         try:
             return await handler(request)
-        except GateRefusal:
-            raise
-        except ApiError as err:
-            # UNAVAILABLE: the gate may have run (and spent the nonce), or not; either
-            # way a retry is decided by the gate, so the answer stays 503
-            if err.code == "UNAVAILABLE":
-                raise
-            # Refused before the gate: spend the nonce anyway, a replay must not succeed
-            # later (say once the round has opened).
-            if not await ctx.claims.spend_nonce(request.match_info["campaign_id"], verified):
-                raise ApiError("UNAUTHENTICATED", "nonce already used") from None
-            raise
+        except ApiError as err:  # the body or the role, refused before the handler ran
+            raise await ctx.claims.refused(
+                request.match_info["campaign_id"], verified, err
+            ) from None
 
     return [serve]
 

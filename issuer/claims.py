@@ -241,9 +241,15 @@ class Claims:
         self._batchers: dict[tuple[str, str, str], Batcher] = {}
         self._nonces = NonceSpender(scripts, batch_max)
 
-    async def spend_nonce(self, campaign_id: str, verified: Verified) -> bool:
-        """Record the nonce of a claim the gate never saw; False if it was already used."""
-        return await self._nonces.submit((campaign_id, verified.timestamp, verified.nonce))
+    async def refused(self, campaign_id: str, verified: Verified, err: ApiError) -> ApiError:
+        """The answer to a claim refused with `err`. Refused before the gate, its nonce is
+        spent all the same, so that a replay cannot succeed later (say once the round has
+        opened): UNAUTHENTICATED if it was already used. The gate spends its own nonces;
+        and after UNAVAILABLE the gate may have run, or not: a retry is its to decide."""
+        if isinstance(err, GateRefusal) or err.code == "UNAVAILABLE":
+            return err
+        fresh = await self._nonces.submit((campaign_id, verified.timestamp, verified.nonce))
+        return err if fresh else ApiError("UNAUTHENTICATED", "nonce already used")
 
     async def claim(
         self, campaign_id: str, claim: ClaimIn, verified: Verified, remote: str | None = None
