@@ -131,6 +131,10 @@ class Campaigns:
         self._cache[campaign_id] = cached
         return cached
 
+    def peek(self, campaign_id: str) -> CachedCampaign | None:
+        """The cached campaign, if cached (no coroutine: the claim path's hit)."""
+        return self._cache.get(campaign_id)
+
     async def cached(self, campaign_id: str) -> CachedCampaign:
         """The cached campaign; on a miss, one load serves every waiting request."""
         hit = self._cache.get(campaign_id)

@@ -257,7 +257,7 @@ class Claims:
         """Issue a voucher (in a lottery round: take an application) or raise the refusal;
         returns (voucher or application, replayed). `remote` is the caller's address, the
         client IP of rate limits when the body names none."""
-        cached = await self.campaigns.cached(campaign_id)
+        cached = self.campaigns.peek(campaign_id) or await self.campaigns.cached(campaign_id)
         definition = cached.definition
         self._check_caller(cached, claim, verified)
         ref = self._person_ref(claim)

@@ -10,7 +10,7 @@ from aiohttp import web
 from issuer import applications, metrics, registrations, vouchers
 from issuer.auth import Verified
 from issuer.errors import ApiError
-from issuer.http import Ctx, Route, counted, error_response, path_id, reply
+from issuer.http import Ctx, Route, count_outcome, error_response, path_id, reply
 from issuer.model import (
     ApplicationOut,
     ClaimIn,
@@ -44,13 +44,14 @@ async def claim(ctx: Ctx, request: web.Request, body: ClaimIn) -> web.Response:
     refused); the code is left in the request for the log."""
     campaign_id = path_id(request, "campaign_id")
     verified = request["verified"]
-    claimed = ctx.claims.claim(campaign_id, body, verified, request.remote)
     try:
-        answer, replay = await counted(metrics.CLAIMS, campaign_id, claimed)
+        answer, replay = await ctx.claims.claim(campaign_id, body, verified, request.remote)
     except ApiError as err:
+        count_outcome(metrics.CLAIMS, campaign_id, err.code)
         refusal = await ctx.claims.refused(campaign_id, verified, err)
         request["refused"] = refusal.code
         return error_response(refusal)
+    count_outcome(metrics.CLAIMS, campaign_id, "REPLAY" if replay else "OK")
     # an application to a lottery round is accepted, its outcome comes with the draw
     return reply(answer, 202 if isinstance(answer, ApplicationOut) else 201, replay=replay)
 
