@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -149,6 +150,7 @@ async def worker_main(settings: Settings, port: int) -> None:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload_calendar)
+    settle_heap()
     loop_lag.start()
     log.info("worker up", extra={"pid": os.getpid(), "port": port})
     sweeping = asyncio.create_task(expiry.run(redis, scripts, stop))
@@ -164,6 +166,14 @@ async def worker_main(settings: Settings, port: int) -> None:
     metrics.publish()  # the counts of the last tick
     logs.write_batch()
     log.info("worker stopped", extra={"pid": os.getpid()})
+
+
+def settle_heap() -> None:
+    """Put what startup made (modules, geofences, the app: ~66,000 objects) out of the
+    garbage collector's sight for good: a full collection then takes ~0 ms instead of
+    ~35 ms, a pause the loop-lag shedding would answer with 503s."""
+    gc.collect()
+    gc.freeze()
 
 
 def run_worker(settings: Settings, port: int) -> None:
