@@ -33,7 +33,7 @@ from issuer.errors import ApiError, GateRefusal
 from issuer.identity import person_ref
 from issuer.ids import new_id
 from issuer.model import ApplicationOut, ClaimIn, RateLimit, RateLimits, Round, VoucherOut
-from issuer.schedule import from_millis
+from issuer.schedule import from_millis, to_millis
 from issuer.scripts import Scripts
 
 # refusals that hold for the rest of the round: a worker repeats them locally for a while
@@ -307,10 +307,21 @@ class Claims:
             nonce_key=cached.keys.nonces(verified.timestamp),
         )
         code, payload = await self._batcher(cached, rnd).submit(pending)
-        if code in ("OK", "REPLAY"):
-            return voucher_out(
-                RECORD.decode(payload), definition.timezone, "issued"
-            ), code == "REPLAY"
+        if code == "OK":  # the script answers only its time: the rest is what was sent
+            tz = definition.timezone
+            return VoucherOut(
+                voucher_id=candidate,
+                campaign_id=campaign_id,
+                round_id=rnd.round_id,
+                user_id=claim.user_id,
+                status="issued",
+                issued_at=from_millis(int(payload), tz),
+                expires_at=from_millis(to_millis(rnd.valid_until), tz),
+                discount_rate_bp=definition.voucher.discount_rate_bp,
+                cap_fen=definition.voucher.cap_fen,
+            ), False
+        if code == "REPLAY":
+            return voucher_out(RECORD.decode(payload), definition.timezone, "issued"), True
         if code in ("APPLIED", "REPLAY_APPLIED"):
             app = applications.RECORD.decode(payload)
             app_round = applications.round_of(cached.stored.rounds, app.round_id)

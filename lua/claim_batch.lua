@@ -13,7 +13,8 @@
 --       person_ref, user_id, voucher_id (or application_id) candidate, extra JSON object
 --       body ("{}" or fields), device id ("" if none), client IP ("" if none)
 -- Returns: {status, version, issued, quota, then per claim: code, payload}
---   code OK / REPLAY: payload = voucher JSON (with request = [idem field, fingerprint]);
+--   code OK: payload = issued_at ms (the voucher is the candidate, as the caller sent it);
+--   REPLAY: payload = voucher JSON (with request = [idem field, fingerprint]);
 --   APPLIED / REPLAY_APPLIED: payload = application JSON;
 --   ALREADY_CLAIMED: payload = voucher id ("" if an application waits for its draw);
 --   RATE_LIMITED: payload = seconds to wait; any other refusal code: payload = "".
@@ -55,6 +56,7 @@ local issued, rreserved = tonumber(rnd[6]), tonumber(rnd[7])
 local rspent = tonumber(rnd[8] or 0) - tonumber(rnd[9] or 0)
 local now = now_ms()
 local granted = 0
+local stored = 0  -- applications taken (their idempotency records too)
 local nonce_used = {}
 
 -- whether the latest application of a person or account (a field of `hash`) waits for
@@ -131,7 +133,8 @@ local function decide(base)
     redis.call('HSET', KEYS[13], person, aid)
     redis.call('HSET', KEYS[14], user, aid)
     redis.call('HSET', KEYS[15], app.application_ref, aid)
-    idem_store(KEYS[8], idem_field, fingerprint, 'a:' .. aid, idem_ttl)
+    idem_put(KEYS[8], idem_field, fingerprint, 'a:' .. aid)
+    stored = stored + 1
     redis.call('XADD', KEYS[7], '*', 't', 'application', 'd', json)
     return 'APPLIED', json
   end
@@ -150,14 +153,14 @@ local function decide(base)
   rec.expires_at = tonumber(valid_until)
   rec.reserve_fen = reserve
   rec.request = {idem_field, fingerprint}  -- so that issuer rebuild can restore its record
-  local json = write_voucher(KEYS[3], KEYS[4], KEYS[5], KEYS[11], KEYS[7], rec)
-  idem_store(KEYS[8], idem_field, fingerprint, vid, idem_ttl)
+  write_voucher(KEYS[3], KEYS[4], KEYS[5], KEYS[11], KEYS[7], rec)
+  idem_put(KEYS[8], idem_field, fingerprint, vid)
   redis.call('SADD', KEYS[10], idem_field)
   issued = issued + 1
   rreserved = rreserved + reserve
   available = available - reserve
   granted = granted + 1
-  return 'OK', json
+  return 'OK', string.format('%d', now)  -- the caller knows the rest of the voucher
 end
 
 out = {status, led[2], 0, 0}
@@ -172,6 +175,7 @@ if granted > 0 then
   redis.call('HINCRBY', KEYS[1], 'reserved', granted * reserve)
   redis.call('EXPIRE', KEYS[10], idem_ttl, 'NX')
 end
+if granted + stored > 0 then redis.call('EXPIRE', KEYS[8], idem_ttl, 'NX') end
 for nkey in pairs(nonce_used) do redis.call('EXPIRE', nkey, nonce_ttl, 'NX') end
 for _, lim in ipairs(limits) do
   if lim.used then redis.call('EXPIRE', lim.key, lim.ttl, 'NX') end

@@ -11,8 +11,13 @@ local function idem_lookup(cur, prev, field, fingerprint)
   return string.sub(rec, nl + 1)
 end
 
-local function idem_store(cur, field, fingerprint, result, ttl)
+-- without the bucket's expiry: for a script that stores many and sets it once
+local function idem_put(cur, field, fingerprint, result)
   redis.call('HSET', cur, field, fingerprint .. '\n' .. result)
+end
+
+local function idem_store(cur, field, fingerprint, result, ttl)
+  idem_put(cur, field, fingerprint, result)
   redis.call('EXPIRE', cur, ttl, 'NX')
 end
 
