@@ -42,7 +42,9 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["xiangning-2024", "xixian-2024", "xixian-2024-lottery", "demo"])
+@pytest.mark.parametrize(
+    "name", ["xiangning-2024", "xixian-2024", "xixian-2024-lottery", "demo", "demo-lottery"]
+)
 def test_examples_load(name: str) -> None:
     campaign_id, defn = load_campaign_file(EXAMPLES / f"{name}.toml")
     assert campaign_id == name
