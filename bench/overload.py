@@ -5,8 +5,8 @@ lag bound too large to reach) and one that sheds (the defaults, or `--queue-max`
 flight, as many users pressing "claim" at once; a connection answered 503 waits 1-2 times
 `--retry-after` seconds, as the header asks). Printed per connection count: req/s, p50/p99
 of the answers served (below 500), how many were shed (503 OVERLOADED), and from the
-service's own histograms over the window: the claim route's p99 from its middleware on,
-and its event loop's lag p99 (both as bucket upper bounds). Without
+service's own histograms over the run, warm-up included: the claim route's p99 from its
+middleware on, and its event loop's lag p99 (both as bucket upper bounds). Without
 shedding, served latency grows with the crowd; with it, it stays bounded and the rest are
 refused at once."""
 
@@ -172,10 +172,12 @@ def compare(redis_url: str, database_url: str, work: Path, crowd: Crowd) -> Iter
                     crowd.seconds,
                     retry_after_s=crowd.retry_after,
                 )
+                # read before the crowd comes: a service that never sheds answers a scrape
+                # under its crowd only once the crowd has gone (or after the timeout), so its
+                # histograms' window includes the warm-up second
+                before = asyncio.run(scrape.claim_histograms(service.url))
                 start_at = time.monotonic() + 0.2
                 clients.go(target, start_at)
-                time.sleep(max(0.0, start_at + crowd.warmup - time.monotonic()))
-                before = asyncio.run(scrape.claim_histograms(service.url))
                 merged = clients.collect()
                 after = asyncio.run(scrape.claim_histograms(service.url))
                 yield row(label, connections, merged, before, after)
