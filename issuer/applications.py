@@ -7,9 +7,8 @@ from typing import Literal
 import msgspec
 from redis.asyncio import Redis
 
-from issuer.campaigns import Campaigns
+from issuer.campaigns import Campaigns, read_record
 from issuer.errors import ApiError
-from issuer.ids import campaign_of
 from issuer.model import ApplicationOut, Round
 from issuer.schedule import from_millis
 
@@ -59,15 +58,9 @@ def application_out(rec: ApplicationRecord, rnd: Round, tz: str) -> ApplicationO
 
 
 async def get(redis: Redis, campaigns: Campaigns, application_id: str) -> ApplicationOut:
-    campaign_id = campaign_of(application_id, "application")
-    try:
-        cached = await campaigns.cached(campaign_id)
-    except ApiError:
-        raise ApiError("NOT_FOUND", f"application {application_id}") from None
-    raw = await redis.hget(cached.keys.applications, application_id)
-    if raw is None:
-        raise ApiError("NOT_FOUND", f"application {application_id}")
-    rec = RECORD.decode(raw)
+    cached = await campaigns.of_entity(application_id, "application")
+    key = cached.keys.applications
+    rec = RECORD.decode(await read_record(redis, key, application_id, "application"))
     rnd = round_of(cached.stored.rounds, rec.round_id)
     return application_out(rec, rnd, cached.definition.timezone)
 
@@ -77,11 +70,7 @@ async def of_user(
 ) -> list[ApplicationOut]:
     """The user's latest application in each of these campaigns."""
     found = []
-    for campaign_id in campaign_ids:
-        try:
-            cached = await campaigns.cached(campaign_id)
-        except ApiError:
-            continue
+    async for cached in campaigns.existing(campaign_ids):
         if not cached.lottery:
             continue
         application_id = await redis.hget(cached.keys.applicant_accounts, user_id)

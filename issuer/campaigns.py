@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -15,6 +16,7 @@ from redis.asyncio import Redis
 from issuer import keys
 from issuer.errors import ApiError, invalid_field
 from issuer.geofence import Region, region_for
+from issuer.ids import campaign_of
 from issuer.model import (
     CampaignDef,
     CampaignOut,
@@ -146,6 +148,22 @@ class Campaigns:
             self._loading[campaign_id] = loading
             loading.add_done_callback(lambda _: self._loading.pop(campaign_id, None))
         return await asyncio.shield(loading)
+
+    async def of_entity(self, entity_id: str, what: str) -> CachedCampaign:
+        """The campaign of one of its vouchers, applications, redemptions or refunds (its
+        id starts with the campaign's); NOT_FOUND naming `what` if there is none."""
+        try:
+            return await self.cached(campaign_of(entity_id, what))
+        except ApiError:
+            raise ApiError("NOT_FOUND", f"{what} {entity_id}") from None
+
+    async def existing(self, campaign_ids: Iterable[str]) -> AsyncIterator[CachedCampaign]:
+        """Those of these campaigns that exist."""
+        for campaign_id in campaign_ids:
+            try:
+                yield await self.cached(campaign_id)
+            except ApiError:
+                continue
 
     def forget(self, campaign_id: str) -> None:
         self._cache.pop(campaign_id, None)
@@ -304,6 +322,14 @@ class Campaigns:
 async def hash_keys(redis: Redis, key: str) -> set[str]:
     """Field names of a hash, read with HSCAN so a big hash never blocks Redis."""
     return {k.decode() async for k in redis.hscan_iter(key, count=1000, no_values=True)}
+
+
+async def read_record(redis: Redis, key: str, field: str, what: str) -> bytes:
+    """A record of hash `key`; NOT_FOUND naming `what` if it holds none."""
+    raw: bytes | None = await redis.hget(key, field)
+    if raw is None:
+        raise ApiError("NOT_FOUND", f"{what} {field}")
+    return raw
 
 
 def idem_field(key_id: str, request_id: str) -> str:

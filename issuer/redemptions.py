@@ -8,10 +8,10 @@ import msgspec
 from redis.asyncio import Redis
 
 from issuer import keys, merchants, money
-from issuer.campaigns import CachedCampaign, Campaigns, fingerprint, idem_field
+from issuer.campaigns import CachedCampaign, Campaigns, fingerprint, idem_field, read_record
 from issuer.claims import RECORD as VOUCHER
 from issuer.errors import ApiError
-from issuer.ids import campaign_of, new_id
+from issuer.ids import new_id
 from issuer.model import (
     Eligibility,
     ItemIn,
@@ -151,23 +151,11 @@ class Redemptions:
         self.scripts = scripts
         self.campaigns = campaigns
 
-    async def _campaign(self, entity_id: str, what: str) -> CachedCampaign:
-        try:
-            return await self.campaigns.cached(campaign_of(entity_id, what))
-        except ApiError:
-            raise ApiError("NOT_FOUND", f"{what} {entity_id}") from None
-
-    async def _read(self, key: str, field: str, what: str) -> bytes:
-        raw: bytes | None = await self.redis.hget(key, field)
-        if raw is None:
-            raise ApiError("NOT_FOUND", f"{what} {field}")
-        return raw
-
     async def redeem(
         self, body: RedemptionIn, key_id: str, now_s: float
     ) -> tuple[RedemptionOut, bool]:
         """Apply the voucher to the payment; returns (redemption, replayed)."""
-        cached = await self._campaign(body.voucher_id, "voucher")
+        cached = await self.campaigns.of_entity(body.voucher_id, "voucher")
         check_items(cached.definition.eligibility, body)
         ck = cached.keys
         async with self.redis.pipeline(transaction=False) as pipe:  # one round trip
@@ -239,8 +227,8 @@ class Redemptions:
 
     async def record(self, redemption_id: str) -> tuple[CachedCampaign, RedemptionRecord]:
         """The redemption as Redis holds it, with its campaign; NOT_FOUND if none."""
-        cached = await self._campaign(redemption_id, "redemption")
-        raw = await self._read(cached.keys.redemptions, redemption_id, "redemption")
+        cached = await self.campaigns.of_entity(redemption_id, "redemption")
+        raw = await read_record(self.redis, cached.keys.redemptions, redemption_id, "redemption")
         return cached, REDEMPTION.decode(raw)
 
     async def get(self, redemption_id: str) -> RedemptionOut:
@@ -251,14 +239,14 @@ class Redemptions:
         self, redemption_id: str, body: RefundIn, key_id: str, now_s: float
     ) -> tuple[RefundOut, bool]:
         """Refund part or all of a redeemed order; returns (refund, replayed)."""
-        cached = await self._campaign(redemption_id, "redemption")
+        cached = await self.campaigns.of_entity(redemption_id, "redemption")
         ck = cached.keys
         cur, prev = ck.idempotency(now_s)
         refund_id = new_id(ck.campaign_id)
         request_key = idem_field(key_id, body.request_id)
         request_fingerprint = fingerprint((redemption_id, body))
         for _ in range(STALE_RETRIES):
-            raw = await self._read(ck.redemptions, redemption_id, "redemption")
+            raw = await read_record(self.redis, ck.redemptions, redemption_id, "redemption")
             rec = REDEMPTION.decode(raw)
             returned = money.subsidy_returned(
                 rec.discount_fen, rec.order_amount_fen, rec.refunded_fen, body.amount_fen
@@ -316,7 +304,7 @@ class Redemptions:
         self, refund_id: str, body: RepaidIn, key_id: str, now_s: float
     ) -> tuple[RefundOut, bool]:
         """The merchant paid a clawback back; returns (refund, replayed)."""
-        ck = (await self._campaign(refund_id, "refund")).keys
+        ck = (await self.campaigns.of_entity(refund_id, "refund")).keys
         cur, prev = ck.idempotency(now_s)
         code, payload = await self.scripts.run(
             "clawback_repaid",

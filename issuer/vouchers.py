@@ -7,23 +7,14 @@ import time
 from redis.asyncio import Redis
 
 from issuer import keys
-from issuer.campaigns import Campaigns
+from issuer.campaigns import Campaigns, read_record
 from issuer.claims import RECORD, voucher_out
-from issuer.errors import ApiError
-from issuer.ids import campaign_of
 from issuer.model import VoucherOut
 
 
 async def get(redis: Redis, campaigns: Campaigns, voucher_id: str) -> VoucherOut:
-    campaign_id = campaign_of(voucher_id)
-    try:
-        cached = await campaigns.cached(campaign_id)
-    except ApiError:
-        raise ApiError("NOT_FOUND", f"voucher {voucher_id}") from None
-    raw = await redis.hget(cached.keys.vouchers, voucher_id)
-    if raw is None:
-        raise ApiError("NOT_FOUND", f"voucher {voucher_id}")
-    rec = RECORD.decode(raw)
+    cached = await campaigns.of_entity(voucher_id, "voucher")
+    rec = RECORD.decode(await read_record(redis, cached.keys.vouchers, voucher_id, "voucher"))
     # past its time but not swept yet: it is expired all the same
     late = rec.status == "issued" and time.time() * 1000 >= rec.expires_at
     return voucher_out(rec, cached.definition.timezone, "expired" if late else None)
@@ -41,11 +32,7 @@ async def of_user(
 ) -> list[VoucherOut]:
     """The user's voucher in each of these campaigns that has one."""
     found = []
-    for cid in ids:
-        try:
-            cached = await campaigns.cached(cid)
-        except ApiError:
-            continue
+    async for cached in campaigns.existing(ids):
         voucher_id = await redis.hget(cached.keys.accounts, user_id)
         if voucher_id is not None:
             found.append(await get(redis, campaigns, voucher_id.decode()))
