@@ -66,6 +66,19 @@ local function waiting(hash, field)
   return aid and cjson.decode(redis.call('HGET', KEYS[12], aid)).status == 'applied'
 end
 
+-- what a claim at `base` makes, a voucher or an application: the caller's fields, the
+-- round, the person and account, `status`, and the request that made it (so that issuer
+-- rebuild can restore its idempotency record)
+local function made(base, status)
+  local rec = cjson.decode(ARGV[base + 7])
+  rec.round_id = round_id
+  rec.user_id = ARGV[base + 5]
+  rec.person_ref = ARGV[base + 4]
+  rec.status = status
+  rec.request = {ARGV[base], ARGV[base + 1]}
+  return rec
+end
+
 local function decide(base)
   local idem_field, fingerprint = ARGV[base], ARGV[base + 1]
   local nonce_idx = tonumber(ARGV[base + 2])
@@ -119,15 +132,10 @@ local function decide(base)
     return 'ALREADY_CLAIMED', ''
   end
   if lottery then
-    local app = cjson.decode(ARGV[base + 7])
     local aid = ARGV[base + 6]
+    local app = made(base, 'applied')
     app.application_id = aid
-    app.round_id = round_id
-    app.user_id = user
-    app.person_ref = person
-    app.status = 'applied'
     app.applied_at = now
-    app.request = {idem_field, fingerprint}
     local json = cjson.encode(app)
     redis.call('HSET', KEYS[12], aid, json)
     redis.call('HSET', KEYS[13], person, aid)
@@ -143,16 +151,11 @@ local function decide(base)
   if available < reserve then return 'BUDGET_EXHAUSTED', '' end
   -- every check passed: write
   local vid = ARGV[base + 6]
-  local rec = cjson.decode(ARGV[base + 7])
+  local rec = made(base, 'issued')
   rec.voucher_id = vid
-  rec.round_id = round_id
-  rec.user_id = user
-  rec.person_ref = person
-  rec.status = 'issued'
   rec.issued_at = now
   rec.expires_at = tonumber(valid_until)
   rec.reserve_fen = reserve
-  rec.request = {idem_field, fingerprint}  -- so that issuer rebuild can restore its record
   write_voucher(KEYS[3], KEYS[4], KEYS[5], KEYS[11], KEYS[7], rec)
   idem_put(KEYS[8], idem_field, fingerprint, vid)
   redis.call('SADD', KEYS[10], idem_field)
