@@ -16,7 +16,7 @@ from aiohttp import web
 from issuer import documents, due_dates, gauges, keys, logs, metrics, openapi, topology
 from issuer.auth import Verified, require_role, verify
 from issuer.errors import ApiError
-from issuer.http import ENCODER, JSON, MAX_BODY, Ctx, Route, error_response
+from issuer.http import ENCODER, ERROR_CODE, JSON, MAX_BODY, Ctx, Route, error_response
 from issuer.ids import campaign_prefix
 from issuer.routes import ROUTES
 from issuer.routes_claims import claim
@@ -74,13 +74,12 @@ def as_api_error(request: web.Request, exc: Exception) -> ApiError:
     return ApiError("INTERNAL")
 
 
-def failure_response(request: web.Request, exc: Exception) -> tuple[str, web.Response]:
-    """(error code, response) for an exception a handler raised."""
-    err = as_api_error(request, exc)
-    response = error_response(err)
+def failure_response(request: web.Request, exc: Exception) -> web.Response:
+    """The response to an exception a handler raised."""
+    response = error_response(as_api_error(request, exc))
     if isinstance(exc, web.HTTPMethodNotAllowed):
         response.set_status(405)
-    return err.code, response
+    return response
 
 
 def request_fields(
@@ -115,7 +114,6 @@ def middlewares(ctx: Ctx) -> list[Any]:
         count and log every request."""
         started = time.perf_counter()
         route = request.match_info.route
-        code = "OK"
         try:
             if route.name == "claim":
                 with ctx.admission.admit():
@@ -127,8 +125,8 @@ def middlewares(ctx: Ctx) -> list[Any]:
         except Exception as exc:  # every failure answers in the contract's error format
             # (no local may keep `exc`: its traceback holds this frame, a cycle that only
             # the garbage collector would free, in long pauses under load)
-            code, response = failure_response(request, exc)
-        code = request.get("refused", code)  # answered by the claim handler itself
+            response = failure_response(request, exc)
+        code = response.get(ERROR_CODE, "OK")  # every error response names its code
         name = route.resource.canonical if route.resource is not None else "unmatched"
         metrics.count(metrics.child(metrics.REQUESTS, name, str(response.status)))
         elapsed = time.perf_counter() - started

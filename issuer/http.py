@@ -29,6 +29,7 @@ from issuer.settlement import Settlement
 MAX_BODY = 64 * 1024
 JSON = "application/json"
 ENCODER = msgspec.json.Encoder()
+ERROR_CODE = web.ResponseKey("code", str)  # an error response's code, for the request log
 Handler = Callable[["Ctx", web.Request, Any], Awaitable[web.Response]]
 T = TypeVar("T")
 
@@ -73,12 +74,15 @@ def reply(payload: Any, status: int = 200, *, replay: bool = False) -> web.Respo
 
 
 def error_response(err: ApiError) -> web.Response:
+    """The contract's error answer, carrying its code (`response[ERROR_CODE]`)."""
     body = (
         _error_body(err.code, err.detail)
         if err.voucher_id is None
         else ENCODER.encode(err.envelope())
     )
-    return web.Response(body=body, status=err.status, content_type=JSON, headers=err.headers())
+    response = web.Response(body=body, status=err.status, content_type=JSON, headers=err.headers())
+    response[ERROR_CODE] = err.code
+    return response
 
 
 @functools.lru_cache(maxsize=1024)

@@ -41,16 +41,14 @@ async def register(ctx: Ctx, request: web.Request, body: RegistrationIn) -> web.
 async def claim(ctx: Ctx, request: web.Request, body: ClaimIn) -> web.Response:
     """The surge's route: its refusals are answered here, not raised through the frames
     above it (an exception costs at each frame it passes, and most claims at 10:00 are
-    refused); the code is left in the request for the log."""
+    refused)."""
     campaign_id = path_id(request, "campaign_id")
     verified = request["verified"]
     try:
         answer, replay = await ctx.claims.claim(campaign_id, body, verified, request.remote)
     except ApiError as err:
         count_outcome(metrics.CLAIMS, campaign_id, err.code)
-        refusal = await ctx.claims.refused(campaign_id, verified, err)
-        request["refused"] = refusal.code
-        return error_response(refusal)
+        return error_response(await ctx.claims.refused(campaign_id, verified, err))
     count_outcome(metrics.CLAIMS, campaign_id, "REPLAY" if replay else "OK")
     # an application to a lottery round is accepted, its outcome comes with the draw
     return reply(answer, 202 if isinstance(answer, ApplicationOut) else 201, replay=replay)
