@@ -116,6 +116,15 @@ class EmbeddedServer:
             os.killpg(self.pid, signal.SIGKILL)
         self._proc.wait()
 
+    def pause(self) -> None:
+        """SIGSTOP the server, as a long GC, a frozen VM or a stalled disk would."""
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT a paused server."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGCONT)
+
     def restart(self) -> None:
         """Stop the server if it still runs, then start it again on the same port and data."""
         self.stop()
