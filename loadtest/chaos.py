@@ -72,6 +72,7 @@ class Cell:
     over_issued: int = 0  # told beyond the quota
     no_primary_s: float = 0.0  # stretches with no claim decided (Crowd.unavailable_s)
     answers_503: int = 0
+    failures: dict[str, int] = field(default_factory=dict)  # 5xx answers by status and code
     undecided: int = 0  # claims still 5xx when the crowd gave up
     sold_out: bool = False
     failed: list[str] = field(default_factory=list)  # verifier checks that failed
@@ -224,6 +225,9 @@ class Stage:
         end = result.start + result.seconds
         result.no_primary_s = crowd.unavailable_s(result.start + WARM_S, end)
         result.answers_503 = sum(1 for *_, status, _ in crowd.answers if status >= 500)
+        result.failures = {
+            f"{status} {code}": n for (status, code), n in crowd.statuses().items() if status >= 500
+        }
         result.undecided = crowd.undecided
         result.sold_out = crowd.sold_out.is_set()
         result.failed = [c.line for c in checks if not c.ok]
@@ -238,7 +242,7 @@ def progress(cell: Cell) -> str:
         f"  {cell.topology} ack={cell.ack} {cell.nemesis}: told {cell.told}/{cell.quota}"
         f" (sold out: {cell.sold_out}), lost {cell.lost} (PostgreSQL holds {cell.lost_in_pg}),"
         f" over-issued {cell.over_issued}, no primary {cell.no_primary_s:.1f} s,"
-        f" 503s {cell.answers_503}, undecided {cell.undecided}, {cell.seconds:.1f} s: {verdict}"
+        f" 5xx {cell.failures}, undecided {cell.undecided}, {cell.seconds:.1f} s: {verdict}"
         + (f"\n    failed: {cell.failed}" if cell.failed else "")
         + (f"\n    reconcile: {cell.reconcile[:3]}" if cell.reconcile else "")
         + (f"\n    alert: {cell.alert}" if cell.alert else "")
