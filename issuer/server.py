@@ -83,6 +83,7 @@ async def worker_main(settings: Settings, port: int) -> None:
     redis = topology.connect(settings)
     scripts = Scripts(redis, ack=settings.durable_ack, ack_replicas=settings.ack_replicas)
     watch = PrimaryWatch(redis, scripts)
+    metrics.ACK_UNGUARDED.set(0)  # exported from the start, whatever the ack mode
     pg = await store.connect(settings.database_url, min_size=0, max_size=2)
     campaigns = Campaigns(redis, scripts)
     person_key = settings.person_secret()

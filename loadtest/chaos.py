@@ -44,6 +44,7 @@ from issuer.client import Client
 from issuer.reconcile import reconcile
 from loadtest.crowd import Crowd, crowd_of
 from loadtest.nemesis import HOLD_S, Events, Nemesis, Net, watch_promotions
+from loadtest.prom import LOST_PRIMARY, Prometheus
 from loadtest.rigs import NODES, TOPOLOGIES, Rig
 from loadtest.verify import verify
 from tests.people import campaign
@@ -56,6 +57,9 @@ WARM_S = 1.5  # claims flow this long before the fault
 RATE_S = 2.0  # the crowd's pace is measured this long when a stage starts
 MIN_QUOTA = 200
 PEOPLE_PER_CELL = 1_000_000  # person numbers of one cell never meet another's
+PROMETHEUS_CELL = "partition-clients"  # the cell a real Prometheus watches (replica ack)
+PROMETHEUS_HOLD_S = 16.0  # its fault holds past the alert's `for: 10s`
+RESOLVE_S = 30.0  # after the heal, how long the alert has to resolve
 
 
 @dataclass
@@ -78,7 +82,10 @@ class Cell:
     failed: list[str] = field(default_factory=list)  # verifier checks that failed
     reconcile: list[str] = field(default_factory=list)  # its problems
     seconds: float = 0.0
-    alert: str = ""  # the Prometheus cell: when the lost-primary alert fired and resolved
+    # the Prometheus cell: seconds from the fault to the lost-primary alert firing, and
+    # from the heal to its resolving (-1: it did not)
+    alert_fired_s: float | None = None
+    alert_resolved_s: float | None = None
     # for the chart: times since the stage started
     start: float = 0.0
     events: list[tuple[float, str, str]] = field(default_factory=list)
@@ -87,9 +94,26 @@ class Cell:
 
     @property
     def ok(self) -> bool:
-        """Nothing lost or over-issued, every check and reconcile clean."""
+        """Nothing lost or over-issued, every check and reconcile clean (and, where a
+        Prometheus watched, the alert fired and resolved)."""
         clean = not self.failed and not self.reconcile and not self.undecided
-        return self.lost == 0 and self.over_issued == 0 and clean
+        alerted = (
+            self.alert_fired_s is None or min(self.alert_fired_s, self.alert_resolved_s or -1) >= 0
+        )
+        return self.lost == 0 and self.over_issued == 0 and clean and alerted
+
+    def note_alert(self) -> None:
+        """alert_fired_s / alert_resolved_s from the events (times as the events')."""
+        faults = [t for t, kind, _ in self.events if kind == "fault"]
+        heals = [t for t, kind, _ in self.events if kind == "heal"]
+        fired = [t for t, kind, text in self.events if kind == "alert" and text.endswith("firing")]
+        ended = [
+            t
+            for t, kind, text in self.events
+            if kind == "alert" and text.endswith("inactive") and fired and t > fired[0]
+        ]
+        self.alert_fired_s = fired[0] - faults[0] if fired and faults else -1
+        self.alert_resolved_s = ended[0] - heals[-1] if ended and heals else -1
 
 
 class Stage:
@@ -138,6 +162,20 @@ class Stage:
             await self.pg.close()
             await asyncio.to_thread(self.service.stop)
 
+    @asynccontextmanager
+    async def prometheus(self, wanted: bool) -> AsyncIterator[Prometheus | None]:
+        """A Prometheus scraping the service, when `wanted`."""
+        if not wanted:
+            yield None
+            return
+        target = self.service.url.removeprefix("http://")
+        prom = Prometheus(self.work / f"prometheus-{secrets.token_hex(3)}", target)
+        try:
+            await prom.ready(self.session)
+            yield prom
+        finally:
+            await asyncio.to_thread(prom.stop)
+
     async def new_campaign(self, quota: int) -> str:
         campaign_id = f"chaos-{secrets.token_hex(4)}"
         resp = await self.ops.call("PUT", f"/v1/campaigns/{campaign_id}", campaign(quota=quota))
@@ -168,6 +206,7 @@ class Stage:
         sell_s: float,
         rng: random.Random,
         repeat: int = 1,
+        prometheus: Prometheus | None = None,
     ) -> Cell:
         quota = max(MIN_QUOTA, int(self.rate * sell_s))
         campaign_id = await self.new_campaign(quota)
@@ -178,6 +217,10 @@ class Stage:
         stop, watching = asyncio.Event(), asyncio.Event()
         tasks = crowd_of(self.app, crowd, CLIENTS, stop)
         watcher = asyncio.create_task(watch_promotions(self.rig, key, events, watching))
+        alerting = asyncio.Event()
+        if prometheus is not None:
+            hold_s = max(hold_s, PROMETHEUS_HOLD_S)
+            alerts = asyncio.create_task(self.watch_alert(prometheus, events, alerting))
         faults = Nemesis(self.rig, self.net, key, events, hold_s, repeat)
         try:
             async with asyncio.timeout(cell_s):
@@ -202,8 +245,34 @@ class Stage:
             await watcher
         result.seconds = time.time() - result.start
         await self.check(result, campaign_id, crowd)
+        if prometheus is not None:
+            alerting.set()
+            await alerts
         result.events = events.seen
+        if prometheus is not None:
+            result.note_alert()
         return result
+
+    async def watch_alert(
+        self, prometheus: Prometheus, events: Events, done: asyncio.Event
+    ) -> None:
+        """Note each change of the lost-primary alert's state in Prometheus; once `done`,
+        go on until it is inactive again after firing (at most RESOLVE_S)."""
+        last, fired = "inactive", False
+        deadline = float("inf")
+        while time.monotonic() < deadline:
+            try:
+                state = await prometheus.alert_state(self.session, LOST_PRIMARY)
+            except (aiohttp.ClientError, KeyError, ValueError):
+                state = last
+            if state != last:
+                events.add("alert", f"{LOST_PRIMARY} {state}")
+                last, fired = state, fired or state == "firing"
+            if done.is_set():
+                if last == "inactive" and fired:
+                    return
+                deadline = min(deadline, time.monotonic() + RESOLVE_S)
+            await asyncio.sleep(0.5)
 
     async def check(self, result: Cell, campaign_id: str, crowd: Crowd) -> None:
         """The checker, after the flusher drained: the verifier's invariants, reconcile,
@@ -245,7 +314,12 @@ def progress(cell: Cell) -> str:
         f" 5xx {cell.failures}, undecided {cell.undecided}, {cell.seconds:.1f} s: {verdict}"
         + (f"\n    failed: {cell.failed}" if cell.failed else "")
         + (f"\n    reconcile: {cell.reconcile[:3]}" if cell.reconcile else "")
-        + (f"\n    alert: {cell.alert}" if cell.alert else "")
+        + (
+            f"\n    {LOST_PRIMARY}: fired {cell.alert_fired_s:.1f} s after the fault,"
+            f" resolved {cell.alert_resolved_s:.1f} s after the heal (-1: did not)"
+            if cell.alert_fired_s is not None and cell.alert_resolved_s is not None
+            else ""
+        )
     )
 
 
@@ -262,8 +336,10 @@ async def run_topology(
     sell_s: float = 6.0,
     seed: int = 20,
     repeat: int = 3,
+    prometheus: bool = False,
 ) -> list[Cell]:
-    """Every cell of one topology (started once, converged between cells)."""
+    """Every cell of one topology (started once, converged between cells); with
+    `prometheus`, a real Prometheus watches the PROMETHEUS_CELL of the replica stage."""
     hosts = [net.address(10 + i) for i in range(NODES[name])]
     rig = await asyncio.to_thread(TOPOLOGIES[name], work / name, hosts)
     cells = []
@@ -274,9 +350,11 @@ async def run_topology(
                 print(f"{rig.label} ack={ack}: the crowd claims {rate:.0f}/s", flush=True)
                 for nemesis in nemeses:
                     print(f"  {rig.label} ack={ack} {nemesis} ...", flush=True)
-                    cell = await stage.cell(
-                        nemesis, hold_s, cell_s, sell_s, random.Random(seed), repeat
-                    )
+                    watched = prometheus and ack == "replica" and nemesis == PROMETHEUS_CELL
+                    async with stage.prometheus(watched) as prom:
+                        cell = await stage.cell(
+                            nemesis, hold_s, cell_s, sell_s, random.Random(seed), repeat, prom
+                        )
                     for at in (cell.issued_at, cell.unavailable_at):
                         at[:] = [t - stage.started for t in at]
                     cell.events = [(t - stage.started, k, s) for t, k, s in cell.events]
@@ -328,7 +406,7 @@ def chart(cells: list[Cell], path: Path) -> None:
             axis.axvline(c.start, color="grey", linewidth=0.6)
             axis.text(c.start, 1.01, c.nemesis, transform=axis.get_xaxis_transform(), fontsize=7)
             opened: float | None = None
-            for t, kind, _ in c.events:
+            for t, kind, text in c.events:
                 if kind == "fault" and opened is None:
                     opened = t
                 elif kind == "heal" and opened is not None:
@@ -336,9 +414,15 @@ def chart(cells: list[Cell], path: Path) -> None:
                     opened = None
                 elif kind == "promoted":
                     axis.axvline(t, color="tab:blue", linestyle="--", linewidth=0.8)
+                elif kind == "alert" and not text.endswith("pending"):  # Prometheus
+                    style = "-" if text.endswith("firing") else ":"
+                    axis.axvline(t, color="tab:purple", linestyle=style, linewidth=1.2)
         axis.set_ylabel(f"{topo}\nack={ack}", fontsize=8)
         axis.legend(fontsize=7, loc="upper right")
-    axes[-1, 0].set_xlabel("seconds since the stage started (red: fault held, blue: promotion)")
+    axes[-1, 0].set_xlabel(
+        "seconds since the stage started (red: fault held, blue: promotion,"
+        " purple: Prometheus' lost-primary alert firing, dotted: resolved)"
+    )
     fig.suptitle("make chaos: claims answered while faults come and go")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -355,6 +439,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sell-seconds", type=float, default=6.0, help="quota = pace × this")
     parser.add_argument("--seed", type=int, default=20, help="of the mixed nemesis")
     parser.add_argument("--repeat", type=int, default=3, help="restart-early, times per cell")
+    parser.add_argument(
+        "--no-prometheus",
+        dest="prometheus",
+        action="store_false",
+        help=f"no Prometheus watching the {PROMETHEUS_CELL} cell of the replica stages",
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     return parser.parse_args(argv)
 
@@ -386,6 +476,7 @@ async def run(args: argparse.Namespace) -> list[Cell]:
                     sell_s=args.sell_seconds,
                     seed=args.seed,
                     repeat=args.repeat,
+                    prometheus=args.prometheus,
                 )
     finally:
         await asyncio.to_thread(pg.stop)

@@ -30,6 +30,7 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 K8S = DEPLOY / "k8s"
 DASHBOARD = DEPLOY / "grafana" / "issuer.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+ALERTS_GATE = DEPLOY / "prometheus" / "alerts-gate.yml"  # the gate's primaries (issue 20)
 PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
 NGINX = DEPLOY / "nginx" / "nginx.conf"
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
@@ -254,7 +255,7 @@ def test_nginx_proxies_to_the_replicas_with_keepalive_and_request_ids() -> None:
 
 def test_prometheus_scrapes_the_replicas_and_loads_the_alerts() -> None:
     config = yaml.safe_load(PROMETHEUS.read_text())
-    assert config["rule_files"] == ["alerts.yml"]
+    assert config["rule_files"] == ["alerts.yml", "alerts-gate.yml"]
     (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "issuer"]
     assert job["metrics_path"] == "/metrics"
     assert job["dns_sd_configs"][0]["names"] == ["issuer"]
@@ -415,7 +416,12 @@ def dashboard_queries() -> list[str]:
 
 
 def alert_queries() -> list[str]:
-    rules = [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
+    rules = [
+        r
+        for path in (ALERTS, ALERTS_GATE)
+        for g in yaml.safe_load(path.read_text())["groups"]
+        for r in g["rules"]
+    ]
     assert all("alert" in r and "expr" in r for r in rules)
     return [str(r["expr"]) for r in rules]
 
