@@ -50,7 +50,15 @@ from loadtest.verify import verify
 from tests.people import campaign
 
 OUT = ROOT / "loadtest" / "out"
-NEMESES = ("kill", "restart-early", "pause", "partition", "partition-clients", "mixed")
+NEMESES = (
+    "kill",
+    "restart-early",
+    "pause",
+    "partition",
+    "partition-half",
+    "partition-clients",
+    "mixed",
+)
 ACKS = ("replica", "none")
 CLIENTS = 32  # people pressing at once
 WARM_S = 1.5  # claims flow this long before the fault

@@ -68,6 +68,8 @@ class Crowd:
                     resp = await client.call("POST", path, body)
                     status = resp.status
                     code = "issued" if status == 201 else resp.body["error"]["code"]
+                    if status >= 500:  # what the service says failed, e.g. "NotDurable"
+                        code += f": {resp.body['error'].get('message', '').rsplit(': ', 1)[-1]}"
                 except (aiohttp.ClientError, TimeoutError, ValueError):
                     status, code = NO_ANSWER, "NO_ANSWER"
                 self.answers.append((sent, time.time(), status, code))

@@ -234,11 +234,18 @@ class Nemesis:
             self.events.add("heal", f"SIGCONT {old.address}")
 
     async def partition(self) -> None:
-        """Cut the primary, with all but one of its replicas, off from every other node
-        (the other replica, other primaries, the Sentinels); the service reaches both
-        sides. `hold_s`, then heal."""
+        """Cut the primary off from every other node (its replicas, the other primaries,
+        the Sentinels); the service still reaches both sides. `hold_s`, then heal."""
+        await self._isolate(keep_replicas=False)
+
+    async def partition_half(self) -> None:
+        """The same, but the primary keeps all of its replicas but one on its side: the
+        shape in which a primary used to confirm claims through the replica it kept."""
+        await self._isolate(keep_replicas=True)
+
+    async def _isolate(self, keep_replicas: bool) -> None:
         old = await self.primary()
-        keep = (await self.rig.replicas_of(old))[:-1]
+        keep = (await self.rig.replicas_of(old))[:-1] if keep_replicas else []
         near = [old, *keep]
         far = [n for n in self.rig.group.nodes if n not in near]
         self.net.cut([n.host for n in near], [n.host for n in far])
@@ -275,5 +282,6 @@ class Nemesis:
             "restart-early": self.restart_early,
             "pause": self.pause,
             "partition": self.partition,
+            "partition-half": self.partition_half,
             "partition-clients": self.partition_clients,
         }
