@@ -7,8 +7,9 @@ script and retries, so callers never see a missing script.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib.resources import files
 from typing import Any
 
@@ -52,6 +53,17 @@ def source(name: str) -> str:
     )
 
 
+@contextlib.contextmanager
+def _transport_errors() -> Iterator[None]:
+    """A write on a connection whose transport a failover just closed raises the event
+    loop's own error through redis-py (RuntimeError "the handler is closed" under uvloop;
+    redis-py issue 4287), not ConnectionError: it is one (the claim answers 503)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        raise RedisConnectionError(f"the connection closed under a write: {exc}") from exc
+
+
 def _took(name: str, started: float) -> None:
     metrics.observe(metrics.child(metrics.SCRIPT_SECONDS, name), time.perf_counter() - started)
 
@@ -73,7 +85,8 @@ class Scripts:
     async def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         started = time.perf_counter()
         try:
-            return await self._scripts[name](keys=list(keys), args=list(args))
+            with _transport_errors():
+                return await self._scripts[name](keys=list(keys), args=list(args))
         finally:
             _took(name, started)
 
@@ -92,15 +105,8 @@ class Scripts:
             started = time.perf_counter()
             owner = self.owners.of(keys[0])
             try:
-                async with owner.client() as conn:
-                    if self.ack == "replica":
-                        await self.rule.admit(conn)
-                    result = await self._scripts[name](
-                        keys=list(keys), args=list(args), client=conn
-                    )
-                    if wait(result):
-                        await self._confirm(conn)
-                    return result
+                with _transport_errors():
+                    return await self._run_on(owner, name, keys, args, wait)
             except MovedError:
                 await self.owners.refresh()
                 if attempt == 2:
@@ -111,6 +117,23 @@ class Scripts:
             finally:
                 _took(name, started)
         raise AssertionError("unreachable")
+
+    async def _run_on(
+        self,
+        owner: Any,
+        name: str,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        wait: Callable[[Any], bool],
+    ) -> Any:
+        """The script on one connection to `owner`, admitted and confirmed there."""
+        async with owner.client() as conn:
+            if self.ack == "replica":
+                await self.rule.admit(conn)
+            result = await self._scripts[name](keys=list(keys), args=list(args), client=conn)
+            if wait(result):
+                await self._confirm(conn)
+            return result
 
     async def _confirm(self, conn: Any) -> None:
         if self.ack == "aof":

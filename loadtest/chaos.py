@@ -388,6 +388,13 @@ def table(cells: list[Cell]) -> str:
             f" {c.lost} ({c.lost_in_pg}) | {c.over_issued} | {c.no_primary_s:.1f} |"
             f" {c.answers_503} | {checks} | {rec} |"
         )
+    for c in cells:
+        if c.alert_fired_s is not None and c.alert_resolved_s is not None:
+            lines.append(
+                f"\n{c.topology} ack={c.ack} {c.nemesis}: Prometheus saw {LOST_PRIMARY} fire"
+                f" {c.alert_fired_s:.1f} s after the fault and resolve {c.alert_resolved_s:.1f} s"
+                " after the heal (-1: it did not)"
+            )
     return "\n".join(lines) + "\n"
 
 
