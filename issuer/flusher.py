@@ -39,6 +39,11 @@ STREAM_SUFFIX = "}:events"
 # for 300. An entry reaches PostgreSQL up to this much later; a full batch goes at once.
 LINGER_MS = 200
 LAG_EVERY_S = 1.0  # run(): how often it exports the lag metrics (a few calls per stream)
+# run(): how often it reads its own pending entries again. A read whose answer was lost
+# (a timeout that redis-py's retry then covered, on a partition or a failover) leaves
+# what it delivered pending for this consumer with no error to say so; the rescue of
+# idle entries would take them only after claim_idle_ms (60 s).
+PENDING_EVERY_S = 5.0
 
 
 def stream_campaign(stream: str) -> str:
@@ -281,13 +286,13 @@ class Flusher:
     async def run(self, stop: asyncio.Event) -> None:
         """Flush until `stop` is set, then drain what is left. Survives PostgreSQL or Redis
         outages by retrying: nothing is acknowledged that was not committed."""
-        rescued_at = lag_at = 0.0
+        rescued_at = lag_at = pending_at = 0.0
         first = True
         while not stop.is_set():
             try:
-                if first:
+                if first or time.monotonic() - pending_at > PENDING_EVERY_S:
                     await self.drain_pending(await self.streams())
-                    first = False
+                    first, pending_at = False, time.monotonic()
                 if time.monotonic() - rescued_at > self.claim_idle_ms / 1000:
                     await self.rescue(await self.streams())
                     rescued_at = time.monotonic()
