@@ -25,6 +25,7 @@ import asyncio
 import json
 import random
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -461,6 +462,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help=f"no Prometheus watching the {PROMETHEUS_CELL} cell of the replica stages",
     )
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the work directory (every log) at the end"
+    )
     return parser.parse_args(argv)
 
 
@@ -495,6 +499,10 @@ async def run(args: argparse.Namespace) -> list[Cell]:
                 )
     finally:
         await asyncio.to_thread(pg.stop)
+        if args.keep:
+            print(f"kept the nodes', services' and PostgreSQL's data and logs in {work}")
+        else:  # a run leaves about 1 GB there
+            await asyncio.to_thread(shutil.rmtree, work, True)
     return cells
 
 

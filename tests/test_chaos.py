@@ -13,6 +13,8 @@ it), and Debian's prometheus for the alert."""
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 from pathlib import Path
 
 import pytest
@@ -33,20 +35,24 @@ async def test_no_fault_loses_or_over_issues_a_told_claim(
 ) -> None:
     # on 3+3 the primary has one replica: partition-half is partition
     nemeses = [n for n in NEMESES if rig != "cluster" or n != "partition-half"]
-    with Net() as net:
-        cells = await run_topology(
-            rig,
-            ["replica"],
-            nemeses,
-            keyspace.database_url,
-            workdir / f"chaos-{rig}",
-            net,
-            hold_s=HOLD_S,
-            cell_s=CELL_S,
-            sell_s=SELL_S,
-            repeat=2,
-            prometheus=rig == "sentinel",
-        )
+    work = workdir / f"chaos-{rig}"
+    try:
+        with Net() as net:
+            cells = await run_topology(
+                rig,
+                ["replica"],
+                nemeses,
+                keyspace.database_url,
+                work,
+                net,
+                hold_s=HOLD_S,
+                cell_s=CELL_S,
+                sell_s=SELL_S,
+                repeat=2,
+                prometheus=rig == "sentinel",
+            )
+    finally:  # the nodes' AOFs and logs: hundreds of MB
+        await asyncio.to_thread(shutil.rmtree, work, True)
     assert [c.nemesis for c in cells] == nemeses
     broken = [progress(c) for c in cells if not c.ok]
     assert not broken, "\n".join(broken)
