@@ -22,6 +22,7 @@ from issuer import draw, embedded, lottery
 from issuer.campaigns import Campaigns
 from issuer.keys import CampaignKeys
 from issuer.model import CampaignDef
+from issuer.protocol import Call
 from issuer.scripts import Scripts
 from tests.people import applications, campaign, iso, write_applications
 
@@ -66,10 +67,10 @@ async def one_draw(redis: Redis, n: int, quota: int, rep: int) -> dict[str, Any]
     took: list[float] = []
     run = scripts.run
 
-    async def timed(name: str, keys: Any, args: Any) -> Any:
+    async def timed(call: Call) -> Any:
         started = time.perf_counter()
         try:
-            return await run(name, keys, args)
+            return await run(call)
         finally:
             took.append(time.perf_counter() - started)
 

@@ -9,6 +9,7 @@ from issuer import keys
 from issuer.errors import ApiError
 from issuer.model import MerchantDef, MerchantOut
 from issuer.products import expand_categories
+from issuer.protocol import MerchantPut
 from issuer.scripts import Scripts
 
 DECODE = msgspec.json.Decoder(MerchantOut)
@@ -25,7 +26,12 @@ async def put(
         raise ApiError("INVALID_REQUEST", f"categories: {exc}") from None
     out = MerchantOut(merchant_id=merchant_id, **msgspec.structs.asdict(definition))
     (code,) = await scripts.run(
-        "merchant_put", [keys.MERCHANTS, keys.GLOBAL_EVENTS], [merchant_id, ENCODE.encode(out)]
+        MerchantPut(
+            merchants=keys.MERCHANTS,
+            events=keys.GLOBAL_EVENTS,
+            merchant_id=merchant_id,
+            merchant=ENCODE.encode(out),
+        )
     )
     return out, code == b"CREATED"
 

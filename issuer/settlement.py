@@ -22,9 +22,9 @@ from redis.asyncio import Redis
 from issuer import documents, due_dates, keys
 from issuer.audit import audit
 from issuer.auth import ApiKey
-from issuer.campaigns import fingerprint
 from issuer.claims import RECORD as VOUCHER
 from issuer.errors import ApiError
+from issuer.idempotency import fingerprint
 from issuer.identity import name_ref
 from issuer.model import (
     CheckResult,

@@ -1,8 +1,12 @@
 -- Create or replace a merchant.
--- KEYS: 1 merchants hash, 2 global events
--- ARGV: 1 merchant id, 2 record JSON
 -- Returns {code}: CREATED or REPLACED.
-local existed = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) == 0
-redis.call('XADD', KEYS[2], '*', 't', 'merchant', 'd', ARGV[2])
+-- KEYS
+local merchants = KEYS[1]  -- hash merchant id -> record JSON
+local events = KEYS[2]  -- the global event stream
+-- ARGV
+local merchant_id = ARGV[1]
+local merchant = ARGV[2]  -- its record JSON
+local existed = redis.call('HSET', merchants, merchant_id, merchant) == 0
+redis.call('XADD', events, '*', 't', 'merchant', 'd', merchant)
 if existed then return {'REPLACED'} end
 return {'CREATED'}

@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 from issuer import draw, lottery
 from issuer.campaigns import Campaigns
 from issuer.keys import CampaignKeys
+from issuer.protocol import Call
 from issuer.rebuild import rebuild
 from issuer.scripts import Scripts
 from tests.conftest import Keyspace, Service, child_processes, unique_id
@@ -233,12 +234,12 @@ async def half_drawn(
     run = scripts.run
     calls = 0
 
-    async def crash_after_three(name: str, keys: Any, args: Any) -> Any:
+    async def crash_after_three(call: Call) -> Any:
         nonlocal calls
         calls += 1
         if calls > 3:
             raise ConnectionError("the worker died")
-        return await run(name, keys, args)
+        return await run(call)
 
     monkeypatch.setattr(scripts, "run", crash_after_three)
     with pytest.raises(ConnectionError):
