@@ -27,49 +27,13 @@ from issuer.model import ApplicationOut, ClaimIn, RateLimit, Round, VoucherOut
 from issuer.protocol import Claim, ClaimBatch, RateLimitArgs, SpendNonces, SpentNonce
 from issuer.schedule import from_millis, to_millis
 from issuer.scripts import Scripts
+from issuer.vouchers import VOUCHER, voucher_out
 
 # refusals that hold for the rest of the round: a worker repeats them locally for a while
 STICKY = ("ROUND_QUOTA_EXHAUSTED", "ROUND_BUDGET_EXHAUSTED", "BUDGET_EXHAUSTED", "CAMPAIGN_PAUSED")
 
 
-class VoucherRecord(msgspec.Struct, kw_only=True):
-    """A voucher as the claim script stores it (times in epoch ms). The script also keeps
-    the request that made it, `request`: [idempotency field, body fingerprint], which only
-    `issuer rebuild` reads."""
-
-    voucher_id: str
-    campaign_id: str
-    round_id: str
-    user_id: str
-    person_ref: str
-    status: str
-    issued_at: int
-    expires_at: int
-    reserve_fen: int
-    discount_rate_bp: int
-    cap_fen: int
-    device_id: str | None = None
-    staff_id: str | None = None
-    redemption_id: str | None = None
-
-
-RECORD = msgspec.json.Decoder(VoucherRecord)
 EXTRA = msgspec.json.Encoder()
-
-
-def voucher_out(rec: VoucherRecord, tz: str, status: str | None = None) -> VoucherOut:
-    return VoucherOut(
-        voucher_id=rec.voucher_id,
-        campaign_id=rec.campaign_id,
-        round_id=rec.round_id,
-        user_id=rec.user_id,
-        status=status or rec.status,
-        issued_at=from_millis(rec.issued_at, tz),
-        expires_at=from_millis(rec.expires_at, tz),
-        discount_rate_bp=rec.discount_rate_bp,
-        cap_fen=rec.cap_fen,
-        redemption_id=rec.redemption_id,
-    )
 
 
 def _window(
@@ -306,9 +270,9 @@ class Claims:
                 cap_fen=definition.voucher.cap_fen,
             ), False
         if code == "REPLAY":
-            return voucher_out(RECORD.decode(payload), definition.timezone, "issued"), True
+            return voucher_out(VOUCHER.decode(payload), definition.timezone, "issued"), True
         if code in ("APPLIED", "REPLAY_APPLIED"):
-            app = applications.RECORD.decode(payload)
+            app = applications.APPLICATION.decode(payload)
             app_round = applications.round_of(cached.stored.rounds, app.round_id)
             return applications.application_out(
                 app, app_round, definition.timezone

@@ -12,9 +12,9 @@ import time
 from redis.asyncio import Redis
 
 from issuer import carry, keys, metrics, topology
-from issuer.claims import RECORD as VOUCHER
 from issuer.protocol import Due, Expire
 from issuer.scripts import Scripts
+from issuer.vouchers import VOUCHER
 
 log = logging.getLogger("issuer.expiry")
 SWEEP_BATCH = 500  # vouchers per script call

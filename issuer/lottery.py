@@ -131,7 +131,7 @@ async def document(
         chunk = refs[i : i + READ_BATCH]
         raws = await redis.hmget(cached.keys.applications, [found[r] for r in chunk])
         for ref, raw in zip(chunk, raws, strict=True):
-            status = applications.RECORD.decode(raw).status
+            status = applications.APPLICATION.decode(raw).status
             outcomes[ref] = None if status == "applied" else status
     doc.applications = [
         DrawEntry(application_ref=ref, rank=rank(seed, root, ref), outcome=outcomes[ref])

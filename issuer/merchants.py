@@ -12,7 +12,7 @@ from issuer.products import expand_categories
 from issuer.protocol import MerchantPut
 from issuer.scripts import Scripts
 
-DECODE = msgspec.json.Decoder(MerchantOut)
+MERCHANT = msgspec.json.Decoder(MerchantOut)
 ENCODE = msgspec.json.Encoder()
 
 
@@ -40,4 +40,4 @@ async def get(redis: Redis, merchant_id: str) -> MerchantOut:
     raw = await redis.hget(keys.MERCHANTS, merchant_id)
     if raw is None:
         raise ApiError("NOT_FOUND", f"merchant {merchant_id}")
-    return DECODE.decode(raw)
+    return MERCHANT.decode(raw)

@@ -494,7 +494,7 @@ async def restore_global(redis: Redis, pool: asyncpg.Pool) -> int:
         async for rows in batches(conn, MERCHANTS, keys.GLOBAL_EVENTS):
             async with redis.pipeline(transaction=False) as pipe:
                 for row in rows:
-                    merchant = merchants.DECODE.decode(row["data"])
+                    merchant = merchants.MERCHANT.decode(row["data"])
                     pipe.hsetnx(
                         keys.MERCHANTS, row["merchant_id"], merchants.ENCODE.encode(merchant)
                     )

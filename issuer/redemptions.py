@@ -9,7 +9,6 @@ from redis.asyncio import Redis
 
 from issuer import idempotency, keys, merchants, money
 from issuer.campaigns import CachedCampaign, Campaigns, read_record
-from issuer.claims import RECORD as VOUCHER
 from issuer.errors import ApiError
 from issuer.ids import new_id
 from issuer.model import (
@@ -27,6 +26,7 @@ from issuer.products import expand_categories, is_appliance, valid_gb_code
 from issuer.protocol import ClawbackRepaid, MarkPaid, Redeem, Refund
 from issuer.schedule import from_millis, to_millis
 from issuer.scripts import Scripts
+from issuer.vouchers import VOUCHER
 
 STALE_RETRIES = 8  # concurrent refunds of one redemption: recompute and try again
 
@@ -166,7 +166,7 @@ class Redemptions:
         if raw_voucher is None:
             raise ApiError("NOT_FOUND", f"voucher {body.voucher_id}")
         voucher = VOUCHER.decode(raw_voucher)
-        merchant = merchants.DECODE.decode(raw_merchant) if raw_merchant else None
+        merchant = merchants.MERCHANT.decode(raw_merchant) if raw_merchant else None
         discount = money.discount(body.order_amount_fen, voucher.discount_rate_bp, voucher.cap_fen)
         request = idempotency.request(ck, now_s, key_id, body.request_id, body)
         record = RedemptionRecord(

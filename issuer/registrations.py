@@ -25,7 +25,7 @@ class RegistrationRecord(msgspec.Struct, kw_only=True):
     registered_at: int | None = None
 
 
-RECORD = msgspec.json.Decoder(RegistrationRecord)
+REGISTRATION = msgspec.json.Decoder(RegistrationRecord)
 ENCODE = msgspec.json.Encoder()
 
 
@@ -64,5 +64,5 @@ async def register(
     answer = await idempotency.write(
         scripts, registration, accept=(*idempotency.OK_OR_REPLAY, "EXISTING")
     )
-    stored = RECORD.decode(answer.payload[0])
+    stored = REGISTRATION.decode(answer.payload[0])
     return RegistrationOut(registration_id=stored.registration_id, person_ref=ref), answer.code
