@@ -21,6 +21,8 @@ from issuer.config import Settings
 from issuer.errors import ApiError
 from issuer.http import MAX_BODY, Ctx
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.fixture
 async def lag() -> AsyncIterator[LoopLag]:

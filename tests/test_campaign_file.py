@@ -13,6 +13,8 @@ from issuer.draw import commits
 from issuer.model import RoundRule
 from issuer.schedule import current_round, expand_rounds
 
+pytestmark = pytest.mark.fast
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CST = timezone(timedelta(hours=8))
 NOW = datetime(2024, 7, 5, 2, 0, 0, 123456, tzinfo=UTC)  # 10:00:00.123456 in Shanghai

@@ -24,6 +24,8 @@ from issuer.draw import (
 from issuer.model import CampaignDef, Round
 from issuer.schedule import expand_rounds
 
+pytestmark = pytest.mark.fast
+
 KEY = b"application-ref key of the test"
 SEED = "5eed" * 16
 OTHER_SEED = "0dd5" * 16

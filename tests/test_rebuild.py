@@ -303,6 +303,7 @@ class Terminal(io.StringIO):
         return True
 
 
+@pytest.mark.fast
 def test_progress_bar_redraws_on_a_terminal_and_prints_tenths_otherwise() -> None:
     log, terminal = io.StringIO(), Terminal()
     steps = range(0, 1001, 5)
