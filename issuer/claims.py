@@ -18,7 +18,7 @@ from issuer import applications, keys, metrics, topology
 from issuer.auth import Verified
 from issuer.batching import TickBatcher
 from issuer.campaigns import HINT_TTL_S, CachedCampaign, Campaigns, Hint, Holders, hash_keys
-from issuer.draw import application_ref
+from issuer.draw_rules import application_ref
 from issuer.errors import ApiError, GateRefusal
 from issuer.idempotency import fingerprint, idem_field
 from issuer.identity import person_ref

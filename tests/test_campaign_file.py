@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from issuer.campaign_file import load_campaign_file
-from issuer.draw import commits
+from issuer.draw_rules import commits
 from issuer.model import RoundRule
 from issuer.schedule import current_round, expand_rounds
 

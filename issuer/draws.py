@@ -1,7 +1,8 @@
-"""A lottery round's draw: run it in batches from the revealed seed, and publish it.
+"""Running a lottery round's draw in Redis, in batches from the revealed seed, and reading
+its published document back.
 
 The applications of a round are frozen when applications close (the claim script takes
-none after). The draw orders their refs by rank (issuer/draw.py) and hands them to the
+none after). The draw orders their refs by rank (issuer/draw_rules.py) and hands them to the
 `draw_batch` script a batch at a time; each batch moves the draw's cursor in Redis in
 the same step as its vouchers, so a draw that crashed, or runs twice at once, resumes at
 the cursor with the same order and decides every application once. A winner's voucher id
@@ -17,7 +18,15 @@ from redis.asyncio import Redis
 
 from issuer import applications
 from issuer.campaigns import CachedCampaign, Campaigns
-from issuer.draw import DrawDocument, DrawEntry, Outcome, applications_root, commits, order, rank
+from issuer.draw_rules import (
+    DrawDocument,
+    DrawEntry,
+    Outcome,
+    applications_root,
+    commits,
+    order,
+    rank,
+)
 from issuer.errors import ApiError
 from issuer.model import DrawOut, Round
 from issuer.protocol import DrawBatch, DrawPick
