@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check issuer tests loadtest bench
+	$(BIN)/ruff check issuer tests loadtest bench tools
 	$(BIN)/mypy
 
 ## bench: throughput and latency table (see README "Results")
