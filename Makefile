@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check issuer tests loadtest bench tools
 	$(BIN)/mypy
 
-## bench: throughput and latency table (see README "Results")
+## bench: throughput and latency table (see docs/results.md)
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.cluster
