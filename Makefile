@@ -26,10 +26,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check issuer tests loadtest bench
+	$(BIN)/ruff check issuer tests loadtest bench tools
 	$(BIN)/mypy
 
-## bench: throughput and latency table (see README "Results")
+## bench: throughput and latency table (see docs/results.md)
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.cluster
