@@ -9,7 +9,7 @@ USERS ?= 2000
 SECONDS ?= 60
 QUOTA ?= 500
 
-.PHONY: run test lint bench surge fuzz clean
+.PHONY: run test lint bench surge fuzz image clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,5 +46,12 @@ surge: $(STAMP)
 fuzz: $(STAMP)
 	ISSUER_FUZZ_EXAMPLES=$${ISSUER_FUZZ_EXAMPLES:-300} $(BIN)/python -m pytest -q tests/test_fuzz.py
 
+## image: deploy/Dockerfile built with podman as issuer:local, from a fresh wheelhouse (wheels/);
+## where no registry is reachable: BASE_IMAGE=localhost/issuer-base:bookworm (deploy/podman-base.sh)
+image: $(STAMP)
+	PYTHON=$(BIN)/python deploy/wheelhouse.sh wheels
+	podman build --format docker $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
+		--file deploy/Dockerfile --tag issuer:local .
+
 clean:
-	rm -rf .issuer loadtest/out bench/out
+	rm -rf .issuer loadtest/out bench/out wheels
