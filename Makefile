@@ -9,7 +9,7 @@ USERS ?= 2000
 SECONDS ?= 60
 QUOTA ?= 500
 
-.PHONY: run test check lint bench surge fuzz clean
+.PHONY: run test check lint bench surge fuzz image clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,10 +32,10 @@ check: lint
 		-p pytest_asyncio.plugin -p pytest_timeout $$(grep -l 'pytest.mark.fast' tests/test_*.py)
 
 lint: $(STAMP)
-	$(BIN)/ruff check issuer tests loadtest bench
+	$(BIN)/ruff check issuer tests loadtest bench tools
 	$(BIN)/mypy
 
-## bench: throughput and latency table (see README "Results")
+## bench: throughput and latency table (see docs/results.md)
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.cluster
@@ -52,5 +52,12 @@ surge: $(STAMP)
 fuzz: $(STAMP)
 	ISSUER_FUZZ_EXAMPLES=$${ISSUER_FUZZ_EXAMPLES:-300} $(BIN)/python -m pytest -q tests/test_fuzz.py
 
+## image: deploy/Dockerfile built with podman as issuer:local, from a fresh wheelhouse (wheels/);
+## where no registry is reachable: BASE_IMAGE=localhost/issuer-base:bookworm (deploy/podman-base.sh)
+image: $(STAMP)
+	PYTHON=$(BIN)/python deploy/wheelhouse.sh wheels
+	podman build --format docker $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
+		--file deploy/Dockerfile --tag issuer:local .
+
 clean:
-	rm -rf .issuer loadtest/out bench/out
+	rm -rf .issuer loadtest/out bench/out wheels
