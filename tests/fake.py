@@ -23,6 +23,9 @@ CK = keys.CampaignKeys(CAMPAIGN)
 RESERVE = 200_000  # fen reserved per voucher
 BUDGET = 1_000_000  # fen: five vouchers
 EXTRA = b'{"campaign_id":"c-fake","discount_rate_bp":1500,"cap_fen":200000}'
+# the claims' nonce bucket, one for the session: a test that sends a nonce twice must not
+# see it land in two buckets because a bucket's ten minutes ended in between
+NONCE_BUCKET = keys.nonce_bucket(int(time.time()))
 
 
 def ms(in_s: float) -> int:
@@ -56,7 +59,7 @@ def claim(n: int, **fields: Any) -> Claim:
     made = Claim(
         idem_field=f"k-app|req-{n}",
         fingerprint=f"fp-{n}",
-        nonce_bucket=keys.nonce_bucket(int(time.time())),
+        nonce_bucket=NONCE_BUCKET,
         nonce=f"nonce-{n:016d}",
         person_ref=f"person-{n}",
         user_id=f"user-{n}",

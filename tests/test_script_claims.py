@@ -9,7 +9,7 @@ import time
 import pytest
 
 from issuer.model import RateLimit, RateLimits
-from issuer.protocol import Register, RoundSettings, SpentNonce
+from issuer.protocol import Register, SpentNonce
 from tests.fake import CK, EXTRA, RESERVE, Fake, claim, request, settings
 
 pytestmark = pytest.mark.fast
@@ -79,12 +79,12 @@ async def test_each_person_and_each_account_holds_one_voucher(fake: Fake) -> Non
 @pytest.mark.parametrize(
     ("rnd", "code"),
     [
-        (settings(quota=1), "ROUND_QUOTA_EXHAUSTED"),
-        (settings(budget=RESERVE + RESERVE // 2), "ROUND_BUDGET_EXHAUSTED"),
+        ({"quota": 1}, "ROUND_QUOTA_EXHAUSTED"),
+        ({"budget": RESERVE + RESERVE // 2}, "ROUND_BUDGET_EXHAUSTED"),
     ],
 )
-async def test_the_round_runs_out(fake: Fake, rnd: RoundSettings, code: str) -> None:
-    await fake.put_campaign(rnd)
+async def test_the_round_runs_out(fake: Fake, rnd: dict[str, int], code: str) -> None:
+    await fake.put_campaign(settings(**rnd))
     assert await fake.claimed(claim(1), claim(2)) == ["OK", code]
     assert (await fake.balanced())["reserved"] == RESERVE
 
@@ -109,10 +109,10 @@ async def test_a_holder_is_told_so_even_once_the_round_is_sold_out(fake: Fake) -
 
 @pytest.mark.parametrize(
     ("rnd", "code"),
-    [(settings(opens_in_s=60), "NOT_OPEN"), (settings(-120, -60), "ROUND_CLOSED")],
+    [((60, 3600), "NOT_OPEN"), ((-120, -60), "ROUND_CLOSED")],  # (opens, closes) in s from now
 )
-async def test_outside_the_round(fake: Fake, rnd: RoundSettings, code: str) -> None:
-    await fake.put_campaign(rnd)
+async def test_outside_the_round(fake: Fake, rnd: tuple[int, int], code: str) -> None:
+    await fake.put_campaign(settings(*rnd))
     assert await fake.claimed(claim(1)) == [code]
 
 

@@ -17,7 +17,6 @@ from issuer.protocol import (
     MarkPaid,
     Redeem,
     Refund,
-    RoundSettings,
 )
 from tests.fake import BUDGET, CK, RESERVE, Fake, claim, ms, request, settings
 
@@ -320,15 +319,16 @@ async def test_carry_over_moves_what_a_closed_round_left_unused(fake: Fake) -> N
 
 
 @pytest.mark.parametrize(
-    "rounds",
+    ("closes_in_s", "budgets"),
     [
-        (settings(-7200, 60, budget=500_000), settings(budget=100_000)),  # r1 still open
-        (settings(-7200, -3600, budget=500_000), settings()),  # r2 has no budget of its own
-        (settings(-7200, -3600), settings(budget=100_000)),  # r1 had none
+        (60, (500_000, 100_000)),  # r1 still open
+        (-3600, (500_000, -1)),  # r2 has no budget of its own
+        (-3600, (-1, 100_000)),  # r1 had none
     ],
 )
 async def test_carry_over_needs_a_closed_round_and_an_open_one_with_budgets(
-    fake: Fake, rounds: tuple[RoundSettings, RoundSettings]
+    fake: Fake, closes_in_s: int, budgets: tuple[int, int]
 ) -> None:
-    assert await fake.put_campaign(*rounds) == [b"OK", b"1"]
+    first, second = settings(-7200, closes_in_s, budget=budgets[0]), settings(budget=budgets[1])
+    assert await fake.put_campaign(first, second) == [b"OK", b"1"]
     assert await fake.scripts.run(carry(ms(0))) == 0
