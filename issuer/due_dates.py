@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -133,10 +133,16 @@ def families(found: ProvisionalDueDates) -> list[Metric]:
     )
     count.add_metric([], found.provisional)
     soonest = GaugeMetricFamily(
-        "issuer_due_date_provisional_soonest_days",
-        "Days until the soonest provisional due date (+Inf when there is none)",
+        "issuer_due_date_provisional_soonest_seconds",
+        "Seconds until the soonest provisional due date begins, in the bureau's time zone"
+        " (+Inf when there is none)",
     )
     day = found.soonest_due_date
-    today = datetime.now(BUREAU_TZ).date()
-    soonest.add_metric([], math.inf if day is None else (day - today).days)
+    soonest.add_metric([], math.inf if day is None else seconds_until(day))
     return [count, soonest]
+
+
+def seconds_until(day: date) -> float:
+    """Seconds from now until `day` begins in the bureau's time zone (negative once begun)."""
+    begins = datetime.combine(day, time(), BUREAU_TZ)
+    return (begins - datetime.now(BUREAU_TZ)).total_seconds()
