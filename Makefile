@@ -17,9 +17,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-## run: start the service on embedded Valkey + PostgreSQL with the demo campaign loaded
+## run: start the service on embedded Valkey + PostgreSQL with the demo campaign (tenant
+## default) and the two seed campaigns (tenants xiangning and xixian) loaded
 run: $(STAMP)
-	$(BIN)/issuer serve --port $(PORT) --workers $(WORKERS) --load examples/demo.toml
+	$(BIN)/issuer serve --port $(PORT) --workers $(WORKERS) --load examples/demo.toml \
+		--load examples/xiangning-2024.toml --load examples/xixian-2024.toml
 
 ## test: the whole suite against real embedded servers
 test: $(STAMP)

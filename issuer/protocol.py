@@ -352,6 +352,7 @@ class MerchantPut(Call):
     events: Key
     merchant_id: str
     merchant: bytes  # its record JSON
+    tenant: str  # its tenant (a merchant's tenant never changes)
 
 
 # ---------------------------------------------------------------- money and sweeps

@@ -1,12 +1,17 @@
--- Create or replace a merchant.
--- Returns {code}: CREATED or REPLACED.
+-- Create or replace a merchant; its tenant is fixed once it exists.
+-- Returns {code}: CREATED, REPLACED or TENANT_CONFLICT (the merchant has another tenant).
 -- KEYS
 local merchants = KEYS[1]  -- hash merchant id -> record JSON
 local events = KEYS[2]  -- the global event stream
 -- ARGV
 local merchant_id = ARGV[1]
 local merchant = ARGV[2]  -- its record JSON
-local existed = redis.call('HSET', merchants, merchant_id, merchant) == 0
+local tenant = ARGV[3]  -- its tenant
+local old = redis.call('HGET', merchants, merchant_id)
+if old and (cjson.decode(old).tenant or 'default') ~= tenant then
+  return {'TENANT_CONFLICT'}
+end
+redis.call('HSET', merchants, merchant_id, merchant)
 redis.call('XADD', events, '*', 't', 'merchant', 'd', merchant)
-if existed then return {'REPLACED'} end
+if old then return {'REPLACED'} end
 return {'CREATED'}

@@ -137,13 +137,19 @@ async def test_a_person_registers_once(fake: Fake) -> None:
     assert await fake.events() == ["campaign", "registration"]
 
 
-async def test_a_merchant_is_created_then_replaced(fake: Fake) -> None:
-    def put(record: bytes) -> MerchantPut:
+async def test_a_merchant_is_created_then_replaced_within_its_tenant(fake: Fake) -> None:
+    def put(record: bytes, tenant: str = "xiangning") -> MerchantPut:
         return MerchantPut(
-            merchants=keys.MERCHANTS, events=keys.GLOBAL_EVENTS, merchant_id="m-1", merchant=record
+            merchants=keys.MERCHANTS,
+            events=keys.GLOBAL_EVENTS,
+            merchant_id="m-1",
+            merchant=record,
+            tenant=tenant,
         )
 
-    assert await fake.scripts.run(put(b'{"name":"a"}')) == [b"CREATED"]
-    assert await fake.scripts.run(put(b'{"name":"b"}')) == [b"REPLACED"]
-    assert await fake.redis.hget(keys.MERCHANTS, "m-1") == b'{"name":"b"}'
+    assert await fake.scripts.run(put(b'{"tenant":"xiangning","name":"a"}')) == [b"CREATED"]
+    assert await fake.scripts.run(put(b'{"tenant":"xiangning","name":"b"}')) == [b"REPLACED"]
+    other = put(b'{"tenant":"xixian","name":"c"}', tenant="xixian")
+    assert await fake.scripts.run(other) == [b"TENANT_CONFLICT"]
+    assert await fake.redis.hget(keys.MERCHANTS, "m-1") == b'{"tenant":"xiangning","name":"b"}'
     assert await fake.redis.xlen(keys.GLOBAL_EVENTS) == 2

@@ -39,6 +39,10 @@ REWORDED: dict[str, tuple[str, str]] = {
         "the claim path's CPU ceilings are missed, all but shedding",
         "the sentence now stands in docs/results.md's Benchmark section, which it named",
     ),
+    "issuer_due_date_provisional_soonest_days": (
+        "issuer_due_date_provisional_soonest_seconds",
+        "the gauge was renamed to Prometheus' base unit of time (issue 20)",
+    ),
 }
 
 # old sentence -> why it is gone
