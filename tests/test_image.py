@@ -21,8 +21,9 @@ import aiohttp
 import asyncpg
 import pytest
 
-from issuer.auth import ApiKey, write_dev_keys
+from issuer.auth import ApiKey
 from issuer.client import Client
+from issuer.keyfile import write_dev_keys
 from tests.conftest import ROOT, Keyspace, unique_id, wait_drained
 from tests.people import campaign, claim
 from tests.test_deploy import config_map, k8s_named
