@@ -136,7 +136,7 @@ class Fake:
         owner = SimpleNamespace(
             scripts=self.scripts, batch_max=len(claims), after_batch=lambda *_: None
         )
-        batcher = Batcher(owner, cached, rnd, (CAMPAIGN, round_id, "1"))  # type: ignore[arg-type]
+        batcher = Batcher(owner, cached, rnd, (CAMPAIGN, round_id, "1"))
         return await batcher.send(list(claims))
 
     async def claimed(self, *claims: Claim, **batch: Any) -> list[str]:
