@@ -9,7 +9,7 @@ USERS ?= 2000
 SECONDS ?= 60
 QUOTA ?= 500
 
-.PHONY: run test lint bench surge fuzz image clean
+.PHONY: run test check lint bench surge fuzz image clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ run: $(STAMP)
 ## test: the whole suite against real embedded servers
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+## check: lint, then the fast tier in seconds: the tests marked fast (no server, no process),
+## from the files that hold some, with only the pytest plugins they need
+check: lint
+	PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $(BIN)/python -m pytest -q -m fast \
+		-p pytest_asyncio.plugin -p pytest_timeout $$(grep -l 'pytest.mark.fast' tests/test_*.py)
 
 lint: $(STAMP)
 	$(BIN)/ruff check issuer tests loadtest bench tools

@@ -256,7 +256,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
 def cmd_verify_draw(args: argparse.Namespace) -> int:
     """Recompute a published draw: 0 if it checks, 1 on any difference, 2 if unreadable."""
-    from issuer.draw import DrawDocument, verify
+    from issuer.draw_rules import DrawDocument, verify
 
     try:
         raw = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()

@@ -9,9 +9,10 @@ from issuer import keys
 from issuer.errors import ApiError
 from issuer.model import DEFAULT_TENANT, MerchantDef, MerchantOut
 from issuer.products import expand_categories
+from issuer.protocol import MerchantPut
 from issuer.scripts import Scripts
 
-DECODE = msgspec.json.Decoder(MerchantOut)
+MERCHANT = msgspec.json.Decoder(MerchantOut)
 ENCODE = msgspec.json.Encoder()
 
 
@@ -28,9 +29,13 @@ async def put(
     fields["tenant"] = definition.tenant or DEFAULT_TENANT
     out = MerchantOut(merchant_id=merchant_id, **fields)
     (code,) = await scripts.run(
-        "merchant_put",
-        [keys.MERCHANTS, keys.GLOBAL_EVENTS],
-        [merchant_id, ENCODE.encode(out), out.tenant],
+        MerchantPut(
+            merchants=keys.MERCHANTS,
+            events=keys.GLOBAL_EVENTS,
+            merchant_id=merchant_id,
+            merchant=ENCODE.encode(out),
+            tenant=out.tenant,
+        )
     )
     if code == b"TENANT_CONFLICT":
         raise ApiError("TENANT_CONFLICT", f"merchant {merchant_id}")
@@ -41,10 +46,10 @@ async def get(redis: Redis, merchant_id: str) -> MerchantOut:
     raw = await redis.hget(keys.MERCHANTS, merchant_id)
     if raw is None:
         raise ApiError("NOT_FOUND", f"merchant {merchant_id}")
-    return DECODE.decode(raw)
+    return MERCHANT.decode(raw)
 
 
 async def tenant_of(redis: Redis, merchant_id: str) -> str | None:
     """The merchant's tenant, or None if there is no such merchant."""
     raw = await redis.hget(keys.MERCHANTS, merchant_id)
-    return None if raw is None else DECODE.decode(raw).tenant
+    return None if raw is None else MERCHANT.decode(raw).tenant

@@ -7,9 +7,9 @@ import logging
 
 from aiohttp import web
 
-from issuer import applications, lottery, tenancy
+from issuer import applications, draws, tenancy
 from issuer.auth import Verified
-from issuer.draw import DrawDocument
+from issuer.draw_rules import DrawDocument
 from issuer.http import Ctx, Route, path_id, reply
 from issuer.model import ApplicationOut, DrawIn, DrawOut
 
@@ -26,9 +26,7 @@ async def run_draw(ctx: Ctx, request: web.Request, body: DrawIn) -> web.Response
     same draw."""
     campaign_id = path_id(request, "campaign_id")
     round_id = path_id(request, "round_id")
-    out = await lottery.draw(
-        ctx.redis, ctx.scripts, ctx.campaigns, campaign_id, round_id, body.seed
-    )
+    out = await draws.draw(ctx.redis, ctx.scripts, ctx.campaigns, campaign_id, round_id, body.seed)
     verified: Verified = request["verified"]
     log.info(
         "draw",
@@ -46,7 +44,7 @@ async def run_draw(ctx: Ctx, request: web.Request, body: DrawIn) -> web.Response
 async def get_draw(ctx: Ctx, request: web.Request, _: None) -> web.Response:
     campaign_id = path_id(request, "campaign_id")
     round_id = path_id(request, "round_id")
-    return reply(await lottery.document(ctx.redis, ctx.campaigns, campaign_id, round_id))
+    return reply(await draws.document(ctx.redis, ctx.campaigns, campaign_id, round_id))
 
 
 DRAW_PATH = "/v1/campaigns/{campaign_id}/rounds/{round_id}/draw"

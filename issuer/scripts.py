@@ -1,6 +1,7 @@
 """The Lua scripts of `lua/`, registered once per Redis client.
 
-Each script is `lua/lib.lua` followed by the script's own file. redis-py's `Script`
+Each script is `lua/lib.lua` followed by the script's own file; a call is the script's
+structure in issuer/protocol.py, which lays out its KEYS and ARGV. redis-py's `Script`
 object runs EVALSHA and, on NOSCRIPT (after a Redis restart or failover), loads the
 script and retries, so callers never see a missing script.
 """
@@ -8,7 +9,7 @@ script and retries, so callers never see a missing script.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from importlib.resources import files
 from typing import Any
 
@@ -18,33 +19,22 @@ from redis.exceptions import MovedError, RedisError, TimeoutError
 
 from issuer import metrics, topology
 from issuer.config import DurableAck
+from issuer.protocol import Call
 
-NAMES = (
-    "claim_batch",
-    "register",
-    "campaign_put",
-    "set_status",
-    "round_budget",
-    "merchant_put",
-    "ready",
-    "trim_acked",
-    "spend_nonces",
-    "redeem",
-    "expire",
-    "refund",
-    "clawback_repaid",
-    "mark_paid",
-    "carry_over",
-    "rebuild_commit",
-    "draw_batch",
+LIB = "lib.lua"  # prepended to every script
+# every script of lua/ (protocol.ScriptName names the same: tests/test_protocol.py)
+NAMES = tuple(
+    sorted(
+        f.name.removesuffix(".lua")
+        for f in files("issuer.lua").iterdir()
+        if f.name.endswith(".lua") and f.name != LIB
+    )
 )
 
 
 def source(name: str) -> str:
     package = files("issuer.lua")
-    return (
-        package.joinpath("lib.lua").read_text() + "\n" + package.joinpath(f"{name}.lua").read_text()
-    )
+    return package.joinpath(LIB).read_text() + "\n" + package.joinpath(f"{name}.lua").read_text()
 
 
 ACK_TIMEOUT_MS = 2000  # durable acknowledgement: longest wait for an fsync or a replica
@@ -56,8 +46,8 @@ def _took(name: str, started: float) -> None:
 
 
 class Scripts:
-    """One registered script per file; call `run(name, keys, args)`, or `run_acked` to
-    wait until what the script wrote is durable (`ack`: "aof" or "replica")."""
+    """One registered script per file; `run(call)`, or `run_acked` to wait until what the
+    script wrote is durable (`ack`: "aof" or "replica")."""
 
     def __init__(self, redis: Any, ack: DurableAck = "none") -> None:
         self._scripts: dict[str, AsyncScript] = {
@@ -67,22 +57,21 @@ class Scripts:
         self.owners = topology.Owners(redis)
         self._replicas: dict[int, tuple[float, int]] = {}  # pool -> (when read, count)
 
-    async def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def run(self, call: Call) -> Any:
         started = time.perf_counter()
         try:
-            return await self._scripts[name](keys=list(keys), args=list(args))
+            return await self._scripts[call.SCRIPT](keys=call.keys(), args=call.args())
         finally:
-            _took(name, started)
+            _took(call.SCRIPT, started)
 
-    async def run_acked(
-        self, name: str, keys: Sequence[str], args: Sequence[Any], wait: Callable[[Any], bool]
-    ) -> Any:
+    async def run_acked(self, call: Call, wait: Callable[[Any], bool]) -> Any:
         """Run a script on the primary that owns its slot and, when `wait(result)`, wait on
         the same connection until its writes are durable: WAITAOF 1 0 (fsynced by that
         primary) or WAIT (received by its replicas, `confirm_replicas`), which only count
         that connection's writes. RedisError if not confirmed in time: the writes stay,
         and a retry with the same request_id is answered from them. A slot that moved is
         followed once."""
+        name, keys, args = call.SCRIPT, call.keys(), call.args()
         for attempt in (1, 2):
             started = time.perf_counter()
             try:

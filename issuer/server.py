@@ -74,6 +74,7 @@ async def worker_main(settings: Settings, port: int) -> None:
     from issuer.documents import LocalStore
     from issuer.http import Ctx
     from issuer.keyring import Keyring
+    from issuer.protocol import Ready
     from issuer.redemptions import Redemptions
     from issuer.scripts import Scripts
     from issuer.settlement import Settlement
@@ -124,7 +125,7 @@ async def worker_main(settings: Settings, port: int) -> None:
     async def ready() -> dict[str, Any]:
         checks: dict[str, Any] = {"draining": stop.is_set()}
         try:
-            await scripts.run("ready", [keys.CAMPAIGNS], [])
+            await scripts.run(Ready(campaigns=keys.CAMPAIGNS))
             entries, age = await flusher.stream_lag(redis)
             checks.update(redis_ok=True, flusher_lag_entries=entries, flusher_lag_seconds=age)
             checks["flusher_ok"] = entries <= settings.ready_max_lag

@@ -22,9 +22,8 @@ from redis.asyncio import Redis
 from issuer import documents, due_dates, keys
 from issuer.audit import audit
 from issuer.auth import ApiKey
-from issuer.campaigns import fingerprint
-from issuer.claims import RECORD as VOUCHER
 from issuer.errors import ApiError
+from issuer.idempotency import fingerprint
 from issuer.identity import name_ref
 from issuer.model import (
     CheckResult,
@@ -38,9 +37,10 @@ from issuer.model import (
     StoredFile,
 )
 from issuer.redemptions import REDEMPTION, RedemptionRecord, Redemptions, mark_paid
-from issuer.registrations import RECORD as REGISTRATION
+from issuer.registrations import REGISTRATION
 from issuer.schedule import to_millis
 from issuer.scripts import Scripts
+from issuer.vouchers import VOUCHER
 from issuer.workdays import Calendar, HolidaysFileError
 
 log = logging.getLogger("issuer.settlement")

@@ -23,6 +23,8 @@ from issuer.errors import ApiError
 from issuer.http import MAX_BODY, Ctx
 from issuer.keyring import Keyring
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.fixture
 async def lag() -> AsyncIterator[LoopLag]:

@@ -60,6 +60,7 @@ def deploy_files(*suffixes: str) -> list[Path]:
 # ------------------------------------------------------------------ every file parses
 
 
+@pytest.mark.fast
 def test_every_yaml_and_json_file_parses() -> None:
     yaml_files = deploy_files(".yml", ".yaml")
     json_files = deploy_files(".json")
@@ -110,6 +111,7 @@ def containers() -> Iterator[dict[str, Any]]:
             yield from doc["spec"]["template"]["spec"]["containers"]
 
 
+@pytest.mark.fast
 def test_compose_and_kubernetes_name_only_settings_the_service_knows() -> None:
     in_compose = set()
     for service in compose()["services"].values():
@@ -151,6 +153,7 @@ def dockerfile() -> list[tuple[str, str]]:
     return out
 
 
+@pytest.mark.fast
 def test_dockerfile_builds_a_wheel_and_runs_it_as_a_non_root_user() -> None:
     instructions = dockerfile()
     args = {}
@@ -203,6 +206,7 @@ def test_dockerfile_builds_a_wheel_and_runs_it_as_a_non_root_user() -> None:
 # ------------------------------------------------------------------ docker compose
 
 
+@pytest.mark.fast
 def test_compose_services_and_their_essentials() -> None:
     services = compose()["services"]
     wanted = {"valkey", "postgres", "issuer", "flusher", "nginx", "prometheus", "grafana"}
@@ -248,6 +252,7 @@ def test_compose_services_and_their_essentials() -> None:
                 assert (COMPOSE.parent / source).exists(), volume
 
 
+@pytest.mark.fast
 def test_nginx_proxies_to_the_replicas_with_keepalive_and_request_ids() -> None:
     (mount,) = compose()["services"]["nginx"]["volumes"]
     assert (COMPOSE.parent / mount.split(":")[0]).resolve() == NGINX
@@ -259,6 +264,7 @@ def test_nginx_proxies_to_the_replicas_with_keepalive_and_request_ids() -> None:
     assert conf.count("{") == conf.count("}")
 
 
+@pytest.mark.fast
 def test_prometheus_scrapes_the_replicas_and_loads_the_alerts() -> None:
     config = yaml.safe_load(PROMETHEUS.read_text())
     assert "alerts.yml" in config["rule_files"]  # and every other rules file: test_prometheus
@@ -270,6 +276,7 @@ def test_prometheus_scrapes_the_replicas_and_loads_the_alerts() -> None:
     assert "./prometheus:/etc/prometheus:ro" in mounts
 
 
+@pytest.mark.fast
 def test_grafana_provisions_prometheus_and_the_dashboard() -> None:
     grafana = DEPLOY / "grafana" / "provisioning"
     (datasource,) = yaml.safe_load((grafana / "datasources" / "prometheus.yml").read_text())[
@@ -283,6 +290,7 @@ def test_grafana_provisions_prometheus_and_the_dashboard() -> None:
     assert mounts["./grafana/issuer.json"] == provider["options"]["path"] + "/issuer.json"
 
 
+@pytest.mark.fast
 def test_locust_runs_the_repository_locustfile_with_its_flags() -> None:
     services = compose()["services"]
     defined = set(re.findall(r'add_argument\(\s*"(--[\w-]+)"', LOCUSTFILE.read_text()))
@@ -306,6 +314,7 @@ def test_locust_runs_the_repository_locustfile_with_its_flags() -> None:
 # ------------------------------------------------------------------ Kubernetes
 
 
+@pytest.mark.fast
 def test_kustomization_lists_every_manifest() -> None:
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
@@ -323,6 +332,7 @@ def test_kustomization_lists_every_manifest() -> None:
     assert "Redis Cluster" in external and "Sentinel" in external and "PostgreSQL" in external
 
 
+@pytest.mark.fast
 def test_issuer_deployment_probes_shutdown_and_security() -> None:
     deployment = k8s_named("Deployment", "issuer")
     pod = deployment["spec"]["template"]["spec"]
@@ -367,6 +377,7 @@ def test_issuer_deployment_probes_shutdown_and_security() -> None:
     assert not {"REDIS_URL", "DATABASE_URL", "ISSUER_PERSON_KEY"} & set(settings)
 
 
+@pytest.mark.fast
 def test_service_hpa_pdb_and_flusher() -> None:
     labels = k8s_named("Deployment", "issuer")["spec"]["template"]["metadata"]["labels"]
     service = k8s_named("Service", "issuer")
@@ -428,6 +439,7 @@ def alert_queries() -> list[str]:
     return [str(r["expr"]) for r in rules]
 
 
+@pytest.mark.fast
 def test_dashboard_and_alerts_are_well_formed() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     assert dashboard["uid"] and dashboard["title"]

@@ -27,6 +27,7 @@ def test_nothing_of_the_old_readme_is_lost() -> None:
     assert docs_moved.problems(docs_moved.old_readme(ROOT), ROOT) == []
 
 
+@pytest.mark.fast
 def test_the_check_names_what_was_not_moved(tmp_path: Path) -> None:
     old = (
         "# Title\n\n- **Lead** (`a.py`): the first fact. The second fact.\n\n"
@@ -57,6 +58,7 @@ def anchors(path: Path) -> set[str]:
     return out
 
 
+@pytest.mark.fast
 def test_relative_links_and_their_anchors_lead_somewhere() -> None:
     broken = []
     for path in docs_moved.new_files(ROOT):
@@ -70,6 +72,7 @@ def test_relative_links_and_their_anchors_lead_somewhere() -> None:
     assert broken == []
 
 
+@pytest.mark.fast
 def test_the_module_map_names_every_module_once() -> None:
     modules = {
         str(p.relative_to(ROOT))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import asyncpg
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
@@ -198,6 +199,7 @@ async def test_issuer_serve_recomputes_at_start_up(
     assert logged == 1
 
 
+@pytest.mark.fast
 def test_a_batch_is_provisional_while_a_provisional_record_may_come_first() -> None:
     final, provisional = (date(2026, 11, 19), None), (date(2027, 1, 13), 2027)
     assert batch_due([final, provisional]) == Due(date(2026, 11, 19))

@@ -35,6 +35,7 @@ RELOAD_BOUND_S = 5.0  # API.md: every worker within 5 s
 # ------------------------------------------------------------------ validity windows
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("offset_s", "valid"),
     [(-1, False), (0, True), (3599, True), (3600, False), (7200, False)],
@@ -54,6 +55,7 @@ def test_a_key_signs_only_inside_its_window(offset_s: int, valid: bool) -> None:
         assert "not_before" in str(refused.value)
 
 
+@pytest.mark.fast
 def test_a_file_is_taken_whole_or_not_at_all(tmp_path: Path) -> None:
     path = tmp_path / "keys.toml"
     good = keyfile.new_key("ops", key_id="good")
@@ -77,6 +79,7 @@ def test_a_file_is_taken_whole_or_not_at_all(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ issuer keys
 
 
+@pytest.mark.fast
 def test_keys_command_adds_lists_and_revokes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.prometheus import (
     CONFIG,
     PROMETHEUS_DIR,
@@ -22,6 +24,7 @@ from tests.prometheus import (
 ALERTS = PROMETHEUS_DIR / "alerts.yml"
 
 
+@pytest.mark.fast
 def test_the_configuration_loads_every_rules_file() -> None:
     assert ALERTS in rules_files()
     assert rule_files_of(CONFIG) == set(rules_files())
@@ -33,6 +36,7 @@ def test_the_rules_files_and_the_configuration_pass_promtool_check(promtool: str
     promtool_passes(promtool, "check", "config", "--lint-fatal", str(CONFIG))
 
 
+@pytest.mark.fast
 def test_every_alert_has_a_unit_test_that_sees_it_fire_and_one_that_sees_it_silent() -> None:
     seen: dict[tuple[Path, str], set[str]] = {}  # (rules file, alert) -> what a case expects
     for test_file in unit_test_files():

@@ -371,6 +371,7 @@ def target(route: Route, world: World, call: Call) -> str:
     return path + call.query
 
 
+@pytest.mark.fast
 def test_every_route_has_a_tenant_rule_and_a_matrix_case() -> None:
     """A route added to the table without a rule that covers its path, or without a case
     here, fails this test (and one without any rule cannot even be declared)."""
@@ -384,6 +385,7 @@ def test_every_route_has_a_tenant_rule_and_a_matrix_case() -> None:
         assert route.handler.__name__ in CASES, f"{route.path}: add a tenant matrix case"
 
 
+@pytest.mark.fast
 def test_a_route_cannot_be_declared_without_a_tenant_rule() -> None:
     with pytest.raises(TypeError, match="tenant"):
         Route("GET", "/v1/new", ROUTES[0].handler, ("ops",), "a new route", None, VoucherOut)  # type: ignore[call-arg]
