@@ -19,7 +19,6 @@ NONCE_TTL_S = 2 * NONCE_BUCKET_S
 CAMPAIGNS = "{g}:campaigns"  # set of campaign ids
 MERCHANTS = "{g}:merchants"  # hash merchant_id -> JSON definition
 GLOBAL_EVENTS = "{g}:events"  # stream of merchant changes
-GLOBAL_IDEMPOTENCY = "{g}:idem"  # prefix of bucketed idempotency hashes for global writes
 FLUSH_GROUP = "flusher"  # consumer group reading every event stream
 
 
@@ -113,10 +112,6 @@ class CampaignKeys:
         """Where `issuer rebuild` writes one of this campaign's keys before moving it in
         place; same hash tag, so the move is one script in the campaign's slot."""
         return f"{self.tag}:rebuild:{key.removeprefix(self.tag + ':')}"
-
-
-def global_idempotency(now_s: float) -> tuple[str, str]:
-    return _bucket_pair(GLOBAL_IDEMPOTENCY, now_s, IDEMPOTENCY_BUCKET_S)
 
 
 def _bucket_pair(prefix: str, now_s: float, width_s: int) -> tuple[str, str]:

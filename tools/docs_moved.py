@@ -43,6 +43,10 @@ REWORDED: dict[str, tuple[str, str]] = {
         "issuer_due_date_provisional_soonest_seconds",
         "the gauge was renamed to Prometheus' base unit of time (issue 20)",
     ),
+    "issuer/draw.py, issuer/lottery.py, lua/draw_batch.lua": (
+        "issuer/draw_rules.py, issuer/draws.py, lua/draw_batch.lua",
+        "the two lottery modules were named for what each holds (issue 21)",
+    ),
 }
 
 # old sentence -> why it is gone
