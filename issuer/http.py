@@ -21,7 +21,7 @@ from issuer.campaigns import Campaigns
 from issuer.claims import Claims
 from issuer.config import Settings
 from issuer.errors import ApiError
-from issuer.model import Id
+from issuer.model import Id, fits
 from issuer.redemptions import Redemptions
 from issuer.scripts import Scripts
 from issuer.settlement import Settlement
@@ -123,17 +123,6 @@ def path_id(request: web.Request, name: str, pattern: type = Id) -> str:
     if not fits(value, pattern):
         raise ApiError("INVALID_REQUEST", f"{name}: not a valid id")
     return value
-
-
-@functools.lru_cache(maxsize=4096)
-def fits(value: str, pattern: type) -> bool:
-    """Whether `value` fits `pattern`; remembered, as the same few ids come again and again
-    (msgspec.convert looks the type up anew on each call)."""
-    try:
-        msgspec.convert(value, pattern)
-    except msgspec.ValidationError:
-        return False
-    return True
 
 
 def now() -> datetime:

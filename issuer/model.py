@@ -6,6 +6,7 @@ decoding *is* validation. Money is integer fen, times are timezone-aware datetim
 
 from __future__ import annotations
 
+import functools
 from datetime import date, datetime
 from typing import Annotated, Literal
 
@@ -491,3 +492,14 @@ class MerchantOut(Struct, kw_only=True):
     county_code: str
     categories: list[str]
     status: str
+
+
+@functools.lru_cache(maxsize=4096)
+def fits(value: str, pattern: type) -> bool:
+    """Whether `value` fits `pattern`; remembered, as the same few ids come again and again
+    (msgspec.convert looks the type up anew on each call)."""
+    try:
+        msgspec.convert(value, pattern)
+    except msgspec.ValidationError:
+        return False
+    return True

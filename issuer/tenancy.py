@@ -22,9 +22,8 @@ from issuer import merchants
 from issuer.auth import ApiKey
 from issuer.campaigns import Campaigns
 from issuer.errors import ApiError
-from issuer.http import fits
 from issuer.ids import campaign_prefix
-from issuer.model import DEFAULT_TENANT, Id
+from issuer.model import DEFAULT_TENANT, Id, fits
 
 # campaign: a campaign id; campaign_of: an id that starts with its campaign's (a voucher,
 # application, redemption or refund, issuer/ids.py); merchant; disbursement (its merchant's)
