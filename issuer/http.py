@@ -129,6 +129,13 @@ def _valid(value: str, pattern: type) -> bool:
     return True
 
 
+def postgres(ctx: Ctx) -> asyncpg.Pool:
+    """The worker's PostgreSQL pool; UNAVAILABLE when it has none."""
+    if ctx.pg is None:
+        raise ApiError("UNAVAILABLE", "PostgreSQL is not connected")
+    return ctx.pg
+
+
 def now() -> datetime:
     return datetime.now(UTC)
 

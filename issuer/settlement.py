@@ -19,7 +19,7 @@ import asyncpg
 import msgspec
 from redis.asyncio import Redis
 
-from issuer import documents, due_dates, keys
+from issuer import documents, due_dates, integrity, keys
 from issuer.audit import audit
 from issuer.auth import ApiKey
 from issuer.campaigns import fingerprint
@@ -139,35 +139,44 @@ class Settlement:
             submitted_ms=int(time.time() * 1000),
         )
         checks = documents.run_checks(meta, parts, facts, self.person_key)
-        passed = all(c.passed for c in checks)
+        photos = {
+            p.sha256: await asyncio.to_thread(integrity.photo_hashes, p.data)
+            for p in parts
+            if p.kind == "photo" and p.content_type in integrity.HASHED_TYPES
+        }
         for part in parts:  # content-addressed: writing before the record is harmless
             await asyncio.to_thread(self.store.put, part.sha256, part.data)
         kept = msgspec.structs.replace(
             meta, invoice_buyer_name=name_ref(self.person_key, meta.invoice_buyer_name)
         )
         async with self.pool.acquire() as conn, conn.transaction():
+            await integrity.lock(conn)
             status = await conn.fetchval(
                 "SELECT status FROM settlements WHERE redemption_id = $1 FOR UPDATE",
                 redemption_id,
             )
             if status in ("approved", "paid"):
                 raise ApiError("SETTLEMENT_CLOSED", f"redemption {redemption_id} is {status}")
+            # the records the replaced papers matched: they may pass again
+            shared_before = await integrity.twins(conn, redemption_id)
             await conn.execute(
                 """
                 INSERT INTO settlements (redemption_id, campaign_id, merchant_id, status, meta,
-                                         checks, checks_passed, submitted_at)
-                VALUES ($1, $2, $3, 'submitted', $4::jsonb, $5::jsonb, $6, now())
+                                         checks, checks_passed, submitted_at, invoice_key)
+                VALUES ($1, $2, $3, 'submitted', $4::jsonb, $5::jsonb, $6, now(), $7)
                 ON CONFLICT (redemption_id) DO UPDATE
                 SET status = 'submitted', meta = excluded.meta, checks = excluded.checks,
                     checks_passed = excluded.checks_passed, submitted_at = now(),
-                    decided_at = NULL, decided_by = NULL, reason = NULL, override_reason = NULL
+                    decided_at = NULL, decided_by = NULL, reason = NULL, override_reason = NULL,
+                    invoice_key = excluded.invoice_key
                 """,
                 redemption_id,
                 ck.campaign_id,
                 rec.merchant_id,
                 ENCODE.encode(kept).decode(),
                 ENCODE.encode(checks).decode(),
-                passed,
+                all(c.passed for c in checks),
+                integrity.invoice_key(meta.invoice_no),
             )
             await conn.execute(
                 "DELETE FROM settlement_files WHERE redemption_id = $1", redemption_id
@@ -179,6 +188,10 @@ class Settlement:
                     for n, p in enumerate(parts)
                 ],
             )
+            for sha256, hashes in photos.items():
+                await integrity.save_photo_hashes(conn, sha256, hashes)
+            mine = await integrity.refresh(conn, redemption_id)
+            row = await conn.fetchrow(SELECT + " WHERE s.redemption_id = $1", redemption_id)
             await audit(
                 conn,
                 key.id,
@@ -186,9 +199,10 @@ class Settlement:
                 redemption_id,
                 "",
                 files=len(parts),
-                checks_passed=passed,
+                checks_passed=row["checks_passed"],
             )
-            row = await conn.fetchrow(SELECT + " WHERE s.redemption_id = $1", redemption_id)
+            shared = mine.others.union(*shared_before.values())
+            await integrity.recheck(conn, shared, key.id, redemption_id)
         return settlement_out(row, subsidy(rec))
 
     # ------------------------------------------------------------ auditor
@@ -200,11 +214,15 @@ class Settlement:
         rows = await self.pool.fetch(
             SELECT + " WHERE ($1::text IS NULL OR s.status = $1)"
             " AND ($2::text IS NULL OR s.merchant_id = $2)"
+            " AND ($4::text IS NULL OR s.campaign_id = $4)"
+            " AND ($5::boolean IS NULL OR s.checks_passed = $5)"
             " ORDER BY s.due_date - CASE WHEN s.provisional_until_year IS NULL THEN 0 ELSE $3 END,"
             " s.submitted_at LIMIT 1000",
             query.status,
             query.merchant_id,
             due_dates.MAY_MOVE_EARLIER_DAYS,
+            query.campaign_id,
+            query.checks_passed,
         )
         return [settlement_out(r) for r in rows]
 
@@ -340,7 +358,7 @@ class Settlement:
                         provisional_until_year=due.provisional_until_year,
                         total_fen=total,
                         redemption_ids=ids,
-                        status="due",
+                        status="pending",
                     )
                 )
             return 201, DisbursementList(disbursements=batches)

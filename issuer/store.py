@@ -203,6 +203,22 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE type <> 'claim';
     DROP INDEX events_campaign_type;
     """,
+    # evidence integrity (issuer/integrity.py): the normalised invoice number and files by
+    # SHA-256, each one index look-up; each photo's perceptual hashes (whole, five crops).
+    # Records stored before keep invoice_key NULL until `integrity.backfill` (run by
+    # `issuer serve` right after migrating) gives them the three checks.
+    """
+    ALTER TABLE settlements ADD COLUMN invoice_key text;
+    CREATE INDEX settlements_invoice_key ON settlements (invoice_key);
+    CREATE INDEX settlement_files_sha256 ON settlement_files (sha256);
+    CREATE TABLE photo_hashes (
+        sha256 text     NOT NULL,
+        crop   smallint NOT NULL,  -- 0: the whole photo
+        phash  bigint   NOT NULL,
+        PRIMARY KEY (sha256, crop)
+    );
+    CREATE INDEX audit_log_subject ON audit_log (subject, id);
+    """,
 )
 
 # The vouchers of the claims a statement just recorded (`new`). A claim rescued late, after
