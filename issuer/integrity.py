@@ -34,7 +34,7 @@ SHOWN = 20  # other redemptions a check names at most
 # the whole and of five crops keeping 1 - CROP of each side (centre, four corners). Two
 # photos are near copies when one's whole is within PHOTO_DISTANCE bits of any of the
 # other's six. Measured on bench/photos.py's set (docs: catch and false-flag counts).
-SIDE = 256
+SIDE = 128
 CROP = 0.05
 PHOTO_DISTANCE = 6
 MAX_PIXELS = 64_000_000  # larger images are not decoded (a 5 MiB PNG can hold billions)
@@ -88,6 +88,13 @@ def photo_hashes(data: bytes) -> list[int]:
         (0, dy, w - dx, h),
     ]
     return [_signed(int(str(imagehash.phash(small.crop(box))), 16)) for box in boxes]
+
+
+def distance(a: list[int], b: list[int]) -> int:
+    """What NEAR_PHOTO compares with PHOTO_DISTANCE: the fewest bits that differ between
+    one photo's whole and any hash of the other, either way round."""
+    pairs = [(a[0], y) for y in b] + [(x, b[0]) for x in a]
+    return min(((x ^ y) & 0xFFFF_FFFF_FFFF_FFFF).bit_count() for x, y in pairs)
 
 
 async def lock(conn: asyncpg.Connection) -> None:

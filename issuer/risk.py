@@ -109,8 +109,8 @@ SELECT r.merchant_id,
            SELECT 1 FROM jsonb_array_elements(s.checks) c
            WHERE c->>'name' = ANY($2::text[]) AND NOT (c->>'passed')::boolean)) AS integrity
 FROM redemptions r
-LEFT JOIN vouchers v USING (voucher_id)
-LEFT JOIN settlements s USING (redemption_id)
+LEFT JOIN vouchers v ON v.voucher_id = r.voucher_id
+LEFT JOIN settlements s ON s.redemption_id = r.redemption_id
 WHERE r.campaign_id = $1
 GROUP BY r.merchant_id
 """
