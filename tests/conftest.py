@@ -32,6 +32,7 @@ from issuer.client import Client, Response
 from issuer.keys import CAMPAIGNS, CampaignKeys
 
 ROOT = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.browser"]  # the browser fixtures of the page tests
 _module_counter = iter(range(1, 1_000_000))
 
 
