@@ -118,18 +118,30 @@ SELECT DISTINCT o.redemption_id FROM settlement_files f
 JOIN settlement_files o ON o.sha256 = f.sha256 AND o.redemption_id <> f.redemption_id
 WHERE f.redemption_id = $1 ORDER BY o.redemption_id
 """
-# every pair of a photo of this record and a photo of another where one side is a whole
-# photo (crop 0) and the other any of the six hashes
+# The other photos near this record's: candidates share one of the seven bands of a hash
+# (store.py: by the pigeonhole principle, two hashes within BANDS - 1 bits share one), each
+# an index look-up; then the exact distance, one side being a whole photo (crop 0).
+BANDS = 7  # so PHOTO_DISTANCE may be at most 6; a larger one needs more bands (a migration)
 NEAR_PHOTO = """
-SELECT DISTINCT o.redemption_id
-FROM settlement_files f JOIN photo_hashes q ON q.sha256 = f.sha256,
-     settlement_files o JOIN photo_hashes h ON h.sha256 = o.sha256
-WHERE f.redemption_id = $1 AND f.part = 'photo'
-  AND o.part = 'photo' AND o.redemption_id <> $1
-  AND (q.crop = 0 OR h.crop = 0)
-  AND bit_count((q.phash # h.phash)::bit(64)) <= $2
+WITH mine AS (
+    SELECT q.* FROM settlement_files f JOIN photo_hashes q ON q.sha256 = f.sha256
+    WHERE f.redemption_id = $1 AND f.part = 'photo'
+), candidates AS (
+    {}
+), near AS (
+    SELECT DISTINCT sha256 FROM candidates
+    WHERE (crop = 0 OR my_crop = 0) AND bit_count((phash # my_phash)::bit(64)) <= $2
+)
+SELECT DISTINCT o.redemption_id FROM near JOIN settlement_files o ON o.sha256 = near.sha256
+WHERE o.part = 'photo' AND o.redemption_id <> $1
 ORDER BY o.redemption_id
-"""
+""".format(
+    "\n    UNION\n    ".join(
+        "SELECT h.sha256, h.crop, h.phash, m.crop AS my_crop, m.phash AS my_phash"
+        f" FROM mine m JOIN photo_hashes h ON h.b{band} = m.b{band}"
+        for band in range(BANDS)
+    )
+)
 
 
 async def twins(conn: asyncpg.Connection, redemption_id: str) -> dict[str, list[str]]:

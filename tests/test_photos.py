@@ -6,10 +6,12 @@ distinct photos they state. No servers: the same function an upload goes through
 from __future__ import annotations
 
 from bench import photos
-from issuer.integrity import PHOTO_DISTANCE
+from issuer.integrity import BANDS, PHOTO_DISTANCE
 
 
 def test_photo_set_is_caught_at_the_stated_rate() -> None:
+    # near copies are looked up by bands of the hash: within the distance, one band is equal
+    assert PHOTO_DISTANCE < BANDS
     hashed = photos.hashed_set(workers=2)
     assert len(hashed.originals) == 180 and all(len(h) == 6 for h in hashed.originals)
     found = photos.counts(hashed, PHOTO_DISTANCE)
