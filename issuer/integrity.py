@@ -258,6 +258,14 @@ async def backfill(pool: asyncpg.Pool, store: DocumentStore) -> int:
         hashes[sha256] = await asyncio.to_thread(photo_hashes, data)
     async with pool.acquire() as conn, conn.transaction():
         await lock(conn)
+        # another replica starting at the same time may have done them while we hashed
+        still = await conn.fetch(
+            "SELECT redemption_id FROM settlements"
+            " WHERE invoice_key IS NULL AND redemption_id = ANY($1::text[])",
+            [row["redemption_id"] for row in rows],
+        )
+        left = {r["redemption_id"] for r in still}
+        rows = [row for row in rows if row["redemption_id"] in left]
         for row in rows:
             await conn.execute(
                 "UPDATE settlements SET invoice_key = $2 WHERE redemption_id = $1",

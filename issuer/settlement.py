@@ -118,6 +118,9 @@ class Settlement:
         if key.merchant_id != rec.merchant_id:
             raise ApiError("FORBIDDEN", "a merchant submits documents for its own redemptions")
         meta, parts = documents.parse_upload(content_type, raw)
+        invoice = integrity.invoice_key(meta.invoice_no)
+        if not invoice:
+            raise ApiError("INVALID_REQUEST", "meta.invoice_no: blank")
         ck = cached.keys
         raw_voucher = await self.redis.hget(ck.vouchers, rec.voucher_id)
         person = VOUCHER.decode(raw_voucher).person_ref if raw_voucher else ""
@@ -176,7 +179,7 @@ class Settlement:
                 ENCODE.encode(kept).decode(),
                 ENCODE.encode(checks).decode(),
                 all(c.passed for c in checks),
-                integrity.invoice_key(meta.invoice_no),
+                invoice,
             )
             await conn.execute(
                 "DELETE FROM settlement_files WHERE redemption_id = $1", redemption_id

@@ -276,6 +276,7 @@ async def test_bad_uploads_are_refused_and_store_nothing(
         ("unknown part", *body_of([("selfie", PNG)], None)),
         ("no meta", *body_of([("invoice", PDF)], None)),
         ("bad meta", *body_of([("invoice", PDF)], {"invoice_no": 5})),
+        ("blank invoice number", *papers(500_000, invoice_no="\u3000 \t")),
         ("part too big", *body_of([("photo", PNG + bytes(MAX_PART_BYTES))], None)),
     ]
     for label, raw, content_type in cases:
