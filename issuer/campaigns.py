@@ -18,6 +18,7 @@ from issuer.errors import ApiError, invalid_field
 from issuer.geofence import Region, region_for
 from issuer.ids import campaign_of
 from issuer.model import (
+    DEFAULT_TENANT,
     CampaignDef,
     CampaignOut,
     Ledger,
@@ -79,6 +80,11 @@ class CachedCampaign:
         return current_round(self.stored.rounds, now)
 
     @functools.cached_property
+    def tenant(self) -> str:
+        """Its tenant (fixed once the campaign exists; the claim path's tenant check)."""
+        return self.definition.tenant or DEFAULT_TENANT
+
+    @functools.cached_property
     def lottery(self) -> bool:
         """Whether a round is drawn by lottery (claims then check for waiting applicants)."""
         return any(r.allocation == "lottery" for r in self.stored.rounds)
@@ -123,6 +129,8 @@ class Campaigns:
             self._cache.pop(campaign_id, None)
             raise ApiError("NOT_FOUND", f"campaign {campaign_id}")
         stored = STORED.decode(raw)
+        if stored.definition.tenant is None:  # stored before tenants existed
+            stored.definition = msgspec.structs.replace(stored.definition, tenant=DEFAULT_TENANT)
         geo = stored.definition.geofence
         cached = CachedCampaign(
             stored=stored,
@@ -218,7 +226,9 @@ class Campaigns:
     # ------------------------------------------------------------ writes
 
     async def put(self, campaign_id: str, definition: CampaignDef) -> bool:
-        """Create or replace a campaign that has not opened; True if it was new."""
+        """Create or replace a campaign that has not opened; True if it was new. Its tenant
+        is fixed: another one is TENANT_CONFLICT; none keeps the campaign's (a new one:
+        DEFAULT_TENANT)."""
         fence = definition.geofence
         with invalid_field("eligibility.categories"):
             expand_categories(definition.eligibility.categories)
@@ -229,13 +239,18 @@ class Campaigns:
         if not rounds:
             raise ApiError("INVALID_REQUEST", "rounds: the campaign has no round")
         ck = keys.CampaignKeys(campaign_id)
-        stored = StoredCampaign(campaign_id=campaign_id, definition=definition, rounds=rounds)
         # the registry lives in the global slot: listed first, so whatever reads it (the
         # flusher, the sweeps) never misses a campaign that exists
         await self.redis.sadd(keys.CAMPAIGNS, campaign_id)
         for _ in range(5):  # retried only if another writer changed it in between
             raw, version = await self._read_definition(ck)
-            old_rounds = STORED.decode(raw).rounds if raw else []
+            old = STORED.decode(raw) if raw else None
+            old_rounds = old.rounds if old else []
+            tenant = (old.definition.tenant if old else None) or DEFAULT_TENANT
+            if old and definition.tenant not in (None, tenant):
+                raise ApiError("TENANT_CONFLICT", f"campaign {campaign_id}")
+            fixed = msgspec.structs.replace(definition, tenant=definition.tenant or tenant)
+            stored = StoredCampaign(campaign_id=campaign_id, definition=fixed, rounds=rounds)
             args: list[object] = [
                 campaign_id,
                 ENCODE.encode(stored),

@@ -217,7 +217,7 @@ async def recheck(
     """Run again the checks of records whose papers `cause` now shares or no longer shares,
     except paid ones; each change is an audit log entry."""
     unpaid = await conn.fetch(
-        "SELECT redemption_id FROM settlements"
+        "SELECT redemption_id, tenant FROM settlements"
         " WHERE redemption_id = ANY($1::text[]) AND status <> 'paid' ORDER BY redemption_id",
         sorted(set(redemption_ids) - {cause}),
     )
@@ -230,6 +230,7 @@ async def recheck(
                 "checks_rerun",
                 row["redemption_id"],
                 "",
+                tenant=row["tenant"],
                 cause=cause,
                 failed=done.failed,
             )
@@ -239,7 +240,7 @@ async def backfill(pool: asyncpg.Pool, store: DocumentStore) -> int:
     """Give the records stored before these checks existed (invoice_key NULL) their invoice
     key, photo hashes and the three checks, paid ones included; returns how many."""
     rows = await pool.fetch(
-        "SELECT s.redemption_id, s.meta->>'invoice_no' AS invoice_no,"
+        "SELECT s.redemption_id, s.tenant, s.meta->>'invoice_no' AS invoice_no,"
         " coalesce(array_agg(f.sha256) FILTER (WHERE f.part = 'photo'"
         "   AND f.content_type = ANY($1::text[])), '{}') AS photos"
         " FROM settlements s LEFT JOIN settlement_files f USING (redemption_id)"
@@ -278,7 +279,13 @@ async def backfill(pool: asyncpg.Pool, store: DocumentStore) -> int:
             done = await refresh(conn, row["redemption_id"])
             if done.failed:
                 await audit(
-                    conn, "migration", "checks_rerun", row["redemption_id"], "", failed=done.failed
+                    conn,
+                    "migration",
+                    "checks_rerun",
+                    row["redemption_id"],
+                    "",
+                    tenant=row["tenant"],
+                    failed=done.failed,
                 )
     log.info("integrity checks added to earlier records", extra={"records": len(rows)})
     return len(rows)

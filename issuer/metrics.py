@@ -94,6 +94,10 @@ EMBEDDED_UP = Gauge(
     multiprocess_mode="livemax",
 )
 WORKERS = Gauge("issuer_workers", "HTTP worker processes running", multiprocess_mode="livemax")
+KEYS_RELOAD_ERRORS = Counter(
+    "issuer_keys_reload_errors_total",
+    "Keys file reads that failed, leaving the old keys in force (each worker counts its own)",
+)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -29,6 +29,9 @@ Weekday = Literal[
 Text = Annotated[str, Meta(min_length=1, max_length=200)]
 Sha256Hex = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$", description="lowercase hex SHA-256")]
 Allocation = Literal["first_come", "lottery"]
+# the tenant of records made before tenants existed, and of a platform-wide key's PUT
+# that names none (API.md v1.2)
+DEFAULT_TENANT = "default"
 
 
 class Strict(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -103,6 +106,9 @@ class RateLimits(Strict, kw_only=True):
 
 class CampaignDef(Strict, kw_only=True):
     name: Text
+    # the programme owner; fixed once the campaign exists (as stored: always set, but
+    # definitions stored before tenants existed lack it and belong to DEFAULT_TENANT)
+    tenant: Id | None = None
     timezone: str = "Asia/Shanghai"
     budget_fen: Fen
     voucher: VoucherTerms = msgspec.field(default_factory=VoucherTerms)
@@ -147,6 +153,7 @@ class StoredCampaign(Struct, kw_only=True):
 
 class MerchantDef(Strict, kw_only=True):
     name: Text
+    tenant: Id | None = None  # fixed once the merchant exists; None: as CampaignDef's
     county_code: RegionCode
     categories: Annotated[list[Id], Meta(min_length=1)]
     status: Literal["active", "suspended", "blacklisted"] = "active"
@@ -515,6 +522,7 @@ class CampaignLive(Struct, kw_only=True, omit_defaults=True):
 
     campaign_id: str
     name: str
+    tenant: str
     status: str
     ledger: Ledger
     current_round: RoundState | None = None
@@ -538,6 +546,7 @@ class OpsOverview(Struct, kw_only=True):
 class MerchantOut(Struct, kw_only=True):
     merchant_id: str
     name: str
+    tenant: str = DEFAULT_TENANT  # merchants stored before tenants existed lack it
     county_code: str
     categories: list[str]
     status: str

@@ -103,6 +103,8 @@ def merchant_refusal(
     """Why this merchant may not take the voucher now ("" if it may)."""
     if merchant is None or merchant.status != "active":
         return "MERCHANT_NOT_ELIGIBLE"
+    if merchant.tenant != cached.tenant:  # another programme's merchant
+        return "MERCHANT_NOT_ELIGIBLE"
     if not cached.region.contains_code(merchant.county_code):
         return "MERCHANT_NOT_ELIGIBLE"
     sells = expand_categories(merchant.categories)

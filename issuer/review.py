@@ -92,6 +92,7 @@ FROM disbursements d LEFT JOIN settlements s USING (disbursement_id)
 WHERE ($1::text IS NULL OR d.merchant_id = $1)
   AND ($2::text IS NULL OR (d.paid_at IS NOT NULL) = ($2 = 'paid'))
   AND ($3::text IS NULL OR d.disbursement_id = $3)
+  AND ($5::text[] IS NULL OR d.tenant = ANY($5::text[]))
 GROUP BY d.disbursement_id
 ORDER BY d.created_at DESC, d.disbursement_id
 LIMIT $4
@@ -99,11 +100,23 @@ LIMIT $4
 
 
 async def disbursements(
-    pool: asyncpg.Pool, query: DisbursementQuery, key: ApiKey, batch_id: str | None = None
+    pool: asyncpg.Pool,
+    query: DisbursementQuery,
+    key: ApiKey,
+    tenants: frozenset[str] | None,
+    batch_id: str | None = None,
 ) -> list[DisbursementOut]:
-    """Batches (newest first, at most BATCHES_SHOWN) with their records; a merchant's own."""
+    """Batches (newest first, at most BATCHES_SHOWN) with their records, of these tenants
+    (None: all); a merchant's own."""
     merchant_id = key.merchant_id if key.role == "merchant" else query.merchant_id
-    rows = await pool.fetch(BATCHES, merchant_id, query.status, batch_id, BATCHES_SHOWN)
+    rows = await pool.fetch(
+        BATCHES,
+        merchant_id,
+        query.status,
+        batch_id,
+        BATCHES_SHOWN,
+        None if tenants is None else sorted(tenants),
+    )
     ids = [rid for row in rows for rid in row["redemption_ids"]]
     records: dict[str, SettlementOut] = {
         r["redemption_id"]: settlement_out(r)
@@ -133,18 +146,21 @@ async def disbursement(pool: asyncpg.Pool, batch_id: str, key: ApiKey) -> Disbur
     if merchant_id is None:
         raise ApiError("NOT_FOUND", f"disbursement {batch_id}")
     own(key, merchant_id, "disbursements")
-    (batch,) = await disbursements(pool, DisbursementQuery(), key, batch_id)
+    # the route's tenant rule has admitted the key to this batch's tenant
+    (batch,) = await disbursements(pool, DisbursementQuery(), key, None, batch_id)
     return batch
 
 
 # An entry is about a disbursement when its subject is one; else about a redemption. A
 # redemption's log holds its own entries and those of the batch that holds it; a
-# campaign's, those of its redemptions and of the batches holding any of them.
+# campaign's, those of its redemptions and of the batches holding any of them. An entry
+# belongs to the tenant of what it is about.
 AUDIT = """
 SELECT a.id, a.at, a.actor, a.action, a.subject, a.reason, a.details,
        d.disbursement_id IS NOT NULL AS of_batch
 FROM audit_log a LEFT JOIN disbursements d ON d.disbursement_id = a.subject
 WHERE a.id > $1
+  AND ($6::text[] IS NULL OR a.tenant = ANY($6::text[]))
   AND ($2::text IS NULL OR a.actor = $2)
   AND ($3::text IS NULL OR a.subject = $3 OR a.subject = (
         SELECT disbursement_id FROM settlements WHERE redemption_id = $3))
@@ -157,8 +173,11 @@ LIMIT $5
 """
 
 
-async def audit_log(pool: asyncpg.Pool, query: AuditQuery) -> AuditLog:
-    """Entries oldest first, a page of `limit` after the entry `after`."""
+async def audit_log(
+    pool: asyncpg.Pool, query: AuditQuery, tenants: frozenset[str] | None
+) -> AuditLog:
+    """Entries of these tenants (None: all) oldest first, a page of `limit` after the
+    entry `after`."""
     rows = await pool.fetch(
         AUDIT,
         int(query.after or 0),
@@ -166,6 +185,7 @@ async def audit_log(pool: asyncpg.Pool, query: AuditQuery) -> AuditLog:
         query.redemption_id,
         query.campaign_id,
         query.limit + 1,
+        None if tenants is None else sorted(tenants),
     )
     entries = [
         AuditEntry(

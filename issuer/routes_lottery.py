@@ -7,7 +7,7 @@ import logging
 
 from aiohttp import web
 
-from issuer import applications, lottery
+from issuer import applications, lottery, tenancy
 from issuer.auth import Verified
 from issuer.draw import DrawDocument
 from issuer.http import Ctx, Route, path_id, reply
@@ -60,6 +60,7 @@ LOTTERY_ROUTES: tuple[Route, ...] = (
         "Read an application to a lottery round",
         None,
         ApplicationOut,
+        tenant=tenancy.path("campaign_of", "application_id"),
     ),
     Route(
         "POST",
@@ -69,6 +70,7 @@ LOTTERY_ROUTES: tuple[Route, ...] = (
         "Draw a lottery round with the seed of its commitment (idempotent)",
         DrawIn,
         DrawOut,
+        tenant=tenancy.CAMPAIGN,
     ),
     Route(
         "GET",
@@ -78,5 +80,6 @@ LOTTERY_ROUTES: tuple[Route, ...] = (
         "The published draw: commitment, root, every application ref, rank and outcome",
         None,
         DrawDocument,
+        tenant=tenancy.CAMPAIGN,
     ),
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from issuer import review, risk
+from issuer import review, risk, tenancy
 from issuer.auth import Role
 from issuer.documents import MAGIC_TYPES
 from issuer.http import CONTENT_TYPES, Ctx, Route, attachment, now, path_id, postgres, reply
@@ -48,7 +48,9 @@ async def settlement_file(ctx: Ctx, request: web.Request, _: None) -> web.Respon
 async def list_disbursements(
     ctx: Ctx, request: web.Request, query: DisbursementQuery
 ) -> web.Response:
-    batches = await review.disbursements(postgres(ctx), query, request["verified"].key)
+    batches = await review.disbursements(
+        postgres(ctx), query, request["verified"].key, tenancy.scope(request)
+    )
     return reply(DisbursementList(disbursements=batches))
 
 
@@ -58,7 +60,7 @@ async def get_disbursement(ctx: Ctx, request: web.Request, _: None) -> web.Respo
 
 
 async def audit_log(ctx: Ctx, request: web.Request, query: AuditQuery) -> web.Response:
-    return reply(await review.audit_log(postgres(ctx), query))
+    return reply(await review.audit_log(postgres(ctx), query, tenancy.scope(request)))
 
 
 async def risk_report(ctx: Ctx, request: web.Request, query: risk.RiskQuery) -> web.Response:
@@ -80,6 +82,7 @@ REVIEW_ROUTES: tuple[Route, ...] = (
         " PostgreSQL); a merchant key: its own",
         None,
         SettlementOut,
+        tenant=tenancy.path("campaign_of", "redemption_id"),
     ),
     Route(
         "GET",
@@ -91,6 +94,7 @@ REVIEW_ROUTES: tuple[Route, ...] = (
         None,
         bytes,
         files=MAGIC_TYPES,
+        tenant=tenancy.path("campaign_of", "redemption_id"),
     ),
     Route(
         "GET",
@@ -101,6 +105,7 @@ REVIEW_ROUTES: tuple[Route, ...] = (
         None,
         DisbursementList,
         query=DisbursementQuery,
+        tenant=tenancy.LISTS,
     ),
     Route(
         "GET",
@@ -110,6 +115,7 @@ REVIEW_ROUTES: tuple[Route, ...] = (
         "One disbursement batch with its records",
         None,
         DisbursementOut,
+        tenant=tenancy.path("disbursement", "disbursement_id"),
     ),
     Route(
         "GET",
@@ -121,6 +127,7 @@ REVIEW_ROUTES: tuple[Route, ...] = (
         None,
         AuditLog,
         query=AuditQuery,
+        tenant=tenancy.LISTS,
     ),
     Route(
         "GET",
@@ -132,5 +139,6 @@ REVIEW_ROUTES: tuple[Route, ...] = (
         risk.RiskOut,
         query=risk.RiskQuery,
         files=(CONTENT_TYPES["csv"],),
+        tenant=tenancy.CAMPAIGN,
     ),
 )

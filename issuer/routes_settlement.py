@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
-from issuer import reports
+from issuer import reports, tenancy
 from issuer.auth import ApiKey
 from issuer.http import (
     CONTENT_TYPES,
@@ -44,7 +44,8 @@ async def list_settlements(ctx: Ctx, request: web.Request, query: SettlementQuer
     key: ApiKey = request["verified"].key
     if key.role == "merchant":
         query = msgspec.structs.replace(query, merchant_id=key.merchant_id)
-    return reply(SettlementList(settlements=await ctx.settlement.queue(query)))
+    found = await ctx.settlement.queue(query, tenancy.scope(request))
+    return reply(SettlementList(settlements=found))
 
 
 async def decide(ctx: Ctx, request: web.Request, body: DecisionIn) -> web.Response:
@@ -98,6 +99,7 @@ SETTLEMENT_ROUTES: tuple[Route, ...] = (
         None,
         SettlementOut,
         201,
+        tenant=tenancy.path("campaign_of", "redemption_id"),
     ),
     Route(
         "GET",
@@ -108,6 +110,7 @@ SETTLEMENT_ROUTES: tuple[Route, ...] = (
         None,
         SettlementList,
         query=SettlementQuery,
+        tenant=tenancy.LISTS,
     ),
     Route(
         "POST",
@@ -117,6 +120,7 @@ SETTLEMENT_ROUTES: tuple[Route, ...] = (
         "Approve or reject a submission (override_reason to approve one that failed a check)",
         DecisionIn,
         SettlementOut,
+        tenant=tenancy.path("campaign_of", "redemption_id"),
     ),
     Route(
         "POST",
@@ -127,6 +131,7 @@ SETTLEMENT_ROUTES: tuple[Route, ...] = (
         DisbursementIn,
         DisbursementList,
         201,
+        tenant=tenancy.body(("merchant", "merchant_id"), lists=True),
     ),
     Route(
         "POST",
@@ -136,6 +141,7 @@ SETTLEMENT_ROUTES: tuple[Route, ...] = (
         "Record a batch as paid; later refunds of its redemptions become clawbacks",
         PaidIn,
         DisbursementOut,
+        tenant=tenancy.path("disbursement", "disbursement_id"),
     ),
     Route(
         "GET",
@@ -147,6 +153,7 @@ SETTLEMENT_ROUTES: tuple[Route, ...] = (
         reports.ReportOut,
         query=reports.ReportQuery,
         files=(CONTENT_TYPES["csv"], CONTENT_TYPES["xlsx"]),
+        tenant=tenancy.CAMPAIGN,
     ),
     Route(
         "GET",
@@ -158,5 +165,6 @@ SETTLEMENT_ROUTES: tuple[Route, ...] = (
         bytes,
         query=reports.ReconciliationQuery,
         files=(CONTENT_TYPES["csv"],),
+        tenant=tenancy.CAMPAIGN,
     ),
 )

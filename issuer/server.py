@@ -29,6 +29,7 @@ from issuer import (
     expiry,
     flusher,
     integrity,
+    keyfile,
     keys,
     logs,
     metrics,
@@ -84,11 +85,17 @@ async def worker_main(settings: Settings, port: int) -> None:
     from issuer.campaigns import Campaigns
     from issuer.claims import Claims
     from issuer.http import Ctx
+    from issuer.keyring import Keyring
     from issuer.redemptions import Redemptions
     from issuer.scripts import Scripts
     from issuer.settlement import Settlement
+    from issuer.tenancy import Owners
 
     assert settings.database_url
+    try:
+        keyring = Keyring.load(settings.keys_path)
+    except auth.KeysFileError as exc:
+        raise SystemExit(str(exc)) from None
     redis = topology.connect(settings)
     scripts = Scripts(redis, ack=settings.durable_ack)
     pg = await store.connect(settings.database_url, min_size=0, max_size=2)
@@ -119,9 +126,10 @@ async def worker_main(settings: Settings, port: int) -> None:
             person_key,
             Calendar.from_file(settings.holidays_file),
         ),
-        keys=auth.load_keys(settings.keys_path),
+        keys=keyring,
         person_key=person_key,
         admission=Admission(settings.claim_queue_max, settings.shed_lag_ms / 1000, loop_lag),
+        owners=Owners(redis, campaigns, pg),
     )
     stop = asyncio.Event()
 
@@ -155,22 +163,26 @@ async def worker_main(settings: Settings, port: int) -> None:
         loop.add_signal_handler(sig, stop.set)
     reloads: set[asyncio.Task[None]] = set()
 
-    def reload_calendar() -> None:
+    def reload_files() -> None:
+        """SIGHUP: the keys file and the holidays file (recomputing due dates) again."""
+        keyring.reload()
         task = asyncio.create_task(ctx.settlement.reload_calendar(settings.holidays_file))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
-    loop.add_signal_handler(signal.SIGHUP, reload_calendar)
+    loop.add_signal_handler(signal.SIGHUP, reload_files)
     settle_heap()
     loop_lag.start()
     log.info("worker up", extra={"pid": os.getpid(), "port": port})
     sweeping = asyncio.create_task(expiry.run(redis, scripts, stop))
+    watching = asyncio.create_task(keyring.watch(stop))
     await stop.wait()
     # not ready from now on; keep serving while load balancers notice, then stop accepting
     await asyncio.sleep(settings.shutdown_grace_s)
     await runner.cleanup()
     loop_lag.stop()
     await sweeping
+    await watching
     await scripts.aclose()
     await topology.close(redis)
     await pg.close()
@@ -302,7 +314,8 @@ class Supervisor:
             await asyncio.sleep(0.2)
 
     def reload(self) -> None:
-        """SIGHUP: each worker reads the holidays file again and recomputes due dates."""
+        """SIGHUP: each worker reads the keys file and the holidays file again (and
+        recomputes due dates)."""
         for proc in self.workers:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGHUP)
@@ -404,8 +417,8 @@ async def load_campaign_files(redis: Redis, paths: list[Path]) -> None:
             created = await campaigns.put(campaign_id, definition)
             log.info("campaign loaded", extra={"campaign": campaign_id, "new": created})
         except ApiError as err:
-            if err.code != "CAMPAIGN_RUNNING":
-                raise
+            if err.code != "CAMPAIGN_RUNNING":  # e.g. TENANT_CONFLICT: the file names another
+                raise SystemExit(f"configuration error: {path}: {err}") from None
             log.info("campaign already running, kept", extra={"campaign": campaign_id})
 
 
@@ -416,15 +429,31 @@ def serve(settings: Settings, load: list[Path]) -> None:
     if not settings.keys_path.exists():
         if settings.keys_file is not None:
             raise SystemExit(f"ISSUER_KEYS_FILE {settings.keys_file} does not exist")
-        auth.write_dev_keys(settings.keys_path)
+        keyfile.write_dev_keys(settings.keys_path, file_tenants(load))
         log.warning("wrote development keys", extra={"path": str(settings.keys_path)})
+    try:  # a file the workers cannot read stops the service now, not after their restarts
+        keys_in_force = auth.read_keys(settings.keys_path)
+    except auth.KeysFileError as exc:
+        raise SystemExit(f"configuration error: {exc}") from None
     reserved = reuseport_socket(settings.host, settings.port, listen=False)
     port = reserved.getsockname()[1]
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    banner = (
-        f"issuer ready on http://{host}:{port}  workers={settings.workers}\n"
-        f"  keys file: {settings.keys_path}\n"
-        f"  try:       .venv/bin/issuer call GET /v1/campaigns/demo --url http://{host}:{port}"
+    banner = "\n".join(
+        [
+            f"issuer ready on http://{host}:{port}  workers={settings.workers}",
+            f"  keys file: {settings.keys_path}  (a key is chosen with --key-id ID)",
+            *(f"    {line}" for line in keyfile.describe(keys_in_force.values())),
+            f"  try:       .venv/bin/issuer call GET /v1/campaigns/demo --url http://{host}:{port}",
+        ]
     )
     with reserved, backing_servers(settings) as (live, servers):
         uvloop.run(Supervisor(live, port, servers).run(load, banner))
+
+
+def file_tenants(paths: list[Path]) -> set[str]:
+    """The tenants the campaign files name (development keys get one set per tenant)."""
+    from issuer.campaign_file import load_campaign_file
+    from issuer.model import DEFAULT_TENANT
+
+    named = {load_campaign_file(path)[1].tenant for path in paths}
+    return {t for t in named if t is not None and t != DEFAULT_TENANT}

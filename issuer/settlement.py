@@ -165,8 +165,9 @@ class Settlement:
             await conn.execute(
                 """
                 INSERT INTO settlements (redemption_id, campaign_id, merchant_id, status, meta,
-                                         checks, checks_passed, submitted_at, invoice_key)
-                VALUES ($1, $2, $3, 'submitted', $4::jsonb, $5::jsonb, $6, now(), $7)
+                                         checks, checks_passed, submitted_at, invoice_key,
+                                         tenant)
+                VALUES ($1, $2, $3, 'submitted', $4::jsonb, $5::jsonb, $6, now(), $7, $8)
                 ON CONFLICT (redemption_id) DO UPDATE
                 SET status = 'submitted', meta = excluded.meta, checks = excluded.checks,
                     checks_passed = excluded.checks_passed, submitted_at = now(),
@@ -180,6 +181,7 @@ class Settlement:
                 ENCODE.encode(checks).decode(),
                 all(c.passed for c in checks),
                 invoice,
+                cached.tenant,
             )
             await conn.execute(
                 "DELETE FROM settlement_files WHERE redemption_id = $1", redemption_id
@@ -197,10 +199,11 @@ class Settlement:
             row = await conn.fetchrow(SELECT + " WHERE s.redemption_id = $1", redemption_id)
             await audit(
                 conn,
-                key.id,
+                key,
                 "documents_submitted",
                 redemption_id,
                 "",
+                tenant=cached.tenant,
                 files=len(parts),
                 checks_passed=row["checks_passed"],
             )
@@ -210,15 +213,19 @@ class Settlement:
 
     # ------------------------------------------------------------ auditor
 
-    async def queue(self, query: SettlementQuery) -> list[SettlementOut]:
-        """The records in the order they are to be paid: by the soonest their due date may
-        turn out to be (a provisional one as if it moved earlier by the most it may), then
-        those without a due date in the order they were submitted."""
+    async def queue(
+        self, query: SettlementQuery, tenants: frozenset[str] | None
+    ) -> list[SettlementOut]:
+        """The records (of these tenants; None: all) in the order they are to be paid: by
+        the soonest their due date may turn out to be (a provisional one as if it moved
+        earlier by the most it may), then those without a due date in the order they were
+        submitted."""
         rows = await self.pool.fetch(
             SELECT + " WHERE ($1::text IS NULL OR s.status = $1)"
             " AND ($2::text IS NULL OR s.merchant_id = $2)"
             " AND ($4::text IS NULL OR s.campaign_id = $4)"
             " AND ($5::boolean IS NULL OR s.checks_passed = $5)"
+            " AND ($6::text[] IS NULL OR s.tenant = ANY($6::text[]))"
             " ORDER BY s.due_date - CASE WHEN s.provisional_until_year IS NULL THEN 0 ELSE $3 END,"
             " s.submitted_at LIMIT 1000",
             query.status,
@@ -226,6 +233,7 @@ class Settlement:
             due_dates.MAY_MOVE_EARLIER_DAYS,
             query.campaign_id,
             query.checks_passed,
+            None if tenants is None else sorted(tenants),
         )
         return [settlement_out(r) for r in rows]
 
@@ -264,7 +272,8 @@ class Settlement:
     ) -> tuple[int, bytes, bool]:
         async def action(conn: asyncpg.Connection) -> tuple[int, SettlementOut]:
             row = await conn.fetchrow(
-                "SELECT status, checks_passed FROM settlements WHERE redemption_id = $1 FOR UPDATE",
+                "SELECT status, checks_passed, tenant FROM settlements"
+                " WHERE redemption_id = $1 FOR UPDATE",
                 redemption_id,
             )
             if row is None:
@@ -297,10 +306,11 @@ class Settlement:
             overridden = approve and not row["checks_passed"]
             await audit(
                 conn,
-                key.id,
+                key,
                 "override_approved" if overridden else "approved" if approve else "rejected",
                 redemption_id,
                 body.reason,
+                tenant=row["tenant"],
                 override_reason=body.override_reason if overridden else None,
                 due_date=due.day if due else None,
                 provisional_until_year=due.provisional_until_year if due else None,
@@ -314,22 +324,26 @@ class Settlement:
         return result
 
     async def disburse(self, body: DisbursementIn, key: ApiKey) -> tuple[int, bytes, bool]:
-        """One batch per merchant of its approved records not yet in a batch."""
+        """One batch per merchant (of the key's tenants) of its approved records not yet in
+        a batch."""
 
         async def action(conn: asyncpg.Connection) -> tuple[int, DisbursementList]:
             rows = await conn.fetch(
-                "SELECT redemption_id, merchant_id, due_date, provisional_until_year"
+                "SELECT redemption_id, merchant_id, due_date, provisional_until_year, tenant"
                 " FROM settlements"
                 " WHERE status = 'approved' AND disbursement_id IS NULL"
                 " AND ($1::text IS NULL OR merchant_id = $1)"
+                " AND ($2::text[] IS NULL OR tenant = ANY($2::text[]))"
                 " ORDER BY merchant_id, redemption_id FOR UPDATE",
                 body.merchant_id,
+                None if key.tenants is None else sorted(key.tenants),
             )
-            by_merchant: dict[str, list[asyncpg.Record]] = defaultdict(list)
+            # a merchant's records share its tenant (a redemption needs both in one)
+            by_merchant: dict[tuple[str, str], list[asyncpg.Record]] = defaultdict(list)
             for row in rows:
-                by_merchant[row["merchant_id"]].append(row)
+                by_merchant[row["merchant_id"], row["tenant"]].append(row)
             batches = []
-            for merchant_id, mine in by_merchant.items():
+            for (merchant_id, tenant), mine in by_merchant.items():
                 ids = [r["redemption_id"] for r in mine]
                 total = sum(subsidy(rec) for rec in await self._records(ids))
                 due = due_dates.batch_due(
@@ -338,12 +352,14 @@ class Settlement:
                 batch_id = f"d-{secrets.token_hex(10)}"
                 await conn.execute(
                     "INSERT INTO disbursements (disbursement_id, merchant_id, created_by,"
-                    " due_date, provisional_until_year, total_fen) VALUES ($1, $2, $3, $4, $5, $6)",
+                    " due_date, provisional_until_year, total_fen, tenant)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7)",
                     batch_id,
                     merchant_id,
                     key.id,
                     *due,
                     total,
+                    tenant,
                 )
                 await conn.execute(
                     "UPDATE settlements SET disbursement_id = $1"
@@ -351,7 +367,9 @@ class Settlement:
                     batch_id,
                     ids,
                 )
-                await audit(conn, key.id, "disbursement_created", batch_id, "", redemptions=ids)
+                await audit(
+                    conn, key, "disbursement_created", batch_id, "", tenant=tenant, redemptions=ids
+                )
                 batches.append(
                     DisbursementOut(
                         disbursement_id=batch_id,
@@ -403,7 +421,9 @@ class Settlement:
                 "UPDATE settlements SET status = 'paid' WHERE disbursement_id = $1",
                 disbursement_id,
             )
-            await audit(conn, key.id, "disbursement_paid", disbursement_id, body.reason)
+            await audit(
+                conn, key, "disbursement_paid", disbursement_id, body.reason, tenant=batch["tenant"]
+            )
             return 200, DisbursementOut(
                 disbursement_id=disbursement_id,
                 merchant_id=batch["merchant_id"],

@@ -8,6 +8,8 @@ import logging
 
 import asyncpg
 
+from issuer.model import DEFAULT_TENANT
+
 log = logging.getLogger("issuer.store")
 
 # Each entry is one migration; never edit an applied one, append a new one.
@@ -203,6 +205,17 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE type <> 'claim';
     DROP INDEX events_campaign_type;
     """,
+    # tenants (API.md v1.2): a campaign's is in its definition, a merchant's in its record;
+    # a settlement record and a disbursement batch take theirs when made, and an audit entry
+    # names the one acted in; everything recorded before tenants belongs to the default one
+    f"""
+    ALTER TABLE campaigns ADD COLUMN tenant text NOT NULL GENERATED ALWAYS AS
+        (coalesce(definition->'definition'->>'tenant', '{DEFAULT_TENANT}')) STORED;
+    ALTER TABLE merchants ADD COLUMN tenant text NOT NULL DEFAULT '{DEFAULT_TENANT}';
+    ALTER TABLE settlements ADD COLUMN tenant text NOT NULL DEFAULT '{DEFAULT_TENANT}';
+    ALTER TABLE disbursements ADD COLUMN tenant text NOT NULL DEFAULT '{DEFAULT_TENANT}';
+    ALTER TABLE audit_log ADD COLUMN tenant text NOT NULL DEFAULT '{DEFAULT_TENANT}';
+    """,
     # evidence integrity (issuer/integrity.py): the normalised invoice number and files by
     # SHA-256, each one index look-up; each photo's perceptual hashes (whole, five crops),
     # found by their bands (seven index look-ups, then the exact distance).
@@ -237,6 +250,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX audit_log_subject ON audit_log (subject, id);
     """,
 )
+
 
 # The vouchers of the claims a statement just recorded (`new`). A claim rescued late, after
 # its voucher's redemption, expiry or refund was recorded, starts with the state those
@@ -323,10 +337,10 @@ WITH new AS (
         WHERE campaigns.version < excluded.version
 ), merchants_new AS (
     INSERT INTO merchants (merchant_id, name, county_code, categories, status,
-                           entry_ms, entry_seq)
+                           entry_ms, entry_seq, tenant)
     SELECT DISTINCT ON (data->>'merchant_id') data->>'merchant_id', data->>'name',
            data->>'county_code', ARRAY(SELECT jsonb_array_elements_text(data->'categories')),
-           data->>'status', ms, seq
+           data->>'status', ms, seq, coalesce(data->>'tenant', 'default')
     FROM new, LATERAL (SELECT split_part(entry_id, '-', 1)::bigint AS ms,
                               split_part(entry_id, '-', 2)::bigint AS seq) AS id
     WHERE type = 'merchant'

@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -66,6 +67,16 @@ def servers(workdir: Path) -> Iterator[Servers]:
     finally:
         for server in reversed(started):
             server.stop()
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """Prometheus' promtool, or the test skips (Debian's prometheus package; .ci/run installs
+    it)."""
+    found = shutil.which("promtool")
+    if found is None:
+        pytest.skip("promtool is not installed: apt-get install prometheus (as .ci/run does)")
+    return found
 
 
 @pytest.fixture(scope="session")
