@@ -3,10 +3,14 @@
 Three checks join a record's others: `unique_invoice` (the invoice number, compared by a
 normalised key that PostgreSQL indexes: one look-up), `unique_documents` (any file's
 SHA-256, indexed) and `distinct_photos` (each photo's perceptual hashes against those of
-every other redemption's photos: a scan of `photo_hashes`). A record's checks are run
-again when a later upload elsewhere shares its papers (or stops sharing them), unless the
-record is paid. Every step runs under one advisory lock, so two uploads of the same
-papers at once cannot both pass.
+every other redemption's photos, found by index look-ups on bands of the hash). A
+record's checks are run again when a later upload elsewhere shares its papers (or stops
+sharing them), unless the record is paid. Every step runs under one advisory lock, so two
+uploads of the same papers at once cannot both pass.
+
+The checks span every tenant (an invoice is reimbursed once, whichever county pays it), and
+a record keeps the ids of all the redemptions it shares papers with; a key scoped to
+tenants sees another tenant's only as OTHER_TENANT (`seen_by`; the audit log likewise).
 """
 
 from __future__ import annotations
@@ -23,12 +27,16 @@ import msgspec
 
 from issuer.audit import audit
 from issuer.documents import DocumentStore
-from issuer.model import CheckResult
+from issuer.model import CheckResult, SettlementOut
 
 log = logging.getLogger("issuer.integrity")
 NAMES = ("unique_invoice", "unique_documents", "distinct_photos")
 LOCK = 7262023  # pg_advisory_xact_lock key of the integrity checks
 SHOWN = 20  # other redemptions a check names at most
+# what a key scoped to tenants reads in place of a redemption of another tenant, and of the
+# key that uploaded its papers
+OTHER_TENANT = "a redemption of another tenant"
+OTHER_TENANT_KEY = "a key acting in another tenant"
 
 # Photos: reduced to SIDE pixels on their long side, then the 64-bit pHash (imagehash) of
 # the whole and of five crops keeping 1 - CROP of each side (centre, four corners). Two
@@ -167,6 +175,10 @@ ALONE = {
 }
 
 
+def _naming(name: str, others: list[str]) -> str:
+    return f"{SAME[name]} {', '.join(others)}"
+
+
 def results(found: dict[str, list[str]]) -> list[CheckResult]:
     out = []
     for name in NAMES:
@@ -175,11 +187,49 @@ def results(found: dict[str, list[str]]) -> list[CheckResult]:
             out.append(CheckResult(name=name, passed=True, detail=ALONE[name]))
             continue
         more = f" and {len(others) - SHOWN} more" if len(others) > SHOWN else ""
-        detail = f"{SAME[name]} {', '.join(others[:SHOWN])}{more}"
+        detail = _naming(name, others[:SHOWN]) + more
         out.append(
             CheckResult(name=name, passed=False, detail=detail, redemption_ids=others[:SHOWN])
         )
     return out
+
+
+def hide(check: CheckResult, foreign: set[str]) -> CheckResult:
+    """The check without the ids of `foreign`, counted in its detail instead."""
+    kept = [rid for rid in check.redemption_ids if rid not in foreign]
+    hidden = len(check.redemption_ids) - len(kept)
+    if not hidden:
+        return check
+    more = check.detail.removeprefix(_naming(check.name, check.redemption_ids))
+    counted = OTHER_TENANT if hidden == 1 else f"{hidden} redemptions of other tenants"
+    detail = _naming(check.name, [*kept, counted]) + more
+    return msgspec.structs.replace(check, detail=detail, redemption_ids=kept)
+
+
+async def seen_by(
+    db: asyncpg.Pool | asyncpg.Connection,
+    tenants: frozenset[str] | None,
+    records: list[SettlementOut],
+) -> list[SettlementOut]:
+    """The records as a key of these tenants may read them (None: a platform-wide key,
+    all of it): a redemption of another tenant that a check names is only counted."""
+    named = sorted({rid for r in records for c in r.checks for rid in c.redemption_ids})
+    if tenants is None or not named:
+        return records
+    foreign = {
+        row[0]
+        for row in await db.fetch(
+            "SELECT redemption_id FROM settlements"
+            " WHERE redemption_id = ANY($1::text[]) AND tenant <> ALL($2::text[])",
+            named,
+            sorted(tenants),
+        )
+    }
+    if not foreign:
+        return records
+    return [
+        msgspec.structs.replace(r, checks=[hide(c, foreign) for c in r.checks]) for r in records
+    ]
 
 
 class Refreshed(NamedTuple):

@@ -359,7 +359,9 @@ class CheckResult(Struct, kw_only=True, omit_defaults=True):
     name: str
     passed: bool
     detail: str
-    redemption_ids: list[str] = []  # an integrity check's: the other redemptions (first 20)
+    # an integrity check's: the other redemptions (first 20; a key scoped to tenants: of
+    # its tenants only, the others counted in `detail`)
+    redemption_ids: list[str] = []
 
 
 class StoredFile(Struct, kw_only=True):

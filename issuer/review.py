@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from issuer import integrity
 from issuer.auth import ApiKey
 from issuer.documents import DocumentStore
 from issuer.errors import ApiError
@@ -51,7 +52,7 @@ async def record(pool: asyncpg.Pool, redemption_id: str, key: ApiKey) -> Settlem
     if row is None:
         raise ApiError("NOT_FOUND", f"no documents for redemption {redemption_id}")
     own(key, row["merchant_id"], "records")
-    out = settlement_out(row)
+    (out,) = await integrity.seen_by(pool, key.tenants, [settlement_out(row)])
     facts = await pool.fetchrow(FACTS, redemption_id)
     if facts is None:  # not yet recorded by the flusher
         return out
@@ -118,10 +119,9 @@ async def disbursements(
         None if tenants is None else sorted(tenants),
     )
     ids = [rid for row in rows for rid in row["redemption_ids"]]
-    records: dict[str, SettlementOut] = {
-        r["redemption_id"]: settlement_out(r)
-        for r in await pool.fetch(SELECT + " WHERE s.redemption_id = ANY($1::text[])", ids)
-    }
+    found = await pool.fetch(SELECT + " WHERE s.redemption_id = ANY($1::text[])", ids)
+    seen = await integrity.seen_by(pool, tenants, [settlement_out(r) for r in found])
+    records = {r.redemption_id: r for r in seen}
     return [
         DisbursementOut(
             disbursement_id=row["disbursement_id"],
@@ -146,22 +146,26 @@ async def disbursement(pool: asyncpg.Pool, batch_id: str, key: ApiKey) -> Disbur
     if merchant_id is None:
         raise ApiError("NOT_FOUND", f"disbursement {batch_id}")
     own(key, merchant_id, "disbursements")
-    # the route's tenant rule has admitted the key to this batch's tenant
-    (batch,) = await disbursements(pool, DisbursementQuery(), key, None, batch_id)
+    (batch,) = await disbursements(pool, DisbursementQuery(), key, key.tenants, batch_id)
     return batch
 
 
 # An entry is about a disbursement when its subject is one; else about a redemption. A
 # redemption's log holds its own entries and those of the batch that holds it; a
 # campaign's, those of its redemptions and of the batches holding any of them. An entry
-# belongs to the tenant of what it is about.
+# belongs to the tenant of what it is about; a rerun of its checks may be caused by an
+# upload in another tenant, whose key and redemption a key scoped to $6 does not see (nor
+# find by `actor`).
 AUDIT = """
 SELECT a.id, a.at, a.actor, a.action, a.subject, a.reason, a.details,
-       d.disbursement_id IS NOT NULL AS of_batch
-FROM audit_log a LEFT JOIN disbursements d ON d.disbursement_id = a.subject
+       d.disbursement_id IS NOT NULL AS of_batch, x.elsewhere
+FROM audit_log a
+LEFT JOIN disbursements d ON d.disbursement_id = a.subject
+LEFT JOIN settlements c ON c.redemption_id = a.details->>'cause'
+CROSS JOIN LATERAL (SELECT coalesce(c.tenant <> ALL($6::text[]), false) AS elsewhere) x
 WHERE a.id > $1
   AND ($6::text[] IS NULL OR a.tenant = ANY($6::text[]))
-  AND ($2::text IS NULL OR a.actor = $2)
+  AND ($2::text IS NULL OR a.actor = $2 AND NOT x.elsewhere)
   AND ($3::text IS NULL OR a.subject = $3 OR a.subject = (
         SELECT disbursement_id FROM settlements WHERE redemption_id = $3))
   AND ($4::text IS NULL
@@ -177,7 +181,7 @@ async def audit_log(
     pool: asyncpg.Pool, query: AuditQuery, tenants: frozenset[str] | None
 ) -> AuditLog:
     """Entries of these tenants (None: all) oldest first, a page of `limit` after the
-    entry `after`."""
+    entry `after`; a cause in another tenant is named as integrity.OTHER_TENANT."""
     rows = await pool.fetch(
         AUDIT,
         int(query.after or 0),
@@ -187,17 +191,21 @@ async def audit_log(
         query.limit + 1,
         None if tenants is None else sorted(tenants),
     )
-    entries = [
-        AuditEntry(
-            entry_id=str(row["id"]),
-            at=row["at"],
-            actor=row["actor"],
-            action=row["action"],
-            redemption_id=None if row["of_batch"] else row["subject"],
-            disbursement_id=row["subject"] if row["of_batch"] else None,
-            detail={"reason": row["reason"], **DETAILS.decode(row["details"])},
+    entries = []
+    for row in rows[: query.limit]:
+        detail = {"reason": row["reason"], **DETAILS.decode(row["details"])}
+        if row["elsewhere"]:
+            detail["cause"] = integrity.OTHER_TENANT
+        entries.append(
+            AuditEntry(
+                entry_id=str(row["id"]),
+                at=row["at"],
+                actor=integrity.OTHER_TENANT_KEY if row["elsewhere"] else row["actor"],
+                action=row["action"],
+                redemption_id=None if row["of_batch"] else row["subject"],
+                disbursement_id=row["subject"] if row["of_batch"] else None,
+                detail=detail,
+            )
         )
-        for row in rows[: query.limit]
-    ]
     more = len(rows) > query.limit
     return AuditLog(entries=entries, next_after=entries[-1].entry_id if more else None)

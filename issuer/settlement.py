@@ -209,7 +209,10 @@ class Settlement:
             )
             shared = mine.others.union(*shared_before.values())
             await integrity.recheck(conn, shared, key.id, redemption_id)
-        return settlement_out(row, subsidy(rec))
+        (out,) = await integrity.seen_by(
+            self.pool, key.tenants, [settlement_out(row, subsidy(rec))]
+        )
+        return out
 
     # ------------------------------------------------------------ auditor
 
@@ -235,7 +238,7 @@ class Settlement:
             query.checks_passed,
             None if tenants is None else sorted(tenants),
         )
-        return [settlement_out(r) for r in rows]
+        return await integrity.seen_by(self.pool, tenants, [settlement_out(r) for r in rows])
 
     async def once(self, key_id: str, request_id: str, payload: object, action: Action) -> Any:
         """Run `action` in one transaction, once per request_id: (status, JSON bytes,
@@ -316,7 +319,8 @@ class Settlement:
                 provisional_until_year=due.provisional_until_year if due else None,
             )
             out = await conn.fetchrow(SELECT + " WHERE s.redemption_id = $1", redemption_id)
-            return 200, settlement_out(out)
+            (seen,) = await integrity.seen_by(conn, key.tenants, [settlement_out(out)])
+            return 200, seen
 
         result: tuple[int, bytes, bool] = await self.once(
             key.id, body.request_id, (redemption_id, body), action
