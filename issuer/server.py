@@ -23,9 +23,22 @@ import uvloop
 from aiohttp import web
 from redis.asyncio import Redis
 
-from issuer import auth, due_dates, expiry, flusher, keyfile, keys, logs, metrics, store, topology
+from issuer import (
+    auth,
+    due_dates,
+    expiry,
+    flusher,
+    integrity,
+    keyfile,
+    keys,
+    logs,
+    metrics,
+    store,
+    topology,
+)
 from issuer.children import die_with_parent
 from issuer.config import Settings
+from issuer.documents import LocalStore
 from issuer.workdays import Calendar, HolidaysFileError
 
 if TYPE_CHECKING:
@@ -71,7 +84,6 @@ async def worker_main(settings: Settings, port: int) -> None:
     from issuer.app import make_app
     from issuer.campaigns import Campaigns
     from issuer.claims import Claims
-    from issuer.documents import LocalStore
     from issuer.http import Ctx
     from issuer.keyring import Keyring
     from issuer.protocol import Ready
@@ -335,6 +347,7 @@ class Supervisor:
             raise SystemExit(f"configuration error: {exc}") from None
         pool = await store.connect(self.settings.database_url)
         await store.migrate(pool)
+        await integrity.backfill(pool, LocalStore(self.settings.documents_path))
         await due_dates.recompute(pool, calendar)  # a year known since the last start
         await pool.close()
         await load_campaign_files(redis, load)
