@@ -39,9 +39,11 @@ REWORDED: dict[str, tuple[str, str]] = {
         "the claim path's CPU ceilings are missed, all but shedding",
         "the sentence now stands in docs/results.md's Benchmark section, which it named",
     ),
-    "issuer_due_date_provisional_soonest_days": (
-        "issuer_due_date_provisional_soonest_seconds",
-        "the gauge was renamed to Prometheus' base unit of time (issue 20)",
+    "issuer_due_date_provisional_soonest_days (read from PostgreSQL": (
+        "issuer_due_date_provisional_soonest_seconds (seconds until the soonest begins, read"
+        " from PostgreSQL",
+        "the gauge was renamed to Prometheus' base unit of time and counts seconds until the"
+        " soonest provisional due date begins (issue 20)",
     ),
     "issuer/draw.py, issuer/lottery.py, lua/draw_batch.lua": (
         "issuer/draw_rules.py, issuer/draws.py, lua/draw_batch.lua",
