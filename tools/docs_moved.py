@@ -49,6 +49,11 @@ REWORDED: dict[str, tuple[str, str]] = {
         "issuer/draw_rules.py, issuer/draws.py, lua/draw_batch.lua",
         "the two lottery modules were named for what each holds (issue 21)",
     ),
+    "`routes_ops` (campaigns, merchants, the overview)": (
+        "`routes_review` (the reviewer's reads, the risk report), `routes_ops` (campaigns,"
+        " merchants, the overview), `routes_lottery` (an application, a round's draw)",
+        "the reviewer's reads (issue 23) and the lottery's routes have route modules too",
+    ),
 }
 
 # old sentence -> why it is gone
