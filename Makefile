@@ -9,7 +9,7 @@ USERS ?= 2000
 SECONDS ?= 60
 QUOTA ?= 500
 
-.PHONY: run test lint bench surge chaos fuzz clean
+.PHONY: run test check lint bench surge chaos fuzz image clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,19 +17,27 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-## run: start the service on embedded Valkey + PostgreSQL with the demo campaign loaded
+## run: start the service on embedded Valkey + PostgreSQL with the demo campaign (tenant
+## default) and the two seed campaigns (tenants xiangning and xixian) loaded
 run: $(STAMP)
-	$(BIN)/issuer serve --port $(PORT) --workers $(WORKERS) --load examples/demo.toml
+	$(BIN)/issuer serve --port $(PORT) --workers $(WORKERS) --load examples/demo.toml \
+		--load examples/xiangning-2024.toml --load examples/xixian-2024.toml
 
 ## test: the whole suite against real embedded servers
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+## check: lint, then the fast tier in seconds: the tests marked fast (no server, no process),
+## from the files that hold some, with only the pytest plugins they need
+check: lint
+	PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $(BIN)/python -m pytest -q -m fast \
+		-p pytest_asyncio.plugin -p pytest_timeout $$(grep -l 'pytest.mark.fast' tests/test_*.py)
+
 lint: $(STAMP)
-	$(BIN)/ruff check issuer tests loadtest bench
+	$(BIN)/ruff check issuer tests loadtest bench tools
 	$(BIN)/mypy
 
-## bench: throughput and latency table (see README "Results")
+## bench: throughput and latency table (see docs/results.md)
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.cluster
@@ -52,5 +60,12 @@ chaos: $(STAMP)
 fuzz: $(STAMP)
 	ISSUER_FUZZ_EXAMPLES=$${ISSUER_FUZZ_EXAMPLES:-300} $(BIN)/python -m pytest -q tests/test_fuzz.py
 
+## image: deploy/Dockerfile built with podman as issuer:local, from a fresh wheelhouse (wheels/);
+## where no registry is reachable: BASE_IMAGE=localhost/issuer-base:bookworm (deploy/podman-base.sh)
+image: $(STAMP)
+	PYTHON=$(BIN)/python deploy/wheelhouse.sh wheels
+	podman build --format docker $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
+		--file deploy/Dockerfile --tag issuer:local .
+
 clean:
-	rm -rf .issuer loadtest/out bench/out
+	rm -rf .issuer loadtest/out bench/out wheels

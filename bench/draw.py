@@ -18,10 +18,11 @@ import msgspec
 import uvloop
 from redis.asyncio import Redis
 
-from issuer import draw, embedded, lottery
+from issuer import draw_rules, draws, embedded
 from issuer.campaigns import Campaigns
 from issuer.keys import CampaignKeys
 from issuer.model import CampaignDef
+from issuer.protocol import Call
 from issuer.scripts import Scripts
 from tests.people import applications, campaign, iso, write_applications
 
@@ -66,21 +67,21 @@ async def one_draw(redis: Redis, n: int, quota: int, rep: int) -> dict[str, Any]
     took: list[float] = []
     run = scripts.run
 
-    async def timed(name: str, keys: Any, args: Any) -> Any:
+    async def timed(call: Call) -> Any:
         started = time.perf_counter()
         try:
-            return await run(name, keys, args)
+            return await run(call)
         finally:
             took.append(time.perf_counter() - started)
 
     scripts.run = timed  # type: ignore[method-assign]
     refs = [r["application_ref"] for r in records]
     started = time.perf_counter()
-    draw.order(SEED, draw.applications_root(refs), refs)
+    draw_rules.order(SEED, draw_rules.applications_root(refs), refs)
     ranking = time.perf_counter() - started
     before = await script_usec(redis)
     started = time.perf_counter()
-    out = await lottery.draw(redis, scripts, campaigns, campaign_id, "r1", SEED)
+    out = await draws.draw(redis, scripts, campaigns, campaign_id, "r1", SEED)
     total = time.perf_counter() - started
     valkey_ms = (await script_usec(redis) - before) / 1000 / len(took)
     await scripts.aclose()
@@ -108,7 +109,7 @@ async def main(args: argparse.Namespace) -> None:
                 runs.append(figures)
                 print(
                     f"run {rep}: {args.applications:,} applications, {figures['batches']} batches"
-                    f" of {lottery.DRAW_BATCH} (winners) or {lottery.NOT_DRAWN_BATCH}:"
+                    f" of {draws.DRAW_BATCH} (winners) or {draws.NOT_DRAWN_BATCH}:"
                     f" median {figures['median_ms']:.1f} ms,"
                     f" p99 {figures['p99_ms']:.1f} ms, max {figures['max_ms']:.1f} ms a batch;"
                     f" ranking {figures['ranking_s']:.2f} s, whole draw {figures['draw_s']:.2f} s",

@@ -13,7 +13,7 @@ import asyncpg
 import msgspec
 from aiohttp import web
 
-from issuer import documents, due_dates, gauges, keys, logs, metrics, openapi, topology
+from issuer import documents, due_dates, gauges, keys, logs, metrics, openapi, tenancy, topology
 from issuer.auth import Verified, require_role, verify
 from issuer.errors import ApiError
 from issuer.http import ENCODER, ERROR_CODE, JSON, MAX_BODY, Ctx, Route, error_response
@@ -26,7 +26,8 @@ log = logging.getLogger("issuer.api")
 
 
 def endpoint(ctx: Ctx, route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """Wrap a handler: check the role, decode and validate the body with msgspec."""
+    """Wrap a handler: check the role, decode and validate the body with msgspec, and
+    check the key's tenants against what the route touches (its `tenant` rule)."""
     decoder: msgspec.json.Decoder[Any] | None = (
         msgspec.json.Decoder(route.body) if route.body is not None else None
     )
@@ -48,6 +49,7 @@ def endpoint(ctx: Ctx, route: Route) -> Callable[[web.Request], Awaitable[web.Re
                 raise ApiError("INVALID_REQUEST", f"malformed JSON: {exc}") from None
             request["request_id"] = getattr(body, "request_id", None)
             request["campaign"] = campaign_prefix(getattr(body, "voucher_id", ""))
+        body = await tenancy.admit(ctx.owners, route.tenant, request, body)
         return await route.handler(ctx, request, body)
 
     handle.__name__ = route.handler.__name__
@@ -85,7 +87,8 @@ def failure_response(request: web.Request, exc: Exception) -> web.Response:
 def request_fields(
     request: web.Request, status: int, code: str, elapsed_s: float
 ) -> dict[str, object]:
-    """One request's log line: who, what, outcome, latency; never a body (it holds PII)."""
+    """One request's log line: who (the key and the tenants it is scoped to, null for a
+    platform-wide key), what (in which tenant), outcome, latency; never a body (PII)."""
     verified: Verified | None = request.get("verified")
     ids = request.match_info
     subject = ids.get("voucher_id") or ids.get("redemption_id") or ids.get("refund_id") or ""
@@ -97,9 +100,15 @@ def request_fields(
         "request_id": request.get("request_id"),
         "campaign": ids.get("campaign_id") or request.get("campaign") or campaign_prefix(subject),
         "key": verified.key.id if verified else None,
+        "key_tenants": _tenants(verified.key.tenants) if verified else None,
+        "tenant": request.get(tenancy.TENANT),
         "trace": request.headers.get("X-Request-Id"),
         "latency_ms": round(elapsed_s * 1000, 3),
     }
+
+
+def _tenants(tenants: frozenset[str] | None) -> list[str] | None:
+    return None if tenants is None else sorted(tenants)
 
 
 Next = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -157,7 +166,7 @@ def middlewares(ctx: Ctx) -> list[Any]:
         if len(raw) > limit:
             raise ApiError("INVALID_REQUEST", f"body over {limit} bytes")
         verified = verify(
-            ctx.keys, request.method, request.path_qs, request.headers, raw, time.time()
+            ctx.keys.current, request.method, request.path_qs, request.headers, raw, time.time()
         )
         request["verified"] = verified
         request["raw_body"] = raw
@@ -197,6 +206,21 @@ READY_SCOPES: dict[str, frozenset[str]] = {
 }
 
 
+SHARED_SCRIPT = "<script>/* console.js */</script>"
+
+
+def page(name: str) -> str:
+    """A page of issuer/data, with the script the signed pages share (console.js) inlined
+    where it asks for it: the page stays one document that loads nothing."""
+    data = files("issuer.data")
+    shared = data.joinpath("console.js").read_text()
+    return (
+        data.joinpath(f"{name}.html")
+        .read_text()
+        .replace(SHARED_SCRIPT, f"<script>\n{shared}</script>")
+    )
+
+
 def ops_routes(ctx: Ctx, ready: Callable[[], Awaitable[dict[str, Any]]]) -> list[web.RouteDef]:
     async def readyz(request: web.Request) -> web.Response:
         """Every check (API.md), or with `?scope=gate` those the claim path needs: claims
@@ -228,11 +252,15 @@ def ops_routes(ctx: Ctx, ready: Callable[[], Awaitable[dict[str, Any]]]) -> list
     async def docs(request: web.Request) -> web.Response:
         return web.Response(text=openapi.DOCS_PAGE, content_type="text/html")
 
-    ops_html = files("issuer.data").joinpath("ops.html").read_text()
+    ops_html, audit_html = page("ops"), page("audit")
 
     async def ops_page(request: web.Request) -> web.Response:
         """The live ops page; it signs its calls with an ops key entered in its login form."""
         return web.Response(text=ops_html, content_type="text/html")
+
+    async def audit_page(request: web.Request) -> web.Response:
+        """The reviewer's desk; it signs its calls with an auditor key, as /ops does."""
+        return web.Response(text=audit_html, content_type="text/html")
 
     return [
         web.get("/healthz", healthz),
@@ -241,6 +269,7 @@ def ops_routes(ctx: Ctx, ready: Callable[[], Awaitable[dict[str, Any]]]) -> list
         web.get("/openapi.json", openapi_json),
         web.get("/docs", docs),
         web.get("/ops", ops_page),
+        web.get("/audit", audit_page),
     ]
 
 

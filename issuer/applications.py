@@ -33,7 +33,7 @@ class ApplicationRecord(msgspec.Struct, kw_only=True):
     request: list[str] | None = None
 
 
-RECORD = msgspec.json.Decoder(ApplicationRecord)
+APPLICATION = msgspec.json.Decoder(ApplicationRecord)
 
 
 def round_of(rounds: list[Round], round_id: str) -> Round:
@@ -60,7 +60,7 @@ def application_out(rec: ApplicationRecord, rnd: Round, tz: str) -> ApplicationO
 async def get(redis: Redis, campaigns: Campaigns, application_id: str) -> ApplicationOut:
     cached = await campaigns.of_entity(application_id, "application")
     key = cached.keys.applications
-    rec = RECORD.decode(await read_record(redis, key, application_id, "application"))
+    rec = APPLICATION.decode(await read_record(redis, key, application_id, "application"))
     rnd = round_of(cached.stored.rounds, rec.round_id)
     return application_out(rec, rnd, cached.definition.timezone)
 

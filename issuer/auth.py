@@ -5,15 +5,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-import secrets
 import tomllib
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Annotated, Literal, NamedTuple
 
 import msgspec
+from msgspec import Meta
 
 from issuer.errors import ApiError
+from issuer.model import AwareDatetime, Id
 
 Role = Literal["app", "merchant", "payment", "auditor", "ops"]
 ROLES: tuple[Role, ...] = ("app", "merchant", "payment", "auditor", "ops")
@@ -28,10 +30,29 @@ class ApiKey(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     secret: str
     role: Role
     merchant_id: str | None = None
+    # the tenants whose records the key reads and acts on; None: every tenant (platform-wide)
+    tenants: Annotated[frozenset[Id], Meta(min_length=1)] | None = None
+    # outside [not_before, not_after) the key is refused (401), so it can be rotated ahead
+    not_before: AwareDatetime | None = None
+    not_after: AwareDatetime | None = None
+
+    def may_act_in(self, tenant: str) -> bool:
+        return self.tenants is None or tenant in self.tenants
+
+    def valid_at(self, now: float) -> bool:
+        """Whether `now` (epoch s) lies in [not_before, not_after)."""
+        if self.not_before is not None and now < self.not_before.timestamp():
+            return False
+        return self.not_after is None or now < self.not_after.timestamp()
 
 
 class KeysFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    key: list[ApiKey]
+    # never empty: a file emptied by mistake (or read mid-write) would refuse everyone
+    key: Annotated[list[ApiKey], Meta(min_length=1)]
+
+
+class KeysFileError(ValueError):
+    """A keys file that cannot be used as a whole; the message names the file and why."""
 
 
 class Verified(NamedTuple):
@@ -40,39 +61,39 @@ class Verified(NamedTuple):
     timestamp: int
 
 
-def load_keys(path: Path) -> dict[str, ApiKey]:
+def read_keys(path: Path) -> dict[str, ApiKey]:
+    """Every key of the file by id, or KeysFileError: a file is used whole or not at all."""
     try:
-        parsed = msgspec.convert(tomllib.loads(path.read_text()), KeysFile)
-    except (OSError, tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
-        raise SystemExit(f"keys file {path}: {exc}") from None
-    keys = {k.id: k for k in parsed.key}
+        data = tomllib.loads(path.read_text())
+        parsed = msgspec.convert(data, KeysFile, strict=False, builtin_types=(datetime,))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
+        raise KeysFileError(f"keys file {path}: {exc}") from None
+    keys: dict[str, ApiKey] = {}
     for k in parsed.key:
-        if k.role == "merchant" and not k.merchant_id:
-            raise SystemExit(f"keys file {path}: merchant key {k.id} needs merchant_id")
+        problem = _problem(k)
+        if k.id in keys:
+            problem = "appears twice"
+        if problem:
+            raise KeysFileError(f"keys file {path}: key {k.id} {problem}")
+        keys[k.id] = k
     return keys
 
 
-def write_dev_keys(path: Path, merchant_id: str = "demo-merchant") -> dict[str, ApiKey]:
-    """A keys file with one random key per role, for `make run` and tests."""
-    keys = [
-        ApiKey(
-            id=f"dev-{role}",
-            secret=secrets.token_hex(24),
-            role=role,
-            merchant_id=merchant_id if role == "merchant" else None,
-        )
-        for role in ROLES
-    ]
-    lines = []
-    for k in keys:
-        lines += ["[[key]]", f'id = "{k.id}"', f'secret = "{k.secret}"', f'role = "{k.role}"']
-        if k.merchant_id:
-            lines.append(f'merchant_id = "{k.merchant_id}"')
-        lines.append("")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
-    path.chmod(0o600)
-    return {k.id: k for k in keys}
+def _problem(key: ApiKey) -> str:
+    """What makes a key unusable ("" if nothing)."""
+    if key.role == "merchant" and not key.merchant_id:
+        return "needs merchant_id (role merchant)"
+    if key.not_before and key.not_after and key.not_before >= key.not_after:
+        return "has not_before at or after not_after"
+    return ""
+
+
+def load_keys(path: Path) -> dict[str, ApiKey]:
+    """`read_keys` for a command: a bad file ends it, naming the file and the error."""
+    try:
+        return read_keys(path)
+    except KeysFileError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def signature(
@@ -108,6 +129,8 @@ def verify(
     expected = signature(key.secret, method, path_qs, ts, nonce, body)
     if not hmac.compare_digest(expected, sig.lower()):
         raise ApiError("UNAUTHENTICATED", "bad X-Signature")
+    if (key.not_before or key.not_after) and not key.valid_at(now):
+        raise ApiError("UNAUTHENTICATED", "key outside its validity (not_before, not_after)")
     return Verified(key, nonce, int(ts))
 
 

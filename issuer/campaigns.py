@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -13,11 +12,12 @@ from datetime import datetime
 import msgspec
 from redis.asyncio import Redis
 
-from issuer import keys
+from issuer import idempotency, keys
 from issuer.errors import ApiError, invalid_field
 from issuer.geofence import Region, region_for
 from issuer.ids import campaign_of
 from issuer.model import (
+    DEFAULT_TENANT,
     CampaignDef,
     CampaignOut,
     Ledger,
@@ -28,12 +28,15 @@ from issuer.model import (
     StoredCampaign,
 )
 from issuer.products import expand_categories
+from issuer.protocol import CampaignPut, RoundBudget, RoundSettings, SetStatus
 from issuer.schedule import current_round, expand_rounds, from_millis, to_millis
 from issuer.scripts import Scripts
 
 STORED = msgspec.json.Decoder(StoredCampaign)
 ENCODE = msgspec.json.Encoder()
 HINT_TTL_S = 1.0  # how long a worker trusts "sold out" / "paused" without asking Redis
+# refusals of a round budget change that answer with the round's figures
+BUDGET_REFUSALS = ("BUDGET_CONFLICT", "IDEMPOTENCY_MISMATCH")
 
 
 @dataclass(frozen=True)
@@ -79,29 +82,27 @@ class CachedCampaign:
         return current_round(self.stored.rounds, now)
 
     @functools.cached_property
+    def tenant(self) -> str:
+        """Its tenant (fixed once the campaign exists; the claim path's tenant check)."""
+        return self.definition.tenant or DEFAULT_TENANT
+
+    @functools.cached_property
     def lottery(self) -> bool:
         """Whether a round is drawn by lottery (claims then check for waiting applicants)."""
         return any(r.allocation == "lottery" for r in self.stored.rounds)
 
 
-def round_settings(rnd: Round) -> dict[str, int]:
-    """A round hash's settings, in the order `campaign_put` takes them (-1: none)."""
-    return {
-        "opens": to_millis(rnd.opens_at),
-        "closes": to_millis(rnd.closes_at),
-        "valid_until": to_millis(rnd.valid_until),
-        "quota": -1 if rnd.quota is None else rnd.quota,
-        "budget": -1 if rnd.budget_fen is None else rnd.budget_fen,
-        # a lottery round takes applications until then; -1: a first-come round
-        "apps_close": -1
-        if rnd.applications_close_at is None
-        else to_millis(rnd.applications_close_at),
-    }
-
-
-def fingerprint(payload: object) -> str:
-    """Stable digest of a request body, to tell a replay from a reused request_id."""
-    return hashlib.blake2b(ENCODE.encode(payload), digest_size=12).hexdigest()
+def round_settings(rnd: Round) -> RoundSettings:
+    """A round hash's settings."""
+    close = rnd.applications_close_at
+    return RoundSettings(
+        opens=to_millis(rnd.opens_at),
+        closes=to_millis(rnd.closes_at),
+        valid_until=to_millis(rnd.valid_until),
+        quota=-1 if rnd.quota is None else rnd.quota,
+        budget=-1 if rnd.budget_fen is None else rnd.budget_fen,
+        apps_close=-1 if close is None else to_millis(close),
+    )
 
 
 class Campaigns:
@@ -123,6 +124,8 @@ class Campaigns:
             self._cache.pop(campaign_id, None)
             raise ApiError("NOT_FOUND", f"campaign {campaign_id}")
         stored = STORED.decode(raw)
+        if stored.definition.tenant is None:  # stored before tenants existed
+            stored.definition = msgspec.structs.replace(stored.definition, tenant=DEFAULT_TENANT)
         geo = stored.definition.geofence
         cached = CachedCampaign(
             stored=stored,
@@ -218,7 +221,9 @@ class Campaigns:
     # ------------------------------------------------------------ writes
 
     async def put(self, campaign_id: str, definition: CampaignDef) -> bool:
-        """Create or replace a campaign that has not opened; True if it was new."""
+        """Create or replace a campaign that has not opened; True if it was new. Its tenant
+        is fixed: another one is TENANT_CONFLICT; none keeps the campaign's (a new one:
+        DEFAULT_TENANT)."""
         fence = definition.geofence
         with invalid_field("eligibility.categories"):
             expand_categories(definition.eligibility.categories)
@@ -229,27 +234,30 @@ class Campaigns:
         if not rounds:
             raise ApiError("INVALID_REQUEST", "rounds: the campaign has no round")
         ck = keys.CampaignKeys(campaign_id)
-        stored = StoredCampaign(campaign_id=campaign_id, definition=definition, rounds=rounds)
         # the registry lives in the global slot: listed first, so whatever reads it (the
         # flusher, the sweeps) never misses a campaign that exists
         await self.redis.sadd(keys.CAMPAIGNS, campaign_id)
         for _ in range(5):  # retried only if another writer changed it in between
             raw, version = await self._read_definition(ck)
-            old_rounds = STORED.decode(raw).rounds if raw else []
-            args: list[object] = [
-                campaign_id,
-                ENCODE.encode(stored),
-                definition.budget_fen,
-                version if raw else "",
-                len(old_rounds),
-                len(rounds),
-            ]
-            for r in rounds:
-                args += round_settings(r).values()
-            script_keys = [ck.definition, ck.ledger, ck.events]
-            script_keys += [ck.round(r.round_id) for r in old_rounds]
-            script_keys += [ck.round(r.round_id) for r in rounds]
-            code, _ = await self.scripts.run("campaign_put", script_keys, args)
+            old = STORED.decode(raw) if raw else None
+            old_rounds = old.rounds if old else []
+            tenant = (old.definition.tenant if old else None) or DEFAULT_TENANT
+            if old and definition.tenant not in (None, tenant):
+                raise ApiError("TENANT_CONFLICT", f"campaign {campaign_id}")
+            fixed = msgspec.structs.replace(definition, tenant=definition.tenant or tenant)
+            stored = StoredCampaign(campaign_id=campaign_id, definition=fixed, rounds=rounds)
+            put = CampaignPut(
+                definition=ck.definition,
+                ledger=ck.ledger,
+                events=ck.events,
+                new_rounds=[ck.round(r.round_id) for r in rounds],
+                old_rounds=[ck.round(r.round_id) for r in old_rounds],
+                stored_campaign=ENCODE.encode(stored),
+                budget_fen=definition.budget_fen,
+                expected_version=version if raw else "",
+                rounds=[round_settings(r) for r in rounds],
+            )
+            code, _ = await self.scripts.run(put)
             if code == b"OK":
                 self._cache.pop(campaign_id, None)
                 return raw is None
@@ -264,26 +272,20 @@ class Campaigns:
     ) -> tuple[str, bool]:
         """Pause or resume; returns (status, replayed)."""
         ck = keys.CampaignKeys(campaign_id)
-        cur, prev = ck.idempotency(now_s)
         event = ENCODE.encode({"by": key_id, "reason": body.reason, "status": status})
-        code, new_status, _ = await self.scripts.run(
-            "set_status",
-            [ck.ledger, ck.events, cur, prev],
-            [
-                idem_field(key_id, body.request_id),
-                fingerprint((status, body)),
-                keys.IDEMPOTENCY_BUCKET_S * 2,
-                status,
-                event,
-            ],
+        change = SetStatus(
+            request=idempotency.request(ck, now_s, key_id, body.request_id, (status, body)),
+            ledger=ck.ledger,
+            events=ck.events,
+            status=status,
+            event=event,
         )
-        code = code.decode()
-        if code not in ("OK", "REPLAY"):
-            raise ApiError(code)
+        answer = await idempotency.write(self.scripts, change)
         hit = self._cache.get(campaign_id)
         if hit is not None:
             hit.hint = None
-        return status if code == "OK" else new_status.decode(), code == "REPLAY"
+        # a replay answers the status its first call set
+        return answer.payload[0].decode(), answer.replayed
 
     async def set_round_budget(
         self, campaign_id: str, round_id: str, body: RoundBudgetIn, key_id: str, now_s: float
@@ -291,32 +293,28 @@ class Campaigns:
         """Compare-and-set; returns ([budget, quota, issued, reserved], replayed)."""
         cached = await self.cached(campaign_id)
         ck = cached.keys
-        cur, prev = ck.idempotency(now_s)
         event = ENCODE.encode({"by": key_id, "round_id": round_id, "request": body})
-        result = await self.scripts.run(
-            "round_budget",
-            [ck.ledger, ck.round(round_id), ck.events, cur, prev],
-            [
-                idem_field(key_id, body.request_id),
-                fingerprint((round_id, body)),
-                keys.IDEMPOTENCY_BUCKET_S * 2,
-                -1 if body.expected_budget_fen is None else body.expected_budget_fen,
-                body.budget_fen,
-                "" if body.quota is None else body.quota,
-                event,
-            ],
+        expected = body.expected_budget_fen
+        change = RoundBudget(
+            request=idempotency.request(ck, now_s, key_id, body.request_id, (round_id, body)),
+            ledger=ck.ledger,
+            round=ck.round(round_id),
+            events=ck.events,
+            expected_budget_fen=-1 if expected is None else expected,
+            budget_fen=body.budget_fen,
+            quota="" if body.quota is None else body.quota,
+            event=event,
         )
-        code = result[0].decode()
-        if code == "NOT_FOUND":
-            raise ApiError("NOT_FOUND", f"round {round_id}")
-        if code not in ("OK", "REPLAY"):
+        answer = await idempotency.write(
+            self.scripts, change, f"round {round_id}", (*idempotency.OK_OR_REPLAY, *BUDGET_REFUSALS)
+        )
+        budget, quota, issued, reserved = (int(x) for x in answer.payload)
+        if answer.code in BUDGET_REFUSALS:
             raise ApiError(
-                code,
-                f"round holds {int(result[4])} fen in {int(result[3])} vouchers,"
-                f" budget is {int(result[1])}",
+                answer.code, f"round holds {reserved} fen in {issued} vouchers, budget is {budget}"
             )
         cached.hint = None
-        return [int(x) for x in result[1:5]], code == "REPLAY"
+        return [budget, quota, issued, reserved], answer.replayed
 
 
 async def hash_keys(redis: Redis, key: str) -> set[str]:
@@ -330,10 +328,6 @@ async def read_record(redis: Redis, key: str, field: str, what: str) -> bytes:
     if raw is None:
         raise ApiError("NOT_FOUND", f"{what} {field}")
     return raw
-
-
-def idem_field(key_id: str, request_id: str) -> str:
-    return f"{key_id}|{request_id}"
 
 
 def round_state_of(round_id: str, rnd: dict[str, int], tz: str) -> RoundState:

@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 
 from issuer import keys
 from issuer.campaigns import STORED
+from issuer.protocol import CarryOver
 from issuer.schedule import to_millis
 from issuer.scripts import Scripts
 
@@ -39,11 +40,13 @@ async def carry_over(redis: Redis, scripts: Scripts, campaign_id: str, now_ms: i
             or int(budget) + int(overdrawn or 0) - int(reserved) - int(spent or 0) <= 0
         ):
             continue  # nothing unused (or no round budget): no script call
-        moved += int(
-            await scripts.run(
-                "carry_over",
-                [ck.round(r.round_id), ck.round(nxt.round_id), ck.events],
-                [now_ms, r.round_id, nxt.round_id],
-            )
+        carry = CarryOver(
+            closed_round=ck.round(r.round_id),
+            next_round=ck.round(nxt.round_id),
+            events=ck.events,
+            now_ms=now_ms,
+            closed_round_id=r.round_id,
+            next_round_id=nxt.round_id,
         )
+        moved += int(await scripts.run(carry))
     return moved

@@ -9,7 +9,6 @@ import hmac
 import ipaddress
 import math
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import msgspec
@@ -18,75 +17,43 @@ from redis.asyncio import Redis
 from issuer import applications, keys, metrics, topology
 from issuer.auth import Verified
 from issuer.batching import TickBatcher
-from issuer.campaigns import (
-    HINT_TTL_S,
-    CachedCampaign,
-    Campaigns,
-    Hint,
-    Holders,
-    fingerprint,
-    hash_keys,
-    idem_field,
-)
-from issuer.draw import application_ref
+from issuer.campaigns import HINT_TTL_S, CachedCampaign, Campaigns, Hint, Holders, hash_keys
+from issuer.draw_rules import application_ref
 from issuer.errors import ApiError, GateRefusal
+from issuer.idempotency import fingerprint, idem_field
 from issuer.identity import person_ref
 from issuer.ids import new_id
-from issuer.model import ApplicationOut, ClaimIn, RateLimit, RateLimits, Round, VoucherOut
+from issuer.model import ApplicationOut, ClaimIn, RateLimit, Round, VoucherOut
+from issuer.protocol import Claim, ClaimBatch, RateLimitArgs, SpendNonces, SpentNonce
 from issuer.schedule import from_millis, to_millis
 from issuer.scripts import Scripts
+from issuer.vouchers import VOUCHER, voucher_out
 
 # refusals that hold for the rest of the round: a worker repeats them locally for a while
 STICKY = ("ROUND_QUOTA_EXHAUSTED", "ROUND_BUDGET_EXHAUSTED", "BUDGET_EXHAUSTED", "CAMPAIGN_PAUSED")
 
 
-class VoucherRecord(msgspec.Struct, kw_only=True):
-    """A voucher as the claim script stores it (times in epoch ms). The script also keeps
-    the request that made it, `request`: [idempotency field, body fingerprint], which only
-    `issuer rebuild` reads."""
-
-    voucher_id: str
-    campaign_id: str
-    round_id: str
-    user_id: str
-    person_ref: str
-    status: str
-    issued_at: int
-    expires_at: int
-    reserve_fen: int
-    discount_rate_bp: int
-    cap_fen: int
-    device_id: str | None = None
-    staff_id: str | None = None
-    redemption_id: str | None = None
-
-
-RECORD = msgspec.json.Decoder(VoucherRecord)
 EXTRA = msgspec.json.Encoder()
 
 
-def voucher_out(rec: VoucherRecord, tz: str, status: str | None = None) -> VoucherOut:
-    return VoucherOut(
-        voucher_id=rec.voucher_id,
-        campaign_id=rec.campaign_id,
-        round_id=rec.round_id,
-        user_id=rec.user_id,
-        status=status or rec.status,
-        issued_at=from_millis(rec.issued_at, tz),
-        expires_at=from_millis(rec.expires_at, tz),
-        discount_rate_bp=rec.discount_rate_bp,
-        cap_fen=rec.cap_fen,
-        redemption_id=rec.redemption_id,
+def _window(
+    ck: keys.CampaignKeys, dimension: str, limit: RateLimit | None, now: float
+) -> tuple[str, RateLimitArgs]:
+    """A claim batch's rate-limit window of one dimension: its key and its arguments."""
+    window_s = limit.window_s if limit else 1
+    args = RateLimitArgs(
+        limit=limit.limit if limit else -1,
+        retry_after_s=math.ceil(window_s - now % window_s),
+        window_ttl_s=window_s * 2,
     )
+    return ck.rate_window(dimension, window_s, now), args
 
 
-def rate_limits(limits: RateLimits) -> list[tuple[str, RateLimit | None]]:
-    """The claim script's rate-limit dimensions, in its order."""
-    return [
-        ("account", limits.per_account),
-        ("device", limits.per_device),
-        ("ip", limits.per_ip),
-    ]
+def _nonce_buckets(ck: keys.CampaignKeys, numbers: set[int]) -> tuple[int, list[str]]:
+    """The first of these nonce buckets, and the keys from it to the last, as the scripts
+    take them (a batch's X-Timestamps, ±300 s of the time, span two buckets at most)."""
+    first = min(numbers)
+    return first, ck.nonces(first, max(numbers))
 
 
 def _client_ip(given: str | None, remote: str | None) -> str:
@@ -99,13 +66,7 @@ def _client_ip(given: str | None, remote: str | None) -> str:
         raise ApiError("INVALID_REQUEST", "client_ip: not an IP address") from None
 
 
-@dataclass(slots=True)
-class Pending:
-    args: tuple[object, ...]
-    nonce_key: str
-
-
-class Batcher(TickBatcher[Pending, tuple[str, bytes]]):
+class Batcher(TickBatcher[Claim, tuple[str, bytes]]):
     """Sends the claims of one campaign round as one `claim_batch` script call."""
 
     def __init__(
@@ -117,57 +78,49 @@ class Batcher(TickBatcher[Pending, tuple[str, bytes]]):
         self.round = rnd
         self.key = key
 
-    async def send(self, items: list[Pending]) -> list[tuple[str, bytes]]:
+    async def send(self, items: list[Claim]) -> list[tuple[str, bytes]]:
         ck = self.cached.keys
         definition = self.cached.definition
-        nonce_keys: list[str] = []
+        round_id = self.round.round_id
         now = time.time()
-        args: list[object] = [
-            self.round.round_id,
-            definition.voucher.reserve,
-            definition.mode,
-            keys.IDEMPOTENCY_BUCKET_S * 2,
-            keys.NONCE_BUCKET_S * 2,
-            len(items),
-        ]
-        windows = []
-        for dimension, limit in rate_limits(definition.rate_limits):
-            window_s = limit.window_s if limit else 1
-            windows.append(ck.rate_window(dimension, window_s, now))
-            reset = math.ceil(window_s - now % window_s)
-            args += [limit.limit if limit else -1, reset, window_s * 2]
-        args += [self.round.allocation, "1" if self.cached.lottery else ""]
-        for p in items:
-            if p.nonce_key not in nonce_keys:
-                nonce_keys.append(p.nonce_key)
-            idem, fp, nonce_field, person, user, vid, extra, device, ip = p.args
-            index = nonce_keys.index(p.nonce_key) + 1
-            args += [idem, fp, index, nonce_field, person, user, vid, extra, device, ip]
-        cur, prev = ck.idempotency(now)
-        script_keys = [
-            ck.ledger,
-            ck.round(self.round.round_id),
-            ck.persons,
-            ck.accounts,
-            ck.vouchers,
-            ck.registrations,
-            ck.events,
-            cur,
-            prev,
-            ck.winners,
-            ck.expiry,
-            ck.applications,
-            ck.applicants,
-            ck.applicant_accounts,
-            ck.entries(self.round.round_id),
-            *windows,
-            *nonce_keys,
-        ]
+        limits = definition.rate_limits
+        account, account_limit = _window(ck, "account", limits.per_account, now)
+        device, device_limit = _window(ck, "device", limits.per_device, now)
+        ip, ip_limit = _window(ck, "ip", limits.per_ip, now)
+        first_nonce_bucket, nonce_buckets = _nonce_buckets(ck, {c.nonce_bucket for c in items})
+        current, previous = ck.idempotency(now)
+        batch = ClaimBatch(
+            ledger=ck.ledger,
+            round=ck.round(round_id),
+            persons=ck.persons,
+            accounts=ck.accounts,
+            vouchers=ck.vouchers,
+            registrations=ck.registrations,
+            events=ck.events,
+            idem_current=current,
+            idem_previous=previous,
+            winners=ck.winners,
+            expiry=ck.expiry,
+            applications=ck.applications,
+            applicants=ck.applicants,
+            applicant_accounts=ck.applicant_accounts,
+            entries=ck.entries(round_id),
+            rate_windows=(account, device, ip),
+            nonce_buckets=nonce_buckets,
+            round_id=round_id,
+            reserve_fen=definition.voucher.reserve,
+            mode=definition.mode,
+            rate_limits=(account_limit, device_limit, ip_limit),
+            allocation=self.round.allocation,
+            check_applicants="1" if self.cached.lottery else "",
+            first_nonce_bucket=first_nonce_bucket,
+            claims=items,
+        )
         scripts = self.claims.scripts
         if scripts.ack == "none":
-            result = await scripts.run("claim_batch", script_keys, args)
+            result = await scripts.run(batch)
         else:  # answer only once the batch's vouchers are durable (ISSUER_DURABLE_ACK)
-            result = await scripts.run_acked("claim_batch", script_keys, args, _issued_any)
+            result = await scripts.run_acked(batch, _issued_any)
         metrics.observe(metrics.BATCH_SIZE, len(items))
         status, version = result[0].decode(), result[1].decode()
         self.claims.after_batch(self.cached, self.round, status, version, result[4::2])
@@ -190,7 +143,7 @@ def _issued_any(result: list[bytes]) -> bool:
     return any(c in (b"OK", b"REPLAY") for c in result[4::2])
 
 
-class NonceSpender(TickBatcher[tuple[str, int, str], bool]):
+class NonceSpender(TickBatcher[tuple[str, SpentNonce], bool]):
     """Spends the nonces of claims refused before the gate, so that a replay is refused
     even after the answer would have changed; one script call per campaign per batch."""
 
@@ -198,23 +151,20 @@ class NonceSpender(TickBatcher[tuple[str, int, str], bool]):
         super().__init__(batch_max)
         self.scripts = scripts
 
-    async def send(self, items: list[tuple[str, int, str]]) -> list[bool]:
-        """Items are (campaign_id, X-Timestamp, nonce)."""
+    async def send(self, items: list[tuple[str, SpentNonce]]) -> list[bool]:
+        """Items are (campaign_id, nonce)."""
         by_campaign: dict[str, list[int]] = {}
-        for i, (campaign_id, _, _) in enumerate(items):
+        for i, (campaign_id, _) in enumerate(items):
             by_campaign.setdefault(campaign_id, []).append(i)
         fresh = [False] * len(items)
         for campaign_id, indexes in by_campaign.items():
-            ck = keys.CampaignKeys(campaign_id)
-            buckets: list[str] = []
-            args: list[object] = [keys.NONCE_BUCKET_S * 2]
-            for i in indexes:
-                _, timestamp, nonce = items[i]
-                bucket = ck.nonces(timestamp)
-                if bucket not in buckets:
-                    buckets.append(bucket)
-                args += [buckets.index(bucket) + 1, nonce]
-            answers = await self.scripts.run("spend_nonces", buckets, args)
+            nonces = [items[i][1] for i in indexes]
+            first, buckets = _nonce_buckets(
+                keys.CampaignKeys(campaign_id), {n.nonce_bucket for n in nonces}
+            )
+            answers = await self.scripts.run(
+                SpendNonces(nonce_buckets=buckets, first_nonce_bucket=first, nonces=nonces)
+            )
             for i, answer in zip(indexes, answers, strict=True):
                 fresh[i] = answer == 1
         return fresh
@@ -248,7 +198,8 @@ class Claims:
         and after UNAVAILABLE the gate may have run, or not: a retry is its to decide."""
         if isinstance(err, GateRefusal) or err.code == "UNAVAILABLE":
             return err
-        fresh = await self._nonces.submit((campaign_id, verified.timestamp, verified.nonce))
+        nonce = SpentNonce(keys.nonce_bucket(verified.timestamp), verified.nonce)
+        fresh = await self._nonces.submit((campaign_id, nonce))
         return err if fresh else ApiError("UNAUTHENTICATED", "nonce already used")
 
     async def claim(
@@ -292,19 +243,17 @@ class Claims:
             extra["application_ref"] = application_ref(self.ref_key, candidate)
         client_ip = _client_ip(claim.client_ip, remote)
         canonical = msgspec.structs.replace(claim, person=None, person_ref=ref)
-        pending = Pending(
-            args=(
-                idem,
-                fingerprint(canonical),
-                verified.nonce,
-                ref,
-                claim.user_id,
-                candidate,
-                EXTRA.encode(extra),
-                claim.device_id or "",
-                client_ip,
-            ),
-            nonce_key=cached.keys.nonces(verified.timestamp),
+        pending = Claim(
+            idem_field=idem,
+            fingerprint=fingerprint(canonical),
+            nonce_bucket=keys.nonce_bucket(verified.timestamp),
+            nonce=verified.nonce,
+            person_ref=ref,
+            user_id=claim.user_id,
+            candidate=candidate,
+            extra=EXTRA.encode(extra),
+            device_id=claim.device_id or "",
+            client_ip=client_ip,
         )
         code, payload = await self._batcher(cached, rnd).submit(pending)
         if code == "OK":  # the script answers only its time: the rest is what was sent
@@ -321,9 +270,9 @@ class Claims:
                 cap_fen=definition.voucher.cap_fen,
             ), False
         if code == "REPLAY":
-            return voucher_out(RECORD.decode(payload), definition.timezone, "issued"), True
+            return voucher_out(VOUCHER.decode(payload), definition.timezone, "issued"), True
         if code in ("APPLIED", "REPLAY_APPLIED"):
-            app = applications.RECORD.decode(payload)
+            app = applications.APPLICATION.decode(payload)
             app_round = applications.round_of(cached.stored.rounds, app.round_id)
             return applications.application_out(
                 app, app_round, definition.timezone

@@ -1,5 +1,5 @@
 """The `issuer` command: serve, flush, campaign load, call, report, reconciliation, reconcile,
-rebuild, verify-draw."""
+rebuild, verify-draw, keys."""
 
 from __future__ import annotations
 
@@ -257,7 +257,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
 def cmd_verify_draw(args: argparse.Namespace) -> int:
     """Recompute a published draw: 0 if it checks, 1 on any difference, 2 if unreadable."""
-    from issuer.draw import DrawDocument, verify
+    from issuer.draw_rules import DrawDocument, verify
 
     try:
         raw = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
@@ -278,7 +278,65 @@ def cmd_verify_draw(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_add(args: argparse.Namespace) -> int:
+    """Add a key with a random secret, printed this once; a running service takes it
+    within seconds (or at once on SIGHUP)."""
+    from issuer import keyfile
+    from issuer.auth import KeysFileError
+
+    path = Settings.from_env().keys_path
+    try:
+        key = keyfile.new_key(
+            args.role,
+            args.tenant,
+            key_id=args.id,
+            merchant_id=args.merchant_id,
+            not_before=args.not_before,
+            not_after=args.not_after,
+        )
+        keyfile.add(path, key)
+    except KeysFileError as exc:
+        raise SystemExit(str(exc)) from None
+    print(f"added to {path}:")
+    print("\n".join(keyfile.describe([key])))
+    print(f"secret (shown once, never listed): {key.secret}")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from issuer import keyfile
+    from issuer.auth import KeysFileError
+
+    path = Settings.from_env().keys_path
+    try:
+        gone = keyfile.revoke(path, args.id)
+    except KeysFileError as exc:
+        raise SystemExit(str(exc)) from None
+    print(f"revoked {gone.id} ({gone.role}) in {path}")
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from issuer import keyfile
+    from issuer.auth import load_keys
+
+    print("\n".join(keyfile.describe(load_keys(Settings.from_env().keys_path).values())))
+    return 0
+
+
+def _moment(text: str) -> Any:
+    """An RFC 3339 time with its offset (`--not-before`, `--not-after`)."""
+    from datetime import datetime
+
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text}: give the offset, e.g. 2026-12-03T10:00:00+08:00")
+    return moment
+
+
 def parser() -> argparse.ArgumentParser:
+    from issuer.auth import ROLES
+
     p = argparse.ArgumentParser(prog="issuer", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -354,6 +412,27 @@ def parser() -> argparse.ArgumentParser:
     vd = sub.add_parser("verify-draw", help="recompute a lottery draw from its published JSON")
     vd.add_argument("file", help="the document of GET .../rounds/{round_id}/draw; - for stdin")
     vd.set_defaults(func=cmd_verify_draw)
+
+    ks = sub.add_parser("keys", help="the API keys file (ISSUER_KEYS_FILE): add, revoke, list")
+    ks_sub = ks.add_subparsers(dest="action", required=True)
+    add = ks_sub.add_parser("add", help="add a key with a random secret, printed once")
+    add.add_argument("--role", required=True, choices=ROLES)
+    add.add_argument(
+        "--tenant",
+        action="append",
+        default=[],
+        help="a tenant the key is scoped to (repeatable); none: platform-wide",
+    )
+    add.add_argument("--merchant-id", help="the merchant a merchant key acts for")
+    add.add_argument("--id", help="the key id (default: <tenant>-<role>-<random>)")
+    add.add_argument("--not-before", type=_moment, help="RFC 3339, e.g. 2026-12-03T10:00:00+08:00")
+    add.add_argument("--not-after", type=_moment, help="RFC 3339; the key is refused from then")
+    add.set_defaults(func=cmd_keys_add)
+    rv = ks_sub.add_parser("revoke", help="remove a key: it is refused within seconds")
+    rv.add_argument("id")
+    rv.set_defaults(func=cmd_keys_revoke)
+    ls = ks_sub.add_parser("list", help="ids, roles, tenants and validity; never secrets")
+    ls.set_defaults(func=cmd_keys_list)
     return p
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -62,8 +62,9 @@ async def recompute(pool: asyncpg.Pool, calendar: Calendar) -> int:
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK)
         rows = await conn.fetch(
-            "SELECT redemption_id, decided_at, due_date, provisional_until_year, disbursement_id"
-            " FROM settlements WHERE provisional_until_year IS NOT NULL ORDER BY redemption_id"
+            "SELECT redemption_id, decided_at, due_date, provisional_until_year, disbursement_id,"
+            " tenant FROM settlements WHERE provisional_until_year IS NOT NULL"
+            " ORDER BY redemption_id"
         )
         known = [r for r in rows if calendar.knows(r["provisional_until_year"])]
         for row in known:
@@ -77,7 +78,7 @@ async def recompute(pool: asyncpg.Pool, calendar: Calendar) -> int:
             await _audit(conn, row["redemption_id"], row, due)
         for batch_id in sorted({r["disbursement_id"] for r in known} - {None}):
             batch = await conn.fetchrow(
-                "SELECT due_date, provisional_until_year FROM disbursements"
+                "SELECT due_date, provisional_until_year, tenant FROM disbursements"
                 " WHERE disbursement_id = $1",
                 batch_id,
             )
@@ -106,18 +107,24 @@ async def _audit(conn: asyncpg.Connection, subject: str, was: asyncpg.Record, du
         "due_date_recomputed",
         subject,
         f"official holidays of {was['provisional_until_year']} known",
+        tenant=was["tenant"],
         was=was["due_date"],
         due_date=due.day,
         provisional_until_year=due.provisional_until_year,
     )
 
 
-async def provisional(pool: asyncpg.Pool) -> ProvisionalDueDates:
-    """Approved records not yet paid whose due date is provisional, and the soonest."""
+async def provisional(
+    pool: asyncpg.Pool, tenants: frozenset[str] | None = None
+) -> ProvisionalDueDates:
+    """Approved records not yet paid whose due date is provisional, and the soonest (of
+    these tenants only, if given)."""
     row = await pool.fetchrow(
         "SELECT count(*) AS n, min(due_date) AS soonest,"
         " (array_agg(provisional_until_year ORDER BY due_date))[1] AS year"
-        " FROM settlements WHERE status = 'approved' AND provisional_until_year IS NOT NULL",
+        " FROM settlements WHERE status = 'approved' AND provisional_until_year IS NOT NULL"
+        " AND ($1::text[] IS NULL OR tenant = ANY($1::text[]))",
+        None if tenants is None else sorted(tenants),
         timeout=2,
     )
     return ProvisionalDueDates(
@@ -133,10 +140,16 @@ def families(found: ProvisionalDueDates) -> list[Metric]:
     )
     count.add_metric([], found.provisional)
     soonest = GaugeMetricFamily(
-        "issuer_due_date_provisional_soonest_days",
-        "Days until the soonest provisional due date (+Inf when there is none)",
+        "issuer_due_date_provisional_soonest_seconds",
+        "Seconds until the soonest provisional due date begins, in the bureau's time zone"
+        " (+Inf when there is none)",
     )
     day = found.soonest_due_date
-    today = datetime.now(BUREAU_TZ).date()
-    soonest.add_metric([], math.inf if day is None else (day - today).days)
+    soonest.add_metric([], math.inf if day is None else seconds_until(day))
     return [count, soonest]
+
+
+def seconds_until(day: date) -> float:
+    """Seconds from now until `day` begins in the bureau's time zone (negative once begun)."""
+    begins = datetime.combine(day, time(), BUREAU_TZ)
+    return (begins - datetime.now(BUREAU_TZ)).total_seconds()

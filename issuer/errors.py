@@ -46,6 +46,11 @@ ERRORS: dict[str, tuple[int, str, bool]] = {
     ),
     "NO_CLAWBACK_DUE": (409, "该退款无需追回 / nothing is due back for this refund", False),
     "BUDGET_CONFLICT": (409, "预算已被修改或低于已占用 / stale or too low budget", False),
+    "TENANT_CONFLICT": (
+        409,
+        "记录已属于另一租户，租户不可更改 / the record belongs to another tenant, which is fixed",
+        False,
+    ),
     "IDEMPOTENCY_MISMATCH": (
         422,
         "request_id 已用于不同请求 / request_id reused with another body",

@@ -12,8 +12,9 @@ import time
 from redis.asyncio import Redis
 
 from issuer import carry, keys, metrics, topology
-from issuer.claims import RECORD as VOUCHER
+from issuer.protocol import Due, Expire
 from issuer.scripts import Scripts
+from issuer.vouchers import VOUCHER
 
 log = logging.getLogger("issuer.expiry")
 SWEEP_BATCH = 500  # vouchers per script call
@@ -27,14 +28,23 @@ async def sweep(redis: Redis, scripts: Scripts, campaign_id: str, now_ms: int) -
     while due := await redis.zrangebyscore(ck.expiry, 0, now_ms, start=0, num=SWEEP_BATCH):
         records = await redis.hmget(ck.vouchers, due)
         rounds: list[str] = []
-        args: list[object] = [now_ms, len(due)]
+        vouchers: list[Due] = []
         for voucher_id, raw in zip(due, records, strict=True):
             key = ck.round(VOUCHER.decode(raw).round_id) if raw else ck.round("")
             if key not in rounds:
                 rounds.append(key)
-            args += [voucher_id, rounds.index(key) + 1]
-        script_keys = [ck.ledger, ck.vouchers, ck.expiry, ck.events, *rounds]
-        done = await scripts.run("expire", script_keys, args)
+            vouchers.append(Due(voucher_id.decode(), rounds.index(key)))
+        done = await scripts.run(
+            Expire(
+                ledger=ck.ledger,
+                vouchers=ck.vouchers,
+                expiry=ck.expiry,
+                events=ck.events,
+                rounds=rounds,
+                now_ms=now_ms,
+                due=vouchers,
+            )
+        )
         expired += int(done)
         if len(due) < SWEEP_BATCH:
             break

@@ -25,6 +25,7 @@ from redis.exceptions import ResponseError
 
 from issuer import keys, metrics, topology
 from issuer.config import DurableAck
+from issuer.protocol import TrimAcked
 from issuer.scripts import Scripts
 from issuer.store import PROJECT_MONEY, RECORD_BATCH, RECORD_CLAIMS, RECORD_STATUS
 
@@ -184,7 +185,7 @@ class Flusher:
 
     async def _trim(self, stream: str) -> None:
         """Drop entries that are delivered and acknowledged, never anything pending."""
-        await self.scripts.run("trim_acked", [stream], [keys.FLUSH_GROUP])
+        await self.scripts.run(TrimAcked(stream=stream, group=keys.FLUSH_GROUP))
 
     async def read(
         self, streams: list[str], start: str, block_ms: int | None

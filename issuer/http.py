@@ -5,9 +5,9 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 import msgspec
@@ -16,15 +16,19 @@ from redis.asyncio import Redis
 
 from issuer import metrics
 from issuer.admission import Admission
-from issuer.auth import ApiKey, Role
+from issuer.auth import Role
 from issuer.campaigns import Campaigns
 from issuer.claims import Claims
 from issuer.config import Settings
 from issuer.errors import ApiError
-from issuer.model import Id
+from issuer.model import Id, fits
 from issuer.redemptions import Redemptions
 from issuer.scripts import Scripts
 from issuer.settlement import Settlement
+
+if TYPE_CHECKING:
+    from issuer.keyring import Keyring
+    from issuer.tenancy import Owners, Rule
 
 MAX_BODY = 64 * 1024
 JSON = "application/json"
@@ -46,9 +50,10 @@ class Ctx:
     claims: Claims
     redemptions: Redemptions
     settlement: Settlement
-    keys: dict[str, ApiKey]
+    keys: Keyring  # `keys.current`: the keys in force (read again when the file changes)
     person_key: bytes
     admission: Admission
+    owners: Owners  # the tenants of campaigns, merchants and disbursements
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,8 @@ class Route:
     query: type | None = None  # a Struct of the query string, passed as the handler's body
     files: tuple[str, ...] = ()  # media types answered as a download (response bytes: only)
     also: tuple[tuple[int, type], ...] = ()  # other success answers: (status, type)
+    # how the tenant of what it touches is found (issuer/tenancy.py); no route without one
+    tenant: Rule = field(kw_only=True)
 
 
 def reply(payload: Any, status: int = 200, *, replay: bool = False) -> web.Response:
@@ -113,20 +120,16 @@ def count_outcome(metric: Any, campaign_id: str, code: str) -> None:
 
 def path_id(request: web.Request, name: str, pattern: type = Id) -> str:
     value = request.match_info[name]
-    if not _valid(value, pattern):
+    if not fits(value, pattern):
         raise ApiError("INVALID_REQUEST", f"{name}: not a valid id")
     return value
 
 
-@functools.lru_cache(maxsize=4096)
-def _valid(value: str, pattern: type) -> bool:
-    """Whether `value` fits `pattern`; remembered, as the same few ids come again and again
-    (msgspec.convert looks the type up anew on each call)."""
-    try:
-        msgspec.convert(value, pattern)
-    except msgspec.ValidationError:
-        return False
-    return True
+def postgres(ctx: Ctx) -> asyncpg.Pool:
+    """The worker's PostgreSQL pool; UNAVAILABLE when it has none."""
+    if ctx.pg is None:
+        raise ApiError("UNAVAILABLE", "PostgreSQL is not connected")
+    return ctx.pg
 
 
 def now() -> datetime:

@@ -12,11 +12,13 @@ from __future__ import annotations
 # Window in which an idempotency record or a signature nonce must be remembered.
 IDEMPOTENCY_BUCKET_S = 24 * 3600  # a retried write is answered the same for 24-48 h
 NONCE_BUCKET_S = 600  # signatures are accepted ±300 s around server time
+# a bucket expires once no lookup can reach it: two bucket widths after it began
+IDEMPOTENCY_TTL_S = 2 * IDEMPOTENCY_BUCKET_S
+NONCE_TTL_S = 2 * NONCE_BUCKET_S
 
 CAMPAIGNS = "{g}:campaigns"  # set of campaign ids
 MERCHANTS = "{g}:merchants"  # hash merchant_id -> JSON definition
 GLOBAL_EVENTS = "{g}:events"  # stream of merchant changes
-GLOBAL_IDEMPOTENCY = "{g}:idem"  # prefix of bucketed idempotency hashes for global writes
 FLUSH_GROUP = "flusher"  # consumer group reading every event stream
 
 
@@ -27,6 +29,12 @@ def nonce_key(key_id: str, nonce: str) -> str:
 
 def bucket(prefix: str, now_s: float, width_s: int) -> str:
     return f"{prefix}:{int(now_s // width_s)}"
+
+
+def nonce_bucket(timestamp_s: int) -> int:
+    """The number of the bucket of claim nonces of a request's own X-Timestamp, so that a
+    replayed request (same timestamp) is always checked against the same hash."""
+    return timestamp_s // NONCE_BUCKET_S
 
 
 class CampaignKeys:
@@ -92,10 +100,9 @@ class CampaignKeys:
         """The current and the previous idempotency bucket (hash request key -> result)."""
         return _bucket_pair(f"{self.tag}:idem", now_s, IDEMPOTENCY_BUCKET_S)
 
-    def nonces(self, timestamp_s: int) -> str:
-        """Bucket of claim nonces keyed by the request's own X-Timestamp, so that a replayed
-        request (same timestamp) is always checked against the same hash."""
-        return bucket(f"{self.tag}:nonce", timestamp_s, NONCE_BUCKET_S)
+    def nonces(self, first: int, last: int) -> list[str]:
+        """Hashes of claim nonces: the buckets numbered `first` to `last` (nonce_bucket)."""
+        return [f"{self.tag}:nonce:{n}" for n in range(first, last + 1)]
 
     def rate_window(self, dimension: str, window_s: int, now_s: float) -> str:
         """Hash: identity (account, device or IP) -> claim attempts in the current window."""
@@ -105,10 +112,6 @@ class CampaignKeys:
         """Where `issuer rebuild` writes one of this campaign's keys before moving it in
         place; same hash tag, so the move is one script in the campaign's slot."""
         return f"{self.tag}:rebuild:{key.removeprefix(self.tag + ':')}"
-
-
-def global_idempotency(now_s: float) -> tuple[str, str]:
-    return _bucket_pair(GLOBAL_IDEMPOTENCY, now_s, IDEMPOTENCY_BUCKET_S)
 
 
 def _bucket_pair(prefix: str, now_s: float, width_s: int) -> tuple[str, str]:

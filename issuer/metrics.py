@@ -114,6 +114,10 @@ ACK_REFUSED = Counter(
 for _reason in ("not_primary", "replica_missing", "wait_short"):
     ACK_REFUSED.labels(_reason)
 WORKERS = Gauge("issuer_workers", "HTTP worker processes running", multiprocess_mode="livemax")
+KEYS_RELOAD_ERRORS = Counter(
+    "issuer_keys_reload_errors_total",
+    "Keys file reads that failed, leaving the old keys in force (each worker counts its own)",
+)
 
 
 @functools.lru_cache(maxsize=4096)

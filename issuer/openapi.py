@@ -28,7 +28,7 @@ fetch('/openapi.json').then(r => r.json()).then(spec => {
   for (const [path, ops] of Object.entries(spec.paths)) {
     for (const [method, op] of Object.entries(ops)) {
       out.push(`<h2><code>${method.toUpperCase()} ${path}</code></h2><p>${op.summary}</p>` +
-        `<p>roles: ${op['x-roles'].join(', ')}</p>`);
+        `<p>roles: ${op['x-roles'].join(', ')}; ${op['x-tenant']}</p>`);
     }
   }
   document.getElementById('ops').innerHTML = out.join('');
@@ -66,6 +66,7 @@ def document(routes: Sequence[Route]) -> dict[str, Any]:
             "summary": route.summary,
             "operationId": route.handler.__name__,
             "x-roles": list(route.roles),
+            "x-tenant": route.tenant.describe(),  # how a scoped key's tenants are checked
             "parameters": params,
             "responses": {
                 str(route.status): {"description": "success", "content": content},

@@ -68,6 +68,7 @@ from redis.exceptions import ResponseError
 from issuer import keys, merchants, money
 from issuer.campaigns import ENCODE, STORED, round_settings
 from issuer.model import StoredCampaign
+from issuer.protocol import RebuildCommit
 from issuer.reconcile import entry_order, events_in_flight, round_ids
 from issuer.scripts import Scripts
 
@@ -210,7 +211,7 @@ def replay_setup(events: Iterable[asyncpg.Record]) -> Setup:
         data = DOCUMENT.decode(row["data"])
         if row["type"] == "campaign":  # (re)defined: rounds as the new definition says
             stored = STORED.decode(row["data"])
-            rounds = {r.round_id: round_settings(r) for r in stored.rounds}
+            rounds = {r.round_id: round_settings(r)._asdict() for r in stored.rounds}
             setup = Setup(stored=stored, status="active", version=data["version"], rounds=rounds)
             continue
         assert setup is not None, "a campaign's first event defines it"
@@ -440,10 +441,16 @@ async def rebuild(
             # requests in the buckets a script would look in now (one may have rolled over
             # while staging); merged, in the same script that moves the records in place
             merged = sorted(set(ck.idempotency(clock())) & tally.request_buckets)
-            args = [len(live), len(merged), keys.IDEMPOTENCY_BUCKET_S * 2]
-            commit = live + staged + merged + [ck.staged(key) for key in merged]
-            commit += [ck.winners, ck.staged(ck.winners)]
-            if not await Scripts(redis).run("rebuild_commit", commit, args):
+            commit = RebuildCommit(
+                winners=ck.winners,
+                staged_winners=ck.staged(ck.winners),
+                live=live,
+                staged=staged,
+                buckets=merged,
+                staged_buckets=[ck.staged(key) for key in merged],
+                moves=len(live),
+            )
+            if not await Scripts(redis).run(commit):
                 raise RebuildRefused(f"campaign {campaign_id} came back while being rebuilt")
         finally:
             await redis.delete(*staged, *requests)
@@ -487,7 +494,7 @@ async def restore_global(redis: Redis, pool: asyncpg.Pool) -> int:
         async for rows in batches(conn, MERCHANTS, keys.GLOBAL_EVENTS):
             async with redis.pipeline(transaction=False) as pipe:
                 for row in rows:
-                    merchant = merchants.DECODE.decode(row["data"])
+                    merchant = merchants.MERCHANT.decode(row["data"])
                     pipe.hsetnx(
                         keys.MERCHANTS, row["merchant_id"], merchants.ENCODE.encode(merchant)
                     )

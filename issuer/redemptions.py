@@ -7,9 +7,8 @@ from __future__ import annotations
 import msgspec
 from redis.asyncio import Redis
 
-from issuer import keys, merchants, money
-from issuer.campaigns import CachedCampaign, Campaigns, fingerprint, idem_field, read_record
-from issuer.claims import RECORD as VOUCHER
+from issuer import idempotency, keys, merchants, money
+from issuer.campaigns import CachedCampaign, Campaigns, read_record
 from issuer.errors import ApiError
 from issuer.ids import new_id
 from issuer.model import (
@@ -24,8 +23,10 @@ from issuer.model import (
     RepaidIn,
 )
 from issuer.products import expand_categories, is_appliance, valid_gb_code
+from issuer.protocol import ClawbackRepaid, MarkPaid, Redeem, Refund
 from issuer.schedule import from_millis, to_millis
 from issuer.scripts import Scripts
+from issuer.vouchers import VOUCHER
 
 STALE_RETRIES = 8  # concurrent refunds of one redemption: recompute and try again
 
@@ -103,6 +104,8 @@ def merchant_refusal(
     """Why this merchant may not take the voucher now ("" if it may)."""
     if merchant is None or merchant.status != "active":
         return "MERCHANT_NOT_ELIGIBLE"
+    if merchant.tenant != cached.tenant:  # another programme's merchant
+        return "MERCHANT_NOT_ELIGIBLE"
     if not cached.region.contains_code(merchant.county_code):
         return "MERCHANT_NOT_ELIGIBLE"
     sells = expand_categories(merchant.categories)
@@ -165,9 +168,9 @@ class Redemptions:
         if raw_voucher is None:
             raise ApiError("NOT_FOUND", f"voucher {body.voucher_id}")
         voucher = VOUCHER.decode(raw_voucher)
-        merchant = merchants.DECODE.decode(raw_merchant) if raw_merchant else None
+        merchant = merchants.MERCHANT.decode(raw_merchant) if raw_merchant else None
         discount = money.discount(body.order_amount_fen, voucher.discount_rate_bp, voucher.cap_fen)
-        request_key, request_fingerprint = idem_field(key_id, body.request_id), fingerprint(body)
+        request = idempotency.request(ck, now_s, key_id, body.request_id, body)
         record = RedemptionRecord(
             redemption_id=new_id(cached.keys.campaign_id),
             campaign_id=ck.campaign_id,
@@ -182,40 +185,28 @@ class Redemptions:
             paid_at=to_millis(body.paid_at),
             items=[ItemOut(**msgspec.structs.asdict(item)) for item in body.items],
             by=key_id,
-            request_key=request_key,
-            request_fingerprint=request_fingerprint,
+            request_key=request.idem_field,
+            request_fingerprint=request.fingerprint,
         )
-        cur, prev = ck.idempotency(now_s)
-        code, payload = await self.scripts.run(
-            "redeem",
-            [
-                ck.ledger,
-                ck.round(voucher.round_id),
-                ck.vouchers,
-                ck.redemptions,
-                ck.orders,
-                ck.expiry,
-                ck.events,
-                cur,
-                prev,
-            ],
-            [
-                request_key,
-                request_fingerprint,
-                keys.IDEMPOTENCY_BUCKET_S * 2,
-                body.voucher_id,
-                body.user_id,
-                body.order_id,
-                ENCODE.encode(record),
-                discount,
-                merchant_refusal(cached, merchant, body.items),
-            ],
+        redeem = Redeem(
+            request=request,
+            ledger=ck.ledger,
+            round=ck.round(voucher.round_id),
+            vouchers=ck.vouchers,
+            redemptions=ck.redemptions,
+            orders=ck.orders,
+            expiry=ck.expiry,
+            events=ck.events,
+            voucher_id=body.voucher_id,
+            user_id=body.user_id,
+            order_id=body.order_id,
+            redemption=ENCODE.encode(record),
+            discount_fen=discount,
+            refusal=merchant_refusal(cached, merchant, body.items),
         )
-        code = code.decode()
-        if code not in ("OK", "REPLAY"):
-            raise ApiError(code, f"voucher {body.voucher_id}" if code == "NOT_FOUND" else None)
-        rec = REDEMPTION.decode(payload)
-        if code == "REPLAY":  # the first answer, before any refund or reimbursement
+        answer = await idempotency.write(self.scripts, redeem, f"voucher {body.voucher_id}")
+        rec = REDEMPTION.decode(answer.payload[0])
+        if answer.replayed:  # the first answer, before any refund or reimbursement
             rec = msgspec.structs.replace(
                 rec,
                 status="redeemed",
@@ -223,7 +214,7 @@ class Redemptions:
                 subsidy_returned_fen=0,
                 paid_to_merchant=False,
             )
-        return redemption_out(rec, cached.definition.timezone), code == "REPLAY"
+        return redemption_out(rec, cached.definition.timezone), answer.replayed
 
     async def record(self, redemption_id: str) -> tuple[CachedCampaign, RedemptionRecord]:
         """The redemption as Redis holds it, with its campaign; NOT_FOUND if none."""
@@ -241,63 +232,52 @@ class Redemptions:
         """Refund part or all of a redeemed order; returns (refund, replayed)."""
         cached = await self.campaigns.of_entity(redemption_id, "redemption")
         ck = cached.keys
-        cur, prev = ck.idempotency(now_s)
         refund_id = new_id(ck.campaign_id)
-        request_key = idem_field(key_id, body.request_id)
-        request_fingerprint = fingerprint((redemption_id, body))
+        request = idempotency.request(ck, now_s, key_id, body.request_id, (redemption_id, body))
         for _ in range(STALE_RETRIES):
             raw = await read_record(self.redis, ck.redemptions, redemption_id, "redemption")
             rec = REDEMPTION.decode(raw)
             returned = money.subsidy_returned(
                 rec.discount_fen, rec.order_amount_fen, rec.refunded_fen, body.amount_fen
             )
-            repaid = money.overdraw_repaid(rec.overdrawn_fen, rec.subsidy_returned_fen, returned)
             record = RefundRecord(
                 refund_id=refund_id,
                 redemption_id=redemption_id,
                 amount_fen=body.amount_fen,
                 reason=body.reason,
                 by=key_id,
-                request_key=request_key,
-                request_fingerprint=request_fingerprint,
+                request_key=request.idem_field,
+                request_fingerprint=request.fingerprint,
             )
-            code, payload = await self.scripts.run(
-                "refund",
-                [
-                    ck.ledger,
-                    ck.round(rec.round_id),
-                    ck.vouchers,
-                    ck.redemptions,
-                    ck.refunds,
-                    ck.events,
-                    cur,
-                    prev,
-                ],
-                [
-                    request_key,
-                    request_fingerprint,
-                    keys.IDEMPOTENCY_BUCKET_S * 2,
-                    redemption_id,
-                    rec.refunded_fen,
-                    body.amount_fen,
-                    returned,
-                    ENCODE.encode(record),
-                    repaid,
-                ],
+            refund = Refund(
+                request=request,
+                ledger=ck.ledger,
+                round=ck.round(rec.round_id),
+                vouchers=ck.vouchers,
+                redemptions=ck.redemptions,
+                refunds=ck.refunds,
+                events=ck.events,
+                redemption_id=redemption_id,
+                refunded_fen=rec.refunded_fen,
+                amount_fen=body.amount_fen,
+                subsidy_returned_fen=returned,
+                overdraw_repaid_fen=money.overdraw_repaid(
+                    rec.overdrawn_fen, rec.subsidy_returned_fen, returned
+                ),
+                refund=ENCODE.encode(record),
             )
-            code = code.decode()
-            if code == "STALE":
+            answer = await idempotency.write(
+                self.scripts, refund, accept=(*idempotency.OK_OR_REPLAY, "STALE", "TOO_MUCH")
+            )
+            if answer.code == "STALE":
                 continue
-            if code == "TOO_MUCH":
-                raise ApiError(
-                    "INVALID_REQUEST", f"amount_fen: only {payload.decode()} fen left to refund"
-                )
-            if code not in ("OK", "REPLAY"):
-                raise ApiError(code)
-            refund_rec = REFUND.decode(payload)
-            if code == "REPLAY" and refund_rec.status == "repaid":  # answered before repayment
+            if answer.code == "TOO_MUCH":
+                left = answer.payload[0].decode()
+                raise ApiError("INVALID_REQUEST", f"amount_fen: only {left} fen left to refund")
+            refund_rec = REFUND.decode(answer.payload[0])
+            if answer.replayed and refund_rec.status == "repaid":  # answered before repayment
                 refund_rec = msgspec.structs.replace(refund_rec, status="clawback_due")
-            return refund_out(refund_rec), code == "REPLAY"
+            return refund_out(refund_rec), answer.replayed
         raise ApiError("UNAVAILABLE", "the redemption kept changing, retry")
 
     async def clawback_repaid(
@@ -305,23 +285,17 @@ class Redemptions:
     ) -> tuple[RefundOut, bool]:
         """The merchant paid a clawback back; returns (refund, replayed)."""
         ck = (await self.campaigns.of_entity(refund_id, "refund")).keys
-        cur, prev = ck.idempotency(now_s)
-        code, payload = await self.scripts.run(
-            "clawback_repaid",
-            [ck.ledger, ck.refunds, ck.events, cur, prev],
-            [
-                idem_field(key_id, body.request_id),
-                fingerprint((refund_id, body)),
-                keys.IDEMPOTENCY_BUCKET_S * 2,
-                refund_id,
-                key_id,
-                body.reason,
-            ],
+        repaid = ClawbackRepaid(
+            request=idempotency.request(ck, now_s, key_id, body.request_id, (refund_id, body)),
+            ledger=ck.ledger,
+            refunds=ck.refunds,
+            events=ck.events,
+            refund_id=refund_id,
+            by=key_id,
+            reason=body.reason,
         )
-        code = code.decode()
-        if code not in ("OK", "REPLAY"):
-            raise ApiError(code, f"refund {refund_id}" if code == "NOT_FOUND" else None)
-        return refund_out(REFUND.decode(payload)), code == "REPLAY"
+        answer = await idempotency.write(self.scripts, repaid, f"refund {refund_id}")
+        return refund_out(REFUND.decode(answer.payload[0])), answer.replayed
 
 
 async def mark_paid(
@@ -330,6 +304,11 @@ async def mark_paid(
     """Record that the merchants were reimbursed (settlement); returns the ids marked."""
     ck = keys.CampaignKeys(campaign_id)
     marked = await scripts.run(
-        "mark_paid", [ck.redemptions, ck.events], [batch_id, *redemption_ids]
+        MarkPaid(
+            redemptions=ck.redemptions,
+            events=ck.events,
+            batch_id=batch_id,
+            redemption_ids=redemption_ids,
+        )
     )
     return [m.decode() for m in marked]

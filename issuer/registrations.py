@@ -7,11 +7,12 @@ import os
 
 import msgspec
 
-from issuer.campaigns import Campaigns, fingerprint, idem_field
+from issuer import idempotency
+from issuer.campaigns import Campaigns
 from issuer.errors import ApiError
 from issuer.identity import name_ref, person_ref, phone_ref
-from issuer.keys import IDEMPOTENCY_BUCKET_S
 from issuer.model import RegistrationIn, RegistrationOut
+from issuer.protocol import Register
 from issuer.scripts import Scripts
 
 
@@ -24,7 +25,7 @@ class RegistrationRecord(msgspec.Struct, kw_only=True):
     registered_at: int | None = None
 
 
-RECORD = msgspec.json.Decoder(RegistrationRecord)
+REGISTRATION = msgspec.json.Decoder(RegistrationRecord)
 ENCODE = msgspec.json.Encoder()
 
 
@@ -52,20 +53,16 @@ async def register(
         raise ApiError("INVALID_REQUEST", f"person: {exc}") from None
     ck = (await campaigns.cached(campaign_id)).keys
     canonical = (body.request_id, body.user_id, ref, record.name_ref, record.phone_ref)
-    cur, prev = ck.idempotency(now_s)
-    code, payload = await scripts.run(
-        "register",
-        [ck.ledger, ck.registrations, ck.events, cur, prev],
-        [
-            idem_field(key_id, body.request_id),
-            fingerprint(canonical),
-            IDEMPOTENCY_BUCKET_S * 2,
-            ref,
-            ENCODE.encode(record),
-        ],
+    registration = Register(
+        request=idempotency.request(ck, now_s, key_id, body.request_id, canonical),
+        ledger=ck.ledger,
+        registrations=ck.registrations,
+        events=ck.events,
+        person_ref=ref,
+        registration=ENCODE.encode(record),
     )
-    code = code.decode()
-    if code not in ("OK", "EXISTING", "REPLAY"):
-        raise ApiError(code)
-    stored = RECORD.decode(payload)
-    return RegistrationOut(registration_id=stored.registration_id, person_ref=ref), code
+    answer = await idempotency.write(
+        scripts, registration, accept=(*idempotency.OK_OR_REPLAY, "EXISTING")
+    )
+    stored = REGISTRATION.decode(answer.payload[0])
+    return RegistrationOut(registration_id=stored.registration_id, person_ref=ref), answer.code

@@ -7,7 +7,7 @@ import time
 import msgspec
 from aiohttp import web
 
-from issuer import applications, metrics, registrations, vouchers
+from issuer import applications, metrics, registrations, tenancy, vouchers
 from issuer.auth import Verified
 from issuer.errors import ApiError
 from issuer.http import Ctx, Route, count_outcome, error_response, path_id, reply
@@ -68,6 +68,9 @@ async def user_vouchers(ctx: Ctx, request: web.Request, _: None) -> web.Response
         except msgspec.ValidationError:
             raise ApiError("INVALID_REQUEST", "campaign_id: not a valid id") from None
     ids = await vouchers.campaign_ids(ctx.redis, campaign_id)
+    tenants = tenancy.scope(request)
+    if tenants is not None:  # only the key's tenants' campaigns
+        ids = [c.keys.campaign_id async for c in ctx.campaigns.existing(ids) if c.tenant in tenants]
     found = await vouchers.of_user(ctx.redis, ctx.campaigns, user_id, ids)
     applied = await applications.of_user(ctx.redis, ctx.campaigns, user_id, ids)
     return reply(VoucherList(vouchers=found, applications=applied))
@@ -83,6 +86,7 @@ CLAIM_ROUTES: tuple[Route, ...] = (
         RegistrationIn,
         RegistrationOut,
         201,
+        tenant=tenancy.CAMPAIGN,
     ),
     Route(
         "POST",
@@ -95,6 +99,7 @@ CLAIM_ROUTES: tuple[Route, ...] = (
         VoucherOut,
         201,
         also=((202, ApplicationOut),),
+        tenant=tenancy.CAMPAIGN,
     ),
     Route(
         "GET",
@@ -104,6 +109,7 @@ CLAIM_ROUTES: tuple[Route, ...] = (
         "Read a voucher",
         None,
         VoucherOut,
+        tenant=tenancy.path("campaign_of", "voucher_id"),
     ),
     Route(
         "GET",
@@ -113,5 +119,6 @@ CLAIM_ROUTES: tuple[Route, ...] = (
         "A user's vouchers",
         None,
         VoucherList,
+        tenant=tenancy.LISTS,
     ),
 )

@@ -7,9 +7,9 @@ import logging
 
 from aiohttp import web
 
-from issuer import applications, lottery
+from issuer import applications, draws, tenancy
 from issuer.auth import Verified
-from issuer.draw import DrawDocument
+from issuer.draw_rules import DrawDocument
 from issuer.http import Ctx, Route, path_id, reply
 from issuer.model import ApplicationOut, DrawIn, DrawOut
 
@@ -26,9 +26,7 @@ async def run_draw(ctx: Ctx, request: web.Request, body: DrawIn) -> web.Response
     same draw."""
     campaign_id = path_id(request, "campaign_id")
     round_id = path_id(request, "round_id")
-    out = await lottery.draw(
-        ctx.redis, ctx.scripts, ctx.campaigns, campaign_id, round_id, body.seed
-    )
+    out = await draws.draw(ctx.redis, ctx.scripts, ctx.campaigns, campaign_id, round_id, body.seed)
     verified: Verified = request["verified"]
     log.info(
         "draw",
@@ -46,7 +44,7 @@ async def run_draw(ctx: Ctx, request: web.Request, body: DrawIn) -> web.Response
 async def get_draw(ctx: Ctx, request: web.Request, _: None) -> web.Response:
     campaign_id = path_id(request, "campaign_id")
     round_id = path_id(request, "round_id")
-    return reply(await lottery.document(ctx.redis, ctx.campaigns, campaign_id, round_id))
+    return reply(await draws.document(ctx.redis, ctx.campaigns, campaign_id, round_id))
 
 
 DRAW_PATH = "/v1/campaigns/{campaign_id}/rounds/{round_id}/draw"
@@ -60,6 +58,7 @@ LOTTERY_ROUTES: tuple[Route, ...] = (
         "Read an application to a lottery round",
         None,
         ApplicationOut,
+        tenant=tenancy.path("campaign_of", "application_id"),
     ),
     Route(
         "POST",
@@ -69,6 +68,7 @@ LOTTERY_ROUTES: tuple[Route, ...] = (
         "Draw a lottery round with the seed of its commitment (idempotent)",
         DrawIn,
         DrawOut,
+        tenant=tenancy.CAMPAIGN,
     ),
     Route(
         "GET",
@@ -78,5 +78,6 @@ LOTTERY_ROUTES: tuple[Route, ...] = (
         "The published draw: commitment, root, every application ref, rank and outcome",
         None,
         DrawDocument,
+        tenant=tenancy.CAMPAIGN,
     ),
 )

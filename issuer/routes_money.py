@@ -6,7 +6,7 @@ import time
 
 from aiohttp import web
 
-from issuer import metrics
+from issuer import metrics, tenancy
 from issuer.auth import Verified
 from issuer.errors import ApiError
 from issuer.http import Ctx, Route, counted, reply
@@ -57,6 +57,7 @@ MONEY_ROUTES: tuple[Route, ...] = (
         RedemptionIn,
         RedemptionOut,
         201,
+        tenant=tenancy.body(("campaign_of", "voucher_id"), ("merchant", "merchant_id")),
     ),
     Route(
         "GET",
@@ -66,6 +67,7 @@ MONEY_ROUTES: tuple[Route, ...] = (
         "Read a redemption (a merchant key: its own)",
         None,
         RedemptionOut,
+        tenant=tenancy.path("campaign_of", "redemption_id"),
     ),
     Route(
         "POST",
@@ -76,6 +78,7 @@ MONEY_ROUTES: tuple[Route, ...] = (
         RefundIn,
         RefundOut,
         201,
+        tenant=tenancy.path("campaign_of", "redemption_id"),
     ),
     Route(
         "POST",
@@ -85,5 +88,6 @@ MONEY_ROUTES: tuple[Route, ...] = (
         "A merchant paid back the subsidy of a refund made after reimbursement",
         RepaidIn,
         RefundOut,
+        tenant=tenancy.path("campaign_of", "refund_id"),
     ),
 )

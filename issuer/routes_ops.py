@@ -10,11 +10,12 @@ import asyncpg
 import msgspec
 from aiohttp import web
 
-from issuer import due_dates, gauges, merchants, metrics
+from issuer import due_dates, gauges, merchants, metrics, tenancy
 from issuer.auth import Verified
 from issuer.errors import ApiError
 from issuer.http import Ctx, Route, now, path_id, reply
 from issuer.model import (
+    DEFAULT_TENANT,
     CampaignDef,
     CampaignLive,
     CampaignOut,
@@ -109,13 +110,20 @@ async def get_merchant(ctx: Ctx, request: web.Request, _: None) -> web.Response:
 
 
 async def ops_overview(ctx: Ctx, request: web.Request, _: None) -> web.Response:
-    """Every campaign's live ledger, current round and claims by outcome (the /ops page)."""
+    """Every campaign's live ledger, current round and claims by outcome (the /ops page),
+    of the key's tenants."""
+    tenants = tenancy.scope(request)
     counts = metrics.claim_counts()
-    states = await gauges.campaigns(ctx.redis, ctx.campaigns)
+    states = [
+        c
+        for c in await gauges.campaigns(ctx.redis, ctx.campaigns)
+        if tenants is None or c.definition.tenant in tenants
+    ]
     live = [
         CampaignLive(
             campaign_id=c.campaign_id,
             name=c.definition.name,
+            tenant=c.definition.tenant or DEFAULT_TENANT,
             status=c.status,
             ledger=c.ledger,
             current_round=c.current_round,
@@ -123,16 +131,19 @@ async def ops_overview(ctx: Ctx, request: web.Request, _: None) -> web.Response:
         )
         for c in states
     ]
-    due = await provisional_due_dates(ctx)
+    due = await provisional_due_dates(ctx, tenants)
     return reply(OpsOverview(generated_at=now(), campaigns=live, due_dates=due))
 
 
-async def provisional_due_dates(ctx: Ctx) -> ProvisionalDueDates | None:
-    """The provisional due dates, or None while PostgreSQL does not answer."""
+async def provisional_due_dates(
+    ctx: Ctx, tenants: frozenset[str] | None = None
+) -> ProvisionalDueDates | None:
+    """The provisional due dates (of these tenants; None: all), or None while PostgreSQL
+    does not answer."""
     if ctx.pg is None:
         return None
     with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
-        return await due_dates.provisional(ctx.pg)
+        return await due_dates.provisional(ctx.pg, tenants)
     return None
 
 
@@ -146,6 +157,7 @@ OPS_ROUTES: tuple[Route, ...] = (
         CampaignDef,
         CampaignOut,
         201,
+        tenant=tenancy.defines("campaign", "campaign_id"),
     ),
     Route(
         "GET",
@@ -155,6 +167,7 @@ OPS_ROUTES: tuple[Route, ...] = (
         "Definition, live ledger and current round",
         None,
         CampaignOut,
+        tenant=tenancy.CAMPAIGN,
     ),
     Route(
         "POST",
@@ -164,6 +177,7 @@ OPS_ROUTES: tuple[Route, ...] = (
         "Pause claims",
         StatusChangeIn,
         StatusOut,
+        tenant=tenancy.CAMPAIGN,
     ),
     Route(
         "POST",
@@ -173,6 +187,7 @@ OPS_ROUTES: tuple[Route, ...] = (
         "Resume claims",
         StatusChangeIn,
         StatusOut,
+        tenant=tenancy.CAMPAIGN,
     ),
     Route(
         "POST",
@@ -182,6 +197,7 @@ OPS_ROUTES: tuple[Route, ...] = (
         "Compare-and-set a round's budget",
         RoundBudgetIn,
         RoundBudgetOut,
+        tenant=tenancy.CAMPAIGN,
     ),
     Route(
         "PUT",
@@ -192,6 +208,7 @@ OPS_ROUTES: tuple[Route, ...] = (
         MerchantDef,
         MerchantOut,
         201,
+        tenant=tenancy.defines("merchant", "merchant_id"),
     ),
     Route(
         "GET",
@@ -201,6 +218,7 @@ OPS_ROUTES: tuple[Route, ...] = (
         "Read a merchant",
         None,
         MerchantOut,
+        tenant=tenancy.MERCHANT,
     ),
     Route(
         "GET",
@@ -210,5 +228,6 @@ OPS_ROUTES: tuple[Route, ...] = (
         "Every campaign's live ledger, current round and claims by outcome (the /ops page)",
         None,
         OpsOverview,
+        tenant=tenancy.LISTS,
     ),
 )

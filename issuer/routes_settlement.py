@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-import asyncpg
 import msgspec
 from aiohttp import web
 
-from issuer import reports
+from issuer import reports, tenancy
 from issuer.auth import ApiKey
-from issuer.errors import ApiError
-from issuer.http import CONTENT_TYPES, Ctx, Route, attachment, now, path_id, reply, stored_reply
+from issuer.http import (
+    CONTENT_TYPES,
+    Ctx,
+    Route,
+    attachment,
+    now,
+    path_id,
+    postgres,
+    reply,
+    stored_reply,
+)
 from issuer.model import (
     DecisionIn,
     DisbursementIn,
@@ -36,7 +44,8 @@ async def list_settlements(ctx: Ctx, request: web.Request, query: SettlementQuer
     key: ApiKey = request["verified"].key
     if key.role == "merchant":
         query = msgspec.structs.replace(query, merchant_id=key.merchant_id)
-    return reply(SettlementList(settlements=await ctx.settlement.queue(query)))
+    found = await ctx.settlement.queue(query, tenancy.scope(request))
+    return reply(SettlementList(settlements=found))
 
 
 async def decide(ctx: Ctx, request: web.Request, body: DecisionIn) -> web.Response:
@@ -54,17 +63,11 @@ async def disbursement_paid(ctx: Ctx, request: web.Request, body: PaidIn) -> web
     return stored_reply(await ctx.settlement.paid(disbursement_id, body, request["verified"].key))
 
 
-def _pool(ctx: Ctx) -> asyncpg.Pool:
-    if ctx.pg is None:
-        raise ApiError("UNAVAILABLE", "PostgreSQL is not connected")
-    return ctx.pg
-
-
 async def report(ctx: Ctx, request: web.Request, query: reports.ReportQuery) -> web.Response:
     cached = await ctx.campaigns.cached(path_id(request, "campaign_id"))
     campaign_id = cached.keys.campaign_id
     out = await reports.build_report(
-        _pool(ctx), campaign_id, query.by, cached.definition.timezone, now()
+        postgres(ctx), campaign_id, query.by, cached.definition.timezone, now()
     )
     if query.format == "json":
         return reply(out)
@@ -80,7 +83,7 @@ async def reconciliation(
     cached = await ctx.campaigns.cached(path_id(request, "campaign_id"))
     campaign_id = cached.keys.campaign_id
     body = await reports.reconciliation_file(
-        _pool(ctx), campaign_id, query.date, cached.definition.timezone
+        postgres(ctx), campaign_id, query.date, cached.definition.timezone
     )
     return attachment(body, "csv", f"{campaign_id}-{query.date.isoformat()}.csv")
 
@@ -96,6 +99,7 @@ SETTLEMENT_ROUTES: tuple[Route, ...] = (
         None,
         SettlementOut,
         201,
+        tenant=tenancy.path("campaign_of", "redemption_id"),
     ),
     Route(
         "GET",
@@ -106,6 +110,7 @@ SETTLEMENT_ROUTES: tuple[Route, ...] = (
         None,
         SettlementList,
         query=SettlementQuery,
+        tenant=tenancy.LISTS,
     ),
     Route(
         "POST",
@@ -115,6 +120,7 @@ SETTLEMENT_ROUTES: tuple[Route, ...] = (
         "Approve or reject a submission (override_reason to approve one that failed a check)",
         DecisionIn,
         SettlementOut,
+        tenant=tenancy.path("campaign_of", "redemption_id"),
     ),
     Route(
         "POST",
@@ -125,6 +131,7 @@ SETTLEMENT_ROUTES: tuple[Route, ...] = (
         DisbursementIn,
         DisbursementList,
         201,
+        tenant=tenancy.body(("merchant", "merchant_id"), lists=True),
     ),
     Route(
         "POST",
@@ -134,6 +141,7 @@ SETTLEMENT_ROUTES: tuple[Route, ...] = (
         "Record a batch as paid; later refunds of its redemptions become clawbacks",
         PaidIn,
         DisbursementOut,
+        tenant=tenancy.path("disbursement", "disbursement_id"),
     ),
     Route(
         "GET",
@@ -145,6 +153,7 @@ SETTLEMENT_ROUTES: tuple[Route, ...] = (
         reports.ReportOut,
         query=reports.ReportQuery,
         files=(CONTENT_TYPES["csv"], CONTENT_TYPES["xlsx"]),
+        tenant=tenancy.CAMPAIGN,
     ),
     Route(
         "GET",
@@ -156,5 +165,6 @@ SETTLEMENT_ROUTES: tuple[Route, ...] = (
         bytes,
         query=reports.ReconciliationQuery,
         files=(CONTENT_TYPES["csv"],),
+        tenant=tenancy.CAMPAIGN,
     ),
 )

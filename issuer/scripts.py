@@ -1,6 +1,7 @@
 """The Lua scripts of `lua/`, registered once per Redis client.
 
-Each script is `lua/lib.lua` followed by the script's own file. redis-py's `Script`
+Each script is `lua/lib.lua` followed by the script's own file; a call is the script's
+structure in issuer/protocol.py, which lays out its KEYS and ARGV. redis-py's `Script`
 object runs EVALSHA and, on NOSCRIPT (after a Redis restart or failover), loads the
 script and retries, so callers never see a missing script.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from importlib.resources import files
 from typing import Any
 
@@ -21,36 +22,25 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from issuer import metrics, topology
 from issuer.config import DurableAck
 from issuer.durability import ACK_TIMEOUT_MS, AckRule, NotDurable
+from issuer.protocol import Call
 
 # the owner of the slot may have changed: learn where it is now, then answer 503
 _LOST_OWNER = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError, NotDurable)
 
-NAMES = (
-    "claim_batch",
-    "register",
-    "campaign_put",
-    "set_status",
-    "round_budget",
-    "merchant_put",
-    "ready",
-    "trim_acked",
-    "spend_nonces",
-    "redeem",
-    "expire",
-    "refund",
-    "clawback_repaid",
-    "mark_paid",
-    "carry_over",
-    "rebuild_commit",
-    "draw_batch",
+LIB = "lib.lua"  # prepended to every script
+# every script of lua/ (protocol.ScriptName names the same: tests/test_protocol.py)
+NAMES = tuple(
+    sorted(
+        f.name.removesuffix(".lua")
+        for f in files("issuer.lua").iterdir()
+        if f.name.endswith(".lua") and f.name != LIB
+    )
 )
 
 
 def source(name: str) -> str:
     package = files("issuer.lua")
-    return (
-        package.joinpath("lib.lua").read_text() + "\n" + package.joinpath(f"{name}.lua").read_text()
-    )
+    return package.joinpath(LIB).read_text() + "\n" + package.joinpath(f"{name}.lua").read_text()
 
 
 @contextlib.contextmanager
@@ -69,8 +59,8 @@ def _took(name: str, started: float) -> None:
 
 
 class Scripts:
-    """One registered script per file; call `run(name, keys, args)`, or `run_acked` to
-    wait until what the script wrote is durable (`ack`: "aof" or "replica")."""
+    """One registered script per file; `run(call)`, or `run_acked` to wait until what the
+    script wrote is durable (`ack`: "aof" or "replica")."""
 
     def __init__(
         self, redis: Any, ack: DurableAck = "none", ack_replicas: int | None = None
@@ -82,17 +72,15 @@ class Scripts:
         self.owners = topology.Owners(redis)
         self.rule = AckRule(redis, ack_replicas)  # what a replica acknowledgement waits for
 
-    async def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def run(self, call: Call) -> Any:
         started = time.perf_counter()
         try:
             with _transport_errors():
-                return await self._scripts[name](keys=list(keys), args=list(args))
+                return await self._scripts[call.SCRIPT](keys=call.keys(), args=call.args())
         finally:
-            _took(name, started)
+            _took(call.SCRIPT, started)
 
-    async def run_acked(
-        self, name: str, keys: Sequence[str], args: Sequence[Any], wait: Callable[[Any], bool]
-    ) -> Any:
+    async def run_acked(self, call: Call, wait: Callable[[Any], bool]) -> Any:
         """Run a script on the primary that owns its slot and, when `wait(result)`, wait on
         the same connection until its writes are durable: WAITAOF 1 0 (fsynced by that
         primary) or, in replica mode, held by every replica that could be promoted
@@ -101,6 +89,7 @@ class Scripts:
         retry with the same request_id is answered from them. A slot that moved is
         followed once; a lost owner (unreachable, CLUSTERDOWN, not the primary) makes the
         topology be read again before the error goes up."""
+        name, keys, args = call.SCRIPT, call.keys(), call.args()
         for attempt in (1, 2):
             started = time.perf_counter()
             owner = self.owners.of(keys[0])
@@ -119,18 +108,13 @@ class Scripts:
         raise AssertionError("unreachable")
 
     async def _run_on(
-        self,
-        owner: Any,
-        name: str,
-        keys: Sequence[str],
-        args: Sequence[Any],
-        wait: Callable[[Any], bool],
+        self, owner: Any, name: str, keys: list[str], args: list[Any], wait: Callable[[Any], bool]
     ) -> Any:
         """The script on one connection to `owner`, admitted and confirmed there."""
         async with owner.client() as conn:
             if self.ack == "replica":
                 await self.rule.admit(conn)
-            result = await self._scripts[name](keys=list(keys), args=list(args), client=conn)
+            result = await self._scripts[name](keys=keys, args=args, client=conn)
             if wait(result):
                 await self._confirm(conn)
             return result

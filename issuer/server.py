@@ -23,9 +23,22 @@ import uvloop
 from aiohttp import web
 from redis.asyncio import Redis
 
-from issuer import auth, due_dates, expiry, flusher, keys, logs, metrics, store, topology
+from issuer import (
+    auth,
+    due_dates,
+    expiry,
+    flusher,
+    integrity,
+    keyfile,
+    keys,
+    logs,
+    metrics,
+    store,
+    topology,
+)
 from issuer.children import die_with_parent
 from issuer.config import Settings
+from issuer.documents import LocalStore
 from issuer.workdays import Calendar, HolidaysFileError
 
 if TYPE_CHECKING:
@@ -72,14 +85,20 @@ async def worker_main(settings: Settings, port: int) -> None:
     from issuer.app import make_app
     from issuer.campaigns import Campaigns
     from issuer.claims import Claims
-    from issuer.documents import LocalStore
     from issuer.http import Ctx
+    from issuer.keyring import Keyring
+    from issuer.protocol import Ready
     from issuer.redemptions import Redemptions
     from issuer.scripts import Scripts
     from issuer.settlement import Settlement
+    from issuer.tenancy import Owners
     from issuer.watch import PrimaryWatch
 
     assert settings.database_url
+    try:
+        keyring = Keyring.load(settings.keys_path)
+    except auth.KeysFileError as exc:
+        raise SystemExit(str(exc)) from None
     redis = topology.connect(settings)
     scripts = Scripts(redis, ack=settings.durable_ack, ack_replicas=settings.ack_replicas)
     watch = PrimaryWatch(redis, scripts)
@@ -112,9 +131,10 @@ async def worker_main(settings: Settings, port: int) -> None:
             person_key,
             Calendar.from_file(settings.holidays_file),
         ),
-        keys=auth.load_keys(settings.keys_path),
+        keys=keyring,
         person_key=person_key,
         admission=Admission(settings.claim_queue_max, settings.shed_lag_ms / 1000, loop_lag),
+        owners=Owners(redis, campaigns, pg),
     )
     stop = asyncio.Event()
 
@@ -125,7 +145,7 @@ async def worker_main(settings: Settings, port: int) -> None:
         else:
             try:
                 async with asyncio.timeout(READY_REDIS_S):
-                    await scripts.run("ready", [keys.CAMPAIGNS], [])
+                    await scripts.run(Ready(campaigns=keys.CAMPAIGNS))
                     entries, age = await flusher.stream_lag(redis)
                 checks.update(redis_ok=True, flusher_lag_entries=entries, flusher_lag_seconds=age)
                 checks["flusher_ok"] = entries <= settings.ready_max_lag
@@ -154,24 +174,28 @@ async def worker_main(settings: Settings, port: int) -> None:
         loop.add_signal_handler(sig, stop.set)
     reloads: set[asyncio.Task[None]] = set()
 
-    def reload_calendar() -> None:
+    def reload_files() -> None:
+        """SIGHUP: the keys file and the holidays file (recomputing due dates) again."""
+        keyring.reload()
         task = asyncio.create_task(ctx.settlement.reload_calendar(settings.holidays_file))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
-    loop.add_signal_handler(signal.SIGHUP, reload_calendar)
+    loop.add_signal_handler(signal.SIGHUP, reload_files)
     settle_heap()
     loop_lag.start()
     log.info("worker up", extra={"pid": os.getpid(), "port": port})
     sweeping = asyncio.create_task(expiry.run(redis, scripts, stop))
-    watching = asyncio.create_task(watch.run(stop))
+    watching_primary = asyncio.create_task(watch.run(stop))
+    watching_keys = asyncio.create_task(keyring.watch(stop))
     await stop.wait()
     # not ready from now on; keep serving while load balancers notice, then stop accepting
     await asyncio.sleep(settings.shutdown_grace_s)
     await runner.cleanup()
     loop_lag.stop()
     await sweeping
-    await watching
+    await watching_primary
+    await watching_keys
     await scripts.aclose()
     await topology.close(redis)
     await pg.close()
@@ -303,7 +327,8 @@ class Supervisor:
             await asyncio.sleep(0.2)
 
     def reload(self) -> None:
-        """SIGHUP: each worker reads the holidays file again and recomputes due dates."""
+        """SIGHUP: each worker reads the keys file and the holidays file again (and
+        recomputes due dates)."""
         for proc in self.workers:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGHUP)
@@ -334,6 +359,7 @@ class Supervisor:
             raise SystemExit(f"configuration error: {exc}") from None
         pool = await store.connect(self.settings.database_url)
         await store.migrate(pool)
+        await integrity.backfill(pool, LocalStore(self.settings.documents_path))
         await due_dates.recompute(pool, calendar)  # a year known since the last start
         await pool.close()
         await load_campaign_files(redis, load)
@@ -420,8 +446,8 @@ async def load_campaign_files(redis: Redis, paths: list[Path]) -> None:
             created = await campaigns.put(campaign_id, definition)
             log.info("campaign loaded", extra={"campaign": campaign_id, "new": created})
         except ApiError as err:
-            if err.code != "CAMPAIGN_RUNNING":
-                raise
+            if err.code != "CAMPAIGN_RUNNING":  # e.g. TENANT_CONFLICT: the file names another
+                raise SystemExit(f"configuration error: {path}: {err}") from None
             log.info("campaign already running, kept", extra={"campaign": campaign_id})
 
 
@@ -432,15 +458,31 @@ def serve(settings: Settings, load: list[Path]) -> None:
     if not settings.keys_path.exists():
         if settings.keys_file is not None:
             raise SystemExit(f"ISSUER_KEYS_FILE {settings.keys_file} does not exist")
-        auth.write_dev_keys(settings.keys_path)
+        keyfile.write_dev_keys(settings.keys_path, file_tenants(load))
         log.warning("wrote development keys", extra={"path": str(settings.keys_path)})
+    try:  # a file the workers cannot read stops the service now, not after their restarts
+        keys_in_force = auth.read_keys(settings.keys_path)
+    except auth.KeysFileError as exc:
+        raise SystemExit(f"configuration error: {exc}") from None
     reserved = reuseport_socket(settings.host, settings.port, listen=False)
     port = reserved.getsockname()[1]
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    banner = (
-        f"issuer ready on http://{host}:{port}  workers={settings.workers}\n"
-        f"  keys file: {settings.keys_path}\n"
-        f"  try:       .venv/bin/issuer call GET /v1/campaigns/demo --url http://{host}:{port}"
+    banner = "\n".join(
+        [
+            f"issuer ready on http://{host}:{port}  workers={settings.workers}",
+            f"  keys file: {settings.keys_path}  (a key is chosen with --key-id ID)",
+            *(f"    {line}" for line in keyfile.describe(keys_in_force.values())),
+            f"  try:       .venv/bin/issuer call GET /v1/campaigns/demo --url http://{host}:{port}",
+        ]
     )
     with reserved, backing_servers(settings) as (live, servers):
         uvloop.run(Supervisor(live, port, servers).run(load, banner))
+
+
+def file_tenants(paths: list[Path]) -> set[str]:
+    """The tenants the campaign files name (development keys get one set per tenant)."""
+    from issuer.campaign_file import load_campaign_file
+    from issuer.model import DEFAULT_TENANT
+
+    named = {load_campaign_file(path)[1].tenant for path in paths}
+    return {t for t in named if t is not None and t != DEFAULT_TENANT}

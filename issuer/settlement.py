@@ -19,12 +19,11 @@ import asyncpg
 import msgspec
 from redis.asyncio import Redis
 
-from issuer import documents, due_dates, keys
+from issuer import documents, due_dates, integrity, keys
 from issuer.audit import audit
 from issuer.auth import ApiKey
-from issuer.campaigns import fingerprint
-from issuer.claims import RECORD as VOUCHER
 from issuer.errors import ApiError
+from issuer.idempotency import fingerprint
 from issuer.identity import name_ref
 from issuer.model import (
     CheckResult,
@@ -38,9 +37,10 @@ from issuer.model import (
     StoredFile,
 )
 from issuer.redemptions import REDEMPTION, RedemptionRecord, Redemptions, mark_paid
-from issuer.registrations import RECORD as REGISTRATION
+from issuer.registrations import REGISTRATION
 from issuer.schedule import to_millis
 from issuer.scripts import Scripts
+from issuer.vouchers import VOUCHER
 from issuer.workdays import Calendar, HolidaysFileError
 
 log = logging.getLogger("issuer.settlement")
@@ -118,6 +118,9 @@ class Settlement:
         if key.merchant_id != rec.merchant_id:
             raise ApiError("FORBIDDEN", "a merchant submits documents for its own redemptions")
         meta, parts = documents.parse_upload(content_type, raw)
+        invoice = integrity.invoice_key(meta.invoice_no)
+        if not invoice:
+            raise ApiError("INVALID_REQUEST", "meta.invoice_no: blank")
         ck = cached.keys
         raw_voucher = await self.redis.hget(ck.vouchers, rec.voucher_id)
         person = VOUCHER.decode(raw_voucher).person_ref if raw_voucher else ""
@@ -139,35 +142,46 @@ class Settlement:
             submitted_ms=int(time.time() * 1000),
         )
         checks = documents.run_checks(meta, parts, facts, self.person_key)
-        passed = all(c.passed for c in checks)
+        photos = {
+            p.sha256: await asyncio.to_thread(integrity.photo_hashes, p.data)
+            for p in parts
+            if p.kind == "photo" and p.content_type in integrity.HASHED_TYPES
+        }
         for part in parts:  # content-addressed: writing before the record is harmless
             await asyncio.to_thread(self.store.put, part.sha256, part.data)
         kept = msgspec.structs.replace(
             meta, invoice_buyer_name=name_ref(self.person_key, meta.invoice_buyer_name)
         )
         async with self.pool.acquire() as conn, conn.transaction():
+            await integrity.lock(conn)
             status = await conn.fetchval(
                 "SELECT status FROM settlements WHERE redemption_id = $1 FOR UPDATE",
                 redemption_id,
             )
             if status in ("approved", "paid"):
                 raise ApiError("SETTLEMENT_CLOSED", f"redemption {redemption_id} is {status}")
+            # the records the replaced papers matched: they may pass again
+            shared_before = await integrity.twins(conn, redemption_id)
             await conn.execute(
                 """
                 INSERT INTO settlements (redemption_id, campaign_id, merchant_id, status, meta,
-                                         checks, checks_passed, submitted_at)
-                VALUES ($1, $2, $3, 'submitted', $4::jsonb, $5::jsonb, $6, now())
+                                         checks, checks_passed, submitted_at, invoice_key,
+                                         tenant)
+                VALUES ($1, $2, $3, 'submitted', $4::jsonb, $5::jsonb, $6, now(), $7, $8)
                 ON CONFLICT (redemption_id) DO UPDATE
                 SET status = 'submitted', meta = excluded.meta, checks = excluded.checks,
                     checks_passed = excluded.checks_passed, submitted_at = now(),
-                    decided_at = NULL, decided_by = NULL, reason = NULL, override_reason = NULL
+                    decided_at = NULL, decided_by = NULL, reason = NULL, override_reason = NULL,
+                    invoice_key = excluded.invoice_key
                 """,
                 redemption_id,
                 ck.campaign_id,
                 rec.merchant_id,
                 ENCODE.encode(kept).decode(),
                 ENCODE.encode(checks).decode(),
-                passed,
+                all(c.passed for c in checks),
+                invoice,
+                cached.tenant,
             )
             await conn.execute(
                 "DELETE FROM settlement_files WHERE redemption_id = $1", redemption_id
@@ -179,34 +193,52 @@ class Settlement:
                     for n, p in enumerate(parts)
                 ],
             )
+            for sha256, hashes in photos.items():
+                await integrity.save_photo_hashes(conn, sha256, hashes)
+            mine = await integrity.refresh(conn, redemption_id)
+            row = await conn.fetchrow(SELECT + " WHERE s.redemption_id = $1", redemption_id)
             await audit(
                 conn,
-                key.id,
+                key,
                 "documents_submitted",
                 redemption_id,
                 "",
+                tenant=cached.tenant,
                 files=len(parts),
-                checks_passed=passed,
+                checks_passed=row["checks_passed"],
             )
-            row = await conn.fetchrow(SELECT + " WHERE s.redemption_id = $1", redemption_id)
-        return settlement_out(row, subsidy(rec))
+            shared = mine.others.union(*shared_before.values())
+            await integrity.recheck(conn, shared, key.id, redemption_id)
+        (out,) = await integrity.seen_by(
+            self.pool, key.tenants, [settlement_out(row, subsidy(rec))]
+        )
+        return out
 
     # ------------------------------------------------------------ auditor
 
-    async def queue(self, query: SettlementQuery) -> list[SettlementOut]:
-        """The records in the order they are to be paid: by the soonest their due date may
-        turn out to be (a provisional one as if it moved earlier by the most it may), then
-        those without a due date in the order they were submitted."""
+    async def queue(
+        self, query: SettlementQuery, tenants: frozenset[str] | None
+    ) -> list[SettlementOut]:
+        """The records (of these tenants; None: all) in the order they are to be paid: by
+        the soonest their due date may turn out to be (a provisional one as if it moved
+        earlier by the most it may), then those without a due date in the order they were
+        submitted."""
         rows = await self.pool.fetch(
             SELECT + " WHERE ($1::text IS NULL OR s.status = $1)"
             " AND ($2::text IS NULL OR s.merchant_id = $2)"
+            " AND ($4::text IS NULL OR s.campaign_id = $4)"
+            " AND ($5::boolean IS NULL OR s.checks_passed = $5)"
+            " AND ($6::text[] IS NULL OR s.tenant = ANY($6::text[]))"
             " ORDER BY s.due_date - CASE WHEN s.provisional_until_year IS NULL THEN 0 ELSE $3 END,"
             " s.submitted_at LIMIT 1000",
             query.status,
             query.merchant_id,
             due_dates.MAY_MOVE_EARLIER_DAYS,
+            query.campaign_id,
+            query.checks_passed,
+            None if tenants is None else sorted(tenants),
         )
-        return [settlement_out(r) for r in rows]
+        return await integrity.seen_by(self.pool, tenants, [settlement_out(r) for r in rows])
 
     async def once(self, key_id: str, request_id: str, payload: object, action: Action) -> Any:
         """Run `action` in one transaction, once per request_id: (status, JSON bytes,
@@ -243,7 +275,8 @@ class Settlement:
     ) -> tuple[int, bytes, bool]:
         async def action(conn: asyncpg.Connection) -> tuple[int, SettlementOut]:
             row = await conn.fetchrow(
-                "SELECT status, checks_passed FROM settlements WHERE redemption_id = $1 FOR UPDATE",
+                "SELECT status, checks_passed, tenant FROM settlements"
+                " WHERE redemption_id = $1 FOR UPDATE",
                 redemption_id,
             )
             if row is None:
@@ -276,16 +309,18 @@ class Settlement:
             overridden = approve and not row["checks_passed"]
             await audit(
                 conn,
-                key.id,
+                key,
                 "override_approved" if overridden else "approved" if approve else "rejected",
                 redemption_id,
                 body.reason,
+                tenant=row["tenant"],
                 override_reason=body.override_reason if overridden else None,
                 due_date=due.day if due else None,
                 provisional_until_year=due.provisional_until_year if due else None,
             )
             out = await conn.fetchrow(SELECT + " WHERE s.redemption_id = $1", redemption_id)
-            return 200, settlement_out(out)
+            (seen,) = await integrity.seen_by(conn, key.tenants, [settlement_out(out)])
+            return 200, seen
 
         result: tuple[int, bytes, bool] = await self.once(
             key.id, body.request_id, (redemption_id, body), action
@@ -293,22 +328,26 @@ class Settlement:
         return result
 
     async def disburse(self, body: DisbursementIn, key: ApiKey) -> tuple[int, bytes, bool]:
-        """One batch per merchant of its approved records not yet in a batch."""
+        """One batch per merchant (of the key's tenants) of its approved records not yet in
+        a batch."""
 
         async def action(conn: asyncpg.Connection) -> tuple[int, DisbursementList]:
             rows = await conn.fetch(
-                "SELECT redemption_id, merchant_id, due_date, provisional_until_year"
+                "SELECT redemption_id, merchant_id, due_date, provisional_until_year, tenant"
                 " FROM settlements"
                 " WHERE status = 'approved' AND disbursement_id IS NULL"
                 " AND ($1::text IS NULL OR merchant_id = $1)"
+                " AND ($2::text[] IS NULL OR tenant = ANY($2::text[]))"
                 " ORDER BY merchant_id, redemption_id FOR UPDATE",
                 body.merchant_id,
+                None if key.tenants is None else sorted(key.tenants),
             )
-            by_merchant: dict[str, list[asyncpg.Record]] = defaultdict(list)
+            # a merchant's records share its tenant (a redemption needs both in one)
+            by_merchant: dict[tuple[str, str], list[asyncpg.Record]] = defaultdict(list)
             for row in rows:
-                by_merchant[row["merchant_id"]].append(row)
+                by_merchant[row["merchant_id"], row["tenant"]].append(row)
             batches = []
-            for merchant_id, mine in by_merchant.items():
+            for (merchant_id, tenant), mine in by_merchant.items():
                 ids = [r["redemption_id"] for r in mine]
                 total = sum(subsidy(rec) for rec in await self._records(ids))
                 due = due_dates.batch_due(
@@ -317,12 +356,14 @@ class Settlement:
                 batch_id = f"d-{secrets.token_hex(10)}"
                 await conn.execute(
                     "INSERT INTO disbursements (disbursement_id, merchant_id, created_by,"
-                    " due_date, provisional_until_year, total_fen) VALUES ($1, $2, $3, $4, $5, $6)",
+                    " due_date, provisional_until_year, total_fen, tenant)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7)",
                     batch_id,
                     merchant_id,
                     key.id,
                     *due,
                     total,
+                    tenant,
                 )
                 await conn.execute(
                     "UPDATE settlements SET disbursement_id = $1"
@@ -330,7 +371,9 @@ class Settlement:
                     batch_id,
                     ids,
                 )
-                await audit(conn, key.id, "disbursement_created", batch_id, "", redemptions=ids)
+                await audit(
+                    conn, key, "disbursement_created", batch_id, "", tenant=tenant, redemptions=ids
+                )
                 batches.append(
                     DisbursementOut(
                         disbursement_id=batch_id,
@@ -340,7 +383,7 @@ class Settlement:
                         provisional_until_year=due.provisional_until_year,
                         total_fen=total,
                         redemption_ids=ids,
-                        status="due",
+                        status="pending",
                     )
                 )
             return 201, DisbursementList(disbursements=batches)
@@ -382,7 +425,9 @@ class Settlement:
                 "UPDATE settlements SET status = 'paid' WHERE disbursement_id = $1",
                 disbursement_id,
             )
-            await audit(conn, key.id, "disbursement_paid", disbursement_id, body.reason)
+            await audit(
+                conn, key, "disbursement_paid", disbursement_id, body.reason, tenant=batch["tenant"]
+            )
             return 200, DisbursementOut(
                 disbursement_id=disbursement_id,
                 merchant_id=batch["merchant_id"],

@@ -8,6 +8,8 @@ import logging
 
 import asyncpg
 
+from issuer.model import DEFAULT_TENANT
+
 log = logging.getLogger("issuer.store")
 
 # Each entry is one migration; never edit an applied one, append a new one.
@@ -203,7 +205,52 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE type <> 'claim';
     DROP INDEX events_campaign_type;
     """,
+    # tenants (API.md v1.2): a campaign's is in its definition, a merchant's in its record;
+    # a settlement record and a disbursement batch take theirs when made, and an audit entry
+    # names the one acted in; everything recorded before tenants belongs to the default one
+    f"""
+    ALTER TABLE campaigns ADD COLUMN tenant text NOT NULL GENERATED ALWAYS AS
+        (coalesce(definition->'definition'->>'tenant', '{DEFAULT_TENANT}')) STORED;
+    ALTER TABLE merchants ADD COLUMN tenant text NOT NULL DEFAULT '{DEFAULT_TENANT}';
+    ALTER TABLE settlements ADD COLUMN tenant text NOT NULL DEFAULT '{DEFAULT_TENANT}';
+    ALTER TABLE disbursements ADD COLUMN tenant text NOT NULL DEFAULT '{DEFAULT_TENANT}';
+    ALTER TABLE audit_log ADD COLUMN tenant text NOT NULL DEFAULT '{DEFAULT_TENANT}';
+    """,
+    # evidence integrity (issuer/integrity.py): the normalised invoice number and files by
+    # SHA-256, each one index look-up; each photo's perceptual hashes (whole, five crops),
+    # found by their bands (seven index look-ups, then the exact distance).
+    # Records stored before keep invoice_key NULL until `integrity.backfill` (run by
+    # `issuer serve` right after migrating) gives them the three checks.
+    """
+    ALTER TABLE settlements ADD COLUMN invoice_key text;
+    CREATE INDEX settlements_invoice_key ON settlements (invoice_key);
+    CREATE INDEX settlement_files_sha256 ON settlement_files (sha256);
+    CREATE TABLE photo_hashes (
+        sha256 text     NOT NULL,
+        crop   smallint NOT NULL,  -- 0: the whole photo
+        phash  bigint   NOT NULL,
+        -- the hash in seven bands (10 + 6 × 9 bits): two hashes within 6 bits of each other
+        -- share at least one whole band, so near copies are found by index look-ups
+        b0 int GENERATED ALWAYS AS (((phash >> 54) & 1023)::int) STORED,
+        b1 int GENERATED ALWAYS AS (((phash >> 45) & 511)::int) STORED,
+        b2 int GENERATED ALWAYS AS (((phash >> 36) & 511)::int) STORED,
+        b3 int GENERATED ALWAYS AS (((phash >> 27) & 511)::int) STORED,
+        b4 int GENERATED ALWAYS AS (((phash >> 18) & 511)::int) STORED,
+        b5 int GENERATED ALWAYS AS (((phash >> 9) & 511)::int) STORED,
+        b6 int GENERATED ALWAYS AS ((phash & 511)::int) STORED,
+        PRIMARY KEY (sha256, crop)
+    );
+    CREATE INDEX photo_hashes_b0 ON photo_hashes (b0);
+    CREATE INDEX photo_hashes_b1 ON photo_hashes (b1);
+    CREATE INDEX photo_hashes_b2 ON photo_hashes (b2);
+    CREATE INDEX photo_hashes_b3 ON photo_hashes (b3);
+    CREATE INDEX photo_hashes_b4 ON photo_hashes (b4);
+    CREATE INDEX photo_hashes_b5 ON photo_hashes (b5);
+    CREATE INDEX photo_hashes_b6 ON photo_hashes (b6);
+    CREATE INDEX audit_log_subject ON audit_log (subject, id);
+    """,
 )
+
 
 # The vouchers of the claims a statement just recorded (`new`). A claim rescued late, after
 # its voucher's redemption, expiry or refund was recorded, starts with the state those
@@ -290,10 +337,10 @@ WITH new AS (
         WHERE campaigns.version < excluded.version
 ), merchants_new AS (
     INSERT INTO merchants (merchant_id, name, county_code, categories, status,
-                           entry_ms, entry_seq)
+                           entry_ms, entry_seq, tenant)
     SELECT DISTINCT ON (data->>'merchant_id') data->>'merchant_id', data->>'name',
            data->>'county_code', ARRAY(SELECT jsonb_array_elements_text(data->'categories')),
-           data->>'status', ms, seq
+           data->>'status', ms, seq, coalesce(data->>'tenant', 'default')
     FROM new, LATERAL (SELECT split_part(entry_id, '-', 1)::bigint AS ms,
                               split_part(entry_id, '-', 2)::bigint AS seq) AS id
     WHERE type = 'merchant'

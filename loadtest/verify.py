@@ -30,7 +30,7 @@ import asyncpg
 import msgspec
 from redis.asyncio import Redis
 
-from issuer import draw, keys, money, store, topology
+from issuer import draw_rules, keys, money, store, topology
 from issuer.campaigns import hash_keys
 from issuer.config import Settings
 from issuer.errors import ApiError
@@ -345,7 +345,7 @@ async def lottery_checks(
     every application a client was told about in the draw, and every winner's application
     won with a voucher that exists."""
     checks = []
-    problems = draw.verify(msgspec.convert(doc, draw.DrawDocument))
+    problems = draw_rules.verify(msgspec.convert(doc, draw_rules.DrawDocument))
     detail = (
         "; ".join(problems) if problems else f"{len(doc['applications'])} refs, ranks, outcomes"
     )

@@ -1,39 +1,43 @@
--- Create or replace a campaign that has not opened yet.
--- KEYS: 1 definition, 2 ledger, 3 events, then the keys of the old rounds (count ARGV[5]),
---       then the keys of the new rounds (count ARGV[6]); all in the campaign's slot (the
---       caller adds the campaign to the registry, in the global slot, before)
--- ARGV: 1 campaign id, 2 definition JSON, 3 budget fen, 4 expected version ("" if new),
---       5 old round count, 6 new round count, then per new round:
---       opens ms, closes ms, valid_until ms, quota (-1 none), budget fen (-1 none),
---       applications close ms (-1: a first-come round)
+-- Create or replace a campaign that has not opened yet (the caller adds it to the
+-- registry, in the global slot, before).
 -- Returns {code, version}: OK, CAMPAIGN_RUNNING, CONFLICT (definition changed meanwhile).
-local led = redis.call('HMGET', KEYS[2], 'version', 'opens', 'reserved', 'spent')
-local now = now_ms()
+-- KEYS
+local definition = KEYS[1]
+local ledger = KEYS[2]
+local events = KEYS[3]
+local new_rounds_at = 4  -- from here: a key per round of the new definition, in its order
+-- ARGV
+local stored_campaign = ARGV[1]  -- the new definition (StoredCampaign JSON)
+local budget_fen = ARGV[2]
+local expected_version = ARGV[3]  -- the version it replaces ("" if new)
+local rounds_at = 4  -- from here, per new round, its settings (issuer.protocol.RoundSettings)
+local new_count = (#ARGV - rounds_at + 1) / 6
+local old_rounds_at = new_rounds_at + new_count  -- KEYS from here: the old definition's rounds
+local led = redis.call('HMGET', ledger, 'version', 'opens', 'reserved', 'spent')
+local now = time_ms()
 if led[1] then
-  if led[1] ~= ARGV[4] then return {'CONFLICT', led[1]} end
+  if led[1] ~= expected_version then return {'CONFLICT', led[1]} end
   if tonumber(led[2]) <= now or tonumber(led[3]) > 0 or tonumber(led[4]) > 0 then
     return {'CAMPAIGN_RUNNING', led[1]}
   end
-elseif ARGV[4] ~= '' then
+elseif expected_version ~= '' then
   return {'CONFLICT', '0'}
 end
-local old, new = tonumber(ARGV[5]), tonumber(ARGV[6])
-for i = 1, old do redis.call('DEL', KEYS[3 + i]) end
+for i = old_rounds_at, #KEYS do redis.call('DEL', KEYS[i]) end
 local first_open = nil
-for i = 1, new do
-  local a = 7 + (i - 1) * 6
-  redis.call('HSET', KEYS[3 + old + i], 'opens', ARGV[a], 'closes', ARGV[a + 1],
-    'valid_until', ARGV[a + 2], 'quota', ARGV[a + 3], 'budget', ARGV[a + 4],
-    'apps_close', ARGV[a + 5],
+for i = 0, new_count - 1 do
+  local at = rounds_at + 6 * i
+  local opens, closes, valid_until, quota, budget, apps_close = unpack(ARGV, at, at + 5)
+  redis.call('HSET', KEYS[new_rounds_at + i], 'opens', opens, 'closes', closes,
+    'valid_until', valid_until, 'quota', quota, 'budget', budget, 'apps_close', apps_close,
     'issued', 0, 'reserved', 0, 'spent', 0, 'overdrawn', 0)
-  local o = tonumber(ARGV[a])
+  local o = tonumber(opens)
   if not first_open or o < first_open then first_open = o end
 end
 local version = (tonumber(led[1]) or 0) + 1
-local budget = ARGV[3]
-redis.call('SET', KEYS[1], ARGV[2])
-redis.call('HSET', KEYS[2], 'status', 'active', 'version', version, 'opens', first_open,
-  'budget', budget, 'available', budget, 'reserved', 0, 'spent', 0, 'clawback_due', 0,
+redis.call('SET', definition, stored_campaign)
+redis.call('HSET', ledger, 'status', 'active', 'version', version, 'opens', first_open,
+  'budget', budget_fen, 'available', budget_fen, 'reserved', 0, 'spent', 0, 'clawback_due', 0,
   'adjustments', 0)
-redis.call('XADD', KEYS[3], '*', 't', 'campaign', 'd', ARGV[2], 'version', version)
+redis.call('XADD', events, '*', 't', 'campaign', 'd', stored_campaign, 'version', version)
 return {'OK', tostring(version)}

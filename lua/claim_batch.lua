@@ -1,41 +1,55 @@
 -- Decide a batch of claims for one campaign round, in order, atomically. In a lottery
 -- round a claim that passes every check is an application instead, waiting for the draw.
--- KEYS: 1 ledger, 2 round, 3 persons, 4 accounts, 5 vouchers, 6 registrations,
---       7 events, 8 idem current, 9 idem previous, 10 winners, 11 expiry,
---       12 applications, 13 applicants, 14 applicant accounts, 15 the round's entries,
---       16-18 rate-limit windows (per account, device, client IP), 19.. nonce buckets
--- ARGV: 1 round_id, 2 reserve_fen, 3 mode (self|staff), 4 idem ttl s, 5 nonce ttl s,
---       6 claim count, 7-15 per rate-limit dimension: limit (-1: none), seconds until the
---       window ends (Retry-After), window ttl s; 16 allocation (first_come|lottery),
---       17 "1" if the campaign has a lottery round (applicants to check); then 10 fields
---       per claim:
---       idem field, fingerprint, nonce bucket index, nonce field,
---       person_ref, user_id, voucher_id (or application_id) candidate, extra JSON object
---       body ("{}" or fields), device id ("" if none), client IP ("" if none)
 -- Returns: {status, version, issued, quota, then per claim: code, payload}
 --   code OK: payload = issued_at ms (the voucher is the candidate, as the caller sent it);
 --   REPLAY: payload = voucher JSON (with request = [idem field, fingerprint]);
 --   APPLIED / REPLAY_APPLIED: payload = application JSON;
 --   ALREADY_CLAIMED: payload = voucher id ("" if an application waits for its draw);
 --   RATE_LIMITED: payload = seconds to wait; any other refusal code: payload = "".
-local FIELDS = 10
-local FIRST = 18  -- ARGV index of the first claim's first field
+-- KEYS
+local ledger = KEYS[1]
+local round = KEYS[2]
+local persons = KEYS[3]
+local accounts = KEYS[4]
+local vouchers = KEYS[5]
+local registrations = KEYS[6]
+local events = KEYS[7]
+local idem_current = KEYS[8]  -- the idempotency buckets (lib.lua)
+local idem_previous = KEYS[9]
+local winners = KEYS[10]  -- idempotency fields of the requests that won a voucher
+local expiry = KEYS[11]
+local applications = KEYS[12]
+local applicants = KEYS[13]
+local applicant_accounts = KEYS[14]
+local entries = KEYS[15]  -- the round's applications by application_ref
+local rate_windows_at = 16  -- from here: the rate-limit windows of account, device, client IP
+local nonce_buckets_at = 19  -- from here: nonce buckets, consecutive from first_nonce_bucket
+-- ARGV
 local round_id = ARGV[1]
-local reserve = tonumber(ARGV[2])
-local staff_mode = ARGV[3] == 'staff'
-local idem_ttl = tonumber(ARGV[4])
-local nonce_ttl = tonumber(ARGV[5])
-local n = tonumber(ARGV[6])
-local lottery = ARGV[16] == 'lottery'
-local applicants = ARGV[17] == '1'
+local reserve_fen = tonumber(ARGV[2])
+local mode = ARGV[3]  -- self, or staff (registered persons only)
+local idem_ttl_s = tonumber(ARGV[4])
+local nonce_ttl_s = tonumber(ARGV[5])
+local rate_limits_at = 6  -- from here, per rate-limit window: limit (-1: none), seconds
+-- until the window ends (Retry-After), window TTL s
+local allocation = ARGV[15]  -- first_come or lottery
+local check_applicants = ARGV[16]  -- "1" if the campaign has a lottery round
+local first_nonce_bucket = tonumber(ARGV[17])  -- the number of the first nonce bucket
+local claims_at = 18  -- from here, per claim, its fields (issuer.protocol.Claim; see decide)
+local CLAIM_FIELDS = 10
+local n = (#ARGV - claims_at + 1) / CLAIM_FIELDS
+local staff_mode = mode == 'staff'
+local lottery = allocation == 'lottery'
 local limits = {}
 for d = 0, 2 do
-  limits[d + 1] = {key = KEYS[16 + d], limit = tonumber(ARGV[7 + 3 * d]),
-                   reset = ARGV[8 + 3 * d], ttl = tonumber(ARGV[9 + 3 * d]), used = false}
+  local at = rate_limits_at + 3 * d
+  local limit, retry_after_s, window_ttl_s = unpack(ARGV, at, at + 2)
+  limits[d + 1] = {key = KEYS[rate_windows_at + d], limit = tonumber(limit),
+                   reset = retry_after_s, ttl = tonumber(window_ttl_s), used = false}
 end
 
-local led = redis.call('HMGET', KEYS[1], 'status', 'version', 'available')
-local rnd = redis.call('HMGET', KEYS[2], 'opens', 'closes', 'valid_until', 'quota', 'budget',
+local led = redis.call('HMGET', ledger, 'status', 'version', 'available')
+local rnd = redis.call('HMGET', round, 'opens', 'closes', 'valid_until', 'quota', 'budget',
   'issued', 'reserved', 'spent', 'overdrawn', 'apps_close')
 local out
 if not led[1] or not rnd[1] then
@@ -54,7 +68,7 @@ local quota, rbudget = tonumber(rnd[4]), tonumber(rnd[5])
 local issued, rreserved = tonumber(rnd[6]), tonumber(rnd[7])
 -- money of the round's redeemed vouchers that its budget paid (not the campaign pool)
 local rspent = tonumber(rnd[8] or 0) - tonumber(rnd[9] or 0)
-local now = now_ms()
+local now = time_ms()
 local granted = 0
 local stored = 0  -- applications taken (their idempotency records too)
 local nonce_used = {}
@@ -63,47 +77,47 @@ local nonce_used = {}
 -- its draw
 local function waiting(hash, field)
   local aid = redis.call('HGET', hash, field)
-  return aid and cjson.decode(redis.call('HGET', KEYS[12], aid)).status == 'applied'
+  return aid and cjson.decode(redis.call('HGET', applications, aid)).status == 'applied'
 end
 
--- what a claim at `base` makes, a voucher or an application: the caller's fields, the
--- round, the person and account, `status`, and the request that made it (so that issuer
--- rebuild can restore its idempotency record)
-local function made(base, status)
-  local rec = cjson.decode(ARGV[base + 7])
+-- what a claim makes, a voucher or an application: the caller's `extra` fields, the round,
+-- the person and account, `state`, and the request that made it (so that issuer rebuild
+-- can restore its idempotency record)
+local function made(extra, state, person_ref, user_id, idem_field, fingerprint)
+  local rec = cjson.decode(extra)
   rec.round_id = round_id
-  rec.user_id = ARGV[base + 5]
-  rec.person_ref = ARGV[base + 4]
-  rec.status = status
-  rec.request = {ARGV[base], ARGV[base + 1]}
+  rec.user_id = user_id
+  rec.person_ref = person_ref
+  rec.status = state
+  rec.request = {idem_field, fingerprint}
   return rec
 end
 
-local function decide(base)
-  local idem_field, fingerprint = ARGV[base], ARGV[base + 1]
-  local nonce_idx = tonumber(ARGV[base + 2])
-  local person, user = ARGV[base + 4], ARGV[base + 5]
-  local nkey = KEYS[18 + nonce_idx]
-  if redis.call('HSETNX', nkey, ARGV[base + 3], 1) == 0 then return 'UNAUTHENTICATED', '' end
-  nonce_used[nkey] = true
-  local prior = idem_lookup(KEYS[8], KEYS[9], idem_field, fingerprint)
+-- the claim whose fields start at ARGV[at]
+local function decide(at)
+  local idem_field, fingerprint, nonce_bucket, nonce, person_ref, user_id, candidate, extra,
+    device_id, client_ip = unpack(ARGV, at, at + 9)
+  local bucket = KEYS[nonce_buckets_at + tonumber(nonce_bucket) - first_nonce_bucket]
+  if redis.call('HSETNX', bucket, nonce, 1) == 0 then return 'UNAUTHENTICATED', '' end
+  nonce_used[bucket] = true
+  local prior = idem_lookup(idem_current, idem_previous, idem_field, fingerprint)
   if prior == false then return 'IDEMPOTENCY_MISMATCH', '' end
   if prior and string.sub(prior, 1, 2) == 'a:' then
     -- the application as first answered, before its draw
-    local first = cjson.decode(redis.call('HGET', KEYS[12], string.sub(prior, 3)))
+    local first = cjson.decode(redis.call('HGET', applications, string.sub(prior, 3)))
     first.status = 'applied'
     first.voucher_id = nil
     return 'REPLAY_APPLIED', cjson.encode(first)
   end
   if prior then
     -- the voucher as first answered: issued, before any redemption, expiry or refund
-    local first = cjson.decode(redis.call('HGET', KEYS[5], prior))
+    local first = cjson.decode(redis.call('HGET', vouchers, prior))
     first.status = 'issued'
     first.redemption_id = nil
     return 'REPLAY', cjson.encode(first)
   end
   -- rate limits count attempts that reach the gate (a replay above is not one)
-  local who = {user, ARGV[base + 8], ARGV[base + 9]}
+  local who = {user_id, device_id, client_ip}
   for d = 1, 3 do
     local lim = limits[d]
     if lim.limit >= 0 and who[d] ~= '' and
@@ -123,63 +137,64 @@ local function decide(base)
   if now < opens then return 'NOT_OPEN', '' end
   if now >= closes then return 'ROUND_CLOSED', '' end
   if staff_mode then
-    local reg = redis.call('HGET', KEYS[6], person)
-    if not reg or cjson.decode(reg).user_id ~= user then return 'NOT_REGISTERED', '' end
+    local reg = redis.call('HGET', registrations, person_ref)
+    if not reg or cjson.decode(reg).user_id ~= user_id then return 'NOT_REGISTERED', '' end
   end
-  local held = redis.call('HGET', KEYS[3], person) or redis.call('HGET', KEYS[4], user)
+  local held = redis.call('HGET', persons, person_ref) or redis.call('HGET', accounts, user_id)
   if held then return 'ALREADY_CLAIMED', held end
-  if applicants and (waiting(KEYS[13], person) or waiting(KEYS[14], user)) then
+  if check_applicants == '1' and
+      (waiting(applicants, person_ref) or waiting(applicant_accounts, user_id)) then
     return 'ALREADY_CLAIMED', ''
   end
   if lottery then
-    local aid = ARGV[base + 6]
-    local app = made(base, 'applied')
-    app.application_id = aid
+    local app = made(extra, 'applied', person_ref, user_id, idem_field, fingerprint)
+    app.application_id = candidate
     app.applied_at = now
     local json = cjson.encode(app)
-    redis.call('HSET', KEYS[12], aid, json)
-    redis.call('HSET', KEYS[13], person, aid)
-    redis.call('HSET', KEYS[14], user, aid)
-    redis.call('HSET', KEYS[15], app.application_ref, aid)
-    idem_put(KEYS[8], idem_field, fingerprint, 'a:' .. aid)
+    redis.call('HSET', applications, candidate, json)
+    redis.call('HSET', applicants, person_ref, candidate)
+    redis.call('HSET', applicant_accounts, user_id, candidate)
+    redis.call('HSET', entries, app.application_ref, candidate)
+    idem_put(idem_current, idem_field, fingerprint, 'a:' .. candidate)
     stored = stored + 1
-    redis.call('XADD', KEYS[7], '*', 't', 'application', 'd', json)
+    redis.call('XADD', events, '*', 't', 'application', 'd', json)
     return 'APPLIED', json
   end
   if quota >= 0 and issued >= quota then return 'ROUND_QUOTA_EXHAUSTED', '' end
-  if rbudget >= 0 and rreserved + rspent + reserve > rbudget then return 'ROUND_BUDGET_EXHAUSTED', '' end
-  if available < reserve then return 'BUDGET_EXHAUSTED', '' end
+  if rbudget >= 0 and rreserved + rspent + reserve_fen > rbudget then
+    return 'ROUND_BUDGET_EXHAUSTED', ''
+  end
+  if available < reserve_fen then return 'BUDGET_EXHAUSTED', '' end
   -- every check passed: write
-  local vid = ARGV[base + 6]
-  local rec = made(base, 'issued')
-  rec.voucher_id = vid
+  local rec = made(extra, 'issued', person_ref, user_id, idem_field, fingerprint)
+  rec.voucher_id = candidate
   rec.issued_at = now
   rec.expires_at = tonumber(valid_until)
-  rec.reserve_fen = reserve
-  write_voucher(KEYS[3], KEYS[4], KEYS[5], KEYS[11], KEYS[7], rec)
-  idem_put(KEYS[8], idem_field, fingerprint, vid)
-  redis.call('SADD', KEYS[10], idem_field)
+  rec.reserve_fen = reserve_fen
+  write_voucher(persons, accounts, vouchers, expiry, events, rec)
+  idem_put(idem_current, idem_field, fingerprint, candidate)
+  redis.call('SADD', winners, idem_field)
   issued = issued + 1
-  rreserved = rreserved + reserve
-  available = available - reserve
+  rreserved = rreserved + reserve_fen
+  available = available - reserve_fen
   granted = granted + 1
   return 'OK', string.format('%d', now)  -- the caller knows the rest of the voucher
 end
 
 out = {status, led[2], 0, 0}
 for i = 0, n - 1 do
-  local code, payload = decide(FIRST + i * FIELDS)
+  local code, payload = decide(claims_at + i * CLAIM_FIELDS)
   out[#out + 1] = code
   out[#out + 1] = payload
 end
 if granted > 0 then
-  redis.call('HSET', KEYS[2], 'issued', issued, 'reserved', rreserved)
-  redis.call('HINCRBY', KEYS[1], 'available', -granted * reserve)
-  redis.call('HINCRBY', KEYS[1], 'reserved', granted * reserve)
-  redis.call('EXPIRE', KEYS[10], idem_ttl, 'NX')
+  redis.call('HSET', round, 'issued', issued, 'reserved', rreserved)
+  redis.call('HINCRBY', ledger, 'available', -granted * reserve_fen)
+  redis.call('HINCRBY', ledger, 'reserved', granted * reserve_fen)
+  redis.call('EXPIRE', winners, idem_ttl_s, 'NX')
 end
-if granted + stored > 0 then redis.call('EXPIRE', KEYS[8], idem_ttl, 'NX') end
-for nkey in pairs(nonce_used) do redis.call('EXPIRE', nkey, nonce_ttl, 'NX') end
+if granted + stored > 0 then redis.call('EXPIRE', idem_current, idem_ttl_s, 'NX') end
+for bucket in pairs(nonce_used) do redis.call('EXPIRE', bucket, nonce_ttl_s, 'NX') end
 for _, lim in ipairs(limits) do
   if lim.used then redis.call('EXPIRE', lim.key, lim.ttl, 'NX') end
 end

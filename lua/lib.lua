@@ -1,4 +1,6 @@
--- Shared helpers, prepended to every script by issuer/scripts.py.
+-- Shared helpers, prepended to every script by issuer/scripts.py. Each script then binds
+-- its KEYS and ARGV to named locals at its top, in the order of its structure in
+-- issuer/protocol.py (tests/test_protocol.py checks that they agree).
 -- Idempotency records are hash fields "<key id>|<request_id>" -> "<fingerprint>\n<result>",
 -- kept in two time buckets (current and previous) that expire as a whole.
 
@@ -21,7 +23,8 @@ local function idem_store(cur, field, fingerprint, result, ttl)
   redis.call('EXPIRE', cur, ttl, 'NX')
 end
 
-local function now_ms()
+-- Redis's clock, in ms
+local function time_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end

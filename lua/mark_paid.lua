@@ -1,20 +1,25 @@
 -- Record that merchants were reimbursed for redemptions (settlement): a later refund of
 -- them becomes a clawback. Redemptions already paid or fully refunded are skipped.
--- KEYS: 1 redemptions, 2 events
--- ARGV: 1 batch id, then redemption ids
 -- Returns the ids marked.
+-- KEYS
+local redemptions = KEYS[1]
+local events = KEYS[2]
+-- ARGV
+local batch_id = ARGV[1]  -- the settlement batch that paid them
+local redemption_ids_at = 2  -- from here: the redemption ids
 local marked = {}
-local now = now_ms()
-for i = 2, #ARGV do
-  local raw = redis.call('HGET', KEYS[1], ARGV[i])
+local now = time_ms()
+for i = redemption_ids_at, #ARGV do
+  local redemption_id = ARGV[i]
+  local raw = redis.call('HGET', redemptions, redemption_id)
   if raw then
     local r = cjson.decode(raw)
     if not r.paid_to_merchant and r.status ~= 'refunded' then
       r.paid_to_merchant = true
-      redis.call('HSET', KEYS[1], ARGV[i], cjson.encode(r))
-      redis.call('XADD', KEYS[2], '*', 't', 'merchant_paid', 'd', cjson.encode({
-        redemption_id = ARGV[i], batch_id = ARGV[1], paid_ms = now}))
-      marked[#marked + 1] = ARGV[i]
+      redis.call('HSET', redemptions, redemption_id, cjson.encode(r))
+      redis.call('XADD', events, '*', 't', 'merchant_paid', 'd', cjson.encode({
+        redemption_id = redemption_id, batch_id = batch_id, paid_ms = now}))
+      marked[#marked + 1] = redemption_id
     end
   end
 end

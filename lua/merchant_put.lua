@@ -1,8 +1,17 @@
--- Create or replace a merchant.
--- KEYS: 1 merchants hash, 2 global events
--- ARGV: 1 merchant id, 2 record JSON
--- Returns {code}: CREATED or REPLACED.
-local existed = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) == 0
-redis.call('XADD', KEYS[2], '*', 't', 'merchant', 'd', ARGV[2])
-if existed then return {'REPLACED'} end
+-- Create or replace a merchant; its tenant is fixed once it exists.
+-- Returns {code}: CREATED, REPLACED or TENANT_CONFLICT (the merchant has another tenant).
+-- KEYS
+local merchants = KEYS[1]  -- hash merchant id -> record JSON
+local events = KEYS[2]  -- the global event stream
+-- ARGV
+local merchant_id = ARGV[1]
+local merchant = ARGV[2]  -- its record JSON
+local tenant = ARGV[3]  -- its tenant
+local old = redis.call('HGET', merchants, merchant_id)
+if old and (cjson.decode(old).tenant or 'default') ~= tenant then
+  return {'TENANT_CONFLICT'}
+end
+redis.call('HSET', merchants, merchant_id, merchant)
+redis.call('XADD', events, '*', 't', 'merchant', 'd', merchant)
+if old then return {'REPLACED'} end
 return {'CREATED'}

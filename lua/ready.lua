@@ -1,3 +1,5 @@
 -- Readiness probe: proves Redis runs our scripts (and reloads them after a restart).
--- KEYS: 1 campaign registry
-return redis.call('SCARD', KEYS[1])
+-- Returns the number of campaigns.
+-- KEYS
+local campaigns = KEYS[1]  -- the campaign registry
+return redis.call('SCARD', campaigns)

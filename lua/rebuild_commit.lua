@@ -2,27 +2,36 @@
 -- back while it was rebuilt (a campaign PUT meanwhile); merge the staged idempotency
 -- records into their buckets without replacing any record already there, and the staged
 -- winners into the winners set.
--- KEYS: n live keys, their n staged keys in the same order, then m idempotency buckets
---       and their m staged keys, then the winners set and its staged set
--- ARGV: 1 n, 2 m, 3 idempotency ttl s (as the scripts set it on a new bucket or winners)
 -- Returns 1 if done, 0 if a live key exists (then nothing is written).
-local n, m = tonumber(ARGV[1]), tonumber(ARGV[2])
-for i = 1, n do
-  if redis.call('EXISTS', KEYS[i]) == 1 then return 0 end
+-- KEYS
+local winners = KEYS[1]
+local staged_winners = KEYS[2]
+local live_at = 3  -- from here: the live keys, `moves` of them
+-- ARGV
+local idem_ttl_s = ARGV[1]  -- as the scripts set it on a new bucket or winners set
+local moves = tonumber(ARGV[2])  -- how many live keys
+-- the rest of KEYS: the live keys' staged keys, in the same order, then idempotency
+-- buckets, then theirs
+local staged_at = live_at + moves
+local buckets_at = staged_at + moves
+local merges = (#KEYS - buckets_at + 1) / 2
+local staged_buckets_at = buckets_at + merges
+for i = 0, moves - 1 do
+  if redis.call('EXISTS', KEYS[live_at + i]) == 1 then return 0 end
 end
-for i = 1, n do
-  if redis.call('EXISTS', KEYS[n + i]) == 1 then redis.call('RENAME', KEYS[n + i], KEYS[i]) end
+for i = 0, moves - 1 do
+  local staged = KEYS[staged_at + i]
+  if redis.call('EXISTS', staged) == 1 then redis.call('RENAME', staged, KEYS[live_at + i]) end
 end
-for j = 1, m do
-  local bucket, staged = KEYS[2 * n + j], KEYS[2 * n + m + j]
+for j = 0, merges - 1 do
+  local bucket, staged = KEYS[buckets_at + j], KEYS[staged_buckets_at + j]
   local fields = redis.call('HGETALL', staged)
   for k = 1, #fields, 2 do
     redis.call('HSETNX', bucket, fields[k], fields[k + 1])
   end
-  if #fields > 0 then redis.call('EXPIRE', bucket, ARGV[3], 'NX') end
+  if #fields > 0 then redis.call('EXPIRE', bucket, idem_ttl_s, 'NX') end
 end
-local winners, staged_winners = KEYS[2 * (n + m) + 1], KEYS[2 * (n + m) + 2]
 local members = redis.call('SMEMBERS', staged_winners)
 for _, member in ipairs(members) do redis.call('SADD', winners, member) end
-if #members > 0 then redis.call('EXPIRE', winners, ARGV[3], 'NX') end
+if #members > 0 then redis.call('EXPIRE', winners, idem_ttl_s, 'NX') end
 return 1

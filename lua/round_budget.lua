@@ -1,14 +1,25 @@
 -- Compare-and-set a round's budget (and optionally its quota).
--- KEYS: 1 ledger, 2 round, 3 events, 4 idem current, 5 idem previous
--- ARGV: 1 idem field, 2 fingerprint, 3 idem ttl s, 4 expected budget (-1 = none),
---       5 new budget, 6 new quota ("" = unchanged), 7 event JSON
 -- Returns {code, budget, quota, issued, reserved} (NOT_FOUND: {code} alone); the new
 -- budget may not be below what the round's budget holds (reserved + spent - overdrawn):
 -- OK, REPLAY, IDEMPOTENCY_MISMATCH, NOT_FOUND, BUDGET_CONFLICT.
-local rnd = redis.call('HMGET', KEYS[2], 'budget', 'quota', 'issued', 'reserved', 'spent',
+-- KEYS
+local idem_current = KEYS[1]  -- the request's idempotency buckets (lib.lua)
+local idem_previous = KEYS[2]
+local ledger = KEYS[3]
+local round = KEYS[4]
+local events = KEYS[5]
+-- ARGV
+local idem_field = ARGV[1]  -- the request: its idempotency field, body fingerprint, TTL
+local fingerprint = ARGV[2]
+local idem_ttl_s = tonumber(ARGV[3])
+local expected_budget_fen = tonumber(ARGV[4])  -- -1: the round has none
+local budget_fen = ARGV[5]  -- the new budget
+local quota = ARGV[6]  -- the new quota, "" to leave it
+local event = ARGV[7]  -- JSON: who and the request
+local rnd = redis.call('HMGET', round, 'budget', 'quota', 'issued', 'reserved', 'spent',
   'overdrawn')
-if not rnd[1] or redis.call('EXISTS', KEYS[1]) == 0 then return {'NOT_FOUND'} end
-local prior = idem_lookup(KEYS[4], KEYS[5], ARGV[1], ARGV[2])
+if not rnd[1] or redis.call('EXISTS', ledger) == 0 then return {'NOT_FOUND'} end
+local prior = idem_lookup(idem_current, idem_previous, idem_field, fingerprint)
 if prior == false then return {'IDEMPOTENCY_MISMATCH', rnd[1], rnd[2], rnd[3], rnd[4]} end
 if prior then
   -- the first answer, kept as "budget quota issued reserved" (a record from before that
@@ -18,18 +29,17 @@ if prior then
   if #first == 4 then return {'REPLAY', first[1], first[2], first[3], first[4]} end
   return {'REPLAY', rnd[1], rnd[2], rnd[3], rnd[4]}
 end
-local budget, issued = tonumber(ARGV[5]), tonumber(rnd[3])
+local budget, issued = tonumber(budget_fen), tonumber(rnd[3])
 local held = tonumber(rnd[4]) + tonumber(rnd[5] or 0) - tonumber(rnd[6] or 0)
-local quota = rnd[2]
-if ARGV[6] ~= '' then quota = ARGV[6] end
-if tonumber(rnd[1]) ~= tonumber(ARGV[4]) or budget < held
+if quota == '' then quota = rnd[2] end
+if tonumber(rnd[1]) ~= expected_budget_fen or budget < held
     or (tonumber(quota) >= 0 and tonumber(quota) < issued) then
   return {'BUDGET_CONFLICT', rnd[1], rnd[2], rnd[3], rnd[4]}
 end
-redis.call('HSET', KEYS[2], 'budget', budget, 'quota', quota)
-local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
-idem_store(KEYS[4], ARGV[1], ARGV[2], table.concat({ARGV[5], quota, rnd[3], rnd[4]}, ' '),
-  tonumber(ARGV[3]))
-redis.call('XADD', KEYS[3], '*', 't', 'round_budget', 'd', ARGV[7], 'budget', budget,
+redis.call('HSET', round, 'budget', budget, 'quota', quota)
+local version = redis.call('HINCRBY', ledger, 'version', 1)
+idem_store(idem_current, idem_field, fingerprint,
+  table.concat({budget_fen, quota, rnd[3], rnd[4]}, ' '), idem_ttl_s)
+redis.call('XADD', events, '*', 't', 'round_budget', 'd', event, 'budget', budget,
   'quota', quota, 'version', version)
 return {'OK', tostring(budget), quota, rnd[3], rnd[4]}

@@ -4,7 +4,10 @@ module, and `issuer serve` itself as a subprocess on loopback.
 
 A module that sets `TOPOLOGIES = ("standalone", "cluster")` runs all its tests once per
 topology: `cluster` is an embedded Valkey Cluster of 3 primaries and 3 replicas (one per
-session, emptied for each module), which the service detects from REDIS_URL."""
+session, emptied for each module), which the service detects from REDIS_URL.
+
+Tests marked `fast` (`make check`) use none of these: they start no server and no process
+(checked here), and their Redis, if any, is fakeredis (`fake`)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import contextlib
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,6 +26,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import fakeredis
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -30,9 +35,41 @@ from issuer import embedded
 from issuer.auth import ApiKey, load_keys
 from issuer.client import Client, Response
 from issuer.keys import CAMPAIGNS, CampaignKeys
+from issuer.scripts import Scripts
+from tests.fake import Fake
 
 ROOT = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.browser"]  # the browser fixtures of the page tests
 _module_counter = iter(range(1, 1_000_000))
+SERVERS = {"servers", "cluster"}  # the fixtures that start servers
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("fast") and SERVERS & set(getattr(item, "fixturenames", ())):
+            raise pytest.UsageError(f"{item.nodeid} is marked fast but uses a server")
+
+
+def _no_process(*args: Any, **kwargs: Any) -> None:
+    raise AssertionError(f"a fast test started a process: {args[:1]}")
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_start_no_process(request: pytest.FixtureRequest) -> Iterator[None]:
+    if request.node.get_closest_marker("fast") is None:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess, "Popen", _no_process)
+        yield
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[Fake]:
+    """The scripts on a fresh fakeredis with Lua: the fast tier's Redis."""
+    redis = fakeredis.FakeAsyncRedis()
+    yield Fake(redis, Scripts(redis))
+    await redis.aclose()
 
 
 class Servers:
@@ -65,6 +102,16 @@ def servers(workdir: Path) -> Iterator[Servers]:
     finally:
         for server in reversed(started):
             server.stop()
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """Prometheus' promtool, or the test skips (Debian's prometheus package; .ci/run installs
+    it)."""
+    found = shutil.which("promtool")
+    if found is None:
+        pytest.skip("promtool is not installed: apt-get install prometheus (as .ci/run does)")
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any, cast
 
 import aiohttp
@@ -20,6 +21,9 @@ from issuer.app import make_app
 from issuer.config import Settings
 from issuer.errors import ApiError
 from issuer.http import MAX_BODY, Ctx
+from issuer.keyring import Keyring
+
+pytestmark = pytest.mark.fast
 
 
 @pytest.fixture
@@ -109,9 +113,10 @@ async def test_claims_are_shed_before_they_are_read_or_checked_and_nothing_else_
         claims=nothing,
         redemptions=nothing,
         settlement=nothing,
-        keys={},
+        keys=Keyring(Path("no-keys.toml"), {}),
         person_key=b"k",
         admission=Admission(queue_max=0, lag_max_s=10, lag=LoopLag()),
+        owners=nothing,
     )
 
     async def ready() -> dict[str, Any]:

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 
 from issuer.campaign_file import load_campaign_file
-from issuer.draw import commits
+from issuer.draw_rules import commits
 from issuer.model import RoundRule
 from issuer.schedule import current_round, expand_rounds
+
+pytestmark = pytest.mark.fast
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CST = timezone(timedelta(hours=8))

@@ -12,6 +12,8 @@ from issuer.identity import name_ref
 from issuer.model import DocumentMeta
 from tests.test_settlement import JPEG, PDF, PNG, body_of
 
+pytestmark = pytest.mark.fast
+
 KEY = b"person-key"
 META = DocumentMeta(
     invoice_no="1",

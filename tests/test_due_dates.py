@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import asyncpg
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
@@ -129,10 +130,13 @@ async def test_a_due_date_waits_for_its_year_then_is_recomputed(
             "soonest_due_date": "2027-01-13",
             "soonest_until_year": 2027,
         }
+        before = datetime.now(BUREAU_TZ)
         gauges = await scraped(service)
+        after = datetime.now(BUREAU_TZ)
         assert gauges["issuer_due_dates_provisional"] == 1
-        days = (date(2027, 1, 13) - datetime.now(BUREAU_TZ).date()).days
-        assert gauges["issuer_due_date_provisional_soonest_days"] == days
+        due = datetime(2027, 1, 13, tzinfo=BUREAU_TZ)  # the day begins at midnight in Beijing
+        soonest = gauges["issuer_due_date_provisional_soonest_seconds"]
+        assert (due - after).total_seconds() <= soonest <= (due - before).total_seconds()
 
         holidays.write_text(HOLIDAYS_2027)
         service.proc.send_signal(signal.SIGHUP)  # the workers reload it and recompute
@@ -141,7 +145,8 @@ async def test_a_due_date_waits_for_its_year_then_is_recomputed(
                 if (await scraped(service))["issuer_due_dates_provisional"] == 0:
                     break
                 await asyncio.sleep(0.1)
-        assert (await scraped(service))["issuer_due_date_provisional_soonest_days"] == float("inf")
+        gauges = await scraped(service)
+        assert gauges["issuer_due_date_provisional_soonest_seconds"] == float("inf")
         listed = await service.call("GET", "/v1/settlements?merchant_id=m-december", role="auditor")
         (moved,) = listed.body["settlements"]
         # New Year's Day off: one working day later
@@ -194,6 +199,7 @@ async def test_issuer_serve_recomputes_at_start_up(
     assert logged == 1
 
 
+@pytest.mark.fast
 def test_a_batch_is_provisional_while_a_provisional_record_may_come_first() -> None:
     final, provisional = (date(2026, 11, 19), None), (date(2027, 1, 13), 2027)
     assert batch_due([final, provisional]) == Due(date(2026, 11, 19))

@@ -56,6 +56,7 @@ class Told(MajoritySentinel):
         return {(h, p) for h, p, priority in self.lists[sentinel] if priority != 0}
 
 
+@pytest.mark.fast
 async def test_the_primary_is_the_one_a_majority_names() -> None:
     both = [("10.0.0.2", 6379, 100), ("10.0.0.3", 6379, 100)]
     # two Sentinels have not heard of a failover the third made: the majority wins
@@ -72,6 +73,7 @@ async def test_the_primary_is_the_one_a_majority_names() -> None:
         await Told([state(A, 1, down=True)] * 3, [[], [], []]).authority("issuer")
 
 
+@pytest.mark.fast
 async def test_what_could_be_promoted_is_every_replica_named_less_priority_0() -> None:
     lists = [
         [("10.0.0.2", 6379, 100), ("10.0.0.9", 6379, 0)],
@@ -82,6 +84,7 @@ async def test_what_could_be_promoted_is_every_replica_named_less_priority_0() -
     assert (await told.authority("issuer")).promotable == {B, C}
 
 
+@pytest.mark.fast
 def test_a_cluster_primary_counts_every_replica_it_knows_but_nofailover() -> None:
     nodes = {
         "10.0.0.1:7000": {"node_id": "p", "flags": "myself,master", "master_id": "-"},
@@ -95,6 +98,7 @@ def test_a_cluster_primary_counts_every_replica_it_knows_but_nofailover() -> Non
     assert cluster_replicas(nodes)[0] is False
 
 
+@pytest.mark.fast
 def test_attached_means_online_with_a_recent_acknowledgement() -> None:
     info = {
         "role": "master",

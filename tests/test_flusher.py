@@ -24,11 +24,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from issuer import keys, store
 from issuer.auth import ApiKey, Verified
 from issuer.campaigns import Campaigns
-from issuer.claims import RECORD, Claims
+from issuer.claims import Claims
 from issuer.flusher import Flusher, stream_lag
 from issuer.model import CampaignDef, ClaimIn, StatusChangeIn
 from issuer.reconcile import reconcile
 from issuer.scripts import Scripts
+from issuer.vouchers import VOUCHER
 from tests.conftest import Keyspace, unique_id
 from tests.people import campaign, claim
 
@@ -94,7 +95,7 @@ async def redis_vouchers(redis: Redis, campaign_id: str) -> dict[str, dict[str, 
     ck = keys.CampaignKeys(campaign_id)
     out = {}
     async for vid, raw in redis.hscan_iter(ck.vouchers, count=1000):
-        rec = RECORD.decode(raw)
+        rec = VOUCHER.decode(raw)
         out[vid.decode()] = {
             "round_id": rec.round_id,
             "user_id": rec.user_id,

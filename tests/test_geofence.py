@@ -11,6 +11,8 @@ import pytest
 
 from issuer.geofence import Region, region_for, wgs84_to_gcj02
 
+pytestmark = pytest.mark.fast
+
 XIANGNING_SEAT = (35.97, 110.85)
 XI_COUNTY_SEAT = (36.69, 110.94)
 YUNCHENG = (35.03, 111.00)

@@ -22,6 +22,8 @@ from issuer.geofence import Region
 from issuer.http import error_response
 from issuer.server import settle_heap
 
+pytestmark = pytest.mark.fast
+
 
 def exposition(registry: CollectorRegistry) -> list[str]:
     """The samples, without the `_created` ones (a time, different per registry)."""

@@ -8,6 +8,8 @@ import pytest
 
 from issuer.identity import _check_digit, name_ref, normalise_id_number, person_ref, phone_ref
 
+pytestmark = pytest.mark.fast
+
 KEY = b"k" * 32
 
 

@@ -22,9 +22,10 @@ import msgspec
 import pytest
 from redis.asyncio import Redis
 
-from issuer import draw, lottery
+from issuer import draw_rules, draws
 from issuer.campaigns import Campaigns
 from issuer.keys import CampaignKeys
+from issuer.protocol import Call
 from issuer.rebuild import rebuild
 from issuer.scripts import Scripts
 from tests.conftest import Keyspace, Service, child_processes, unique_id
@@ -122,7 +123,7 @@ async def test_applications_then_a_draw_anyone_can_check(
     assert early.status == 409 and early.body["error"]["code"] == "NOT_OPEN"
     frozen = (await service.call("GET", draw_path, role="app")).body
     assert frozen["seed"] is None and len(frozen["applications"]) == 300
-    assert frozen["applications_root"] == draw.applications_root(
+    assert frozen["applications_root"] == draw_rules.applications_root(
         e["application_ref"] for e in frozen["applications"]
     )
 
@@ -142,15 +143,15 @@ async def test_applications_then_a_draw_anyone_can_check(
 
     doc = (await service.call("GET", draw_path, role="auditor")).body
     assert doc["seed"] == SEED and doc["winners"] == 100 and doc["quota"] == 100
-    assert draw.verify(msgspec.convert(doc, draw.DrawDocument)) == []
+    assert draw_rules.verify(msgspec.convert(doc, draw_rules.DrawDocument)) == []
     checked = verify_draw_cli(doc, tmp_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    ranked = draw.order(
+    ranked = draw_rules.order(
         SEED, doc["applications_root"], (e["application_ref"] for e in doc["applications"])
     )
     won = {e["application_ref"] for e in doc["applications"] if e["outcome"] == "won"}
     assert won == set(ranked[:100])
-    other_seed = draw.order("00" * 32, doc["applications_root"], ranked)
+    other_seed = draw_rules.order("00" * 32, doc["applications_root"], ranked)
     assert set(other_seed[:100]) != won  # another seed, other winners
     tampered = doc | {"applications": doc["applications"][1:]}
     assert verify_draw_cli(tampered, tmp_path).returncode == 1
@@ -212,7 +213,7 @@ async def test_the_round_budget_binds_before_the_quota(service: Service) -> None
     )
     assert done.body["winners"] == 20
     doc = (await service.call("GET", f"/v1/campaigns/{campaign_id}/rounds/r1/draw")).body
-    assert draw.verify(msgspec.convert(doc, draw.DrawDocument)) == []
+    assert draw_rules.verify(msgspec.convert(doc, draw_rules.DrawDocument)) == []
 
 
 async def half_drawn(
@@ -227,22 +228,22 @@ async def half_drawn(
     scripts = Scripts(redis)
     campaigns = Campaigns(redis, scripts)
     cached = await campaigns.cached(campaign_id)
-    found = await lottery.entries(redis, cached, "r1")
-    ranked = draw.order(SEED, draw.applications_root(found), found)
-    monkeypatch.setattr(lottery, "DRAW_BATCH", 7)
+    found = await draws.entries(redis, cached, "r1")
+    ranked = draw_rules.order(SEED, draw_rules.applications_root(found), found)
+    monkeypatch.setattr(draws, "DRAW_BATCH", 7)
     run = scripts.run
     calls = 0
 
-    async def crash_after_three(name: str, keys: Any, args: Any) -> Any:
+    async def crash_after_three(call: Call) -> Any:
         nonlocal calls
         calls += 1
         if calls > 3:
             raise ConnectionError("the worker died")
-        return await run(name, keys, args)
+        return await run(call)
 
     monkeypatch.setattr(scripts, "run", crash_after_three)
     with pytest.raises(ConnectionError):
-        await lottery.draw(redis, scripts, campaigns, campaign_id, "r1", SEED)
+        await draws.draw(redis, scripts, campaigns, campaign_id, "r1", SEED)
     await scripts.aclose()
     ck = CampaignKeys(campaign_id)
     assert int(await redis.hget(ck.draw("r1"), "cursor")) == 21
@@ -255,7 +256,7 @@ async def assert_drawn_once(
 ) -> None:
     """The draw is complete and checks, its winners are `winners`, each with one voucher."""
     doc = (await service.call("GET", f"/v1/campaigns/{campaign_id}/rounds/r1/draw")).body
-    assert draw.verify(msgspec.convert(doc, draw.DrawDocument)) == []
+    assert draw_rules.verify(msgspec.convert(doc, draw_rules.DrawDocument)) == []
     assert doc["winners"] == 40
     ck = CampaignKeys(campaign_id)
     records = [msgspec.json.decode(r) for r in await redis.hvals(ck.applications)]
@@ -272,12 +273,12 @@ async def test_a_draw_that_crashed_half_way_finishes_with_the_same_winners(
 ) -> None:
     campaign_id, winners = await half_drawn(service, redis, monkeypatch)
     # two callers finish it at once (a retry while another worker still runs)
-    monkeypatch.setattr(lottery, "DRAW_BATCH", 7)
+    monkeypatch.setattr(draws, "DRAW_BATCH", 7)
     scripts = Scripts(redis)
     campaigns = Campaigns(redis, scripts)
     path = f"/v1/campaigns/{campaign_id}/rounds/r1/draw"
     finished = await asyncio.gather(
-        lottery.draw(redis, scripts, campaigns, campaign_id, "r1", SEED),
+        draws.draw(redis, scripts, campaigns, campaign_id, "r1", SEED),
         service.call("POST", path, {"request_id": "draw-0001", "seed": SEED}),
     )
     await scripts.aclose()
@@ -362,7 +363,7 @@ async def test_a_worker_killed_mid_draw_of_a_large_round(
     campaign_id, draws_at = await lottery_campaign(service, quota=quota, window_s=1)
     ck = CampaignKeys(campaign_id)
     refs = await write_applications(redis, ck, applications(campaign_id, "r1", n))
-    ranked = draw.order(SEED, draw.applications_root(refs), refs)
+    ranked = draw_rules.order(SEED, draw_rules.applications_root(refs), refs)
     await until(draws_at)
     path = f"/v1/campaigns/{campaign_id}/rounds/r1/draw"
     posted = asyncio.ensure_future(

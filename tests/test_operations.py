@@ -47,6 +47,7 @@ RESERVE = 200_000  # the default reserve: the cap
 # ------------------------------------------------------------------ settings
 
 
+@pytest.mark.fast
 def test_settings_from_a_file_and_the_environment(tmp_path: Path) -> None:
     path = tmp_path / "issuer.toml"
     path.write_text('workers = 2\nport = 9001\nlog_level = "DEBUG"\nshutdown_grace_s = 5\n')
@@ -489,6 +490,7 @@ async def test_a_flusher_on_its_own_serves_its_metrics(keyspace: Keyspace) -> No
         assert await asyncio.to_thread(proc.wait, 30) == 0
 
 
+@pytest.mark.fast
 async def test_a_refusal_is_freed_without_the_garbage_collector() -> None:
     """The error middleware keeps no reference to the exception it answered: its traceback
     holds the middleware's frame, and such a cycle lives until a collection, whose pauses
@@ -514,6 +516,7 @@ async def test_a_refusal_is_freed_without_the_garbage_collector() -> None:
         gc.enable()
 
 
+@pytest.mark.fast
 def test_a_child_that_keeps_dying_young_is_restarted_ever_later() -> None:
     waits = [0.0]
     for _ in range(8):
@@ -525,6 +528,7 @@ def test_a_child_that_keeps_dying_young_is_restarted_ever_later() -> None:
 SOMAXCONN = int(Path("/proc/sys/net/core/somaxconn").read_text())  # the kernel's cap
 
 
+@pytest.mark.fast
 async def test_a_worker_listens_with_a_backlog_for_a_crowd_connecting_at_once() -> None:
     """aiohttp's site listens again with 128 unless told; at 10:00 the SYNs past it were
     dropped and their clients waited 1-7 s to retransmit."""

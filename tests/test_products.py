@@ -10,6 +10,8 @@ from issuer.products import (
     valid_gb_code,
 )
 
+pytestmark = pytest.mark.fast
+
 
 def with_ean_check_digit(first12: str) -> str:
     """Append the EAN-13 check digit (weights 1, 3 alternating from the left)."""

@@ -223,7 +223,7 @@ def short_lived(ck: keys.CampaignKeys, key: str) -> bool:
     def kind(name: str) -> str:  # "{c:id}:idem:20000" -> "idem"
         return name.removeprefix(f"{ck.tag}:").partition(":")[0]
 
-    buckets = (ck.idempotency(0)[0], ck.nonces(0), ck.rate_window("account", 1, 0))
+    buckets = (ck.idempotency(0)[0], ck.nonces(0, 0)[0], ck.rate_window("account", 1, 0))
     return key in (ck.events, ck.winners) or kind(key) in {kind(b) for b in buckets}
 
 
@@ -303,6 +303,7 @@ class Terminal(io.StringIO):
         return True
 
 
+@pytest.mark.fast
 def test_progress_bar_redraws_on_a_terminal_and_prints_tenths_otherwise() -> None:
     log, terminal = io.StringIO(), Terminal()
     steps = range(0, 1001, 5)

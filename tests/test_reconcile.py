@@ -21,13 +21,13 @@ from redis.asyncio import Redis
 from issuer import expiry, keys, merchants, store
 from issuer.auth import ApiKey, Verified
 from issuer.campaigns import Campaigns
-from issuer.claims import RECORD as VOUCHER
 from issuer.claims import Claims
 from issuer.flusher import Flusher
 from issuer.model import CampaignDef, ClaimIn, MerchantDef, RedemptionIn, RefundIn, RepaidIn
 from issuer.reconcile import Report, reconcile
 from issuer.redemptions import Redemptions, mark_paid
 from issuer.scripts import Scripts
+from issuer.vouchers import VOUCHER
 from tests.conftest import ROOT, Keyspace, unique_id
 from tests.money import payment
 from tests.people import campaign, claim

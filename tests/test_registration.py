@@ -205,6 +205,7 @@ async def test_merchant_create_replace_read(service: Service, pg: asyncpg.Pool) 
         "county_code": "141029",
         "categories": ["appliance"],
         "status": "active",
+        "tenant": "default",  # a platform-wide key's PUT that names none
     }
     replacement = {
         "name": "乡宁家居城",
@@ -215,7 +216,8 @@ async def test_merchant_create_replace_read(service: Service, pg: asyncpg.Pool) 
     replaced = await service.call("PUT", path, replacement)
     assert replaced.status == 200, replaced.body
     read = await service.call("GET", path)
-    assert read.status == 200 and read.body == {"merchant_id": merchant_id, **replacement}
+    assert read.status == 200
+    assert read.body == {"merchant_id": merchant_id, "tenant": "default", **replacement}
 
     bad = await service.call("PUT", path, dict(replacement, categories=["spaceship"]))
     assert "categories" in assert_error(bad, 400, "INVALID_REQUEST")["message"]
@@ -231,11 +233,12 @@ async def test_merchant_create_replace_read(service: Service, pg: asyncpg.Pool) 
     await service.drained()
     row = await pg.fetchrow("SELECT * FROM merchants WHERE merchant_id = $1", merchant_id)
     assert row is not None
-    assert (row["name"], row["county_code"], row["categories"], row["status"]) == (
+    assert (row["name"], row["county_code"], row["categories"], row["status"], row["tenant"]) == (
         "乡宁家居城",
         "141029",
         ["furniture", "tile"],
         "suspended",
+        "default",
     )
 
 

@@ -58,6 +58,7 @@ async def fetch(service: Service, path: str, role: str = "auditor") -> RawRespon
     return await service.client(role).request("GET", path)
 
 
+@pytest.mark.fast
 def test_split_adds_up_and_follows_the_weights() -> None:
     assert split(100, [1, 1, 1]) == [34, 33, 33]
     assert split(7, [0, 5, 0]) == [0, 7, 0]

@@ -12,6 +12,8 @@ import pytest
 from issuer.model import CampaignDef, Round
 from issuer.schedule import MAX_ROUNDS, current_round, expand_rounds, from_millis, to_millis
 
+pytestmark = pytest.mark.fast
+
 CST = timezone(timedelta(hours=8))
 XIANGNING = {
     "every": "day",

@@ -41,6 +41,7 @@ def test_a_bad_mode_is_refused_naming_it(tmp_path: Path) -> None:
     assert "configuration error" in err and "redis_mode" in err
 
 
+@pytest.mark.fast
 def test_sentinel_mode_needs_its_settings() -> None:
     with pytest.raises(SystemExit, match="ISSUER_SENTINELS and ISSUER_SENTINEL_MASTER"):
         topology.resolved(Settings(redis_mode="sentinel", sentinels="127.0.0.1:26379"))

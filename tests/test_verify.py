@@ -108,6 +108,7 @@ async def test_main_prints_and_exits(
     assert out.splitlines()[-1].startswith(f"FAIL 1 of 11 checks of {surge.campaign_id}")
 
 
+@pytest.mark.fast
 def test_load_told(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("c.1\n\n  c.2  \n")
     (tmp_path / "b.txt").write_text("c.2\nd.3\n")
@@ -117,6 +118,7 @@ def test_load_told(tmp_path: Path) -> None:
     assert load_told([tmp_path, extra]) == {"c.1", "c.2", "d.3", "c.4"}
 
 
+@pytest.mark.fast
 def test_main_needs_urls(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("REDIS_URL", raising=False)
     monkeypatch.delenv("DATABASE_URL", raising=False)

@@ -10,6 +10,8 @@ import pytest
 from issuer.due_dates import MAY_MOVE_EARLIER_DAYS, PAY_WITHIN_WORKING_DAYS
 from issuer.workdays import Calendar, Due, HolidaysFileError
 
+pytestmark = pytest.mark.fast
+
 OFFICIAL = Calendar()
 
 

@@ -1,5 +1,6 @@
-"""The lottery draw of a round, as API.md defines it, and its check from the published
-document alone.
+"""The rules of a lottery draw, as API.md publishes them: an application's ref, the root
+of a round's list, each rank, the seed's commitment, and the check of a published draw
+document against them. Pure: no Redis and no clock, so anyone can check a draw.
 
 An application is published as its `application_ref`, a keyed hash that identifies no one
 without the key. The list's digest `applications_root` is fixed when applications close;

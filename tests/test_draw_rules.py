@@ -1,4 +1,5 @@
-"""Lottery rounds: their validation, and the draw recomputed from its published document."""
+"""The draw's rules: lottery rounds' validation, and the draw recomputed from its published
+document."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import msgspec
 import pytest
 
 from issuer.cli import main
-from issuer.draw import (
+from issuer.draw_rules import (
     DrawDocument,
     DrawEntry,
     application_ref,
@@ -23,6 +24,8 @@ from issuer.draw import (
 )
 from issuer.model import CampaignDef, Round
 from issuer.schedule import expand_rounds
+
+pytestmark = pytest.mark.fast
 
 KEY = b"application-ref key of the test"
 SEED = "5eed" * 16

@@ -1,7 +1,8 @@
-"""A lottery round's draw: run it in batches from the revealed seed, and publish it.
+"""Running a lottery round's draw in Redis, in batches from the revealed seed, and reading
+its published document back.
 
 The applications of a round are frozen when applications close (the claim script takes
-none after). The draw orders their refs by rank (issuer/draw.py) and hands them to the
+none after). The draw orders their refs by rank (issuer/draw_rules.py) and hands them to the
 `draw_batch` script a batch at a time; each batch moves the draw's cursor in Redis in
 the same step as its vouchers, so a draw that crashed, or runs twice at once, resumes at
 the cursor with the same order and decides every application once. A winner's voucher id
@@ -17,9 +18,18 @@ from redis.asyncio import Redis
 
 from issuer import applications
 from issuer.campaigns import CachedCampaign, Campaigns
-from issuer.draw import DrawDocument, DrawEntry, Outcome, applications_root, commits, order, rank
+from issuer.draw_rules import (
+    DrawDocument,
+    DrawEntry,
+    Outcome,
+    applications_root,
+    commits,
+    order,
+    rank,
+)
 from issuer.errors import ApiError
 from issuer.model import DrawOut, Round
+from issuer.protocol import DrawBatch, DrawPick
 from issuer.scripts import Scripts
 
 # applications per script call, a few ms of Redis each (bench.draw): fewer while winners
@@ -66,25 +76,28 @@ async def draw(
     root = applications_root(found)
     ranked = [found[ref] for ref in order(seed, root, found)]
     ck = cached.keys
-    script_keys = [
-        ck.ledger,
-        ck.round(round_id),
-        ck.persons,
-        ck.accounts,
-        ck.vouchers,
-        ck.events,
-        ck.expiry,
-        ck.applications,
-        ck.draw(round_id),
-    ]
     reserve = cached.definition.voucher.reserve
     cursor, winners, full = 0, 0, False
     while True:
         batch = ranked[cursor : cursor + (NOT_DRAWN_BATCH if full else DRAW_BATCH)]
-        args: list[object] = [seed, root, reserve, cursor, len(batch), round_id]
-        for application_id in batch:
-            args += [application_id, winner_voucher_id(application_id)]
-        code, at, won, no_more = await scripts.run("draw_batch", script_keys, args)
+        picks = DrawBatch(
+            ledger=ck.ledger,
+            round=ck.round(round_id),
+            persons=ck.persons,
+            accounts=ck.accounts,
+            vouchers=ck.vouchers,
+            events=ck.events,
+            expiry=ck.expiry,
+            applications=ck.applications,
+            draw=ck.draw(round_id),
+            seed=seed,
+            root=root,
+            reserve_fen=reserve,
+            start=cursor,
+            round_id=round_id,
+            picks=[DrawPick(a, winner_voucher_id(a)) for a in batch],
+        )
+        code, at, won, no_more = await scripts.run(picks)
         if code == b"MISMATCH":  # the frozen list cannot change, nor the committed seed
             raise RuntimeError(f"draw of {campaign_id}/{round_id} began from other applications")
         cursor, winners, full = int(at), int(won), no_more == 1
@@ -127,7 +140,7 @@ async def document(
         chunk = refs[i : i + READ_BATCH]
         raws = await redis.hmget(cached.keys.applications, [found[r] for r in chunk])
         for ref, raw in zip(chunk, raws, strict=True):
-            status = applications.RECORD.decode(raw).status
+            status = applications.APPLICATION.decode(raw).status
             outcomes[ref] = None if status == "applied" else status
     doc.applications = [
         DrawEntry(application_ref=ref, rank=rank(seed, root, ref), outcome=outcomes[ref])
