@@ -106,6 +106,11 @@ REWORDED: dict[str, tuple[str, str]] = {
         "a replica acknowledgement now waits for every replica the failover authority could"
         " promote, and its cost in availability is described beside it (issue 20)",
     ),
+    "Prometheus with `alerts.yml`, Grafana": (
+        "Prometheus with `alerts.yml` and `alerts-gate.yml`, Grafana",
+        "compose mounts deploy/prometheus/, whose prometheus.yml also loads the gate's alerts"
+        " (issue 20)",
+    ),
 }
 
 # old sentence -> why it is gone
