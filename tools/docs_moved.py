@@ -111,6 +111,35 @@ REWORDED: dict[str, tuple[str, str]] = {
         "compose mounts deploy/prometheus/, whose prometheus.yml also loads the gate's alerts"
         " (issue 20)",
     ),
+    "(in `make test`, about 1 minute)": (
+        "(in `make test`, about half a minute)",
+        "issue 20 retired the cluster replica and Sentinel drills (the chaos cells cover"
+        " them): the file took 33 s instead of 126 s",
+    ),
+    "`replica` waits for every replica the primary has connected (at least one), read from"
+    " `INFO replication` at most once a second: with `WAIT 1` and two replicas, a failover"
+    " can promote the one that had not confirmed": (
+        "`replica` then waited for every replica the primary had connected (at least one),"
+        " read from `INFO replication` at most once a second: with `WAIT 1` and two replicas,"
+        " a failover could promote the one that had not confirmed; since issue 20 it waits for"
+        " every replica that could be promoted, attached or not (the rule)",
+        "the rule changed with issue 20; the sentence tells what it was at the drill's run",
+    ),
+    "283 acknowledged claims vanished (see Known gaps)": (
+        "283 acknowledged claims vanished (the split brain below, closed by issue 20)",
+        "the split brain is no longer a known gap (issue 20)",
+    ),
+    "The drill now restarts it once every Sentinel names the new primary": (
+        "The drill then restarted it once every Sentinel named the new primary",
+        "the Sentinel drill is retired (issue 20); make chaos's restart-early cells restart it"
+        " early on purpose",
+    ),
+    "some Sentinel still names it can take and confirm claims (a replica still follows it)"
+    " that are wiped when the Sentinels reconfigure it": (
+        "some Sentinel still named it could take and confirm claims (a replica still following"
+        " it) that were wiped when the Sentinels reconfigured it",
+        "issue 20 closed the split brain: the sentence tells what the drill found",
+    ),
 }
 
 # old sentence -> why it is gone
