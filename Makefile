@@ -30,7 +30,7 @@ run: $(STAMP)
 ## machine. The second phase runs even when the first fails; either failing fails the target.
 test: $(STAMP)
 	@status=0; \
-	$(BIN)/python -m pytest -q -m 'not solo' -n $(TEST_WORKERS) --dist loadfile || status=$$?; \
+	$(BIN)/python -m pytest -q -m 'not solo' -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder || status=$$?; \
 	$(BIN)/python -m pytest -q -m solo || status=$$?; \
 	exit $$status
 
