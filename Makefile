@@ -9,6 +9,8 @@ USERS ?= 2000
 SECONDS ?= 60
 QUOTA ?= 500
 TEST_WORKERS ?= 3
+# make test's parallel phase: a file at a time per worker, in collection order (long ones first)
+PARALLEL = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 .PHONY: run test check lint bench surge chaos fuzz image clean
 
@@ -30,7 +32,7 @@ run: $(STAMP)
 ## machine. The second phase runs even when the first fails; either failing fails the target.
 test: $(STAMP)
 	@status=0; \
-	$(BIN)/python -m pytest -q -m 'not solo' -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder || status=$$?; \
+	$(BIN)/python -m pytest -q -m 'not solo' $(PARALLEL) || status=$$?; \
 	$(BIN)/python -m pytest -q -m solo || status=$$?; \
 	exit $$status
 
