@@ -8,7 +8,7 @@ WORKERS ?= 2
 USERS ?= 2000
 SECONDS ?= 60
 QUOTA ?= 500
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 # make test's parallel phase: a file at a time per worker, in collection order (long ones first)
 PARALLEL = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 

@@ -75,7 +75,8 @@ from tests.conftest import Keyspace, start_service, stop_service, unique_id, wai
 from tests.money import fridge
 from tests.people import campaign, claim
 
-pytestmark = pytest.mark.long  # a minute or more of stateful examples
+# a minute or more of stateful examples, five on a loaded machine
+pytestmark = [pytest.mark.long, pytest.mark.timeout(900)]
 
 EXAMPLES = int(os.environ.get("ISSUER_MODEL_EXAMPLES", "60"))
 STEPS = int(os.environ.get("ISSUER_MODEL_STEPS", "80"))
