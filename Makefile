@@ -8,6 +8,9 @@ WORKERS ?= 2
 USERS ?= 2000
 SECONDS ?= 60
 QUOTA ?= 500
+TEST_WORKERS ?= 2
+# make test's parallel phase: a file at a time per worker, in collection order (long ones first)
+PARALLEL = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 .PHONY: run test check lint bench surge chaos fuzz image clean
 
@@ -23,9 +26,15 @@ run: $(STAMP)
 	$(BIN)/issuer serve --port $(PORT) --workers $(WORKERS) --load examples/demo.toml \
 		--load examples/xiangning-2024.toml --load examples/xixian-2024.toml
 
-## test: the whole suite against real embedded servers
+## test: the whole suite against real embedded servers, in two phases: every test not marked
+## solo on TEST_WORKERS xdist workers (one file per worker at a time, each worker with its own
+## servers), then the solo ones (time windows, faults, chaos) one at a time, alone on the
+## machine. The second phase runs even when the first fails; either failing fails the target.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	@status=0; \
+	$(BIN)/python -m pytest -q -m 'not solo' $(PARALLEL) || status=$$?; \
+	$(BIN)/python -m pytest -q -m solo || status=$$?; \
+	exit $$status
 
 ## check: lint, then the fast tier in seconds: the tests marked fast (no server, no process),
 ## from the files that hold some, with only the pytest plugins they need

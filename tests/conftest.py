@@ -44,10 +44,15 @@ _module_counter = iter(range(1, 1_000_000))
 SERVERS = {"servers", "cluster"}  # the fixtures that start servers
 
 
+@pytest.hookimpl(trylast=True)  # after pytest has grouped the tests by their fixtures
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("fast") and SERVERS & set(getattr(item, "fixturenames", ())):
             raise pytest.UsageError(f"{item.nodeid} is marked fast but uses a server")
+    # the modules marked long first (a stable sort: each module's tests stay together and in
+    # order), so that make test's workers, given a file at a time, do not end on one of them
+    long = {item.path for item in items if item.get_closest_marker("long")}
+    items.sort(key=lambda item: item.path not in long)
 
 
 def _no_process(*args: Any, **kwargs: Any) -> None:

@@ -34,10 +34,13 @@ RED, BLUE, WHITE = (0xC0, 0x39, 0x2B), (0x25, 0x63, 0xEB), (0xFF, 0xFF, 0xFF)
 PAINTED = (((0.5, 0.05), RED), ((0.1, 0.9), BLUE), ((0.5, 0.55), WHITE), ((0.97, 0.05), RED))
 SHOTS = ROOT / "docs" if os.environ.get("ISSUER_DOCS_SCREENSHOTS") == "1" else None
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(),
-    reason="Debian's chromium is not installed (/usr/bin/chromium); .ci/run installs it",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason="Debian's chromium is not installed (/usr/bin/chromium); .ci/run installs it",
+    ),
+    pytest.mark.solo,  # a browser's 5 s expectations: in parallel, the desk once missed one
+]
 
 
 def invoice_png(number: str) -> bytes:

@@ -23,6 +23,8 @@ from loadtest.chaos import progress, run_topology
 from loadtest.nemesis import Net
 from tests.conftest import Keyspace
 
+pytestmark = pytest.mark.solo  # nemeses, iptables, time windows: alone on the machine
+
 NEMESES = ["kill", "restart-early", "pause", "partition", "partition-half", "partition-clients"]
 HOLD_S = 3.0  # a partition's length
 CELL_S = 20.0  # a cell's fault and sell-out, at most

@@ -23,6 +23,8 @@ from issuer.embedded import EmbeddedGroup
 from issuer.sentinel import MajoritySentinel, NotPrimaryError, RoleConfirmedConnection
 from tests.conftest import Keyspace, running_service
 
+pytestmark = pytest.mark.solo  # Sentinel down-after 1 s, replicas stopped: alone on the machine
+
 A, B, C = ("10.0.0.1", 6379), ("10.0.0.2", 6379), ("10.0.0.3", 6379)
 
 

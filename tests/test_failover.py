@@ -34,6 +34,8 @@ from loadtest.verify import verify
 from tests.conftest import Keyspace, Service, running_service, unique_id
 from tests.people import campaign
 
+pytestmark = pytest.mark.solo  # a primary killed mid-surge within a window: alone on the machine
+
 CLIENTS = 48  # concurrent people pressing "claim"
 QUOTA = 4000
 KILL_AFTER = 600  # vouchers issued before the primary is killed (or the slot moved)

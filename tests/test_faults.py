@@ -37,6 +37,8 @@ from tests.conftest import (
 from tests.money import ledger
 from tests.people import campaign, claim
 
+pytestmark = pytest.mark.solo  # shedding at a lag bound, kills, outages: alone on the machine
+
 
 @pytest.fixture(scope="module")
 async def shedding(keyspace: Keyspace, workdir: Path) -> AsyncIterator[Service]:

@@ -10,6 +10,7 @@ import urllib.request
 from typing import Any
 
 import msgspec
+import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
@@ -22,6 +23,8 @@ from schemathesis.checks import (
 
 from issuer.client import signed_headers
 from tests.conftest import Service
+
+pytestmark = pytest.mark.long  # schemathesis over every operation
 
 EXAMPLES = int(os.environ.get("ISSUER_FUZZ_EXAMPLES", "15"))
 CHECKS = [

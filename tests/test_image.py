@@ -35,7 +35,8 @@ WHEELS = ROOT / "wheels"  # the wheelhouse in the build context (deploy/wheelhou
 CONTAINERS_CONF = '[containers]\ndefault_ulimits = []\n\n[engine]\nruntime = "runc"\n'
 GRACEFUL_STOP = ("stopping: workers first, then the flusher drains", "worker stopped")
 
-pytestmark = pytest.mark.timeout(900)  # the build alone takes about a minute here
+# the build alone takes about a minute here
+pytestmark = [pytest.mark.timeout(900), pytest.mark.long]
 
 
 def k8s_writable() -> list[str]:

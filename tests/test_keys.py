@@ -188,6 +188,7 @@ async def metric(service: Service, name: str) -> float:
     )
 
 
+@pytest.mark.solo  # answers timed against the reload bound
 async def test_keys_rotate_under_load_without_a_restart(keyspace: Keyspace, workdir: Path) -> None:
     data_dir = workdir / f"data-{keyspace.name}-rotation"
     path = data_dir / "keys.toml"

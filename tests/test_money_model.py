@@ -52,6 +52,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 import asyncpg
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -73,6 +74,9 @@ from issuer.scripts import Scripts
 from tests.conftest import Keyspace, start_service, stop_service, unique_id, wait_drained
 from tests.money import fridge
 from tests.people import campaign, claim
+
+# a minute or more of stateful examples, five on a loaded machine
+pytestmark = [pytest.mark.long, pytest.mark.timeout(900)]
 
 EXAMPLES = int(os.environ.get("ISSUER_MODEL_EXAMPLES", "60"))
 STEPS = int(os.environ.get("ISSUER_MODEL_STEPS", "80"))

@@ -242,6 +242,7 @@ def assert_gone(pid: int) -> None:
         os.kill(pid, 0)
 
 
+@pytest.mark.solo  # readiness must fail within 1.5 s
 async def test_sigterm_stops_in_order_and_loses_nothing(running: Running) -> None:
     keys = running.keys
     async with aiohttp.ClientSession() as session:

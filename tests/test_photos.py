@@ -5,8 +5,12 @@ distinct photos they state. No servers: the same function an upload goes through
 
 from __future__ import annotations
 
+import pytest
+
 from bench import photos
 from issuer.integrity import BANDS, PHOTO_DISTANCE
+
+pytestmark = pytest.mark.long  # hashes a few hundred photographs
 
 
 def test_photo_set_is_caught_at_the_stated_rate() -> None:

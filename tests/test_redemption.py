@@ -238,6 +238,7 @@ async def test_a_discount_above_the_reservation_overdraws_the_round_until_refund
     assert report.ok, report.problems
 
 
+@pytest.mark.solo  # in parallel, one of the 300 once met a Redis timeout (503) instead
 async def test_hundreds_redeeming_one_voucher_only_one_wins(service: Service) -> None:
     campaign_id = await new_campaign(service)
     merchant = await new_merchant(service)

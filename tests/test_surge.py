@@ -12,6 +12,8 @@ import pytest
 from loadtest import surge
 from tests.conftest import Keyspace
 
+pytestmark = pytest.mark.solo  # Locust and shedding at a lag bound: alone on the machine
+
 TOPOLOGIES = ("standalone", "cluster")  # the surge and its verifier on one server and a cluster
 
 
