@@ -6,6 +6,7 @@ Each server is a child process that we start, wait for and stop by PID; it dies 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
 import logging
 import os
@@ -15,6 +16,7 @@ import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
@@ -513,17 +515,26 @@ def _pg_owner(data_dir: Path, bin_dir: Path) -> pwd.struct_passwd | None:
     """When we are root, the account to run postgres as, able to reach its binaries and data."""
     if os.geteuid() != 0:
         return None
-    try:
-        owner = pwd.getpwnam(PG_USER)
-    except KeyError:
-        useradd = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin"]
-        subprocess.run([*useradd, PG_USER], check=False)  # may lose a race with another useradd
-        owner = pwd.getpwnam(PG_USER)
+    owner = system_account(PG_USER)
     for directory in (data_dir, *data_dir.parents, bin_dir, *bin_dir.parents):
         _add_mode(directory, stat.S_IXOTH)
     for tool in _PG_TOOLS:
         _add_mode(bin_dir / tool, stat.S_IROTH | stat.S_IXOTH)
     return owner
+
+
+def system_account(name: str) -> pwd.struct_passwd:
+    """The system account `name`, created if absent. Processes that start servers at once (the
+    suite's xdist workers on a fresh machine) take turns on a lock file, so one creates it and
+    the others find it."""
+    with open(Path(tempfile.gettempdir()) / f"{name}.account.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            useradd = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin"]
+            subprocess.run([*useradd, name], check=True, capture_output=True)
+            return pwd.getpwnam(name)
 
 
 def _add_mode(path: Path, bits: int) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -15,7 +17,7 @@ import asyncpg
 import pytest
 import redis
 
-from issuer.embedded import start_postgres, start_redis
+from issuer.embedded import start_postgres, start_redis, system_account
 
 FAST_PG = {"fsync": "off", "synchronous_commit": "off"}
 
@@ -92,3 +94,20 @@ def test_postgres_recovers_after_a_kill(pg_dir: Path) -> None:
     assert (pg_dir / "pg" / "postmaster.pid").exists()  # stale: postgres itself replaces it
     with start_postgres(pg_dir) as server:
         assert pg(server.url, "SELECT x FROM t") == 42
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creates a system account: root only")
+def test_processes_starting_at_once_create_one_account() -> None:
+    """xdist workers on a fresh machine each start PostgreSQL as the same account at once."""
+    name = f"issuer-t{os.getpid() % 100000}"
+    code = "import sys; import issuer.embedded as e; print(e.system_account(sys.argv[1]).pw_uid)"
+    try:
+        racers = [
+            subprocess.Popen([sys.executable, "-c", code, name], stdout=subprocess.PIPE, text=True)
+            for _ in range(4)
+        ]
+        uids = {racer.communicate(timeout=60)[0].strip() for racer in racers}
+        assert all(racer.returncode == 0 for racer in racers)
+        assert uids == {str(system_account(name).pw_uid)}
+    finally:
+        subprocess.run(["userdel", name], check=False, capture_output=True)
