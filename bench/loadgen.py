@@ -45,6 +45,7 @@ class Part:
     latencies: array[float]  # seconds, responses sent and received inside the window
     served: array[float]  # the latencies of the answers below 500 (not shed, not failed)
     statuses: dict[int, int]
+    answered: dict[int, int]  # statuses of every answer to a request sent in the window
     warm: int  # responses before the window
     exhausted: bool  # ran out of requests before the window's planned end
     unfinished: int  # requests still in flight when it gave up waiting
@@ -110,7 +111,7 @@ class Load:
             self.send(conn)
 
     def part(self) -> Part:
-        """The measured window ends early if the requests ran out."""
+        """The measured window ends early if the requests ran out (`answered` does not)."""
         end = self.end if self.exhausted_at is None else min(self.end, self.exhausted_at)
         lat, served = array("d"), array("d")
         statuses: dict[int, int] = {}
@@ -120,11 +121,15 @@ class Load:
                 if status < 500:
                     served.append(done - sent)
                 statuses[status] = statuses.get(status, 0) + 1
+        answered: dict[int, int] = {}
+        for status in self.status:
+            answered[status] = answered.get(status, 0) + 1
         return Part(
             window_s=max(0.0, end - self.start),
             latencies=lat,
             served=served,
             statuses=statuses,
+            answered=answered,
             warm=self.warm,
             exhausted=end < self.end,
             unfinished=self.active,

@@ -1,15 +1,48 @@
-"""Flame graphs of one server worker while a bench scenario runs (`--profile DIR`).
+"""One server worker's work during a bench scenario, seen from outside: where its time
+goes (py-spy flame graphs, `--profile DIR`) and how many instructions a request costs it
+(callgrind, `--instructions`).
 
-py-spy samples the worker from outside, without pausing it (`--nonblocking`), so the
-scenario's figures stay close to an unprofiled run; each graph shows where one worker's
-CPU went during the measured seconds of the scenario's first repetition."""
+py-spy samples the worker without pausing it (`--nonblocking`), so the scenario's figures
+stay close to an unprofiled run; each graph shows where one worker's CPU went during the
+measured seconds of the scenario's first repetition.
+
+Seconds on a shared machine vary by tens of per cent from run to run; the instructions a
+fixed sequence of requests costs repeat to about a per mille, so that a 5 % change shows.
+One more worker of the scenario's server (a baseline, or an `issuer` worker beside the
+service's, on the same Valkey and PostgreSQL) is started on a port of its own under
+callgrind, with PYTHONHASHSEED fixed. Once it answers, its instrumentation goes on and
+WARMUP requests are sent; then the idle worker is counted for IDLE_S seconds, then each of
+ROUNDS sequences of N pre-signed requests from C keep-alive connections, each connection
+sending its next request once answered. Instructions per request = (instructions counted −
+the idle rate × the seconds the sequence took) / N.
+
+Callgrind counts the instructions the process runs in user space, not the kernel's work in
+its system calls (socket reads and writes), which the bench's CPU seconds include. Under
+callgrind a worker runs some 50 times slower, so what it does by the clock would weigh 50
+times more per request: an `issuer` worker counted here (`python -m bench.profile worker`)
+has each clocked interval SLOWER times longer (the "sold out" hint's life, whose re-arming
+is a round trip to Valkey; the expiry sweep; the loop-lag sampler; the keys-file poll; the
+log and metric flushes), and its loop-lag bound lifted (it would shed every claim).
+valgrind (Debian: `apt-get install valgrind`) must be installed.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import importlib
+import re
 import shutil
+import signal
+import statistics
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import aiohttp
+
+from bench.loadgen import Target, run_load
 
 RATE_HZ = 200  # samples per second
 
@@ -30,3 +63,201 @@ def finish(proc: subprocess.Popen[bytes]) -> None:
     """Wait for a recording to be written; a failed one is said, not fatal."""
     if proc.wait(timeout=60) != 0:
         print(f"warning: py-spy exited with {proc.returncode}; no flame graph", flush=True)
+
+
+# ------------------------------------------------------------------ instruction counts
+
+ROOT = Path(__file__).resolve().parent.parent
+WARMUP = 300
+REQUESTS = 1_000
+ROUNDS = 2
+CONNECTIONS = 32
+IDLE_S = 5.0
+START_TIMEOUT_S = 300  # interpreter start and imports, under callgrind
+SLOWER = 60  # a counted worker's clocked intervals are this many times longer (see above)
+CLOCKED = (  # (module, constant): the intervals
+    ("issuer.claims", "HINT_TTL_S"),
+    ("issuer.expiry", "SWEEP_INTERVAL_S"),
+    ("issuer.admission", "TICK_S"),
+    ("issuer.keyring", "POLL_S"),
+    ("issuer.logs", "BATCH_S"),
+    ("issuer.metrics", "PUBLISH_S"),
+)
+SHED_LAG_MS = 60_000  # a counted worker is always late: the most the setting allows
+LONG_S = 3_600.0  # a sequence ends when its requests are answered, not at a time
+TOTAL = re.compile(r"^\s*Th\s+\d+\s+([\d,]+)\s*$", re.M)
+
+
+@dataclass(frozen=True)
+class Counted:
+    """One scenario's count: instructions per request in each round, and what was taken out."""
+
+    scenario: str
+    per_request: list[float]
+    requests: int
+    idle_per_s: float
+    round_s: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.per_request)
+
+    @property
+    def spread(self) -> float:
+        """(largest − smallest) / median of the rounds."""
+        return (max(self.per_request) - min(self.per_request)) / self.median
+
+
+def installed() -> bool:
+    return shutil.which("valgrind") is not None and shutil.which("callgrind_control") is not None
+
+
+def solo_env(worker_pid: int, port: int, metrics_dir: Path) -> dict[str, str]:
+    """The environment of a running `issuer` worker, for one more of it on `port`."""
+    raw = Path(f"/proc/{worker_pid}/environ").read_bytes()
+    env = dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    env.update(
+        ISSUER_PORT=str(port),
+        ISSUER_SHED_LAG_MS=str(SHED_LAG_MS),
+        PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),  # its own: the service's scrape unchanged
+    )
+    return env
+
+
+class Subject:
+    """A server process under callgrind, its instrumentation off until `instrument()`."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], out_dir: Path, log: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--callgrind-out-file={out_dir}/callgrind.out.%p",
+            sys.executable,
+            *argv,
+        ]
+        with log.open("a") as err:
+            self.proc = subprocess.Popen(
+                cmd,
+                env={**env, "PYTHONHASHSEED": "0"},
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                cwd=ROOT,
+            )
+
+    def control(self, *args: str) -> str:
+        done = subprocess.run(
+            ["callgrind_control", *args, str(self.proc.pid)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
+        return done.stdout
+
+    def instrument(self) -> None:
+        self.control("--instr=on")
+
+    def zero(self) -> float:
+        """Zero the counters; returns when (monotonic), halfway through the command."""
+        before = time.monotonic()
+        self.control("--zero")
+        return (before + time.monotonic()) / 2
+
+    def counted(self) -> tuple[int, float]:
+        """Instructions since the last zero, every thread, and when they were read."""
+        before = time.monotonic()
+        text = self.control("-e")
+        return sum(int(n.replace(",", "")) for n in TOTAL.findall(text)), (
+            before + time.monotonic()
+        ) / 2
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+async def answering(port: int, proc: subprocess.Popen[bytes]) -> None:
+    """Wait until something answers HTTP on the port (any status)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the counted server exited with {proc.returncode}")
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                    await resp.read()
+                    return
+            except (aiohttp.ClientError, OSError):
+                await asyncio.sleep(0.5)
+    raise TimeoutError(f"nothing answered on port {port} in {START_TIMEOUT_S} s")
+
+
+async def send(port: int, requests: list[bytes], expect: int, connections: int) -> None:
+    """Send every request, each connection its next once answered; all must get `expect`."""
+    target = Target("127.0.0.1", port, min(connections, len(requests)), 0.0, LONG_S)
+    part = await run_load(requests, False, target, time.monotonic())
+    if part.answered != {expect: len(requests)} or part.unfinished or part.lost:
+        raise RuntimeError(
+            f"expected {len(requests)} × {expect}, got {part.answered}"
+            f" ({part.unfinished} unfinished, {part.lost} connections lost)"
+        )
+
+
+async def count(
+    scenario: str,
+    subject: Subject,
+    port: int,
+    warmup: list[bytes],
+    rounds: list[list[bytes]],
+    expect: int,
+    connections: int = CONNECTIONS,
+    idle_s: float = IDLE_S,
+) -> Counted:
+    """Count one scenario in a started subject (stopped after)."""
+    try:
+        await answering(port, subject.proc)
+        await asyncio.to_thread(subject.instrument)
+        await send(port, warmup, expect, connections)
+        began = await asyncio.to_thread(subject.zero)
+        await asyncio.sleep(idle_s)
+        idle, ended = await asyncio.to_thread(subject.counted)
+        idle_per_s = idle / (ended - began)
+        per_request, took = [], []
+        for requests in rounds:
+            began = await asyncio.to_thread(subject.zero)
+            await send(port, requests, expect, connections)
+            total, ended = await asyncio.to_thread(subject.counted)
+            took.append(ended - began)
+            per_request.append((total - idle_per_s * took[-1]) / len(requests))
+        return Counted(scenario, per_request, len(rounds[0]), idle_per_s, took)
+    finally:
+        await asyncio.to_thread(subject.stop)
+
+
+def worker() -> int:
+    """An `issuer` worker as `issuer worker` runs it, its CLOCKED intervals SLOWER times
+    longer (those of them its code has: the bench may count an earlier commit's)."""
+    from issuer import cli
+
+    for name, constant in CLOCKED:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError:
+            continue
+        if hasattr(module, constant):
+            setattr(module, constant, getattr(module, constant) * SLOWER)
+    return cli.main(["worker"])
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["worker"]:
+        sys.exit("usage: python -m bench.profile worker (make bench runs the counts)")
+    sys.exit(worker())
