@@ -182,15 +182,13 @@ def middlewares(ctx: Ctx) -> list[Any]:
         return await handler(request)
 
     async def claim(request: web.Request, handler: Next) -> web.StreamResponse:
-        """Claims check their nonce inside the batched script, or, refused before it, in a
-        batch of their own (the handler answers its own refusals: routes_claims.claim)."""
+        """Claims check their nonce inside the batched script, or, refused before it, spend
+        it in a background batch (the handler answers its own refusals: routes_claims.claim)."""
         verified = await read_signed(request)
         try:
             return await handler(request)
         except ApiError as err:  # the body or the role, refused before the handler ran
-            raise await ctx.claims.refused(
-                request.match_info["campaign_id"], verified, err
-            ) from None
+            raise ctx.claims.refused(request.match_info["campaign_id"], verified, err) from None
 
     return [serve]
 

@@ -145,7 +145,8 @@ def _issued_any(result: list[bytes]) -> bool:
 
 class NonceSpender(TickBatcher[tuple[str, SpentNonce], bool]):
     """Spends the nonces of claims refused before the gate, so that a replay is refused
-    even after the answer would have changed; one script call per campaign per batch."""
+    even after the answer would have changed; one script call per campaign per batch, in
+    the background (a batch that fails leaves them unspent, logged)."""
 
     def __init__(self, scripts: Scripts, batch_max: int) -> None:
         super().__init__(batch_max)
@@ -191,16 +192,18 @@ class Claims:
         self._batchers: dict[tuple[str, str, str], Batcher] = {}
         self._nonces = NonceSpender(scripts, batch_max)
 
-    async def refused(self, campaign_id: str, verified: Verified, err: ApiError) -> ApiError:
-        """The answer to a claim refused with `err`. Refused before the gate, its nonce is
-        spent all the same, so that a replay cannot succeed later (say once the round has
-        opened): UNAUTHENTICATED if it was already used. The gate spends its own nonces;
-        and after UNAVAILABLE the gate may have run, or not: a retry is its to decide."""
-        if isinstance(err, GateRefusal) or err.code == "UNAVAILABLE":
-            return err
-        nonce = SpentNonce(keys.nonce_bucket(verified.timestamp), verified.nonce)
-        fresh = await self._nonces.submit((campaign_id, nonce))
-        return err if fresh else ApiError("UNAUTHENTICATED", "nonce already used")
+    def refused(self, campaign_id: str, verified: Verified, err: ApiError) -> ApiError:
+        """The answer to a claim refused with `err`, at once. Refused before the gate, its
+        nonce is spent all the same, in the next background batch, so that a replay cannot
+        succeed once the answer would change (the round opened, the budget grew): the gate
+        refuses it, UNAUTHENTICATED. A replay is refused locally like the first request,
+        before the spend or after it: it can only resubmit the same person's claim. The gate
+        spends its own nonces; after UNAVAILABLE the gate may have run, or not: a retry is
+        its to decide."""
+        if not (isinstance(err, GateRefusal) or err.code == "UNAVAILABLE"):
+            nonce = SpentNonce(keys.nonce_bucket(verified.timestamp), verified.nonce)
+            self._nonces.post((campaign_id, nonce))
+        return err
 
     async def claim(
         self, campaign_id: str, claim: ClaimIn, verified: Verified, remote: str | None = None
