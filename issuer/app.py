@@ -126,7 +126,9 @@ def middlewares(ctx: Ctx) -> list[Any]:
         try:
             if route.name == "claim":
                 with ctx.admission.admit():
-                    response = await claim(request, handler)
+                    response = await batched(request, handler)
+            elif route.name == "redeem":
+                response = await batched(request, handler)
             elif request.path.startswith("/v1/"):
                 response = await signed(request, handler)
             else:
@@ -181,14 +183,19 @@ def middlewares(ctx: Ctx) -> list[Any]:
             raise ApiError("UNAUTHENTICATED", "nonce already used")
         return await handler(request)
 
-    async def claim(request: web.Request, handler: Next) -> web.StreamResponse:
-        """Claims check their nonce inside the batched script, or, refused before it, spend
-        it in a background batch (the handler answers its own refusals: routes_claims.claim)."""
+    async def batched(request: web.Request, handler: Next) -> web.StreamResponse:
+        """Claims and redemptions spend their nonce inside their campaign's batched script,
+        or, refused before it, in a background batch (the claim handler answers its own
+        refusals: routes_claims.claim). A redemption whose body named no campaign spends
+        none: the same request is refused the same way again."""
         verified = await read_signed(request)
         try:
             return await handler(request)
-        except ApiError as err:  # the body or the role, refused before the handler ran
-            raise ctx.claims.refused(request.match_info["campaign_id"], verified, err) from None
+        except ApiError as err:  # refused before the script
+            campaign_id = request.match_info.get("campaign_id") or request.get("campaign")
+            if campaign_id is None:
+                raise
+            raise ctx.claims.refused(campaign_id, verified, err) from None
 
     return [serve]
 

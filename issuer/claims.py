@@ -49,13 +49,6 @@ def _window(
     return ck.rate_window(dimension, window_s, now), args
 
 
-def _nonce_buckets(ck: keys.CampaignKeys, numbers: set[int]) -> tuple[int, list[str]]:
-    """The first of these nonce buckets, and the keys from it to the last, as the scripts
-    take them (a batch's X-Timestamps, ±300 s of the time, span two buckets at most)."""
-    first = min(numbers)
-    return first, ck.nonces(first, max(numbers))
-
-
 def _client_ip(given: str | None, remote: str | None) -> str:
     """The normalised client IP of a claim ("" if unknown); INVALID_REQUEST if malformed."""
     if given is None:
@@ -87,7 +80,7 @@ class Batcher(TickBatcher[Claim, tuple[str, bytes]]):
         account, account_limit = _window(ck, "account", limits.per_account, now)
         device, device_limit = _window(ck, "device", limits.per_device, now)
         ip, ip_limit = _window(ck, "ip", limits.per_ip, now)
-        first_nonce_bucket, nonce_buckets = _nonce_buckets(ck, {c.nonce_bucket for c in items})
+        first_nonce_bucket, nonce_buckets = ck.nonce_range({c.nonce_bucket for c in items})
         current, previous = ck.idempotency(now)
         batch = ClaimBatch(
             ledger=ck.ledger,
@@ -160,8 +153,8 @@ class NonceSpender(TickBatcher[tuple[str, SpentNonce], bool]):
         fresh = [False] * len(items)
         for campaign_id, indexes in by_campaign.items():
             nonces = [items[i][1] for i in indexes]
-            first, buckets = _nonce_buckets(
-                keys.CampaignKeys(campaign_id), {n.nonce_bucket for n in nonces}
+            first, buckets = keys.CampaignKeys(campaign_id).nonce_range(
+                {n.nonce_bucket for n in nonces}
             )
             answers = await self.scripts.run(
                 SpendNonces(nonce_buckets=buckets, first_nonce_bucket=first, nonces=nonces)
