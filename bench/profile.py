@@ -19,11 +19,14 @@ the idle rate × the seconds the sequence took) / N.
 Callgrind counts the instructions the process runs in user space, not the kernel's work in
 its system calls (socket reads and writes), which the bench's CPU seconds include. Under
 callgrind a worker runs some 50 times slower, so what it does by the clock would weigh 50
-times more per request: an `issuer` worker counted here (`python -m bench.profile worker`)
-has each clocked interval SLOWER times longer (the "sold out" hint's life, whose re-arming
-is a round trip to Valkey; the expiry sweep; the loop-lag sampler; the keys-file poll; the
-log and metric flushes), and its loop-lag bound lifted (it would shed every claim).
-valgrind (Debian: `apt-get install valgrind`) must be installed.
+times more per request. An `issuer` worker counted here (`python -m bench.profile worker`)
+has the intervals of what it does by the clock while it serves SLOWER times longer (the
+loop-lag sampler, the log and metric flushes), what it does once a second whatever the load
+held off for HELD_S (the expiry sweep, the keys-file poll, and the "sold out" hint's
+lifetime, whose end sends the claims in flight to Valkey: at full speed about one claim in
+a thousand), and its loop-lag bound lifted (it would shed every claim). The connections
+open with the warm-up and stay open until the rounds are counted (the bench's connections
+live for the whole run). valgrind (Debian: `apt-get install valgrind`) must be installed.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.loadgen import Target, run_load
+from bench.loadgen import Conn, Load, Target, close, finished, kick, open_connections
 
 RATE_HZ = 200  # samples per second
 
@@ -75,13 +78,16 @@ CONNECTIONS = 32
 IDLE_S = 5.0
 START_TIMEOUT_S = 300  # interpreter start and imports, under callgrind
 SLOWER = 60  # a counted worker's clocked intervals are this many times longer (see above)
-CLOCKED = (  # (module, constant): the intervals
-    ("issuer.claims", "HINT_TTL_S"),
-    ("issuer.expiry", "SWEEP_INTERVAL_S"),
+CLOCKED = (  # (module, constant): what a worker does by the clock while it serves
     ("issuer.admission", "TICK_S"),
-    ("issuer.keyring", "POLL_S"),
     ("issuer.logs", "BATCH_S"),
     ("issuer.metrics", "PUBLISH_S"),
+)
+HELD_S = 3_600.0  # and what it does once a second whatever the load: not during a count
+HELD = (
+    ("issuer.claims", "HINT_TTL_S"),
+    ("issuer.expiry", "SWEEP_INTERVAL_S"),
+    ("issuer.keyring", "POLL_S"),
 )
 SHED_LAG_MS = 60_000  # a counted worker is always late: the most the setting allows
 LONG_S = 3_600.0  # a sequence ends when its requests are answered, not at a time
@@ -200,15 +206,21 @@ async def answering(port: int, proc: subprocess.Popen[bytes]) -> None:
     raise TimeoutError(f"nothing answered on port {port} in {START_TIMEOUT_S} s")
 
 
-async def send(port: int, requests: list[bytes], expect: int, connections: int) -> None:
-    """Send every request, each connection its next once answered; all must get `expect`."""
-    target = Target("127.0.0.1", port, min(connections, len(requests)), 0.0, LONG_S)
-    part = await run_load(requests, False, target, time.monotonic())
-    if part.answered != {expect: len(requests)} or part.unfinished or part.lost:
+def checked(load: Load, expect: int) -> None:
+    """Every request of a finished load answered `expect`."""
+    part = load.part()
+    sent = len(load.requests)
+    if part.answered != {expect: sent} or part.unfinished or part.lost:
         raise RuntimeError(
-            f"expected {len(requests)} × {expect}, got {part.answered}"
+            f"expected {sent} × {expect}, got {part.answered}"
             f" ({part.unfinished} unfinished, {part.lost} connections lost)"
         )
+
+
+def sequence(requests: list[bytes]) -> Load:
+    """A load that sends these requests once, each connection its next once answered."""
+    now = time.monotonic()
+    return Load(requests, False, now, now + LONG_S, 0.0)
 
 
 async def count(
@@ -221,39 +233,51 @@ async def count(
     connections: int = CONNECTIONS,
     idle_s: float = IDLE_S,
 ) -> Counted:
-    """Count one scenario in a started subject (stopped after)."""
+    """Count one scenario in a started subject (stopped after). The connections open with
+    the warm-up and stay open until the rounds are counted: their opening and closing is
+    no request's cost (the bench's connections live for the whole run)."""
+    conns: list[Conn] = []
     try:
         await answering(port, subject.proc)
         await asyncio.to_thread(subject.instrument)
-        await send(port, warmup, expect, connections)
+        load = sequence(warmup)
+        conns = await open_connections(load, Target("127.0.0.1", port, connections, 0, LONG_S))
+        await finished(load)
+        checked(load, expect)
         began = await asyncio.to_thread(subject.zero)
         await asyncio.sleep(idle_s)
         idle, ended = await asyncio.to_thread(subject.counted)
         idle_per_s = idle / (ended - began)
         per_request, took = [], []
         for requests in rounds:
+            load = sequence(requests)
             began = await asyncio.to_thread(subject.zero)
-            await send(port, requests, expect, connections)
+            kick(conns, load)
+            await finished(load)
             total, ended = await asyncio.to_thread(subject.counted)
+            checked(load, expect)
             took.append(ended - began)
             per_request.append((total - idle_per_s * took[-1]) / len(requests))
         return Counted(scenario, per_request, len(rounds[0]), idle_per_s, took)
     finally:
+        close(conns)
         await asyncio.to_thread(subject.stop)
 
 
 def worker() -> int:
     """An `issuer` worker as `issuer worker` runs it, its CLOCKED intervals SLOWER times
-    longer (those of them its code has: the bench may count an earlier commit's)."""
+    longer and its HELD ones HELD_S (those of them its code has: the bench may count an
+    earlier commit's)."""
     from issuer import cli
 
-    for name, constant in CLOCKED:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError:
-            continue
-        if hasattr(module, constant):
-            setattr(module, constant, getattr(module, constant) * SLOWER)
+    for names, stretch in ((CLOCKED, lambda s: s * SLOWER), (HELD, lambda s: HELD_S)):
+        for name, constant in names:
+            try:
+                module = importlib.import_module(name)
+            except ModuleNotFoundError:
+                continue
+            if hasattr(module, constant):
+                setattr(module, constant, stretch(getattr(module, constant)))
     return cli.main(["worker"])
 
 

@@ -79,6 +79,8 @@ class RunResult:
     built: int
     build_s: float
     server: dict[str, float] = field(default_factory=dict)  # from the issuer's /metrics
+    # the primary's command time per answered request, by command (INFO commandstats)
+    valkey_us: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

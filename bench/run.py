@@ -118,6 +118,11 @@ def metric(text: str, name: str) -> float:
     return sum(float(v) for v in pattern.findall(text))
 
 
+def subtract(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    """What each command added between two INFO commandstats readings (those that ran)."""
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v > before.get(k, 0.0)}
+
+
 def server_figures(before: str, after: str, measured: int) -> dict[str, float]:
     """Batching seen by the issuer's /metrics over the measured window."""
 
@@ -231,7 +236,9 @@ class Bench:
             profiling = profile.start(self.worker_pid(s), args.seconds, out)
         first, opened = cpu.snapshot(self.groups), time.monotonic()
         before = await self.stack.metrics(self.port(s)) if issuer_side else ""
+        usec = await self.stack.valkey_usec()
         await asyncio.sleep(start_at + args.warmup + args.seconds - time.monotonic())
+        usec = subtract(await self.stack.valkey_usec(), usec)
         after = await self.stack.metrics(self.port(s)) if issuer_side else ""
         last, span = cpu.snapshot(self.groups), time.monotonic() - opened
         used = cpu.cores(first, last, span)
@@ -264,6 +271,7 @@ class Bench:
             built=built,
             build_s=build_s,
             server=server,
+            valkey_us={k: v / merged.count for k, v in usec.items() if merged.count},
         )
 
 
@@ -290,6 +298,11 @@ def progress(r: report.RunResult, s: Scenario, reps: int) -> str:
             f" {sv['mean_script_ms']:.2f} ms per script,"
             f" valkey {sv.get('valkey_us_per_batch', 0):,.0f} µs CPU per batch;"
             f" claims to redis / measured {share:.2f}; flusher drained in {sv['drain_s']:.1f} s"
+        )
+    busiest = sorted(r.valkey_us.items(), key=lambda kv: -kv[1])[:6]
+    if busiest and busiest[0][1] >= 1:
+        line += "\n    valkey µs per request by command: " + "  ".join(
+            f"{k} {v:,.1f}" for k, v in busiest
         )
     other = {k: v for k, v in r.statuses.items() if k != s.expect}
     if other or r.exhausted or r.troubles:

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+from redis.asyncio import Redis
 
 from bench import naive
 from bench.cpu import Groups, children, tree
@@ -206,6 +207,17 @@ class Stack:
                         return
                 await asyncio.sleep(0.1)
         raise TimeoutError("the flusher did not drain")
+
+    async def valkey_usec(self) -> dict[str, float]:
+        """Microseconds the primary spent so far in each command (INFO commandstats; a
+        script's own commands are counted both in it and in EVALSHA)."""
+        assert self.redis is not None
+        client = Redis.from_url(self.redis.url)
+        try:
+            stats = await client.info("commandstats")
+        finally:
+            await client.aclose()
+        return {name.removeprefix("cmdstat_"): float(v["usec"]) for name, v in stats.items()}
 
     async def metrics(self, port: int) -> str:
         """The /metrics text of the service listening on `port`."""
