@@ -3,6 +3,7 @@ middlewares that sign-check, shed and shape errors, and the unsigned operational
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -91,14 +92,17 @@ def request_fields(
     platform-wide key), what (in which tenant), outcome, latency; never a body (PII)."""
     verified: Verified | None = request.get("verified")
     ids = request.match_info
-    subject = ids.get("voucher_id") or ids.get("redemption_id") or ids.get("refund_id") or ""
+    campaign = ids.get("campaign_id") or request.get("campaign")
+    if campaign is None:  # a path naming what a campaign made leads to it
+        subject = ids.get("voucher_id") or ids.get("redemption_id") or ids.get("refund_id")
+        campaign = campaign_prefix(subject or "")
     return {
-        "route": request.match_info.route.name,
+        "route": ids.route.name,
         "method": request.method,
         "status": status,
         "code": code,
         "request_id": request.get("request_id"),
-        "campaign": ids.get("campaign_id") or request.get("campaign") or campaign_prefix(subject),
+        "campaign": campaign,
         "key": verified.key.id if verified else None,
         "key_tenants": _tenants(verified.key.tenants) if verified else None,
         "tenant": request.get(tenancy.TENANT),
@@ -107,7 +111,10 @@ def request_fields(
     }
 
 
+@functools.lru_cache(maxsize=256)
 def _tenants(tenants: frozenset[str] | None) -> list[str] | None:
+    """A key's tenants, sorted once per set (the keys in force are few; the list is only
+    encoded, never changed)."""
     return None if tenants is None else sorted(tenants)
 
 

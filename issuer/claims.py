@@ -9,7 +9,6 @@ import hmac
 import ipaddress
 import math
 import time
-from datetime import UTC, datetime
 
 import msgspec
 from redis.asyncio import Redis
@@ -209,13 +208,13 @@ class Claims:
         self._check_caller(cached, claim, verified)
         ref = self._person_ref(claim)
         self._check_location(cached, claim)
-        now_dt = datetime.now(UTC)
-        now = now_dt.timestamp()
-        rnd = cached.round_at(now_dt)
-        if rnd is None:
+        now = time.time()
+        at = cached.windows.at(now)
+        if at is None:
             raise ApiError("CAMPAIGN_ENDED")
-        if now_dt < rnd.opens_at:
-            raise ApiError("NOT_OPEN", f"round {rnd.round_id} opens at {rnd.opens_at.isoformat()}")
+        if now < cached.windows.opens[at]:
+            raise ApiError("NOT_OPEN", cached.not_open[at])
+        rnd = cached.stored.rounds[at]
         idem = idem_field(verified.key.id, claim.request_id)
         hint = cached.hint
         if (
@@ -278,7 +277,7 @@ class Claims:
         if code == "RATE_LIMITED":
             raise GateRefusal(code, retry_after=int(payload))
         if code == "ROUND_CLOSED":
-            nxt = cached.round_at(datetime.now(UTC))
+            nxt = cached.round_at(time.time())
             raise GateRefusal("NOT_OPEN" if nxt is not None else "CAMPAIGN_ENDED")
         raise GateRefusal(code)
 
