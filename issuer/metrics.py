@@ -93,6 +93,26 @@ EMBEDDED_UP = Gauge(
     ["server"],
     multiprocess_mode="livemax",
 )
+PRIMARY_MISSING = Gauge(
+    "issuer_redis_primary_missing",
+    "1 while this worker has no primary it can use for some slot of the gate (none that a"
+    " majority of the Sentinels names, unreachable, not a primary, or its cluster down)",
+    multiprocess_mode="livemax",
+)
+ACK_UNGUARDED = Gauge(
+    "issuer_durable_ack_unguarded",
+    "Primaries (ISSUER_DURABLE_ACK=replica) whose settings or replicas cannot keep the"
+    " promise: min-replicas-to-write below 1, or no replica that could be promoted",
+    multiprocess_mode="livemax",
+)
+ACK_REFUSED = Counter(
+    "issuer_durable_ack_refused_total",
+    "Claim batches answered 503 because no replica acknowledgement could cover them, by"
+    " reason (not_primary, replica_missing, wait_short)",
+    ["reason"],
+)
+for _reason in ("not_primary", "replica_missing", "wait_short"):
+    ACK_REFUSED.labels(_reason)
 WORKERS = Gauge("issuer_workers", "HTTP worker processes running", multiprocess_mode="livemax")
 KEYS_RELOAD_ERRORS = Counter(
     "issuer_keys_reload_errors_total",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from datetime import date, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
@@ -257,6 +257,21 @@ class DecisionIn(Strict, kw_only=True):
 class SettlementQuery(Strict, kw_only=True):
     status: Literal["submitted", "approved", "rejected", "paid"] | None = None
     merchant_id: Id | None = None
+    campaign_id: Id | None = None
+    checks_passed: bool | None = None  # false: the records that failed a check
+
+
+class DisbursementQuery(Strict, kw_only=True):
+    merchant_id: Id | None = None
+    status: Literal["pending", "paid"] | None = None
+
+
+class AuditQuery(Strict, kw_only=True):
+    campaign_id: Id | None = None
+    redemption_id: Annotated[str, Meta(min_length=3, max_length=100)] | None = None
+    actor: Annotated[str, Meta(min_length=1, max_length=100)] | None = None
+    after: Annotated[str, Meta(pattern=r"^[0-9]{1,18}$")] | None = None  # an entry_id
+    limit: Annotated[int, Meta(ge=1, le=1000)] = 100
 
 
 class DisbursementIn(Strict, kw_only=True):
@@ -339,10 +354,15 @@ class RefundOut(Struct, kw_only=True):
     status: str  # returned | clawback_due | repaid
 
 
-class CheckResult(Struct, kw_only=True):
-    name: str  # required_parts, energy_labels, buyer_name, amounts, gb_codes, deadline
+class CheckResult(Struct, kw_only=True, omit_defaults=True):
+    # required_parts, energy_labels, buyer_name, amounts, gb_codes, deadline;
+    # unique_invoice, unique_documents, distinct_photos (evidence integrity)
+    name: str
     passed: bool
     detail: str
+    # an integrity check's: the other redemptions (first 20; a key scoped to tenants: of
+    # its tenants only, the others counted in `detail`)
+    redemption_ids: list[str] = []
 
 
 class StoredFile(Struct, kw_only=True):
@@ -350,6 +370,27 @@ class StoredFile(Struct, kw_only=True):
     sha256: str
     content_type: str
     size: int
+
+
+class RedemptionFacts(Struct, kw_only=True, omit_defaults=True):
+    """What a reviewer compares the papers with, as PostgreSQL recorded it: the order, its
+    items and the voucher (with the staff and device of its claim)."""
+
+    order_id: str
+    order_amount_fen: int
+    discount_fen: int
+    paid_at: datetime
+    redeemed_at: datetime
+    refunded_fen: int
+    subsidy_returned_fen: int
+    items: list[ItemOut]
+    voucher_id: str
+    round_id: str
+    issued_at: datetime
+    expires_at: datetime
+    cap_fen: int
+    device_id: str | None = None
+    staff_id: str | None = None
 
 
 class SettlementOut(Struct, kw_only=True, omit_defaults=True):
@@ -374,6 +415,8 @@ class SettlementOut(Struct, kw_only=True, omit_defaults=True):
     due_date_provisional: bool
     provisional_until_year: int | None = None
     disbursement_id: str | None = None
+    # one record's read: its order and voucher (absent until the flusher recorded them)
+    redemption: RedemptionFacts | None = None
 
 
 class SettlementList(Struct, kw_only=True):
@@ -388,12 +431,30 @@ class DisbursementOut(Struct, kw_only=True, omit_defaults=True):
     provisional_until_year: int | None = None
     total_fen: int
     redemption_ids: list[str]
-    status: str  # due | paid
+    status: str  # pending | paid
     paid_at: datetime | None = None
+    records: list[SettlementOut] = []  # the reads (GET) give the batch's records
 
 
 class DisbursementList(Struct, kw_only=True):
     disbursements: list[DisbursementOut]
+
+
+class AuditEntry(Struct, kw_only=True, omit_defaults=True):
+    """One audit log entry; `detail` holds the reason and what the action recorded."""
+
+    entry_id: str
+    at: datetime
+    actor: str
+    action: str
+    redemption_id: str | None = None
+    disbursement_id: str | None = None
+    detail: dict[str, Any]
+
+
+class AuditLog(Struct, kw_only=True, omit_defaults=True):
+    entries: list[AuditEntry]
+    next_after: str | None = None  # pass as `after` for the next page; absent on the last
 
 
 class ApplicationOut(Struct, kw_only=True, omit_defaults=True):

@@ -236,10 +236,15 @@ def _table(report: ReportOut) -> Iterable[list[object]]:
 
 
 def report_csv(report: ReportOut) -> bytes:
-    """UTF-8 with a byte-order mark, so that Excel shows the Chinese headers."""
+    return excel_csv(_table(report))
+
+
+def excel_csv(table: Iterable[Sequence[object]]) -> bytes:
+    """Rows as CSV in UTF-8 with a byte-order mark, so that Excel shows Chinese headers;
+    None is an empty cell."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
-    for cells in _table(report):
+    for cells in table:
         writer.writerow(["" if c is None else c for c in cells])
     return ("\ufeff" + out.getvalue()).encode()
 

@@ -7,8 +7,9 @@ from issuer.routes_claims import CLAIM_ROUTES
 from issuer.routes_lottery import LOTTERY_ROUTES
 from issuer.routes_money import MONEY_ROUTES
 from issuer.routes_ops import OPS_ROUTES
+from issuer.routes_review import REVIEW_ROUTES
 from issuer.routes_settlement import SETTLEMENT_ROUTES
 
 ROUTES: tuple[Route, ...] = (
-    OPS_ROUTES + CLAIM_ROUTES + LOTTERY_ROUTES + MONEY_ROUTES + SETTLEMENT_ROUTES
+    OPS_ROUTES + CLAIM_ROUTES + LOTTERY_ROUTES + MONEY_ROUTES + SETTLEMENT_ROUTES + REVIEW_ROUTES
 )

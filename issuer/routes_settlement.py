@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-import asyncpg
 import msgspec
 from aiohttp import web
 
 from issuer import reports, tenancy
 from issuer.auth import ApiKey
-from issuer.errors import ApiError
-from issuer.http import CONTENT_TYPES, Ctx, Route, attachment, now, path_id, reply, stored_reply
+from issuer.http import (
+    CONTENT_TYPES,
+    Ctx,
+    Route,
+    attachment,
+    now,
+    path_id,
+    postgres,
+    reply,
+    stored_reply,
+)
 from issuer.model import (
     DecisionIn,
     DisbursementIn,
@@ -55,17 +63,11 @@ async def disbursement_paid(ctx: Ctx, request: web.Request, body: PaidIn) -> web
     return stored_reply(await ctx.settlement.paid(disbursement_id, body, request["verified"].key))
 
 
-def _pool(ctx: Ctx) -> asyncpg.Pool:
-    if ctx.pg is None:
-        raise ApiError("UNAVAILABLE", "PostgreSQL is not connected")
-    return ctx.pg
-
-
 async def report(ctx: Ctx, request: web.Request, query: reports.ReportQuery) -> web.Response:
     cached = await ctx.campaigns.cached(path_id(request, "campaign_id"))
     campaign_id = cached.keys.campaign_id
     out = await reports.build_report(
-        _pool(ctx), campaign_id, query.by, cached.definition.timezone, now()
+        postgres(ctx), campaign_id, query.by, cached.definition.timezone, now()
     )
     if query.format == "json":
         return reply(out)
@@ -81,7 +83,7 @@ async def reconciliation(
     cached = await ctx.campaigns.cached(path_id(request, "campaign_id"))
     campaign_id = cached.keys.campaign_id
     body = await reports.reconciliation_file(
-        _pool(ctx), campaign_id, query.date, cached.definition.timezone
+        postgres(ctx), campaign_id, query.date, cached.definition.timezone
     )
     return attachment(body, "csv", f"{campaign_id}-{query.date.isoformat()}.csv")
 

@@ -8,18 +8,24 @@ script and retries, so callers never see a missing script.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib.resources import files
 from typing import Any
 
 from redis.commands.core import AsyncScript
+from redis.exceptions import ClusterDownError, MovedError, RedisError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MovedError, RedisError, TimeoutError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from issuer import metrics, topology
 from issuer.config import DurableAck
+from issuer.durability import ACK_TIMEOUT_MS, AckRule, NotDurable
 from issuer.protocol import Call
+
+# the owner of the slot may have changed: learn where it is now, then answer 503
+_LOST_OWNER = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError, NotDurable)
 
 LIB = "lib.lua"  # prepended to every script
 # every script of lua/ (protocol.ScriptName names the same: tests/test_protocol.py)
@@ -37,8 +43,15 @@ def source(name: str) -> str:
     return package.joinpath(LIB).read_text() + "\n" + package.joinpath(f"{name}.lua").read_text()
 
 
-ACK_TIMEOUT_MS = 2000  # durable acknowledgement: longest wait for an fsync or a replica
-REPLICAS_TTL_S = 1.0  # how long a primary's count of connected replicas is trusted
+@contextlib.contextmanager
+def _transport_errors() -> Iterator[None]:
+    """A write on a connection whose transport a failover just closed raises the event
+    loop's own error through redis-py (RuntimeError "the handler is closed" under uvloop;
+    redis-py issue 4287), not ConnectionError: it is one (the claim answers 503)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        raise RedisConnectionError(f"the connection closed under a write: {exc}") from exc
 
 
 def _took(name: str, started: float) -> None:
@@ -49,49 +62,62 @@ class Scripts:
     """One registered script per file; `run(call)`, or `run_acked` to wait until what the
     script wrote is durable (`ack`: "aof" or "replica")."""
 
-    def __init__(self, redis: Any, ack: DurableAck = "none") -> None:
+    def __init__(
+        self, redis: Any, ack: DurableAck = "none", ack_replicas: int | None = None
+    ) -> None:
         self._scripts: dict[str, AsyncScript] = {
             name: redis.register_script(source(name)) for name in NAMES
         }
         self.ack = ack
         self.owners = topology.Owners(redis)
-        self._replicas: dict[int, tuple[float, int]] = {}  # pool -> (when read, count)
+        self.rule = AckRule(redis, ack_replicas)  # what a replica acknowledgement waits for
 
     async def run(self, call: Call) -> Any:
         started = time.perf_counter()
         try:
-            return await self._scripts[call.SCRIPT](keys=call.keys(), args=call.args())
+            with _transport_errors():
+                return await self._scripts[call.SCRIPT](keys=call.keys(), args=call.args())
         finally:
             _took(call.SCRIPT, started)
 
     async def run_acked(self, call: Call, wait: Callable[[Any], bool]) -> Any:
         """Run a script on the primary that owns its slot and, when `wait(result)`, wait on
         the same connection until its writes are durable: WAITAOF 1 0 (fsynced by that
-        primary) or WAIT (received by its replicas, `confirm_replicas`), which only count
-        that connection's writes. RedisError if not confirmed in time: the writes stay,
-        and a retry with the same request_id is answered from them. A slot that moved is
-        followed once."""
+        primary) or, in replica mode, held by every replica that could be promoted
+        (`AckRule`, which is also asked before the script whether the batch could be
+        confirmed there at all). RedisError if not confirmed: the writes stay, and a
+        retry with the same request_id is answered from them. A slot that moved is
+        followed once; a lost owner (unreachable, CLUSTERDOWN, not the primary) makes the
+        topology be read again before the error goes up."""
         name, keys, args = call.SCRIPT, call.keys(), call.args()
         for attempt in (1, 2):
             started = time.perf_counter()
+            owner = self.owners.of(keys[0])
             try:
-                async with self.owners.of(keys[0]).client() as conn:
-                    result = await self._scripts[name](
-                        keys=list(keys), args=list(args), client=conn
-                    )
-                    if wait(result):
-                        await self._confirm(conn)
-                    return result
+                with _transport_errors():
+                    return await self._run_on(owner, name, keys, args, wait)
             except MovedError:
                 await self.owners.refresh()
                 if attempt == 2:
                     raise
-            except (RedisConnectionError, TimeoutError):
-                await self.owners.refresh()  # the primary may be gone: learn its successor
+            except _LOST_OWNER:
+                await self.owners.refresh(failed=self.owners.name(owner))
                 raise
             finally:
                 _took(name, started)
         raise AssertionError("unreachable")
+
+    async def _run_on(
+        self, owner: Any, name: str, keys: list[str], args: list[Any], wait: Callable[[Any], bool]
+    ) -> Any:
+        """The script on one connection to `owner`, admitted and confirmed there."""
+        async with owner.client() as conn:
+            if self.ack == "replica":
+                await self.rule.admit(conn)
+            result = await self._scripts[name](keys=keys, args=args, client=conn)
+            if wait(result):
+                await self._confirm(conn)
+            return result
 
     async def _confirm(self, conn: Any) -> None:
         if self.ack == "aof":
@@ -99,21 +125,7 @@ class Scripts:
             if int(local) < 1:
                 raise RedisError("WAITAOF: the AOF was not fsynced in time")
         elif self.ack == "replica":
-            await self.confirm_replicas(conn)
-
-    async def confirm_replicas(self, conn: Any) -> None:
-        """WAIT until every replica connected to the primary (at least one) has what this
-        connection wrote or read from a stream: a failover may promote any of them, and
-        with WAIT 1 one that had not confirmed could take the batch back. The count is read
-        (INFO replication) at most every REPLICAS_TTL_S. RedisError if not in time."""
-        key, now = id(conn.connection_pool), time.monotonic()
-        seen = self._replicas.get(key)
-        if seen is None or now - seen[0] > REPLICAS_TTL_S:
-            info = await conn.info("replication")
-            seen = self._replicas[key] = (now, int(info.get("connected_slaves", 0)))
-        need = max(1, seen[1])
-        if int(await conn.execute_command("WAIT", need, ACK_TIMEOUT_MS)) < need:
-            raise RedisError(f"WAIT: {need} replica(s) did not confirm in time")
+            await self.rule.confirm(conn)
 
     async def aclose(self) -> None:
         await self.owners.aclose()

@@ -23,9 +23,22 @@ import uvloop
 from aiohttp import web
 from redis.asyncio import Redis
 
-from issuer import auth, due_dates, expiry, flusher, keyfile, keys, logs, metrics, store, topology
+from issuer import (
+    auth,
+    due_dates,
+    expiry,
+    flusher,
+    integrity,
+    keyfile,
+    keys,
+    logs,
+    metrics,
+    store,
+    topology,
+)
 from issuer.children import die_with_parent
 from issuer.config import Settings
+from issuer.documents import LocalStore
 from issuer.workdays import Calendar, HolidaysFileError
 
 if TYPE_CHECKING:
@@ -35,6 +48,7 @@ log = logging.getLogger("issuer.server")
 WORKER_STOP_TIMEOUT_S = 15  # in-flight requests, after the shutdown grace
 FLUSHER_STOP_TIMEOUT_S = 60  # draining the streams into PostgreSQL
 STABLE_S = 10.0  # a child that ran this long before it died is replaced at once
+READY_REDIS_S = 2.0  # longest /readyz waits for Redis before it says it did not answer
 
 
 LISTEN_BACKLOG = 4096  # connections a worker's kernel queue holds before accept (somaxconn caps)
@@ -71,7 +85,6 @@ async def worker_main(settings: Settings, port: int) -> None:
     from issuer.app import make_app
     from issuer.campaigns import Campaigns
     from issuer.claims import Claims
-    from issuer.documents import LocalStore
     from issuer.http import Ctx
     from issuer.keyring import Keyring
     from issuer.protocol import Ready
@@ -79,6 +92,7 @@ async def worker_main(settings: Settings, port: int) -> None:
     from issuer.scripts import Scripts
     from issuer.settlement import Settlement
     from issuer.tenancy import Owners
+    from issuer.watch import PrimaryWatch
 
     assert settings.database_url
     try:
@@ -86,7 +100,9 @@ async def worker_main(settings: Settings, port: int) -> None:
     except auth.KeysFileError as exc:
         raise SystemExit(str(exc)) from None
     redis = topology.connect(settings)
-    scripts = Scripts(redis, ack=settings.durable_ack)
+    scripts = Scripts(redis, ack=settings.durable_ack, ack_replicas=settings.ack_replicas)
+    watch = PrimaryWatch(redis, scripts)
+    metrics.ACK_UNGUARDED.set(0)  # exported from the start, whatever the ack mode
     pg = await store.connect(settings.database_url, min_size=0, max_size=2)
     campaigns = Campaigns(redis, scripts)
     person_key = settings.person_secret()
@@ -124,17 +140,23 @@ async def worker_main(settings: Settings, port: int) -> None:
 
     async def ready() -> dict[str, Any]:
         checks: dict[str, Any] = {"draining": stop.is_set()}
-        try:
-            await scripts.run(Ready(campaigns=keys.CAMPAIGNS))
-            entries, age = await flusher.stream_lag(redis)
-            checks.update(redis_ok=True, flusher_lag_entries=entries, flusher_lag_seconds=age)
-            checks["flusher_ok"] = entries <= settings.ready_max_lag
-            problem = await topology.health(redis)
-            if problem is not None:
-                checks.update(redis_ok=False, redis_error=problem)
-        except (*topology.REDIS_ERRORS, OSError) as exc:
-            reason = await topology.health(redis)  # on a cluster: which slots lack a primary
-            checks.update(redis_ok=False, redis_error=reason or type(exc).__name__)
+        if watch.missing is not None:  # answer at once: the primary may not answer at all
+            checks.update(redis_ok=False, redis_error=watch.missing)
+        else:
+            try:
+                async with asyncio.timeout(READY_REDIS_S):
+                    await scripts.run(Ready(campaigns=keys.CAMPAIGNS))
+                    entries, age = await flusher.stream_lag(redis)
+                checks.update(redis_ok=True, flusher_lag_entries=entries, flusher_lag_seconds=age)
+                checks["flusher_ok"] = entries <= settings.ready_max_lag
+                problem = await topology.health(redis)
+                if problem is not None:
+                    checks.update(redis_ok=False, redis_error=problem)
+            except (*topology.REDIS_ERRORS, OSError) as exc:
+                reason = await topology.health(redis)  # on a cluster: which slots lack a primary
+                checks.update(redis_ok=False, redis_error=reason or type(exc).__name__)
+        if settings.durable_ack == "replica" and (unguarded := scripts.rule.problem()):
+            checks["durable_ack_problem"] = unguarded
         try:
             await pg.fetchval("SELECT 1", timeout=2)
             checks["postgres_ok"] = True
@@ -164,14 +186,16 @@ async def worker_main(settings: Settings, port: int) -> None:
     loop_lag.start()
     log.info("worker up", extra={"pid": os.getpid(), "port": port})
     sweeping = asyncio.create_task(expiry.run(redis, scripts, stop))
-    watching = asyncio.create_task(keyring.watch(stop))
+    watching_primary = asyncio.create_task(watch.run(stop))
+    watching_keys = asyncio.create_task(keyring.watch(stop))
     await stop.wait()
     # not ready from now on; keep serving while load balancers notice, then stop accepting
     await asyncio.sleep(settings.shutdown_grace_s)
     await runner.cleanup()
     loop_lag.stop()
     await sweeping
-    await watching
+    await watching_primary
+    await watching_keys
     await scripts.aclose()
     await topology.close(redis)
     await pg.close()
@@ -335,9 +359,12 @@ class Supervisor:
             raise SystemExit(f"configuration error: {exc}") from None
         pool = await store.connect(self.settings.database_url)
         await store.migrate(pool)
+        await integrity.backfill(pool, LocalStore(self.settings.documents_path))
         await due_dates.recompute(pool, calendar)  # a year known since the last start
         await pool.close()
         await load_campaign_files(redis, load)
+        if self.settings.durable_ack == "replica":
+            await check_guard(self.settings, redis)
         await topology.close(redis)
         if self.settings.run_flusher:
             self.flusher = self.spawn("flush")
@@ -350,6 +377,20 @@ class Supervisor:
         log.info("stopping: workers first, then the flusher drains")
         await asyncio.to_thread(self.terminate)
         watcher.cancel()
+
+
+async def check_guard(settings: Settings, redis: Any) -> None:
+    """At start, with ISSUER_DURABLE_ACK=replica: whether each primary's settings and
+    replicas can keep the promise (the acknowledgement rule logs what they lack; every
+    worker checks again on each new primary it meets)."""
+    from issuer.scripts import Scripts
+    from issuer.watch import PrimaryWatch
+
+    scripts = Scripts(redis, ack=settings.durable_ack, ack_replicas=settings.ack_replicas)
+    try:
+        await PrimaryWatch(redis, scripts).probe()
+    finally:
+        await scripts.aclose()
 
 
 def restart_delay(previous_s: float, lived_s: float) -> float:

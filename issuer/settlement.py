@@ -19,7 +19,7 @@ import asyncpg
 import msgspec
 from redis.asyncio import Redis
 
-from issuer import documents, due_dates, keys
+from issuer import documents, due_dates, integrity, keys
 from issuer.audit import audit
 from issuer.auth import ApiKey
 from issuer.errors import ApiError
@@ -118,6 +118,9 @@ class Settlement:
         if key.merchant_id != rec.merchant_id:
             raise ApiError("FORBIDDEN", "a merchant submits documents for its own redemptions")
         meta, parts = documents.parse_upload(content_type, raw)
+        invoice = integrity.invoice_key(meta.invoice_no)
+        if not invoice:
+            raise ApiError("INVALID_REQUEST", "meta.invoice_no: blank")
         ck = cached.keys
         raw_voucher = await self.redis.hget(ck.vouchers, rec.voucher_id)
         person = VOUCHER.decode(raw_voucher).person_ref if raw_voucher else ""
@@ -139,35 +142,45 @@ class Settlement:
             submitted_ms=int(time.time() * 1000),
         )
         checks = documents.run_checks(meta, parts, facts, self.person_key)
-        passed = all(c.passed for c in checks)
+        photos = {
+            p.sha256: await asyncio.to_thread(integrity.photo_hashes, p.data)
+            for p in parts
+            if p.kind == "photo" and p.content_type in integrity.HASHED_TYPES
+        }
         for part in parts:  # content-addressed: writing before the record is harmless
             await asyncio.to_thread(self.store.put, part.sha256, part.data)
         kept = msgspec.structs.replace(
             meta, invoice_buyer_name=name_ref(self.person_key, meta.invoice_buyer_name)
         )
         async with self.pool.acquire() as conn, conn.transaction():
+            await integrity.lock(conn)
             status = await conn.fetchval(
                 "SELECT status FROM settlements WHERE redemption_id = $1 FOR UPDATE",
                 redemption_id,
             )
             if status in ("approved", "paid"):
                 raise ApiError("SETTLEMENT_CLOSED", f"redemption {redemption_id} is {status}")
+            # the records the replaced papers matched: they may pass again
+            shared_before = await integrity.twins(conn, redemption_id)
             await conn.execute(
                 """
                 INSERT INTO settlements (redemption_id, campaign_id, merchant_id, status, meta,
-                                         checks, checks_passed, submitted_at, tenant)
-                VALUES ($1, $2, $3, 'submitted', $4::jsonb, $5::jsonb, $6, now(), $7)
+                                         checks, checks_passed, submitted_at, invoice_key,
+                                         tenant)
+                VALUES ($1, $2, $3, 'submitted', $4::jsonb, $5::jsonb, $6, now(), $7, $8)
                 ON CONFLICT (redemption_id) DO UPDATE
                 SET status = 'submitted', meta = excluded.meta, checks = excluded.checks,
                     checks_passed = excluded.checks_passed, submitted_at = now(),
-                    decided_at = NULL, decided_by = NULL, reason = NULL, override_reason = NULL
+                    decided_at = NULL, decided_by = NULL, reason = NULL, override_reason = NULL,
+                    invoice_key = excluded.invoice_key
                 """,
                 redemption_id,
                 ck.campaign_id,
                 rec.merchant_id,
                 ENCODE.encode(kept).decode(),
                 ENCODE.encode(checks).decode(),
-                passed,
+                all(c.passed for c in checks),
+                invoice,
                 cached.tenant,
             )
             await conn.execute(
@@ -180,6 +193,10 @@ class Settlement:
                     for n, p in enumerate(parts)
                 ],
             )
+            for sha256, hashes in photos.items():
+                await integrity.save_photo_hashes(conn, sha256, hashes)
+            mine = await integrity.refresh(conn, redemption_id)
+            row = await conn.fetchrow(SELECT + " WHERE s.redemption_id = $1", redemption_id)
             await audit(
                 conn,
                 key,
@@ -188,10 +205,14 @@ class Settlement:
                 "",
                 tenant=cached.tenant,
                 files=len(parts),
-                checks_passed=passed,
+                checks_passed=row["checks_passed"],
             )
-            row = await conn.fetchrow(SELECT + " WHERE s.redemption_id = $1", redemption_id)
-        return settlement_out(row, subsidy(rec))
+            shared = mine.others.union(*shared_before.values())
+            await integrity.recheck(conn, shared, key.id, redemption_id)
+        (out,) = await integrity.seen_by(
+            self.pool, key.tenants, [settlement_out(row, subsidy(rec))]
+        )
+        return out
 
     # ------------------------------------------------------------ auditor
 
@@ -205,15 +226,19 @@ class Settlement:
         rows = await self.pool.fetch(
             SELECT + " WHERE ($1::text IS NULL OR s.status = $1)"
             " AND ($2::text IS NULL OR s.merchant_id = $2)"
-            " AND ($4::text[] IS NULL OR s.tenant = ANY($4::text[]))"
+            " AND ($4::text IS NULL OR s.campaign_id = $4)"
+            " AND ($5::boolean IS NULL OR s.checks_passed = $5)"
+            " AND ($6::text[] IS NULL OR s.tenant = ANY($6::text[]))"
             " ORDER BY s.due_date - CASE WHEN s.provisional_until_year IS NULL THEN 0 ELSE $3 END,"
             " s.submitted_at LIMIT 1000",
             query.status,
             query.merchant_id,
             due_dates.MAY_MOVE_EARLIER_DAYS,
+            query.campaign_id,
+            query.checks_passed,
             None if tenants is None else sorted(tenants),
         )
-        return [settlement_out(r) for r in rows]
+        return await integrity.seen_by(self.pool, tenants, [settlement_out(r) for r in rows])
 
     async def once(self, key_id: str, request_id: str, payload: object, action: Action) -> Any:
         """Run `action` in one transaction, once per request_id: (status, JSON bytes,
@@ -294,7 +319,8 @@ class Settlement:
                 provisional_until_year=due.provisional_until_year if due else None,
             )
             out = await conn.fetchrow(SELECT + " WHERE s.redemption_id = $1", redemption_id)
-            return 200, settlement_out(out)
+            (seen,) = await integrity.seen_by(conn, key.tenants, [settlement_out(out)])
+            return 200, seen
 
         result: tuple[int, bytes, bool] = await self.once(
             key.id, body.request_id, (redemption_id, body), action
@@ -357,7 +383,7 @@ class Settlement:
                         provisional_until_year=due.provisional_until_year,
                         total_fen=total,
                         redemption_ids=ids,
-                        status="due",
+                        status="pending",
                     )
                 )
             return 201, DisbursementList(disbursements=batches)

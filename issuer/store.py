@@ -216,6 +216,39 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE disbursements ADD COLUMN tenant text NOT NULL DEFAULT '{DEFAULT_TENANT}';
     ALTER TABLE audit_log ADD COLUMN tenant text NOT NULL DEFAULT '{DEFAULT_TENANT}';
     """,
+    # evidence integrity (issuer/integrity.py): the normalised invoice number and files by
+    # SHA-256, each one index look-up; each photo's perceptual hashes (whole, five crops),
+    # found by their bands (seven index look-ups, then the exact distance).
+    # Records stored before keep invoice_key NULL until `integrity.backfill` (run by
+    # `issuer serve` right after migrating) gives them the three checks.
+    """
+    ALTER TABLE settlements ADD COLUMN invoice_key text;
+    CREATE INDEX settlements_invoice_key ON settlements (invoice_key);
+    CREATE INDEX settlement_files_sha256 ON settlement_files (sha256);
+    CREATE TABLE photo_hashes (
+        sha256 text     NOT NULL,
+        crop   smallint NOT NULL,  -- 0: the whole photo
+        phash  bigint   NOT NULL,
+        -- the hash in seven bands (10 + 6 × 9 bits): two hashes within 6 bits of each other
+        -- share at least one whole band, so near copies are found by index look-ups
+        b0 int GENERATED ALWAYS AS (((phash >> 54) & 1023)::int) STORED,
+        b1 int GENERATED ALWAYS AS (((phash >> 45) & 511)::int) STORED,
+        b2 int GENERATED ALWAYS AS (((phash >> 36) & 511)::int) STORED,
+        b3 int GENERATED ALWAYS AS (((phash >> 27) & 511)::int) STORED,
+        b4 int GENERATED ALWAYS AS (((phash >> 18) & 511)::int) STORED,
+        b5 int GENERATED ALWAYS AS (((phash >> 9) & 511)::int) STORED,
+        b6 int GENERATED ALWAYS AS ((phash & 511)::int) STORED,
+        PRIMARY KEY (sha256, crop)
+    );
+    CREATE INDEX photo_hashes_b0 ON photo_hashes (b0);
+    CREATE INDEX photo_hashes_b1 ON photo_hashes (b1);
+    CREATE INDEX photo_hashes_b2 ON photo_hashes (b2);
+    CREATE INDEX photo_hashes_b3 ON photo_hashes (b3);
+    CREATE INDEX photo_hashes_b4 ON photo_hashes (b4);
+    CREATE INDEX photo_hashes_b5 ON photo_hashes (b5);
+    CREATE INDEX photo_hashes_b6 ON photo_hashes (b6);
+    CREATE INDEX audit_log_subject ON audit_log (subject, id);
+    """,
 )
 
 

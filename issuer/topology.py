@@ -1,10 +1,11 @@
 """Which Redis the gate runs on, and the client for it: one server (`standalone`), a
 Redis/Valkey Cluster (`cluster`), or a primary with replicas behind Sentinel (`sentinel`).
 
-Routing, MOVED/ASK and failover discovery are redis-py's (`RedisCluster`, `Sentinel`);
-this module only chooses, checks what it was given, and finds the node that owns a slot
-for the few commands that must share one connection with a script (WAIT and WAITAOF
-count the writes of their own connection only).
+Routing, MOVED/ASK and failover discovery are redis-py's (`RedisCluster`, `Sentinel`),
+behind Sentinel through `issuer.sentinel` (a majority names the primary, and a connection
+is refused unless ROLE says primary); this module chooses, checks what it was given, and
+finds the node that owns a slot for the few commands that must share one connection with
+a script (WAIT and WAITAOF count the writes of their own connection only).
 """
 
 from __future__ import annotations
@@ -16,15 +17,20 @@ from typing import Any, Literal
 
 import msgspec
 import redis
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
 from issuer.config import Settings
+from issuer.sentinel import (
+    MajoritySentinel,
+    PrimaryConnection,
+    PrimaryPool,
+    RoleConfirmedConnection,
+)
 
 Mode = Literal["standalone", "cluster", "sentinel"]
 SLOTS = 16384
@@ -107,11 +113,13 @@ def connect(settings: Settings, max_connections: int = 64) -> Any:
     }
     if mode == "sentinel":
         assert settings.sentinels and settings.sentinel_master
-        sentinel = Sentinel(sentinel_addresses(settings.sentinels), **timeouts)
+        sentinel = MajoritySentinel(sentinel_addresses(settings.sentinels), **timeouts)
         return sentinel.master_for(
             settings.sentinel_master,
             max_connections=max_connections,
             retry=QUICK_RETRY,
+            connection_pool_class=PrimaryPool,
+            connection_class=PrimaryConnection,
             **timeouts,
         )
     assert settings.redis_url
@@ -191,7 +199,8 @@ def slot_groups(client: Any, keys: Iterable[str]) -> list[list[str]]:
 
 class Owners:
     """The client of the primary that owns a key's slot: the client itself on one server or
-    behind Sentinel; on a cluster a plain client per primary, from redis-py's slot map."""
+    behind Sentinel; on a cluster a plain client per primary, from redis-py's slot map,
+    whose connections confirm their server is a primary."""
 
     def __init__(self, client: Any) -> None:
         self.client = client
@@ -220,27 +229,50 @@ class Owners:
         node = self.client.get_node_from_key(key)
         if node is None:
             raise redis.exceptions.SlotNotCoveredError(f"no primary for the slot of {key}")
-        owner = self._nodes.get(node.name)
+        return self._owner(node.host, node.port)
+
+    def primaries(self) -> list[Any]:
+        """A client of each primary of the gate (on a cluster: those of the slot map)."""
+        if not isinstance(self.client, RedisCluster):
+            return [self.client]
+        return [self._owner(n.host, n.port) for n in self.client.get_primaries()]
+
+    def _owner(self, host: str, port: int) -> Redis:
+        name = f"{host}:{port}"
+        owner = self._nodes.get(name)
         if owner is None:
-            owner = self._nodes[node.name] = Redis(
-                host=node.host,
-                port=node.port,
+            pool = ConnectionPool(
+                connection_class=RoleConfirmedConnection,
+                host=host,
+                port=port,
                 socket_timeout=SOCKET_TIMEOUT_S,
                 socket_connect_timeout=CONNECT_TIMEOUT_S,
                 retry=QUICK_RETRY,  # a gone primary: 503 at once, the client retries
             )
+            owner = self._nodes[name] = Redis.from_pool(pool)
         return owner
 
-    async def refresh(self) -> None:
-        """Re-read the slot map after MOVED or a lost node (at most every REFRESH_EVERY_S)."""
-        if not isinstance(self.client, RedisCluster):
-            return
+    @staticmethod
+    def name(owner: Any) -> str | None:
+        """host:port of a cluster owner (None behind Sentinel or on one server)."""
+        kwargs = owner.connection_pool.connection_kwargs
+        return f"{kwargs['host']}:{kwargs['port']}" if "host" in kwargs else None
+
+    async def refresh(self, failed: str | None = None) -> None:
+        """Learn where the primaries are now (at most every REFRESH_EVERY_S): on a cluster
+        re-read the slot map, from nodes other than `failed` first (redis-py's own
+        deferral: a cut-off primary still gives its stale map, and answers CLUSTERDOWN);
+        behind Sentinel ask their majority again, which drops the connections to a
+        primary they no longer name."""
         now = time.monotonic()
         if now - self._refreshed < REFRESH_EVERY_S:
             return
         self._refreshed = now
         with contextlib.suppress(*REDIS_ERRORS):  # no node answers yet: the next failure retries
-            await self.client.nodes_manager.initialize()
+            if isinstance(self.client, RedisCluster):
+                await self.client.nodes_manager.initialize(last_failed_node_name=failed)
+            elif hasattr(self.client.connection_pool, "get_master_address"):
+                await self.client.connection_pool.get_master_address()
 
     async def aclose(self) -> None:
         await self.unpin()

@@ -39,6 +39,7 @@ from issuer.scripts import Scripts
 from tests.fake import Fake
 
 ROOT = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.browser"]  # the browser fixtures of the page tests
 _module_counter = iter(range(1, 1_000_000))
 SERVERS = {"servers", "cluster"}  # the fixtures that start servers
 

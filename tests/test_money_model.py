@@ -26,8 +26,8 @@ clock (Redis TIME) never reaches that, so vouchers expire only when the "time pa
 sweeps with a clock past the round's `valid_until` (issuer.expiry.sweep takes the clock).
 
 The service runs one worker: the GET of the campaign after every step reloads that worker's
-cached campaign, which drops any locally repeated refusal ("cheap refusals" in README), so
-every claim is decided by Redis and the model can be exact.
+cached campaign, which drops any locally repeated refusal ("Cheap refusals" in
+docs/design/gate.md), so every claim is decided by Redis and the model can be exact.
 
 About half a minute with the defaults; `-s` prints how often each outcome came up. A
 longer run (examples per run, at most steps per example):

@@ -7,29 +7,16 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from PIL import Image
-from playwright.async_api import Browser, Locator, Page, Request, async_playwright, expect
+from playwright.async_api import Locator, Page, expect
 
+from tests.browser import CHROMIUM, Watched, close_to
 from tests.conftest import Service
 from tests.money import issue, new_campaign
 
-CHROMIUM = Path("/usr/bin/chromium")
-# The network is closed: without these Chromium keeps calling home and floods refusals.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 # the bars' colours in ops.html (--issued, --money, --reserved, --available)
 COLOURS = {
     "issued": (0x25, 0x63, 0xEB),
@@ -44,62 +31,6 @@ pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(),
     reason="Debian's chromium is not installed (/usr/bin/chromium); .ci/run installs it",
 )
-
-
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Browser]:
-    # launch() gives every browser a fresh temporary profile (user data dir), removed on close
-    async with async_playwright() as pw:
-        chromium = await pw.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
-
-
-class Watched:
-    """A page in its own browser context (fresh sessionStorage), with every request it
-    made and every script error it hit."""
-
-    def __init__(self, page: Page) -> None:
-        self.page = page
-        self.requests: list[Request] = []
-        self.errors: list[str] = []
-        self.expected = ["status of 401"]  # console errors a test provokes on purpose
-        page.on("request", lambda request: self.requests.append(request))
-        page.on("pageerror", lambda exc: self.errors.append(str(exc)))
-        page.on(
-            "console",
-            lambda msg: self.errors.append(msg.text) if msg.type == "error" else None,
-        )
-
-    def leaked(self, secret: str) -> list[str]:
-        """Requests that carried the secret anywhere: URL, headers or body."""
-        return [
-            r.url
-            for r in self.requests
-            if secret in r.url
-            or any(secret in v for v in r.headers.values())
-            or secret in (r.post_data or "")
-        ]
-
-
-@pytest.fixture
-async def watched(browser: Browser) -> AsyncIterator[Watched]:
-    context = await browser.new_context(
-        viewport={"width": 1280, "height": 1100}, device_scale_factor=1, locale="zh-CN"
-    )
-    try:
-        watched = Watched(await context.new_page())
-        yield watched
-    finally:
-        await context.close()
-    # a refused call a test provokes is logged by Chromium as a failed resource load;
-    # anything else (a script error, a missing resource) is a bug of the page
-    unexpected = [e for e in watched.errors if not any(x in e for x in watched.expected)]
-    assert not unexpected, unexpected
 
 
 async def log_in(page: Page, service: Service, secret: str | None = None) -> None:
@@ -217,7 +148,7 @@ async def drawn(
     middle = round(box["y"] + box["height"] / 2)
     shares = []
     for y in (middle - 2, middle, middle + 2):
-        painted = [_close(image.getpixel((x, y)), rgb) for x in range(left, right)]
+        painted = [close_to(image.getpixel((x, y)), rgb) for x in range(left, right)]
         shares.append(sum(painted) / len(painted))
         if from_left:
             edge = painted.index(False) if False in painted else len(painted)
@@ -323,7 +254,3 @@ async def test_pause_shows_in_status(service: Service, watched: Watched) -> None
     resp = await service.call("POST", f"/v1/campaigns/{campaign_id}/resume", body)
     assert resp.status == 200, resp.body
     await expect(card).to_have_attribute("data-status", "active", timeout=UPDATE_MS)
-
-
-def _close(pixel: Any, rgb: tuple[int, int, int], tolerance: int = 24) -> bool:
-    return all(abs(a - b) <= tolerance for a, b in zip(pixel, rgb, strict=False))

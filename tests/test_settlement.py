@@ -18,6 +18,7 @@ import asyncpg
 import msgspec
 import pytest
 
+from issuer.auth import ApiKey
 from issuer.client import Response, signed_headers
 from issuer.documents import MAX_PART_BYTES
 from issuer.workdays import Calendar
@@ -52,10 +53,15 @@ def body_of(parts: list[tuple[str, bytes]], meta: dict[str, Any] | None) -> tupl
 
 
 async def upload(
-    service: Service, redemption_id: str, raw: bytes, content_type: str, role: str = "merchant"
+    service: Service,
+    redemption_id: str,
+    raw: bytes,
+    content_type: str,
+    role: str = "merchant",
+    key: ApiKey | None = None,
 ) -> Response:
     path = f"/v1/redemptions/{redemption_id}/documents"
-    headers = signed_headers(service.key(role), "POST", path, raw)
+    headers = signed_headers(key or service.key(role), "POST", path, raw)
     headers["Content-Type"] = content_type
     async with service.session.post(
         service.url + path, data=io.BytesIO(raw), headers=headers
@@ -63,14 +69,28 @@ async def upload(
         return Response(resp.status, await resp.json(content_type=None), dict(resp.headers))
 
 
+def fresh(data: bytes) -> bytes:
+    """The file with bytes of its own: papers shared between records fail their checks."""
+    return data + os.urandom(16)
+
+
 def papers(
-    amount: int, *, name: str = NAME, paid: int | None = None, label: bool = True
+    amount: int,
+    *,
+    name: str = NAME,
+    paid: int | None = None,
+    label: bool = True,
+    invoice_no: str | None = None,
+    files: dict[str, bytes] | None = None,
 ) -> tuple[bytes, str]:
+    """A redemption's papers, each file of its own (`files`: these, as they are)."""
     parts = [("confirmation", PDF), ("invoice", PDF), ("payment_proof", JPEG), ("photo", PNG)]
     if label:
         parts.append(("energy_label", JPEG))
+    given = files or {}
+    parts = [(kind, given[kind] if kind in given else fresh(data)) for kind, data in parts]
     meta = {
-        "invoice_no": "No.0001",
+        "invoice_no": invoice_no or f"No.{os.urandom(6).hex()}",
         "invoice_buyer_name": name,
         "invoice_amount_fen": amount,
         "paid_amount_fen": amount if paid is None else paid,
@@ -256,6 +276,7 @@ async def test_bad_uploads_are_refused_and_store_nothing(
         ("unknown part", *body_of([("selfie", PNG)], None)),
         ("no meta", *body_of([("invoice", PDF)], None)),
         ("bad meta", *body_of([("invoice", PDF)], {"invoice_no": 5})),
+        ("blank invoice number", *papers(500_000, invoice_no="\u3000 \t")),
         ("part too big", *body_of([("photo", PNG + bytes(MAX_PART_BYTES))], None)),
     ]
     for label, raw, content_type in cases:

@@ -26,11 +26,12 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 from redis.asyncio import Redis
 
-from issuer import keyfile, store, tenancy
+from issuer import integrity, keyfile, store, tenancy
 from issuer.app import request_fields
 from issuer.auth import ROLES, ApiKey, Verified
 from issuer.campaigns import Campaigns
 from issuer.client import Response, signed_headers
+from issuer.documents import LocalStore
 from issuer.http import Route
 from issuer.keys import MERCHANTS, CampaignKeys
 from issuer.model import CampaignDef, VoucherOut
@@ -41,7 +42,7 @@ from tests.conftest import Keyspace, Servers, Service, _with_path, running_servi
 from tests.money import fridge
 from tests.people import campaign, claim, id_number, iso
 from tests.test_rebuild import lose_campaign
-from tests.test_settlement import papers
+from tests.test_settlement import JPEG, fresh, papers
 
 A, B = "xiangning", "xixian"
 SEED = "7e" * 32
@@ -131,8 +132,7 @@ class World:
 
     def traces(self) -> set[str]:
         """Strings that would betray this tenant's records in another tenant's answer."""
-        shared = {"round_id", "sha256"}  # a round's name; the test papers' bytes (both tenants')
-        mine = [v for k, v in self.ids.items() if k not in shared]
+        mine = [v for k, v in self.ids.items() if k != "round_id"]  # a round's name: "r1"
         return {*self.campaigns.values(), self.merchant, *mine}
 
 
@@ -168,31 +168,17 @@ async def build_world(service: Service, tenant: str, first_person: int) -> World
     }
     for name, body in bodies.items():
         ok(await send(service, key("ops"), "PUT", f"/v1/campaigns/{world.campaigns[name]}", body))
-    main = world.campaigns["main"]
-
-    async def voucher() -> dict[str, Any]:
-        path = f"/v1/campaigns/{main}/claims"
-        body: dict[str, Any] = ok(
-            await send(service, key("app"), "POST", path, claim(next(people)))
-        )
-        return body
-
-    async def redeemed() -> str:
-        body = payment_of(await voucher(), world.merchant)
-        out = ok(await send(service, key("payment"), "POST", "/v1/redemptions", body))
-        return str(out["redemption_id"])
-
-    held = await voucher()
+    held = await voucher(service, world, next(people))
     world.ids |= {"voucher_id": held["voucher_id"], "user_id": held["user_id"], "round_id": "r1"}
-    world.fresh_voucher = await voucher()
-    world.ids["redemption_id"] = await redeemed()
+    world.fresh_voucher = await voucher(service, world, next(people))
+    world.ids["redemption_id"] = await redeemed(service, world, next(people))
     refund = {"request_id": request_id(), "amount_fen": 100, "reason": "退货"}
     path = f"/v1/redemptions/{world.ids['redemption_id']}/refunds"
     world.ids["refund_id"] = ok(await send(service, key("payment"), "POST", path, refund))[
         "refund_id"
     ]
-    world.ids["decided_redemption"] = await redeemed()
-    paid = await redeemed()
+    world.ids["decided_redemption"] = await redeemed(service, world, next(people))
+    paid = await redeemed(service, world, next(people))
     for rid in (paid, world.ids["decided_redemption"]):
         path = f"/v1/redemptions/{rid}/documents"
         submitted = ok(await send(service, key("merchant"), "POST", path, raw=papers(300_000)))
@@ -215,6 +201,21 @@ async def build_world(service: Service, tenant: str, first_person: int) -> World
     applied = ok(await send(service, key("app"), "POST", path, claim(next(people))), 202)
     world.ids["application_id"] = applied["application_id"]
     return world
+
+
+async def voucher(service: Service, world: World, person: int) -> dict[str, Any]:
+    """A voucher of the tenant's main campaign, claimed with its app key."""
+    path = f"/v1/campaigns/{world.campaigns['main']}/claims"
+    key = service.keys[key_id(world.tenant, "app")]
+    body: dict[str, Any] = ok(await send(service, key, "POST", path, claim(person)))
+    return body
+
+
+async def redeemed(service: Service, world: World, person: int) -> str:
+    """A redemption at the tenant's merchant, made with its payment key."""
+    body = payment_of(await voucher(service, world, person), world.merchant)
+    key = service.keys[key_id(world.tenant, "payment")]
+    return str(ok(await send(service, key, "POST", "/v1/redemptions", body))["redemption_id"])
 
 
 def payment_of(voucher: dict[str, Any], merchant_id: str) -> dict[str, Any]:
@@ -357,6 +358,12 @@ CASES: dict[str, Case] = {
     "reconciliation": lambda w, r: Call(
         {"campaign_id": w.campaigns["main"]}, query=f"?date={datetime.now(UTC).date()}"
     ),
+    "get_settlement": lambda w, r: Call({"redemption_id": w.ids["decided_redemption"]}),
+    "settlement_file": lambda w, r: Call({"redemption_id": w.ids["decided_redemption"]}),
+    "list_disbursements": lambda w, r: Call(),
+    "get_disbursement": lambda w, r: Call(),
+    "audit_log": lambda w, r: Call(),
+    "risk_report": _campaign("main"),
 }
 # refusals the right tenant may meet, as any caller would at that moment
 USUAL = {"NOT_OPEN", "NO_CLAWBACK_DUE"}
@@ -500,6 +507,117 @@ async def test_a_redemption_needs_voucher_and_merchant_of_one_tenant(
     ok(await send(service, service.key("payment"), "POST", "/v1/redemptions", body), 201)
 
 
+def test_a_check_counts_the_redemptions_of_another_tenant_it_hides() -> None:
+    """A platform-wide key reads every id a check names (the first SHOWN); a scoped one
+    reads the others' count in their place, and the count of those not named as before."""
+    others = [f"c.r{n:02d}" for n in range(integrity.SHOWN + 2)]
+    found = {"unique_invoice": others, "unique_documents": [], "distinct_photos": []}
+    check = integrity.results(found)[0]
+    assert check.detail.endswith("c.r19 and 2 more")
+    seen = integrity.hide(check, {"c.r00", "c.r05", "c.r21"})  # c.r21: not named anyway
+    kept = [rid for rid in others[: integrity.SHOWN] if rid not in {"c.r00", "c.r05"}]
+    assert seen.redemption_ids == kept
+    assert seen.detail == (
+        f"same invoice number as {', '.join(kept)}, 2 redemptions of other tenants and 2 more"
+    )
+    assert integrity.hide(check, {"d.r1"}) is check
+
+
+async def desk(service: Service, world: World) -> list[bytes]:
+    """What the tenant's own auditor key reads on the desk: the queue (all, failed a check),
+    the batches, the whole audit log and its main campaign's risk report (JSON, CSV)."""
+    key = service.keys[key_id(world.tenant, "auditor")]
+    risk = f"/v1/campaigns/{world.campaigns['main']}/risk"
+    paths = [
+        "/v1/settlements",
+        "/v1/settlements?checks_passed=false",
+        "/v1/disbursements",
+        "/v1/audit-log?limit=1000",
+        risk,
+        risk + "?format=csv",
+    ]
+    bodies = [ok(await send(service, key, "GET", path)) for path in paths]
+    assert "next_after" not in bodies[3], "the tenant's log is longer than one page"
+    return [b if isinstance(b, bytes) else msgspec.json.encode(b) for b in bodies]
+
+
+def integrity_failed(body: dict[str, Any]) -> dict[str, tuple[str, list[str]]]:
+    """The integrity checks a record fails: (detail, redemption_ids) of each."""
+    return {
+        c["name"]: (c["detail"], c.get("redemption_ids", []))
+        for c in body["checks"]
+        if c["name"] in integrity.NAMES and not c["passed"]
+    }
+
+
+async def test_the_desk_of_a_scoped_auditor_shows_nothing_of_the_other_tenant(
+    service: Service, worlds: dict[str, World]
+) -> None:
+    """One invoice and one file used for a redemption of each tenant: the checks span every
+    tenant, so both records fail; a key of either tenant reads the other's redemption, and
+    the key whose upload re-ran its record's checks, only as "of another tenant" (record,
+    upload and decision answers, queue, batches, audit log), while a platform-wide key
+    reads their ids. Nothing else of the other tenant is on the desk's reads either: every
+    id of a tenant's world starts with the tenant's name."""
+    a, b = worlds[A], worlds[B]
+    rids = {t: await redeemed(service, worlds[t], next(PEOPLE)) for t in (A, B)}
+    shared = {"invoice_no": f"SHARED-{unique_id()}", "files": {"energy_label": fresh(JPEG)}}
+    path = f"/v1/redemptions/{rids[A]}/documents"
+    first = await send(
+        service, service.keys[key_id(A, "merchant")], "POST", path, raw=papers(300_000, **shared)
+    )
+    assert integrity_failed(ok(first)) == {}
+    path = f"/v1/redemptions/{rids[B]}/documents"
+    second = await send(
+        service, service.keys[key_id(B, "merchant")], "POST", path, raw=papers(300_000, **shared)
+    )
+    hidden = {
+        name: (f"{integrity.SAME[name]} {integrity.OTHER_TENANT}", [])
+        for name in ("unique_invoice", "unique_documents")
+    }
+    assert integrity_failed(ok(second)) == hidden
+    auditor = {t: service.keys[key_id(t, "auditor")] for t in (A, B)}
+    for t, other in ((A, B), (B, A)):
+        mine = ok(await send(service, auditor[t], "GET", f"/v1/settlements/{rids[t]}"))
+        assert integrity_failed(mine) == hidden
+        seen = ok(await send(service, service.key("auditor"), "GET", f"/v1/settlements/{rids[t]}"))
+        assert {n: ids for n, (_, ids) in integrity_failed(seen).items()} == {
+            "unique_invoice": [rids[other]],
+            "unique_documents": [rids[other]],
+        }
+
+    # B's record approved (overridden) and batched by B's auditor: its answers hide A's
+    decision = {
+        "request_id": request_id(),
+        "decision": "approve",
+        "reason": "ok",
+        "override_reason": "the other county's record is another sale",
+    }
+    path = f"/v1/settlements/{rids[B]}/decision"
+    assert integrity_failed(ok(await send(service, auditor[B], "POST", path, decision))) == hidden
+    batch = {"request_id": request_id(), "merchant_id": b.merchant}
+    ok(await send(service, auditor[B], "POST", "/v1/disbursements", batch))
+
+    # A's log: the rerun B's upload caused, by a key and for a redemption it does not name
+    log = f"/v1/audit-log?redemption_id={rids[A]}"
+    (rerun,) = [e for e in ok(await send(service, auditor[A], "GET", log))["entries"]
+                if e["action"] == "checks_rerun"]  # fmt: skip
+    assert (rerun["actor"], rerun["detail"]["cause"]) == (
+        integrity.OTHER_TENANT_KEY,
+        integrity.OTHER_TENANT,
+    )
+    (rerun,) = [e for e in ok(await send(service, service.key("auditor"), "GET", log))["entries"]
+                if e["action"] == "checks_rerun"]  # fmt: skip
+    assert (rerun["actor"], rerun["detail"]["cause"]) == (key_id(B, "merchant"), rids[B])
+    by_b = f"/v1/audit-log?actor={key_id(B, 'merchant')}"
+    assert ok(await send(service, auditor[A], "GET", by_b))["entries"] == []
+
+    for world, other in ((a, b), (b, a)):
+        bodies = await desk(service, world)
+        assert not [body for body in bodies if other.tenant.encode() in body]
+        assert all(world.tenant.encode() in body for body in bodies)
+
+
 # the app keeps per-request values under str keys, as aiohttp's mocked request warns of
 @pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 async def test_audit_entries_and_log_lines_name_the_key_and_its_tenant(
@@ -523,10 +641,12 @@ async def test_audit_entries_and_log_lines_name_the_key_and_its_tenant(
 
 
 async def test_records_from_before_tenants_belong_to_the_default_one(
-    servers: Servers, keyspace: Keyspace, redis: Redis
+    servers: Servers, keyspace: Keyspace, redis: Redis, tmp_path: Path
 ) -> None:
     """Migration 7 gives every row the default tenant; a campaign or merchant stored in
-    Redis without one reads as the default tenant's."""
+    Redis without one reads as the default tenant's. Migration 8's backfill gives records
+    stored before it (here: one of before tenants, one of tenant A sharing its invoice) the
+    integrity checks, each audit entry in its record's tenant."""
     name = f"{keyspace.name}_before"[:60]
     admin = await asyncpg.connect(servers.database_url)
     await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
@@ -549,7 +669,8 @@ async def test_records_from_before_tenants_belong_to_the_default_one(
                 INSERT INTO merchants VALUES ('old-shop', 'x', '141029', '{bed}', 'active', 1, 0);
                 INSERT INTO settlements (redemption_id, campaign_id, merchant_id, status, meta,
                     checks, checks_passed, submitted_at)
-                    VALUES ('old.r', 'old', 'old-shop', 'submitted', '{}', '[]', true, now());
+                    VALUES ('old.r', 'old', 'old-shop', 'submitted', '{"invoice_no": "old-1"}',
+                            '[]', true, now());
                 INSERT INTO disbursements (disbursement_id, merchant_id, created_by, due_date,
                     total_fen) VALUES ('d-old', 'old-shop', 'k', '2027-01-04', 1);
                 INSERT INTO audit_log (actor, action, subject) VALUES ('k', 'approved', 'old.r');
@@ -560,6 +681,20 @@ async def test_records_from_before_tenants_belong_to_the_default_one(
             assert await pool.fetchval(f"SELECT array_agg(DISTINCT tenant) FROM {table}") == [
                 "default"
             ], table
+        await pool.execute(
+            """
+            INSERT INTO settlements (redemption_id, campaign_id, merchant_id, status, meta,
+                checks, checks_passed, submitted_at, tenant)
+                VALUES ('new.r', 'new', 'new-shop', 'submitted', '{"invoice_no": " OLD-1 "}',
+                        '[]', true, now(), $1)
+            """,
+            A,
+        )
+        assert await integrity.backfill(pool, LocalStore(tmp_path)) == 2
+        flagged = await pool.fetch(
+            "SELECT subject, tenant FROM audit_log WHERE actor = 'migration' ORDER BY subject"
+        )
+        assert [tuple(r) for r in flagged] == [("new.r", A), ("old.r", "default")]
     finally:
         await pool.close()
 
