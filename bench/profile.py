@@ -21,10 +21,11 @@ its system calls (socket reads and writes), which the bench's CPU seconds includ
 callgrind a worker runs some 50 times slower, so what it does by the clock would weigh 50
 times more per request. An `issuer` worker counted here (`python -m bench.profile worker`)
 has the intervals of what it does by the clock while it serves SLOWER times longer (the
-loop-lag sampler, the log and metric flushes), what it does once a second whatever the load
-held off for HELD_S (the expiry sweep, the keys-file poll, and the "sold out" hint's
-lifetime, whose end sends the claims in flight to Valkey: at full speed about one claim in
-a thousand), and its loop-lag bound lifted (it would shed every claim). The connections
+loop-lag sampler, the log and metric flushes, the watch's probe timeout), what it does
+every second or so whatever the load held off for HELD_S (the expiry sweep, the keys-file
+poll, the primaries' watch, and the "sold out" hint's lifetime, whose end sends the claims
+in flight to Valkey: at full speed about one claim in a thousand), and its loop-lag bound
+lifted (it would shed every claim). The connections
 open with the warm-up and stay open until the rounds are counted (the bench's connections
 live for the whole run). valgrind (Debian: `apt-get install valgrind`) must be installed.
 """
@@ -82,12 +83,14 @@ CLOCKED = (  # (module, constant): what a worker does by the clock while it serv
     ("issuer.admission", "TICK_S"),
     ("issuer.logs", "BATCH_S"),
     ("issuer.metrics", "PUBLISH_S"),
+    ("issuer.watch", "PROBE_S"),  # and how long a primary may take to answer the watch
 )
 HELD_S = 3_600.0  # and what it does once a second whatever the load: not during a count
 HELD = (
     ("issuer.claims", "HINT_TTL_S"),
     ("issuer.expiry", "SWEEP_INTERVAL_S"),
     ("issuer.keyring", "POLL_S"),
+    ("issuer.watch", "WATCH_EVERY_S"),
 )
 SHED_LAG_MS = 60_000  # a counted worker is always late: the most the setting allows
 LONG_S = 3_600.0  # a sequence ends when its requests are answered, not at a time
@@ -274,7 +277,7 @@ def worker() -> int:
         for name, constant in names:
             try:
                 module = importlib.import_module(name)
-            except ModuleNotFoundError:
+            except ImportError:  # not in that commit (or found elsewhere, not importable there)
                 continue
             if hasattr(module, constant):
                 setattr(module, constant, stretch(getattr(module, constant)))
