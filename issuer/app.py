@@ -50,7 +50,10 @@ def endpoint(ctx: Ctx, route: Route) -> Callable[[web.Request], Awaitable[web.Re
                 raise ApiError("INVALID_REQUEST", f"malformed JSON: {exc}") from None
             request["request_id"] = getattr(body, "request_id", None)
             request["campaign"] = campaign_prefix(getattr(body, "voucher_id", ""))
-        body = await tenancy.admit(ctx.owners, route.tenant, request, body)
+        admitted = tenancy.known(ctx.owners, route.tenant, request, body)
+        if admitted is tenancy.UNKNOWN:
+            admitted = await tenancy.admit(ctx.owners, route.tenant, request, body)
+        body = admitted
         return await route.handler(ctx, request, body)
 
     handle.__name__ = route.handler.__name__
