@@ -45,6 +45,7 @@ class Part:
     latencies: array[float]  # seconds, responses sent and received inside the window
     served: array[float]  # the latencies of the answers below 500 (not shed, not failed)
     statuses: dict[int, int]
+    answered: dict[int, int]  # statuses of every answer to a request sent in the window
     warm: int  # responses before the window
     exhausted: bool  # ran out of requests before the window's planned end
     unfinished: int  # requests still in flight when it gave up waiting
@@ -110,7 +111,7 @@ class Load:
             self.send(conn)
 
     def part(self) -> Part:
-        """The measured window ends early if the requests ran out."""
+        """The measured window ends early if the requests ran out (`answered` does not)."""
         end = self.end if self.exhausted_at is None else min(self.end, self.exhausted_at)
         lat, served = array("d"), array("d")
         statuses: dict[int, int] = {}
@@ -120,11 +121,15 @@ class Load:
                 if status < 500:
                     served.append(done - sent)
                 statuses[status] = statuses.get(status, 0) + 1
+        answered: dict[int, int] = {}
+        for status in self.status:
+            answered[status] = answered.get(status, 0) + 1
         return Part(
             window_s=max(0.0, end - self.start),
             latencies=lat,
             served=served,
             statuses=statuses,
+            answered=answered,
             warm=self.warm,
             exhausted=end < self.end,
             unfinished=self.active,
@@ -185,12 +190,9 @@ def content_length(buf: bytes, head_end: int) -> int:
     return int(buf[start : stop if stop >= 0 else head_end])
 
 
-async def run_load(requests: list[bytes], cycle: bool, target: Target, start_at: float) -> Part:
-    """Open the connections at `start_at`, warm up, measure, then stop by itself."""
+async def open_connections(load: Load, target: Target) -> list[Conn]:
+    """The target's connections for `load`, open; each sends its first request at once."""
     loop = asyncio.get_running_loop()
-    await asyncio.sleep(max(0.0, start_at - time.monotonic()))
-    begin = time.monotonic() + target.warmup_s
-    load = Load(requests, cycle, begin, begin + target.seconds, target.retry_after_s)
     conns: list[Conn] = []
 
     def factory() -> Conn:
@@ -201,16 +203,42 @@ async def run_load(requests: list[bytes], cycle: bool, target: Target, start_at:
         loop.create_connection(factory, target.host, target.port) for _ in range(target.connections)
     )
     await asyncio.gather(*opening)
+    return conns
+
+
+def kick(conns: list[Conn], load: Load) -> None:
+    """Give open, idle connections to another load: each sends its first request at once."""
+    for conn in conns:
+        conn.load = load
+        load.send(conn)
+
+
+async def finished(load: Load) -> None:
+    """Until every request sent is answered and no more will be (the window is over or the
+    requests ran out), or answers took GRACE_S beyond the window."""
     while True:
         await asyncio.sleep(0.05)
         now = time.monotonic()
         over = now >= load.end or load.exhausted_at is not None
         if (load.active == 0 and over) or now > load.end + GRACE_S:
-            break
-    part = load.part()
+            return
+
+
+def close(conns: list[Conn]) -> None:
     for conn in conns:
         if conn.transport is not None:
             conn.transport.close()
+
+
+async def run_load(requests: list[bytes], cycle: bool, target: Target, start_at: float) -> Part:
+    """Open the connections at `start_at`, warm up, measure, then stop by itself."""
+    await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+    begin = time.monotonic() + target.warmup_s
+    load = Load(requests, cycle, begin, begin + target.seconds, target.retry_after_s)
+    conns = await open_connections(load, target)
+    await finished(load)
+    part = load.part()
+    close(conns)
     return part
 
 

@@ -45,10 +45,12 @@ class Workers:
 
     def __init__(self, name: str, module: str, args: list[str], workers: int, log: Path) -> None:
         self.name = name
+        self.module = module
+        self.args = args
         self.reserved = reuseport_socket("127.0.0.1", 0, listen=False)
         self.port: int = self.reserved.getsockname()[1]
         self.procs: list[subprocess.Popen[str]] = []
-        cmd = [sys.executable, "-m", module, "--port", str(self.port), *args]
+        cmd = [sys.executable, *self.argv(self.port)]
         with log.open("a") as err:
             for _ in range(workers):
                 self.procs.append(
@@ -59,6 +61,10 @@ class Workers:
             if proc.stdout.readline().strip() != READY_LINE:
                 self.stop()
                 raise RuntimeError(f"{name} worker did not start; {log} ends with:\n{tail(log)}")
+
+    def argv(self, port: int) -> list[str]:
+        """The interpreter's arguments that start one such worker on `port`."""
+        return ["-m", self.module, "--port", str(port), *self.args]
 
     @property
     def pids(self) -> list[int]:

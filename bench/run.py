@@ -1,11 +1,13 @@
-"""`make bench`: req/s and p50/p99 latency of (a) an empty aiohttp+uvloop handler, (b) our
+"""`make bench`: req/s and p50/p99 latency of (a) an empty aiohttp+uvloop handler, (h) the
+floor of a refusal (a bare handler doing only a refused claim's essential work), (b) our
 claim endpoint while the round has quota, (p) an application to a lottery round (202
 applied), (c) our claim endpoint after sell-out, (g) our claim endpoint before the round
 opens, (d) a naive claim-as-PostgreSQL-transaction app, (e) our redemption endpoint and (f)
 claims answered only once Redis fsynced them (ISSUER_DURABLE_ACK=aof) and (r) once a replica
 has them (ISSUER_DURABLE_ACK=replica), all with the same number of server workers, run
-interleaved for R repetitions; prints medians, the throughput ratios and the CPU per request
-of each part against their targets."""
+interleaved for R repetitions; then the instructions per request of some of them, counted
+by callgrind (bench/profile.py); prints medians, the throughput ratios and the CPU
+and instructions per request of each part against their targets."""
 
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ import uvloop
 
 from bench import cpu, profile, report
 from bench.loadgen import Clients, Merged, Target
-from bench.signing import FIRST_N, Plan
+from bench.procs import Service, Workers, clean_env
+from bench.signing import FIRST_N, Plan, build
 from bench.stack import (
     EMPTY,
     LOTTERY,
@@ -39,6 +42,7 @@ from bench.stack import (
     Stack,
     fs_type,
 )
+from issuer.server import reuseport_socket
 
 OUT = Path(__file__).resolve().parent / "out" / "results.json"
 HEADROOM = 1.4  # requests built per run: this times the last rate seen, times the run's length
@@ -58,6 +62,9 @@ class Scenario:
 
 SCENARIOS = (
     Scenario("a", "empty aiohttp+uvloop handler", EMPTY, 200, 0, cycle=True),
+    Scenario(
+        "h", "floor: a refusal's essential work in a bare handler", SOLD_OUT, 409, 0, cycle=True
+    ),
     Scenario("b", "claim, round open (201 issued)", OPEN, 201, 8_000),
     Scenario("p", "apply to a lottery round (202 applied)", LOTTERY, 202, 8_000),
     Scenario("c", "claim after sell-out (409)", SOLD_OUT, 409, 15_000),
@@ -85,7 +92,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--naive-pool", type=int, default=2, help="PG connections per naive worker (2 was fastest)"
     )
-    parser.add_argument("--scenarios", default="abpcgdefr", help="which of a … g, p, r to run")
+    parser.add_argument("--scenarios", default="ahbpcgdefr", help="which of a … h, p, r to run")
+    parser.add_argument(
+        "--instructions",
+        default="ahbcge",
+        help="which scenarios to count in instructions with callgrind afterwards ('' for none)",
+    )
+    parser.add_argument(
+        "--count-requests", type=int, default=profile.REQUESTS, help="per counted round"
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--keep", action="store_true", help="keep the temp dir for a look")
     parser.add_argument(
@@ -101,6 +116,11 @@ def metric(text: str, name: str) -> float:
     """Sum of every sample of `name` (any labels) in a Prometheus exposition."""
     pattern = re.compile(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", re.M)
     return sum(float(v) for v in pattern.findall(text))
+
+
+def subtract(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    """What each command added between two INFO commandstats readings (those that ran)."""
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v > before.get(k, 0.0)}
 
 
 def server_figures(before: str, after: str, measured: int) -> dict[str, float]:
@@ -132,27 +152,37 @@ class Bench:
         self.rate_seen: dict[str, float] = {}
         self.groups = {**stack.groups(clients.pids), "bench": lambda: [os.getpid()]}
 
-    def port(self, s: Scenario) -> int:
+    def baseline(self, s: Scenario) -> Workers | None:
+        """The baseline workers that answer scenario `s`, if it is one's."""
         st = self.stack
-        assert st.service and st.durable and st.replicated and st.empty and st.naive
-        ports = {
-            "a": st.empty.port,
-            "d": st.naive.port,
-            "f": st.durable.port,
-            "r": st.replicated.port,
-        }
-        return ports.get(s.key, st.service.port)
+        return {"a": st.empty, "h": st.floor, "d": st.naive}.get(s.key)
+
+    def service(self, s: Scenario) -> Service:
+        """The `issuer serve` that answers scenario `s` (not a baseline's)."""
+        st = self.stack
+        assert st.service and st.durable and st.replicated
+        return {"f": st.durable, "r": st.replicated}.get(s.key, st.service)
+
+    def port(self, s: Scenario) -> int:
+        baseline = self.baseline(s)
+        return baseline.port if baseline is not None else self.service(s).port
 
     def worker_pid(self, s: Scenario) -> int:
         """One server worker of the service that answers scenario `s` (to profile it)."""
-        st = self.stack
-        assert st.service and st.durable and st.replicated and st.empty and st.naive
-        if s.key == "a":
-            return st.empty.pids[0]
-        if s.key == "d":
-            return st.naive.pids[0]
-        service = {"f": st.durable, "r": st.replicated}.get(s.key, st.service)
-        return cpu.children(service.pid, "worker")[0]
+        baseline = self.baseline(s)
+        if baseline is not None:
+            return baseline.pids[0]
+        return cpu.children(self.service(s).pid, "worker")[0]
+
+    def solo(self, s: Scenario, port: int) -> tuple[list[str], dict[str, str]]:
+        """The interpreter's arguments and the environment of one more server worker of
+        scenario `s`, on `port` (for callgrind)."""
+        baseline = self.baseline(s)
+        if baseline is not None:
+            return baseline.argv(port), clean_env()
+        metrics_dir = self.stack.dir / f"counted-metrics-{s.key}"
+        env = profile.solo_env(self.worker_pid(s), port, metrics_dir)
+        return ["-m", "bench.profile", "worker"], env
 
     async def plans(self, s: Scenario, rep: int) -> list[Plan]:
         procs = self.args.clients
@@ -162,17 +192,33 @@ class Bench:
             rate = self.rate_seen.get(s.key, s.guess)
             length = self.args.warmup + self.args.seconds
             per = math.ceil(rate * HEADROOM * length / procs) + 1_000
+        return [await self.plan(s, f"{s.key}{rep}", per) for _ in range(procs)]
+
+    async def plan(self, s: Scenario, tag: str, count: int) -> Plan:
+        """`count` requests of scenario `s`, for persons not used before (with vouchers
+        issued to them first for a redemption)."""
         key = self.stack.key("payment" if s.redeem else "app")
         path = "/v1/redemptions" if s.redeem else f"/v1/campaigns/{s.campaign}/claims"
-        plans = []
-        for _ in range(procs):
-            vouchers = tuple(await self.stack.issue(self.next_n, per)) if s.redeem else ()
-            tag = f"{s.key}{rep}"
-            plans.append(
-                Plan(path, key.id, key.secret, tag, self.next_n, per, s.cycle, vouchers, MERCHANT)
-            )
-            self.next_n += per
-        return plans
+        vouchers = tuple(await self.stack.issue(self.next_n, count)) if s.redeem else ()
+        plan = Plan(path, key.id, key.secret, tag, self.next_n, count, s.cycle, vouchers, MERCHANT)
+        self.next_n += count
+        return plan
+
+    async def count(self, s: Scenario) -> profile.Counted:
+        """Scenario `s`'s instructions per request in one more worker under callgrind."""
+        args = self.args
+        warmup, each = profile.WARMUP, args.count_requests
+        plan = await self.plan(s, f"{s.key}i", warmup + profile.ROUNDS * each)
+        built = await asyncio.to_thread(build, plan, "127.0.0.1")
+        starts = range(warmup, len(built), each)
+        rounds = [built[start : start + each] for start in starts]
+        reserved = reuseport_socket("127.0.0.1", 0, listen=False)
+        with reserved:
+            port = reserved.getsockname()[1]
+            argv, env = self.solo(s, port)
+            counted_dir = self.stack.dir / "callgrind"
+            subject = profile.Subject(argv, env, counted_dir, self.stack.log)
+            return await profile.count(s.key, subject, port, built[:warmup], rounds, s.expect)
 
     async def run(self, s: Scenario, rep: int) -> report.RunResult:
         args = self.args
@@ -190,7 +236,9 @@ class Bench:
             profiling = profile.start(self.worker_pid(s), args.seconds, out)
         first, opened = cpu.snapshot(self.groups), time.monotonic()
         before = await self.stack.metrics(self.port(s)) if issuer_side else ""
+        usec = await self.stack.valkey_usec()
         await asyncio.sleep(start_at + args.warmup + args.seconds - time.monotonic())
+        usec = subtract(await self.stack.valkey_usec(), usec)
         after = await self.stack.metrics(self.port(s)) if issuer_side else ""
         last, span = cpu.snapshot(self.groups), time.monotonic() - opened
         used = cpu.cores(first, last, span)
@@ -223,6 +271,7 @@ class Bench:
             built=built,
             build_s=build_s,
             server=server,
+            valkey_us={k: v / merged.count for k, v in usec.items() if merged.count},
         )
 
 
@@ -249,6 +298,11 @@ def progress(r: report.RunResult, s: Scenario, reps: int) -> str:
             f" {sv['mean_script_ms']:.2f} ms per script,"
             f" valkey {sv.get('valkey_us_per_batch', 0):,.0f} µs CPU per batch;"
             f" claims to redis / measured {share:.2f}; flusher drained in {sv['drain_s']:.1f} s"
+        )
+    busiest = sorted(r.valkey_us.items(), key=lambda kv: -kv[1])[:6]
+    if busiest and busiest[0][1] >= 1:
+        line += "\n    valkey µs per request by command: " + "  ".join(
+            f"{k} {v:,.1f}" for k, v in busiest
         )
     other = {k: v for k, v in r.statuses.items() if k != s.expect}
     if other or r.exhausted or r.troubles:
@@ -299,6 +353,10 @@ def setup_line(d: dict[str, Any]) -> str:
 
 async def bench(args: argparse.Namespace) -> int:
     chosen = [s for s in SCENARIOS if s.key in args.scenarios]
+    counted = [s for s in SCENARIOS if s.key in args.instructions]
+    if counted and not profile.installed():
+        print("valgrind is not installed: no instruction counts (apt-get install valgrind)")
+        counted = []
     titles = {s.key: s.title for s in chosen}
     clients = Clients(args.clients)
     stack = Stack(args.keep)
@@ -315,20 +373,29 @@ async def bench(args: argparse.Namespace) -> int:
                 runs.append(result)
                 print(progress(result, s, args.repeat), flush=True)
                 await asyncio.sleep(0.5)
+        counts = []
+        for s in counted:
+            counts.append(await b.count(s))
+            c = counts[-1]
+            rounds = ", ".join(f"{x:,.0f}" for x in c.per_request)
+            print(
+                f"scenario {s.key}: {c.median:,.0f} instructions per request (rounds of"
+                f" {c.requests:,}: {rounds}; idle {c.idle_per_s:,.0f}/s taken out)",
+                flush=True,
+            )
         summaries = report.summarise(titles, runs)
-        found = report.ratios(summaries)
-        costs = report.parts(runs)
+        tables = report.Tables(summaries, report.ratios(summaries), report.parts(runs), counts)
         print()
-        print(report.text_table(summaries, found, costs))
+        print(report.text_table(tables))
         busy = [r.cpu_cores.get("other", 0.0) for r in runs]
-        if max(busy) >= 0.2:
+        if busy and max(busy) >= 0.2:
             print(
                 f"\nnote: work outside the bench took up to {max(busy):.2f} cores (median"
                 f" {statistics.median(busy):.2f}) during the runs; those figures are low."
             )
         print("\nMarkdown for docs/results.md:\n")
-        print(report.markdown(summaries, found, costs, setup_line(settings)))
-        report.write_json(args.out, settings, runs, summaries, found, costs)
+        print(report.markdown(tables, setup_line(settings)))
+        report.write_json(args.out, settings, runs, tables)
         print(f"\nwrote {args.out}")
         if args.keep:
             print(f"kept {stack.dir}")

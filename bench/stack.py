@@ -1,5 +1,5 @@
 """Everything the scenarios run against: embedded Valkey and PostgreSQL under a temp dir,
-`issuer serve`, the two baselines, the bench campaigns; stopped by PID in reverse order."""
+`issuer serve`, the three baselines, the bench campaigns; stopped by PID in reverse order."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+from redis.asyncio import Redis
 
 from bench import naive
 from bench.cpu import Groups, children, tree
@@ -97,6 +98,7 @@ class Stack:
         self.durable: Service | None = None  # the same service with durable acks (aof)
         self.replicated: Service | None = None  # and with ISSUER_DURABLE_ACK=replica
         self.empty: Workers | None = None
+        self.floor: Workers | None = None
         self.naive: Workers | None = None
         self.keys: dict[str, ApiKey] = {}
         self.pg_settings: dict[str, str] = {}
@@ -134,6 +136,7 @@ class Stack:
         admin = re.sub(r"/[^/]*$", "/postgres", self.pg.url)
         naive_dsn = await naive.setup(admin, "bench_naive", NAIVE)
         self.empty = Workers("empty", "bench.empty", [], workers, self.log)
+        self.floor = Workers("floor", "bench.empty", ["--floor", str(keys_path)], workers, self.log)
         args = ["--dsn", naive_dsn, "--keys", str(keys_path), "--person-key", PERSON_KEY]
         self.naive = Workers(
             "naive", "bench.naive", [*args, "--pool", str(naive_pool)], workers, self.log
@@ -205,6 +208,17 @@ class Stack:
                 await asyncio.sleep(0.1)
         raise TimeoutError("the flusher did not drain")
 
+    async def valkey_usec(self) -> dict[str, float]:
+        """Microseconds the primary spent so far in each command (INFO commandstats; a
+        script's own commands are counted both in it and in EVALSHA)."""
+        assert self.redis is not None
+        client = Redis.from_url(self.redis.url)
+        try:
+            stats = await client.info("commandstats")
+        finally:
+            await client.aclose()
+        return {name.removeprefix("cmdstat_"): float(v["usec"]) for name, v in stats.items()}
+
     async def metrics(self, port: int) -> str:
         """The /metrics text of the service listening on `port`."""
         async with (
@@ -218,12 +232,16 @@ class Stack:
         service, durable, replicated = self.service, self.durable, self.replicated
         redis, replica, pg = self.redis, self.replica, self.pg
         assert service and durable and replicated and redis and replica and pg
-        assert self.empty and self.naive
-        empty, naive_w = self.empty, self.naive
+        assert self.empty and self.floor and self.naive
+        empty, floor, naive_w = self.empty, self.floor, self.naive
         return {
             "empty": lambda: empty.pids,
-            "issuer": lambda: [
-                pid for s in (service, durable, replicated) for pid in children(s.pid, "worker")
+            "floor": lambda: floor.pids,
+            # the service's workers; the durable-ack services' apart ("acked": they serve only
+            # (f) and (r), and their idle timers are not the cost of another scenario)
+            "issuer": lambda: children(service.pid, "worker"),
+            "acked": lambda: [
+                pid for s in (durable, replicated) for pid in children(s.pid, "worker")
             ],
             "flusher": lambda: children(service.pid, "flush"),
             "naive": lambda: naive_w.pids,
@@ -234,7 +252,7 @@ class Stack:
         }
 
     def stop(self) -> None:
-        parts = (self.empty, self.naive, self.replicated, self.durable, self.service)
+        parts = (self.empty, self.floor, self.naive, self.replicated, self.durable, self.service)
         for part in (*parts, self.pg, self.replica, self.redis):
             if part is not None:
                 with contextlib.suppress(Exception):

@@ -11,9 +11,7 @@ load balancer would refuse it, and its retry is a new request."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Iterator
 
 from issuer import metrics
 from issuer.errors import ApiError
@@ -63,10 +61,11 @@ class Admission:
         self.lag = lag
         self.in_hand = 0
 
-    @contextlib.contextmanager
-    def admit(self) -> Iterator[None]:
-        """Hold one claim until the block ends; OVERLOADED (Retry-After: 1) instead if
-        queue_max claims are in hand or the loop is more than lag_max_s late."""
+    def admit(self) -> Admission:
+        """Hold one claim for a `with` block (`with admission.admit():`); OVERLOADED
+        (Retry-After: 1) instead if queue_max claims are in hand or the loop is more than
+        lag_max_s late. The context manager is the Admission itself, not a generator's:
+        every claim passes here."""
         if self.in_hand >= self.queue_max:
             metrics.child(metrics.SHED, "queue").inc()
             raise ApiError("OVERLOADED", f"{self.in_hand} claims queued", retry_after=1)
@@ -74,8 +73,10 @@ class Admission:
         if late > self.lag_max_s:
             metrics.child(metrics.SHED, "lag").inc()
             raise ApiError("OVERLOADED", f"event loop {late * 1000:.0f} ms late", retry_after=1)
+        return self
+
+    def __enter__(self) -> None:
         self.in_hand += 1
-        try:
-            yield
-        finally:
-            self.in_hand -= 1
+
+    def __exit__(self, *_: object) -> None:
+        self.in_hand -= 1

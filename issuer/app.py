@@ -3,6 +3,7 @@ middlewares that sign-check, shed and shape errors, and the unsigned operational
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -49,7 +50,10 @@ def endpoint(ctx: Ctx, route: Route) -> Callable[[web.Request], Awaitable[web.Re
                 raise ApiError("INVALID_REQUEST", f"malformed JSON: {exc}") from None
             request["request_id"] = getattr(body, "request_id", None)
             request["campaign"] = campaign_prefix(getattr(body, "voucher_id", ""))
-        body = await tenancy.admit(ctx.owners, route.tenant, request, body)
+        admitted = tenancy.known(ctx.owners, route.tenant, request, body)
+        if admitted is tenancy.UNKNOWN:
+            admitted = await tenancy.admit(ctx.owners, route.tenant, request, body)
+        body = admitted
         return await route.handler(ctx, request, body)
 
     handle.__name__ = route.handler.__name__
@@ -91,14 +95,17 @@ def request_fields(
     platform-wide key), what (in which tenant), outcome, latency; never a body (PII)."""
     verified: Verified | None = request.get("verified")
     ids = request.match_info
-    subject = ids.get("voucher_id") or ids.get("redemption_id") or ids.get("refund_id") or ""
+    campaign = ids.get("campaign_id") or request.get("campaign")
+    if campaign is None:  # a path naming what a campaign made leads to it
+        subject = ids.get("voucher_id") or ids.get("redemption_id") or ids.get("refund_id")
+        campaign = campaign_prefix(subject or "")
     return {
-        "route": request.match_info.route.name,
+        "route": ids.route.name,
         "method": request.method,
         "status": status,
         "code": code,
         "request_id": request.get("request_id"),
-        "campaign": ids.get("campaign_id") or request.get("campaign") or campaign_prefix(subject),
+        "campaign": campaign,
         "key": verified.key.id if verified else None,
         "key_tenants": _tenants(verified.key.tenants) if verified else None,
         "tenant": request.get(tenancy.TENANT),
@@ -107,7 +114,10 @@ def request_fields(
     }
 
 
+@functools.lru_cache(maxsize=256)
 def _tenants(tenants: frozenset[str] | None) -> list[str] | None:
+    """A key's tenants, sorted once per set (the keys in force are few; the list is only
+    encoded, never changed)."""
     return None if tenants is None else sorted(tenants)
 
 
@@ -126,7 +136,9 @@ def middlewares(ctx: Ctx) -> list[Any]:
         try:
             if route.name == "claim":
                 with ctx.admission.admit():
-                    response = await claim(request, handler)
+                    response = await batched(request, handler)
+            elif route.name == "redeem":
+                response = await batched(request, handler)
             elif request.path.startswith("/v1/"):
                 response = await signed(request, handler)
             else:
@@ -181,16 +193,19 @@ def middlewares(ctx: Ctx) -> list[Any]:
             raise ApiError("UNAUTHENTICATED", "nonce already used")
         return await handler(request)
 
-    async def claim(request: web.Request, handler: Next) -> web.StreamResponse:
-        """Claims check their nonce inside the batched script, or, refused before it, in a
-        batch of their own (the handler answers its own refusals: routes_claims.claim)."""
+    async def batched(request: web.Request, handler: Next) -> web.StreamResponse:
+        """Claims and redemptions spend their nonce inside their campaign's batched script,
+        or, refused before it, in a background batch (the claim handler answers its own
+        refusals: routes_claims.claim). A redemption whose body named no campaign spends
+        none: the same request is refused the same way again."""
         verified = await read_signed(request)
         try:
             return await handler(request)
-        except ApiError as err:  # the body or the role, refused before the handler ran
-            raise await ctx.claims.refused(
-                request.match_info["campaign_id"], verified, err
-            ) from None
+        except ApiError as err:  # refused before the script
+            campaign_id = request.match_info.get("campaign_id") or request.get("campaign")
+            if campaign_id is None:
+                raise
+            raise ctx.claims.refused(campaign_id, verified, err) from None
 
     return [serve]
 

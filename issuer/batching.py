@@ -1,30 +1,40 @@
 """Micro-batching: requests that arrive while one Redis call is in flight wait for the next,
-and go together in one round trip. One batch in flight per batcher."""
+and go together in one round trip. One batch in flight per batcher. An item is submitted
+(its caller awaits its result) or posted (nobody waits: a failed round trip is logged)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+log = logging.getLogger("issuer.batching")
 
 
 class TickBatcher(ABC, Generic[Item, Result]):
     def __init__(self, batch_max: int) -> None:
         self.batch_max = batch_max
-        self.queue: list[tuple[Item, asyncio.Future[Result]]] = []
+        self.queue: list[tuple[Item, asyncio.Future[Result] | None]] = []
         self.running = False
 
     def submit(self, item: Item) -> asyncio.Future[Result]:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._enqueue(item, future)
+        return future
+
+    def post(self, item: Item) -> None:
+        """Send `item` with the next batch; nobody waits for its result."""
+        self._enqueue(item, None)
+
+    def _enqueue(self, item: Item, future: asyncio.Future[Result] | None) -> None:
         self.queue.append((item, future))
         if not self.running:
             self.running = True
             asyncio.get_running_loop().create_task(self._drain())
-        return future
 
     async def _drain(self) -> None:
         try:
@@ -36,13 +46,23 @@ class TickBatcher(ABC, Generic[Item, Result]):
                     results = await self.send(items)
                 except BaseException as exc:
                     for _, future in batch:
-                        if not future.done():
+                        if future is not None and not future.done():
                             future.set_exception(self.failure(exc))
                     if not isinstance(exc, Exception):
                         raise
+                    posted = sum(future is None for _, future in batch)
+                    if posted:
+                        log.warning(
+                            "a batch failed",
+                            extra={
+                                "batcher": type(self).__name__,
+                                "posted": posted,
+                                "error": repr(exc),
+                            },
+                        )
                     continue
                 for (_, future), result in zip(batch, results, strict=True):
-                    if not future.done():
+                    if future is not None and not future.done():
                         future.set_result(result)
         finally:
             self.running = False

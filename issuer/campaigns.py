@@ -29,7 +29,7 @@ from issuer.model import (
 )
 from issuer.products import expand_categories
 from issuer.protocol import CampaignPut, RoundBudget, RoundSettings, SetStatus
-from issuer.schedule import current_round, expand_rounds, from_millis, to_millis
+from issuer.schedule import Windows, expand_rounds, from_millis, to_millis
 from issuer.scripts import Scripts
 
 STORED = msgspec.json.Decoder(StoredCampaign)
@@ -78,8 +78,19 @@ class CachedCampaign:
     def definition(self) -> CampaignDef:
         return self.stored.definition
 
-    def round_at(self, now: datetime) -> Round | None:
-        return current_round(self.stored.rounds, now)
+    @functools.cached_property
+    def windows(self) -> Windows:
+        return Windows(self.stored.rounds)
+
+    def round_at(self, now: float) -> Round | None:
+        """The round whose claim window holds `now` (epoch s), else the next to open."""
+        i = self.windows.at(now)
+        return None if i is None else self.stored.rounds[i]
+
+    @functools.cached_property
+    def not_open(self) -> list[str]:
+        """Each round's NOT_OPEN detail, written once."""
+        return [f"round {r.round_id} opens at {r.opens_at.isoformat()}" for r in self.stored.rounds]
 
     @functools.cached_property
     def tenant(self) -> str:
@@ -190,7 +201,7 @@ class Campaigns:
     async def live_state(self, cached: CachedCampaign, now: datetime) -> CampaignOut:
         """`cached`'s definition with its ledger and current round read from Redis."""
         ck = cached.keys
-        current = cached.round_at(now)
+        current = cached.round_at(now.timestamp())
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(ck.ledger)
             if current is not None:

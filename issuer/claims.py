@@ -9,7 +9,6 @@ import hmac
 import ipaddress
 import math
 import time
-from datetime import UTC, datetime
 
 import msgspec
 from redis.asyncio import Redis
@@ -49,13 +48,6 @@ def _window(
     return ck.rate_window(dimension, window_s, now), args
 
 
-def _nonce_buckets(ck: keys.CampaignKeys, numbers: set[int]) -> tuple[int, list[str]]:
-    """The first of these nonce buckets, and the keys from it to the last, as the scripts
-    take them (a batch's X-Timestamps, ±300 s of the time, span two buckets at most)."""
-    first = min(numbers)
-    return first, ck.nonces(first, max(numbers))
-
-
 def _client_ip(given: str | None, remote: str | None) -> str:
     """The normalised client IP of a claim ("" if unknown); INVALID_REQUEST if malformed."""
     if given is None:
@@ -87,7 +79,7 @@ class Batcher(TickBatcher[Claim, tuple[str, bytes]]):
         account, account_limit = _window(ck, "account", limits.per_account, now)
         device, device_limit = _window(ck, "device", limits.per_device, now)
         ip, ip_limit = _window(ck, "ip", limits.per_ip, now)
-        first_nonce_bucket, nonce_buckets = _nonce_buckets(ck, {c.nonce_bucket for c in items})
+        first_nonce_bucket, nonce_buckets = ck.nonce_range({c.nonce_bucket for c in items})
         current, previous = ck.idempotency(now)
         batch = ClaimBatch(
             ledger=ck.ledger,
@@ -145,7 +137,8 @@ def _issued_any(result: list[bytes]) -> bool:
 
 class NonceSpender(TickBatcher[tuple[str, SpentNonce], bool]):
     """Spends the nonces of claims refused before the gate, so that a replay is refused
-    even after the answer would have changed; one script call per campaign per batch."""
+    even after the answer would have changed; one script call per campaign per batch, in
+    the background (a batch that fails leaves them unspent, logged)."""
 
     def __init__(self, scripts: Scripts, batch_max: int) -> None:
         super().__init__(batch_max)
@@ -159,8 +152,8 @@ class NonceSpender(TickBatcher[tuple[str, SpentNonce], bool]):
         fresh = [False] * len(items)
         for campaign_id, indexes in by_campaign.items():
             nonces = [items[i][1] for i in indexes]
-            first, buckets = _nonce_buckets(
-                keys.CampaignKeys(campaign_id), {n.nonce_bucket for n in nonces}
+            first, buckets = keys.CampaignKeys(campaign_id).nonce_range(
+                {n.nonce_bucket for n in nonces}
             )
             answers = await self.scripts.run(
                 SpendNonces(nonce_buckets=buckets, first_nonce_bucket=first, nonces=nonces)
@@ -191,16 +184,18 @@ class Claims:
         self._batchers: dict[tuple[str, str, str], Batcher] = {}
         self._nonces = NonceSpender(scripts, batch_max)
 
-    async def refused(self, campaign_id: str, verified: Verified, err: ApiError) -> ApiError:
-        """The answer to a claim refused with `err`. Refused before the gate, its nonce is
-        spent all the same, so that a replay cannot succeed later (say once the round has
-        opened): UNAUTHENTICATED if it was already used. The gate spends its own nonces;
-        and after UNAVAILABLE the gate may have run, or not: a retry is its to decide."""
-        if isinstance(err, GateRefusal) or err.code == "UNAVAILABLE":
-            return err
-        nonce = SpentNonce(keys.nonce_bucket(verified.timestamp), verified.nonce)
-        fresh = await self._nonces.submit((campaign_id, nonce))
-        return err if fresh else ApiError("UNAUTHENTICATED", "nonce already used")
+    def refused(self, campaign_id: str, verified: Verified, err: ApiError) -> ApiError:
+        """The answer to a claim refused with `err`, at once. Refused before the gate, its
+        nonce is spent all the same, in the next background batch, so that a replay cannot
+        succeed once the answer would change (the round opened, the budget grew): the gate
+        refuses it, UNAUTHENTICATED. A replay is refused locally like the first request,
+        before the spend or after it: it can only resubmit the same person's claim. The gate
+        spends its own nonces; after UNAVAILABLE the gate may have run, or not: a retry is
+        its to decide."""
+        if not (isinstance(err, GateRefusal) or err.code == "UNAVAILABLE"):
+            nonce = SpentNonce(keys.nonce_bucket(verified.timestamp), verified.nonce)
+            self._nonces.post((campaign_id, nonce))
+        return err
 
     async def claim(
         self, campaign_id: str, claim: ClaimIn, verified: Verified, remote: str | None = None
@@ -213,13 +208,13 @@ class Claims:
         self._check_caller(cached, claim, verified)
         ref = self._person_ref(claim)
         self._check_location(cached, claim)
-        now_dt = datetime.now(UTC)
-        now = now_dt.timestamp()
-        rnd = cached.round_at(now_dt)
-        if rnd is None:
+        now = time.time()
+        at = cached.windows.at(now)
+        if at is None:
             raise ApiError("CAMPAIGN_ENDED")
-        if now_dt < rnd.opens_at:
-            raise ApiError("NOT_OPEN", f"round {rnd.round_id} opens at {rnd.opens_at.isoformat()}")
+        if now < cached.windows.opens[at]:
+            raise ApiError("NOT_OPEN", cached.not_open[at])
+        rnd = cached.stored.rounds[at]
         idem = idem_field(verified.key.id, claim.request_id)
         hint = cached.hint
         if (
@@ -282,7 +277,7 @@ class Claims:
         if code == "RATE_LIMITED":
             raise GateRefusal(code, retry_after=int(payload))
         if code == "ROUND_CLOSED":
-            nxt = cached.round_at(datetime.now(UTC))
+            nxt = cached.round_at(time.time())
             raise GateRefusal("NOT_OPEN" if nxt is not None else "CAMPAIGN_ENDED")
         raise GateRefusal(code)
 

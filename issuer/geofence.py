@@ -164,9 +164,8 @@ class _Grid:
         row = (y - self.south) / self.height
         if not (0 <= col <= GRID_CELLS and 0 <= row <= GRID_CELLS):
             return False  # outside the bounding box (NaN too)
-        return self.cells[
-            min(int(row), GRID_CELLS - 1) * GRID_CELLS + min(int(col), GRID_CELLS - 1)
-        ]
+        r, c = int(row), int(col)  # the far edges (== GRID_CELLS) are the last cells'
+        return self.cells[(r - (r == GRID_CELLS)) * GRID_CELLS + c - (c == GRID_CELLS)]
 
 
 class Region:

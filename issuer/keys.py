@@ -101,8 +101,15 @@ class CampaignKeys:
         return _bucket_pair(f"{self.tag}:idem", now_s, IDEMPOTENCY_BUCKET_S)
 
     def nonces(self, first: int, last: int) -> list[str]:
-        """Hashes of claim nonces: the buckets numbered `first` to `last` (nonce_bucket)."""
+        """Hashes of claim and redemption nonces: the buckets numbered `first` to `last`
+        (nonce_bucket)."""
         return [f"{self.tag}:nonce:{n}" for n in range(first, last + 1)]
+
+    def nonce_range(self, numbers: set[int]) -> tuple[int, list[str]]:
+        """The first of these nonce buckets, and the keys from it to the last, as the
+        scripts take them (a batch's X-Timestamps, ±300 s of the time, span two at most)."""
+        first = min(numbers)
+        return first, self.nonces(first, max(numbers))
 
     def rate_window(self, dimension: str, window_s: int, now_s: float) -> str:
         """Hash: identity (account, device or IP) -> claim attempts in the current window."""

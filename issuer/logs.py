@@ -18,13 +18,18 @@ BATCH_S = 0.05  # longest time a batched line waits to be written
 _stream: list[TextIO] = []  # where setup() sends the logs, once it has run
 _batch: list[dict[str, object]] = []
 _writing: list[asyncio.TimerHandle] = []
+_second: list[tuple[int, str]] = [(-1, "")]  # the last second formatted, and its text
 
 
 def timestamp(created: float) -> str:
-    return (
-        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
-        + f".{int(created % 1 * 1000):03d}Z"
-    )
+    """UTC, to the millisecond; the date and time of day are formatted once a second (a
+    formatting per request line cost more than the rest of the line)."""
+    whole = int(created)
+    second, text = _second[0]
+    if whole != second:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _second[0] = (whole, text)
+    return f"{text}.{int(created % 1 * 1000):03d}Z"
 
 
 class JsonFormatter(logging.Formatter):

@@ -200,24 +200,6 @@ class Register(Write):
 
 
 @dataclass(slots=True, kw_only=True)
-class Redeem(Write):
-    SCRIPT = "redeem"
-    ledger: Key
-    round: Key  # the voucher's
-    vouchers: Key
-    redemptions: Key
-    orders: Key
-    expiry: Key
-    events: Key
-    voucher_id: str
-    user_id: str
-    order_id: str
-    redemption: bytes  # its record JSON, without redeemed_at
-    discount_fen: int
-    refusal: str  # decided from state outside the campaign's slot ("" if none)
-
-
-@dataclass(slots=True, kw_only=True)
 class Refund(Write):
     SCRIPT = "refund"
     ledger: Key
@@ -315,6 +297,47 @@ class SpendNonces(Call):
     nonce_ttl_s: int = NONCE_TTL_S
     first_nonce_bucket: int
     nonces: list[SpentNonce]
+
+
+# ---------------------------------------------------------------- redemptions
+
+
+class Redemption(NamedTuple):
+    """One redemption of a batch, filled when the payment arrives."""
+
+    idem_field: str
+    fingerprint: str
+    nonce_bucket: int  # keys.nonce_bucket of its X-Timestamp
+    nonce: str
+    voucher_id: str
+    user_id: str
+    order_id: str
+    redemption: bytes  # its record JSON, without round_id, redeemed_at and overdrawn_fen
+    discount_fen: int  # from the campaign's terms (the script checks they are the voucher's)
+    refusal: str  # decided from state outside the campaign's slot, the merchant ("" if none)
+
+
+@dataclass(slots=True, kw_only=True)
+class RedeemBatch(Call):
+    SCRIPT = "redeem"
+    idem_current: Key
+    idem_previous: Key
+    ledger: Key
+    vouchers: Key
+    redemptions: Key
+    orders: Key
+    expiry: Key
+    events: Key
+    rounds: Keys  # every round of the campaign, in round_ids' order
+    nonce_buckets: Keys  # consecutive, from first_nonce_bucket
+    idem_ttl_s: int = IDEMPOTENCY_TTL_S
+    nonce_ttl_s: int = NONCE_TTL_S
+    discount_rate_bp: int  # the campaign's terms, each discount's
+    cap_fen: int
+    first_nonce_bucket: int
+    round_count: int  # how many rounds (two tails follow in KEYS)
+    round_ids: list[str]
+    payments: list[Redemption]
 
 
 # ---------------------------------------------------------------- campaigns and merchants

@@ -1,15 +1,23 @@
 """The money path: a voucher applied at payment, refunds (and clawbacks), reimbursement
 marks. Each state change is one script in the campaign's slot that checks everything
-before its first write and appends its event to the campaign stream."""
+before its first write and appends its event to the campaign stream. Payments are
+micro-batched like claims: per batch, one read of its merchants (the global slot) and one
+`redeem` call that spends each signature's nonce in the campaign's buckets and decides each
+payment in order."""
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
 
 import msgspec
 from redis.asyncio import Redis
 
-from issuer import idempotency, keys, merchants, money
+from issuer import idempotency, keys, merchants, money, topology
+from issuer.auth import Verified
+from issuer.batching import TickBatcher
 from issuer.campaigns import CachedCampaign, Campaigns, read_record
-from issuer.errors import ApiError
+from issuer.errors import ApiError, GateRefusal
 from issuer.ids import new_id
 from issuer.model import (
     Eligibility,
@@ -23,10 +31,9 @@ from issuer.model import (
     RepaidIn,
 )
 from issuer.products import expand_categories, is_appliance, valid_gb_code
-from issuer.protocol import ClawbackRepaid, MarkPaid, Redeem, Refund
+from issuer.protocol import ClawbackRepaid, MarkPaid, RedeemBatch, Redemption, Refund
 from issuer.schedule import from_millis, to_millis
 from issuer.scripts import Scripts
-from issuer.vouchers import VOUCHER
 
 STALE_RETRIES = 8  # concurrent refunds of one redemption: recompute and try again
 
@@ -146,36 +153,108 @@ def refund_out(rec: RefundRecord) -> RefundOut:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A redemption waiting for its batch: what the script takes, but the merchant's verdict,
+    which the batch decides from the merchant it reads."""
+
+    redemption: Redemption
+    merchant_id: str
+    items: list[ItemIn]
+
+
+class Batcher(TickBatcher[Pending, tuple[str, bytes]]):
+    """Sends the payments of one campaign as one `redeem` script call, after one read of
+    their merchants (the global slot: on a cluster, maybe another node)."""
+
+    def __init__(
+        self, owner: Redemptions, cached: CachedCampaign, key: tuple[str, str], batch_max: int
+    ) -> None:
+        super().__init__(batch_max)
+        self.owner = owner
+        self.cached = cached
+        self.key = key
+
+    async def send(self, items: list[Pending]) -> list[tuple[str, bytes]]:
+        cached = self.cached
+        ck = cached.keys
+        ids = sorted({p.merchant_id for p in items})
+        raw = await self.owner.redis.hmget(keys.MERCHANTS, ids)
+        found = {
+            m: merchants.MERCHANT.decode(r) if r else None for m, r in zip(ids, raw, strict=True)
+        }
+        first_nonce_bucket, nonce_buckets = ck.nonce_range(
+            {p.redemption.nonce_bucket for p in items}
+        )
+        current, previous = ck.idempotency(time.time())
+        rounds = [r.round_id for r in cached.stored.rounds]
+        terms = cached.definition.voucher
+        result = await self.owner.scripts.run(
+            RedeemBatch(
+                idem_current=current,
+                idem_previous=previous,
+                ledger=ck.ledger,
+                vouchers=ck.vouchers,
+                redemptions=ck.redemptions,
+                orders=ck.orders,
+                expiry=ck.expiry,
+                events=ck.events,
+                rounds=[ck.round(r) for r in rounds],
+                nonce_buckets=nonce_buckets,
+                discount_rate_bp=terms.discount_rate_bp,
+                cap_fen=terms.cap_fen,
+                first_nonce_bucket=first_nonce_bucket,
+                round_count=len(rounds),
+                round_ids=rounds,
+                payments=[
+                    p.redemption._replace(
+                        refusal=merchant_refusal(cached, found[p.merchant_id], p.items)
+                    )
+                    for p in items
+                ],
+            )
+        )
+        return [(result[2 * i].decode(), result[2 * i + 1]) for i in range(len(items))]
+
+    def failure(self, exc: BaseException) -> BaseException:
+        # Not a refusal: the batch may or may not have been applied; a retry with the same
+        # request_id gets the true answer.
+        if isinstance(exc, topology.REDIS_ERRORS):
+            return ApiError("UNAVAILABLE", type(exc).__name__)
+        return exc
+
+    def idle(self) -> None:
+        self.owner.retire(self)
+
+
 class Redemptions:
     """Entry point of the Payment endpoints and of reimbursement marks."""
 
-    def __init__(self, redis: Redis, scripts: Scripts, campaigns: Campaigns) -> None:
+    def __init__(
+        self, redis: Redis, scripts: Scripts, campaigns: Campaigns, batch_max: int
+    ) -> None:
         self.redis = redis
         self.scripts = scripts
         self.campaigns = campaigns
+        self.batch_max = batch_max
+        self._batchers: dict[tuple[str, str], Batcher] = {}
 
     async def redeem(
-        self, body: RedemptionIn, key_id: str, now_s: float
+        self, body: RedemptionIn, verified: Verified, now_s: float
     ) -> tuple[RedemptionOut, bool]:
-        """Apply the voucher to the payment; returns (redemption, replayed)."""
+        """Apply the voucher to the payment; returns (redemption, replayed). Refusals the
+        script decides are GateRefusals: its nonce is spent there."""
         cached = await self.campaigns.of_entity(body.voucher_id, "voucher")
         check_items(cached.definition.eligibility, body)
         ck = cached.keys
-        async with self.redis.pipeline(transaction=False) as pipe:  # one round trip
-            pipe.hget(ck.vouchers, body.voucher_id)
-            pipe.hget(keys.MERCHANTS, body.merchant_id)
-            raw_voucher, raw_merchant = await pipe.execute()
-        if raw_voucher is None:
-            raise ApiError("NOT_FOUND", f"voucher {body.voucher_id}")
-        voucher = VOUCHER.decode(raw_voucher)
-        merchant = merchants.MERCHANT.decode(raw_merchant) if raw_merchant else None
-        discount = money.discount(body.order_amount_fen, voucher.discount_rate_bp, voucher.cap_fen)
-        request = idempotency.request(ck, now_s, key_id, body.request_id, body)
+        key_id = verified.key.id
+        terms = cached.definition.voucher
+        discount = money.discount(body.order_amount_fen, terms.discount_rate_bp, terms.cap_fen)
         record = RedemptionRecord(
-            redemption_id=new_id(cached.keys.campaign_id),
+            redemption_id=new_id(ck.campaign_id),
             campaign_id=ck.campaign_id,
             voucher_id=body.voucher_id,
-            round_id=voucher.round_id,
+            round_id="",  # the voucher's: the script knows it
             user_id=body.user_id,
             merchant_id=body.merchant_id,
             order_id=body.order_id,
@@ -185,28 +264,30 @@ class Redemptions:
             paid_at=to_millis(body.paid_at),
             items=[ItemOut(**msgspec.structs.asdict(item)) for item in body.items],
             by=key_id,
-            request_key=request.idem_field,
-            request_fingerprint=request.fingerprint,
+            request_key=idempotency.idem_field(key_id, body.request_id),
+            request_fingerprint=idempotency.fingerprint(body),
         )
-        redeem = Redeem(
-            request=request,
-            ledger=ck.ledger,
-            round=ck.round(voucher.round_id),
-            vouchers=ck.vouchers,
-            redemptions=ck.redemptions,
-            orders=ck.orders,
-            expiry=ck.expiry,
-            events=ck.events,
-            voucher_id=body.voucher_id,
-            user_id=body.user_id,
-            order_id=body.order_id,
-            redemption=ENCODE.encode(record),
-            discount_fen=discount,
-            refusal=merchant_refusal(cached, merchant, body.items),
+        pending = Pending(
+            Redemption(
+                idem_field=record.request_key,
+                fingerprint=record.request_fingerprint,
+                nonce_bucket=keys.nonce_bucket(verified.timestamp),
+                nonce=verified.nonce,
+                voucher_id=body.voucher_id,
+                user_id=body.user_id,
+                order_id=body.order_id,
+                redemption=ENCODE.encode(record),
+                discount_fen=discount,
+                refusal="",
+            ),
+            body.merchant_id,
+            body.items,
         )
-        answer = await idempotency.write(self.scripts, redeem, f"voucher {body.voucher_id}")
-        rec = REDEMPTION.decode(answer.payload[0])
-        if answer.replayed:  # the first answer, before any refund or reimbursement
+        code, payload = await self._batcher(cached).submit(pending)
+        if code not in idempotency.OK_OR_REPLAY:
+            raise GateRefusal(code, f"voucher {body.voucher_id}" if code == "NOT_FOUND" else None)
+        rec = REDEMPTION.decode(payload)
+        if code == "REPLAY":  # the first answer, before any refund or reimbursement
             rec = msgspec.structs.replace(
                 rec,
                 status="redeemed",
@@ -214,7 +295,19 @@ class Redemptions:
                 subsidy_returned_fen=0,
                 paid_to_merchant=False,
             )
-        return redemption_out(rec, cached.definition.timezone), answer.replayed
+        return redemption_out(rec, cached.definition.timezone), code == "REPLAY"
+
+    def _batcher(self, cached: CachedCampaign) -> Batcher:
+        key = (cached.keys.campaign_id, cached.version)
+        batcher = self._batchers.get(key)
+        if batcher is None:
+            batcher = self._batchers[key] = Batcher(self, cached, key, self.batch_max)
+        return batcher
+
+    def retire(self, batcher: Batcher) -> None:
+        """Drop an idle batcher (a new one is made on the next payment)."""
+        if not batcher.queue and self._batchers.get(batcher.key) is batcher:
+            del self._batchers[batcher.key]
 
     async def record(self, redemption_id: str) -> tuple[CachedCampaign, RedemptionRecord]:
         """The redemption as Redis holds it, with its campaign; NOT_FOUND if none."""

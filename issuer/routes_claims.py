@@ -48,7 +48,7 @@ async def claim(ctx: Ctx, request: web.Request, body: ClaimIn) -> web.Response:
         answer, replay = await ctx.claims.claim(campaign_id, body, verified, request.remote)
     except ApiError as err:
         count_outcome(metrics.CLAIMS, campaign_id, err.code)
-        return error_response(await ctx.claims.refused(campaign_id, verified, err))
+        return error_response(ctx.claims.refused(campaign_id, verified, err))
     count_outcome(metrics.CLAIMS, campaign_id, "REPLAY" if replay else "OK")
     # an application to a lottery round is accepted, its outcome comes with the draw
     return reply(answer, 202 if isinstance(answer, ApplicationOut) else 201, replay=replay)

@@ -17,7 +17,7 @@ from issuer.model import RedemptionIn, RedemptionOut, RefundIn, RefundOut, Repai
 async def redeem(ctx: Ctx, request: web.Request, body: RedemptionIn) -> web.Response:
     verified: Verified = request["verified"]
     campaign_id = campaign_prefix(body.voucher_id) or "-"
-    redeemed = ctx.redemptions.redeem(body, verified.key.id, time.time())
+    redeemed = ctx.redemptions.redeem(body, verified, time.time())
     out, replay = await counted(metrics.REDEMPTIONS, campaign_id, redeemed)
     return reply(out, 201, replay=replay)
 

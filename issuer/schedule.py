@@ -54,16 +54,28 @@ def expand_rounds(defn: CampaignDef) -> list[Round]:
     return rounds
 
 
-def current_round(rounds: Sequence[Round], now: datetime) -> Round | None:
-    """The round whose claim window holds `now`, else the next to open, else None.
+class Windows:
+    """Rounds' claim windows in epoch seconds, to find the live one with float comparisons
+    (the claim path does it per request; aware datetimes compare through their offsets).
+    `rounds` must be as `expand_rounds` returns them (sorted, not overlapping)."""
 
-    `rounds` must be as `expand_rounds` returns them (sorted, not overlapping); `now`
-    must be aware. O(log n).
-    """
-    i = bisect_right(rounds, now, key=lambda r: r.opens_at)
-    if i and now < rounds[i - 1].closes_at:
-        return rounds[i - 1]
-    return rounds[i] if i < len(rounds) else None
+    def __init__(self, rounds: Sequence[Round]) -> None:
+        self.opens = [r.opens_at.timestamp() for r in rounds]
+        self.closes = [r.closes_at.timestamp() for r in rounds]
+
+    def at(self, now: float) -> int | None:
+        """The index of the round whose window holds `now`, else of the next to open, else
+        None. O(log n)."""
+        i = bisect_right(self.opens, now)
+        if i and now < self.closes[i - 1]:
+            return i - 1
+        return i if i < len(self.opens) else None
+
+
+def current_round(rounds: Sequence[Round], now: datetime) -> Round | None:
+    """The round whose claim window holds `now` (aware), else the next to open, else None."""
+    i = Windows(rounds).at(now.timestamp())
+    return None if i is None else rounds[i]
 
 
 def _from_spec(spec: RoundSpec, tz: ZoneInfo) -> Round:

@@ -106,7 +106,7 @@ async def worker_main(settings: Settings, port: int) -> None:
     pg = await store.connect(settings.database_url, min_size=0, max_size=2)
     campaigns = Campaigns(redis, scripts)
     person_key = settings.person_secret()
-    redemptions = Redemptions(redis, scripts, campaigns)
+    redemptions = Redemptions(redis, scripts, campaigns, settings.batch_max)
     loop_lag = LoopLag()
     ctx = Ctx(
         settings=settings,

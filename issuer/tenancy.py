@@ -10,6 +10,7 @@ itself: it keeps the records of `scope(request)`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -138,22 +139,55 @@ class Owners:
         return found
 
 
+UNKNOWN: Any = object()  # `known`'s answer when a tenant must be read first
+
+
+def known(owners: Owners, rule: Rule, request: web.Request, body: Any) -> Any:
+    """`admit` without a coroutine when this worker holds the tenant of everything the
+    route touches (the claim path: its campaign's cached definition), else UNKNOWN."""
+    found = []
+    for ref, thing_id in _touched(rule, request, body):
+        tenant = owners.known(ref.kind, thing_id)
+        if tenant is None:
+            return UNKNOWN
+        found.append((ref, tenant))
+    return _decide(rule, request, body, found)
+
+
 async def admit(owners: Owners, rule: Rule, request: web.Request, body: Any) -> Any:
     """Apply a route's rule: FORBIDDEN unless the key may act in the tenant of everything
     the route touches. Returns the body (a defining PUT's with its tenant decided) and
     leaves the tenant acted in at `request[TENANT]` for the request's log line."""
-    key: ApiKey = request["verified"].key
-    tenant: str | None = None
+    found = [
+        (ref, owners.known(ref.kind, thing_id) or await owners.tenant(ref.kind, thing_id))
+        for ref, thing_id in _touched(rule, request, body)
+    ]
+    return _decide(rule, request, body, found)
+
+
+def _touched(rule: Rule, request: web.Request, body: Any) -> list[tuple[Ref, str]]:
+    """Each ref of the rule with the id it names (an optional body field not given: none)."""
+    out = []
     for ref in rule.refs:
         thing_id = getattr(body, ref.name) if ref.in_body else request.match_info[ref.name]
-        if thing_id is None:  # an optional body field, not given
+        if thing_id is not None:
+            out.append((ref, thing_id))
+    return out
+
+
+def _decide(
+    rule: Rule, request: web.Request, body: Any, found: Sequence[tuple[Ref, str | None]]
+) -> Any:
+    """`admit`'s verdict once the tenants of what the route touches are known (None: no
+    such thing, the handler answers NOT_FOUND)."""
+    key: ApiKey = request["verified"].key
+    tenant: str | None = None
+    for ref, owner in found:
+        if owner is None:
             continue
-        found = owners.known(ref.kind, thing_id) or await owners.tenant(ref.kind, thing_id)
-        if found is None:
-            continue
-        if not key.may_act_in(found):
+        if not key.may_act_in(owner):
             raise ApiError("FORBIDDEN", f"key {key.id} is not scoped to this {ref.what}'s tenant")
-        tenant = tenant or found
+        tenant = tenant or owner
     if rule.defines:
         body, tenant = _defined(key, body, tenant)
     if tenant is not None:

@@ -62,6 +62,9 @@ CLAIM_ANSWERS = {"ISSUED", "REPLAY", "ALREADY_CLAIMED", "NOT_OPEN", *SOLD_OUT}
 # what any claim may also get above capacity: shed before it is read, nothing spent
 SHED = "OVERLOADED"
 GATE_ANSWERS = CLAIM_ANSWERS | {SHED}
+# refusals a worker may give before the gate: answered at once, the nonce spent after, so a
+# replay that arrives first gets the same refusal (issue 24), a later one 401
+LOCAL_REFUSALS = {"NOT_OPEN", *SOLD_OUT}
 # refusals that change nothing and are decided again on a retry of the same request, and
 # no answer at all (HTTP 0: the client gave up waiting)
 DECIDED_AGAIN = {"NOT_OPEN", "OVERLOADED", "HTTP 0"}
@@ -422,7 +425,9 @@ class AbuseUser(ClaimingUser):
         """The same signed bytes twice: the second is refused 401 (if the first was shed,
         it spent nothing and the second is answered as a first; if the client gave up on
         the first, the service may still be deciding it: then either copy may be the one
-        refused, and the other is answered). Either copy may be shed."""
+        refused, and the other is answered; if the first was refused before the gate, the
+        second may get the same refusal, its nonce not spent yet). Either copy may be
+        shed."""
         person = next(Process.persons)
         campaign = Process.options.campaign
         body = claim_body(person, f"replay-{person}", f"u{person}")
@@ -431,6 +436,8 @@ class AbuseUser(ClaimingUser):
         first, _ = self.send(campaign, body, "abuse: first of a replay", Process.gate, headers)
         unknown = first in ("HTTP 0", SHED)
         expected = Process.gate | {"UNAUTHENTICATED"} if unknown else {"UNAUTHENTICATED", SHED}
+        if first in LOCAL_REFUSALS:
+            expected.add(first)
         self.send(campaign, body, "abuse: replayed signature", expected, headers)
 
     @task(2)

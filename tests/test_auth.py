@@ -1,7 +1,8 @@
 """Signatures and roles (API.md "Authentication"): every malformed, tampered, stale or
-replayed request is 401 UNAUTHENTICATED and changes nothing; a role that may not call an
-endpoint is 403 FORBIDDEN. Claims check their nonce inside the batched Redis script, other
-calls in the middleware, so both paths are exercised."""
+replayed request is 401 UNAUTHENTICATED and changes nothing (a claim refused before the
+gate, replayed while the refusal holds, is refused the same way); a role that may not call
+an endpoint is 403 FORBIDDEN. Claims check their nonce inside the batched Redis script,
+other calls in the middleware, so both paths are exercised."""
 
 from __future__ import annotations
 
@@ -287,15 +288,50 @@ async def test_replayed_claim_is_401_and_changes_nothing(service: Service, redis
     assert len(after_first[0]) == 1, "exactly one voucher"
 
 
-async def test_replayed_claim_refused_before_the_gate_is_still_401(service: Service) -> None:
-    """A nonce is spent by its first use, whatever that use was answered."""
+async def spent(redis: Redis, campaign_id: str, headers: dict[str, str]) -> bool:
+    """Whether a claim's nonce is spent in its campaign's nonce bucket."""
+    bucket = keys.nonce_bucket(int(headers["X-Timestamp"]))
+    (hash_key,) = CampaignKeys(campaign_id).nonces(bucket, bucket)
+    return bool(await redis.hexists(hash_key, headers["X-Nonce"]))
+
+
+async def test_a_refused_claim_replayed_before_its_nonce_is_spent_gets_the_same_refusal(
+    service: Service, redis: Redis
+) -> None:
+    """A refusal before the gate is answered at once, its nonce spent in a background
+    batch: the same signed claim sent again at once is refused the same way, not 401 (it
+    can only resubmit the same person's claim); the nonce is spent all the same."""
     campaign_id = await new_campaign(service, opens_in_s=600)
     path, body = f"/v1/campaigns/{campaign_id}/claims", ENC(claim(60_100))
     headers = signed_headers(service.key("app"), "POST", path, body)
-    first = await send(service, "POST", path, body, headers)
-    assert_error(first, 409, "NOT_OPEN")
-    again = await send(service, "POST", path, body, headers)
-    assert_error(again, 401, "UNAUTHENTICATED")
+    answers = await asyncio.gather(*(send(service, "POST", path, body, headers) for _ in range(4)))
+    for resp in answers:
+        assert_error(resp, 409, "NOT_OPEN")
+    for _ in range(100):
+        if await spent(redis, campaign_id, headers):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the refused claim's nonce was not spent")
+
+
+async def test_a_refused_claim_replayed_once_the_round_opened_is_401_and_changes_nothing(
+    service: Service, redis: Redis
+) -> None:
+    """The nonce a refusal spent in the background is refused by the gate once the answer
+    would change (here: the round has opened)."""
+    opens_in_s = 2.5
+    campaign_id = await new_campaign(service, opens_in_s=opens_in_s)
+    opens_at = time.monotonic() + opens_in_s
+    path, body = f"/v1/campaigns/{campaign_id}/claims", ENC(claim(60_200))
+    headers = signed_headers(service.key("app"), "POST", path, body)
+    assert_error(await send(service, "POST", path, body, headers), 409, "NOT_OPEN")
+    before = await campaign_state(redis, campaign_id)
+    await asyncio.sleep(opens_at - time.monotonic() + 0.2)
+    assert await spent(redis, campaign_id, headers)
+    assert_error(await send(service, "POST", path, body, headers), 401, "UNAUTHENTICATED")
+    assert await campaign_state(redis, campaign_id) == before, "nothing issued"
+    fresh = await service.call("POST", path, claim(60_201), "app")
+    assert fresh.status == 201, fresh.body  # the round is open indeed
 
 
 async def test_replayed_get_is_401(service: Service) -> None:

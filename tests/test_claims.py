@@ -169,6 +169,9 @@ async def test_before_opening_is_not_open(service: Service) -> None:
     assert resp.status == 409
     assert resp.body["error"]["code"] == "NOT_OPEN"
     assert resp.body["error"]["retryable"] is True
+    # the detail, written once per campaign version, names the round and its opening
+    assert "round " in resp.body["error"]["message"]
+    assert " opens at 20" in resp.body["error"]["message"]
 
 
 async def test_opening_second_lets_claims_in(service: Service) -> None:

@@ -97,6 +97,18 @@ def test_the_geofence_grid_answers_most_points_and_agrees_with_the_exact_test() 
         assert answer in (None, exact)
 
 
+def test_log_timestamps_format_each_second_once_and_keep_the_milliseconds() -> None:
+    got = [logs.timestamp(t) for t in (0.25, 0.999, 1.0, 1.5, 86_400.0625, 0.5)]
+    assert got == [
+        "1970-01-01T00:00:00.250Z",
+        "1970-01-01T00:00:00.999Z",
+        "1970-01-01T00:00:01.000Z",
+        "1970-01-01T00:00:01.500Z",
+        "1970-01-02T00:00:00.062Z",
+        "1970-01-01T00:00:00.500Z",
+    ]
+
+
 def test_a_repeated_refusal_reuses_its_encoded_body() -> None:
     first = error_response(ApiError("ROUND_QUOTA_EXHAUSTED"))
     again = error_response(ApiError("ROUND_QUOTA_EXHAUSTED"))

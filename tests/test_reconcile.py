@@ -257,7 +257,8 @@ async def money_moves(env: Env, campaign_id: str) -> None:
         merchant,
         MerchantDef(name="m", county_code="141029", categories=["appliance"]),
     )
-    redemptions = Redemptions(env.redis, scripts, env.campaigns)
+    redemptions = Redemptions(env.redis, scripts, env.campaigns, batch_max=10)
+    paying = ApiKey(id="payment-key", secret="s", role="payment")
     raw = await env.redis.hgetall(keys.CampaignKeys(campaign_id).vouchers)
     held = sorted((VOUCHER.decode(v) for v in raw.values()), key=lambda v: v.voucher_id)
     done = []
@@ -270,7 +271,8 @@ async def money_moves(env: Env, campaign_id: str) -> None:
             ),
             RedemptionIn,
         )
-        done.append((await redemptions.redeem(pay, "payment-key", time.time()))[0])
+        verified = Verified(paying, f"pay-nonce-{secrets.token_hex(8)}", int(time.time()))
+        done.append((await redemptions.redeem(pay, verified, time.time()))[0])
     await mark_paid(scripts, campaign_id, "b1", [done[0].redemption_id])
     body = RefundIn(request_id="refund-rc-1", amount_fen=250_000)
     refund, _ = await redemptions.refund(done[0].redemption_id, body, "payment-key", time.time())

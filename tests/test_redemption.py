@@ -10,11 +10,13 @@ from collections import Counter
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
 from issuer import expiry
 from issuer.campaigns import HINT_TTL_S
+from issuer.client import signed_headers
 from issuer.reconcile import reconcile
 from issuer.redemptions import mark_paid
 from issuer.scripts import Scripts
@@ -76,6 +78,26 @@ async def test_redemption_applies_ten_percent_and_moves_the_money(service: Servi
     # readable by the payment platform and the merchant that took it, not another merchant
     got = await service.call("GET", f"/v1/redemptions/{resp.body['redemption_id']}", role="payment")
     assert got.status == 200 and got.body == resp.body
+
+
+async def test_a_replayed_payment_is_401_and_changes_nothing(service: Service) -> None:
+    """A payment's nonce is spent in its campaign's batch script, as a claim's is."""
+    campaign_id = await new_campaign(service)
+    merchant = await new_merchant(service)
+    voucher = await issue(service, campaign_id, 2)
+    body = msgspec.json.encode(payment(voucher, merchant, 100_000))
+    headers = signed_headers(service.key("payment"), "POST", "/v1/redemptions", body)
+
+    async def send() -> tuple[int, Any]:
+        url = service.url + "/v1/redemptions"
+        async with service.session.post(url, data=body, headers=headers) as resp:
+            return resp.status, await resp.json()
+
+    assert (await send())[0] == 201
+    after = await ledger(service, campaign_id)
+    status, answer = await send()
+    assert (status, answer["error"]["code"]) == (401, "UNAUTHENTICATED")
+    assert await ledger(service, campaign_id) == after
 
 
 async def test_several_items_share_one_cap(service: Service) -> None:

@@ -5,6 +5,7 @@ the budget."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -15,15 +16,17 @@ from issuer.protocol import (
     Due,
     Expire,
     MarkPaid,
-    Redeem,
+    RedeemBatch,
+    Redemption,
     Refund,
 )
-from tests.fake import BUDGET, CK, RESERVE, Fake, claim, ms, request, settings
+from tests.fake import BUDGET, CK, NONCE_BUCKET, RESERVE, Fake, claim, ms, request, settings
 
 pytestmark = pytest.mark.fast
 
 VOUCHER = claim(1).candidate
 ORDER = 1_000_000  # fen: a 10,000 CNY order
+RATE_BP, CAP = 1500, 200_000  # the vouchers' terms (tests.fake.EXTRA)
 
 
 def redeem(
@@ -34,13 +37,14 @@ def redeem(
     order_id: str = "order-1",
     refusal: str = "",
     fingerprint: str = "fp",
-) -> Redeem:
+    nonce: str = "",
+) -> Redemption:
     """Redemption number `n` of `voucher_id` for an order of ORDER fen."""
     record = {
         "redemption_id": f"c-fake.d{n}",
         "campaign_id": "c-fake",
         "voucher_id": voucher_id,
-        "round_id": "r1",
+        "round_id": "",
         "user_id": user_id,
         "order_id": order_id,
         "order_amount_fen": ORDER,
@@ -50,15 +54,11 @@ def redeem(
         "paid_to_merchant": False,
         "status": "redeemed",
     }
-    return Redeem(
-        request=request(n, fingerprint),
-        ledger=CK.ledger,
-        round=CK.round("r1"),
-        vouchers=CK.vouchers,
-        redemptions=CK.redemptions,
-        orders=CK.orders,
-        expiry=CK.expiry,
-        events=CK.events,
+    return Redemption(
+        idem_field=request(n).idem_field,
+        fingerprint=fingerprint,
+        nonce_bucket=NONCE_BUCKET,
+        nonce=nonce or f"pay-nonce-{n:012d}-{fingerprint}",
         voucher_id=voucher_id,
         user_id=user_id,
         order_id=order_id,
@@ -66,6 +66,36 @@ def redeem(
         discount_fen=discount,
         refusal=refusal,
     )
+
+
+def batch(
+    *payments: Redemption, rate_bp: int = RATE_BP, rounds: tuple[str, ...] = ("r1",)
+) -> RedeemBatch:
+    """One `redeem` call of these payments, on the campaign's terms."""
+    current, previous = CK.idempotency(time.time())
+    return RedeemBatch(
+        idem_current=current,
+        idem_previous=previous,
+        ledger=CK.ledger,
+        vouchers=CK.vouchers,
+        redemptions=CK.redemptions,
+        orders=CK.orders,
+        expiry=CK.expiry,
+        events=CK.events,
+        rounds=[CK.round(r) for r in rounds],
+        nonce_buckets=CK.nonces(NONCE_BUCKET, NONCE_BUCKET),
+        discount_rate_bp=rate_bp,
+        cap_fen=CAP,
+        first_nonce_bucket=NONCE_BUCKET,
+        round_count=len(rounds),
+        round_ids=list(rounds),
+        payments=list(payments),
+    )
+
+
+async def paid(fake: Fake, payment: Redemption) -> tuple[str, Any]:
+    """A payment alone in its batch: the code and its payload decoded from JSON."""
+    return await run(fake, batch(payment))
 
 
 def refund(
@@ -131,7 +161,7 @@ async def issued(fake: Fake, *rnd: Any, vouchers: int = 1, budget_fen: int = BUD
 
 async def test_a_discount_within_the_reservation_returns_the_rest(fake: Fake) -> None:
     await issued(fake)
-    code, redemption = await run(fake, redeem(1, 150_000))
+    code, redemption = await paid(fake, redeem(1, 150_000))
     assert code == "OK" and redemption["overdrawn_fen"] == 0 and redemption["redeemed_at"] > 0
     led = await fake.balanced()
     assert (led["available"], led["reserved"], led["spent"]) == (BUDGET - 150_000, 0, 150_000)
@@ -146,7 +176,7 @@ async def test_a_discount_within_the_reservation_returns_the_rest(fake: Fake) ->
 
 async def test_a_discount_above_the_reservation_overdraws_the_pool(fake: Fake) -> None:
     await issued(fake)
-    code, redemption = await run(fake, redeem(1, RESERVE + 30_000))
+    code, redemption = await paid(fake, redeem(1, RESERVE + 30_000))
     assert code == "OK" and redemption["overdrawn_fen"] == 30_000
     led = await fake.balanced()
     assert (led["available"], led["spent"]) == (BUDGET - RESERVE - 30_000, RESERVE + 30_000)
@@ -156,17 +186,17 @@ async def test_a_discount_above_the_reservation_overdraws_the_pool(fake: Fake) -
 async def test_an_overdraw_the_pool_cannot_pay_is_refused_untouched(fake: Fake) -> None:
     await issued(fake, budget_fen=RESERVE + 10_000)
     before = await fake.ledger(), await fake.round()
-    assert await run(fake, redeem(1, RESERVE + 10_001)) == ("BUDGET_EXHAUSTED", b"")
+    assert await paid(fake, redeem(1, RESERVE + 10_001)) == ("BUDGET_EXHAUSTED", b"")
     assert (await fake.ledger(), await fake.round()) == before
-    assert (await run(fake, redeem(2, RESERVE + 10_000)))[0] == "OK"
+    assert (await paid(fake, redeem(2, RESERVE + 10_000)))[0] == "OK"
     assert (await fake.balanced())["available"] == 0
 
 
 async def test_a_retried_redemption_is_answered_once(fake: Fake) -> None:
     await issued(fake)
-    first = await run(fake, redeem(1, 150_000))
-    assert await run(fake, redeem(1, 150_000)) == ("REPLAY", first[1])
-    assert await run(fake, redeem(1, 150_000, fingerprint="other")) == (
+    first = await paid(fake, redeem(1, 150_000))
+    assert await paid(fake, redeem(1, 150_000, nonce="another-nonce-001")) == ("REPLAY", first[1])
+    assert await paid(fake, redeem(1, 150_000, fingerprint="other")) == (
         "IDEMPOTENCY_MISMATCH",
         b"",
     )
@@ -175,36 +205,72 @@ async def test_a_retried_redemption_is_answered_once(fake: Fake) -> None:
 
 async def test_redemption_refusals(fake: Fake) -> None:
     await issued(fake, vouchers=2)
-    assert await run(fake, redeem(1, 1, refusal="MERCHANT_NOT_ELIGIBLE")) == (
+    assert await paid(fake, redeem(1, 1, refusal="MERCHANT_NOT_ELIGIBLE")) == (
         "MERCHANT_NOT_ELIGIBLE",
         b"",
     )
-    assert await run(fake, redeem(2, 1, voucher_id="c-fake.v9")) == ("NOT_FOUND", b"")
-    assert await run(fake, redeem(3, 1, user_id="user-2")) == ("VOUCHER_NOT_OWNED", b"")
-    assert (await run(fake, redeem(4, 1)))[0] == "OK"
-    assert await run(fake, redeem(5, 1, order_id="order-2")) == ("VOUCHER_USED", b"")
+    assert await paid(fake, redeem(2, 1, voucher_id="c-fake.v9")) == ("NOT_FOUND", b"")
+    assert await paid(fake, redeem(3, 1, user_id="user-2")) == ("VOUCHER_NOT_OWNED", b"")
+    assert (await paid(fake, redeem(4, 1)))[0] == "OK"
+    assert await paid(fake, redeem(5, 1, order_id="order-2")) == ("VOUCHER_USED", b"")
     other = claim(2).candidate
-    assert await run(fake, redeem(6, 1, voucher_id=other, user_id="user-2")) == (
+    assert await paid(fake, redeem(6, 1, voucher_id=other, user_id="user-2")) == (
         "ORDER_ALREADY_REDEEMED",
         b"",
     )
     await fake.balanced()
 
 
+async def test_a_used_nonce_is_refused_before_anything_else(fake: Fake) -> None:
+    await issued(fake)
+    first = redeem(1, 150_000)
+    assert (await paid(fake, first))[0] == "OK"
+    again = first._replace(idem_field="k-ops|req-other", order_id="order-2")
+    assert await paid(fake, again) == ("UNAUTHENTICATED", b"")
+    assert (await fake.balanced())["spent"] == 150_000
+
+
+async def test_a_batch_decides_its_payments_in_order(fake: Fake) -> None:
+    await issued(fake, vouchers=2)
+    other = claim(2).candidate
+    answer = await fake.scripts.run(
+        batch(
+            redeem(1, 150_000),
+            redeem(2, 1, order_id="order-2"),  # the same voucher, already used by the first
+            redeem(3, 100_000, voucher_id=other, user_id="user-2", order_id="order-3"),
+            redeem(1, 150_000, nonce="pay-nonce-000000000003-fp"),  # the third's nonce
+        )
+    )
+    assert answer[0::2] == [b"OK", b"VOUCHER_USED", b"OK", b"UNAUTHENTICATED"]
+    assert json.loads(answer[1])["round_id"] == "r1"  # the voucher's, as the script knows
+    led = await fake.balanced()
+    assert (led["spent"], led["reserved"]) == (250_000, 0)
+
+
+async def test_a_voucher_on_other_terms_than_its_campaign_is_refused_untouched(
+    fake: Fake,
+) -> None:
+    await issued(fake)
+    before = await fake.ledger()
+    assert await run(fake, batch(redeem(1, 150_000), rate_bp=RATE_BP + 1)) == ("INTERNAL", b"")
+    assert await run(fake, batch(redeem(2, 150_000), rounds=("r2",))) == ("INTERNAL", b"")
+    assert await fake.ledger() == before
+
+
 async def test_a_voucher_past_its_time_is_expired_by_the_redemption(fake: Fake) -> None:
     await issued(fake, settings(valid_for_s=-1))
-    assert await run(fake, redeem(1, 150_000)) == ("VOUCHER_EXPIRED", b"")
+    assert await paid(fake, redeem(1, 150_000)) == ("VOUCHER_EXPIRED", b"")
     voucher = json.loads(await fake.redis.hget(CK.vouchers, VOUCHER))
     assert voucher["status"] == "expired"
     led = await fake.balanced()
     assert (led["available"], led["reserved"]) == (BUDGET, 0)
     assert (await fake.events())[-1] == "expiry"
-    assert await run(fake, redeem(2, 150_000)) == ("VOUCHER_EXPIRED", b"")
+    assert await paid(fake, redeem(2, 150_000)) == ("VOUCHER_EXPIRED", b"")
 
 
 async def test_a_refund_before_reimbursement_returns_the_subsidy(fake: Fake) -> None:
     await issued(fake)
-    await run(fake, redeem(1, 150_000))
+    await paid(fake, redeem(1, 150_000))
     code, record = await run(fake, refund(1, 400_000, 60_000))
     assert code == "OK" and record["status"] == "returned" and record["clawback_due_fen"] == 0
     assert record["voucher_status"] == "redeemed"
@@ -218,7 +284,7 @@ async def test_a_refund_before_reimbursement_returns_the_subsidy(fake: Fake) -> 
 
 async def test_a_refund_after_reimbursement_is_a_clawback_until_repaid(fake: Fake) -> None:
     await issued(fake)
-    await run(fake, redeem(1, 150_000))
+    await paid(fake, redeem(1, 150_000))
     assert await fake.scripts.run(mark_paid("c-fake.d1", "c-fake.d9")) == [b"c-fake.d1"]
     assert await fake.scripts.run(mark_paid("c-fake.d1")) == []  # paid once
     code, record = await run(fake, refund(1, 400_000, 60_000))
@@ -237,14 +303,14 @@ async def test_a_refund_after_reimbursement_is_a_clawback_until_repaid(fake: Fak
 
 async def test_only_a_clawback_can_be_repaid(fake: Fake) -> None:
     await issued(fake)
-    await run(fake, redeem(1, 150_000))
+    await paid(fake, redeem(1, 150_000))
     await run(fake, refund(1, 400_000, 60_000))
     assert await run(fake, repaid(1, "c-fake.f1")) == ("NO_CLAWBACK_DUE", b"")
 
 
 async def test_a_full_refund_ends_the_voucher_and_repays_its_overdraw(fake: Fake) -> None:
     await issued(fake)
-    await run(fake, redeem(1, RESERVE + 30_000))
+    await paid(fake, redeem(1, RESERVE + 30_000))
     code, record = await run(fake, refund(1, ORDER, RESERVE + 30_000, repaid=30_000))
     assert code == "OK" and record["voucher_status"] == "refunded"
     voucher = json.loads(await fake.redis.hget(CK.vouchers, VOUCHER))
@@ -258,7 +324,7 @@ async def test_a_full_refund_ends_the_voucher_and_repays_its_overdraw(fake: Fake
 
 async def test_refund_refusals(fake: Fake) -> None:
     await issued(fake)
-    await run(fake, redeem(1, 150_000))
+    await paid(fake, redeem(1, 150_000))
     assert await run(fake, refund(1, 1, 0, redemption=9)) == ("NOT_FOUND", b"")
     assert await run(fake, refund(2, 1, 0, refunded=5)) == ("STALE", b"")
     assert await run(fake, refund(3, ORDER + 1, 0)) == ("TOO_MUCH", str(ORDER).encode())
@@ -281,7 +347,7 @@ def expire(now_ms: int, *due: Due, rounds: tuple[str, ...] = ("r1",)) -> Expire:
 
 async def test_expiry_returns_the_reservations_of_vouchers_due(fake: Fake) -> None:
     await issued(fake, vouchers=3)
-    await run(fake, redeem(1, 150_000))
+    await paid(fake, redeem(1, 150_000))
     due = [Due(claim(n).candidate, 0) for n in (1, 2, 3)]
     assert await fake.scripts.run(expire(ms(60), *due)) == 0  # not due yet
     assert await fake.scripts.run(expire(ms(2 * 86_400), *due)) == 2  # the redeemed one stays
