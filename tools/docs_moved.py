@@ -152,6 +152,22 @@ REWORDED: dict[str, tuple[str, str]] = {
         "a replica acknowledgement waits for every replica the failover authority could"
         " promote, not for one (issue 20)",
     ),
+    "still spends its nonce, in one batched script call per tick, so": (
+        "is answered at once and still spends its nonce, afterwards, in one batched script call"
+        " per tick (`claims.NonceSpender`, `lua/spend_nonces.lua`), so",
+        "a refusal is answered before its nonce is spent, in the background batch (issue 24)",
+    ),
+    "lives in the global slot, so it is read in the same round trip as the voucher and its"
+    " refusal is passed into the script, which answers an idempotent replay first": (
+        "lives in the global slot; a merchant's refusal is passed into the script, which answers"
+        " an idempotent replay first",
+        "payments are micro-batched: one read of the batch's merchants, then one script that"
+        " reads the vouchers (issue 24)",
+    ),
+    "Latest run (2026-12-03, the final code of this stop), medians": (
+        "Run of the previous stop (2026-12-03, before issue 24), medians",
+        "issue 24's run, with scenario (h) and instruction counts, is now the latest",
+    ),
 }
 
 # old sentence -> why it is gone
