@@ -10,6 +10,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Generic, TypeVar
 
+from issuer import topology
+from issuer.errors import ApiError
+
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 log = logging.getLogger("issuer.batching")
@@ -73,7 +76,11 @@ class TickBatcher(ABC, Generic[Item, Result]):
         """One round trip for the whole batch; one result per item, in order."""
 
     def failure(self, exc: BaseException) -> BaseException:
-        """What the waiting requests get when the round trip fails."""
+        """What the waiting requests get when the round trip fails. A Redis error is 503
+        UNAVAILABLE, not a refusal: the batch may or may not have been applied, and a retry
+        with the same request_id gets the true answer. Anything else as it is."""
+        if isinstance(exc, topology.REDIS_ERRORS):
+            return ApiError("UNAVAILABLE", type(exc).__name__)
         return exc
 
     def idle(self) -> None:

@@ -118,13 +118,6 @@ class Batcher(TickBatcher[Claim, tuple[str, bytes]]):
         self.claims.after_batch(self.cached, self.round, status, version, result[4::2])
         return [(result[4 + 2 * i].decode(), result[5 + 2 * i]) for i in range(len(items))]
 
-    def failure(self, exc: BaseException) -> BaseException:
-        # Not a refusal: the batch may or may not have been applied. Nothing is given
-        # back; the client retries with the same request_id and gets the true answer.
-        if isinstance(exc, topology.REDIS_ERRORS):
-            return ApiError("UNAVAILABLE", type(exc).__name__)
-        return exc
-
     def idle(self) -> None:
         self.claims.retire(self)
 

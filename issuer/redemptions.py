@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import msgspec
 from redis.asyncio import Redis
 
-from issuer import idempotency, keys, merchants, money, topology
+from issuer import idempotency, keys, merchants, money
 from issuer.auth import Verified
 from issuer.batching import TickBatcher
 from issuer.campaigns import CachedCampaign, Campaigns, read_record
@@ -215,13 +215,6 @@ class Batcher(TickBatcher[Pending, tuple[str, bytes]]):
             )
         )
         return [(result[2 * i].decode(), result[2 * i + 1]) for i in range(len(items))]
-
-    def failure(self, exc: BaseException) -> BaseException:
-        # Not a refusal: the batch may or may not have been applied; a retry with the same
-        # request_id gets the true answer.
-        if isinstance(exc, topology.REDIS_ERRORS):
-            return ApiError("UNAVAILABLE", type(exc).__name__)
-        return exc
 
     def idle(self) -> None:
         self.owner.retire(self)
