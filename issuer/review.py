@@ -25,7 +25,7 @@ from issuer.model import (
     SettlementOut,
     StoredFile,
 )
-from issuer.settlement import SELECT, settlement_out
+from issuer.settlement import SELECT, disbursement_out, settlement_out
 
 ITEMS = msgspec.json.Decoder(list[ItemOut])
 DETAILS = msgspec.json.Decoder(dict[str, Any])
@@ -123,17 +123,11 @@ async def disbursements(
     seen = await integrity.seen_by(pool, tenants, [settlement_out(r) for r in found])
     records = {r.redemption_id: r for r in seen}
     return [
-        DisbursementOut(
-            disbursement_id=row["disbursement_id"],
-            merchant_id=row["merchant_id"],
-            due_date=row["due_date"],
-            due_date_provisional=row["provisional_until_year"] is not None,
-            provisional_until_year=row["provisional_until_year"],
-            total_fen=row["total_fen"],
-            redemption_ids=list(row["redemption_ids"]),
-            status="pending" if row["paid_at"] is None else "paid",
-            paid_at=row["paid_at"],
-            records=[records[rid] for rid in row["redemption_ids"]],
+        disbursement_out(
+            row,
+            list(row["redemption_ids"]),
+            row["paid_at"],
+            [records[rid] for rid in row["redemption_ids"]],
         )
         for row in rows
     ]

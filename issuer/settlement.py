@@ -58,6 +58,27 @@ FROM settlements s LEFT JOIN redemptions r USING (redemption_id)
 """
 
 
+def disbursement_out(
+    batch: asyncpg.Record,
+    redemption_ids: list[str],
+    paid_at: datetime | None,
+    records: list[SettlementOut] | None = None,
+) -> DisbursementOut:
+    """A batch as served, from its row of `disbursements`; paid once `paid_at` is set."""
+    return DisbursementOut(
+        disbursement_id=batch["disbursement_id"],
+        merchant_id=batch["merchant_id"],
+        due_date=batch["due_date"],
+        due_date_provisional=batch["provisional_until_year"] is not None,
+        provisional_until_year=batch["provisional_until_year"],
+        total_fen=batch["total_fen"],
+        redemption_ids=redemption_ids,
+        status="pending" if paid_at is None else "paid",
+        paid_at=paid_at,
+        records=records or [],
+    )
+
+
 def settlement_out(row: asyncpg.Record, subsidy_fen: int | None = None) -> SettlementOut:
     return SettlementOut(
         redemption_id=row["redemption_id"],
@@ -428,17 +449,7 @@ class Settlement:
             await audit(
                 conn, key, "disbursement_paid", disbursement_id, body.reason, tenant=batch["tenant"]
             )
-            return 200, DisbursementOut(
-                disbursement_id=disbursement_id,
-                merchant_id=batch["merchant_id"],
-                due_date=batch["due_date"],
-                due_date_provisional=batch["provisional_until_year"] is not None,
-                provisional_until_year=batch["provisional_until_year"],
-                total_fen=batch["total_fen"],
-                redemption_ids=[r["redemption_id"] for r in rows],
-                status="paid",
-                paid_at=paid_at,
-            )
+            return 200, disbursement_out(batch, [r["redemption_id"] for r in rows], paid_at)
 
         result: tuple[int, bytes, bool] = await self.once(
             key.id, body.request_id, (disbursement_id, body), action
