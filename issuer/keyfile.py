@@ -148,7 +148,9 @@ def add(path: Path, key: ApiKey) -> None:
     """Append `key` to the file (created if absent); KeysFileError if it cannot be."""
     with _locked(path):
         text = path.read_text() if path.exists() else ""
-        keys = read_keys(path) if text else {}
+        # a file of comments only (an operator's header, no key yet) holds no keys
+        only_comments = all(not line.strip() or COMMENT.match(line) for line in text.splitlines())
+        keys = {} if only_comments else read_keys(path)
         if key.id in keys:
             raise KeysFileError(f"keys file {path}: key {key.id} exists already")
         if text and not text.endswith("\n"):

@@ -154,6 +154,12 @@ def test_keys_command_keeps_the_files_comments_order_and_mode(
     assert list(read_keys(path)) == ["ops-c", "app-d"]
     assert path.stat().st_mode & 0o777 == 0o640
 
+    # a file of comments only, as an operator may start one
+    started = tmp_path / "started.toml"
+    started.write_text("# keys of the Xi County programme\n")
+    keyfile.add(started, d)
+    assert started.read_text() == "# keys of the Xi County programme\n\n" + keyfile.render([d])
+
     # a key written otherwise than as a table of its own: left for a person to remove
     inline = (
         f'key = [{{ id = "x", secret = "{a.secret}", role = "ops" }},'
