@@ -413,7 +413,11 @@ def parser() -> argparse.ArgumentParser:
     vd.add_argument("file", help="the document of GET .../rounds/{round_id}/draw; - for stdin")
     vd.set_defaults(func=cmd_verify_draw)
 
-    ks = sub.add_parser("keys", help="the API keys file (ISSUER_KEYS_FILE): add, revoke, list")
+    ks = sub.add_parser(
+        "keys",
+        help="the API keys file (ISSUER_KEYS_FILE): add, revoke, list;"
+        " an edit keeps the file's other lines, comments included",
+    )
     ks_sub = ks.add_subparsers(dest="action", required=True)
     add = ks_sub.add_parser("add", help="add a key with a random secret, printed once")
     add.add_argument("--role", required=True, choices=ROLES)

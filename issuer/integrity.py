@@ -54,10 +54,11 @@ CHECKS = msgspec.json.Decoder(list[CheckResult])
 ENCODE = msgspec.json.Encoder()
 
 
-def invoice_key(number: str) -> str:
+def invoice_key(number: str) -> str | None:
     """The invoice number as compared: full-width folded to ASCII, without any whitespace,
-    lower case (" No.０１２３ 4567" and "no.01234567" are one invoice)."""
-    return "".join(number.translate(FULL_WIDTH).split()).lower()
+    lower case (" No.０１２３ 4567" and "no.01234567" are one invoice). A blank number has
+    none (None): it is the same invoice as no other."""
+    return "".join(number.translate(FULL_WIDTH).split()).lower() or None
 
 
 def _signed(value: int) -> int:
@@ -287,14 +288,17 @@ async def recheck(
 
 
 async def backfill(pool: asyncpg.Pool, store: DocumentStore) -> int:
-    """Give the records stored before these checks existed (invoice_key NULL) their invoice
-    key, photo hashes and the three checks, paid ones included; returns how many."""
+    """Give the records marked integrity_pending (store.py, migration 9: those stored before
+    these checks existed, and those given the key "" for a blank invoice number) their
+    invoice key, photo hashes and the three checks, paid ones included; returns how many.
+    A record that fails one, or whose earlier checks change, gets an audit entry."""
     rows = await pool.fetch(
         "SELECT s.redemption_id, s.tenant, s.meta->>'invoice_no' AS invoice_no,"
+        ' s.checks @> \'[{"name": "unique_invoice"}]\' AS checked_before,'
         " coalesce(array_agg(f.sha256) FILTER (WHERE f.part = 'photo'"
         "   AND f.content_type = ANY($1::text[])), '{}') AS photos"
         " FROM settlements s LEFT JOIN settlement_files f USING (redemption_id)"
-        " WHERE s.invoice_key IS NULL GROUP BY s.redemption_id ORDER BY s.redemption_id",
+        " WHERE s.integrity_pending GROUP BY s.redemption_id ORDER BY s.redemption_id",
         sorted(HASHED_TYPES),
     )
     if not rows:
@@ -312,14 +316,15 @@ async def backfill(pool: asyncpg.Pool, store: DocumentStore) -> int:
         # another replica starting at the same time may have done them while we hashed
         still = await conn.fetch(
             "SELECT redemption_id FROM settlements"
-            " WHERE invoice_key IS NULL AND redemption_id = ANY($1::text[])",
+            " WHERE integrity_pending AND redemption_id = ANY($1::text[])",
             [row["redemption_id"] for row in rows],
         )
         left = {r["redemption_id"] for r in still}
         rows = [row for row in rows if row["redemption_id"] in left]
         for row in rows:
             await conn.execute(
-                "UPDATE settlements SET invoice_key = $2 WHERE redemption_id = $1",
+                "UPDATE settlements SET invoice_key = $2, integrity_pending = false"
+                " WHERE redemption_id = $1",
                 row["redemption_id"],
                 invoice_key(row["invoice_no"] or ""),
             )
@@ -327,7 +332,7 @@ async def backfill(pool: asyncpg.Pool, store: DocumentStore) -> int:
             await save_photo_hashes(conn, sha256, found)
         for row in rows:
             done = await refresh(conn, row["redemption_id"])
-            if done.failed:
+            if done.failed or (row["checked_before"] and done.changed):
                 await audit(
                     conn,
                     "migration",

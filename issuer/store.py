@@ -220,7 +220,8 @@ MIGRATIONS: tuple[str, ...] = (
     # SHA-256, each one index look-up; each photo's perceptual hashes (whole, five crops),
     # found by their bands (seven index look-ups, then the exact distance).
     # Records stored before keep invoice_key NULL until `integrity.backfill` (run by
-    # `issuer serve` right after migrating) gives them the three checks.
+    # `issuer serve` right after migrating) gives them the three checks (since migration 9:
+    # those marked integrity_pending).
     """
     ALTER TABLE settlements ADD COLUMN invoice_key text;
     CREATE INDEX settlements_invoice_key ON settlements (invoice_key);
@@ -248,6 +249,19 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX photo_hashes_b5 ON photo_hashes (b5);
     CREATE INDEX photo_hashes_b6 ON photo_hashes (b6);
     CREATE INDEX audit_log_subject ON audit_log (subject, id);
+    """,
+    # a blank invoice number has no invoice key (NULL), never "": the backfill of migration
+    # 8 gave "" to such records, each then a duplicate of every other. Which records
+    # `integrity.backfill` still has to check is marked apart from their key: those never
+    # checked, and those given "", checked again without one.
+    """
+    ALTER TABLE settlements ADD COLUMN integrity_pending boolean NOT NULL DEFAULT false;
+    UPDATE settlements SET integrity_pending = true, invoice_key = NULL
+        WHERE invoice_key IS NULL OR invoice_key = '';
+    ALTER TABLE settlements ADD CONSTRAINT settlements_invoice_key_not_blank
+        CHECK (invoice_key <> '');
+    CREATE INDEX settlements_integrity_pending ON settlements (redemption_id)
+        WHERE integrity_pending;
     """,
 )
 

@@ -31,7 +31,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from issuer import embedded
+from issuer import embedded, store
 from issuer.auth import ApiKey, load_keys
 from issuer.client import Client, Response
 from issuer.keys import CAMPAIGNS, CampaignKeys
@@ -204,6 +204,29 @@ async def pg(keyspace: Keyspace) -> AsyncIterator[asyncpg.Pool]:
     pool = await asyncpg.create_pool(keyspace.database_url, min_size=1, max_size=4)
     yield pool
     await pool.close()
+
+
+@contextlib.asynccontextmanager
+async def database_at(servers: Servers, name: str, version: int) -> AsyncIterator[asyncpg.Pool]:
+    """A new database `name` with the schema of migration `version`, as an older release
+    left it (store.migrate takes it on from there)."""
+    admin = await asyncpg.connect(servers.database_url)
+    await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    pool = await asyncpg.create_pool(_with_path(servers.database_url, f"/{name}"))
+    try:
+        async with pool.acquire() as conn:
+            await conn.execute(
+                "CREATE TABLE schema_migrations (version integer PRIMARY KEY,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            for n, sql in enumerate(store.MIGRATIONS[:version], start=1):
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", n)
+        yield pool
+    finally:
+        await pool.close()
 
 
 class Service:

@@ -158,6 +158,7 @@ async def log_in(page: Page, service: Service) -> None:
     key = service.key("auditor")
     await page.goto(service.url + "/audit")
     await expect(page.locator("#login")).to_be_visible()
+    await expect(page.locator("#login .note code")).to_have_text("auditor")  # console.js's form
     await page.get_by_label("API key id").fill(key.id)
     await page.get_by_label("secret").fill(key.secret)
     await page.get_by_role("button", name="log in").click()

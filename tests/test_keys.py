@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from issuer import cli, keyfile
-from issuer.auth import KeysFileError, read_keys, verify
+from issuer.auth import ApiKey, KeysFileError, read_keys, verify
 from issuer.client import Client, signed_headers
 from issuer.errors import ApiError
 from issuer.keyring import POLL_S, Keyring
@@ -119,6 +120,69 @@ def test_keys_command_adds_lists_and_revokes(
     with pytest.raises(SystemExit, match="last key"):
         cli.main(["keys", "revoke", key.id])
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def table(key: ApiKey) -> str:
+    """The key's table as `render` writes it, without its `[[key]]` line."""
+    return keyfile.render([key]).split("\n", 1)[1]
+
+
+@pytest.mark.fast
+def test_keys_command_keeps_the_files_comments_order_and_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`issuer keys add|revoke` change the key's own lines only: the operator's comments,
+    the order of the keys and the file's mode stay."""
+    path = tmp_path / "keys.toml"
+    monkeypatch.setenv("ISSUER_KEYS_FILE", str(path))
+    monkeypatch.setenv("ISSUER_DATA_DIR", str(tmp_path))
+    a, b, c = (keyfile.new_key("ops", key_id=f"ops-{n}") for n in "abc")
+    head = "# Linfen platform keys\n# owner: the ops desk\n"
+    first = f"[[key]]  # the first\n{table(a)}\n"
+    second = f"# rotated 2026-11: Xiangning's ops\n[[key]]\n# its id:\n{table(b)}\n"
+    third = f"[[key]]\n{table(c)}"
+    path.write_text(head + first + second + third)
+    path.chmod(0o640)
+
+    assert cli.main(["keys", "add", "--role", "app", "--id", "app-d"]) == 0
+    d = read_keys(path)["app-d"]
+    assert path.read_text() == head + first + second + third + "\n" + keyfile.render([d])
+    assert cli.main(["keys", "revoke", "ops-b"]) == 0  # with its comments
+    assert path.read_text() == head + first + third + "\n" + keyfile.render([d])
+    assert cli.main(["keys", "revoke", "ops-a"]) == 0  # the file's own comments stay
+    assert path.read_text() == head + third + "\n" + keyfile.render([d])
+    assert list(read_keys(path)) == ["ops-c", "app-d"]
+    assert path.stat().st_mode & 0o777 == 0o640
+
+    # a file of comments only, as an operator may start one
+    started = tmp_path / "started.toml"
+    started.write_text("# keys of the Xi County programme\n")
+    keyfile.add(started, d)
+    assert started.read_text() == "# keys of the Xi County programme\n\n" + keyfile.render([d])
+
+    # a key written otherwise than as a table of its own: left for a person to remove
+    inline = (
+        f'key = [{{ id = "x", secret = "{a.secret}", role = "ops" }},'
+        f' {{ id = "y", secret = "{b.secret}", role = "ops" }}]\n'
+    )
+    (tmp_path / "inline.toml").write_text(inline)
+    monkeypatch.setenv("ISSUER_KEYS_FILE", str(tmp_path / "inline.toml"))
+    with pytest.raises(SystemExit, match="not written as a \\[\\[key\\]\\] table"):
+        cli.main(["keys", "revoke", "x"])
+    assert (tmp_path / "inline.toml").read_text() == inline
+    capsys.readouterr()
+
+
+@pytest.mark.fast
+def test_keys_added_at_once_are_all_kept(tmp_path: Path) -> None:
+    """Writers at once (threads here; separate `issuer keys` processes lock alike): each
+    reads the file under the lock, so none writes over another's key."""
+    path = tmp_path / "keys.toml"
+    keyfile.write(path, [keyfile.new_key("ops", key_id="first")])
+    wanted = [keyfile.new_key("app", key_id=f"app-{n:02d}") for n in range(24)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda key: keyfile.add(path, key), wanted))
+    assert set(read_keys(path)) == {"first"} | {k.id for k in wanted}
 
 
 # ------------------------------------------------------------------ at start

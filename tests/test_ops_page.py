@@ -40,6 +40,7 @@ async def log_in(page: Page, service: Service, secret: str | None = None) -> Non
     key = service.key("ops")
     await page.goto(service.url + "/ops")
     await expect(page.locator("#login")).to_be_visible()
+    await expect(page.locator("#login .note code")).to_have_text("ops")  # console.js's form
     await page.get_by_label("API key id").fill(key.id)
     await page.get_by_label("secret").fill(secret or key.secret)
     await page.get_by_role("button", name="log in").click()

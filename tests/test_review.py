@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 
 from bench.photos import COPIES, jpeg, render_appliance
-from issuer import integrity
+from issuer import integrity, store
 from issuer.client import Client, Response
 from issuer.documents import LocalStore
-from tests.conftest import Keyspace, Service, running_service, unique_id
+from tests.conftest import Keyspace, Servers, Service, database_at, running_service, unique_id
 from tests.money import new_merchant, payment, redeem, refund
 from tests.people import campaign, claim, id_number, iso
 from tests.test_settlement import NAME, papers, upload
@@ -375,8 +375,9 @@ async def test_same_invoice_file_or_photo_flags_both_until_paid(
 async def test_earlier_records_get_the_checks_at_migration(
     service: Service, pg: asyncpg.Pool, data_dir: Path
 ) -> None:
-    """Records stored before the checks existed (invoice_key NULL, six checks): the backfill
-    `issuer serve` runs after migrating gives them the three, duplicates flagged."""
+    """Records stored before the checks existed (no key, six checks, marked pending by
+    migration 9): the backfill `issuer serve` runs after migrating gives them the three,
+    duplicates flagged."""
     campaign_id = await new_campaign_with(service, campaign())
     ids = [
         (await sale(service, campaign_id, MERCHANT, 400_000 + n))["redemption_id"] for n in range(3)
@@ -387,7 +388,7 @@ async def test_earlier_records_get_the_checks_at_migration(
     await submit(service, ids[2], 400_002, files={"photo": photo})
     # as an older release left them: no key, no hashes, only the six checks
     await pg.execute(
-        "UPDATE settlements SET invoice_key = NULL, checks_passed = true,"
+        "UPDATE settlements SET invoice_key = NULL, integrity_pending = true, checks_passed = true,"
         " checks = (SELECT jsonb_agg(c) FROM jsonb_array_elements(checks) c"
         "           WHERE c->>'name' <> ALL($2::text[]))"
         " WHERE redemption_id = ANY($1::text[])",
@@ -415,6 +416,58 @@ async def test_earlier_records_get_the_checks_at_migration(
         ids,
     )
     assert {r["subject"] for r in migrated} == set(ids)
+
+
+async def test_a_blank_invoice_number_is_the_same_invoice_as_none(
+    servers: Servers, keyspace: Keyspace, tmp_path: Path
+) -> None:
+    """A blank invoice number has no key: it flags no other record (an upload with one is
+    refused, tests/test_settlement.py). Records that migration 8's backfill keyed "", each
+    then a duplicate of every other blank one, are checked again at migration 9 without a
+    key, the change in the audit log; blank ones never checked are given no key."""
+    assert integrity.invoice_key("\u3000 \t") is None
+    assert integrity.invoice_key(" No.０１ ") == "no.01"
+    flagged = {
+        rid: integrity.ENCODE.encode(
+            integrity.results(
+                {"unique_invoice": [twin], "unique_documents": [], "distinct_photos": []}
+            )
+        ).decode()
+        for rid, twin in (("keyed.1", "keyed.2"), ("keyed.2", "keyed.1"))
+    }
+    async with database_at(servers, f"{keyspace.name}_blank"[:60], 8) as pool:
+        await pool.executemany(
+            "INSERT INTO settlements (redemption_id, campaign_id, merchant_id, status, meta,"
+            " checks, checks_passed, submitted_at, invoice_key)"
+            " VALUES ($1, 'c', 'shop', $2, $3::jsonb, $4::jsonb, $5, now(), $6)",
+            [
+                ("keyed.1", "submitted", '{"invoice_no": ""}', flagged["keyed.1"], False, ""),
+                ("keyed.2", "paid", '{"invoice_no": "\u3000"}', flagged["keyed.2"], False, ""),
+                ("never.1", "submitted", '{"invoice_no": " "}', "[]", True, None),
+                ("never.2", "submitted", "{}", "[]", True, None),
+            ],
+        )
+        assert await store.migrate(pool) == len(store.MIGRATIONS)
+        assert await integrity.backfill(pool, LocalStore(tmp_path)) == 4
+        rows = await pool.fetch(
+            "SELECT redemption_id, invoice_key, checks_passed, checks FROM settlements"
+        )
+        for row in rows:
+            checks = {c["name"]: c for c in msgspec.json.decode(row["checks"])}
+            assert row["invoice_key"] is None and row["checks_passed"], row
+            assert checks["unique_invoice"]["passed"], row
+        audited = await pool.fetch(
+            "SELECT subject, details FROM audit_log WHERE actor = 'migration' ORDER BY subject"
+        )
+        assert [(r["subject"], msgspec.json.decode(r["details"])) for r in audited] == [
+            ("keyed.1", {"failed": []}),
+            ("keyed.2", {"failed": []}),
+        ]
+        assert await integrity.backfill(pool, LocalStore(tmp_path)) == 0  # once
+        with pytest.raises(asyncpg.CheckViolationError):
+            await pool.execute(
+                "UPDATE settlements SET invoice_key = '' WHERE redemption_id = 'never.1'"
+            )
 
 
 # ------------------------------------------------------------------ the risk report

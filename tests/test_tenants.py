@@ -38,7 +38,14 @@ from issuer.model import CampaignDef, VoucherOut
 from issuer.rebuild import rebuild, restore_global
 from issuer.routes import ROUTES
 from issuer.scripts import Scripts
-from tests.conftest import Keyspace, Servers, Service, _with_path, running_service, unique_id
+from tests.conftest import (
+    Keyspace,
+    Servers,
+    Service,
+    database_at,
+    running_service,
+    unique_id,
+)
 from tests.money import fridge
 from tests.people import campaign, claim, id_number, iso
 from tests.test_rebuild import lose_campaign
@@ -647,21 +654,8 @@ async def test_records_from_before_tenants_belong_to_the_default_one(
     Redis without one reads as the default tenant's. Migration 8's backfill gives records
     stored before it (here: one of before tenants, one of tenant A sharing its invoice) the
     integrity checks, each audit entry in its record's tenant."""
-    name = f"{keyspace.name}_before"[:60]
-    admin = await asyncpg.connect(servers.database_url)
-    await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    pool = await asyncpg.create_pool(_with_path(servers.database_url, f"/{name}"))
-    try:
+    async with database_at(servers, f"{keyspace.name}_before"[:60], 6) as pool:
         async with pool.acquire() as conn:
-            await conn.execute(
-                "CREATE TABLE schema_migrations (version integer PRIMARY KEY,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            for version, sql in enumerate(store.MIGRATIONS[:6], start=1):
-                await conn.execute(sql)
-                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
             await conn.execute(
                 """
                 INSERT INTO campaigns (campaign_id, definition, version)
@@ -684,9 +678,9 @@ async def test_records_from_before_tenants_belong_to_the_default_one(
         await pool.execute(
             """
             INSERT INTO settlements (redemption_id, campaign_id, merchant_id, status, meta,
-                checks, checks_passed, submitted_at, tenant)
+                checks, checks_passed, submitted_at, tenant, integrity_pending)
                 VALUES ('new.r', 'new', 'new-shop', 'submitted', '{"invoice_no": " OLD-1 "}',
-                        '[]', true, now(), $1)
+                        '[]', true, now(), $1, true)
             """,
             A,
         )
@@ -695,8 +689,6 @@ async def test_records_from_before_tenants_belong_to_the_default_one(
             "SELECT subject, tenant FROM audit_log WHERE actor = 'migration' ORDER BY subject"
         )
         assert [tuple(r) for r in flagged] == [("new.r", A), ("old.r", "default")]
-    finally:
-        await pool.close()
 
     campaigns = Campaigns(redis, Scripts(redis))
     campaign_id = unique_id()

@@ -34,16 +34,54 @@ const issuerConsole = (() => {
   const NO_SECURE_CONTEXT = "此页面需要安全上下文 (https 或 127.0.0.1) 才能签名 " +
     "this page needs a secure context (https or localhost) to sign requests";
 
-  // The login form (#login-form, #key-id, #key-secret): the secret leaves the field at once.
-  function onLoginForm(login) {
-    document.getElementById("login-form").addEventListener("submit", (ev) => {
+  // ------------------------------------------------------------ the sign-in form
+  // Built here for every signed page, into its empty <section id="login">, naming the role
+  // its key needs; the secret leaves the field as soon as the form is sent.
+  const byId = (id) => document.getElementById(id);
+
+  function loginForm(role, login) {
+    const form = h("form", { id: "login-form", autocomplete: "off" },
+      h("label", { for: "key-id" }, "密钥 ID · API key id"),
+      h("input", { id: "key-id", name: "key-id", required: true, spellcheck: "false",
+                   autocapitalize: "off" }),
+      h("label", { for: "key-secret" }, "密钥 · secret"),
+      h("input", { id: "key-secret", name: "key-secret", type: "password", required: true,
+                   spellcheck: "false", autocomplete: "off" }),
+      h("div", { class: "actions" },
+        h("button", { type: "submit", id: "login-submit", class: "primary", disabled: !canSign() },
+          "登录 log in")),
+      h("p", { class: "note muted" },
+        `需要角色为 ${role} 的密钥。密钥只保存在本浏览器会话中，用于签名，从不发送。 Needs a key with role `,
+        h("code", null, role),
+        "; the secret stays in this browser session and only signs requests, it is never sent."));
+    form.addEventListener("submit", (ev) => {
       ev.preventDefault();
-      const id = document.getElementById("key-id").value.trim();
-      const field = document.getElementById("key-secret");
-      const secret = field.value;
-      field.value = "";
+      const id = byId("key-id").value.trim();
+      const secret = byId("key-secret").value;
+      byId("key-secret").value = "";
       if (id && secret) login(id, secret);
     });
+    const section = byId("login");
+    section.setAttribute("aria-labelledby", "login-title");
+    section.replaceChildren(
+      h("h2", { id: "login-title" }, "登录 Log in"),
+      h("div", { id: "login-error", class: "banner error hidden", role: "alert" }),
+      form);
+  }
+
+  // The form shown with `message` ("" for none), the secret field emptied.
+  function showLoginForm(message) {
+    byId("login").classList.remove("hidden");
+    const error = byId("login-error");
+    error.textContent = message || "";
+    error.classList.toggle("hidden", !message);
+    byId("key-secret").value = "";
+    byId(message ? "key-secret" : "key-id").focus();
+  }
+
+  function hideLoginForm() {
+    byId("login").classList.add("hidden");
+    byId("login-error").classList.add("hidden");
   }
 
   // ------------------------------------------------------------ signing and calls
@@ -131,6 +169,6 @@ const issuerConsole = (() => {
     return el;
   }
 
-  return { signIn, signOut, savedKey, canSign, NO_SECURE_CONTEXT, onLoginForm, CallError, call,
-           cny, count, pct, stamp, h };
+  return { signIn, signOut, savedKey, canSign, NO_SECURE_CONTEXT, loginForm, showLoginForm,
+           hideLoginForm, CallError, call, cny, count, pct, stamp, h };
 })();
