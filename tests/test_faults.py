@@ -311,7 +311,8 @@ async def test_per_ip_limit_uses_the_reported_client_ip(service: Service) -> Non
 
 # ------------------------------------------------------------------ PostgreSQL and the flusher
 
-PG_OUTAGE_S = float(os.environ.get("ISSUER_TEST_PG_OUTAGE_S", "30"))
+# long enough for the flusher's reconnect backoff (0.2 s, doubling) to reach its 5 s cap
+PG_OUTAGE_S = float(os.environ.get("ISSUER_TEST_PG_OUTAGE_S", "12"))
 
 
 def child_pids(parent: int, command: str) -> list[int]:
