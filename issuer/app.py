@@ -5,6 +5,7 @@ routes of their own."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -30,6 +31,7 @@ log = logging.getLogger("issuer.api")
 
 Next = Callable[[web.Request], Awaitable[web.StreamResponse]]
 UNMATCHED = "unmatched"  # the route label of a request no route serves (404, 405)
+UNHELD = contextlib.nullcontext()  # the admission of a route that sheds nothing
 
 
 def served(label: str, inner: Next) -> Next:
@@ -117,49 +119,54 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
     batched = shed or name == "redeem"
     label = route.path
 
-    async def checked(request: web.Request) -> web.StreamResponse:
-        read_limit(request, limit)
-        verified = check_signed(ctx, request, await request.read(), limit)
-        if not batched:
-            await spend_nonce(ctx, verified)
-        try:
-            require_role(verified, *route.roles)
-            body: Any = None
-            if route.query is not None:
-                try:
-                    body = msgspec.convert(dict(request.query), route.query, strict=False)
-                except msgspec.ValidationError as exc:
-                    raise ApiError("INVALID_REQUEST", f"query: {exc}") from None
-            elif decoder is not None:
-                try:
-                    body = decoder.decode(request["raw_body"])
-                except msgspec.ValidationError as exc:
-                    raise ApiError("INVALID_REQUEST", str(exc)) from None
-                except msgspec.DecodeError as exc:
-                    raise ApiError("INVALID_REQUEST", f"malformed JSON: {exc}") from None
-                request["request_id"] = getattr(body, "request_id", None)
-                request["campaign"] = campaign_prefix(getattr(body, "voucher_id", ""))
-            admitted = tenancy.known(ctx.owners, route.tenant, request, body)
-            if admitted is tenancy.UNKNOWN:
-                admitted = await tenancy.admit(ctx.owners, route.tenant, request, body)
-            return await route.handler(ctx, request, admitted)
-        except ApiError as err:
-            campaign_id = request.match_info.get("campaign_id") or request.get("campaign")
-            if not batched or campaign_id is None:
-                raise
-            raise ctx.claims.refused(campaign_id, verified, err) from None
-
     async def handle(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
+        verified: Verified | None = None
         try:
-            if shed:
-                with ctx.admission.admit():
-                    response = await checked(request)
+            with ctx.admission.admit() if shed else UNHELD:
+                read_limit(request, limit)
+                verified = check_signed(ctx, request, await request.read(), limit)
+                if not batched:
+                    await spend_nonce(ctx, verified)
+                body = decoded(request, verified)
+                admitted = tenancy.known(ctx.owners, route.tenant, request, body)
+                if admitted is tenancy.UNKNOWN:
+                    admitted = await tenancy.admit(ctx.owners, route.tenant, request, body)
+                response = await route.handler(ctx, request, admitted)
+        except ApiError as err:
+            if batched and verified is not None:
+                response = error_response(refused(request, verified, err))
             else:
-                response = await checked(request)
+                response = error_response(err)
         except Exception as exc:  # as in `served`
             response = failure_response(request, exc)
         return finish(request, response, label, started)
+
+    def decoded(request: web.Request, verified: Verified) -> Any:
+        """The role checked, the route's body (or query) decoded and validated."""
+        require_role(verified, *route.roles)
+        if route.query is not None:
+            try:
+                return msgspec.convert(dict(request.query), route.query, strict=False)
+            except msgspec.ValidationError as exc:
+                raise ApiError("INVALID_REQUEST", f"query: {exc}") from None
+        if decoder is None:
+            return None
+        try:
+            body = decoder.decode(request["raw_body"])
+        except msgspec.ValidationError as exc:
+            raise ApiError("INVALID_REQUEST", str(exc)) from None
+        except msgspec.DecodeError as exc:
+            raise ApiError("INVALID_REQUEST", f"malformed JSON: {exc}") from None
+        request["request_id"] = getattr(body, "request_id", None)
+        request["campaign"] = campaign_prefix(getattr(body, "voucher_id", ""))
+        return body
+
+    def refused(request: web.Request, verified: Verified, err: ApiError) -> ApiError:
+        """A claim or redemption refused before its script: its nonce spent in the
+        background (`Claims.refused`), unless its campaign is not known."""
+        campaign_id = request.match_info.get("campaign_id") or request.get("campaign")
+        return err if campaign_id is None else ctx.claims.refused(campaign_id, verified, err)
 
     handle.__name__ = name
     return handle

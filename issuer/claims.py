@@ -33,6 +33,7 @@ STICKY = ("ROUND_QUOTA_EXHAUSTED", "ROUND_BUDGET_EXHAUSTED", "BUDGET_EXHAUSTED",
 
 
 EXTRA = msgspec.json.Encoder()
+Claimed = tuple[VoucherOut | ApplicationOut, bool]  # the answer, and whether it is a replay
 
 
 def _window(
@@ -192,21 +193,25 @@ class Claims:
 
     async def claim(
         self, campaign_id: str, claim: ClaimIn, verified: Verified, remote: str | None = None
-    ) -> tuple[VoucherOut | ApplicationOut, bool]:
-        """Issue a voucher (in a lottery round: take an application) or raise the refusal;
-        returns (voucher or application, replayed). `remote` is the caller's address, the
-        client IP of rate limits when the body names none."""
+    ) -> Claimed | ApiError:
+        """Issue a voucher (in a lottery round: take an application): (voucher or
+        application, replayed); or the refusal, returned, not raised (most claims at 10:00
+        are refused, and an exception costs at each frame it passes). A claim that is not
+        valid raises (INVALID_REQUEST, FORBIDDEN, NOT_FOUND), as does a gate that cannot be
+        reached (UNAVAILABLE). `remote` is the caller's address, the client IP of rate
+        limits when the body names none."""
         cached = self.campaigns.peek(campaign_id) or await self.campaigns.cached(campaign_id)
         definition = cached.definition
         self._check_caller(cached, claim, verified)
         ref = self._person_ref(claim)
-        self._check_location(cached, claim)
+        if not self._inside(cached, claim):
+            return ApiError("OUTSIDE_GEOFENCE")
         now = time.time()
         at = cached.windows.at(now)
         if at is None:
-            raise ApiError("CAMPAIGN_ENDED")
+            return ApiError("CAMPAIGN_ENDED")
         if now < cached.windows.opens[at]:
-            raise ApiError("NOT_OPEN", cached.not_open[at])
+            return ApiError("NOT_OPEN", cached.not_open[at])
         rnd = cached.stored.rounds[at]
         idem = idem_field(verified.key.id, claim.request_id)
         hint = cached.hint
@@ -216,7 +221,7 @@ class Claims:
             and now < hint.until
             and not hint.holders.hold(idem, ref, claim.user_id)
         ):
-            raise ApiError(hint.code)
+            return ApiError(hint.code)
         extra = {
             "campaign_id": campaign_id,
             "discount_rate_bp": definition.voucher.discount_rate_bp,
@@ -266,13 +271,13 @@ class Claims:
                 app, app_round, definition.timezone
             ), code == "REPLAY_APPLIED"
         if code == "ALREADY_CLAIMED":  # no voucher: an application waits for its draw
-            raise GateRefusal(code, voucher_id=payload.decode() or None)
+            return GateRefusal(code, voucher_id=payload.decode() or None)
         if code == "RATE_LIMITED":
-            raise GateRefusal(code, retry_after=int(payload))
+            return GateRefusal(code, retry_after=int(payload))
         if code == "ROUND_CLOSED":
             nxt = cached.round_at(time.time())
-            raise GateRefusal("NOT_OPEN" if nxt is not None else "CAMPAIGN_ENDED")
-        raise GateRefusal(code)
+            return GateRefusal("NOT_OPEN" if nxt is not None else "CAMPAIGN_ENDED")
+        return GateRefusal(code)
 
     def _batcher(self, cached: CachedCampaign, rnd: Round) -> Batcher:
         key = (cached.keys.campaign_id, rnd.round_id, cached.version)
@@ -308,7 +313,8 @@ class Claims:
             raise ApiError("INVALID_REQUEST", f"person.id_number: {exc}") from None
 
     @staticmethod
-    def _check_location(cached: CachedCampaign, claim: ClaimIn) -> None:
+    def _inside(cached: CachedCampaign, claim: ClaimIn) -> bool:
+        """Whether the claim's location is in the campaign's region."""
         loc = claim.location
         if loc.region_code is not None:
             if loc.lat is not None or loc.lon is not None:
@@ -318,8 +324,7 @@ class Claims:
             inside = cached.region.contains_point(loc.lat, loc.lon, loc.crs)
         else:
             raise ApiError("INVALID_REQUEST", "location: needs lat and lon, or region_code")
-        if not inside:
-            raise ApiError("OUTSIDE_GEOFENCE")
+        return inside
 
     def after_batch(
         self, cached: CachedCampaign, rnd: Round, status: str, version: str, codes: list[bytes]
