@@ -4,6 +4,7 @@ everything else in micro-batches, one EVALSHA per batch per campaign round."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -47,6 +48,14 @@ def _window(
         window_ttl_s=window_s * 2,
     )
     return ck.rate_window(dimension, window_s, now), args
+
+
+@functools.lru_cache(maxsize=256)
+def refusal(code: str, detail: str | None = None) -> ApiError:
+    """A refusal the claim path returns, made once per code and detail (making an
+    exception costs about as much as answering it). Returned, never raised: a raised one
+    would keep its traceback, and its frames, for good."""
+    return ApiError(code, detail)
 
 
 def _client_ip(given: str | None, remote: str | None) -> str:
@@ -205,13 +214,13 @@ class Claims:
         self._check_caller(cached, claim, verified)
         ref = self._person_ref(claim)
         if not self._inside(cached, claim):
-            return ApiError("OUTSIDE_GEOFENCE")
+            return refusal("OUTSIDE_GEOFENCE")
         now = time.time()
         at = cached.windows.at(now)
         if at is None:
-            return ApiError("CAMPAIGN_ENDED")
+            return refusal("CAMPAIGN_ENDED")
         if now < cached.windows.opens[at]:
-            return ApiError("NOT_OPEN", cached.not_open[at])
+            return refusal("NOT_OPEN", cached.not_open[at])
         rnd = cached.stored.rounds[at]
         idem = idem_field(verified.key.id, claim.request_id)
         hint = cached.hint
@@ -221,7 +230,7 @@ class Claims:
             and now < hint.until
             and not hint.holders.hold(idem, ref, claim.user_id)
         ):
-            return ApiError(hint.code)
+            return refusal(hint.code)
         extra = {
             "campaign_id": campaign_id,
             "discount_rate_bp": definition.voucher.discount_rate_bp,
