@@ -236,7 +236,8 @@ def request_fields(
         "key_tenants": _tenants(verified.key.tenants) if verified else None,
         "tenant": request.get(tenancy.TENANT),
         "trace": request.headers.get("X-Request-Id"),
-        "latency_ms": round(elapsed_s * 1000, 3),
+        # to the microsecond: round(x, 3) formats and parses the decimal, ~10x the cost
+        "latency_ms": round(elapsed_s * 1_000_000) / 1000,
     }
 
 
