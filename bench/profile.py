@@ -82,6 +82,7 @@ SLOWER = 60  # a counted worker's clocked intervals are this many times longer (
 CLOCKED = (  # (module, constant): what a worker does by the clock while it serves
     ("issuer.admission", "TICK_S"),
     ("issuer.logs", "BATCH_S"),
+    ("issuer.claims", "SPEND_S"),
     ("issuer.metrics", "PUBLISH_S"),
     ("issuer.watch", "PROBE_S"),  # and how long a primary may take to answer the watch
 )

@@ -45,13 +45,21 @@ async def claim(ctx: Ctx, request: web.Request, body: ClaimIn) -> web.Response:
     campaign_id = path_id(request, "campaign_id")
     verified = request["verified"]
     try:
-        answer, replay = await ctx.claims.claim(campaign_id, body, verified, request.remote)
+        claimed = await ctx.claims.claim(campaign_id, body, verified, request.remote)
     except ApiError as err:
-        count_outcome(metrics.CLAIMS, campaign_id, err.code)
-        return error_response(ctx.claims.refused(campaign_id, verified, err))
+        return refuse(ctx, campaign_id, verified, err)
+    if isinstance(claimed, ApiError):
+        return refuse(ctx, campaign_id, verified, claimed)
+    answer, replay = claimed
     count_outcome(metrics.CLAIMS, campaign_id, "REPLAY" if replay else "OK")
     # an application to a lottery round is accepted, its outcome comes with the draw
     return reply(answer, 202 if isinstance(answer, ApplicationOut) else 201, replay=replay)
+
+
+def refuse(ctx: Ctx, campaign_id: str, verified: Verified, err: ApiError) -> web.Response:
+    """A refused claim's answer, counted."""
+    count_outcome(metrics.CLAIMS, campaign_id, err.code)
+    return error_response(ctx.claims.refused(campaign_id, verified, err))
 
 
 async def get_voucher(ctx: Ctx, request: web.Request, _: None) -> web.Response:

@@ -192,6 +192,10 @@ async def worker_main(settings: Settings, port: int) -> None:
     # not ready from now on; keep serving while load balancers notice, then stop accepting
     await asyncio.sleep(settings.shutdown_grace_s)
     await runner.cleanup()
+    try:
+        await ctx.claims.flush()
+    except (*topology.REDIS_ERRORS, OSError) as exc:
+        log.warning("refused claims' nonces left unspent: %r", exc)
     loop_lag.stop()
     await sweeping
     await watching_primary

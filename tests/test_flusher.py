@@ -25,6 +25,7 @@ from issuer import keys, store
 from issuer.auth import ApiKey, Verified
 from issuer.campaigns import Campaigns
 from issuer.claims import Claims
+from issuer.errors import ApiError
 from issuer.flusher import Flusher, stream_lag
 from issuer.model import CampaignDef, ClaimIn, StatusChangeIn
 from issuer.reconcile import reconcile
@@ -60,9 +61,11 @@ class Env:
             verified = Verified(
                 APP, f"nonce-{next(_nonces):012d}-{secrets.token_hex(6)}", int(time.time())
             )
-            voucher, replayed = await self.claims.claim(
+            claimed = await self.claims.claim(
                 campaign_id, msgspec.convert(claim(n), ClaimIn), verified
             )
+            assert not isinstance(claimed, ApiError), claimed  # a refusal is returned
+            voucher, replayed = claimed
             assert not replayed
             return voucher.voucher_id
 

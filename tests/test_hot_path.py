@@ -16,10 +16,12 @@ import shapely
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from issuer import logs, metrics
-from issuer.app import middlewares
+from issuer.app import make_app
+from issuer.claims import SPEND_S, NonceSpender
 from issuer.errors import ApiError
 from issuer.geofence import Region
 from issuer.http import error_response
+from issuer.protocol import SpendNonces, SpentNonce
 from issuer.server import settle_heap
 
 pytestmark = pytest.mark.fast
@@ -80,8 +82,13 @@ async def test_request_lines_are_written_together_in_the_formatter_s_shape(
     assert list(lines[0]) == list(shaped) and lines[0]["level"] == "INFO"
 
 
-def test_the_app_walks_one_middleware() -> None:
-    assert len(middlewares(None)) == 1  # type: ignore[arg-type]
+async def test_the_app_has_no_middleware() -> None:
+    """aiohttp walks a second layer for an app with any middleware: each route's handler
+    serves it all instead."""
+    app = make_app(None, None)  # type: ignore[arg-type]
+    assert not app.middlewares
+    app.freeze()
+    assert not app._run_middlewares
 
 
 def test_the_geofence_grid_answers_most_points_and_agrees_with_the_exact_test() -> None:
@@ -123,3 +130,32 @@ def test_a_worker_settles_its_startup_heap_out_of_the_collector_s_sight() -> Non
         assert gc.get_freeze_count() > 10_000  # the modules imported here, at least
     finally:
         gc.unfreeze()
+
+
+class _Scripts:
+    """Records the nonce-spending script calls (one answer per nonce: fresh)."""
+
+    def __init__(self) -> None:
+        self.calls: list[SpendNonces] = []
+
+    async def run(self, call: SpendNonces) -> list[int]:
+        self.calls.append(call)
+        return [1] * len(call.nonces)
+
+
+async def test_refused_claims_nonces_wait_for_each_other_then_go_in_one_call() -> None:
+    """A refusal's nonce is spent in the background with the others of the next SPEND_S:
+    one at a time, nearly every refusal was a script call of its own."""
+    scripts = _Scripts()
+    spender = NonceSpender(scripts, 100)  # type: ignore[arg-type]
+    for n in range(10):
+        spender.post(("c1", SpentNonce(1, f"nonce-{n:012d}")))
+        await asyncio.sleep(0)  # the loop turns between refusals
+    assert scripts.calls == []
+    await asyncio.sleep(SPEND_S * 5)
+    assert [len(c.nonces) for c in scripts.calls] == [10]
+    spender.post(("c1", SpentNonce(1, "nonce-last-000000")))
+    await spender.flush()  # a worker stopping: at once
+    assert [len(c.nonces) for c in scripts.calls] == [10, 1]
+    await asyncio.sleep(SPEND_S * 2)
+    assert len(scripts.calls) == 2  # and not again

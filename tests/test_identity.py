@@ -1,6 +1,7 @@
 """Identity numbers and keyed references."""
 
 import datetime
+import hmac
 import random
 from collections.abc import Callable
 
@@ -153,3 +154,10 @@ def test_check_digit_agrees_with_the_weighted_sum_on_many_numbers() -> None:
     for _ in range(20_000):
         first17 = "".join(rng.choice("0123456789") for _ in range(17))
         assert _check_digit(first17) == with_check_digit(first17)[-1]
+
+
+@pytest.mark.parametrize("key", [KEY, b"k" * 100])  # a key longer than a block is hashed
+def test_refs_stay_hmac_sha256_of_domain_and_value(key: bytes) -> None:
+    """References already stored must not change with how they are computed."""
+    expected = hmac.digest(key, b"id:" + XIANGNING_1975.encode(), "sha256").hex()
+    assert person_ref(key, XIANGNING_1975) == expected

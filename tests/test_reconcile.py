@@ -22,6 +22,7 @@ from issuer import expiry, keys, merchants, store
 from issuer.auth import ApiKey, Verified
 from issuer.campaigns import Campaigns
 from issuer.claims import Claims
+from issuer.errors import ApiError
 from issuer.flusher import Flusher
 from issuer.model import CampaignDef, ClaimIn, MerchantDef, RedemptionIn, RefundIn, RepaidIn
 from issuer.reconcile import Report, reconcile
@@ -53,7 +54,10 @@ class Env:
             verified = Verified(
                 APP, f"nonce-{next(_nonces):012d}-{secrets.token_hex(6)}", int(time.time())
             )
-            await self.claims.claim(campaign_id, msgspec.convert(claim(n), ClaimIn), verified)
+            claimed = await self.claims.claim(
+                campaign_id, msgspec.convert(claim(n), ClaimIn), verified
+            )
+            assert not isinstance(claimed, ApiError), claimed  # a refusal is returned
 
         await asyncio.gather(*(one(n) for n in range(claims)))
         return campaign_id
