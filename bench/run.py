@@ -243,15 +243,17 @@ class Bench:
         if args.profile is not None and rep == 1:
             out = args.profile / f"{s.key}.svg"
             profiling = profile.start(self.worker_pid(s), args.seconds, out)
+        # the CPU and Valkey readings at the window's edges; the service's /metrics after
+        # them (a scrape of a saturated service can take seconds, and its figures are ratios)
+        commands = await self.stack.valkey_commands()
         first, opened = cpu.snapshot(self.groups), time.monotonic()
         valkey_then = self.stack.valkey_split()
         before = await self.stack.metrics(self.port(s)) if issuer_side else ""
-        commands = await self.stack.valkey_commands()
         await asyncio.sleep(start_at + args.warmup + args.seconds - time.monotonic())
-        commands = subtract(await self.stack.valkey_commands(), commands)
-        after = await self.stack.metrics(self.port(s)) if issuer_side else ""
         last, span = cpu.snapshot(self.groups), time.monotonic() - opened
         valkey_now = self.stack.valkey_split()
+        commands = subtract(await self.stack.valkey_commands(), commands)
+        after = await self.stack.metrics(self.port(s)) if issuer_side else ""
         used = cpu.cores(first, last, span)
         valkey_parts = {
             k: (valkey_now[k] - valkey_then[k]) / cpu.TICKS_PER_S / span for k in valkey_now
