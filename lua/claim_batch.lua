@@ -69,9 +69,57 @@ local issued, rreserved = tonumber(rnd[6]), tonumber(rnd[7])
 -- money of the round's redeemed vouchers that its budget paid (not the campaign pool)
 local rspent = tonumber(rnd[8] or 0) - tonumber(rnd[9] or 0)
 local now = time_ms()
+local now_json = string.format('%d', now)
+local reserve_json = string.format('%d', reserve_fen)
+local round_json = cjson.encode(round_id)
 local granted = 0
 local stored = 0  -- applications taken (their idempotency records too)
 local nonce_used = {}
+
+-- What the batch reads, read once for all its claims (one HMGET per hash), into tables
+-- that the claims then read and update in order: `held[hash][field]` is the value, false
+-- if none. Its writes to these hashes are gathered in `w` and sent at the end.
+local w = gathered()
+local wanted = {}  -- hash -> fields to read
+local function want(hash, field)
+  local list = wanted[hash]
+  if not list then
+    list = {}
+    wanted[hash] = list
+  end
+  list[#list + 1] = field
+end
+local claims = {}
+for i = 1, n do
+  local at = claims_at + (i - 1) * CLAIM_FIELDS
+  local idem_field, fingerprint, nonce_bucket, nonce, person_ref, user_id, candidate, extra,
+    device_id, client_ip = unpack(ARGV, at, at + 9)
+  local c = {idem_field = idem_field, fingerprint = fingerprint, nonce = nonce,
+    bucket = KEYS[nonce_buckets_at + tonumber(nonce_bucket) - first_nonce_bucket],
+    person_ref = person_ref, user_id = user_id, candidate = candidate, extra = extra,
+    who = {user_id, device_id, client_ip}}
+  claims[i] = c
+  want(c.bucket, nonce)
+  want(idem_current, idem_field)
+  want(idem_previous, idem_field)
+  want(persons, person_ref)
+  want(accounts, user_id)
+  for d = 1, 3 do
+    if limits[d].limit >= 0 and c.who[d] ~= '' then want(limits[d].key, c.who[d]) end
+  end
+end
+local held = {}
+for hash, fields in pairs(wanted) do
+  local values = call_spread('HMGET', hash, fields)
+  local t = {}
+  for j, field in ipairs(fields) do t[field] = values[j] end
+  held[hash] = t
+end
+local function put(hash, field, value)
+  held[hash][field] = value
+  w.hset(hash, field, value)
+end
+local new_vouchers = {}  -- voucher id -> JSON, of the vouchers issued in this batch
 
 -- whether the latest application of a person or account (a field of `hash`) waits for
 -- its draw
@@ -80,27 +128,28 @@ local function waiting(hash, field)
   return aid and cjson.decode(redis.call('HGET', applications, aid)).status == 'applied'
 end
 
--- what a claim makes, a voucher or an application: the caller's `extra` fields, the round,
--- the person and account, `state`, and the request that made it (so that issuer rebuild
--- can restore its idempotency record)
-local function made(extra, state, person_ref, user_id, idem_field, fingerprint)
-  local rec = cjson.decode(extra)
-  rec.round_id = round_id
-  rec.user_id = user_id
-  rec.person_ref = person_ref
-  rec.status = state
-  rec.request = {idem_field, fingerprint}
-  return rec
+-- the JSON record a claim makes, a voucher or an application: the caller's `extra` object
+-- with the round, the person and account, `state`, the request that made it (so that
+-- issuer rebuild can restore its idempotency record) and `tail` (more `,"name":value`)
+local function made(extra, state, person_ref, user_id, idem_field, fingerprint, tail)
+  local head = string.sub(extra, 1, -2)
+  if head ~= '{' then head = head .. ',' end
+  return head .. '"round_id":' .. round_json .. ',"user_id":' .. cjson.encode(user_id) ..
+    ',"person_ref":' .. cjson.encode(person_ref) .. ',"status":"' .. state ..
+    '","request":[' .. cjson.encode(idem_field) .. ',' .. cjson.encode(fingerprint) .. ']' ..
+    tail .. '}'
 end
 
--- the claim whose fields start at ARGV[at]
-local function decide(at)
-  local idem_field, fingerprint, nonce_bucket, nonce, person_ref, user_id, candidate, extra,
-    device_id, client_ip = unpack(ARGV, at, at + 9)
-  local bucket = KEYS[nonce_buckets_at + tonumber(nonce_bucket) - first_nonce_bucket]
-  if redis.call('HSETNX', bucket, nonce, 1) == 0 then return 'UNAUTHENTICATED', '' end
+-- claim `c`
+local function decide(c)
+  local idem_field, fingerprint, person_ref, user_id, candidate, extra, bucket, nonce, who =
+    c.idem_field, c.fingerprint, c.person_ref, c.user_id, c.candidate, c.extra, c.bucket,
+    c.nonce, c.who
+  if held[bucket][nonce] then return 'UNAUTHENTICATED', '' end
+  put(bucket, nonce, 1)
   nonce_used[bucket] = true
-  local prior = idem_lookup(idem_current, idem_previous, idem_field, fingerprint)
+  local prior = idem_result(held[idem_current][idem_field] or held[idem_previous][idem_field],
+    fingerprint)
   if prior == false then return 'IDEMPOTENCY_MISMATCH', '' end
   if prior and string.sub(prior, 1, 2) == 'a:' then
     -- the application as first answered, before its draw
@@ -111,24 +160,23 @@ local function decide(at)
   end
   if prior then
     -- the voucher as first answered: issued, before any redemption, expiry or refund
-    local first = cjson.decode(redis.call('HGET', vouchers, prior))
+    local first = cjson.decode(new_vouchers[prior] or redis.call('HGET', vouchers, prior))
     first.status = 'issued'
     first.redemption_id = nil
     return 'REPLAY', cjson.encode(first)
   end
   -- rate limits count attempts that reach the gate (a replay above is not one)
-  local who = {user_id, device_id, client_ip}
   for d = 1, 3 do
     local lim = limits[d]
     if lim.limit >= 0 and who[d] ~= '' and
-        tonumber(redis.call('HGET', lim.key, who[d]) or '0') >= lim.limit then
+        tonumber(held[lim.key][who[d]] or '0') >= lim.limit then
       return 'RATE_LIMITED', lim.reset
     end
   end
   for d = 1, 3 do
     local lim = limits[d]
     if lim.limit >= 0 and who[d] ~= '' then
-      redis.call('HINCRBY', lim.key, who[d], 1)
+      put(lim.key, who[d], tonumber(held[lim.key][who[d]] or '0') + 1)
       lim.used = true
     end
   end
@@ -140,22 +188,20 @@ local function decide(at)
     local reg = redis.call('HGET', registrations, person_ref)
     if not reg or cjson.decode(reg).user_id ~= user_id then return 'NOT_REGISTERED', '' end
   end
-  local held = redis.call('HGET', persons, person_ref) or redis.call('HGET', accounts, user_id)
-  if held then return 'ALREADY_CLAIMED', held end
+  local hold = held[persons][person_ref] or held[accounts][user_id]
+  if hold then return 'ALREADY_CLAIMED', hold end
   if check_applicants == '1' and
       (waiting(applicants, person_ref) or waiting(applicant_accounts, user_id)) then
     return 'ALREADY_CLAIMED', ''
   end
   if lottery then
-    local app = made(extra, 'applied', person_ref, user_id, idem_field, fingerprint)
-    app.application_id = candidate
-    app.applied_at = now
-    local json = cjson.encode(app)
+    local json = made(extra, 'applied', person_ref, user_id, idem_field, fingerprint,
+      ',"application_id":' .. cjson.encode(candidate) .. ',"applied_at":' .. now_json)
     redis.call('HSET', applications, candidate, json)
     redis.call('HSET', applicants, person_ref, candidate)
     redis.call('HSET', applicant_accounts, user_id, candidate)
-    redis.call('HSET', entries, app.application_ref, candidate)
-    idem_put(idem_current, idem_field, fingerprint, 'a:' .. candidate)
+    redis.call('HSET', entries, cjson.decode(extra).application_ref, candidate)
+    put(idem_current, idem_field, fingerprint .. '\n' .. 'a:' .. candidate)
     stored = stored + 1
     redis.call('XADD', events, '*', 't', 'application', 'd', json)
     return 'APPLIED', json
@@ -166,27 +212,31 @@ local function decide(at)
   end
   if available < reserve_fen then return 'BUDGET_EXHAUSTED', '' end
   -- every check passed: write
-  local rec = made(extra, 'issued', person_ref, user_id, idem_field, fingerprint)
-  rec.voucher_id = candidate
-  rec.issued_at = now
-  rec.expires_at = tonumber(valid_until)
-  rec.reserve_fen = reserve_fen
-  write_voucher(persons, accounts, vouchers, expiry, events, rec)
-  idem_put(idem_current, idem_field, fingerprint, candidate)
-  redis.call('SADD', winners, idem_field)
+  local json = made(extra, 'issued', person_ref, user_id, idem_field, fingerprint,
+    ',"voucher_id":' .. cjson.encode(candidate) .. ',"issued_at":' .. now_json ..
+    ',"expires_at":' .. valid_until .. ',"reserve_fen":' .. reserve_json)
+  local v = {voucher_id = candidate, person_ref = person_ref, user_id = user_id,
+    expires_at = valid_until}
+  write_voucher(w, persons, accounts, vouchers, expiry, events, v, json)
+  held[persons][person_ref] = candidate
+  held[accounts][user_id] = candidate
+  new_vouchers[candidate] = json
+  put(idem_current, idem_field, fingerprint .. '\n' .. candidate)
+  w.sadd(winners, idem_field)
   issued = issued + 1
   rreserved = rreserved + reserve_fen
   available = available - reserve_fen
   granted = granted + 1
-  return 'OK', string.format('%d', now)  -- the caller knows the rest of the voucher
+  return 'OK', now_json  -- the caller knows the rest of the voucher
 end
 
 out = {status, led[2], 0, 0}
-for i = 0, n - 1 do
-  local code, payload = decide(claims_at + i * CLAIM_FIELDS)
+for _, c in ipairs(claims) do
+  local code, payload = decide(c)
   out[#out + 1] = code
   out[#out + 1] = payload
 end
+w.flush()
 if granted > 0 then
   redis.call('HSET', round, 'issued', issued, 'reserved', rreserved)
   redis.call('HINCRBY', ledger, 'available', -granted * reserve_fen)

@@ -66,7 +66,8 @@ for i = 0, n - 1 do
         status = 'issued', issued_at = now, expires_at = valid_until, reserve_fen = reserve_fen,
         discount_rate_bp = app.discount_rate_bp, cap_fen = app.cap_fen,
         device_id = app.device_id, staff_id = app.staff_id}
-      write_voucher(persons, accounts, vouchers, expiry, events, rec)
+      write_voucher(immediately, persons, accounts, vouchers, expiry, events, rec,
+        cjson.encode(rec))
       issued = issued + 1
       rreserved = rreserved + reserve_fen
       available = available - reserve_fen

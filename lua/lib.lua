@@ -4,13 +4,19 @@
 -- Idempotency records are hash fields "<key id>|<request_id>" -> "<fingerprint>\n<result>",
 -- kept in two time buckets (current and previous) that expire as a whole.
 
-local function idem_lookup(cur, prev, field, fingerprint)
-  local rec = redis.call('HGET', cur, field)
-  if not rec then rec = redis.call('HGET', prev, field) end
+-- what record `rec` (or false/nil: none) answers a request with `fingerprint`: nil if there
+-- is none, false if it was made by another body, else its result
+local function idem_result(rec, fingerprint)
   if not rec then return nil end
   local nl = string.find(rec, '\n', 1, true)
   if string.sub(rec, 1, nl - 1) ~= fingerprint then return false end
   return string.sub(rec, nl + 1)
+end
+
+local function idem_lookup(cur, prev, field, fingerprint)
+  local rec = redis.call('HGET', cur, field)
+  if not rec then rec = redis.call('HGET', prev, field) end
+  return idem_result(rec, fingerprint)
 end
 
 -- without the bucket's expiry: for a script that stores many and sets it once
@@ -43,14 +49,63 @@ local function expire_voucher(ledger, round, vouchers, expiry, events, v, now)
     voucher_id = v.voucher_id, round_id = v.round_id, reserve_fen = reserve, expired_at = now}))
 end
 
--- Issue voucher `rec` (a decoded record, status issued): the person's and the account's
--- hold, the record, its expiry and its claim event for the flusher. Returns its JSON.
-local function write_voucher(persons, accounts, vouchers, expiry, events, rec)
-  local json = cjson.encode(rec)
-  redis.call('HSET', persons, rec.person_ref, rec.voucher_id)
-  redis.call('HSET', accounts, rec.user_id, rec.voucher_id)
-  redis.call('HSET', vouchers, rec.voucher_id, json)
-  redis.call('ZADD', expiry, rec.expires_at, rec.voucher_id)
+-- Lua's C stack bounds unpack(): a command with more arguments goes in several calls
+local CHUNK = 1000
+
+-- redis.call(cmd, key, ...args), `args` spread over calls of at most CHUNK (even, so that
+-- field/value pairs stay together); returns the replies' elements in order (for HMGET)
+local function call_spread(cmd, key, args)
+  local out = {}
+  for i = 1, #args, CHUNK do
+    local reply = redis.call(cmd, key, unpack(args, i, math.min(i + CHUNK - 1, #args)))
+    if type(reply) == 'table' then
+      for _, v in ipairs(reply) do out[#out + 1] = v end
+    end
+  end
+  return out
+end
+
+-- Writes made at once, one command each (`w.hset(key, field, value)`, `w.zadd(key, score,
+-- member)`, `w.sadd(key, member)`).
+local immediately = {
+  hset = function(key, field, value) redis.call('HSET', key, field, value) end,
+  zadd = function(key, score, member) redis.call('ZADD', key, score, member) end,
+  sadd = function(key, member) redis.call('SADD', key, member) end,
+}
+
+-- Writes gathered and sent by `w.flush()`: one command per key and kind with every field
+-- (a batch's commands, and what the AOF and the replicas are sent per command, do not grow
+-- with its size). Until then Redis does not have them: a script that reads a key it wrote
+-- this way reads its own tables first.
+local function gathered()
+  local order, args = {}, {HSET = {}, ZADD = {}, SADD = {}}
+  local function add(cmd, key, a, b)
+    local list = args[cmd][key]
+    if not list then
+      list = {}
+      args[cmd][key] = list
+      order[#order + 1] = {cmd, key, list}
+    end
+    list[#list + 1] = a
+    if b ~= nil then list[#list + 1] = b end
+  end
+  return {
+    hset = function(key, field, value) add('HSET', key, field, value) end,
+    zadd = function(key, score, member) add('ZADD', key, score, member) end,
+    sadd = function(key, member) add('SADD', key, member) end,
+    flush = function()
+      for _, o in ipairs(order) do call_spread(o[1], o[2], o[3]) end
+    end,
+  }
+end
+
+-- Issue voucher `v` (voucher_id, person_ref, user_id, expires_at) whose record is `json`,
+-- with writer `w`: the person's and the account's hold, the record, its expiry and its
+-- claim event for the flusher.
+local function write_voucher(w, persons, accounts, vouchers, expiry, events, v, json)
+  w.hset(persons, v.person_ref, v.voucher_id)
+  w.hset(accounts, v.user_id, v.voucher_id)
+  w.hset(vouchers, v.voucher_id, json)
+  w.zadd(expiry, v.expires_at, v.voucher_id)
   redis.call('XADD', events, '*', 't', 'claim', 'd', json)
-  return json
 end

@@ -131,9 +131,10 @@ class Fake:
         definition = SimpleNamespace(
             voucher=SimpleNamespace(reserve=RESERVE), mode=mode, rate_limits=limits or RateLimits()
         )
-        cached = SimpleNamespace(keys=CK, definition=definition, lottery=lottery)
-        rnd = SimpleNamespace(round_id=round_id, allocation=allocation)
-        owner = SimpleNamespace(
+        # stand-ins for what the batcher reads of the claim path's objects
+        cached: Any = SimpleNamespace(keys=CK, definition=definition, lottery=lottery)
+        rnd: Any = SimpleNamespace(round_id=round_id, allocation=allocation)
+        owner: Any = SimpleNamespace(
             scripts=self.scripts, batch_max=len(claims), after_batch=lambda *_: None
         )
         batcher = Batcher(owner, cached, rnd, (CAMPAIGN, round_id, "1"))

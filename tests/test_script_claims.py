@@ -76,6 +76,48 @@ async def test_each_person_and_each_account_holds_one_voucher(fake: Fake) -> Non
     assert answers == [("ALREADY_CLAIMED", claim(1).candidate.encode())] * 2
 
 
+async def test_a_claim_sees_what_the_claims_before_it_in_its_batch_wrote(fake: Fake) -> None:
+    """The script reads each hash once per batch and writes at its end: a later claim of
+    the same batch must still see the nonce, the idempotency record, the voucher and the
+    holds of an earlier one, as if each claim had been a batch of its own."""
+    await fake.put_campaign(settings())
+    retry = claim(1, nonce="another-nonce-0001")
+    answers = await fake.claim(
+        claim(1),
+        retry,
+        claim(2, nonce=claim(1).nonce),
+        claim(3, person_ref="person-1"),
+        claim(4, user_id="user-1"),
+        claim(1, nonce="another-nonce-0002", fingerprint="other"),
+        claim(5),
+    )
+    codes = [code for code, _ in answers]
+    assert codes == ["OK", "REPLAY", "UNAUTHENTICATED"] + ["ALREADY_CLAIMED"] * 2 + [
+        "IDEMPOTENCY_MISMATCH",
+        "OK",
+    ]
+    stored = json.loads(await fake.redis.hget(CK.vouchers, claim(1).candidate))
+    assert json.loads(answers[1][1]) == stored
+    assert answers[3][1] == answers[4][1] == claim(1).candidate.encode()
+    assert stored == {
+        **json.loads(EXTRA),
+        "round_id": "r1",
+        "user_id": "user-1",
+        "person_ref": "person-1",
+        "status": "issued",
+        "request": [claim(1).idem_field, claim(1).fingerprint],
+        "voucher_id": claim(1).candidate,
+        "issued_at": int(answers[0][1]),
+        "expires_at": stored["expires_at"],
+        "reserve_fen": RESERVE,
+    }
+    assert await fake.redis.zscore(CK.expiry, claim(5).candidate) == stored["expires_at"]
+    assert (await fake.round())["issued"] == 2
+    assert await fake.events() == ["campaign", "claim", "claim"]
+    # the nonces of all seven are spent, whatever their answer
+    assert await fake.claimed(claim(6, nonce="another-nonce-0002")) == ["UNAUTHENTICATED"]
+
+
 @pytest.mark.parametrize(
     ("rnd", "code"),
     [
@@ -233,3 +275,11 @@ async def test_nonces_refused_before_the_gate_are_spent_once(fake: Fake) -> None
     await fake.put_campaign(settings())
     assert await fake.claimed(claim(1, nonce="nonce-a")) == ["UNAUTHENTICATED"]
     assert await fake.redis.ttl(CK.nonces(bucket, bucket)[0]) > 0
+
+
+async def test_a_record_s_strings_are_escaped_as_json(fake: Fake) -> None:
+    await fake.put_campaign(settings())
+    odd = claim(1, user_id='u"1\\\n/é', idem_field='k-app|r"q')
+    assert await fake.claimed(odd) == ["OK"]
+    stored = json.loads(await fake.redis.hget(CK.vouchers, odd.candidate))
+    assert (stored["user_id"], stored["request"][0]) == (odd.user_id, odd.idem_field)
