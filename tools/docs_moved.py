@@ -153,9 +153,12 @@ REWORDED: dict[str, tuple[str, str]] = {
         " promote, not for one (issue 20)",
     ),
     "still spends its nonce, in one batched script call per tick, so": (
-        "is answered at once and still spends its nonce, afterwards, in one batched script call"
-        " per tick (`claims.NonceSpender`, `lua/spend_nonces.lua`), so",
-        "a refusal is answered before its nonce is spent, in the background batch (issue 24)",
+        "is answered at once and still spends its nonce, afterwards: the nonces of refusals"
+        " wait up to `claims.SPEND_S` (20 ms) and go in one script call per campaign"
+        " (`claims.NonceSpender`, `lua/spend_nonces.lua`; a stopping worker spends what is"
+        " waiting), so",
+        "a refusal is answered before its nonce is spent, in a background batch of up to"
+        " 20 ms (issue 24)",
     ),
     "lives in the global slot, so it is read in the same round trip as the voucher and its"
     " refusal is passed into the script, which answers an idempotent replay first": (
