@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -568,14 +569,38 @@ def _free_port() -> int:
 
 
 def _free_ports(count: int, bus_offset: int = 0) -> list[int]:
-    """`count` distinct free ports; with `bus_offset`, port + offset is free too (and < 65536)."""
+    """`count` distinct free ports; with `bus_offset`, port + offset is free too, both below
+    the kernel's ephemeral range: a port in it can be taken by any outgoing connection
+    between this check and the server's bind (seen: a cluster bus port, "Address already
+    in use")."""
+    if not bus_offset:
+        return _distinct(count, _free_port)
+    below = range(1024, _ephemeral_low() - bus_offset)
+
+    def pick() -> int:
+        while True:
+            port = random.choice(below)
+            if _port_free(port) and _port_free(port + bus_offset):
+                return port
+
+    return _distinct(count, pick)
+
+
+def _distinct(count: int, pick: Callable[[], int]) -> list[int]:
     found: list[int] = []
     while len(found) < count:
-        port = _free_port()
-        if port in found or (bus_offset and not _port_free(port + bus_offset)):
-            continue
-        found.append(port)
+        port = pick()
+        if port not in found:
+            found.append(port)
     return found
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's range for outgoing connections (Linux's default 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def _port_free(port: int) -> bool:
