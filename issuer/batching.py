@@ -1,6 +1,7 @@
 """Micro-batching: requests that arrive while one Redis call is in flight wait for the next,
 and go together in one round trip. One batch in flight per batcher. An item is submitted
-(its caller awaits its result) or posted (nobody waits: a failed round trip is logged)."""
+(its caller awaits its result) or posted (nobody waits: a failed round trip is logged).
+A batcher with a linger holds the first item of an idle batcher that long for others."""
 
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ log = logging.getLogger("issuer.batching")
 
 
 class TickBatcher(ABC, Generic[Item, Result]):
-    def __init__(self, batch_max: int) -> None:
+    def __init__(self, batch_max: int, linger_s: float = 0.0) -> None:
         self.batch_max = batch_max
+        self.linger_s = linger_s
         self.queue: list[tuple[Item, asyncio.Future[Result] | None]] = []
-        self.running = False
+        self.running = False  # a drain is due or under way
+        self._lingering: asyncio.TimerHandle | None = None
 
     def submit(self, item: Item) -> asyncio.Future[Result]:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
@@ -37,7 +40,21 @@ class TickBatcher(ABC, Generic[Item, Result]):
         self.queue.append((item, future))
         if not self.running:
             self.running = True
-            asyncio.get_running_loop().create_task(self._drain())
+            if self.linger_s:
+                self._lingering = asyncio.get_running_loop().call_later(self.linger_s, self._start)
+            else:
+                self._start()
+
+    def _start(self) -> None:
+        self._lingering = None
+        asyncio.get_running_loop().create_task(self._drain())
+
+    async def flush(self) -> None:
+        """Send what lingers now (a worker stopping)."""
+        if self._lingering is not None:
+            self._lingering.cancel()
+            self._lingering = None
+            await self._drain()
 
     async def _drain(self) -> None:
         try:

@@ -142,36 +142,13 @@ def _issued_any(result: list[bytes]) -> bool:
 class NonceSpender(TickBatcher[tuple[str, SpentNonce], bool]):
     """Spends the nonces of claims refused before the gate, so that a replay is refused
     even after the answer would have changed; one script call per campaign per batch, in
-    the background (a batch that fails leaves them unspent, logged). A nonce waits up to
+    the background (a batch that fails leaves them unspent, logged). A nonce lingers up to
     SPEND_S for others: sent as they came, nearly every refusal was a round trip of its
     own, a fifth of its cost."""
 
     def __init__(self, scripts: Scripts, batch_max: int) -> None:
-        super().__init__(batch_max)
+        super().__init__(batch_max, linger_s=SPEND_S)
         self.scripts = scripts
-        self.waiting: list[tuple[str, SpentNonce]] = []
-        self._timer: asyncio.TimerHandle | None = None
-
-    def post(self, item: tuple[str, SpentNonce]) -> None:
-        """Spend `item` (campaign_id, nonce) with the others of the next SPEND_S."""
-        self.waiting.append(item)
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(SPEND_S, self._release)
-
-    def _release(self) -> None:
-        self._timer = None
-        waiting, self.waiting = self.waiting, []
-        for item in waiting:
-            super().post(item)
-
-    async def flush(self) -> None:
-        """Spend the waiting nonces now (a worker stopping)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        waiting, self.waiting = self.waiting, []
-        if waiting:
-            await self.send(waiting)
 
     async def send(self, items: list[tuple[str, SpentNonce]]) -> list[bool]:
         """Items are (campaign_id, nonce)."""

@@ -192,10 +192,7 @@ async def worker_main(settings: Settings, port: int) -> None:
     # not ready from now on; keep serving while load balancers notice, then stop accepting
     await asyncio.sleep(settings.shutdown_grace_s)
     await runner.cleanup()
-    try:
-        await ctx.claims.flush()
-    except (*topology.REDIS_ERRORS, OSError) as exc:
-        log.warning("refused claims' nonces left unspent: %r", exc)
+    await ctx.claims.flush()  # a failed batch is logged, as every posted one
     loop_lag.stop()
     await sweeping
     await watching_primary
