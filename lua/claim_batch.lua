@@ -201,7 +201,7 @@ local function decide(c)
     redis.call('HSET', applicants, person_ref, candidate)
     redis.call('HSET', applicant_accounts, user_id, candidate)
     redis.call('HSET', entries, cjson.decode(extra).application_ref, candidate)
-    put(idem_current, idem_field, fingerprint .. '\n' .. 'a:' .. candidate)
+    put(idem_current, idem_field, idem_record(fingerprint, 'a:' .. candidate))
     stored = stored + 1
     redis.call('XADD', events, '*', 't', 'application', 'd', json)
     return 'APPLIED', json
@@ -221,7 +221,7 @@ local function decide(c)
   held[persons][person_ref] = candidate
   held[accounts][user_id] = candidate
   new_vouchers[candidate] = json
-  put(idem_current, idem_field, fingerprint .. '\n' .. candidate)
+  put(idem_current, idem_field, idem_record(fingerprint, candidate))
   w.sadd(winners, idem_field)
   issued = issued + 1
   rreserved = rreserved + reserve_fen

@@ -19,9 +19,14 @@ local function idem_lookup(cur, prev, field, fingerprint)
   return idem_result(rec, fingerprint)
 end
 
+-- the record of a request with `fingerprint` that was answered `result`
+local function idem_record(fingerprint, result)
+  return fingerprint .. '\n' .. result
+end
+
 -- without the bucket's expiry: for a script that stores many and sets it once
 local function idem_put(cur, field, fingerprint, result)
-  redis.call('HSET', cur, field, fingerprint .. '\n' .. result)
+  redis.call('HSET', cur, field, idem_record(fingerprint, result))
 end
 
 local function idem_store(cur, field, fingerprint, result, ttl)
