@@ -118,6 +118,23 @@ class Counted:
         return (max(self.per_request) - min(self.per_request)) / self.median
 
 
+def callgrind_control(pid: int, *args: str) -> str:
+    """callgrind_control's answer about process `pid`."""
+    done = subprocess.run(
+        ["callgrind_control", *args, str(pid)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    return done.stdout
+
+
+def instructions(pid: int) -> int:
+    """Instructions callgrind counted in process `pid` (every thread) since its last zero."""
+    return sum(int(n.replace(",", "")) for n in TOTAL.findall(callgrind_control(pid, "-e")))
+
+
 def installed() -> bool:
     return shutil.which("valgrind") is not None and shutil.which("callgrind_control") is not None
 
@@ -158,14 +175,7 @@ class Subject:
             )
 
     def control(self, *args: str) -> str:
-        done = subprocess.run(
-            ["callgrind_control", *args, str(self.proc.pid)],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=120,
-        )
-        return done.stdout
+        return callgrind_control(self.proc.pid, *args)
 
     def instrument(self) -> None:
         self.control("--instr=on")
@@ -179,10 +189,7 @@ class Subject:
     def counted(self) -> tuple[int, float]:
         """Instructions since the last zero, every thread, and when they were read."""
         before = time.monotonic()
-        text = self.control("-e")
-        return sum(int(n.replace(",", "")) for n in TOTAL.findall(text)), (
-            before + time.monotonic()
-        ) / 2
+        return instructions(self.proc.pid), (before + time.monotonic()) / 2
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -20,7 +20,6 @@ import asyncio
 import hashlib
 import os
 import shutil
-import subprocess
 import sys
 import time
 
@@ -71,19 +70,6 @@ def used(before: dict[str, float], after: dict[str, float], part: str) -> float:
     )
 
 
-def control(option: str, pid: int) -> str:
-    """callgrind_control's answer about process `pid`."""
-    done = subprocess.run(
-        ["callgrind_control", option, str(pid)], capture_output=True, text=True, check=True
-    )
-    return done.stdout
-
-
-def counted(pid: int) -> int:
-    """Instructions callgrind counted in process `pid` since its counters were zeroed."""
-    return sum(int(n.replace(",", "")) for n in profile.TOTAL.findall(control("-e", pid)))
-
-
 async def run(args: argparse.Namespace) -> None:
     directory = bench_dir("issuer-valkey-claims-")
     out = directory / "callgrind.out.%p"
@@ -107,12 +93,14 @@ async def run(args: argparse.Namespace) -> None:
         await batches(20)  # scripts loaded, hashes past their first sizes
         for n in range(1, ROUNDS + 1):
             if args.instructions:
-                await asyncio.to_thread(control, "-z", primary.pid)
+                await asyncio.to_thread(profile.callgrind_control, primary.pid, "-z")
             cpu, commands = await redis.info("cpu"), await redis.info("commandstats")
             started = time.monotonic()
             await batches(args.batches)
             took = time.monotonic() - started
-            instructions = await asyncio.to_thread(counted, primary.pid) if args.instructions else 0
+            instructions = 0
+            if args.instructions:
+                instructions = await asyncio.to_thread(profile.instructions, primary.pid)
             cpu_now, commands_now = await redis.info("cpu"), await redis.info("commandstats")
             issued = args.batches * args.batch
 
