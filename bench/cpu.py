@@ -47,10 +47,11 @@ def children(pid: int, command: str) -> list[int]:
     return found
 
 
-def stat(pid: int) -> tuple[str, int]:
-    """Command name and user + system CPU ticks of a process so far (0 if it is gone)."""
+def stat(pid: int, of: str = "stat") -> tuple[str, int]:
+    """Command name and user + system CPU ticks of a process so far (0 if it is gone);
+    `of`: the stat file under /proc/<pid> (`task/<pid>/stat`: its main thread alone)."""
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
+        text = Path(f"/proc/{pid}/{of}").read_text()
     except OSError:
         return "", 0
     close = text.rindex(")")
@@ -62,11 +63,8 @@ def split(pid: int) -> dict[str, int]:
     """CPU ticks so far of a process's main thread, of its other threads (I/O, fsync,
     lazy free) and of its descendants (a forked AOF rewrite or RDB save), apart."""
     process = stat(pid)[1]  # every thread's
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/stat").read_text()
-        fields = text[text.rindex(")") + 2 :].split()
-        main = int(fields[11]) + int(fields[12])
-    except OSError:
+    name, main = stat(pid, f"task/{pid}/stat")
+    if not name:  # gone
         main = process
     forked = sum(stat(child)[1] for child in tree(pid) if child != pid)
     return {"main thread": main, "other threads": process - main, "forked": forked}
