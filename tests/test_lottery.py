@@ -19,6 +19,7 @@ import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -98,18 +99,12 @@ async def open_three_hundred(service: Service) -> tuple[str, datetime, list[Any]
     return campaign_id, draws_at, await apply_all(service, campaign_id, bodies + bodies[:20])
 
 
-async def open_budget_bound(service: Service) -> tuple[str, datetime]:
-    """60 applications for 50 vouchers, the round's budget enough for 20."""
-    opened = await lottery_campaign(service, quota=50, round_budget_fen=20 * RESERVE)
-    answers = await apply_all(service, opened[0], [claim(n) for n in range(60)])
-    assert {a.status for a in answers} == {202}
-    return opened
-
-
-async def open_half_drawn(service: Service) -> tuple[str, datetime]:
-    """120 applications for 40 vouchers (`half_drawn` crashes its draw)."""
-    opened = await lottery_campaign(service, quota=40)
-    answers = await apply_all(service, opened[0], [claim(n) for n in range(120)])
+async def open_applied(
+    service: Service, *, applicants: int, quota: int, **kwargs: Any
+) -> tuple[str, datetime]:
+    """A lottery round of `quota` vouchers to which `applicants` apply, each accepted."""
+    opened = await lottery_campaign(service, quota=quota, **kwargs)
+    answers = await apply_all(service, opened[0], [claim(n) for n in range(applicants)])
     assert {a.status for a in answers} == {202}
     return opened
 
@@ -153,9 +148,13 @@ async def open_after_first_come(service: Service) -> tuple[str, datetime, list[A
 Opened = dict[str, asyncio.Task[Any]]
 OPENINGS: dict[str, Callable[[Service], Awaitable[Any]]] = {
     "a draw anyone can check": open_three_hundred,
-    "the budget binds": open_budget_bound,
-    "crashed half way": open_half_drawn,
-    "redis lost half way": open_half_drawn,
+    # 60 applications for 50 vouchers, the round's budget enough for 20
+    "the budget binds": partial(
+        open_applied, applicants=60, quota=50, round_budget_fen=20 * RESERVE
+    ),
+    # 120 applications for 40 vouchers (`half_drawn` crashes its draw)
+    "crashed half way": partial(open_applied, applicants=120, quota=40),
+    "redis lost half way": partial(open_applied, applicants=120, quota=40),
     "after first come": open_after_first_come,
 }
 
@@ -305,8 +304,9 @@ async def test_the_round_budget_binds_before_the_quota(service: Service, opened:
 async def half_drawn(
     opening: Awaitable[tuple[str, datetime]], redis: Any, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[str, list[str]]:
-    """The round `opening` opened (`open_half_drawn`) whose draw crashed after 3 batches of 7:
-    the campaign, and the application ids that must win (the 40 lowest ranks)."""
+    """The round `opening` opened (120 applications for 40) whose draw crashed after 3
+    batches of 7: the campaign, and the application ids that must win (the 40 lowest
+    ranks)."""
     campaign_id, draws_at = await opening
     await until(draws_at)
     scripts = Scripts(redis)
