@@ -513,8 +513,10 @@ async def connect_when_up(dsn: str, stop: asyncio.Event) -> asyncpg.Pool | None:
     return None
 
 
-async def migrate(pool: asyncpg.Pool) -> int:
-    """Apply pending migrations under an advisory lock; returns the schema version."""
+async def migrate(pool: asyncpg.Pool, upto: int | None = None) -> int:
+    """Apply pending migrations (up to migration `upto`: the schema an older release left)
+    under an advisory lock; returns the schema version."""
+    wanted = MIGRATIONS[:upto]
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(7262001)")
         await conn.execute(
@@ -522,8 +524,8 @@ async def migrate(pool: asyncpg.Pool) -> int:
             " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
         )
         current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations")
-        for version, sql in enumerate(MIGRATIONS, start=1):
+        for version, sql in enumerate(wanted, start=1):
             if version > current:
                 await conn.execute(sql)
                 await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
-        return len(MIGRATIONS)
+        return len(wanted)

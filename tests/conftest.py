@@ -185,11 +185,16 @@ async def keyspace(
         client = Redis.from_url(redis_url)
         await client.flushdb()
     await client.aclose()
+    yield Keyspace(redis_url, await new_database(servers, name), name, topology)
+
+
+async def new_database(servers: Servers, name: str) -> str:
+    """An empty database `name` (dropped first if it exists); returns its URL."""
     admin = await asyncpg.connect(servers.database_url)
     await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
     await admin.execute(f'CREATE DATABASE "{name}"')
     await admin.close()
-    yield Keyspace(redis_url, _with_path(servers.database_url, f"/{name}"), name, topology)
+    return _with_path(servers.database_url, f"/{name}")
 
 
 @pytest.fixture(scope="module")
@@ -210,20 +215,9 @@ async def pg(keyspace: Keyspace) -> AsyncIterator[asyncpg.Pool]:
 async def database_at(servers: Servers, name: str, version: int) -> AsyncIterator[asyncpg.Pool]:
     """A new database `name` with the schema of migration `version`, as an older release
     left it (store.migrate takes it on from there)."""
-    admin = await asyncpg.connect(servers.database_url)
-    await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    pool = await asyncpg.create_pool(_with_path(servers.database_url, f"/{name}"))
+    pool = await asyncpg.create_pool(await new_database(servers, name))
     try:
-        async with pool.acquire() as conn:
-            await conn.execute(
-                "CREATE TABLE schema_migrations (version integer PRIMARY KEY,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            for n, sql in enumerate(store.MIGRATIONS[:version], start=1):
-                await conn.execute(sql)
-                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", n)
+        await store.migrate(pool, upto=version)
         yield pool
     finally:
         await pool.close()
