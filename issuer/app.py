@@ -259,19 +259,21 @@ READY_SCOPES: dict[str, frozenset[str]] = {
 }
 
 
-SHARED_SCRIPT = "<script>/* console.js */</script>"
+SHARED = {  # what the signed pages share, by the place a page leaves for it
+    "<script>/* console.js */</script>": ("console.js", "script"),
+    "<style>/* console.css */</style>": ("console.css", "style"),
+}
 
 
 def page(name: str) -> str:
-    """A page of issuer/data, with the script the signed pages share (console.js) inlined
-    where it asks for it: the page stays one document that loads nothing."""
+    """A page of issuer/data, with the script and the styles the signed pages share
+    (console.js, console.css) inlined where it asks for them: the page stays one document
+    that loads nothing."""
     data = files("issuer.data")
-    shared = data.joinpath("console.js").read_text()
-    return (
-        data.joinpath(f"{name}.html")
-        .read_text()
-        .replace(SHARED_SCRIPT, f"<script>\n{shared}</script>")
-    )
+    text = data.joinpath(f"{name}.html").read_text()
+    for place, (shared, tag) in SHARED.items():
+        text = text.replace(place, f"<{tag}>\n{data.joinpath(shared).read_text()}</{tag}>")
+    return text
 
 
 def ops_routes(ctx: Ctx, ready: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Next]:

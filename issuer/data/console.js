@@ -84,6 +84,20 @@ const issuerConsole = (() => {
     byId("login-error").classList.add("hidden");
   }
 
+  // A page's start: its form (for a key of `role`), its log-out button (#logout), then
+  // `login` with the key given (or saved in `store`), or the form; the form with the reason
+  // where nothing can be signed.
+  function startSignIn(role, store, login, showLogin, given = null) {
+    loginForm(role, login);
+    byId("logout").addEventListener("click", () => showLogin(""));
+    if (!canSign()) {
+      showLogin(NO_SECURE_CONTEXT);
+      return;
+    }
+    const saved = given || savedKey(store);
+    if (saved) login(saved.id, saved.secret); else showLogin("");
+  }
+
   // ------------------------------------------------------------ signing and calls
   const hex = (buf) => Array.from(new Uint8Array(buf), (b) => b.toString(16).padStart(2, "0")).join("");
 
@@ -169,6 +183,6 @@ const issuerConsole = (() => {
     return el;
   }
 
-  return { signIn, signOut, savedKey, canSign, NO_SECURE_CONTEXT, loginForm, showLoginForm,
-           hideLoginForm, CallError, call, cny, count, pct, stamp, h };
+  return { signIn, signOut, startSignIn, showLoginForm, hideLoginForm, CallError, call, cny, count,
+           pct, stamp, h };
 })();
