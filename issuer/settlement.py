@@ -101,6 +101,17 @@ def settlement_out(row: asyncpg.Record, subsidy_fen: int | None = None) -> Settl
     )
 
 
+async def lock_batches(conn: asyncpg.Connection, redemption_ids: set[str]) -> None:
+    """Lock the pending batches of these records before the records themselves: a batch's
+    payment (`Settlement.paid`) locks its batch, then its records."""
+    await conn.execute(
+        "SELECT 1 FROM disbursements WHERE paid_at IS NULL AND disbursement_id IN"
+        " (SELECT disbursement_id FROM settlements WHERE redemption_id = ANY($1::text[]))"
+        " ORDER BY disbursement_id FOR UPDATE",
+        sorted(redemption_ids),
+    )
+
+
 def subsidy(rec: RedemptionRecord) -> int:
     """What the merchant is reimbursed for a redemption: its discount, less what refunds
     returned."""
@@ -229,7 +240,9 @@ class Settlement:
                 checks_passed=row["checks_passed"],
             )
             shared = mine.others.union(*shared_before.values())
+            await lock_batches(conn, shared)
             await integrity.recheck(conn, shared, key.id, redemption_id)
+            await self._withdraw(conn, shared, key.id, redemption_id)
         (out,) = await integrity.seen_by(
             self.pool, key.tenants, [settlement_out(row, subsidy(rec))]
         )
@@ -466,6 +479,87 @@ class Settlement:
             log.error("holidays file not reloaded", extra={"error": str(exc)})
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.error("due dates not recomputed", extra={"error": repr(exc)})
+
+    async def _withdraw(
+        self, conn: asyncpg.Connection, redemption_ids: set[str], actor: str, cause: str
+    ) -> None:
+        """Withdraw the approvals that a check failed since undoes: a record approved while
+        its checks passed (no override reason), not yet paid, goes back to `submitted` and
+        out of its pending batch, whose total and due date are recomputed. The reviewer
+        decides again, and approving it now needs an override reason (API.md)."""
+        undone = await conn.fetch(
+            "WITH undone AS (SELECT redemption_id, disbursement_id FROM settlements"
+            " WHERE redemption_id = ANY($1::text[]) AND status = 'approved'"
+            " AND NOT checks_passed AND override_reason IS NULL FOR UPDATE)"
+            " UPDATE settlements s SET status = 'submitted', decided_at = NULL,"
+            " decided_by = NULL, reason = NULL, due_date = NULL,"
+            " provisional_until_year = NULL, disbursement_id = NULL"
+            " FROM undone WHERE s.redemption_id = undone.redemption_id"
+            " RETURNING s.redemption_id, s.tenant, s.checks, undone.disbursement_id",
+            sorted(redemption_ids),
+        )
+        batches: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for row in sorted(undone, key=lambda r: str(r["redemption_id"])):
+            await audit(
+                conn,
+                actor,
+                "approval_withdrawn",
+                row["redemption_id"],
+                "",
+                tenant=row["tenant"],
+                cause=cause,
+                failed=[c.name for c in integrity.CHECKS.decode(row["checks"]) if not c.passed],
+                disbursement_id=row["disbursement_id"],
+            )
+            if row["disbursement_id"] is not None:
+                batches[row["disbursement_id"], row["tenant"]].append(row["redemption_id"])
+        for (batch_id, tenant), removed in batches.items():
+            await self._recount(conn, batch_id, tenant, removed, actor, cause)
+
+    async def _recount(
+        self,
+        conn: asyncpg.Connection,
+        batch_id: str,
+        tenant: str,
+        removed: list[str],
+        actor: str,
+        cause: str,
+    ) -> None:
+        """A pending batch's total and due date, from the records left in it (none left:
+        a total of 0, the due date kept; paying it marks nothing). Its log entry names the
+        `cause`, as the records' do: a key of another tenant sees neither it nor `actor`."""
+        left = await conn.fetch(
+            "SELECT redemption_id, due_date, provisional_until_year FROM settlements"
+            " WHERE disbursement_id = $1 ORDER BY redemption_id",
+            batch_id,
+        )
+        ids = [r["redemption_id"] for r in left]
+        total = sum(subsidy(rec) for rec in await self._records(ids))
+        if left:
+            due = due_dates.batch_due((r["due_date"], r["provisional_until_year"]) for r in left)
+            await conn.execute(
+                "UPDATE disbursements SET total_fen = $2, due_date = $3,"
+                " provisional_until_year = $4 WHERE disbursement_id = $1",
+                batch_id,
+                total,
+                *due,
+            )
+        else:
+            await conn.execute(
+                "UPDATE disbursements SET total_fen = 0 WHERE disbursement_id = $1", batch_id
+            )
+        await audit(
+            conn,
+            actor,
+            "disbursement_changed",
+            batch_id,
+            "",
+            tenant=tenant,
+            cause=cause,
+            removed=removed,
+            redemptions=ids,
+            total_fen=total,
+        )
 
     async def _records(self, redemption_ids: list[str]) -> list[RedemptionRecord]:
         """The redemptions as Redis holds them now (refunds included)."""

@@ -372,6 +372,72 @@ async def test_same_invoice_file_or_photo_flags_both_until_paid(
     assert flagged == {ids[0], ids[2], ids[3], ids[4], ids[5], ids[6], late["redemption_id"]}
 
 
+async def test_a_record_flagged_after_its_approval_leaves_its_pending_batch(
+    service: Service, pg: asyncpg.Pool
+) -> None:
+    """API.md: approving a record that failed a check needs an override reason, and a later
+    upload elsewhere makes a check fail while the record is not yet paid: an approval given
+    while the checks passed is withdrawn, the record leaves its pending batch."""
+    campaign_id = await new_campaign_with(service, campaign())
+    kept, flagged = [await sale(service, campaign_id, MERCHANT, 600_000 + n) for n in range(2)]
+    kept_id, flagged_id = kept["redemption_id"], flagged["redemption_id"]
+    invoice = f"INV-{campaign_id}"
+    await submit(service, kept_id, 600_000)
+    await submit(service, flagged_id, 600_001, invoice_no=invoice)
+    for rid in (kept_id, flagged_id):
+        assert (await decide(service, rid)).status == 200
+    made = await service.call(
+        "POST",
+        "/v1/disbursements",
+        {"request_id": unique_id("disb"), "merchant_id": MERCHANT},
+        "auditor",
+    )
+    assert made.status == 201, made.body
+    (batch,) = made.body["disbursements"]
+    batch_id = batch["disbursement_id"]
+    assert {kept_id, flagged_id} <= set(batch["redemption_ids"])
+
+    # another merchant's later upload carries the same invoice number
+    late = await sale(service, campaign_id, OTHER, 600_002)
+    dup = await submit(service, late["redemption_id"], 600_002, "merchant-2", invoice_no=invoice)
+    assert failed(dup.body) == {"unique_invoice": {flagged_id}}
+    withdrawn = (await record(service, flagged_id)).body
+    assert failed(withdrawn) == {"unique_invoice": {late["redemption_id"]}}
+    assert withdrawn["status"] == "submitted"
+    assert withdrawn.get("disbursement_id") is None and withdrawn.get("due_date") is None
+    left = (await service.call("GET", f"/v1/disbursements/{batch_id}", role="auditor")).body
+    assert left["redemption_ids"] == sorted(set(batch["redemption_ids"]) - {flagged_id})
+    assert left["total_fen"] == batch["total_fen"] - flagged["discount_fen"]
+    entries = {
+        (r["action"], r["subject"]): msgspec.json.decode(r["details"])
+        for r in await pg.fetch(
+            "SELECT action, subject, details FROM audit_log"
+            " WHERE action IN ('approval_withdrawn', 'disbursement_changed')"
+            " AND subject = ANY($1::text[])",
+            [flagged_id, batch_id],
+        )
+    }
+    assert entries["approval_withdrawn", flagged_id] == {
+        "cause": late["redemption_id"],
+        "failed": ["unique_invoice"],
+        "disbursement_id": batch_id,
+    }
+    changed = entries["disbursement_changed", batch_id]
+    assert changed["removed"] == [flagged_id] and changed["cause"] == late["redemption_id"]
+    assert changed["redemptions"] == left["redemption_ids"]
+    assert changed["total_fen"] == left["total_fen"]
+
+    # deciding again needs an override reason; the batch pays what is left in it
+    assert (await decide(service, flagged_id)).status == 400
+    path = f"/v1/disbursements/{batch_id}/paid"
+    done = await service.call("POST", path, {"request_id": unique_id("paid")}, "auditor")
+    assert done.status == 200, done.body
+    assert (await record(service, kept_id)).body["status"] == "paid"
+    assert (await record(service, flagged_id)).body["status"] == "submitted"
+    overridden = await decide(service, flagged_id, override_reason="发票号重复录入 typed twice")
+    assert overridden.status == 200 and overridden.body["status"] == "approved"
+
+
 async def test_earlier_records_get_the_checks_at_migration(
     service: Service, pg: asyncpg.Pool, data_dir: Path
 ) -> None:
