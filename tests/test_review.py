@@ -2,8 +2,10 @@
 real servers: each read with its roles (a merchant reading another's record or file is
 refused, a file of another record is not found, the bytes are those uploaded); the same
 invoice under other spacing, full-width digits and case, the same file and a near copy of
-a photo flag both records, naming each other, until one is paid; the override; the risk
-report's signals checked by hand; the checks given at migration to earlier records."""
+a photo flag both records, naming each other, until one is paid; the override; an
+approval withdrawn when a later upload flags its record, out of its batch, also while the
+batch is being paid; the risk report's signals checked by hand; the checks given at
+migration to earlier records."""
 
 from __future__ import annotations
 
@@ -436,6 +438,53 @@ async def test_a_record_flagged_after_its_approval_leaves_its_pending_batch(
     assert (await record(service, flagged_id)).body["status"] == "submitted"
     overridden = await decide(service, flagged_id, override_reason="发票号重复录入 typed twice")
     assert overridden.status == 200 and overridden.body["status"] == "approved"
+
+
+async def test_withdrawals_racing_the_batch_payment_pay_only_what_the_batch_holds(
+    service: Service, pg: asyncpg.Pool
+) -> None:
+    """Duplicates of a pending batch's papers uploaded while the batch is paid: each record
+    ends either paid in the batch or withdrawn out of it, the batch's total is what its
+    records are reimbursed, and nothing deadlocks or answers 5xx."""
+    campaign_id = await new_campaign_with(service, campaign())
+    sales = [await sale(service, campaign_id, MERCHANT, 610_000 + n) for n in range(6)]
+    invoices = [f"INV-RACE-{campaign_id}-{n}" for n in range(len(sales))]
+    for n, paid in enumerate(sales):
+        await submit(service, paid["redemption_id"], 610_000 + n, invoice_no=invoices[n])
+        assert (await decide(service, paid["redemption_id"])).status == 200
+    made = await service.call(
+        "POST",
+        "/v1/disbursements",
+        {"request_id": unique_id("disb"), "merchant_id": MERCHANT},
+        "auditor",
+    )
+    (batch,) = made.body["disbursements"]
+    batch_id = batch["disbursement_id"]
+    late = [await sale(service, campaign_id, OTHER, 620_000 + n) for n in range(len(sales))]
+
+    async def duplicate(n: int) -> Response:
+        body, content_type = papers(620_000 + n, invoice_no=invoices[n])
+        return await upload(
+            service, late[n]["redemption_id"], body, content_type, key=service.keys["merchant-2"]
+        )
+
+    async def pay() -> Response:
+        path = f"/v1/disbursements/{batch_id}/paid"
+        return await service.call("POST", path, {"request_id": unique_id("paid")}, "auditor")
+
+    answers = await asyncio.gather(*(duplicate(n) for n in range(len(sales))), pay())
+    assert [a.status for a in answers] == [201] * len(sales) + [200], [a.body for a in answers]
+    held = (await service.call("GET", f"/v1/disbursements/{batch_id}", role="auditor")).body
+    assert held["status"] == "paid"
+    for rid in (p["redemption_id"] for p in sales):
+        status = (await record(service, rid)).body["status"]
+        assert status == ("paid" if rid in held["redemption_ids"] else "submitted"), rid
+    assert sorted(r["redemption_id"] for r in held["records"]) == held["redemption_ids"]
+    assert held["total_fen"] == sum(r["subsidy_fen"] for r in held["records"])
+    assert await pg.fetchval(
+        "SELECT count(*) FROM settlements WHERE status = 'paid' AND disbursement_id = $1",
+        batch_id,
+    ) == len(held["redemption_ids"])
 
 
 async def test_earlier_records_get_the_checks_at_migration(
