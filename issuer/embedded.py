@@ -154,7 +154,7 @@ def start_redis(
     """Run valkey-server on 127.0.0.1 with an AOF fsynced every second in data_dir/redis;
     `under`: a command it runs under, which then execs it (valgrind, for a count)."""
     directory = data_dir.resolve() / "redis"
-    return _start_valkey("valkey", directory, port or _free_port(), under=under)
+    return _start_valkey("valkey", directory, port or free_port(), under=under)
 
 
 def _start_valkey(
@@ -213,7 +213,7 @@ def config_text(options: list[str]) -> str:
 
 def start_replica(data_dir: Path, primary: EmbeddedServer) -> EmbeddedServer:
     """A Valkey replica of `primary` on 127.0.0.1, data in data_dir/redis-replica."""
-    port = _free_port()
+    port = free_port()
     of = ("--replicaof", primary.host, str(primary.port))
     return _start_valkey("valkey-replica", data_dir.resolve() / "redis-replica", port, *of)
 
@@ -437,7 +437,7 @@ def start_postgres(
     log_path = data_dir / "postgres.log"
     if not pgdata.exists():
         _initdb(bin_dir, pgdata, log_path, owner)
-    port = port or _free_port()
+    port = port or free_port()
     argv = [str(bin_dir / "postgres"), "-D", str(pgdata), "-h", "127.0.0.1", "-p", str(port)]
     argv += ["-k", ""]  # no Unix socket: nothing uses it, and its path is limited to 107 bytes
     for name, value in {"fsync": "on", **(settings or {})}.items():
@@ -561,29 +561,21 @@ def _pg_bin_dir() -> Path:
     return Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
 
 
-def _free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port(bus_offset: int = 0) -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now, below the kernel's
+    ephemeral range: a port in it can be taken by any outgoing connection, or handed to
+    another process's bind(0), between this check and the server's bind (seen: a cluster
+    bus port, "Address already in use"). With `bus_offset`, port + offset is free too."""
+    below = range(1024, _ephemeral_low() - bus_offset)
+    while True:
+        port = random.choice(below)
+        if _port_free(port) and (not bus_offset or _port_free(port + bus_offset)):
+            return port
 
 
 def _free_ports(count: int, bus_offset: int = 0) -> list[int]:
-    """`count` distinct free ports; with `bus_offset`, port + offset is free too, both below
-    the kernel's ephemeral range: a port in it can be taken by any outgoing connection
-    between this check and the server's bind (seen: a cluster bus port, "Address already
-    in use")."""
-    if not bus_offset:
-        return _distinct(count, _free_port)
-    below = range(1024, _ephemeral_low() - bus_offset)
-
-    def pick() -> int:
-        while True:
-            port = random.choice(below)
-            if _port_free(port) and _port_free(port + bus_offset):
-                return port
-
-    return _distinct(count, pick)
+    """`count` distinct free ports (each with its bus port at `bus_offset`, if given)."""
+    return _distinct(count, partial(free_port, bus_offset))
 
 
 def _distinct(count: int, pick: Callable[[], int]) -> list[int]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -17,16 +16,11 @@ import aiohttp
 
 from bench.procs import ROOT, stop
 from issuer.children import die_with_parent
+from issuer.embedded import free_port
 
 RULES = ROOT / "deploy" / "prometheus" / "alerts-gate.yml"
 LOST_PRIMARY = "IssuerRedisPrimaryMissing"
 START_S = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Prometheus:
@@ -44,7 +38,7 @@ class Prometheus:
             "scrape_configs:\n  - job_name: issuer\n"
             f"    static_configs:\n      - targets: ['{target}']\n"
         )
-        self.url = f"http://127.0.0.1:{_free_port()}"
+        self.url = f"http://127.0.0.1:{free_port()}"
         with (work / "prometheus.log").open("a") as log:
             self.proc = subprocess.Popen(
                 [

@@ -8,7 +8,6 @@ import asyncio
 import itertools
 import random
 import secrets
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
@@ -25,6 +24,7 @@ from issuer import keys, store
 from issuer.auth import ApiKey, Verified
 from issuer.campaigns import Campaigns
 from issuer.claims import Claims
+from issuer.embedded import free_port
 from issuer.errors import ApiError
 from issuer.flusher import Flusher, stream_lag
 from issuer.model import CampaignDef, ClaimIn, StatusChangeIn
@@ -200,12 +200,6 @@ async def cancel(task: asyncio.Task[Any]) -> int:
     with suppress(asyncio.CancelledError):
         await task
     return calls
-
-
-def unused_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ------------------------------------------------------------------ tests
@@ -395,7 +389,7 @@ async def test_postgres_unavailable(env: Env) -> None:
         await r0.aclose()
 
     dead = await asyncpg.create_pool(
-        f"postgresql://nobody@127.0.0.1:{unused_port()}/none", min_size=0, max_size=1
+        f"postgresql://nobody@127.0.0.1:{free_port()}/none", min_size=0, max_size=1
     )
     r = env.redis_client()
     stop = asyncio.Event()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import pytest
 
 from issuer.auth import ApiKey
 from issuer.client import Client
+from issuer.embedded import free_port
 from issuer.keyfile import write_dev_keys
 from tests.conftest import ROOT, Keyspace, unique_id, wait_drained
 from tests.people import campaign, claim
@@ -123,13 +123,6 @@ def image(podman: Podman, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     finally:
         if iidfile.exists():
             podman("rmi", "--force", iidfile.read_text().strip())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_ready(podman: Podman, cid: str, url: str, within_s: float = 180) -> None:

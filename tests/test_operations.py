@@ -33,6 +33,7 @@ from issuer.app import served
 from issuer.auth import load_keys
 from issuer.client import Client
 from issuer.config import Settings
+from issuer.embedded import free_port
 from issuer.errors import ApiError
 from issuer.server import LISTEN_BACKLOG, STABLE_S, restart_delay, start_site
 from tests.conftest import ROOT, Keyspace, Service, child_processes, wait_drained
@@ -460,9 +461,7 @@ def test_serving_with_urls_needs_no_embedded_server_wheels() -> None:
 
 
 async def test_a_flusher_on_its_own_serves_its_metrics(keyspace: Keyspace) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {
         **os.environ,
         "REDIS_URL": keyspace.redis_url,
