@@ -1,8 +1,9 @@
 """Moves stream events from Redis to PostgreSQL, idempotently, losing nothing.
 
 Each campaign stream (and the global one) is read through the consumer group `flusher`.
-A batch is written in one PostgreSQL transaction (entries keyed by stream and entry id,
-`ON CONFLICT DO NOTHING`), and only then acknowledged. A crash between the two re-delivers
+A batch is written in one PostgreSQL transaction (events keyed by stream and event id: the
+entry id, with its place for an entry of several events, issuer/events.py; `ON CONFLICT DO
+NOTHING`), and only then acknowledged. A crash between the two re-delivers
 the batch, which the conflict clause turns into a no-op. Entries left pending by a dead
 consumer are taken over with XAUTOCLAIM. Only acknowledged entries are trimmed.
 """
@@ -19,12 +20,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
-import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from issuer import keys, metrics, topology
 from issuer.config import DurableAck
+from issuer.events import event_documents
 from issuer.protocol import TrimAcked
 from issuer.scripts import Scripts
 from issuer.store import PROJECT_MONEY, RECORD_BATCH, RECORD_CLAIMS, RECORD_STATUS
@@ -52,19 +53,6 @@ def stream_campaign(stream: str) -> str:
     if stream.startswith(CAMPAIGN_PREFIX) and stream.endswith(STREAM_SUFFIX):
         return stream[len(CAMPAIGN_PREFIX) : -len(STREAM_SUFFIX)]
     return ""
-
-
-def entry_data(fields: dict[bytes, bytes]) -> str:
-    """The entry's JSON document: `d`, with the entry's other fields merged in."""
-    data = fields[b"d"]
-    if len(fields) == 2:  # `t` and `d` only (claims, redemptions...): the document as is
-        return data.decode()
-    extra = {k.decode(): v.decode() for k, v in fields.items() if k not in (b"t", b"d")}
-    if not extra:
-        return data.decode()
-    doc = msgspec.json.decode(data)
-    doc.update({k: int(v) if v.lstrip("-").isdigit() else v for k, v in extra.items()})
-    return msgspec.json.encode(doc).decode()
 
 
 async def stream_names(redis: Redis) -> list[str]:
@@ -153,11 +141,13 @@ class Flusher:
             for entry_id, fields in entries:
                 if not fields:
                     continue  # deleted before it was recorded: nothing left to record
-                streams.append(stream)
-                ids.append(entry_id.decode())
-                campaigns.append(campaign)
-                types.append(fields[b"t"].decode())
-                docs.append(entry_data(fields))
+                kind = fields[b"t"].decode()
+                for event_id, doc in event_documents(entry_id.decode(), fields):
+                    streams.append(stream)
+                    ids.append(event_id)
+                    campaigns.append(campaign)
+                    types.append(kind)
+                    docs.append(doc)
         if ids:
             kinds = set(types)
             if kinds == {"claim"}:

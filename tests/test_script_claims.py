@@ -114,6 +114,12 @@ async def test_a_claim_sees_what_the_claims_before_it_in_its_batch_wrote(fake: F
     assert await fake.redis.zscore(CK.expiry, claim(5).candidate) == stored["expires_at"]
     assert (await fake.round())["issued"] == 2
     assert await fake.events() == ["campaign", "claim", "claim"]
+    # one stream entry for the batch's vouchers, their records in order
+    (_, batch_entry) = (await fake.redis.xrange(CK.events))[-1]
+    assert batch_entry[b"t"] == b"claim"
+    assert json.loads(batch_entry[b"d"]) == [
+        json.loads(await fake.redis.hget(CK.vouchers, c.candidate)) for c in (claim(1), claim(5))
+    ]
     # the nonces of all seven are spent, whatever their answer
     assert await fake.claimed(claim(6, nonce="another-nonce-0002")) == ["UNAUTHENTICATED"]
 
