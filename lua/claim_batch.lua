@@ -41,11 +41,13 @@ local n = (#ARGV - claims_at + 1) / CLAIM_FIELDS
 local staff_mode = mode == 'staff'
 local lottery = allocation == 'lottery'
 local limits = {}
+local limited = false  -- whether any window has a limit (if not, no claim looks at them)
 for d = 0, 2 do
   local at = rate_limits_at + 3 * d
   local limit, retry_after_s, window_ttl_s = unpack(ARGV, at, at + 2)
   limits[d + 1] = {key = KEYS[rate_windows_at + d], limit = tonumber(limit),
                    reset = retry_after_s, ttl = tonumber(window_ttl_s), used = false}
+  limited = limited or tonumber(limit) >= 0
 end
 
 local led = redis.call('HMGET', ledger, 'status', 'version', 'available')
@@ -89,23 +91,37 @@ local function want(hash, field)
   end
   list[#list + 1] = field
 end
-local claims = {}
-for i = 1, n do
+-- the fields of claim `i` (read where needed rather than kept in a table per claim)
+local function claim_fields(i)
   local at = claims_at + (i - 1) * CLAIM_FIELDS
   local idem_field, fingerprint, nonce_bucket, nonce, person_ref, user_id, candidate, extra,
     device_id, client_ip = unpack(ARGV, at, at + 9)
-  local c = {idem_field = idem_field, fingerprint = fingerprint, nonce = nonce,
-    bucket = KEYS[nonce_buckets_at + tonumber(nonce_bucket) - first_nonce_bucket],
-    person_ref = person_ref, user_id = user_id, candidate = candidate, extra = extra,
-    who = {user_id, device_id, client_ip}}
-  claims[i] = c
-  want(c.bucket, nonce)
+  return idem_field, fingerprint, nonce_bucket, nonce, person_ref, user_id, candidate, extra,
+    device_id, client_ip
+end
+-- each claim's nonce bucket key; most claims are in the first bucket (compared as text:
+-- a number only when it is another)
+local buckets = {}
+local first_bucket = KEYS[nonce_buckets_at]
+local first_bucket_text = tostring(first_nonce_bucket)
+for i = 1, n do
+  local idem_field, _, nonce_bucket, nonce, person_ref, user_id, _, _, device_id, client_ip =
+    claim_fields(i)
+  local bucket = first_bucket
+  if nonce_bucket ~= first_bucket_text then
+    bucket = KEYS[nonce_buckets_at + tonumber(nonce_bucket) - first_nonce_bucket]
+  end
+  buckets[i] = bucket
+  want(bucket, nonce)
   want(idem_current, idem_field)
   want(idem_previous, idem_field)
   want(persons, person_ref)
   want(accounts, user_id)
-  for d = 1, 3 do
-    if limits[d].limit >= 0 and c.who[d] ~= '' then want(limits[d].key, c.who[d]) end
+  if limited then
+    local who = {user_id, device_id, client_ip}
+    for d = 1, 3 do
+      if limits[d].limit >= 0 and who[d] ~= '' then want(limits[d].key, who[d]) end
+    end
   end
 end
 local held = {}
@@ -140,13 +156,13 @@ local function made(extra, state, person_ref, user_id, idem_field, fingerprint, 
     tail .. '}'
 end
 
--- claim `c`
-local function decide(c)
-  local idem_field, fingerprint, person_ref, user_id, candidate, extra, bucket, nonce, who =
-    c.idem_field, c.fingerprint, c.person_ref, c.user_id, c.candidate, c.extra, c.bucket,
-    c.nonce, c.who
+-- claim `i`
+local function decide(i)
+  local idem_field, fingerprint, _, nonce, person_ref, user_id, candidate, extra, device_id,
+    client_ip = claim_fields(i)
+  local bucket = buckets[i]
   if held[bucket][nonce] then return 'UNAUTHENTICATED', '' end
-  put(bucket, nonce, 1)
+  put(bucket, nonce, '1')
   nonce_used[bucket] = true
   local prior = idem_result(held[idem_current][idem_field] or held[idem_previous][idem_field],
     fingerprint)
@@ -166,18 +182,21 @@ local function decide(c)
     return 'REPLAY', cjson.encode(first)
   end
   -- rate limits count attempts that reach the gate (a replay above is not one)
-  for d = 1, 3 do
-    local lim = limits[d]
-    if lim.limit >= 0 and who[d] ~= '' and
-        tonumber(held[lim.key][who[d]] or '0') >= lim.limit then
-      return 'RATE_LIMITED', lim.reset
+  if limited then
+    local who = {user_id, device_id, client_ip}
+    for d = 1, 3 do
+      local lim = limits[d]
+      if lim.limit >= 0 and who[d] ~= '' and
+          tonumber(held[lim.key][who[d]] or '0') >= lim.limit then
+        return 'RATE_LIMITED', lim.reset
+      end
     end
-  end
-  for d = 1, 3 do
-    local lim = limits[d]
-    if lim.limit >= 0 and who[d] ~= '' then
-      put(lim.key, who[d], tonumber(held[lim.key][who[d]] or '0') + 1)
-      lim.used = true
+    for d = 1, 3 do
+      local lim = limits[d]
+      if lim.limit >= 0 and who[d] ~= '' then
+        put(lim.key, who[d], tonumber(held[lim.key][who[d]] or '0') + 1)
+        lim.used = true
+      end
     end
   end
   if status == 'paused' then return 'CAMPAIGN_PAUSED', '' end
@@ -231,8 +250,8 @@ local function decide(c)
 end
 
 out = {status, led[2], 0, 0}
-for _, c in ipairs(claims) do
-  local code, payload = decide(c)
+for i = 1, n do
+  local code, payload = decide(i)
   out[#out + 1] = code
   out[#out + 1] = payload
 end
