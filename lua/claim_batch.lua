@@ -72,8 +72,12 @@ local issued, rreserved = tonumber(rnd[6]), tonumber(rnd[7])
 local rspent = tonumber(rnd[8] or 0) - tonumber(rnd[9] or 0)
 local now = time_ms()
 local now_json = string.format('%d', now)
-local reserve_json = string.format('%d', reserve_fen)
 local round_json = cjson.encode(round_id)
+-- the end of each record this batch makes (the same for all its claims): a voucher's
+-- times and reservation, an application's time
+local voucher_tail = ',"issued_at":' .. now_json .. ',"expires_at":' .. valid_until ..
+  ',"reserve_fen":' .. string.format('%d', reserve_fen) .. '}'
+local application_tail = ',"applied_at":' .. now_json .. '}'
 local granted = 0
 local stored = 0  -- applications taken (their idempotency records too)
 local nonce_used = {}
@@ -144,16 +148,18 @@ local function waiting(hash, field)
   return aid and cjson.decode(redis.call('HGET', applications, aid)).status == 'applied'
 end
 
--- the JSON record a claim makes, a voucher or an application: the caller's `extra` object
--- with the round, the person and account, `state`, the request that made it (so that
--- issuer rebuild can restore its idempotency record) and `tail` (more `,"name":value`)
-local function made(extra, state, person_ref, user_id, idem_field, fingerprint, tail)
-  local head = string.sub(extra, 1, -2)
-  if head ~= '{' then head = head .. ',' end
-  return head .. '"round_id":' .. round_json .. ',"user_id":' .. cjson.encode(user_id) ..
-    ',"person_ref":' .. cjson.encode(person_ref) .. ',"status":"' .. state ..
-    '","request":[' .. cjson.encode(idem_field) .. ',' .. cjson.encode(fingerprint) .. ']' ..
-    tail .. '}'
+-- the JSON record a claim makes, a voucher or an application, in one concatenation: the
+-- caller's `extra` object with the round, the person and account, `state`, the request
+-- that made it (so that issuer rebuild can restore its idempotency record), its id
+-- (`id_name`: `id`) and `tail`. The person reference, the body's fingerprint (hex) and the
+-- record's id (issuer.ids) are the worker's own, never in need of an escape; the account
+-- and the request id come from the client and go through cjson.
+local function made(extra, state, person_ref, user_id, idem_field, fingerprint, id_name, id,
+    tail)
+  return string.sub(extra, 1, -2) .. (extra == '{}' and '' or ',') .. '"round_id":' ..
+    round_json .. ',"user_id":' .. cjson.encode(user_id) .. ',"person_ref":"' ..
+    person_ref .. '","status":"' .. state .. '","request":[' .. cjson.encode(idem_field) ..
+    ',"' .. fingerprint .. '"],"' .. id_name .. '":"' .. id .. '"' .. tail
 end
 
 -- claim `i`
@@ -215,7 +221,7 @@ local function decide(i)
   end
   if lottery then
     local json = made(extra, 'applied', person_ref, user_id, idem_field, fingerprint,
-      ',"application_id":' .. cjson.encode(candidate) .. ',"applied_at":' .. now_json)
+      'application_id', candidate, application_tail)
     redis.call('HSET', applications, candidate, json)
     redis.call('HSET', applicants, person_ref, candidate)
     redis.call('HSET', applicant_accounts, user_id, candidate)
@@ -232,8 +238,7 @@ local function decide(i)
   if available < reserve_fen then return 'BUDGET_EXHAUSTED', '' end
   -- every check passed: write
   local json = made(extra, 'issued', person_ref, user_id, idem_field, fingerprint,
-    ',"voucher_id":' .. cjson.encode(candidate) .. ',"issued_at":' .. now_json ..
-    ',"expires_at":' .. valid_until .. ',"reserve_fen":' .. reserve_json)
+    'voucher_id', candidate, voucher_tail)
   local v = {voucher_id = candidate, person_ref = person_ref, user_id = user_id,
     expires_at = valid_until}
   write_voucher(w, persons, accounts, vouchers, expiry, events, v, json)
