@@ -21,13 +21,14 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
 from redis.asyncio import Redis
 
 from bench.cpu import tree
 from bench.stack import bench_dir
 from bench.valkey_claims import BUDGET, claims, used
 from issuer import embedded, keys, store
-from issuer.events import event_documents
+from issuer.events import decoded_events
 from issuer.flusher import Flusher
 from issuer.scripts import Scripts
 from tests.fake import CK, Fake, settings
@@ -60,9 +61,9 @@ async def one_per_claim(redis: Redis, stream: str, since: str) -> None:
     entries = await redis.xrange(stream, min=f"({since}")
     await redis.xdel(stream, *[entry_id for entry_id, _ in entries])
     async with redis.pipeline(transaction=False) as pipe:
-        for entry_id, fields in entries:
-            for _, doc in event_documents(entry_id.decode(), fields):
-                pipe.xadd(stream, {b"t": fields[b"t"], b"d": doc.encode()})
+        for _, fields in entries:
+            for _, doc in decoded_events(fields):
+                pipe.xadd(stream, {b"t": fields[b"t"], b"d": msgspec.json.encode(doc)})
         await pipe.execute()
 
 

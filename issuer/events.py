@@ -5,10 +5,11 @@ An entry has its type `t` and its document `d` (JSON); some types carry more fie
 into the document (`version`, `budget`, `status`). An entry whose `d` is a JSON array
 holds one event of its type per element, in order: lib.lua's gathered writer puts the
 vouchers a claim batch issued in one `t=claim` entry. Each of those events is recorded on
-its own in PostgreSQL, its id the entry's id and its place (`<ms>-<seq>-<i>`); an entry of
-one document keeps the entry's id (`<ms>-<seq>`). So a stream written before entries were
-gathered reads the same way, and an older flusher that meets an array refuses it (its
-voucher row has no id) rather than recording it without its vouchers.
+its own in PostgreSQL (store.events_of_entries), its id the entry's id and its place
+(`<ms>-<seq>-<i>`, from 0); an entry of one document keeps the entry's id (`<ms>-<seq>`).
+So a stream written before entries were gathered reads the same way, and an older flusher
+that meets an array refuses it (its voucher row has no id) rather than recording it
+without its vouchers.
 """
 
 from __future__ import annotations
@@ -18,18 +19,12 @@ from typing import Any
 import msgspec
 
 Fields = dict[bytes, bytes]
-_RAW_LIST = msgspec.json.Decoder(list[msgspec.Raw])
 _DOCUMENT = msgspec.json.Decoder(dict[str, Any])
 
 
-def gathered(fields: Fields) -> bool:
-    """Whether the entry holds several events (its `d` is a JSON array)."""
-    return fields[b"d"][:1] == b"["
-
-
 def entry_data(fields: Fields) -> str:
-    """An entry of one event: its JSON document, `d` with the entry's other fields merged
-    in."""
+    """The entry's JSON document: `d` with the entry's other fields merged in (a gathered
+    entry has none: its array as is)."""
     data = fields[b"d"]
     if len(fields) == 2:  # `t` and `d` only (claims, redemptions...): the document as is
         return data.decode()
@@ -39,16 +34,6 @@ def entry_data(fields: Fields) -> str:
     doc = _DOCUMENT.decode(data)
     doc.update({k: int(v) if v.lstrip("-").isdigit() else v for k, v in extra.items()})
     return msgspec.json.encode(doc).decode()
-
-
-def event_documents(entry_id: str, fields: Fields) -> list[tuple[str, str]]:
-    """(event id, JSON document) of each event the entry holds, in order."""
-    if gathered(fields):
-        return [
-            (f"{entry_id}-{i}", bytes(raw).decode())
-            for i, raw in enumerate(_RAW_LIST.decode(fields[b"d"]))
-        ]
-    return [(entry_id, entry_data(fields))]
 
 
 def decoded_events(fields: Fields) -> list[tuple[str, dict[str, Any]]]:

@@ -2,10 +2,11 @@
 
 Each campaign stream (and the global one) is read through the consumer group `flusher`.
 A batch is written in one PostgreSQL transaction (events keyed by stream and event id: the
-entry id, with its place for an entry of several events, issuer/events.py; `ON CONFLICT DO
-NOTHING`), and only then acknowledged. A crash between the two re-delivers
-the batch, which the conflict clause turns into a no-op. Entries left pending by a dead
-consumer are taken over with XAUTOCLAIM. Only acknowledged entries are trimmed.
+entry id, with its place for an entry of several events, issuer/events.py and
+store.events_of_entries; `ON CONFLICT DO NOTHING`), and only then acknowledged. A crash
+between the two re-delivers the batch, which the conflict clause turns into a no-op.
+Entries left pending by a dead consumer are taken over with XAUTOCLAIM. Only acknowledged
+entries are trimmed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from redis.exceptions import ResponseError
 
 from issuer import keys, metrics, topology
 from issuer.config import DurableAck
-from issuer.events import event_documents
+from issuer.events import entry_data
 from issuer.protocol import TrimAcked
 from issuer.scripts import Scripts
 from issuer.store import PROJECT_MONEY, RECORD_BATCH, RECORD_CLAIMS, RECORD_STATUS
@@ -126,7 +127,8 @@ class Flusher:
         return names
 
     async def record(self, batches: Sequence[tuple[str, list[Entry]]]) -> int:
-        """Write entries to PostgreSQL in one transaction, then acknowledge and trim them.
+        """Write entries to PostgreSQL in one transaction, then acknowledge and trim them;
+        returns how many events they held.
 
         A batch of claims only (most of them under load) is one statement, RECORD_CLAIMS,
         which needs no transaction around it; any other runs RECORD_BATCH and then only
@@ -141,20 +143,21 @@ class Flusher:
             for entry_id, fields in entries:
                 if not fields:
                     continue  # deleted before it was recorded: nothing left to record
-                kind = fields[b"t"].decode()
-                for event_id, doc in event_documents(entry_id.decode(), fields):
-                    streams.append(stream)
-                    ids.append(event_id)
-                    campaigns.append(campaign)
-                    types.append(kind)
-                    docs.append(doc)
+                streams.append(stream)
+                ids.append(entry_id.decode())
+                campaigns.append(campaign)
+                types.append(fields[b"t"].decode())
+                docs.append(entry_data(fields))
+        done = 0  # events: an entry of a claim batch holds each of its claims
         if ids:
             kinds = set(types)
             if kinds == {"claim"}:
-                await self.pool.fetchval(RECORD_CLAIMS, streams, ids, campaigns, docs)
+                done = await self.pool.fetchval(RECORD_CLAIMS, streams, ids, campaigns, docs)
             else:
                 async with self.pool.acquire() as conn, conn.transaction():
-                    await conn.fetchval(RECORD_BATCH, streams, ids, campaigns, types, docs)
+                    done = await conn.fetchval(RECORD_BATCH, streams, ids, campaigns, types, docs)
+                    # the entries these project are of one event each (gathered entries
+                    # hold claims only), so their ids are their events' ids
                     if "status" in kinds:
                         await conn.execute(RECORD_STATUS, streams, ids)
                     for concerns, statement in PROJECT_MONEY:
@@ -168,10 +171,10 @@ class Flusher:
                 acker = self.scripts.owners.pinned(stream) if self.ack == "replica" else self.redis
                 await acker.xack(stream, keys.FLUSH_GROUP, *[e[0] for e in entries])
                 await self._trim(stream)
-        if ids:
+        if ids:  # in entries, as the metrics say
             metrics.FLUSHED.inc(len(ids))
             metrics.FLUSH_BATCH_SIZE.observe(len(ids))
-        return len(ids)
+        return int(done)
 
     async def _trim(self, stream: str) -> None:
         """Drop entries that are delivered and acknowledged, never anything pending."""

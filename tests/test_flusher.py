@@ -26,7 +26,7 @@ from issuer.auth import ApiKey, Verified
 from issuer.campaigns import Campaigns
 from issuer.claims import Claims
 from issuer.errors import ApiError
-from issuer.events import event_documents
+from issuer.events import decoded_events
 from issuer.flusher import Flusher, stream_lag
 from issuer.model import CampaignDef, ClaimIn, StatusChangeIn
 from issuer.reconcile import reconcile
@@ -135,13 +135,18 @@ async def entries_added(redis: Redis, stream: str) -> int:
 
 
 async def stream_events(redis: Redis, stream: str, ids: list[bytes] | None = None) -> list[str]:
-    """The ids of the events that the stream's entries (those of `ids`) hold, in order."""
+    """The ids of the events that the stream's entries (those of `ids`) hold, in order: an
+    entry's own, or for each document of a gathered entry the entry's and its place."""
     entries = [
         found
         for entry_id in ids or [None]
         for found in await redis.xrange(stream, *((entry_id, entry_id) if entry_id else ()))
     ]
-    return [e for found, fields in entries for e, _ in event_documents(found.decode(), fields)]
+    return [
+        f"{entry_id.decode()}-{i}" if fields[b"d"].startswith(b"[") else entry_id.decode()
+        for entry_id, fields in entries
+        for i, _ in enumerate(decoded_events(fields))
+    ]
 
 
 async def pending_ids(redis: Redis, stream: str) -> list[bytes]:
@@ -829,14 +834,40 @@ async def test_a_stream_of_both_formats_flushes_each_claim_once(env: Env) -> Non
     assert await env.redis.xlen(stream) == 0
 
 
+# RECORD_CLAIMS before entries were gathered: each entry's `d` one claim (VOUCHERS_NEW is
+# unchanged)
+OLDER_RECORD_CLAIMS = (
+    """
+WITH new AS (
+    INSERT INTO events (stream, entry_id, campaign_id, type, data)
+    SELECT s, e, nullif(c, ''), 'claim', d::jsonb
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS x(s, e, c, d)
+    ON CONFLICT DO NOTHING
+    RETURNING entry_id, campaign_id, type, data
+), vouchers_new AS ("""
+    + store.VOUCHERS_NEW
+    + """)
+SELECT count(*) FROM new
+"""
+)
+
+
 async def test_an_older_flusher_refuses_a_gathered_entry(env: Env) -> None:
     """A flusher of a release before gathered entries (in a rolling deploy) records an
     entry's `d` as one claim: of a gathered entry, a voucher without an id, which its
-    statement (RECORD_CLAIMS, unchanged) refuses, so that the entry stays pending for a
-    newer flusher rather than being acknowledged without its vouchers."""
+    statement refuses (NOT NULL), so that the entry stays pending for a newer flusher
+    rather than being acknowledged without its vouchers."""
     campaign_id = unique_id("fl")
     stream = keys.CampaignKeys(campaign_id).events
-    docs = msgspec.json.encode([claim_doc(campaign_id, n) for n in range(2)]).decode()
+    claims = [claim_doc(campaign_id, n) for n in range(2)]
+    args = [stream], ["1-0"], [campaign_id]
     with pytest.raises(asyncpg.NotNullViolationError):
-        await env.pool.fetchval(store.RECORD_CLAIMS, [stream], ["1-0"], [campaign_id], [docs])
+        await env.pool.fetchval(OLDER_RECORD_CLAIMS, *args, [msgspec.json.encode(claims).decode()])
     assert await env.pool.fetchval("SELECT count(*) FROM events WHERE stream = $1", stream) == 0
+    # while it records an entry of one claim as this release does
+    assert (
+        await env.pool.fetchval(
+            OLDER_RECORD_CLAIMS, *args, [msgspec.json.encode(claims[0]).decode()]
+        )
+        == 1
+    )
