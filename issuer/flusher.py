@@ -1,10 +1,12 @@
 """Moves stream events from Redis to PostgreSQL, idempotently, losing nothing.
 
 Each campaign stream (and the global one) is read through the consumer group `flusher`.
-A batch is written in one PostgreSQL transaction (entries keyed by stream and entry id,
-`ON CONFLICT DO NOTHING`), and only then acknowledged. A crash between the two re-delivers
-the batch, which the conflict clause turns into a no-op. Entries left pending by a dead
-consumer are taken over with XAUTOCLAIM. Only acknowledged entries are trimmed.
+A batch is written in one PostgreSQL transaction (events keyed by stream and event id: the
+entry id, with its place for an entry of several events, issuer/events.py and
+store.events_of_entries; `ON CONFLICT DO NOTHING`), and only then acknowledged. A crash
+between the two re-delivers the batch, which the conflict clause turns into a no-op.
+Entries left pending by a dead consumer are taken over with XAUTOCLAIM. Only acknowledged
+entries are trimmed.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
-import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from issuer import keys, metrics, topology
 from issuer.config import DurableAck
+from issuer.events import entry_data
 from issuer.protocol import TrimAcked
 from issuer.scripts import Scripts
 from issuer.store import PROJECT_MONEY, RECORD_BATCH, RECORD_CLAIMS, RECORD_STATUS
@@ -52,19 +54,6 @@ def stream_campaign(stream: str) -> str:
     if stream.startswith(CAMPAIGN_PREFIX) and stream.endswith(STREAM_SUFFIX):
         return stream[len(CAMPAIGN_PREFIX) : -len(STREAM_SUFFIX)]
     return ""
-
-
-def entry_data(fields: dict[bytes, bytes]) -> str:
-    """The entry's JSON document: `d`, with the entry's other fields merged in."""
-    data = fields[b"d"]
-    if len(fields) == 2:  # `t` and `d` only (claims, redemptions...): the document as is
-        return data.decode()
-    extra = {k.decode(): v.decode() for k, v in fields.items() if k not in (b"t", b"d")}
-    if not extra:
-        return data.decode()
-    doc = msgspec.json.decode(data)
-    doc.update({k: int(v) if v.lstrip("-").isdigit() else v for k, v in extra.items()})
-    return msgspec.json.encode(doc).decode()
 
 
 async def stream_names(redis: Redis) -> list[str]:
@@ -138,7 +127,8 @@ class Flusher:
         return names
 
     async def record(self, batches: Sequence[tuple[str, list[Entry]]]) -> int:
-        """Write entries to PostgreSQL in one transaction, then acknowledge and trim them.
+        """Write entries to PostgreSQL in one transaction, then acknowledge and trim them;
+        returns how many events they held.
 
         A batch of claims only (most of them under load) is one statement, RECORD_CLAIMS,
         which needs no transaction around it; any other runs RECORD_BATCH and then only
@@ -158,13 +148,16 @@ class Flusher:
                 campaigns.append(campaign)
                 types.append(fields[b"t"].decode())
                 docs.append(entry_data(fields))
+        done = 0  # events: an entry of a claim batch holds each of its claims
         if ids:
             kinds = set(types)
             if kinds == {"claim"}:
-                await self.pool.fetchval(RECORD_CLAIMS, streams, ids, campaigns, docs)
+                done = await self.pool.fetchval(RECORD_CLAIMS, streams, ids, campaigns, docs)
             else:
                 async with self.pool.acquire() as conn, conn.transaction():
-                    await conn.fetchval(RECORD_BATCH, streams, ids, campaigns, types, docs)
+                    done = await conn.fetchval(RECORD_BATCH, streams, ids, campaigns, types, docs)
+                    # the entries these project are of one event each (gathered entries
+                    # hold claims only), so their ids are their events' ids
                     if "status" in kinds:
                         await conn.execute(RECORD_STATUS, streams, ids)
                     for concerns, statement in PROJECT_MONEY:
@@ -178,10 +171,10 @@ class Flusher:
                 acker = self.scripts.owners.pinned(stream) if self.ack == "replica" else self.redis
                 await acker.xack(stream, keys.FLUSH_GROUP, *[e[0] for e in entries])
                 await self._trim(stream)
-        if ids:
+        if ids:  # in entries, as the metrics say
             metrics.FLUSHED.inc(len(ids))
             metrics.FLUSH_BATCH_SIZE.observe(len(ids))
-        return len(ids)
+        return int(done)
 
     async def _trim(self, stream: str) -> None:
         """Drop entries that are delivered and acknowledged, never anything pending."""

@@ -83,8 +83,11 @@ SELECT type, data FROM events
 WHERE campaign_id = $1 AND type IN ('campaign', 'status', 'round_budget', 'carry_over')
 ORDER BY split_part(entry_id, '-', 1)::bigint, split_part(entry_id, '-', 2)::bigint
 """
+# the id of the last stream entry recorded (an event of a gathered entry adds its place to
+# it: issuer/events.py)
 LAST_ENTRY = """
-SELECT entry_id FROM events WHERE stream = $1
+SELECT split_part(entry_id, '-', 1) || '-' || split_part(entry_id, '-', 2) FROM events
+WHERE stream = $1
 ORDER BY split_part(entry_id, '-', 1)::bigint DESC, split_part(entry_id, '-', 2)::bigint DESC
 LIMIT 1
 """

@@ -12,6 +12,7 @@ from redis.exceptions import ResponseError
 
 from issuer import keys, money
 from issuer.campaigns import STORED, hash_keys
+from issuer.events import decoded_events
 
 LEDGER_FIELDS = ("budget", "available", "reserved", "spent", "clawback_due", "adjustments")
 
@@ -60,7 +61,7 @@ async def events_in_flight(redis: Redis, stream: str) -> InFlight:
         for raw_id, fields in entries:
             entry = entry_order(raw_id)
             if entry in pending or entry > last_delivered:
-                found.append((fields[b"t"].decode(), msgspec.json.decode(fields[b"d"])))
+                found += decoded_events(fields)
         start = "(" + entries[-1][0].decode()
     return found
 

@@ -41,11 +41,13 @@ local n = (#ARGV - claims_at + 1) / CLAIM_FIELDS
 local staff_mode = mode == 'staff'
 local lottery = allocation == 'lottery'
 local limits = {}
+local limited = false  -- whether any window has a limit (if not, no claim looks at them)
 for d = 0, 2 do
   local at = rate_limits_at + 3 * d
   local limit, retry_after_s, window_ttl_s = unpack(ARGV, at, at + 2)
   limits[d + 1] = {key = KEYS[rate_windows_at + d], limit = tonumber(limit),
                    reset = retry_after_s, ttl = tonumber(window_ttl_s), used = false}
+  limited = limited or tonumber(limit) >= 0
 end
 
 local led = redis.call('HMGET', ledger, 'status', 'version', 'available')
@@ -70,8 +72,12 @@ local issued, rreserved = tonumber(rnd[6]), tonumber(rnd[7])
 local rspent = tonumber(rnd[8] or 0) - tonumber(rnd[9] or 0)
 local now = time_ms()
 local now_json = string.format('%d', now)
-local reserve_json = string.format('%d', reserve_fen)
 local round_json = cjson.encode(round_id)
+-- the end of each record this batch makes (the same for all its claims): a voucher's
+-- times and reservation, an application's time
+local voucher_tail = ',"issued_at":' .. now_json .. ',"expires_at":' .. valid_until ..
+  ',"reserve_fen":' .. string.format('%d', reserve_fen) .. '}'
+local application_tail = ',"applied_at":' .. now_json .. '}'
 local granted = 0
 local stored = 0  -- applications taken (their idempotency records too)
 local nonce_used = {}
@@ -89,23 +95,37 @@ local function want(hash, field)
   end
   list[#list + 1] = field
 end
-local claims = {}
-for i = 1, n do
+-- the fields of claim `i` (read where needed rather than kept in a table per claim)
+local function claim_fields(i)
   local at = claims_at + (i - 1) * CLAIM_FIELDS
   local idem_field, fingerprint, nonce_bucket, nonce, person_ref, user_id, candidate, extra,
     device_id, client_ip = unpack(ARGV, at, at + 9)
-  local c = {idem_field = idem_field, fingerprint = fingerprint, nonce = nonce,
-    bucket = KEYS[nonce_buckets_at + tonumber(nonce_bucket) - first_nonce_bucket],
-    person_ref = person_ref, user_id = user_id, candidate = candidate, extra = extra,
-    who = {user_id, device_id, client_ip}}
-  claims[i] = c
-  want(c.bucket, nonce)
+  return idem_field, fingerprint, nonce_bucket, nonce, person_ref, user_id, candidate, extra,
+    device_id, client_ip
+end
+-- each claim's nonce bucket key; most claims are in the first bucket (compared as text:
+-- a number only when it is another)
+local buckets = {}
+local first_bucket = KEYS[nonce_buckets_at]
+local first_bucket_text = tostring(first_nonce_bucket)
+for i = 1, n do
+  local idem_field, _, nonce_bucket, nonce, person_ref, user_id, _, _, device_id, client_ip =
+    claim_fields(i)
+  local bucket = first_bucket
+  if nonce_bucket ~= first_bucket_text then
+    bucket = KEYS[nonce_buckets_at + tonumber(nonce_bucket) - first_nonce_bucket]
+  end
+  buckets[i] = bucket
+  want(bucket, nonce)
   want(idem_current, idem_field)
   want(idem_previous, idem_field)
   want(persons, person_ref)
   want(accounts, user_id)
-  for d = 1, 3 do
-    if limits[d].limit >= 0 and c.who[d] ~= '' then want(limits[d].key, c.who[d]) end
+  if limited then
+    local who = {user_id, device_id, client_ip}
+    for d = 1, 3 do
+      if limits[d].limit >= 0 and who[d] ~= '' then want(limits[d].key, who[d]) end
+    end
   end
 end
 local held = {}
@@ -128,25 +148,27 @@ local function waiting(hash, field)
   return aid and cjson.decode(redis.call('HGET', applications, aid)).status == 'applied'
 end
 
--- the JSON record a claim makes, a voucher or an application: the caller's `extra` object
--- with the round, the person and account, `state`, the request that made it (so that
--- issuer rebuild can restore its idempotency record) and `tail` (more `,"name":value`)
-local function made(extra, state, person_ref, user_id, idem_field, fingerprint, tail)
-  local head = string.sub(extra, 1, -2)
-  if head ~= '{' then head = head .. ',' end
-  return head .. '"round_id":' .. round_json .. ',"user_id":' .. cjson.encode(user_id) ..
-    ',"person_ref":' .. cjson.encode(person_ref) .. ',"status":"' .. state ..
-    '","request":[' .. cjson.encode(idem_field) .. ',' .. cjson.encode(fingerprint) .. ']' ..
-    tail .. '}'
+-- the JSON record a claim makes, a voucher or an application, in one concatenation: the
+-- caller's `extra` object with the round, the person and account, `state`, the request
+-- that made it (so that issuer rebuild can restore its idempotency record), its id
+-- (`id_name`: `id`) and `tail`. The person reference, the body's fingerprint (hex) and the
+-- record's id (issuer.ids) are the worker's own, never in need of an escape; the account
+-- and the request id come from the client and go through cjson.
+local function made(extra, state, person_ref, user_id, idem_field, fingerprint, id_name, id,
+    tail)
+  return string.sub(extra, 1, -2) .. (extra == '{}' and '' or ',') .. '"round_id":' ..
+    round_json .. ',"user_id":' .. cjson.encode(user_id) .. ',"person_ref":"' ..
+    person_ref .. '","status":"' .. state .. '","request":[' .. cjson.encode(idem_field) ..
+    ',"' .. fingerprint .. '"],"' .. id_name .. '":"' .. id .. '"' .. tail
 end
 
--- claim `c`
-local function decide(c)
-  local idem_field, fingerprint, person_ref, user_id, candidate, extra, bucket, nonce, who =
-    c.idem_field, c.fingerprint, c.person_ref, c.user_id, c.candidate, c.extra, c.bucket,
-    c.nonce, c.who
+-- claim `i`
+local function decide(i)
+  local idem_field, fingerprint, _, nonce, person_ref, user_id, candidate, extra, device_id,
+    client_ip = claim_fields(i)
+  local bucket = buckets[i]
   if held[bucket][nonce] then return 'UNAUTHENTICATED', '' end
-  put(bucket, nonce, 1)
+  put(bucket, nonce, '1')
   nonce_used[bucket] = true
   local prior = idem_result(held[idem_current][idem_field] or held[idem_previous][idem_field],
     fingerprint)
@@ -166,18 +188,21 @@ local function decide(c)
     return 'REPLAY', cjson.encode(first)
   end
   -- rate limits count attempts that reach the gate (a replay above is not one)
-  for d = 1, 3 do
-    local lim = limits[d]
-    if lim.limit >= 0 and who[d] ~= '' and
-        tonumber(held[lim.key][who[d]] or '0') >= lim.limit then
-      return 'RATE_LIMITED', lim.reset
+  if limited then
+    local who = {user_id, device_id, client_ip}
+    for d = 1, 3 do
+      local lim = limits[d]
+      if lim.limit >= 0 and who[d] ~= '' and
+          tonumber(held[lim.key][who[d]] or '0') >= lim.limit then
+        return 'RATE_LIMITED', lim.reset
+      end
     end
-  end
-  for d = 1, 3 do
-    local lim = limits[d]
-    if lim.limit >= 0 and who[d] ~= '' then
-      put(lim.key, who[d], tonumber(held[lim.key][who[d]] or '0') + 1)
-      lim.used = true
+    for d = 1, 3 do
+      local lim = limits[d]
+      if lim.limit >= 0 and who[d] ~= '' then
+        put(lim.key, who[d], tonumber(held[lim.key][who[d]] or '0') + 1)
+        lim.used = true
+      end
     end
   end
   if status == 'paused' then return 'CAMPAIGN_PAUSED', '' end
@@ -196,7 +221,7 @@ local function decide(c)
   end
   if lottery then
     local json = made(extra, 'applied', person_ref, user_id, idem_field, fingerprint,
-      ',"application_id":' .. cjson.encode(candidate) .. ',"applied_at":' .. now_json)
+      'application_id', candidate, application_tail)
     redis.call('HSET', applications, candidate, json)
     redis.call('HSET', applicants, person_ref, candidate)
     redis.call('HSET', applicant_accounts, user_id, candidate)
@@ -213,8 +238,7 @@ local function decide(c)
   if available < reserve_fen then return 'BUDGET_EXHAUSTED', '' end
   -- every check passed: write
   local json = made(extra, 'issued', person_ref, user_id, idem_field, fingerprint,
-    ',"voucher_id":' .. cjson.encode(candidate) .. ',"issued_at":' .. now_json ..
-    ',"expires_at":' .. valid_until .. ',"reserve_fen":' .. reserve_json)
+    'voucher_id', candidate, voucher_tail)
   local v = {voucher_id = candidate, person_ref = person_ref, user_id = user_id,
     expires_at = valid_until}
   write_voucher(w, persons, accounts, vouchers, expiry, events, v, json)
@@ -231,8 +255,8 @@ local function decide(c)
 end
 
 out = {status, led[2], 0, 0}
-for _, c in ipairs(claims) do
-  local code, payload = decide(c)
+for i = 1, n do
+  local code, payload = decide(i)
   out[#out + 1] = code
   out[#out + 1] = payload
 end

@@ -71,35 +71,54 @@ local function call_spread(cmd, key, args)
 end
 
 -- Writes made at once, one command each (`w.hset(key, field, value)`, `w.zadd(key, score,
--- member)`, `w.sadd(key, member)`).
+-- member)`, `w.sadd(key, member)`, `w.event(stream, type, json)`: an entry per event).
 local immediately = {
   hset = function(key, field, value) redis.call('HSET', key, field, value) end,
   zadd = function(key, score, member) redis.call('ZADD', key, score, member) end,
   sadd = function(key, member) redis.call('SADD', key, member) end,
+  event = function(stream, kind, json) redis.call('XADD', stream, '*', 't', kind, 'd', json) end,
 }
 
 -- Writes gathered and sent by `w.flush()`: one command per key and kind with every field
 -- (a batch's commands, and what the AOF and the replicas are sent per command, do not grow
 -- with its size). Until then Redis does not have them: a script that reads a key it wrote
--- this way reads its own tables first.
+-- this way reads its own tables first. The events of one stream and type go in one entry
+-- whose `d` is the JSON array of their documents, in order (issuer/events.py reads it).
 local function gathered()
-  local order, args = {}, {HSET = {}, ZADD = {}, SADD = {}}
-  local function add(cmd, key, a, b)
-    local list = args[cmd][key]
+  local order = {}
+  local lists = {HSET = {}, ZADD = {}, SADD = {}}  -- command -> key -> its arguments
+  local events = {}  -- event type -> stream -> its documents
+  local function add(cmd, by_key, key, a, b, kind)
+    local list = by_key[key]
     if not list then
       list = {}
-      args[cmd][key] = list
-      order[#order + 1] = {cmd, key, list}
+      by_key[key] = list
+      order[#order + 1] = {cmd, key, list, kind}
     end
     list[#list + 1] = a
     if b ~= nil then list[#list + 1] = b end
   end
   return {
-    hset = function(key, field, value) add('HSET', key, field, value) end,
-    zadd = function(key, score, member) add('ZADD', key, score, member) end,
-    sadd = function(key, member) add('SADD', key, member) end,
+    hset = function(key, field, value) add('HSET', lists.HSET, key, field, value) end,
+    zadd = function(key, score, member) add('ZADD', lists.ZADD, key, score, member) end,
+    sadd = function(key, member) add('SADD', lists.SADD, key, member) end,
+    event = function(stream, kind, json)
+      local by_stream = events[kind]
+      if not by_stream then
+        by_stream = {}
+        events[kind] = by_stream
+      end
+      add('XADD', by_stream, stream, json, nil, kind)
+    end,
     flush = function()
-      for _, o in ipairs(order) do call_spread(o[1], o[2], o[3]) end
+      for _, o in ipairs(order) do
+        local cmd, key, list, kind = o[1], o[2], o[3], o[4]
+        if cmd == 'XADD' then
+          redis.call('XADD', key, '*', 't', kind, 'd', '[' .. table.concat(list, ',') .. ']')
+        else
+          call_spread(cmd, key, list)
+        end
+      end
     end,
   }
 end
@@ -112,5 +131,5 @@ local function write_voucher(w, persons, accounts, vouchers, expiry, events, v, 
   w.hset(accounts, v.user_id, v.voucher_id)
   w.hset(vouchers, v.voucher_id, json)
   w.zadd(expiry, v.expires_at, v.voucher_id)
-  redis.call('XADD', events, '*', 't', 'claim', 'd', json)
+  w.event(events, 'claim', json)
 end

@@ -14,6 +14,7 @@ from typing import Any
 
 from issuer import keys
 from issuer.claims import Batcher, NonceSpender
+from issuer.events import decoded_events
 from issuer.model import RateLimits
 from issuer.protocol import CampaignPut, Claim, Request, RoundSettings, SpentNonce
 from issuer.scripts import Scripts
@@ -163,5 +164,6 @@ class Fake:
         return led
 
     async def events(self) -> list[str]:
-        """The types of the campaign's events, in order."""
-        return [fields[b"t"].decode() for _, fields in await self.redis.xrange(CK.events)]
+        """The types of the campaign's events, in order (each of a gathered entry's)."""
+        entries = await self.redis.xrange(CK.events)
+        return [kind for _, fields in entries for kind, _ in decoded_events(fields)]

@@ -26,6 +26,7 @@ from issuer.campaigns import Campaigns
 from issuer.claims import Claims
 from issuer.embedded import free_port
 from issuer.errors import ApiError
+from issuer.events import decoded_events
 from issuer.flusher import Flusher, stream_lag
 from issuer.model import CampaignDef, ClaimIn, StatusChangeIn
 from issuer.reconcile import reconcile
@@ -133,14 +134,29 @@ async def entries_added(redis: Redis, stream: str) -> int:
     return int(info["entries-added"])
 
 
+async def stream_events(redis: Redis, stream: str, ids: list[bytes] | None = None) -> list[str]:
+    """The ids of the events that the stream's entries (those of `ids`) hold, in order: an
+    entry's own, or for each document of a gathered entry the entry's and its place."""
+    entries = [
+        found
+        for entry_id in ids or [None]
+        for found in await redis.xrange(stream, *((entry_id, entry_id) if entry_id else ()))
+    ]
+    return [
+        f"{entry_id.decode()}-{i}" if fields[b"d"].startswith(b"[") else entry_id.decode()
+        for entry_id, fields in entries
+        for i, _ in enumerate(decoded_events(fields))
+    ]
+
+
 async def pending_ids(redis: Redis, stream: str) -> list[bytes]:
     rows = await redis.xpending_range(stream, keys.FLUSH_GROUP, "-", "+", 1_000_000)
     return [r["message_id"] for r in rows]
 
 
 async def assert_exact(env: Env, campaign_id: str) -> None:
-    """PostgreSQL holds exactly Redis's vouchers, one event row per stream entry, with
-    nothing left pending or unread."""
+    """PostgreSQL holds exactly Redis's vouchers, one event row per event of each stream
+    entry, with nothing left pending or unread."""
     stream = keys.CampaignKeys(campaign_id).events
     in_redis = await redis_vouchers(env.redis, campaign_id)
     in_pg = await pg_vouchers(env.pool, campaign_id)
@@ -149,10 +165,15 @@ async def assert_exact(env: Env, campaign_id: str) -> None:
     assert not missing and not extra, f"{len(missing)} missing, {len(extra)} extra in PostgreSQL"
     assert in_pg == in_redis
     row = await env.pool.fetchrow(
-        "SELECT count(*) AS n, count(DISTINCT entry_id) AS d FROM events WHERE stream = $1",
+        "SELECT count(*) AS n, count(DISTINCT entry_id) AS d,"
+        " count(DISTINCT split_part(entry_id, '-', 1) || '-' || split_part(entry_id, '-', 2))"
+        " AS entries, count(*) FILTER (WHERE type = 'claim') AS claims"
+        " FROM events WHERE stream = $1",
         stream,
     )
-    assert row["n"] == row["d"] == await entries_added(env.redis, stream)
+    assert row["n"] == row["d"]
+    assert row["entries"] == await entries_added(env.redis, stream)
+    assert row["claims"] == len(in_pg)
     per_person = await env.pool.fetchval(
         "SELECT count(DISTINCT person_ref) FROM vouchers WHERE campaign_id = $1", campaign_id
     )
@@ -212,12 +233,13 @@ async def test_flush_thousands_exactly(env: Env) -> None:
     await env.set_status(campaign_id, "paused")
     await env.set_status(campaign_id, "active")
     await env.claim_many(campaign_id, range(1500, 3000))
-    ids = [e[0].decode() for e in await env.redis.xrange(stream)]
+    ids = await stream_events(env.redis, stream)
     assert len(ids) == 3000 + 3  # campaign, pause, resume
+    assert await env.redis.xlen(stream) < 100  # the claims of a batch are one entry
 
     r = env.redis_client()
     try:
-        flusher = Flusher(r, env.pool, consumer="flusher-1", batch=500)
+        flusher = Flusher(r, env.pool, consumer="flusher-1", batch=5)
         assert await flusher.drain() >= len(ids)
     finally:
         await r.aclose()
@@ -278,7 +300,7 @@ async def test_other_consumer_takes_over(env: Env) -> None:
 
     ra = env.redis_client()
     try:
-        a = Flusher(ra, env.pool, consumer="host-a", batch=300)
+        a = Flusher(ra, env.pool, consumer="host-a", batch=3)
         streams = await a.streams()
         # batch 1: committed, never acknowledged
         fail_once(ra, "xack", RedisConnectionError("host-a died after COMMIT"))
@@ -289,15 +311,15 @@ async def test_other_consumer_takes_over(env: Env) -> None:
     finally:
         await ra.aclose()
     left = await pending_ids(env.redis, stream)
-    assert len(left) >= 300
+    assert len(left) >= 3
     await env.claim_many(campaign_id, range(1000, 1500))  # traffic goes on meanwhile
 
     await asyncio.sleep(0.1)
     rb = env.redis_client()
     try:
-        b = Flusher(rb, env.pool, consumer="host-b", batch=300, claim_idle_ms=50)
+        b = Flusher(rb, env.pool, consumer="host-b", batch=3, claim_idle_ms=50)
         rescued = await b.rescue(await b.streams())
-        assert rescued >= len(left)
+        assert rescued >= len(await stream_events(env.redis, stream, left))
         consumers = {
             c["name"].decode(): c["pending"]
             for c in await env.redis.xinfo_consumers(stream, keys.FLUSH_GROUP)
@@ -358,7 +380,7 @@ async def test_cancel_mid_batch(env: Env) -> None:
     cancels = 0
     while not producer.done() or cancels < 6:
         r = env.redis_client()
-        flusher = Flusher(r, env.pool, consumer="flusher-1", batch=37)
+        flusher = Flusher(r, env.pool, consumer="flusher-1", batch=2)
         task = asyncio.create_task(flusher.run(asyncio.Event()))
         await asyncio.sleep(rng.uniform(0.005, 0.25))
         assert not task.done(), task  # it must not have crashed on its own
@@ -369,7 +391,7 @@ async def test_cancel_mid_batch(env: Env) -> None:
 
     r = env.redis_client()
     try:
-        await Flusher(r, env.pool, consumer="flusher-1", batch=37).drain()
+        await Flusher(r, env.pool, consumer="flusher-1", batch=2).drain()
     finally:
         await r.aclose()
     await assert_exact(env, campaign_id)
@@ -400,7 +422,7 @@ async def test_postgres_unavailable(env: Env) -> None:
         await asyncio.sleep(1.5)
         assert not task.done(), "the flusher died while PostgreSQL was down"
         # nothing acknowledged, nothing trimmed, everything counted as lag
-        assert await env.redis.xlen(stream) == 1000
+        assert len(await stream_events(env.redis, stream)) == 1000
         assert (
             await env.pool.fetchval(
                 "SELECT count(*) FROM events WHERE stream = $1 AND type = 'claim'", stream
@@ -409,8 +431,8 @@ async def test_postgres_unavailable(env: Env) -> None:
         )
         pending = await pending_ids(env.redis, stream)
         assert len(pending) > 0  # read, but not acknowledged
-        lag, age = await stream_lag(env.redis)
-        assert lag == 1000 and age > 0
+        lag, age = await stream_lag(env.redis)  # in entries
+        assert lag == await env.redis.xlen(stream) and age > 0
 
         flusher.pool = env.pool  # PostgreSQL is back
         await env.claim_many(campaign_id, range(1000, 1500))
@@ -452,7 +474,7 @@ async def test_trim_keeps_unacknowledged_after_partial_failure(env: Env) -> None
 
     ra = env.redis_client()
     try:
-        a = Flusher(ra, env.pool, consumer="host-a", batch=50)
+        a = Flusher(ra, env.pool, consumer="host-a", batch=1)
         await a.streams()
         # two batches go through (acknowledged and trimmed), the third is left pending
         fail_once(ra, "xack", RedisConnectionError("lost"), on_call=3)
@@ -466,7 +488,7 @@ async def test_trim_keeps_unacknowledged_after_partial_failure(env: Env) -> None
 
     rb = env.redis_client()
     try:
-        b = Flusher(rb, env.pool, consumer="host-b", batch=50, claim_idle_ms=60_000)
+        b = Flusher(rb, env.pool, consumer="host-b", batch=1, claim_idle_ms=60_000)
         # host-b flushes newer entries and trims behind itself, around host-a's leftovers
         while await b.flush_once(block_ms=None):
             pending = await pending_ids(env.redis, stream)
@@ -477,7 +499,8 @@ async def test_trim_keeps_unacknowledged_after_partial_failure(env: Env) -> None
                 )
         assert await pending_ids(env.redis, stream) == stuck
         b.claim_idle_ms = 0
-        assert await b.rescue(await b.streams()) == len(stuck)
+        held = await stream_events(env.redis, stream, stuck)
+        assert await b.rescue(await b.streams()) == len(held)
     finally:
         await rb.aclose()
     await assert_exact(env, campaign_id)
@@ -508,7 +531,8 @@ async def test_trim_with_two_live_flushers(env: Env) -> None:
 
         # B reads the newer entries before A trims: A's trim must leave them in the stream
         got = await b.read(streams, ">", None)
-        assert sum(len(e) for s, e in got if s == stream) == 200
+        read_b = [entry_id for s, e in got if s == stream for entry_id, _ in e]
+        assert len(await stream_events(env.redis, stream, read_b)) == 200
         await a.record(batch_a)
         # host B dies here, before writing its batch to PostgreSQL
     finally:
@@ -516,7 +540,7 @@ async def test_trim_with_two_live_flushers(env: Env) -> None:
         await rb.aclose()
 
     pending = await pending_ids(env.redis, stream)
-    assert len(pending) == 200
+    assert pending == read_b
     present = [m for m in pending if await env.redis.xrange(stream, min=m, max=m)]
     assert len(present) == len(pending), (
         f"{len(pending) - len(present)} of {len(pending)} unacknowledged entries were trimmed"
@@ -744,3 +768,100 @@ async def test_run_gathers_a_trickle_into_few_batches(env: Env) -> None:
     assert sum(sizes) == 60
     assert len(sizes) <= 15, f"{len(sizes)} batches for 60 claims: {sizes}"
     await assert_exact(env, campaign_id)
+
+
+# ------------------------------------------------------------------ the stream's two formats
+
+
+async def test_a_stream_of_both_formats_flushes_each_claim_once(env: Env) -> None:
+    """A stream written before the claims of a batch were gathered (an entry per claim)
+    and after (an entry per batch, `d` the JSON array of its vouchers): each claim is
+    recorded once, a gathered one under its entry's id and place, also when a batch is
+    committed, not acknowledged, and delivered again."""
+    campaign_id = unique_id("fl")
+    stream = keys.CampaignKeys(campaign_id).events
+    await env.redis.xgroup_create(stream, keys.FLUSH_GROUP, id="0", mkstream=True)
+    claims = [claim_doc(campaign_id, n) for n in range(7)]
+
+    async def add(docs: Any) -> str:
+        entry_id = await env.redis.xadd(stream, {"t": "claim", "d": msgspec.json.encode(docs)})
+        return str(entry_id.decode())
+
+    old = [await add(claims[0]), await add(claims[1])]
+    gathered = await add(claims[2:5])
+    alone = await add(claims[5:6])
+    last = await add(claims[6])
+    want = {
+        old[0]: claims[0],
+        old[1]: claims[1],
+        **{f"{gathered}-{i}": claims[2 + i] for i in range(3)},
+        f"{alone}-0": claims[5],
+        last: claims[6],
+    }
+    r = env.redis_client()
+
+    async def flush(flusher: Flusher) -> int:  # this stream only (no campaign registered)
+        done = await flusher.drain_pending([stream])
+        while batches := [b for b in await flusher.read([stream], ">", None) if b[1]]:
+            done += await flusher.record(batches)
+        return done
+
+    try:
+        # the second batch (the gathered entry and the one after it) is committed, then the
+        # connection is lost before its XACK
+        fail_once(r, "xack", RedisConnectionError("lost before XACK"), on_call=2)
+        with pytest.raises(RedisConnectionError):
+            await flush(Flusher(r, env.pool, consumer="formats", batch=2))
+        assert await pending_ids(env.redis, stream) == [gathered.encode(), alone.encode()]
+        assert await flush(Flusher(r, env.pool, consumer="formats", batch=2)) == 5
+    finally:
+        await r.aclose()
+    rows = await env.pool.fetch(
+        "SELECT e.entry_id, e.type, e.data, v.entry_id AS voucher_entry FROM events e"
+        " LEFT JOIN vouchers v ON v.voucher_id = e.data->>'voucher_id' WHERE e.stream = $1",
+        stream,
+    )
+    assert len(rows) == len(want)
+    assert {r["entry_id"]: msgspec.json.decode(r["data"]) for r in rows} == want
+    assert all(r["type"] == "claim" and r["voucher_entry"] == r["entry_id"] for r in rows)
+    assert await pending_ids(env.redis, stream) == []
+    assert await env.redis.xlen(stream) == 0
+
+
+# RECORD_CLAIMS before entries were gathered: each entry's `d` one claim (VOUCHERS_NEW is
+# unchanged)
+OLDER_RECORD_CLAIMS = (
+    """
+WITH new AS (
+    INSERT INTO events (stream, entry_id, campaign_id, type, data)
+    SELECT s, e, nullif(c, ''), 'claim', d::jsonb
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS x(s, e, c, d)
+    ON CONFLICT DO NOTHING
+    RETURNING entry_id, campaign_id, type, data
+), vouchers_new AS ("""
+    + store.VOUCHERS_NEW
+    + """)
+SELECT count(*) FROM new
+"""
+)
+
+
+async def test_an_older_flusher_refuses_a_gathered_entry(env: Env) -> None:
+    """A flusher of a release before gathered entries (in a rolling deploy) records an
+    entry's `d` as one claim: of a gathered entry, a voucher without an id, which its
+    statement refuses (NOT NULL), so that the entry stays pending for a newer flusher
+    rather than being acknowledged without its vouchers."""
+    campaign_id = unique_id("fl")
+    stream = keys.CampaignKeys(campaign_id).events
+    claims = [claim_doc(campaign_id, n) for n in range(2)]
+    args = [stream], ["1-0"], [campaign_id]
+    with pytest.raises(asyncpg.NotNullViolationError):
+        await env.pool.fetchval(OLDER_RECORD_CLAIMS, *args, [msgspec.json.encode(claims).decode()])
+    assert await env.pool.fetchval("SELECT count(*) FROM events WHERE stream = $1", stream) == 0
+    # while it records an entry of one claim as this release does
+    assert (
+        await env.pool.fetchval(
+            OLDER_RECORD_CLAIMS, *args, [msgspec.json.encode(claims[0]).decode()]
+        )
+        == 1
+    )

@@ -114,6 +114,12 @@ async def test_a_claim_sees_what_the_claims_before_it_in_its_batch_wrote(fake: F
     assert await fake.redis.zscore(CK.expiry, claim(5).candidate) == stored["expires_at"]
     assert (await fake.round())["issued"] == 2
     assert await fake.events() == ["campaign", "claim", "claim"]
+    # one stream entry for the batch's vouchers, their records in order
+    (_, batch_entry) = (await fake.redis.xrange(CK.events))[-1]
+    assert batch_entry[b"t"] == b"claim"
+    assert json.loads(batch_entry[b"d"]) == [
+        json.loads(await fake.redis.hget(CK.vouchers, c.candidate)) for c in (claim(1), claim(5))
+    ]
     # the nonces of all seven are spent, whatever their answer
     assert await fake.claimed(claim(6, nonce="another-nonce-0002")) == ["UNAUTHENTICATED"]
 
@@ -275,6 +281,23 @@ async def test_nonces_refused_before_the_gate_are_spent_once(fake: Fake) -> None
     await fake.put_campaign(settings())
     assert await fake.claimed(claim(1, nonce="nonce-a")) == ["UNAUTHENTICATED"]
     assert await fake.redis.ttl(CK.nonces(bucket, bucket)[0]) > 0
+
+
+async def test_a_batch_spends_each_nonce_in_its_own_bucket(fake: Fake) -> None:
+    """A batch whose X-Timestamps span two nonce buckets: each nonce goes in its own (the
+    script finds the first bucket's claims without a number), and a replay of either in a
+    later batch is refused."""
+    await fake.put_campaign(settings())
+    first = claim(1).nonce_bucket
+    early, late = claim(1), claim(2, nonce_bucket=first + 1)
+    assert await fake.claimed(late, early) == ["OK", "OK"]
+    older, newer = CK.nonces(first, first + 1)
+    assert await fake.redis.hkeys(older) == [early.nonce.encode()]
+    assert await fake.redis.hkeys(newer) == [late.nonce.encode()]
+    again = [
+        claim(n, nonce=c.nonce, nonce_bucket=c.nonce_bucket) for n, c in ((3, early), (4, late))
+    ]
+    assert await fake.claimed(*again) == ["UNAUTHENTICATED"] * 2
 
 
 async def test_a_record_s_strings_are_escaped_as_json(fake: Fake) -> None:
