@@ -172,6 +172,11 @@ REWORDED: dict[str, tuple[str, str]] = {
         "Run of the previous stop (2026-12-03, before issue 24), medians",
         "issue 24's run, with scenario (h) and instruction counts, is now the latest",
     ),
+    "/readyz fails when more entries than this wait for PostgreSQL": (
+        "/readyz fails when more stream entries than this wait for PostgreSQL (a claim batch"
+        " is one entry)",
+        "a claim batch's vouchers are one stream entry now (branch stream1)",
+    ),
 }
 
 # old sentence -> why it is gone
