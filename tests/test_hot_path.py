@@ -64,6 +64,11 @@ async def _count_then_scrape(series: object) -> None:
     assert b'issuer_claims_total{campaign="hot-path-test",code="OK"}' in text
 
 
+class _Line(logs.Line, kw_only=True):
+    status: int
+    n: int
+
+
 async def test_request_lines_are_written_together_in_the_formatter_s_shape(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -71,7 +76,7 @@ async def test_request_lines_are_written_together_in_the_formatter_s_shape(
     monkeypatch.setattr(logs, "_stream", [stream])
     log = logging.getLogger("issuer.api")
     for n in range(3):
-        logs.batched(log, logging.INFO, "request", {"status": 409, "n": n})
+        logs.batched(log, logging.INFO, _Line(msg="request", status=409, n=n))
     assert stream.getvalue() == ""  # nothing written per line
     await asyncio.sleep(logs.BATCH_S * 2)
     lines = [msgspec.json.decode(line) for line in stream.getvalue().splitlines()]
