@@ -20,7 +20,7 @@ from aiohttp import hdrs, web
 from issuer import documents, due_dates, gauges, keys, logs, metrics, openapi, tenancy, topology
 from issuer.auth import Verified, require_role, verify
 from issuer.errors import ApiError
-from issuer.http import ENCODER, ERROR_CODE, JSON, MAX_BODY, Ctx, Route, error_response
+from issuer.http import ENCODER, JSON, MAX_BODY, Ctx, ErrorResponse, Route, error_response
 from issuer.ids import campaign_prefix
 from issuer.routes import ROUTES
 from issuer.routes_claims import claim
@@ -56,7 +56,7 @@ def finish(
     request: web.Request, response: web.StreamResponse, label: str, started: float
 ) -> web.StreamResponse:
     """Count and log a request once answered."""
-    code = response.get(ERROR_CODE, "OK")  # every error response names its code
+    code = response.code if isinstance(response, ErrorResponse) else "OK"
     metrics.count(metrics.child(metrics.REQUESTS, label, str(response.status)))
     elapsed = time.perf_counter() - started
     shed = code == "OVERLOADED"
