@@ -39,6 +39,8 @@ def served(label: str, inner: Next) -> Next:
     every request counted and logged. The app has no middleware (aiohttp adds a second
     layer to any app that has one): each route is wrapped by this, or by `endpoint`."""
 
+    series = metrics.RouteSeries(label)
+
     async def serve(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         try:
@@ -47,21 +49,24 @@ def served(label: str, inner: Next) -> Next:
             # (no local may keep `exc`: its traceback holds this frame, a cycle that only
             # the garbage collector would free, in long pauses under load)
             response = failure_response(request, exc)
-        return finish(request, response, label, started)
+        return finish(request, response, series, started)
 
     return serve
 
 
 def finish(
-    request: web.Request, response: web.StreamResponse, label: str, started: float
+    request: web.Request,
+    response: web.StreamResponse,
+    series: metrics.RouteSeries,
+    started: float,
 ) -> web.StreamResponse:
     """Count and log a request once answered."""
     code = response.code if isinstance(response, ErrorResponse) else "OK"
-    metrics.count(metrics.child(metrics.REQUESTS, label, str(response.status)))
+    metrics.count(series.requests(response.status))
     elapsed = time.perf_counter() - started
     shed = code == "OVERLOADED"
     if not shed:  # the latency of what was served: shed answers would drown it
-        metrics.observe(metrics.child(metrics.LATENCY, label), elapsed)
+        metrics.observe(series.latency(), elapsed)
     # shed claims are counted (issuer_claims_shed_total), not logged one by one: a
     # line each would flood the log, and cost CPU, exactly when the worker is behind
     level = logging.DEBUG if request.method == "GET" or shed else logging.INFO
@@ -117,7 +122,7 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
     # refusals: routes_claims.claim). A redemption whose body named no campaign spends
     # none: the same request is refused the same way again.
     batched = shed or name == "redeem"
-    label = route.path
+    series = metrics.RouteSeries(route.path)
 
     async def handle(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -140,7 +145,7 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
                 response = error_response(err)
         except Exception as exc:  # as in `served`
             response = failure_response(request, exc)
-        return finish(request, response, label, started)
+        return finish(request, response, series, started)
 
     def decoded(request: web.Request, verified: Verified) -> Any:
         """The role checked, the route's body (or query) decoded and validated."""
