@@ -130,10 +130,11 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
         try:
             with ctx.admission.admit() if shed else UNHELD:
                 read_limit(request, limit)
-                verified = check_signed(ctx, request, await request.read(), limit)
+                raw = await request.read()
+                verified = check_signed(ctx, request, raw, limit)
                 if not batched:
                     await spend_nonce(ctx, verified)
-                body = decoded(request, verified)
+                body = decoded(request, verified, raw)
                 admitted = tenancy.known(ctx.owners, route.tenant, request, body)
                 if admitted is tenancy.UNKNOWN:
                     admitted = await tenancy.admit(ctx.owners, route.tenant, request, body)
@@ -147,7 +148,7 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
             response = failure_response(request, exc)
         return finish(request, response, series, started)
 
-    def decoded(request: web.Request, verified: Verified) -> Any:
+    def decoded(request: web.Request, verified: Verified, raw: bytes) -> Any:
         """The role checked, the route's body (or query) decoded and validated."""
         require_role(verified, *route.roles)
         if route.query is not None:
@@ -158,13 +159,15 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
         if decoder is None:
             return None
         try:
-            body = decoder.decode(request["raw_body"])
+            body = decoder.decode(raw)
         except msgspec.ValidationError as exc:
             raise ApiError("INVALID_REQUEST", str(exc)) from None
         except msgspec.DecodeError as exc:
             raise ApiError("INVALID_REQUEST", f"malformed JSON: {exc}") from None
         request["request_id"] = getattr(body, "request_id", None)
-        request["campaign"] = campaign_prefix(getattr(body, "voucher_id", ""))
+        voucher_id = getattr(body, "voucher_id", None)
+        if voucher_id is not None:  # the campaign a body names, for the log and the nonce
+            request["campaign"] = campaign_prefix(voucher_id)
         return body
 
     def refused(request: web.Request, verified: Verified, err: ApiError) -> ApiError:
