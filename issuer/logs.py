@@ -19,17 +19,19 @@ _stream: list[TextIO] = []  # where setup() sends the logs, once it has run
 _batch: list[Line] = []
 _writing: list[asyncio.TimerHandle] = []
 _second: list[tuple[int, str]] = [(-1, "")]  # the last second formatted, and its text
+_MILLIS = tuple(f".{n:03d}Z" for n in range(1000))  # a timestamp's tail, by millisecond
 
 
 def timestamp(created: float) -> str:
     """UTC, to the millisecond; the date and time of day are formatted once a second (a
-    formatting per request line cost more than the rest of the line)."""
+    formatting per request line cost more than the rest of the line), the milliseconds
+    looked up."""
     whole = int(created)
     second, text = _second[0]
     if whole != second:
         text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
         _second[0] = (whole, text)
-    return f"{text}.{int(created % 1 * 1000):03d}Z"
+    return text + _MILLIS[int(created % 1 * 1000)]
 
 
 class JsonFormatter(logging.Formatter):
