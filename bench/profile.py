@@ -11,10 +11,15 @@ fixed sequence of requests costs repeat to about a per mille, so that a 5 % chan
 One more worker of the scenario's server (a baseline, or an `issuer` worker beside the
 service's, on the same Valkey and PostgreSQL) is started on a port of its own under
 callgrind, with PYTHONHASHSEED fixed. Once it answers, its instrumentation goes on and
-WARMUP requests are sent; then the idle worker is counted for IDLE_S seconds, then each of
-ROUNDS sequences of N pre-signed requests from C keep-alive connections, each connection
-sending its next request once answered. Instructions per request = (instructions counted −
-the idle rate × the seconds the sequence took) / N.
+WARMUP requests are sent; then, SETTLE_S later, the idle worker is counted for IDLE_S
+seconds, then each of ROUNDS sequences of N pre-signed requests from C keep-alive
+connections, each connection sending its next request once answered, and counted until
+SETTLE_S after its last answer. Instructions per request = (instructions counted − the
+idle rate × the seconds counted) / N. The settling counts what a request leaves to be done
+later (its nonce's spend, its log line's write, its counts' publish) with the request, and
+keeps it out of the idle rate: counted from the last answer, the warm-up's deferred work
+fell into the idle seconds and was then taken out of every round, times the round's
+length, and a round's own tail was left out.
 
 Callgrind counts the instructions the process runs in user space, not the kernel's work in
 its system calls (socket reads and writes), which the bench's CPU seconds include. Under
@@ -95,6 +100,7 @@ HELD = (
 )
 SHED_LAG_MS = 60_000  # a counted worker is always late: the most the setting allows
 LONG_S = 3_600.0  # a sequence ends when its requests are answered, not at a time
+SETTLE_S = 8.0  # longer than a counted worker's deferred work: its counts' publish (6 s)
 TOTAL = re.compile(r"^\s*Th\s+\d+\s+([\d,]+)\s*$", re.M)
 
 
@@ -255,6 +261,7 @@ async def count(
         conns = await open_connections(load, Target("127.0.0.1", port, connections, 0, LONG_S))
         await finished(load)
         checked(load, expect)
+        await asyncio.sleep(SETTLE_S)
         began = await asyncio.to_thread(subject.zero)
         await asyncio.sleep(idle_s)
         idle, ended = await asyncio.to_thread(subject.counted)
@@ -265,6 +272,7 @@ async def count(
             began = await asyncio.to_thread(subject.zero)
             kick(conns, load)
             await finished(load)
+            await asyncio.sleep(SETTLE_S)
             total, ended = await asyncio.to_thread(subject.counted)
             checked(load, expect)
             took.append(ended - began)

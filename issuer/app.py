@@ -20,7 +20,7 @@ from aiohttp import hdrs, web
 from issuer import documents, due_dates, gauges, keys, logs, metrics, openapi, tenancy, topology
 from issuer.auth import Verified, require_role, verify
 from issuer.errors import ApiError
-from issuer.http import ENCODER, ERROR_CODE, JSON, MAX_BODY, Ctx, Route, error_response
+from issuer.http import ENCODER, JSON, MAX_BODY, Ctx, ErrorResponse, Route, error_response
 from issuer.ids import campaign_prefix
 from issuer.routes import ROUTES
 from issuer.routes_claims import claim
@@ -39,6 +39,8 @@ def served(label: str, inner: Next) -> Next:
     every request counted and logged. The app has no middleware (aiohttp adds a second
     layer to any app that has one): each route is wrapped by this, or by `endpoint`."""
 
+    series = metrics.RouteSeries(label)
+
     async def serve(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         try:
@@ -47,28 +49,31 @@ def served(label: str, inner: Next) -> Next:
             # (no local may keep `exc`: its traceback holds this frame, a cycle that only
             # the garbage collector would free, in long pauses under load)
             response = failure_response(request, exc)
-        return finish(request, response, label, started)
+        return finish(request, response, series, started)
 
     return serve
 
 
 def finish(
-    request: web.Request, response: web.StreamResponse, label: str, started: float
+    request: web.Request,
+    response: web.StreamResponse,
+    series: metrics.RouteSeries,
+    started: float,
 ) -> web.StreamResponse:
     """Count and log a request once answered."""
-    code = response.get(ERROR_CODE, "OK")  # every error response names its code
-    metrics.count(metrics.child(metrics.REQUESTS, label, str(response.status)))
+    code = response.code if isinstance(response, ErrorResponse) else "OK"
+    metrics.count(series.requests(response.status))
     elapsed = time.perf_counter() - started
     shed = code == "OVERLOADED"
     if not shed:  # the latency of what was served: shed answers would drown it
-        metrics.observe(metrics.child(metrics.LATENCY, label), elapsed)
+        metrics.observe(series.latency(), elapsed)
     # shed claims are counted (issuer_claims_shed_total), not logged one by one: a
     # line each would flood the log, and cost CPU, exactly when the worker is behind
     level = logging.DEBUG if request.method == "GET" or shed else logging.INFO
     if log.isEnabledFor(level):
         if code == "OK" and response.headers.get("Idempotent-Replay"):
             code = "REPLAY"
-        logs.batched(log, level, "request", request_fields(request, response.status, code, elapsed))
+        logs.batched(log, level, request_line(request, response.status, code, elapsed))
     return response
 
 
@@ -117,7 +122,7 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
     # refusals: routes_claims.claim). A redemption whose body named no campaign spends
     # none: the same request is refused the same way again.
     batched = shed or name == "redeem"
-    label = route.path
+    series = metrics.RouteSeries(route.path)
 
     async def handle(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -125,10 +130,11 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
         try:
             with ctx.admission.admit() if shed else UNHELD:
                 read_limit(request, limit)
-                verified = check_signed(ctx, request, await request.read(), limit)
+                raw = await request.read()
+                verified = check_signed(ctx, request, raw, limit)
                 if not batched:
                     await spend_nonce(ctx, verified)
-                body = decoded(request, verified)
+                body = decoded(request, verified, raw)
                 admitted = tenancy.known(ctx.owners, route.tenant, request, body)
                 if admitted is tenancy.UNKNOWN:
                     admitted = await tenancy.admit(ctx.owners, route.tenant, request, body)
@@ -140,9 +146,9 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
                 response = error_response(err)
         except Exception as exc:  # as in `served`
             response = failure_response(request, exc)
-        return finish(request, response, label, started)
+        return finish(request, response, series, started)
 
-    def decoded(request: web.Request, verified: Verified) -> Any:
+    def decoded(request: web.Request, verified: Verified, raw: bytes) -> Any:
         """The role checked, the route's body (or query) decoded and validated."""
         require_role(verified, *route.roles)
         if route.query is not None:
@@ -153,13 +159,15 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
         if decoder is None:
             return None
         try:
-            body = decoder.decode(request["raw_body"])
+            body = decoder.decode(raw)
         except msgspec.ValidationError as exc:
             raise ApiError("INVALID_REQUEST", str(exc)) from None
         except msgspec.DecodeError as exc:
             raise ApiError("INVALID_REQUEST", f"malformed JSON: {exc}") from None
         request["request_id"] = getattr(body, "request_id", None)
-        request["campaign"] = campaign_prefix(getattr(body, "voucher_id", ""))
+        voucher_id = getattr(body, "voucher_id", None)
+        if voucher_id is not None:  # the campaign a body names, for the log and the nonce
+            request["campaign"] = campaign_prefix(voucher_id)
         return body
 
     def refused(request: web.Request, verified: Verified, err: ApiError) -> ApiError:
@@ -214,31 +222,46 @@ def failure_response(request: web.Request, exc: Exception) -> web.Response:
     return error_response(as_api_error(request, exc))
 
 
-def request_fields(
-    request: web.Request, status: int, code: str, elapsed_s: float
-) -> dict[str, object]:
+class RequestLine(logs.Line, kw_only=True):
     """One request's log line: who (the key and the tenants it is scoped to, null for a
     platform-wide key), what (in which tenant), outcome, latency; never a body (PII)."""
+
+    route: str | None
+    method: str
+    status: int
+    code: str
+    request_id: str | None
+    campaign: str | None
+    key: str | None
+    key_tenants: list[str] | None
+    tenant: str | None
+    trace: str | None
+    latency_ms: float
+
+
+def request_line(request: web.Request, status: int, code: str, elapsed_s: float) -> RequestLine:
+    """The log line of a request answered with `status` and `code` after `elapsed_s`."""
     verified: Verified | None = request.get("verified")
     ids = request.match_info
     campaign = ids.get("campaign_id") or request.get("campaign")
     if campaign is None:  # a path naming what a campaign made leads to it
         subject = ids.get("voucher_id") or ids.get("redemption_id") or ids.get("refund_id")
         campaign = campaign_prefix(subject or "")
-    return {
-        "route": ids.route.name,
-        "method": request.method,
-        "status": status,
-        "code": code,
-        "request_id": request.get("request_id"),
-        "campaign": campaign,
-        "key": verified.key.id if verified else None,
-        "key_tenants": _tenants(verified.key.tenants) if verified else None,
-        "tenant": request.get(tenancy.TENANT),
-        "trace": request.headers.get("X-Request-Id"),
+    return RequestLine(
+        msg="request",
+        route=ids.route.name,
+        method=request.method,
+        status=status,
+        code=code,
+        request_id=request.get("request_id"),
+        campaign=campaign,
+        key=verified.key.id if verified else None,
+        key_tenants=_tenants(verified.key.tenants) if verified else None,
+        tenant=request.get(tenancy.TENANT),
+        trace=request.headers.get("X-Request-Id"),
         # to the microsecond: round(x, 3) formats and parses the decimal, ~10x the cost
-        "latency_ms": round(elapsed_s * 1_000_000) / 1000,
-    }
+        latency_ms=round(elapsed_s * 1_000_000) / 1000,
+    )
 
 
 @functools.lru_cache(maxsize=256)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import msgspec
 
@@ -110,9 +109,6 @@ class ApiError(Exception):
             ),
             voucher_id=self.voucher_id,
         )
-
-    def headers(self) -> dict[str, Any]:
-        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
 
 
 class GateRefusal(ApiError):

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 import msgspec
-from aiohttp import web
+from aiohttp import hdrs, web
 from redis.asyncio import Redis
 
 from issuer import metrics
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 MAX_BODY = 64 * 1024
 JSON = "application/json"
 ENCODER = msgspec.json.Encoder()
-ERROR_CODE = web.ResponseKey("code", str)  # an error response's code, for the request log
 Handler = Callable[["Ctx", web.Request, Any], Awaitable[web.Response]]
 T = TypeVar("T")
 
@@ -80,15 +79,24 @@ def reply(payload: Any, status: int = 200, *, replay: bool = False) -> web.Respo
     )
 
 
-def error_response(err: ApiError) -> web.Response:
-    """The contract's error answer, carrying its code (`response[ERROR_CODE]`)."""
+class ErrorResponse(web.Response):
+    """The contract's error answer; `code` names it for the request log (an attribute,
+    not a response key: a key's get and set are two Python frames each)."""
+
+    code = "INTERNAL"
+
+
+def error_response(err: ApiError) -> ErrorResponse:
+    """The contract's error answer, its body encoded once per code and detail unless it
+    names a voucher (no header mapping to copy unless it carries Retry-After)."""
     body = (
         _error_body(err.code, err.detail)
         if err.voucher_id is None
         else ENCODER.encode(err.envelope())
     )
-    response = web.Response(body=body, status=err.status, content_type=JSON, headers=err.headers())
-    response[ERROR_CODE] = err.code
+    headers = None if err.retry_after is None else {hdrs.RETRY_AFTER: str(err.retry_after)}
+    response = ErrorResponse(body=body, status=err.status, content_type=JSON, headers=headers)
+    response.code = err.code
     return response
 
 

@@ -126,6 +126,30 @@ def child(metric: Any, *labels: str) -> Any:
     return metric.labels(*labels)
 
 
+class RouteSeries:
+    """A route's request counts by status and its latency: children looked up once per
+    route and status, not by their labels on every request; each made when first used
+    (a series made is exposed, at 0, from then on)."""
+
+    def __init__(self, route: str) -> None:
+        self.route = route
+        self._latency: Any = None
+        self._requests: dict[int, Any] = {}
+
+    def requests(self, status: int) -> Any:
+        """The count of the route's answers with `status`."""
+        series = self._requests.get(status)
+        if series is None:
+            series = self._requests[status] = child(REQUESTS, self.route, str(status))
+        return series
+
+    def latency(self) -> Any:
+        """The route's latency histogram."""
+        if self._latency is None:
+            self._latency = child(LATENCY, self.route)
+        return self._latency
+
+
 PUBLISH_S = 0.1  # longest time a count made in one worker waits to reach the others' scrape
 _counts: dict[Any, float] = {}  # child -> amount not yet added
 _observed: dict[Any, list[float]] = {}  # histogram child -> [count per bucket..., sum]

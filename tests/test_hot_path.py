@@ -13,10 +13,12 @@ import random
 import msgspec
 import pytest
 import shapely
+from aiohttp.test_utils import make_mocked_request
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from issuer import logs, metrics
-from issuer.app import make_app
+from issuer import logs, metrics, tenancy
+from issuer.app import make_app, request_line
+from issuer.auth import ApiKey, Verified
 from issuer.claims import SPEND_S, NonceSpender
 from issuer.errors import ApiError
 from issuer.geofence import Region
@@ -64,6 +66,11 @@ async def _count_then_scrape(series: object) -> None:
     assert b'issuer_claims_total{campaign="hot-path-test",code="OK"}' in text
 
 
+class _Line(logs.Line, kw_only=True):
+    status: int
+    n: int
+
+
 async def test_request_lines_are_written_together_in_the_formatter_s_shape(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -71,7 +78,7 @@ async def test_request_lines_are_written_together_in_the_formatter_s_shape(
     monkeypatch.setattr(logs, "_stream", [stream])
     log = logging.getLogger("issuer.api")
     for n in range(3):
-        logs.batched(log, logging.INFO, "request", {"status": 409, "n": n})
+        logs.batched(log, logging.INFO, _Line(msg="request", status=409, n=n))
     assert stream.getvalue() == ""  # nothing written per line
     await asyncio.sleep(logs.BATCH_S * 2)
     lines = [msgspec.json.decode(line) for line in stream.getvalue().splitlines()]
@@ -80,6 +87,47 @@ async def test_request_lines_are_written_together_in_the_formatter_s_shape(
     record.status, record.n = 409, 0
     shaped = msgspec.json.decode(logs.JsonFormatter().format(record))
     assert list(lines[0]) == list(shaped) and lines[0]["level"] == "INFO"
+
+
+# the app keeps per-request values under str keys, as aiohttp's mocked request warns of
+@pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
+def test_a_request_line_keeps_its_keys_in_their_order_batched_or_not(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    request = make_mocked_request(
+        "POST", "/v1/campaigns/c-1/claims", headers={"X-Request-Id": "t-1"}, match_info={}
+    )
+    request.match_info["campaign_id"] = "c-1"
+    request["verified"] = Verified(ApiKey(id="k", secret="s", role="app"), "n", 0)
+    request["request_id"] = "r-1"
+    request[tenancy.TENANT] = "t"
+    fields = {
+        "method": "POST",
+        "status": 409,
+        "code": "NOT_OPEN",
+        "request_id": "r-1",
+        "campaign": "c-1",
+        "key": "k",
+        "key_tenants": None,
+        "tenant": "t",
+        "trace": "t-1",
+        "latency_ms": 1.234,
+    }
+    log = logging.getLogger("issuer.api")
+    stream = io.StringIO()
+    monkeypatch.setattr(logs, "_stream", [stream])
+    logs.batched(log, logging.INFO, request_line(request, 409, "NOT_OPEN", 0.001234))
+    logs.write_batch()
+    line = msgspec.json.decode(stream.getvalue())
+    assert list(line) == ["ts", "level", "logger", "msg", "route", *fields]
+    assert (line["level"], line["logger"], line["msg"]) == ("INFO", "issuer.api", "request")
+    assert {k: line[k] for k in fields} == fields
+    monkeypatch.setattr(logs, "_stream", [])  # logging not set up: an ordinary record
+    with caplog.at_level(logging.INFO, "issuer.api"):
+        logs.batched(log, logging.INFO, request_line(request, 409, "NOT_OPEN", 0.001234))
+    (record,) = caplog.records
+    assert record.getMessage() == "request"
+    assert {k: getattr(record, k) for k in fields} == fields
 
 
 async def test_the_app_has_no_middleware() -> None:

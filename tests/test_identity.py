@@ -3,10 +3,12 @@
 import datetime
 import hmac
 import random
+import time
 from collections.abc import Callable
 
 import pytest
 
+from issuer import identity
 from issuer.identity import _check_digit, name_ref, normalise_id_number, person_ref, phone_ref
 
 pytestmark = pytest.mark.fast
@@ -156,8 +158,22 @@ def test_check_digit_agrees_with_the_weighted_sum_on_many_numbers() -> None:
         assert _check_digit(first17) == with_check_digit(first17)[-1]
 
 
-@pytest.mark.parametrize("key", [KEY, b"k" * 100])  # a key longer than a block is hashed
+@pytest.mark.parametrize("key", [KEY, b"k" * 64, b"k" * 65, b"k" * 100])  # longer: hashed
 def test_refs_stay_hmac_sha256_of_domain_and_value(key: bytes) -> None:
     """References already stored must not change with how they are computed."""
     expected = hmac.digest(key, b"id:" + XIANGNING_1975.encode(), "sha256").hex()
     assert person_ref(key, XIANGNING_1975) == expected
+
+
+def test_a_birth_date_is_possible_from_the_first_second_of_its_day_in_china(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    china = datetime.timezone(datetime.timedelta(hours=8))
+    midnight = datetime.datetime(2031, 5, 6, tzinfo=china).timestamp()
+    born = with_check_digit("14102920310506001")
+    monkeypatch.setattr(identity, "_today", [(float("-inf"), datetime.date.min)])
+    monkeypatch.setattr(time, "time", lambda: midnight - 0.5)
+    with pytest.raises(ValueError, match="birth date"):
+        normalise_id_number(born)
+    monkeypatch.setattr(time, "time", lambda: midnight)
+    assert normalise_id_number(born) == born

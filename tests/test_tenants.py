@@ -27,7 +27,7 @@ from aiohttp.test_utils import make_mocked_request
 from redis.asyncio import Redis
 
 from issuer import integrity, keyfile, store, tenancy
-from issuer.app import request_fields
+from issuer.app import request_line
 from issuer.auth import ROLES, ApiKey, Verified
 from issuer.campaigns import Campaigns
 from issuer.client import Response, signed_headers
@@ -640,8 +640,8 @@ async def test_audit_entries_and_log_lines_name_the_key_and_its_tenant(
         ApiKey(id="k", secret="s", role="ops", tenants=frozenset({A})), "n", 0
     )
     request[tenancy.TENANT] = A
-    fields = request_fields(request, 200, "OK", 0.001)
-    assert (fields["key"], fields["key_tenants"], fields["tenant"]) == ("k", [A], A)
+    line = request_line(request, 200, "OK", 0.001)
+    assert (line.key, line.key_tenants, line.tenant) == ("k", [A], A)
 
 
 # ------------------------------------------------------------------ records from before
