@@ -25,7 +25,7 @@ from issuer.identity import person_ref
 from issuer.ids import new_id
 from issuer.model import ApplicationOut, ClaimIn, RateLimit, Round, VoucherOut
 from issuer.protocol import Claim, ClaimBatch, RateLimitArgs, SpendNonces, SpentNonce
-from issuer.schedule import from_millis, to_millis
+from issuer.schedule import from_millis, to_millis, zone
 from issuer.scripts import Scripts
 from issuer.vouchers import VOUCHER, voucher_out
 
@@ -70,7 +70,8 @@ def _client_ip(given: str | None, remote: str | None) -> str:
 
 
 class Batcher(TickBatcher[Claim, tuple[str, bytes]]):
-    """Sends the claims of one campaign round as one `claim_batch` script call."""
+    """Sends the claims of one campaign round as one `claim_batch` script call, and
+    answers its issued vouchers (what they share is made once per round)."""
 
     def __init__(
         self, claims: Claims, cached: CachedCampaign, rnd: Round, key: tuple[str, str, str]
@@ -80,6 +81,24 @@ class Batcher(TickBatcher[Claim, tuple[str, bytes]]):
         self.cached = cached
         self.round = rnd
         self.key = key
+        self.zone = zone(cached.definition.timezone)
+        self.expires_at = from_millis(to_millis(rnd.valid_until), self.zone)
+
+    def issued(self, voucher_id: str, user_id: str, issued_ms: int) -> VoucherOut:
+        """The answer to a claim the script issued at `issued_ms` (it answers only its time:
+        the rest is what was sent)."""
+        voucher = self.cached.definition.voucher
+        return VoucherOut(
+            voucher_id=voucher_id,
+            campaign_id=self.cached.keys.campaign_id,
+            round_id=self.round.round_id,
+            user_id=user_id,
+            status="issued",
+            issued_at=from_millis(issued_ms, self.zone),
+            expires_at=self.expires_at,
+            discount_rate_bp=voucher.discount_rate_bp,
+            cap_fen=voucher.cap_fen,
+        )
 
     async def send(self, items: list[Claim]) -> list[tuple[str, bytes]]:
         ck = self.cached.keys
@@ -264,20 +283,10 @@ class Claims:
             device_id=claim.device_id or "",
             client_ip=client_ip,
         )
-        code, payload = await self._batcher(cached, rnd).submit(pending)
-        if code == "OK":  # the script answers only its time: the rest is what was sent
-            tz = definition.timezone
-            return VoucherOut(
-                voucher_id=candidate,
-                campaign_id=campaign_id,
-                round_id=rnd.round_id,
-                user_id=claim.user_id,
-                status="issued",
-                issued_at=from_millis(int(payload), tz),
-                expires_at=from_millis(to_millis(rnd.valid_until), tz),
-                discount_rate_bp=definition.voucher.discount_rate_bp,
-                cap_fen=definition.voucher.cap_fen,
-            ), False
+        batcher = self._batcher(cached, rnd)
+        code, payload = await batcher.submit(pending)
+        if code == "OK":
+            return batcher.issued(candidate, claim.user_id, int(payload)), False
         if code == "REPLAY":
             return voucher_out(VOUCHER.decode(payload), definition.timezone, "issued"), True
         if code in ("APPLIED", "REPLAY_APPLIED"):

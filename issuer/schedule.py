@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from bisect import bisect_right
 from collections.abc import Sequence
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from itertools import pairwise
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -38,9 +38,10 @@ def to_millis(dt: datetime) -> int:
     return (dt - _EPOCH) // _MILLI
 
 
-def from_millis(ms: int, tz: str) -> datetime:
-    """The aware datetime in timezone `tz` that is `ms` milliseconds after the Unix epoch."""
-    return (_EPOCH + ms * _MILLI).astimezone(zone(tz))
+def from_millis(ms: int, tz: str | tzinfo) -> datetime:
+    """The aware datetime in timezone `tz` (a name, or the zone) that is `ms` milliseconds
+    after the Unix epoch."""
+    return (_EPOCH + ms * _MILLI).astimezone(zone(tz) if isinstance(tz, str) else tz)
 
 
 def expand_rounds(defn: CampaignDef) -> list[Round]:
