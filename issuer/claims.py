@@ -10,6 +10,8 @@ import hmac
 import ipaddress
 import math
 import time
+from datetime import datetime
+from zoneinfo import ZoneInfo
 
 import msgspec
 from redis.asyncio import Redis
@@ -81,8 +83,15 @@ class Batcher(TickBatcher[Claim, tuple[str, bytes]]):
         self.cached = cached
         self.round = rnd
         self.key = key
-        self.zone = zone(cached.definition.timezone)
-        self.expires_at = from_millis(to_millis(rnd.valid_until), self.zone)
+
+    @functools.cached_property
+    def zone(self) -> ZoneInfo:
+        return zone(self.cached.definition.timezone)
+
+    @functools.cached_property
+    def expires_at(self) -> datetime:
+        """Its vouchers' expiry, the round's valid_until."""
+        return from_millis(to_millis(self.round.valid_until), self.zone)
 
     def issued(self, voucher_id: str, user_id: str, issued_ms: int) -> VoucherOut:
         """The answer to a claim the script issued at `issued_ms` (it answers only its time:
