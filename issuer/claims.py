@@ -33,7 +33,10 @@ from issuer.vouchers import VOUCHER, voucher_out
 
 SPEND_S = 0.02  # longest a refused claim's nonce waits to be spent with others
 # refusals that hold for the rest of the round: a worker repeats them locally for a while
-STICKY = ("ROUND_QUOTA_EXHAUSTED", "ROUND_BUDGET_EXHAUSTED", "BUDGET_EXHAUSTED", "CAMPAIGN_PAUSED")
+# (as the script answers them: a batch's codes are looked up undecoded)
+STICKY = frozenset(
+    (b"ROUND_QUOTA_EXHAUSTED", b"ROUND_BUDGET_EXHAUSTED", b"BUDGET_EXHAUSTED", b"CAMPAIGN_PAUSED")
+)
 
 
 EXTRA = msgspec.json.Encoder()
@@ -154,8 +157,9 @@ class Batcher(TickBatcher[Claim, tuple[str, bytes]]):
             result = await scripts.run_acked(batch, _issued_any)
         metrics.observe(metrics.BATCH_SIZE, len(items))
         status, version = result[0].decode(), result[1].decode()
-        self.claims.after_batch(self.cached, self.round, status, version, result[4::2])
-        return [(result[4 + 2 * i].decode(), result[5 + 2 * i]) for i in range(len(items))]
+        codes = result[4::2]
+        self.claims.after_batch(self.cached, self.round, status, version, codes)
+        return list(zip(map(bytes.decode, codes), result[5::2], strict=True))
 
     def idle(self) -> None:
         self.claims.retire(self)
@@ -369,10 +373,11 @@ class Claims:
             return
         if cached.definition.mode == "staff":
             return  # face-to-face claims: no surge, and Redis may say NOT_REGISTERED first
-        sticky = next((c.decode() for c in reversed(codes) if c.decode() in STICKY), None)
+        sticky = next((c for c in reversed(codes) if c in STICKY), None)
         if sticky is not None and not cached.arming:
             cached.arming = True
-            asyncio.get_running_loop().create_task(self._arm_hint(cached, sticky, rnd.round_id))
+            arm = self._arm_hint(cached, sticky.decode(), rnd.round_id)
+            asyncio.get_running_loop().create_task(arm)
 
     async def _arm_hint(self, cached: CachedCampaign, code: str, round_id: str) -> None:
         """Start refusing `code` locally for a while. Redis would answer holders of a
