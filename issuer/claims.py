@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import ipaddress
 import math
+import re
 import time
 from datetime import datetime
 from zoneinfo import ZoneInfo
@@ -64,10 +65,18 @@ def refusal(code: str, detail: str | None = None) -> ApiError:
     return ApiError(code, detail)
 
 
+# an IPv4 address as ipaddress writes it (no leading zeros): taken as it is, without
+# ipaddress.ip_address (about 20 times the cost of this match)
+_OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = re.compile(rf"({_OCTET}\.){{3}}{_OCTET}")
+
+
 def _client_ip(given: str | None, remote: str | None) -> str:
     """The normalised client IP of a claim ("" if unknown); INVALID_REQUEST if malformed."""
     if given is None:
         return remote or ""
+    if _IPV4.fullmatch(given):
+        return given
     try:
         return str(ipaddress.ip_address(given))
     except ValueError:
