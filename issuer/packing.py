@@ -5,7 +5,9 @@ call and a bytes join each: some 8,000 instructions per argument); a claim batch
 about eleven arguments per claim, so packing it cost more than any other part of an issued
 claim's work in the worker. redis-py's own sync client packs with hiredis when hiredis is
 installed (`HiredisRespSerializer`, the same bytes for every argument it accepts); the
-connection classes of `issuer.topology` and `issuer.sentinel` use that serializer too.
+connection classes of `issuer.topology` and `issuer.sentinel` use hiredis too: the
+arguments as they are when the command's name is one word, else that serializer (which
+splits a name of two words and converts bytearray and memoryview arguments).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import hiredis
 from redis.connection import HiredisRespSerializer
 
 _PACK = HiredisRespSerializer().pack
@@ -23,6 +26,12 @@ class HiredisPacking:
     (an argument it cannot pack raises redis-py's DataError, as redis-py's packer does)."""
 
     def pack_command(self, *args: Any) -> list[bytes]:
+        name = args[0]
+        if type(name) is str and name.isprintable() and " " not in name:  # one word
+            try:  # as they are: the serializer copies them all first, in Python
+                return [hiredis.pack_command(args)]
+            except TypeError:  # a bytearray or memoryview the serializer converts, or refused
+                pass
         packed: list[bytes] = _PACK(*args)
         return packed
 
