@@ -34,6 +34,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from issuer.packing import HiredisPacking
+
 Address = tuple[str, int]
 _UNANSWERED = (RedisConnectionError, RedisTimeoutError, ResponseError, OSError)
 
@@ -51,7 +53,7 @@ async def confirm_primary(connection: Connection) -> None:
         raise NotPrimaryError(f"{connection.host}:{connection.port} is a {role}, not the primary")
 
 
-class PrimaryConnection(SentinelManagedConnection):  # type: ignore[misc]  # redis-py is untyped here
+class PrimaryConnection(HiredisPacking, SentinelManagedConnection):  # type: ignore[misc]  # redis-py is untyped here
     """A connection to the primary the Sentinels name, refused unless ROLE says primary."""
 
     async def on_connect_check_health(self, check_health: bool = True) -> None:
@@ -73,7 +75,7 @@ class PrimaryPool(SentinelConnectionPool):  # type: ignore[misc]  # redis-py is 
         await super().release(connection)
 
 
-class RoleConfirmedConnection(Connection):  # type: ignore[misc]  # redis-py is untyped here
+class RoleConfirmedConnection(HiredisPacking, Connection):  # type: ignore[misc]  # redis-py is untyped here
     """A connection to a server we write to as a primary, refused unless ROLE says so."""
 
     async def on_connect_check_health(self, check_health: bool = True) -> None:

@@ -25,6 +25,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
 from issuer.config import Settings
+from issuer.packing import packing
 from issuer.sentinel import (
     MajoritySentinel,
     PrimaryConnection,
@@ -140,6 +141,7 @@ def connect(settings: Settings, max_connections: int = 64) -> Any:
         health_check_interval=5,
         **timeouts,
     )
+    pool.connection_class = packing(pool.connection_class)  # the URL's class, in C
     return Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
 
 

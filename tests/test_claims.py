@@ -4,6 +4,7 @@ real HTTP on loopback, thousands of concurrent requests."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import random
 from collections import Counter
 from pathlib import Path
@@ -13,6 +14,8 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
+from issuer.claims import _client_ip
+from issuer.errors import ApiError
 from issuer.keys import CampaignKeys
 from tests.conftest import Keyspace, Service, campaign_primaries, unique_id
 from tests.people import BEIJING, XI_SEAT, YUNCHENG, campaign, claim
@@ -352,3 +355,15 @@ async def test_campaigns_landed_on_several_primaries(service: Service, keyspace:
     tests above crossed nodes); on one server there is one."""
     found = await campaign_primaries(keyspace)
     assert len(found) >= (2 if keyspace.topology == "cluster" else 1), found
+
+
+def test_a_client_ip_is_written_as_ipaddress_writes_it() -> None:
+    given = ["1.2.3.4", "0.0.0.0", "255.255.255.255", "2001:DB8:0::1", "::ffff:1.2.3.4"]
+    octets = (0, 9, 10, 99, 100, 199, 200, 249, 250, 255)
+    given += [f"{a}.{b}.1.{d}" for a in octets for b in (0, 255) for d in (0, 7)]
+    for ip in given:
+        assert _client_ip(ip, "127.0.0.1") == str(ipaddress.ip_address(ip)), ip
+    for bad in ("256.1.1.1", "01.2.3.4", "1.2.3", "1.2.3.4.", "1..2.3", "1.2.3.4\n", "１.2.3.4"):
+        with pytest.raises(ApiError):
+            _client_ip(bad, "127.0.0.1")
+    assert _client_ip(None, "127.0.0.1") == "127.0.0.1" and _client_ip(None, None) == ""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, date, datetime, time, timedelta, timezone
 from itertools import pairwise
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import msgspec
 import pytest
@@ -230,3 +232,24 @@ def test_millis() -> None:
     assert back == opens + timedelta(milliseconds=1)
     assert back.isoformat() == "2024-07-05T10:00:00.001000+08:00"
     assert from_millis(-1, "UTC") == datetime(1969, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)
+
+
+def test_millis_through_a_float_are_exact() -> None:
+    """from_millis takes a float's short cut only where it gives every millisecond back: the
+    same datetimes, in every zone, as the exact arithmetic, up to its edges and past them."""
+    exact = datetime(1970, 1, 1, tzinfo=UTC)
+    edge = 2**32 * 1000
+    near = [edge - 1, edge, edge + 1, 1 - edge, -edge, 1_796_000_000_123, 0, -1]
+    near += [2**36 * 1000 + n for n in range(1, 1000, 7)]  # where a float is not exact
+    rng = random.Random(24)
+    spread = [rng.randrange(1 - edge, edge) for _ in range(2_000)]
+    for name in ("Asia/Shanghai", "America/New_York", "Australia/Lord_Howe", "UTC"):
+        tz = ZoneInfo(name)
+        for ms in near + spread:
+            expected = (exact + ms * timedelta(milliseconds=1)).astimezone(tz)
+            got = from_millis(ms, tz)
+            assert (got, got.isoformat(), got.fold) == (
+                expected,
+                expected.isoformat(),
+                expected.fold,
+            ), (name, ms)
