@@ -127,8 +127,8 @@ async def decide(service: Service, rid: str, **body: Any) -> Response:
     return await service.call("POST", f"/v1/settlements/{rid}/decision", payload, "auditor")
 
 
-async def pay_out(service: Service, merchant_id: str) -> dict[str, Any]:
-    """Batch the merchant's approved records and mark the batch paid; returns the batch."""
+async def disburse(service: Service, merchant_id: str) -> dict[str, Any]:
+    """Batch the merchant's approved records; returns the batch."""
     made = await service.call(
         "POST",
         "/v1/disbursements",
@@ -137,10 +137,20 @@ async def pay_out(service: Service, merchant_id: str) -> dict[str, Any]:
     )
     assert made.status == 201, made.body
     (batch,) = made.body["disbursements"]
-    path = f"/v1/disbursements/{batch['disbursement_id']}/paid"
-    done = await service.call("POST", path, {"request_id": unique_id("paid")}, "auditor")
-    assert done.status == 200, done.body
     return batch  # type: ignore[no-any-return]
+
+
+async def pay(service: Service, batch_id: str) -> Response:
+    path = f"/v1/disbursements/{batch_id}/paid"
+    return await service.call("POST", path, {"request_id": unique_id("paid")}, "auditor")
+
+
+async def pay_out(service: Service, merchant_id: str) -> dict[str, Any]:
+    """Batch the merchant's approved records and mark the batch paid; returns the batch."""
+    batch = await disburse(service, merchant_id)
+    done = await pay(service, batch["disbursement_id"])
+    assert done.status == 200, done.body
+    return batch
 
 
 def photo_bytes(seed: int) -> bytes:
@@ -388,14 +398,7 @@ async def test_a_record_flagged_after_its_approval_leaves_its_pending_batch(
     await submit(service, flagged_id, 600_001, invoice_no=invoice)
     for rid in (kept_id, flagged_id):
         assert (await decide(service, rid)).status == 200
-    made = await service.call(
-        "POST",
-        "/v1/disbursements",
-        {"request_id": unique_id("disb"), "merchant_id": MERCHANT},
-        "auditor",
-    )
-    assert made.status == 201, made.body
-    (batch,) = made.body["disbursements"]
+    batch = await disburse(service, MERCHANT)
     batch_id = batch["disbursement_id"]
     assert {kept_id, flagged_id} <= set(batch["redemption_ids"])
 
@@ -431,8 +434,7 @@ async def test_a_record_flagged_after_its_approval_leaves_its_pending_batch(
 
     # deciding again needs an override reason; the batch pays what is left in it
     assert (await decide(service, flagged_id)).status == 400
-    path = f"/v1/disbursements/{batch_id}/paid"
-    done = await service.call("POST", path, {"request_id": unique_id("paid")}, "auditor")
+    done = await pay(service, batch_id)
     assert done.status == 200, done.body
     assert (await record(service, kept_id)).body["status"] == "paid"
     assert (await record(service, flagged_id)).body["status"] == "submitted"
@@ -452,14 +454,7 @@ async def test_withdrawals_racing_the_batch_payment_pay_only_what_the_batch_hold
     for n, paid in enumerate(sales):
         await submit(service, paid["redemption_id"], 610_000 + n, invoice_no=invoices[n])
         assert (await decide(service, paid["redemption_id"])).status == 200
-    made = await service.call(
-        "POST",
-        "/v1/disbursements",
-        {"request_id": unique_id("disb"), "merchant_id": MERCHANT},
-        "auditor",
-    )
-    (batch,) = made.body["disbursements"]
-    batch_id = batch["disbursement_id"]
+    batch_id = (await disburse(service, MERCHANT))["disbursement_id"]
     late = [await sale(service, campaign_id, OTHER, 620_000 + n) for n in range(len(sales))]
 
     async def duplicate(n: int) -> Response:
@@ -468,11 +463,9 @@ async def test_withdrawals_racing_the_batch_payment_pay_only_what_the_batch_hold
             service, late[n]["redemption_id"], body, content_type, key=service.keys["merchant-2"]
         )
 
-    async def pay() -> Response:
-        path = f"/v1/disbursements/{batch_id}/paid"
-        return await service.call("POST", path, {"request_id": unique_id("paid")}, "auditor")
-
-    answers = await asyncio.gather(*(duplicate(n) for n in range(len(sales))), pay())
+    answers = await asyncio.gather(
+        *(duplicate(n) for n in range(len(sales))), pay(service, batch_id)
+    )
     assert [a.status for a in answers] == [201] * len(sales) + [200], [a.body for a in answers]
     held = (await service.call("GET", f"/v1/disbursements/{batch_id}", role="auditor")).body
     assert held["status"] == "paid"
