@@ -41,7 +41,7 @@ from issuer.registrations import REGISTRATION
 from issuer.schedule import to_millis
 from issuer.scripts import Scripts
 from issuer.vouchers import VOUCHER
-from issuer.workdays import Calendar, HolidaysFileError
+from issuer.workdays import Calendar, Due, HolidaysFileError
 
 log = logging.getLogger("issuer.settlement")
 ENCODE = msgspec.json.Encoder()
@@ -110,6 +110,11 @@ async def lock_batches(conn: asyncpg.Connection, redemption_ids: set[str]) -> No
         " ORDER BY disbursement_id FOR UPDATE",
         sorted(redemption_ids),
     )
+
+
+def batch_due(records: list[asyncpg.Record]) -> Due:
+    """The due date of a batch of these settlement rows (`due_dates.batch_due`)."""
+    return due_dates.batch_due((r["due_date"], r["provisional_until_year"]) for r in records)
 
 
 def subsidy(rec: RedemptionRecord) -> int:
@@ -383,10 +388,8 @@ class Settlement:
             batches = []
             for (merchant_id, tenant), mine in by_merchant.items():
                 ids = [r["redemption_id"] for r in mine]
-                total = sum(subsidy(rec) for rec in await self._records(ids))
-                due = due_dates.batch_due(
-                    (r["due_date"], r["provisional_until_year"]) for r in mine
-                )
+                total = await self._reimbursed(ids)
+                due = batch_due(mine)
                 batch_id = f"d-{secrets.token_hex(10)}"
                 await conn.execute(
                     "INSERT INTO disbursements (disbursement_id, merchant_id, created_by,"
@@ -534,9 +537,9 @@ class Settlement:
             batch_id,
         )
         ids = [r["redemption_id"] for r in left]
-        total = sum(subsidy(rec) for rec in await self._records(ids))
+        total = await self._reimbursed(ids)
         if left:
-            due = due_dates.batch_due((r["due_date"], r["provisional_until_year"]) for r in left)
+            due = batch_due(left)
             await conn.execute(
                 "UPDATE disbursements SET total_fen = $2, due_date = $3,"
                 " provisional_until_year = $4 WHERE disbursement_id = $1",
@@ -560,6 +563,10 @@ class Settlement:
             redemptions=ids,
             total_fen=total,
         )
+
+    async def _reimbursed(self, redemption_ids: list[str]) -> int:
+        """What a batch of these records pays its merchant."""
+        return sum(subsidy(rec) for rec in await self._records(redemption_ids))
 
     async def _records(self, redemption_ids: list[str]) -> list[RedemptionRecord]:
         """The redemptions as Redis holds them now (refunds included)."""
