@@ -218,13 +218,16 @@ async def value(redis: Redis, key: bytes) -> Any:
 
 def short_lived(ck: keys.CampaignKeys, key: str) -> bool:
     """Keys the rebuild cannot restore (nonces, rate windows), restores in part
-    (idempotency, winners: `record_requests`) or starts empty (the stream)."""
+    (idempotency, winners: `record_requests`) or starts empty (the stream, the merchants'
+    version: the campaign's first redemption raises it)."""
 
     def kind(name: str) -> str:  # "{c:id}:idem:20000" -> "idem"
         return name.removeprefix(f"{ck.tag}:").partition(":")[0]
 
     buckets = (ck.idempotency(0)[0], ck.nonces(0, 0)[0], ck.rate_window("account", 1, 0))
-    return key in (ck.events, ck.winners) or kind(key) in {kind(b) for b in buckets}
+    return key in (ck.events, ck.winners, ck.merchant_version) or kind(key) in {
+        kind(b) for b in buckets
+    }
 
 
 async def snapshot(redis: Redis, campaign_ids: list[str]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from issuer.scripts import Scripts
 from tests.conftest import Keyspace, Service, campaign_primaries
 from tests.money import (
     fridge,
+    gather,
     issue,
     ledger,
     new_campaign,
@@ -187,6 +188,30 @@ async def test_merchant_blacklisted_after_issue_is_refused_at_once(service: Serv
     assert refused.body["error"]["code"] == "MERCHANT_NOT_ELIGIBLE"
     await service.call("PUT", f"/v1/merchants/{merchant}", {**body, "status": "active"})
     assert (await redeem(service, payment(voucher, merchant, 100_000))).status == 201
+
+
+async def test_a_merchant_changed_after_the_workers_read_it_is_refused_at_once(
+    service: Service,
+) -> None:
+    """The workers decide merchants' verdicts from their copies: a change answered is seen
+    by every payment after it, on a campaign made before the merchant and one after."""
+    before = await new_campaign(service)
+    merchant = await new_merchant(service)
+    after = await new_campaign(service)
+    vouchers = [await issue(service, c, n) for c in (before, after) for n in range(1, 13)]
+    body = {"name": "乡宁家电城", "county_code": "141029", "categories": ["appliance"]}
+    # both workers read the merchant active (payments spread over the connections)
+    paid = await gather(*(redeem(service, payment(v, merchant, 100_000)) for v in vouchers[::2]))
+    assert [r.status for r in paid] == [201] * 12
+    resp = await service.call("PUT", f"/v1/merchants/{merchant}", {**body, "status": "suspended"})
+    assert resp.status == 200
+    refused = await gather(
+        *(redeem(service, payment(v, merchant, 100_000)) for v in vouchers[1::2])
+    )
+    assert {r.body["error"]["code"] for r in refused} == {"MERCHANT_NOT_ELIGIBLE"}
+    await service.call("PUT", f"/v1/merchants/{merchant}", {**body, "status": "active"})
+    again = await gather(*(redeem(service, payment(v, merchant, 100_000)) for v in vouchers[1::2]))
+    assert [r.status for r in again] == [201] * 12
 
 
 async def test_discount_above_the_reservation_comes_from_available_or_is_refused(

@@ -142,14 +142,17 @@ async def test_a_merchant_is_created_then_replaced_within_its_tenant(fake: Fake)
         return MerchantPut(
             merchants=keys.MERCHANTS,
             events=keys.GLOBAL_EVENTS,
+            version=keys.MERCHANT_VERSION,
             merchant_id="m-1",
             merchant=record,
             tenant=tenant,
         )
 
-    assert await fake.scripts.run(put(b'{"tenant":"xiangning","name":"a"}')) == [b"CREATED"]
-    assert await fake.scripts.run(put(b'{"tenant":"xiangning","name":"b"}')) == [b"REPLACED"]
+    # each change raises the merchants' version
+    assert await fake.scripts.run(put(b'{"tenant":"xiangning","name":"a"}')) == [b"CREATED", 1]
+    assert await fake.scripts.run(put(b'{"tenant":"xiangning","name":"b"}')) == [b"REPLACED", 2]
     other = put(b'{"tenant":"xixian","name":"c"}', tenant="xixian")
     assert await fake.scripts.run(other) == [b"TENANT_CONFLICT"]
     assert await fake.redis.hget(keys.MERCHANTS, "m-1") == b'{"tenant":"xiangning","name":"b"}'
     assert await fake.redis.xlen(keys.GLOBAL_EVENTS) == 2
+    assert await fake.redis.get(keys.MERCHANT_VERSION) == b"2"
