@@ -67,6 +67,13 @@ async def raise_version(scripts: Scripts, campaign_ids: Iterable[str], version: 
         await asyncio.gather(*(scripts.run(call) for call in calls[at : at + RAISE_AT_ONCE]))
 
 
+async def raise_everywhere(redis: Redis, scripts: Scripts, version: int) -> None:
+    """Raise every campaign's merchants' version to `version`, that of a change just made."""
+    # the registry lists a campaign before it exists (Campaigns.put): none is missed
+    campaign_ids = [c.decode() for c in await redis.smembers(keys.CAMPAIGNS)]
+    await raise_version(scripts, campaign_ids, version)
+
+
 async def put(
     redis: Redis, scripts: Scripts, merchant_id: str, definition: MerchantDef
 ) -> tuple[MerchantOut, bool]:
@@ -92,9 +99,7 @@ async def put(
     )
     if answer[0] == b"TENANT_CONFLICT":
         raise ApiError("TENANT_CONFLICT", f"merchant {merchant_id}")
-    # the registry lists a campaign before it exists (Campaigns.put): none is missed
-    campaign_ids = [c.decode() for c in await redis.smembers(keys.CAMPAIGNS)]
-    await raise_version(scripts, campaign_ids, answer[1])
+    await raise_everywhere(redis, scripts, answer[1])
     return out, answer[0] == b"CREATED"
 
 

@@ -179,8 +179,8 @@ class Batcher(TickBatcher[Pending, tuple[str, bytes]]):
         owner = self.owner
         copy = owner.merchants
         ids = sorted({p.merchant_id for p in items})
-        await copy.fill(ids)
         for _ in range(STALE_RETRIES):
+            await copy.fill(ids)  # after a raise too: a read of a newer version drops the copy
             result = await owner.scripts.run(self.batch(items))
             if result != [b"STALE"]:
                 return [(result[2 * i].decode(), result[2 * i + 1]) for i in range(len(items))]
