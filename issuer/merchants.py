@@ -57,12 +57,9 @@ class Cache:
             await self.read(missing)
 
 
-async def raise_version(scripts: Scripts, campaign_ids: Iterable[str], version: int) -> None:
-    """Raise these campaigns' merchants' version to `version`, read since they existed."""
-    calls = [
-        MerchantVersion(held=keys.CampaignKeys(c).merchant_version, version=version)
-        for c in campaign_ids
-    ]
+async def raise_version(scripts: Scripts, held: Iterable[str], version: int) -> None:
+    """Raise these merchants' versions (MerchantVersion) to `version`."""
+    calls = [MerchantVersion(held=key, version=version) for key in held]
     for at in range(0, len(calls), RAISE_AT_ONCE):
         await asyncio.gather(*(scripts.run(call) for call in calls[at : at + RAISE_AT_ONCE]))
 
@@ -71,7 +68,9 @@ async def raise_everywhere(redis: Redis, scripts: Scripts, version: int) -> None
     """Raise every campaign's merchants' version to `version`, that of a change just made."""
     # the registry lists a campaign before it exists (Campaigns.put): none is missed
     campaign_ids = [c.decode() for c in await redis.smembers(keys.CAMPAIGNS)]
-    await raise_version(scripts, campaign_ids, version)
+    await raise_version(
+        scripts, [keys.CampaignKeys(c).merchant_version for c in campaign_ids], version
+    )
 
 
 async def put(

@@ -385,7 +385,7 @@ class MerchantPut(Call):
 @dataclass(slots=True, kw_only=True)
 class MerchantVersion(Call):
     SCRIPT = "merchant_version"
-    held: Key  # a campaign's merchants' version
+    held: Key  # a campaign's merchants' version, or the merchants' own
     version: int  # raised to this (never lowered)
 
 

@@ -182,16 +182,22 @@ class Batcher(TickBatcher[Pending, tuple[str, bytes]]):
         for _ in range(STALE_RETRIES):
             await copy.fill(ids)  # after a raise too: a read of a newer version drops the copy
             result = await owner.scripts.run(self.batch(items))
-            if result != [b"STALE"]:
+            if result[0] != b"STALE":
                 return [(result[2 * i].decode(), result[2 * i + 1]) for i in range(len(items))]
-            # a merchant changed since the copy was read, or the campaign is new to the
-            # merchants' version (or lost it): read them again, bring the campaign up to
-            # that version (a change under way raises it no lower) and decide again
-            await copy.read(ids)
-            await merchants.raise_version(
-                owner.scripts, [self.cached.keys.campaign_id], copy.version
-            )
+            await self.catch_up(ids, int(result[1]))
         raise ApiError("UNAVAILABLE", "the merchants kept changing, retry")
+
+    async def catch_up(self, ids: list[str], held: int) -> None:
+        """After a STALE (a merchant changed since the copy was read, or the campaign is new
+        to the merchants' version or lost it): read the merchants again and raise the
+        campaign's version to theirs (a change under way raises it no lower). A campaign
+        ahead of the merchants' own (a failover lost a change): that one first past it."""
+        copy, scripts = self.owner.merchants, self.owner.scripts
+        await copy.read(ids)
+        if copy.version < held:
+            await merchants.raise_version(scripts, [keys.MERCHANT_VERSION], held + 1)
+            await copy.read(ids)
+        await merchants.raise_version(scripts, [self.cached.keys.merchant_version], copy.version)
 
     def batch(self, items: list[Pending]) -> RedeemBatch:
         """The `redeem` call of these payments, their merchants' verdicts from the copy."""

@@ -5,7 +5,7 @@
 -- KEYS
 local merchants = KEYS[1]  -- hash merchant id -> record JSON
 local events = KEYS[2]  -- the global event stream
-local version = KEYS[3]  -- the merchants' version, a counter
+local version = KEYS[3]  -- the merchants' version
 -- ARGV
 local merchant_id = ARGV[1]
 local merchant = ARGV[2]  -- its record JSON
@@ -16,6 +16,9 @@ if old and (cjson.decode(old).tenant or 'default') ~= tenant then
 end
 redis.call('HSET', merchants, merchant_id, merchant)
 redis.call('XADD', events, '*', 't', 'merchant', 'd', merchant)
-local raised = redis.call('INCR', version)
+-- past the last one and at least the time in ms: a counter a failover set back never
+-- gives a version a lost change had
+local raised = math.max(tonumber(redis.call('GET', version) or '0') + 1, time_ms())
+redis.call('SET', version, raised)
 if old then return {'REPLACED', raised} end
 return {'CREATED', raised}

@@ -4,8 +4,8 @@
 -- UNAUTHENTICATED (its nonce was used), NOT_FOUND, IDEMPOTENCY_MISMATCH, VOUCHER_NOT_OWNED,
 -- VOUCHER_EXPIRED, VOUCHER_USED, ORDER_ALREADY_REDEEMED, BUDGET_EXHAUSTED, the caller's
 -- refusal, or INTERNAL (a voucher whose discount terms are not its campaign's): "".
--- Or only {STALE}, nothing written, if the refusals were decided from merchants of another
--- version than the campaign's (the caller reads them again).
+-- Or only {STALE, the campaign's version}, nothing written, if the refusals were decided
+-- from merchants of another version than the campaign's (the caller reads them again).
 -- KEYS
 local idem_current = KEYS[1]  -- the idempotency buckets (lib.lua)
 local idem_previous = KEYS[2]
@@ -31,9 +31,8 @@ local payments_at = round_ids_at + round_count  -- from here, per payment, its f
 local nonce_buckets_at = rounds_at + round_count  -- KEYS from here: nonce buckets,
 -- consecutive from first_nonce_bucket
 local FIELDS = 10
-if tonumber(redis.call('GET', merchant_version) or '0') ~= merchants_read then
-  return {'STALE'}
-end
+local held = tonumber(redis.call('GET', merchant_version) or '0')
+if held ~= merchants_read then return {'STALE', held} end
 local round_of = {}
 for i = 0, round_count - 1 do round_of[ARGV[round_ids_at + i]] = KEYS[rounds_at + i] end
 local nonce_used = {}

@@ -15,7 +15,7 @@ import msgspec
 import pytest
 from redis.asyncio import Redis
 
-from issuer import expiry
+from issuer import expiry, keys
 from issuer.auth import ApiKey, Verified
 from issuer.campaigns import HINT_TTL_S, Campaigns
 from issuer.client import signed_headers
@@ -222,7 +222,7 @@ async def test_a_batch_of_payments_is_one_script_call_once_its_merchants_are_rea
 ) -> None:
     campaign_id = await new_campaign(service)
     merchant = await new_merchant(service)
-    vouchers = [await issue(service, campaign_id, n) for n in range(1, 6)]
+    vouchers = [await issue(service, campaign_id, n) for n in range(1, 7)]
     scripts = Scripts(redis)
     redemptions = Redemptions(redis, scripts, Campaigns(redis, scripts), batch_max=10)
     calls: list[str] = []  # the merchants' reads and the script calls, in order
@@ -252,8 +252,16 @@ async def test_a_batch_of_payments_is_one_script_call_once_its_merchants_are_rea
     body = {"name": "乡宁家电城", "county_code": "141029", "categories": ["appliance"]}
     assert (await service.call("PUT", f"/v1/merchants/{merchant}", body)).status == 200
     calls.clear()
-    await asyncio.gather(*(pay(v) for v in vouchers[3:]))  # refused STALE, decided again
+    await asyncio.gather(*(pay(v) for v in vouchers[3:5]))  # refused STALE, decided again
     assert calls == ["redeem", "read", "merchant_version", "redeem"]
+    # a campaign ahead of the merchants' version (a failover lost a change): that one is
+    # brought past it first
+    ahead = int(await redis.get(keys.MERCHANT_VERSION)) + 1000
+    await redis.set(keys.CampaignKeys(campaign_id).merchant_version, ahead)
+    calls.clear()
+    await pay(vouchers[5])
+    assert calls == ["redeem", "read", "merchant_version", "read", "merchant_version", "redeem"]
+    assert int(await redis.get(keys.MERCHANT_VERSION)) == ahead + 1
 
 
 async def test_discount_above_the_reservation_comes_from_available_or_is_refused(

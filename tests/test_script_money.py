@@ -242,10 +242,10 @@ async def test_a_batch_decided_at_another_merchants_version_is_stale_untouched(
     await issued(fake)
     before = (await fake.ledger(), await fake.round())
     payment = redeem(1, 150_000)
-    assert await fake.scripts.run(batch(payment, merchants_read=1)) == [b"STALE"]
+    assert await fake.scripts.run(batch(payment, merchants_read=1)) == [b"STALE", 0]
     raised = MerchantVersion(held=CK.merchant_version, version=2)
     assert await fake.scripts.run(raised) == [2]
-    assert await fake.scripts.run(batch(payment, merchants_read=1)) == [b"STALE"]
+    assert await fake.scripts.run(batch(payment, merchants_read=1)) == [b"STALE", 2]
     assert (await fake.ledger(), await fake.round()) == before
     # nor its nonce spent: at the campaign's version, the same payment goes through
     assert (await run(fake, batch(payment, merchants_read=2)))[0] == "OK"
