@@ -18,6 +18,8 @@ NONCE_TTL_S = 2 * NONCE_BUCKET_S
 
 CAMPAIGNS = "{g}:campaigns"  # set of campaign ids
 MERCHANTS = "{g}:merchants"  # hash merchant_id -> JSON definition
+# counter raised by every merchant change: the version of the merchants a worker has read
+MERCHANT_VERSION = "{g}:merchant_version"
 GLOBAL_EVENTS = "{g}:events"  # stream of merchant changes
 FLUSH_GROUP = "flusher"  # consumer group reading every event stream
 
@@ -50,6 +52,7 @@ class CampaignKeys:
         "events",
         "expiry",
         "ledger",
+        "merchant_version",
         "orders",
         "persons",
         "redemptions",
@@ -76,6 +79,9 @@ class CampaignKeys:
         self.redemptions = f"{tag}:redemptions"  # hash redemption_id -> JSON record
         self.orders = f"{tag}:orders"  # hash order_id -> redemption_id (one per order)
         self.refunds = f"{tag}:refunds"  # hash refund_id -> JSON record
+        # the merchants' version (MERCHANT_VERSION) its redemptions are decided at: raised,
+        # never lowered, by each merchant change before it is answered (issuer/merchants.py)
+        self.merchant_version = f"{tag}:merchant_version"
         # lottery rounds: every application, and each person's and account's latest one
         # (while it waits for its draw, they may neither apply again nor claim)
         self.applications = f"{tag}:applications"  # hash application_id -> JSON record

@@ -38,6 +38,7 @@ ScriptName = Literal[
     "expire",
     "mark_paid",
     "merchant_put",
+    "merchant_version",
     "ready",
     "rebuild_commit",
     "redeem",
@@ -328,6 +329,7 @@ class RedeemBatch(Call):
     orders: Key
     expiry: Key
     events: Key
+    merchant_version: Key  # the campaign's (STALE unless merchants_read)
     rounds: Keys  # every round of the campaign, in round_ids' order
     nonce_buckets: Keys  # consecutive, from first_nonce_bucket
     idem_ttl_s: int = IDEMPOTENCY_TTL_S
@@ -335,6 +337,7 @@ class RedeemBatch(Call):
     discount_rate_bp: int  # the campaign's terms, each discount's
     cap_fen: int
     first_nonce_bucket: int
+    merchants_read: int  # the version of the merchants the payments' refusals were decided at
     round_count: int  # how many rounds (two tails follow in KEYS)
     round_ids: list[str]
     payments: list[Redemption]
@@ -373,9 +376,17 @@ class MerchantPut(Call):
     SCRIPT = "merchant_put"
     merchants: Key
     events: Key
+    version: Key  # the merchants' version, raised
     merchant_id: str
     merchant: bytes  # its record JSON
     tenant: str  # its tenant (a merchant's tenant never changes)
+
+
+@dataclass(slots=True, kw_only=True)
+class MerchantVersion(Call):
+    SCRIPT = "merchant_version"
+    held: Key  # a campaign's merchants' version, or the merchants' own
+    version: int  # raised to this (never lowered)
 
 
 # ---------------------------------------------------------------- money and sweeps

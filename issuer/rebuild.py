@@ -489,8 +489,9 @@ async def stage_setup(
 
 
 async def restore_global(redis: Redis, pool: asyncpg.Pool) -> int:
-    """Restore the merchants Redis lacks (never one it holds: that one is newer) and the
-    global stream's group; returns how many merchants were restored."""
+    """Restore the merchants Redis lacks (never one it holds: that one is newer), raising
+    the merchants' version, and the global stream's group; returns how many merchants
+    were restored."""
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         last_recorded = await conn.fetchval(LAST_ENTRY, keys.GLOBAL_EVENTS)
         restored = 0
@@ -502,6 +503,9 @@ async def restore_global(redis: Redis, pool: asyncpg.Pool) -> int:
                         keys.MERCHANTS, row["merchant_id"], merchants.ENCODE.encode(merchant)
                     )
                 restored += sum(await pipe.execute())
+    if restored:  # a worker may have read them missing since the loss: its copy is stale
+        version = await redis.incr(keys.MERCHANT_VERSION)
+        await merchants.raise_everywhere(redis, Scripts(redis), version)
     await resume_stream(redis, keys.GLOBAL_EVENTS, last_recorded or "0-0")
     return restored
 

@@ -1,9 +1,10 @@
 """The money path: a voucher applied at payment, refunds (and clawbacks), reimbursement
 marks. Each state change is one script in the campaign's slot that checks everything
 before its first write and appends its event to the campaign stream. Payments are
-micro-batched like claims: per batch, one read of its merchants (the global slot) and one
-`redeem` call that spends each signature's nonce in the campaign's buckets and decides each
-payment in order."""
+micro-batched like claims: per batch, one `redeem` call that spends each signature's nonce
+in the campaign's buckets and decides each payment in order, its merchants' verdicts
+decided from the worker's copy of them (merchants.Cache: read again only for a merchant
+it lacks, or when the script finds the copy older than a change)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from issuer.protocol import ClawbackRepaid, MarkPaid, RedeemBatch, Redemption, R
 from issuer.schedule import from_millis, to_millis
 from issuer.scripts import Scripts
 
-STALE_RETRIES = 8  # concurrent refunds of one redemption: recompute and try again
+STALE_RETRIES = 8  # concurrent refunds of one redemption, or merchant changes: try again
 
 
 class RedemptionRecord(msgspec.Struct, kw_only=True):
@@ -164,8 +165,7 @@ class Pending:
 
 
 class Batcher(TickBatcher[Pending, tuple[str, bytes]]):
-    """Sends the payments of one campaign as one `redeem` script call, after one read of
-    their merchants (the global slot: on a cluster, maybe another node)."""
+    """Sends the payments of one campaign as one `redeem` script call."""
 
     def __init__(
         self, owner: Redemptions, cached: CachedCampaign, key: tuple[str, str], batch_max: int
@@ -176,45 +176,65 @@ class Batcher(TickBatcher[Pending, tuple[str, bytes]]):
         self.key = key
 
     async def send(self, items: list[Pending]) -> list[tuple[str, bytes]]:
+        owner = self.owner
+        copy = owner.merchants
+        ids = sorted({p.merchant_id for p in items})
+        for _ in range(STALE_RETRIES):
+            await copy.fill(ids)  # after a raise too: a read of a newer version drops the copy
+            result = await owner.scripts.run(self.batch(items))
+            if result[0] != b"STALE":
+                return [(result[2 * i].decode(), result[2 * i + 1]) for i in range(len(items))]
+            await self.catch_up(ids, int(result[1]))
+        raise ApiError("UNAVAILABLE", "the merchants kept changing, retry")
+
+    async def catch_up(self, ids: list[str], held: int) -> None:
+        """After a STALE (a merchant changed since the copy was read, or the campaign is new
+        to the merchants' version or lost it): read the merchants again and raise the
+        campaign's version to theirs (a change under way raises it no lower). A campaign
+        ahead of the merchants' own (a failover lost a change): that one first past it."""
+        copy, scripts = self.owner.merchants, self.owner.scripts
+        await copy.read(ids)
+        if copy.version < held:
+            await merchants.raise_version(scripts, [keys.MERCHANT_VERSION], held + 1)
+            await copy.read(ids)
+        await merchants.raise_version(scripts, [self.cached.keys.merchant_version], copy.version)
+
+    def batch(self, items: list[Pending]) -> RedeemBatch:
+        """The `redeem` call of these payments, their merchants' verdicts from the copy."""
         cached = self.cached
         ck = cached.keys
-        ids = sorted({p.merchant_id for p in items})
-        raw = await self.owner.redis.hmget(keys.MERCHANTS, ids)
-        found = {
-            m: merchants.MERCHANT.decode(r) if r else None for m, r in zip(ids, raw, strict=True)
-        }
+        found = self.owner.merchants.found
         first_nonce_bucket, nonce_buckets = ck.nonce_range(
             {p.redemption.nonce_bucket for p in items}
         )
         current, previous = ck.idempotency(time.time())
         rounds = [r.round_id for r in cached.stored.rounds]
         terms = cached.definition.voucher
-        result = await self.owner.scripts.run(
-            RedeemBatch(
-                idem_current=current,
-                idem_previous=previous,
-                ledger=ck.ledger,
-                vouchers=ck.vouchers,
-                redemptions=ck.redemptions,
-                orders=ck.orders,
-                expiry=ck.expiry,
-                events=ck.events,
-                rounds=[ck.round(r) for r in rounds],
-                nonce_buckets=nonce_buckets,
-                discount_rate_bp=terms.discount_rate_bp,
-                cap_fen=terms.cap_fen,
-                first_nonce_bucket=first_nonce_bucket,
-                round_count=len(rounds),
-                round_ids=rounds,
-                payments=[
-                    p.redemption._replace(
-                        refusal=merchant_refusal(cached, found[p.merchant_id], p.items)
-                    )
-                    for p in items
-                ],
-            )
+        return RedeemBatch(
+            idem_current=current,
+            idem_previous=previous,
+            ledger=ck.ledger,
+            vouchers=ck.vouchers,
+            redemptions=ck.redemptions,
+            orders=ck.orders,
+            expiry=ck.expiry,
+            events=ck.events,
+            merchant_version=ck.merchant_version,
+            rounds=[ck.round(r) for r in rounds],
+            nonce_buckets=nonce_buckets,
+            discount_rate_bp=terms.discount_rate_bp,
+            cap_fen=terms.cap_fen,
+            first_nonce_bucket=first_nonce_bucket,
+            merchants_read=self.owner.merchants.version,
+            round_count=len(rounds),
+            round_ids=rounds,
+            payments=[
+                p.redemption._replace(
+                    refusal=merchant_refusal(cached, found[p.merchant_id], p.items)
+                )
+                for p in items
+            ],
         )
-        return [(result[2 * i].decode(), result[2 * i + 1]) for i in range(len(items))]
 
     def idle(self) -> None:
         self.owner.retire(self)
@@ -230,6 +250,7 @@ class Redemptions:
         self.scripts = scripts
         self.campaigns = campaigns
         self.batch_max = batch_max
+        self.merchants = merchants.Cache(redis)
         self._batchers: dict[tuple[str, str], Batcher] = {}
 
     async def redeem(

@@ -97,7 +97,9 @@ async def round_budget(ctx: Ctx, request: web.Request, body: RoundBudgetIn) -> w
 
 
 async def put_merchant(ctx: Ctx, request: web.Request, body: MerchantDef) -> web.Response:
-    out, created = await merchants.put(ctx.scripts, path_id(request, "merchant_id"), body)
+    out, created = await merchants.put(
+        ctx.redis, ctx.scripts, path_id(request, "merchant_id"), body
+    )
     return reply(out, 201 if created else 200)
 
 

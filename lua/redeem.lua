@@ -4,6 +4,8 @@
 -- UNAUTHENTICATED (its nonce was used), NOT_FOUND, IDEMPOTENCY_MISMATCH, VOUCHER_NOT_OWNED,
 -- VOUCHER_EXPIRED, VOUCHER_USED, ORDER_ALREADY_REDEEMED, BUDGET_EXHAUSTED, the caller's
 -- refusal, or INTERNAL (a voucher whose discount terms are not its campaign's): "".
+-- Or only {STALE, the campaign's version}, nothing written, if the refusals were decided
+-- from merchants of another version than the campaign's (the caller reads them again).
 -- KEYS
 local idem_current = KEYS[1]  -- the idempotency buckets (lib.lua)
 local idem_previous = KEYS[2]
@@ -13,20 +15,24 @@ local redemptions = KEYS[5]
 local orders = KEYS[6]
 local expiry = KEYS[7]
 local events = KEYS[8]
-local rounds_at = 9  -- from here: every round of the campaign, in round_ids' order
+local merchant_version = KEYS[9]  -- the merchants' version the campaign's redemptions take
+local rounds_at = 10  -- from here: every round of the campaign, in round_ids' order
 -- ARGV
 local idem_ttl_s = tonumber(ARGV[1])
 local nonce_ttl_s = tonumber(ARGV[2])
 local discount_rate_bp = tonumber(ARGV[3])  -- the campaign's terms, with which the caller
 local cap_fen = tonumber(ARGV[4])  -- computed each discount: every voucher's own
 local first_nonce_bucket = tonumber(ARGV[5])  -- the number of the first nonce bucket
-local round_count = tonumber(ARGV[6])
-local round_ids_at = 7  -- from here: the ids of the rounds of KEYS, in their order
+local merchants_read = tonumber(ARGV[6])  -- the version of the merchants the refusals saw
+local round_count = tonumber(ARGV[7])
+local round_ids_at = 8  -- from here: the ids of the rounds of KEYS, in their order
 local payments_at = round_ids_at + round_count  -- from here, per payment, its fields
 -- (issuer.protocol.Redemption; see decide)
 local nonce_buckets_at = rounds_at + round_count  -- KEYS from here: nonce buckets,
 -- consecutive from first_nonce_bucket
 local FIELDS = 10
+local held = tonumber(redis.call('GET', merchant_version) or '0')
+if held ~= merchants_read then return {'STALE', held} end
 local round_of = {}
 for i = 0, round_count - 1 do round_of[ARGV[round_ids_at + i]] = KEYS[rounds_at + i] end
 local nonce_used = {}

@@ -27,7 +27,7 @@ from issuer.redemptions import mark_paid
 from issuer.schedule import to_millis
 from issuer.scripts import Scripts
 from tests.conftest import ROOT, Keyspace, Service, unique_id
-from tests.money import issue, ledger, new_merchant, payment, redeem, refund
+from tests.money import gather, issue, ledger, new_campaign, new_merchant, payment, redeem, refund
 from tests.people import campaign, claim, id_number, iso
 
 TOPOLOGIES = ("standalone", "cluster")  # issuer rebuild --all on one server and a cluster
@@ -218,13 +218,16 @@ async def value(redis: Redis, key: bytes) -> Any:
 
 def short_lived(ck: keys.CampaignKeys, key: str) -> bool:
     """Keys the rebuild cannot restore (nonces, rate windows), restores in part
-    (idempotency, winners: `record_requests`) or starts empty (the stream)."""
+    (idempotency, winners: `record_requests`) or starts empty (the stream, the merchants'
+    version: the campaign's first redemption raises it)."""
 
     def kind(name: str) -> str:  # "{c:id}:idem:20000" -> "idem"
         return name.removeprefix(f"{ck.tag}:").partition(":")[0]
 
     buckets = (ck.idempotency(0)[0], ck.nonces(0, 0)[0], ck.rate_window("account", 1, 0))
-    return key in (ck.events, ck.winners) or kind(key) in {kind(b) for b in buckets}
+    return key in (ck.events, ck.winners, ck.merchant_version) or kind(key) in {
+        kind(b) for b in buckets
+    }
 
 
 async def snapshot(redis: Redis, campaign_ids: list[str]) -> dict[str, Any]:
@@ -514,3 +517,19 @@ async def test_events_not_yet_recorded_are_waited_for(
     assert summary.records["vouchers"] == 4
     assert_same(await snapshot(redis, workload.campaigns), before)
     await assert_reconciled(redis, pg, workload.campaigns)
+
+
+async def test_a_merchant_restored_is_seen_by_the_workers_that_read_it_missing(
+    service: Service, redis: Redis, pg: asyncpg.Pool
+) -> None:
+    campaign_id = await new_campaign(service)
+    merchant = await new_merchant(service)
+    vouchers = [await issue(service, campaign_id, n) for n in range(1, 17)]
+    await service.drained()
+    await redis.hdel(keys.MERCHANTS, merchant)  # its loss
+    # the workers read it missing (payments spread over the connections)
+    refused = await gather(*(redeem(service, payment(v, merchant, 100_000)) for v in vouchers[::2]))
+    assert {r.body["error"]["code"] for r in refused} == {"MERCHANT_NOT_ELIGIBLE"}
+    assert await restore_global(redis, pg) == 1
+    paid = await gather(*(redeem(service, payment(v, merchant, 100_000)) for v in vouchers[1::2]))
+    assert [r.status for r in paid] == [201] * 8

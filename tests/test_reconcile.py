@@ -259,6 +259,7 @@ async def money_moves(env: Env, campaign_id: str) -> None:
     scripts = Scripts(env.redis)
     merchant = unique_id("m")
     await merchants.put(
+        env.redis,
         scripts,
         merchant,
         MerchantDef(name="m", county_code="141029", categories=["appliance"]),

@@ -5,6 +5,7 @@ record in PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections import Counter
 from typing import Any
@@ -14,15 +15,18 @@ import msgspec
 import pytest
 from redis.asyncio import Redis
 
-from issuer import expiry
-from issuer.campaigns import HINT_TTL_S
+from issuer import expiry, keys
+from issuer.auth import ApiKey, Verified
+from issuer.campaigns import HINT_TTL_S, Campaigns
 from issuer.client import signed_headers
+from issuer.model import RedemptionIn
 from issuer.reconcile import reconcile
-from issuer.redemptions import mark_paid
+from issuer.redemptions import Redemptions, mark_paid
 from issuer.scripts import Scripts
 from tests.conftest import Keyspace, Service, campaign_primaries
 from tests.money import (
     fridge,
+    gather,
     issue,
     ledger,
     new_campaign,
@@ -187,6 +191,77 @@ async def test_merchant_blacklisted_after_issue_is_refused_at_once(service: Serv
     assert refused.body["error"]["code"] == "MERCHANT_NOT_ELIGIBLE"
     await service.call("PUT", f"/v1/merchants/{merchant}", {**body, "status": "active"})
     assert (await redeem(service, payment(voucher, merchant, 100_000))).status == 201
+
+
+async def test_a_merchant_changed_after_the_workers_read_it_is_refused_at_once(
+    service: Service,
+) -> None:
+    """The workers decide merchants' verdicts from their copies: a change answered is seen
+    by every payment after it, on a campaign made before the merchant and one after."""
+    before = await new_campaign(service)
+    merchant = await new_merchant(service)
+    after = await new_campaign(service)
+    vouchers = [await issue(service, c, n) for c in (before, after) for n in range(1, 13)]
+    body = {"name": "乡宁家电城", "county_code": "141029", "categories": ["appliance"]}
+    # both workers read the merchant active (payments spread over the connections)
+    paid = await gather(*(redeem(service, payment(v, merchant, 100_000)) for v in vouchers[::2]))
+    assert [r.status for r in paid] == [201] * 12
+    resp = await service.call("PUT", f"/v1/merchants/{merchant}", {**body, "status": "suspended"})
+    assert resp.status == 200
+    refused = await gather(
+        *(redeem(service, payment(v, merchant, 100_000)) for v in vouchers[1::2])
+    )
+    assert {r.body["error"]["code"] for r in refused} == {"MERCHANT_NOT_ELIGIBLE"}
+    await service.call("PUT", f"/v1/merchants/{merchant}", {**body, "status": "active"})
+    again = await gather(*(redeem(service, payment(v, merchant, 100_000)) for v in vouchers[1::2]))
+    assert [r.status for r in again] == [201] * 12
+
+
+async def test_a_batch_of_payments_is_one_script_call_once_its_merchants_are_read(
+    service: Service, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    campaign_id = await new_campaign(service)
+    merchant = await new_merchant(service)
+    vouchers = [await issue(service, campaign_id, n) for n in range(1, 7)]
+    scripts = Scripts(redis)
+    redemptions = Redemptions(redis, scripts, Campaigns(redis, scripts), batch_max=10)
+    calls: list[str] = []  # the merchants' reads and the script calls, in order
+    read, run = redemptions.merchants.read, scripts.run
+
+    async def counted_read(merchant_ids: list[str]) -> None:
+        calls.append("read")
+        await read(merchant_ids)
+
+    async def counted_run(call: Any) -> Any:
+        calls.append(call.SCRIPT)
+        return await run(call)
+
+    monkeypatch.setattr(redemptions.merchants, "read", counted_read)
+    monkeypatch.setattr(scripts, "run", counted_run)
+    paying = ApiKey(id="payment-key", secret="s", role="payment")
+
+    async def pay(voucher: dict[str, Any]) -> None:
+        body = msgspec.convert(payment(voucher, merchant, 100_000), RedemptionIn)
+        verified = Verified(paying, f"pay-nonce-{secrets.token_hex(8)}", int(time.time()))
+        await redemptions.redeem(body, verified, time.time())
+
+    await pay(vouchers[0])
+    assert calls == ["read", "redeem"]
+    await asyncio.gather(*(pay(v) for v in vouchers[1:3]))  # one batch, its merchant known
+    assert calls == ["read", "redeem", "redeem"]
+    body = {"name": "乡宁家电城", "county_code": "141029", "categories": ["appliance"]}
+    assert (await service.call("PUT", f"/v1/merchants/{merchant}", body)).status == 200
+    calls.clear()
+    await asyncio.gather(*(pay(v) for v in vouchers[3:5]))  # refused STALE, decided again
+    assert calls == ["redeem", "read", "merchant_version", "redeem"]
+    # a campaign ahead of the merchants' version (a failover lost a change): that one is
+    # brought past it first
+    ahead = int(await redis.get(keys.MERCHANT_VERSION)) + 1000
+    await redis.set(keys.CampaignKeys(campaign_id).merchant_version, ahead)
+    calls.clear()
+    await pay(vouchers[5])
+    assert calls == ["redeem", "read", "merchant_version", "read", "merchant_version", "redeem"]
+    assert int(await redis.get(keys.MERCHANT_VERSION)) == ahead + 1
 
 
 async def test_discount_above_the_reservation_comes_from_available_or_is_refused(

@@ -16,6 +16,7 @@ from issuer.protocol import (
     Due,
     Expire,
     MarkPaid,
+    MerchantVersion,
     RedeemBatch,
     Redemption,
     Refund,
@@ -69,7 +70,10 @@ def redeem(
 
 
 def batch(
-    *payments: Redemption, rate_bp: int = RATE_BP, rounds: tuple[str, ...] = ("r1",)
+    *payments: Redemption,
+    rate_bp: int = RATE_BP,
+    rounds: tuple[str, ...] = ("r1",),
+    merchants_read: int = 0,
 ) -> RedeemBatch:
     """One `redeem` call of these payments, on the campaign's terms."""
     current, previous = CK.idempotency(time.time())
@@ -82,11 +86,13 @@ def batch(
         orders=CK.orders,
         expiry=CK.expiry,
         events=CK.events,
+        merchant_version=CK.merchant_version,
         rounds=[CK.round(r) for r in rounds],
         nonce_buckets=CK.nonces(NONCE_BUCKET, NONCE_BUCKET),
         discount_rate_bp=rate_bp,
         cap_fen=CAP,
         first_nonce_bucket=NONCE_BUCKET,
+        merchants_read=merchants_read,
         round_count=len(rounds),
         round_ids=list(rounds),
         payments=list(payments),
@@ -228,6 +234,30 @@ async def test_a_used_nonce_is_refused_before_anything_else(fake: Fake) -> None:
     again = first._replace(idem_field="k-ops|req-other", order_id="order-2")
     assert await paid(fake, again) == ("UNAUTHENTICATED", b"")
     assert (await fake.balanced())["spent"] == 150_000
+
+
+async def test_a_batch_decided_at_another_merchants_version_is_stale_untouched(
+    fake: Fake,
+) -> None:
+    await issued(fake)
+    before = (await fake.ledger(), await fake.round())
+    payment = redeem(1, 150_000)
+    assert await fake.scripts.run(batch(payment, merchants_read=1)) == [b"STALE", 0]
+    raised = MerchantVersion(held=CK.merchant_version, version=2)
+    assert await fake.scripts.run(raised) == [2]
+    assert await fake.scripts.run(batch(payment, merchants_read=1)) == [b"STALE", 2]
+    assert (await fake.ledger(), await fake.round()) == before
+    # nor its nonce spent: at the campaign's version, the same payment goes through
+    assert (await run(fake, batch(payment, merchants_read=2)))[0] == "OK"
+
+
+async def test_a_campaigns_merchants_version_is_never_lowered(fake: Fake) -> None:
+    def raised(version: int) -> MerchantVersion:
+        return MerchantVersion(held=CK.merchant_version, version=version)
+
+    assert await fake.scripts.run(raised(3)) == [3]
+    assert await fake.scripts.run(raised(2)) == [3]
+    assert await fake.scripts.run(raised(4)) == [4]
 
 
 async def test_a_batch_decides_its_payments_in_order(fake: Fake) -> None:

@@ -142,14 +142,22 @@ async def test_a_merchant_is_created_then_replaced_within_its_tenant(fake: Fake)
         return MerchantPut(
             merchants=keys.MERCHANTS,
             events=keys.GLOBAL_EVENTS,
+            version=keys.MERCHANT_VERSION,
             merchant_id="m-1",
             merchant=record,
             tenant=tenant,
         )
 
-    assert await fake.scripts.run(put(b'{"tenant":"xiangning","name":"a"}')) == [b"CREATED"]
-    assert await fake.scripts.run(put(b'{"tenant":"xiangning","name":"b"}')) == [b"REPLACED"]
+    # each change raises the merchants' version: past the last, to the time in ms at least
+    code, first = await fake.scripts.run(put(b'{"tenant":"xiangning","name":"a"}'))
+    assert code == b"CREATED" and first >= int((time.time() - 60) * 1000)
+    await fake.redis.set(keys.MERCHANT_VERSION, 10**14)  # ahead of the clock
+    assert await fake.scripts.run(put(b'{"tenant":"xiangning","name":"b"}')) == [
+        b"REPLACED",
+        10**14 + 1,
+    ]
     other = put(b'{"tenant":"xixian","name":"c"}', tenant="xixian")
     assert await fake.scripts.run(other) == [b"TENANT_CONFLICT"]
     assert await fake.redis.hget(keys.MERCHANTS, "m-1") == b'{"tenant":"xiangning","name":"b"}'
     assert await fake.redis.xlen(keys.GLOBAL_EVENTS) == 2
+    assert await fake.redis.get(keys.MERCHANT_VERSION) == str(10**14 + 1).encode()
