@@ -19,10 +19,10 @@ import msgspec
 import redis
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, RedisError
-from redis.retry import Retry
 
 from issuer.config import Settings
 from issuer.packing import packing
