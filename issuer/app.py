@@ -138,7 +138,8 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
                 admitted = tenancy.known(ctx.owners, route.tenant, request, body)
                 if admitted is tenancy.UNKNOWN:
                     admitted = await tenancy.admit(ctx.owners, route.tenant, request, body)
-                response = await route.handler(ctx, request, admitted)
+                answered = route.handler(ctx, request, admitted)
+                response = answered if isinstance(answered, web.StreamResponse) else await answered
         except ApiError as err:
             if batched and verified is not None:
                 response = error_response(refused(request, verified, err))

@@ -23,6 +23,7 @@ _PROVINCES = frozenset(
 ) | {"71", "81", "82", "83", "91"}
 """GB/T 2260 province-level codes, the first two digits of an ID number."""
 
+_ID = b"id:"  # the domain of references to ID numbers
 _NAME_DOTS = str.maketrans("", "", "·•・")
 _CHINA = ZoneInfo("Asia/Shanghai")
 _today: list[tuple[float, datetime.date]] = [(float("-inf"), datetime.date.min)]
@@ -100,7 +101,12 @@ def _keyed(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
 
 def person_ref(key: bytes, id_number: str) -> str:
     """Keyed reference (64 hex chars) to the person holding an ID number."""
-    return _ref(key, b"id:", normalise_id_number(id_number))
+    return _ref(key, _ID, normalise_id_number(id_number))
+
+
+def normalised_person_ref(key: bytes, number: str) -> str:
+    """`person_ref` of an ID number `normalise_id_number` already gave."""
+    return _ref(key, _ID, number)
 
 
 def name_ref(key: bytes, name: str) -> str:
