@@ -266,11 +266,10 @@ class Claims:
         """Every check made without the gate, in no coroutine (most claims at 10:00 are
         refused here): what `submit` needs, or the refusal, returned, not raised (an
         exception costs at each frame it passes). A claim that is not valid raises
-        (INVALID_REQUEST, FORBIDDEN)."""
+        (INVALID_REQUEST, FORBIDDEN). The person's reference, an HMAC, is made only once
+        the round is open: the ID number is checked before, its reference not needed."""
         self._check_caller(cached, claim, verified)
         number = self._id_number(claim)
-        ref = claim.person_ref if number is None else normalised_person_ref(self.person_key, number)
-        assert ref is not None
         if not self._inside(cached, claim):
             return refusal("OUTSIDE_GEOFENCE")
         now = time.time()
@@ -281,6 +280,8 @@ class Claims:
             return refusal("NOT_OPEN", cached.not_open[at])
         rnd = cached.stored.rounds[at]
         idem = idem_field(verified.key.id, claim.request_id)
+        ref = claim.person_ref if number is None else normalised_person_ref(self.person_key, number)
+        assert ref is not None
         hint = cached.hint
         if (
             hint is not None
