@@ -135,9 +135,10 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
                 if not batched:
                     await spend_nonce(ctx, verified)
                 body = decoded(request, verified, raw)
-                admitted = tenancy.known(ctx.owners, route.tenant, request, body)
+                key = verified.key
+                admitted = tenancy.known(ctx.owners, route.tenant, request, body, key)
                 if admitted is tenancy.UNKNOWN:
-                    admitted = await tenancy.admit(ctx.owners, route.tenant, request, body)
+                    admitted = await tenancy.admit(ctx.owners, route.tenant, request, body, key)
                 answered = route.handler(ctx, request, admitted)
                 response = answered if isinstance(answered, web.StreamResponse) else await answered
         except ApiError as err:

@@ -151,7 +151,7 @@ class Owners:
 UNKNOWN: Any = object()  # `known`'s answer when a tenant must be read first
 
 
-def known(owners: Owners, rule: Rule, request: web.Request, body: Any) -> Any:
+def known(owners: Owners, rule: Rule, request: web.Request, body: Any, key: ApiKey) -> Any:
     """`admit` without a coroutine when this worker holds the tenant of everything the
     route touches (the claim path: its campaign's cached definition), else UNKNOWN."""
     name = rule.campaign_param
@@ -159,7 +159,6 @@ def known(owners: Owners, rule: Rule, request: web.Request, body: Any) -> Any:
         cached = owners.campaigns.peek(request.match_info[name])
         if cached is None:
             return UNKNOWN
-        key: ApiKey = request["verified"].key
         if not key.may_act_in(cached.tenant):
             raise _forbidden(key, "campaign")
         request[TENANT] = cached.tenant
@@ -170,18 +169,19 @@ def known(owners: Owners, rule: Rule, request: web.Request, body: Any) -> Any:
         if tenant is None:
             return UNKNOWN
         found.append((ref, tenant))
-    return _decide(rule, request, body, found)
+    return _decide(rule, request, body, key, found)
 
 
-async def admit(owners: Owners, rule: Rule, request: web.Request, body: Any) -> Any:
+async def admit(owners: Owners, rule: Rule, request: web.Request, body: Any, key: ApiKey) -> Any:
     """Apply a route's rule: FORBIDDEN unless the key may act in the tenant of everything
-    the route touches. Returns the body (a defining PUT's with its tenant decided) and
-    leaves the tenant acted in at `request[TENANT]` for the request's log line."""
+    the route touches (`key`: the request's). Returns the body (a defining PUT's with its
+    tenant decided) and leaves the tenant acted in at `request[TENANT]` for the request's
+    log line."""
     found = [
         (ref, owners.known(ref.kind, thing_id) or await owners.tenant(ref.kind, thing_id))
         for ref, thing_id in _touched(rule, request, body)
     ]
-    return _decide(rule, request, body, found)
+    return _decide(rule, request, body, key, found)
 
 
 def _touched(rule: Rule, request: web.Request, body: Any) -> list[tuple[Ref, str]]:
@@ -195,11 +195,14 @@ def _touched(rule: Rule, request: web.Request, body: Any) -> list[tuple[Ref, str
 
 
 def _decide(
-    rule: Rule, request: web.Request, body: Any, found: Sequence[tuple[Ref, str | None]]
+    rule: Rule,
+    request: web.Request,
+    body: Any,
+    key: ApiKey,
+    found: Sequence[tuple[Ref, str | None]],
 ) -> Any:
     """`admit`'s verdict once the tenants of what the route touches are known (None: no
     such thing, the handler answers NOT_FOUND)."""
-    key: ApiKey = request["verified"].key
     tenant: str | None = None
     for ref, owner in found:
         if owner is None:
