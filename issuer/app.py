@@ -135,10 +135,12 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
                 if not batched:
                     await spend_nonce(ctx, verified)
                 body = decoded(request, verified, raw)
-                admitted = tenancy.known(ctx.owners, route.tenant, request, body)
+                key = verified.key
+                admitted = tenancy.known(ctx.owners, route.tenant, request, body, key)
                 if admitted is tenancy.UNKNOWN:
-                    admitted = await tenancy.admit(ctx.owners, route.tenant, request, body)
-                response = await route.handler(ctx, request, admitted)
+                    admitted = await tenancy.admit(ctx.owners, route.tenant, request, body, key)
+                answered = route.handler(ctx, request, admitted)
+                response = answered if isinstance(answered, web.StreamResponse) else await answered
         except ApiError as err:
             if batched and verified is not None:
                 response = error_response(refused(request, verified, err))

@@ -14,6 +14,7 @@ from typing import Annotated, Literal, NamedTuple
 import msgspec
 from msgspec import Meta
 
+from issuer import hmacs
 from issuer.errors import ApiError
 from issuer.model import AwareDatetime, Id
 
@@ -102,7 +103,7 @@ def signature(
     message = "\n".join(
         (method.upper(), path_qs, timestamp, nonce, hashlib.sha256(body).hexdigest())
     )
-    return hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
+    return hmacs.hexdigest(secret.encode(), message.encode())
 
 
 def verify(

@@ -24,7 +24,7 @@ from issuer.campaigns import HINT_TTL_S, CachedCampaign, Campaigns, Hint, Holder
 from issuer.draw_rules import application_ref
 from issuer.errors import ApiError, GateRefusal
 from issuer.idempotency import fingerprint, idem_field
-from issuer.identity import person_ref
+from issuer.identity import normalise_id_number, normalised_person_ref
 from issuer.ids import new_id
 from issuer.model import ApplicationOut, ClaimIn, RateLimit, Round, VoucherOut
 from issuer.protocol import Claim, ClaimBatch, RateLimitArgs, SpendNonces, SpentNonce
@@ -42,6 +42,7 @@ STICKY = frozenset(
 
 EXTRA = msgspec.json.Encoder()
 Claimed = tuple[VoucherOut | ApplicationOut, bool]  # the answer, and whether it is a replay
+Checked = tuple[Round, str, str]  # a claim's round, idempotency field and person reference
 
 
 def _window(
@@ -251,16 +252,24 @@ class Claims:
     async def claim(
         self, campaign_id: str, claim: ClaimIn, verified: Verified, remote: str | None = None
     ) -> Claimed | ApiError:
-        """Issue a voucher (in a lottery round: take an application): (voucher or
-        application, replayed); or the refusal, returned, not raised (most claims at 10:00
-        are refused, and an exception costs at each frame it passes). A claim that is not
-        valid raises (INVALID_REQUEST, FORBIDDEN, NOT_FOUND), as does a gate that cannot be
-        reached (UNAVAILABLE). `remote` is the caller's address, the client IP of rate
-        limits when the body names none."""
+        """Issue a voucher (in a lottery round: take an application): `check`, then
+        `submit`, the campaign loaded first if this worker does not hold it."""
         cached = self.campaigns.peek(campaign_id) or await self.campaigns.cached(campaign_id)
-        definition = cached.definition
+        checked = self.check(cached, claim, verified)
+        if isinstance(checked, ApiError):
+            return checked
+        return await self.submit(cached, claim, verified, remote, checked)
+
+    def check(
+        self, cached: CachedCampaign, claim: ClaimIn, verified: Verified
+    ) -> Checked | ApiError:
+        """Every check made without the gate, in no coroutine (most claims at 10:00 are
+        refused here): what `submit` needs, or the refusal, returned, not raised (an
+        exception costs at each frame it passes). A claim that is not valid raises
+        (INVALID_REQUEST, FORBIDDEN). The person's reference, an HMAC, is made only once
+        the round is open: the ID number is checked before, its reference not needed."""
         self._check_caller(cached, claim, verified)
-        ref = self._person_ref(claim)
+        number = self._id_number(claim)
         if not self._inside(cached, claim):
             return refusal("OUTSIDE_GEOFENCE")
         now = time.time()
@@ -271,6 +280,8 @@ class Claims:
             return refusal("NOT_OPEN", cached.not_open[at])
         rnd = cached.stored.rounds[at]
         idem = idem_field(verified.key.id, claim.request_id)
+        ref = claim.person_ref if number is None else normalised_person_ref(self.person_key, number)
+        assert ref is not None
         hint = cached.hint
         if (
             hint is not None
@@ -279,6 +290,23 @@ class Claims:
             and not hint.holders.hold(idem, ref, claim.user_id)
         ):
             return refusal(hint.code)
+        return rnd, idem, ref
+
+    async def submit(
+        self,
+        cached: CachedCampaign,
+        claim: ClaimIn,
+        verified: Verified,
+        remote: str | None,
+        checked: Checked,
+    ) -> Claimed | ApiError:
+        """Send a checked claim to the gate in its round's batch: (voucher or application,
+        replayed), or the gate's refusal, returned; UNAVAILABLE, raised, if the gate cannot
+        be reached. `remote` is the caller's address, the client IP of rate limits when the
+        body names none."""
+        campaign_id = cached.keys.campaign_id
+        definition = cached.definition
+        rnd, idem, ref = checked
         extra = {
             "campaign_id": campaign_id,
             "discount_rate_bp": definition.voucher.discount_rate_bp,
@@ -348,14 +376,16 @@ class Claims:
         elif role != "app":
             raise ApiError("FORBIDDEN", "claims come from an app key")
 
-    def _person_ref(self, claim: ClaimIn) -> str:
+    @staticmethod
+    def _id_number(claim: ClaimIn) -> str | None:
+        """The claim's normalised ID number, None if it gives a person_ref instead;
+        INVALID_REQUEST if it gives neither or both, or a number that is not valid."""
         if (claim.person is None) == (claim.person_ref is None):
             raise ApiError("INVALID_REQUEST", "person: give exactly one of person, person_ref")
-        if claim.person_ref is not None:
-            return claim.person_ref
-        assert claim.person is not None
+        if claim.person is None:
+            return None
         try:
-            return person_ref(self.person_key, claim.person.id_number)
+            return normalise_id_number(claim.person.id_number)
         except ValueError as exc:
             raise ApiError("INVALID_REQUEST", f"person.id_number: {exc}") from None
 

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 MAX_BODY = 64 * 1024
 JSON = "application/json"
 ENCODER = msgspec.json.Encoder()
-Handler = Callable[["Ctx", web.Request, Any], Awaitable[web.Response]]
+# a handler may answer without a coroutine (the claim refused before the gate)
+Handler = Callable[["Ctx", web.Request, Any], Awaitable[web.Response] | web.Response]
 T = TypeVar("T")
 
 

@@ -8,12 +8,12 @@ Error messages describe the problem, never the value.
 from __future__ import annotations
 
 import datetime
-import functools
-import hashlib
 import re
 import time
 import unicodedata
 from zoneinfo import ZoneInfo
+
+from issuer import hmacs
 
 _ID_FORMAT = re.compile(r"[0-9]{17}[0-9X]")
 _PROVINCES = frozenset(
@@ -23,6 +23,7 @@ _PROVINCES = frozenset(
 ) | {"71", "81", "82", "83", "91"}
 """GB/T 2260 province-level codes, the first two digits of an ID number."""
 
+_ID = b"id:"  # the domain of references to ID numbers
 _NAME_DOTS = str.maketrans("", "", "·•・")
 _CHINA = ZoneInfo("Asia/Shanghai")
 _today: list[tuple[float, datetime.date]] = [(float("-inf"), datetime.date.min)]
@@ -75,32 +76,17 @@ def _today_in_china() -> datetime.date:
 def _ref(key: bytes, domain: bytes, value: str) -> str:
     if not key:
         raise ValueError("reference key must not be empty")
-    inner, outer = _keyed(key)
-    keyed = inner.copy()
-    keyed.update(domain + value.encode())
-    result = outer.copy()
-    result.update(keyed.digest())
-    return result.hexdigest()
-
-
-@functools.lru_cache(maxsize=16)
-def _keyed(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
-    """HMAC-SHA256 (RFC 2104) with `key` taken in: its inner and outer hashes, each
-    copied for a reference. Setting up a keyed hash anew (what `hmac.digest` does on every
-    call) cost more than hashing the value, and `hmac.HMAC`'s own copy and update are
-    Python frames around the same C calls."""
-    block = hashlib.sha256().block_size
-    if len(key) > block:
-        key = hashlib.sha256(key).digest()
-    key = key.ljust(block, b"\0")
-    inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
-    outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
-    return inner, outer
+    return hmacs.hexdigest(key, domain + value.encode())
 
 
 def person_ref(key: bytes, id_number: str) -> str:
     """Keyed reference (64 hex chars) to the person holding an ID number."""
-    return _ref(key, b"id:", normalise_id_number(id_number))
+    return _ref(key, _ID, normalise_id_number(id_number))
+
+
+def normalised_person_ref(key: bytes, number: str) -> str:
+    """`person_ref` of an ID number `normalise_id_number` already gave."""
+    return _ref(key, _ID, number)
 
 
 def name_ref(key: bytes, name: str) -> str:

@@ -11,7 +11,7 @@ itself: it keeps the records of `scope(request)`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import asyncpg
@@ -57,6 +57,15 @@ class Rule:
     refs: tuple[Ref, ...] = ()
     defines: bool = False
     lists: bool = False
+    # the path parameter of a rule that touches one campaign and defines nothing (the
+    # claim's): `known` decides it in one frame
+    campaign_param: str | None = field(init=False, default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.refs) == 1 and not self.defines:
+            (ref,) = self.refs
+            if ref.kind == "campaign" and not ref.in_body:
+                object.__setattr__(self, "campaign_param", ref.name)
 
     def describe(self) -> str:
         """For the OpenAPI document (`x-tenant`)."""
@@ -142,27 +151,37 @@ class Owners:
 UNKNOWN: Any = object()  # `known`'s answer when a tenant must be read first
 
 
-def known(owners: Owners, rule: Rule, request: web.Request, body: Any) -> Any:
+def known(owners: Owners, rule: Rule, request: web.Request, body: Any, key: ApiKey) -> Any:
     """`admit` without a coroutine when this worker holds the tenant of everything the
     route touches (the claim path: its campaign's cached definition), else UNKNOWN."""
+    name = rule.campaign_param
+    if name is not None:  # one campaign: decided here, not by _touched and _decide
+        cached = owners.campaigns.peek(request.match_info[name])
+        if cached is None:
+            return UNKNOWN
+        if not key.may_act_in(cached.tenant):
+            raise _forbidden(key, "campaign")
+        request[TENANT] = cached.tenant
+        return body
     found = []
     for ref, thing_id in _touched(rule, request, body):
         tenant = owners.known(ref.kind, thing_id)
         if tenant is None:
             return UNKNOWN
         found.append((ref, tenant))
-    return _decide(rule, request, body, found)
+    return _decide(rule, request, body, key, found)
 
 
-async def admit(owners: Owners, rule: Rule, request: web.Request, body: Any) -> Any:
+async def admit(owners: Owners, rule: Rule, request: web.Request, body: Any, key: ApiKey) -> Any:
     """Apply a route's rule: FORBIDDEN unless the key may act in the tenant of everything
-    the route touches. Returns the body (a defining PUT's with its tenant decided) and
-    leaves the tenant acted in at `request[TENANT]` for the request's log line."""
+    the route touches (`key`: the request's). Returns the body (a defining PUT's with its
+    tenant decided) and leaves the tenant acted in at `request[TENANT]` for the request's
+    log line."""
     found = [
         (ref, owners.known(ref.kind, thing_id) or await owners.tenant(ref.kind, thing_id))
         for ref, thing_id in _touched(rule, request, body)
     ]
-    return _decide(rule, request, body, found)
+    return _decide(rule, request, body, key, found)
 
 
 def _touched(rule: Rule, request: web.Request, body: Any) -> list[tuple[Ref, str]]:
@@ -176,23 +195,30 @@ def _touched(rule: Rule, request: web.Request, body: Any) -> list[tuple[Ref, str
 
 
 def _decide(
-    rule: Rule, request: web.Request, body: Any, found: Sequence[tuple[Ref, str | None]]
+    rule: Rule,
+    request: web.Request,
+    body: Any,
+    key: ApiKey,
+    found: Sequence[tuple[Ref, str | None]],
 ) -> Any:
     """`admit`'s verdict once the tenants of what the route touches are known (None: no
     such thing, the handler answers NOT_FOUND)."""
-    key: ApiKey = request["verified"].key
     tenant: str | None = None
     for ref, owner in found:
         if owner is None:
             continue
         if not key.may_act_in(owner):
-            raise ApiError("FORBIDDEN", f"key {key.id} is not scoped to this {ref.what}'s tenant")
+            raise _forbidden(key, ref.what)
         tenant = tenant or owner
     if rule.defines:
         body, tenant = _defined(key, body, tenant)
     if tenant is not None:
         request[TENANT] = tenant
     return body
+
+
+def _forbidden(key: ApiKey, what: str) -> ApiError:
+    return ApiError("FORBIDDEN", f"key {key.id} is not scoped to this {what}'s tenant")
 
 
 def _defined(key: ApiKey, body: Any, existing: str | None) -> tuple[Any, str]:
