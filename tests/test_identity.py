@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from issuer import identity
+from issuer import hmacs, identity
 from issuer.identity import _check_digit, name_ref, normalise_id_number, person_ref, phone_ref
 
 pytestmark = pytest.mark.fast
@@ -177,3 +177,10 @@ def test_a_birth_date_is_possible_from_the_first_second_of_its_day_in_china(
         normalise_id_number(born)
     monkeypatch.setattr(time, "time", lambda: midnight)
     assert normalise_id_number(born) == born
+
+
+@pytest.mark.parametrize("key_length", [0, 16, 32, 64, 65, 200])
+def test_hmacs_is_rfc_2104_hmac_sha256_for_every_key_length(key_length: int) -> None:
+    key = bytes(range(256))[:key_length]
+    for message in (b"", b"x", b"POST\n/v1/campaigns/c/claims\n" * 40):
+        assert hmacs.hexdigest(key, message) == hmac.new(key, message, "sha256").hexdigest()
