@@ -329,7 +329,7 @@ class Claims:
             ref,
             claim.user_id,
             candidate,
-            EXTRA.encode(extra),
+            EXTRA.encode(extra).decode(),
             claim.device_id or "",
             client_ip,
         )

@@ -6,8 +6,10 @@ by name, and `keys()` and `args()` lay them out in field order. A field typed `K
 key and any other an argument; a `Keys` or `list` field is a variable-length tail (the
 script binds where it starts, `local nonce_buckets_at = 19`), and a NamedTuple is a group
 of arguments the script unpacks (`local limit, retry_after_s, window_ttl_s = unpack(ARGV,
-at, at + 2)`). A `Part` (the `Request` of an idempotent write) adds its keys and arguments
-where it stands. tests/test_protocol.py checks every structure against its script.
+at, at + 2)`). A list of groups marked `PACKED` is one argument instead, its groups' values in
+one flat JSON list (`local claims = cjson.decode(ARGV[18])`, unpacked from there). A
+`Part` (the `Request` of an idempotent write) adds its keys and arguments where it
+stands. tests/test_protocol.py checks every structure against its script.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import (
     get_origin,
     get_type_hints,
 )
+
+import msgspec
 
 from issuer.keys import IDEMPOTENCY_TTL_S, NONCE_TTL_S
 
@@ -53,12 +57,16 @@ ScriptName = Literal[
 KEY = "KEYS"  # marks a field that names keys
 Key = Annotated[str, KEY]
 Keys = Annotated[list[str], KEY]  # a variable-length tail of keys
+PACKED = "PACKED"  # marks a list of groups sent as one JSON argument
 
 
 # ---------------------------------------------------------------- layout
 
 
-ONE, ALL, EACH = 0, 1, 2  # a field gives one value, all of its values, each group's values
+# a field gives one value, all of its values, each group's values, or its groups' values
+# as one JSON list
+ONE, ALL, EACH, JSON = 0, 1, 2, 3
+_JSON = msgspec.json.Encoder()
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,7 @@ class Slot:
     size: int | None  # how many values; None: a variable-length tail
     group: tuple[str, ...]  # a group's members, in the order the script unpacks them
     get: Callable[[Any], Any]
-    spread: int  # ONE, ALL or EACH
+    spread: int  # ONE, ALL, EACH or JSON
 
 
 @dataclass(frozen=True)
@@ -96,8 +104,11 @@ def _slots(cls: type, prefix: str = "") -> list[tuple[bool, Slot]]:
         if isinstance(hint, type) and issubclass(hint, Part):
             out += _slots(hint, path + ".")
             continue
-        is_key = get_origin(hint) is Annotated and KEY in hint.__metadata__
-        out.append((is_key, _slot(f.name, path, hint.__origin__ if is_key else hint)))
+        marks = hint.__metadata__ if get_origin(hint) is Annotated else ()
+        slot = _slot(f.name, path, hint.__origin__ if marks else hint)
+        if PACKED in marks:
+            slot = Slot(f.name, 1, slot.group, slot.get, JSON)
+        out.append((KEY in marks, slot))
     return out
 
 
@@ -123,8 +134,10 @@ def _lay_out(call: Call, slots: tuple[Slot, ...]) -> list[Any]:
             out.append(value)
         elif slot.spread == ALL:
             out += value
-        else:
+        elif slot.spread == EACH:
             out += chain.from_iterable(value)
+        else:
+            out.append(_JSON.encode(list(chain.from_iterable(value))))
     return out
 
 
@@ -249,7 +262,7 @@ class Claim(NamedTuple):
     person_ref: str
     user_id: str
     candidate: str  # its voucher id (in a lottery round: application id), if granted
-    extra: bytes  # JSON object: the record's other fields
+    extra: str  # JSON object: the record's other fields (a string in the packed list)
     device_id: str  # "" if none
     client_ip: str  # "" if none
 
@@ -283,7 +296,7 @@ class ClaimBatch(Call):
     allocation: str  # first_come or lottery
     check_applicants: str  # "1" if the campaign has a lottery round
     first_nonce_bucket: int
-    claims: list[Claim]
+    claims: Annotated[list[Claim], PACKED]
 
 
 class SpentNonce(NamedTuple):

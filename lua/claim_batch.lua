@@ -35,9 +35,11 @@ local rate_limits_at = 6  -- from here, per rate-limit window: limit (-1: none),
 local allocation = ARGV[15]  -- first_come or lottery
 local check_applicants = ARGV[16]  -- "1" if the campaign has a lottery round
 local first_nonce_bucket = tonumber(ARGV[17])  -- the number of the first nonce bucket
-local claims_at = 18  -- from here, per claim, its fields (issuer.protocol.Claim; see decide)
+-- per claim, its fields (issuer.protocol.Claim; see decide), all in one flat JSON list
+-- decoded once (as separate arguments, each cost the worker its own packing)
+local claims = cjson.decode(ARGV[18])
 local CLAIM_FIELDS = 10
-local n = (#ARGV - claims_at + 1) / CLAIM_FIELDS
+local n = #claims / CLAIM_FIELDS
 local staff_mode = mode == 'staff'
 local lottery = allocation == 'lottery'
 local limits = {}
@@ -97,23 +99,21 @@ local function want(hash, field)
 end
 -- the fields of claim `i` (read where needed rather than kept in a table per claim)
 local function claim_fields(i)
-  local at = claims_at + (i - 1) * CLAIM_FIELDS
+  local at = (i - 1) * CLAIM_FIELDS + 1
   local idem_field, fingerprint, nonce_bucket, nonce, person_ref, user_id, candidate, extra,
-    device_id, client_ip = unpack(ARGV, at, at + 9)
+    device_id, client_ip = unpack(claims, at, at + 9)
   return idem_field, fingerprint, nonce_bucket, nonce, person_ref, user_id, candidate, extra,
     device_id, client_ip
 end
--- each claim's nonce bucket key; most claims are in the first bucket (compared as text:
--- a number only when it is another)
+-- each claim's nonce bucket key; most claims are in the first bucket
 local buckets = {}
 local first_bucket = KEYS[nonce_buckets_at]
-local first_bucket_text = tostring(first_nonce_bucket)
 for i = 1, n do
   local idem_field, _, nonce_bucket, nonce, person_ref, user_id, _, _, device_id, client_ip =
     claim_fields(i)
   local bucket = first_bucket
-  if nonce_bucket ~= first_bucket_text then
-    bucket = KEYS[nonce_buckets_at + tonumber(nonce_bucket) - first_nonce_bucket]
+  if nonce_bucket ~= first_nonce_bucket then
+    bucket = KEYS[nonce_buckets_at + nonce_bucket - first_nonce_bucket]
   end
   buckets[i] = bucket
   want(bucket, nonce)

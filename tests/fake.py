@@ -23,7 +23,7 @@ CAMPAIGN = "c-fake"
 CK = keys.CampaignKeys(CAMPAIGN)
 RESERVE = 200_000  # fen reserved per voucher
 BUDGET = 1_000_000  # fen: five vouchers
-EXTRA = b'{"campaign_id":"c-fake","discount_rate_bp":1500,"cap_fen":200000}'
+EXTRA = '{"campaign_id":"c-fake","discount_rate_bp":1500,"cap_fen":200000}'
 # the claims' nonce bucket, one for the session: a test that sends a nonce twice must not
 # see it land in two buckets because a bucket's ten minutes ended in between
 NONCE_BUCKET = keys.nonce_bucket(int(time.time()))

@@ -20,9 +20,9 @@ CALLS = {
     for v in vars(protocol).values()
     if isinstance(v, type) and issubclass(v, Call) and "SCRIPT" in vars(v)
 }
-FIXED = re.compile(r"^local (\w+) = (?:tonumber\()?(KEYS|ARGV)\[(\d+)\]", re.M)
+FIXED = re.compile(r"^local (\w+) = (?:tonumber\(|cjson\.decode\()?(KEYS|ARGV)\[(\d+)\]", re.M)
 START = re.compile(r"^local (\w+)_at = ([^-\n]+?)\s*(?:--.*)?$", re.M)
-GROUP = re.compile(r"local\s+([\w\s,]+?)\s*=\s*unpack\(ARGV,\s*(\w+),\s*\2 \+ (\d+)\)")
+GROUP = re.compile(r"local\s+([\w\s,]+?)\s*=\s*unpack\(\w+,\s*(\w+),\s*\2 \+ (\d+)\)")
 NUMBERED = re.compile(r"(?:KEYS|ARGV)\[\d")
 
 
@@ -61,7 +61,7 @@ def test_python_and_lua_agree_on_keys_and_args(name: str) -> None:
         assert [b.name for b in mine] == [s.name for s in slots], table
         place: int | None = 1
         for binding, slot in zip(mine, slots, strict=True):
-            single = slot.size == 1 and not slot.group
+            single = slot.spread in (protocol.ONE, protocol.JSON)
             assert (binding.table is not None) == single, f"{table} {slot.name}"
             if place is not None:
                 assert binding.at == place, f"{table} {slot.name}"
@@ -106,5 +106,5 @@ def test_sizes_and_groups_follow_the_field_types() -> None:
     assert (keys["ledger"], keys["rate_windows"], keys["nonce_buckets"]) == (1, 3, None)
     args = {s.name: (s.size, s.group) for s in batch.args}
     assert args["rate_limits"] == (9, protocol.RateLimitArgs._fields)
-    assert args["claims"] == (None, protocol.Claim._fields)
+    assert args["claims"] == (1, protocol.Claim._fields)
     assert args["round_id"] == (1, ())

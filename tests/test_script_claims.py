@@ -34,6 +34,32 @@ async def test_a_grant_reserves_from_the_campaign_and_the_round(fake: Fake) -> N
     assert await fake.events() == ["campaign", "claim"]
 
 
+async def test_the_packed_claims_keep_the_callers_text_byte_for_byte(fake: Fake) -> None:
+    # the claims go as one JSON list: quotes, backslashes, control characters and
+    # non-ASCII in the fields and in `extra` (itself JSON) come out as they went in
+    await fake.put_campaign(settings())
+    extra = EXTRA[:-1] + r',"device_id":"d\"\\\n\u00e9中😀","staff_id":"é/"}'
+    odd = claim(1, user_id='u"\\\n\té中😀', idem_field='k-app|r"\\中', extra=extra)
+    [(code, issued_at)] = await fake.claim(odd)
+    assert code == "OK"
+    stored = await fake.redis.hget(CK.vouchers, odd.candidate)
+    assert stored.startswith(extra[:-1].encode() + b',"round_id":"r1","user_id":')
+    assert json.loads(stored) == {
+        **json.loads(extra),
+        "round_id": "r1",
+        "user_id": odd.user_id,
+        "person_ref": "person-1",
+        "status": "issued",
+        "request": [odd.idem_field, odd.fingerprint],
+        "voucher_id": odd.candidate,
+        "issued_at": int(issued_at),
+        "expires_at": json.loads(stored)["expires_at"],
+        "reserve_fen": RESERVE,
+    }
+    [(code, replayed)] = await fake.claim(odd._replace(nonce="another-nonce-0002"))
+    assert code == "REPLAY" and json.loads(replayed)["user_id"] == odd.user_id
+
+
 async def test_the_idempotency_record_and_the_winners_set(fake: Fake) -> None:
     await fake.put_campaign(settings())
     await fake.claim(claim(1))
@@ -241,7 +267,7 @@ async def test_staff_claims_need_the_person_registered_to_the_account(fake: Fake
     assert answers == ["OK", "NOT_REGISTERED", "NOT_REGISTERED"]
 
 
-LOTTERY_EXTRA = EXTRA[:-1] + b',"application_ref":"ref-1"}'
+LOTTERY_EXTRA = EXTRA[:-1] + ',"application_ref":"ref-1"}'
 
 
 async def test_a_lottery_round_takes_applications(fake: Fake) -> None:
