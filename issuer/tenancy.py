@@ -57,15 +57,15 @@ class Rule:
     refs: tuple[Ref, ...] = ()
     defines: bool = False
     lists: bool = False
-    # the path parameter of a rule that touches one campaign and defines nothing (the
-    # claim's): `known` decides it in one frame
-    campaign_param: str | None = field(init=False, default=None, compare=False)
+    # the one ref of a rule that touches one campaign, named in its path, and defines
+    # nothing (the claim's): `known` decides it in one frame
+    campaign_in_path: Ref | None = field(init=False, default=None, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.refs) == 1 and not self.defines:
             (ref,) = self.refs
             if ref.kind == "campaign" and not ref.in_body:
-                object.__setattr__(self, "campaign_param", ref.name)
+                object.__setattr__(self, "campaign_in_path", ref)
 
     def describe(self) -> str:
         """For the OpenAPI document (`x-tenant`)."""
@@ -154,13 +154,13 @@ UNKNOWN: Any = object()  # `known`'s answer when a tenant must be read first
 def known(owners: Owners, rule: Rule, request: web.Request, body: Any, key: ApiKey) -> Any:
     """`admit` without a coroutine when this worker holds the tenant of everything the
     route touches (the claim path: its campaign's cached definition), else UNKNOWN."""
-    name = rule.campaign_param
-    if name is not None:  # one campaign: decided here, not by _touched and _decide
-        cached = owners.campaigns.peek(request.match_info[name])
+    ref = rule.campaign_in_path
+    if ref is not None:  # one campaign: decided here, not by _touched and _decide
+        cached = owners.campaigns.peek(request.match_info[ref.name])
         if cached is None:
             return UNKNOWN
         if not key.may_act_in(cached.tenant):
-            raise _forbidden(key, "campaign")
+            raise _forbidden(key, ref.what)
         request[TENANT] = cached.tenant
         return body
     found = []
