@@ -177,6 +177,25 @@ async def test_before_opening_is_not_open(service: Service) -> None:
     assert " opens at 20" in resp.body["error"]["message"]
 
 
+async def test_before_opening_an_invalid_person_is_still_invalid(service: Service) -> None:
+    """The person's reference is made only once the round is open, but what makes it is
+    checked before NOT_OPEN: a bad ID number or a claim naming no person is a 400 then too."""
+    campaign_id = await new_campaign(service, opens_in_s=600)
+    good = claim(30_050)
+    bad_digit = good["person"]["id_number"][:17] + (
+        "0" if good["person"]["id_number"][17] != "0" else "1"
+    )
+    bodies = [
+        claim(30_051, person={"id_number": bad_digit}),
+        {k: v for k, v in claim(30_052).items() if k != "person"},
+    ]
+    responses = await post_claims(service, campaign_id, bodies)
+    assert [r.status for r in responses] == [400, 400]
+    assert [r.body["error"]["code"] for r in responses] == ["INVALID_REQUEST"] * 2
+    assert "person.id_number" in responses[0].body["error"]["message"]
+    assert "person" in responses[1].body["error"]["message"]
+
+
 async def test_opening_second_lets_claims_in(service: Service) -> None:
     campaign_id = await new_campaign(service, opens_in_s=1.5)
     (early,) = await post_claims(service, campaign_id, [claim(30_100)])
