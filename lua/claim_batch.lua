@@ -89,14 +89,6 @@ local nonce_used = {}
 -- if none. Its writes to these hashes are gathered in `w` and sent at the end.
 local w = gathered()
 local wanted = {}  -- hash -> fields to read
-local function want(hash, field)
-  local list = wanted[hash]
-  if not list then
-    list = {}
-    wanted[hash] = list
-  end
-  list[#list + 1] = field
-end
 -- the fields of claim `i` (read where needed rather than kept in a table per claim)
 local function claim_fields(i)
   local at = (i - 1) * CLAIM_FIELDS + 1
@@ -108,6 +100,13 @@ end
 -- each claim's nonce bucket key; most claims are in the first bucket
 local buckets = {}
 local first_bucket = KEYS[nonce_buckets_at]
+-- every claim reads the idempotency buckets, the persons and the accounts: their fields
+-- by claim, filled in place (no call per field)
+local idem_fields, person_refs, user_ids = {}, {}, {}
+wanted[idem_current] = idem_fields
+wanted[idem_previous] = idem_fields
+wanted[persons] = person_refs
+wanted[accounts] = user_ids
 for i = 1, n do
   local idem_field, _, nonce_bucket, nonce, person_ref, user_id, _, _, device_id, client_ip =
     claim_fields(i)
@@ -116,15 +115,21 @@ for i = 1, n do
     bucket = KEYS[nonce_buckets_at + nonce_bucket - first_nonce_bucket]
   end
   buckets[i] = bucket
-  want(bucket, nonce)
-  want(idem_current, idem_field)
-  want(idem_previous, idem_field)
-  want(persons, person_ref)
-  want(accounts, user_id)
+  local list = wanted[bucket] or {}
+  wanted[bucket] = list
+  list[#list + 1] = nonce
+  idem_fields[i] = idem_field
+  person_refs[i] = person_ref
+  user_ids[i] = user_id
   if limited then
     local who = {user_id, device_id, client_ip}
     for d = 1, 3 do
-      if limits[d].limit >= 0 and who[d] ~= '' then want(limits[d].key, who[d]) end
+      local key = limits[d].key
+      if limits[d].limit >= 0 and who[d] ~= '' then
+        list = wanted[key] or {}
+        wanted[key] = list
+        list[#list + 1] = who[d]
+      end
     end
   end
 end
@@ -132,7 +137,7 @@ local held = {}
 for hash, fields in pairs(wanted) do
   local values = call_spread('HMGET', hash, fields)
   local t = {}
-  for j, field in ipairs(fields) do t[field] = values[j] end
+  for j = 1, #fields do t[fields[j]] = values[j] end
   held[hash] = t
 end
 local function put(hash, field, value)

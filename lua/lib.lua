@@ -86,29 +86,40 @@ local immediately = {
 -- whose `d` is the JSON array of their documents, in order (issuer/events.py reads it).
 local function gathered()
   local order = {}
-  local lists = {HSET = {}, ZADD = {}, SADD = {}}  -- command -> key -> its arguments
+  local hsets, zadds, sadds = {}, {}, {}  -- key -> its arguments
   local events = {}  -- event type -> stream -> its documents
-  local function add(cmd, by_key, key, a, b, kind)
-    local list = by_key[key]
-    if not list then
-      list = {}
-      by_key[key] = list
-      order[#order + 1] = {cmd, key, list, kind}
-    end
-    list[#list + 1] = a
-    if b ~= nil then list[#list + 1] = b end
+  -- each write finds its list here and appends to it itself (a call less per write)
+  local function start(cmd, by_key, key, kind)
+    local list = {}
+    by_key[key] = list
+    order[#order + 1] = {cmd, key, list, kind}
+    return list
   end
   return {
-    hset = function(key, field, value) add('HSET', lists.HSET, key, field, value) end,
-    zadd = function(key, score, member) add('ZADD', lists.ZADD, key, score, member) end,
-    sadd = function(key, member) add('SADD', lists.SADD, key, member) end,
+    hset = function(key, field, value)
+      local list = hsets[key] or start('HSET', hsets, key)
+      local k = #list
+      list[k + 1] = field
+      list[k + 2] = value
+    end,
+    zadd = function(key, score, member)
+      local list = zadds[key] or start('ZADD', zadds, key)
+      local k = #list
+      list[k + 1] = score
+      list[k + 2] = member
+    end,
+    sadd = function(key, member)
+      local list = sadds[key] or start('SADD', sadds, key)
+      list[#list + 1] = member
+    end,
     event = function(stream, kind, json)
       local by_stream = events[kind]
       if not by_stream then
         by_stream = {}
         events[kind] = by_stream
       end
-      add('XADD', by_stream, stream, json, nil, kind)
+      local list = by_stream[stream] or start('XADD', by_stream, stream, kind)
+      list[#list + 1] = json
     end,
     flush = function()
       for _, o in ipairs(order) do
