@@ -58,13 +58,16 @@ end
 local CHUNK = 1000
 
 -- redis.call(cmd, key, ...args), `args` spread over calls of at most CHUNK (even, so that
--- field/value pairs stay together); returns the replies' elements in order (for HMGET)
+-- field/value pairs stay together); returns the replies' elements in order (for HMGET),
+-- the reply itself when one call takes them all
 local function call_spread(cmd, key, args)
+  local count = #args
+  if count <= CHUNK then return redis.call(cmd, key, unpack(args, 1, count)) end
   local out = {}
-  for i = 1, #args, CHUNK do
-    local reply = redis.call(cmd, key, unpack(args, i, math.min(i + CHUNK - 1, #args)))
+  for i = 1, count, CHUNK do
+    local reply = redis.call(cmd, key, unpack(args, i, math.min(i + CHUNK - 1, count)))
     if type(reply) == 'table' then
-      for _, v in ipairs(reply) do out[#out + 1] = v end
+      for j = 1, #reply do out[#out + 1] = reply[j] end
     end
   end
   return out
