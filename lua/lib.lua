@@ -128,7 +128,11 @@ local function gathered()
       for _, o in ipairs(order) do
         local cmd, key, list, kind = o[1], o[2], o[3], o[4]
         if cmd == 'XADD' then
-          redis.call('XADD', key, '*', 't', kind, 'd', '[' .. table.concat(list, ',') .. ']')
+          -- the brackets go on the first and last documents, not round a second copy of
+          -- the whole array (Lua hashes every string it makes)
+          list[1] = '[' .. list[1]
+          list[#list] = list[#list] .. ']'
+          redis.call('XADD', key, '*', 't', kind, 'd', table.concat(list, ','))
         else
           call_spread(cmd, key, list)
         end
