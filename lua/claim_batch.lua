@@ -145,6 +145,9 @@ local function put(hash, field, value)
   w.hset(hash, field, value)
 end
 local new_vouchers = {}  -- voucher id -> JSON, of the vouchers issued in this batch
+-- the voucher being issued, for write_voucher (which reads it at once): one table for the
+-- batch, not one per voucher
+local issuing = {expires_at = valid_until}
 
 -- whether the latest application of a person or account (a field of `hash`) waits for
 -- its draw
@@ -244,9 +247,8 @@ local function decide(i)
   -- every check passed: write
   local json = made(extra, 'issued', person_ref, user_id, idem_field, fingerprint,
     'voucher_id', candidate, voucher_tail)
-  local v = {voucher_id = candidate, person_ref = person_ref, user_id = user_id,
-    expires_at = valid_until}
-  write_voucher(w, persons, accounts, vouchers, expiry, events, v, json)
+  issuing.voucher_id, issuing.person_ref, issuing.user_id = candidate, person_ref, user_id
+  write_voucher(w, persons, accounts, vouchers, expiry, events, issuing, json)
   held[persons][person_ref] = candidate
   held[accounts][user_id] = candidate
   new_vouchers[candidate] = json
