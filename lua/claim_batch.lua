@@ -263,9 +263,7 @@ end
 
 out = {status, led[2], 0, 0}
 for i = 1, n do
-  local code, payload = decide(i)
-  out[#out + 1] = code
-  out[#out + 1] = payload
+  out[3 + 2 * i], out[4 + 2 * i] = decide(i)
 end
 w.flush()
 if granted > 0 then
