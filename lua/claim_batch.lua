@@ -89,14 +89,6 @@ local nonce_used = {}
 -- if none. Its writes to these hashes are gathered in `w` and sent at the end.
 local w = gathered()
 local wanted = {}  -- hash -> fields to read
-local function want(hash, field)
-  local list = wanted[hash]
-  if not list then
-    list = {}
-    wanted[hash] = list
-  end
-  list[#list + 1] = field
-end
 -- the fields of claim `i` (read where needed rather than kept in a table per claim)
 local function claim_fields(i)
   local at = (i - 1) * CLAIM_FIELDS + 1
@@ -108,6 +100,13 @@ end
 -- each claim's nonce bucket key; most claims are in the first bucket
 local buckets = {}
 local first_bucket = KEYS[nonce_buckets_at]
+-- every claim reads the idempotency buckets, the persons and the accounts: their fields
+-- by claim, filled in place (no call per field)
+local idem_fields, person_refs, user_ids = {}, {}, {}
+wanted[idem_current] = idem_fields
+wanted[idem_previous] = idem_fields
+wanted[persons] = person_refs
+wanted[accounts] = user_ids
 for i = 1, n do
   local idem_field, _, nonce_bucket, nonce, person_ref, user_id, _, _, device_id, client_ip =
     claim_fields(i)
@@ -116,15 +115,21 @@ for i = 1, n do
     bucket = KEYS[nonce_buckets_at + nonce_bucket - first_nonce_bucket]
   end
   buckets[i] = bucket
-  want(bucket, nonce)
-  want(idem_current, idem_field)
-  want(idem_previous, idem_field)
-  want(persons, person_ref)
-  want(accounts, user_id)
+  local list = wanted[bucket] or {}
+  wanted[bucket] = list
+  list[#list + 1] = nonce
+  idem_fields[i] = idem_field
+  person_refs[i] = person_ref
+  user_ids[i] = user_id
   if limited then
     local who = {user_id, device_id, client_ip}
     for d = 1, 3 do
-      if limits[d].limit >= 0 and who[d] ~= '' then want(limits[d].key, who[d]) end
+      local key = limits[d].key
+      if limits[d].limit >= 0 and who[d] ~= '' then
+        list = wanted[key] or {}
+        wanted[key] = list
+        list[#list + 1] = who[d]
+      end
     end
   end
 end
@@ -132,7 +137,7 @@ local held = {}
 for hash, fields in pairs(wanted) do
   local values = call_spread('HMGET', hash, fields)
   local t = {}
-  for j, field in ipairs(fields) do t[field] = values[j] end
+  for j = 1, #fields do t[fields[j]] = values[j] end
   held[hash] = t
 end
 local function put(hash, field, value)
@@ -140,6 +145,9 @@ local function put(hash, field, value)
   w.hset(hash, field, value)
 end
 local new_vouchers = {}  -- voucher id -> JSON, of the vouchers issued in this batch
+-- the voucher being issued, for write_voucher (which reads it at once): one table for the
+-- batch, not one per voucher
+local issuing = {expires_at = valid_until}
 
 -- whether the latest application of a person or account (a field of `hash`) waits for
 -- its draw
@@ -239,9 +247,8 @@ local function decide(i)
   -- every check passed: write
   local json = made(extra, 'issued', person_ref, user_id, idem_field, fingerprint,
     'voucher_id', candidate, voucher_tail)
-  local v = {voucher_id = candidate, person_ref = person_ref, user_id = user_id,
-    expires_at = valid_until}
-  write_voucher(w, persons, accounts, vouchers, expiry, events, v, json)
+  issuing.voucher_id, issuing.person_ref, issuing.user_id = candidate, person_ref, user_id
+  write_voucher(w, persons, accounts, vouchers, expiry, events, issuing, json)
   held[persons][person_ref] = candidate
   held[accounts][user_id] = candidate
   new_vouchers[candidate] = json
@@ -256,9 +263,7 @@ end
 
 out = {status, led[2], 0, 0}
 for i = 1, n do
-  local code, payload = decide(i)
-  out[#out + 1] = code
-  out[#out + 1] = payload
+  out[3 + 2 * i], out[4 + 2 * i] = decide(i)
 end
 w.flush()
 if granted > 0 then

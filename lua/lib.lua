@@ -58,13 +58,16 @@ end
 local CHUNK = 1000
 
 -- redis.call(cmd, key, ...args), `args` spread over calls of at most CHUNK (even, so that
--- field/value pairs stay together); returns the replies' elements in order (for HMGET)
+-- field/value pairs stay together); returns the replies' elements in order (for HMGET),
+-- the reply itself when one call takes them all
 local function call_spread(cmd, key, args)
+  local count = #args
+  if count <= CHUNK then return redis.call(cmd, key, unpack(args, 1, count)) end
   local out = {}
-  for i = 1, #args, CHUNK do
-    local reply = redis.call(cmd, key, unpack(args, i, math.min(i + CHUNK - 1, #args)))
+  for i = 1, count, CHUNK do
+    local reply = redis.call(cmd, key, unpack(args, i, math.min(i + CHUNK - 1, count)))
     if type(reply) == 'table' then
-      for _, v in ipairs(reply) do out[#out + 1] = v end
+      for j = 1, #reply do out[#out + 1] = reply[j] end
     end
   end
   return out
@@ -86,35 +89,50 @@ local immediately = {
 -- whose `d` is the JSON array of their documents, in order (issuer/events.py reads it).
 local function gathered()
   local order = {}
-  local lists = {HSET = {}, ZADD = {}, SADD = {}}  -- command -> key -> its arguments
+  local hsets, zadds, sadds = {}, {}, {}  -- key -> its arguments
   local events = {}  -- event type -> stream -> its documents
-  local function add(cmd, by_key, key, a, b, kind)
-    local list = by_key[key]
-    if not list then
-      list = {}
-      by_key[key] = list
-      order[#order + 1] = {cmd, key, list, kind}
-    end
-    list[#list + 1] = a
-    if b ~= nil then list[#list + 1] = b end
+  -- each write finds its list here and appends to it itself (a call less per write)
+  local function start(cmd, by_key, key, kind)
+    local list = {}
+    by_key[key] = list
+    order[#order + 1] = {cmd, key, list, kind}
+    return list
   end
   return {
-    hset = function(key, field, value) add('HSET', lists.HSET, key, field, value) end,
-    zadd = function(key, score, member) add('ZADD', lists.ZADD, key, score, member) end,
-    sadd = function(key, member) add('SADD', lists.SADD, key, member) end,
+    hset = function(key, field, value)
+      local list = hsets[key] or start('HSET', hsets, key)
+      local k = #list
+      list[k + 1] = field
+      list[k + 2] = value
+    end,
+    zadd = function(key, score, member)
+      local list = zadds[key] or start('ZADD', zadds, key)
+      local k = #list
+      list[k + 1] = score
+      list[k + 2] = member
+    end,
+    sadd = function(key, member)
+      local list = sadds[key] or start('SADD', sadds, key)
+      list[#list + 1] = member
+    end,
     event = function(stream, kind, json)
       local by_stream = events[kind]
       if not by_stream then
         by_stream = {}
         events[kind] = by_stream
       end
-      add('XADD', by_stream, stream, json, nil, kind)
+      local list = by_stream[stream] or start('XADD', by_stream, stream, kind)
+      list[#list + 1] = json
     end,
     flush = function()
       for _, o in ipairs(order) do
         local cmd, key, list, kind = o[1], o[2], o[3], o[4]
         if cmd == 'XADD' then
-          redis.call('XADD', key, '*', 't', kind, 'd', '[' .. table.concat(list, ',') .. ']')
+          -- the brackets go on the first and last documents, not round a second copy of
+          -- the whole array (Lua hashes every string it makes)
+          list[1] = '[' .. list[1]
+          list[#list] = list[#list] .. ']'
+          redis.call('XADD', key, '*', 't', kind, 'd', table.concat(list, ','))
         else
           call_spread(cmd, key, list)
         end

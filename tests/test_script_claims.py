@@ -102,6 +102,17 @@ async def test_each_person_and_each_account_holds_one_voucher(fake: Fake) -> Non
     assert answers == [("ALREADY_CLAIMED", claim(1).candidate.encode())] * 2
 
 
+async def test_a_batch_larger_than_one_command_reads_and_writes_every_claim(fake: Fake) -> None:
+    """Lua's C stack bounds a command's arguments: a batch's reads and writes past 1,000
+    of them go in several commands, and none is lost."""
+    await fake.put_campaign(settings(), budget_fen=10**12)
+    many = [claim(n) for n in range(1, 701)]
+    assert await fake.claimed(*many) == ["OK"] * 700
+    assert await fake.redis.hlen(CK.persons) == await fake.redis.zcard(CK.expiry) == 700
+    again = [c._replace(nonce=f"again-{c.nonce}") for c in many]
+    assert await fake.claimed(*again) == ["REPLAY"] * 700
+
+
 async def test_a_claim_sees_what_the_claims_before_it_in_its_batch_wrote(fake: Fake) -> None:
     """The script reads each hash once per batch and writes at its end: a later claim of
     the same batch must still see the nonce, the idempotency record, the voucher and the
