@@ -5,7 +5,6 @@ routes of their own."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import time
@@ -31,7 +30,6 @@ log = logging.getLogger("issuer.api")
 
 Next = Callable[[web.Request], Awaitable[web.StreamResponse]]
 UNMATCHED = "unmatched"  # the route label of a request no route serves (404, 405)
-UNHELD = contextlib.nullcontext()  # the admission of a route that sheds nothing
 
 
 def served(label: str, inner: Next) -> Next:
@@ -139,23 +137,26 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
         verified: Verified | None = None
         body: Any = None
         tenant: str | None = None
+        held = False  # a claim taken into admission's count, let go once answered
         try:
-            with ctx.admission.admit() if shed else UNHELD:
-                read_limit(request, limit)
-                raw = await request.read()
-                verified = check_signed(ctx, request, raw, limit)
-                if upload:
-                    request["raw_body"] = raw
-                if not batched:
-                    await spend_nonce(ctx, verified)
-                body = decoded(request, verified, raw)
-                key = verified.key
-                admitted = tenancy.known(ctx.owners, route.tenant, request, body, key)
-                if admitted is tenancy.UNKNOWN:
-                    admitted = await tenancy.admit(ctx.owners, route.tenant, request, body, key)
-                body, tenant = admitted
-                answered = route.handler(ctx, request, body)
-                response = answered if isinstance(answered, web.StreamResponse) else await answered
+            if shed:
+                ctx.admission.admit()
+                held = True
+            read_limit(request, limit)
+            raw = await request.read()
+            verified = check_signed(ctx, request, raw, limit)
+            if upload:
+                request["raw_body"] = raw
+            if not batched:
+                await spend_nonce(ctx, verified)
+            body = decoded(request, verified, raw)
+            key = verified.key
+            admitted = tenancy.known(ctx.owners, route.tenant, request, body, key)
+            if admitted is tenancy.UNKNOWN:
+                admitted = await tenancy.admit(ctx.owners, route.tenant, request, body, key)
+            body, tenant = admitted
+            answered = route.handler(ctx, request, body)
+            response = answered if isinstance(answered, web.StreamResponse) else await answered
         except ApiError as err:
             if batched and verified is not None:
                 response = error_response(refused(request, verified, body, err))
@@ -163,6 +164,9 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
                 response = error_response(err)
         except Exception as exc:  # as in `served`
             response = failure_response(request, exc)
+        finally:
+            if held:
+                ctx.admission.in_hand -= 1
         request_id = getattr(body, "request_id", None) if decoder is not None else None
         campaign = named(body) if names_voucher else None
         return finish(request, response, series, started, verified, request_id, campaign, tenant)
