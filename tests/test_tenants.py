@@ -635,7 +635,7 @@ async def test_audit_entries_and_log_lines_name_the_key_and_its_tenant(
     assert rows and {(r["tenant"], r["scope"]) for r in rows} == {(A, f'["{A}"]')}
     request = make_mocked_request("POST", "/v1/campaigns/c/pause")
     verified = Verified(ApiKey(id="k", secret="s", role="ops", tenants=frozenset({A})), "n", 0)
-    line = request_line(request, 200, "OK", 0.001, verified, None, None, A)
+    line = request_line(request, "pause", 200, "OK", 0.001, verified, None, None, A)
     assert (line.key, line.key_tenants, line.tenant) == ("k", [A], A)
 
 
