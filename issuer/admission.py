@@ -61,11 +61,12 @@ class Admission:
         self.lag = lag
         self.in_hand = 0
 
-    def admit(self) -> Admission:
-        """Hold one claim for a `with` block (`with admission.admit():`); OVERLOADED
-        (Retry-After: 1) instead if queue_max claims are in hand or the loop is more than
-        lag_max_s late. The context manager is the Admission itself, not a generator's:
-        every claim passes here."""
+    def admit(self) -> None:
+        """Take one more claim into `in_hand`; OVERLOADED (Retry-After: 1) instead if
+        queue_max claims are in hand or the loop is more than lag_max_s late. The caller
+        lets a claim taken go once it is answered or has failed (`in_hand -= 1`, in a
+        `finally`): every claim passes here, and a context manager would be two Python
+        frames more per claim."""
         if self.in_hand >= self.queue_max:
             metrics.child(metrics.SHED, "queue").inc()
             raise ApiError("OVERLOADED", f"{self.in_hand} claims queued", retry_after=1)
@@ -73,10 +74,4 @@ class Admission:
         if late > self.lag_max_s:
             metrics.child(metrics.SHED, "lag").inc()
             raise ApiError("OVERLOADED", f"event loop {late * 1000:.0f} ms late", retry_after=1)
-        return self
-
-    def __enter__(self) -> None:
         self.in_hand += 1
-
-    def __exit__(self, *_: object) -> None:
-        self.in_hand -= 1

@@ -5,7 +5,6 @@ routes of their own."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import time
@@ -31,7 +30,6 @@ log = logging.getLogger("issuer.api")
 
 Next = Callable[[web.Request], Awaitable[web.StreamResponse]]
 UNMATCHED = "unmatched"  # the route label of a request no route serves (404, 405)
-UNHELD = contextlib.nullcontext()  # the admission of a route that sheds nothing
 
 
 def served(label: str, inner: Next) -> Next:
@@ -49,7 +47,8 @@ def served(label: str, inner: Next) -> Next:
             # (no local may keep `exc`: its traceback holds this frame, a cycle that only
             # the garbage collector would free, in long pauses under load)
             response = failure_response(request, exc)
-        return finish(request, response, series, started)
+        route = request.match_info.route.name
+        return finish(request, response, series, started, route, request.get("verified"))
 
     return serve
 
@@ -59,10 +58,17 @@ def finish(
     response: web.StreamResponse,
     series: metrics.RouteSeries,
     started: float,
+    route: str | None,
+    verified: Verified | None,
+    request_id: str | None = None,
+    campaign: str | None = None,
+    tenant: str | None = None,
 ) -> web.StreamResponse:
-    """Count and log a request once answered."""
+    """Count and log a request once answered; what its line names besides the request
+    comes from the caller, which knows it (`request_line`)."""
     code = response.code if isinstance(response, ErrorResponse) else "OK"
-    metrics.count(series.requests(response.status))
+    status = response.status
+    metrics.count(series.requests(status))
     elapsed = time.perf_counter() - started
     shed = code == "OVERLOADED"
     if not shed:  # the latency of what was served: shed answers would drown it
@@ -73,7 +79,10 @@ def finish(
     if log.isEnabledFor(level):
         if code == "OK" and response.headers.get("Idempotent-Replay"):
             code = "REPLAY"
-        logs.batched(log, level, request_line(request, response.status, code, elapsed))
+        line = request_line(
+            request, route, status, code, elapsed, verified, request_id, campaign, tenant
+        )
+        logs.batched(log, level, line)
     return response
 
 
@@ -84,14 +93,14 @@ def read_limit(request: web.Request, limit: int) -> None:
 
 
 def check_signed(ctx: Ctx, request: web.Request, raw: bytes, limit: int) -> Verified:
-    """Check the body read (held to `limit`) and its signature; keep both on the request."""
+    """Check the body read (held to `limit`) and its signature; keep the signer on the
+    request (`request["verified"]`, for the handlers)."""
     if len(raw) > limit:
         raise ApiError("INVALID_REQUEST", f"body over {limit} bytes")
     verified = verify(
         ctx.keys.current, request.method, request.path_qs, request.headers, raw, time.time()
     )
     request["verified"] = verified
-    request["raw_body"] = raw
     return verified
 
 
@@ -115,40 +124,57 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
         msgspec.json.Decoder(route.body) if route.body is not None else None
     )
     name = route.handler.__name__
-    limit = documents.MAX_UPLOAD_BYTES if name == "upload_documents" else MAX_BODY
+    upload = name == "upload_documents"  # its handler reads the body as sent
+    limit = documents.MAX_UPLOAD_BYTES if upload else MAX_BODY
     shed = route.handler is claim
     # claims and redemptions spend their nonce inside their campaign's batched script, or,
     # refused before it, in a background batch (the claim handler answers its own
     # refusals: routes_claims.claim). A redemption whose body named no campaign spends
     # none: the same request is refused the same way again.
     batched = shed or name == "redeem"
+    names_voucher = "voucher_id" in getattr(route.body, "__struct_fields__", ())
     series = metrics.RouteSeries(route.path)
 
     async def handle(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         verified: Verified | None = None
+        body: Any = None
+        tenant: str | None = None
+        held = False  # a claim taken into admission's count, let go once answered
         try:
-            with ctx.admission.admit() if shed else UNHELD:
-                read_limit(request, limit)
-                raw = await request.read()
-                verified = check_signed(ctx, request, raw, limit)
-                if not batched:
-                    await spend_nonce(ctx, verified)
-                body = decoded(request, verified, raw)
-                key = verified.key
-                admitted = tenancy.known(ctx.owners, route.tenant, request, body, key)
-                if admitted is tenancy.UNKNOWN:
-                    admitted = await tenancy.admit(ctx.owners, route.tenant, request, body, key)
-                answered = route.handler(ctx, request, admitted)
-                response = answered if isinstance(answered, web.StreamResponse) else await answered
+            if shed:
+                ctx.admission.admit()
+                held = True
+            read_limit(request, limit)
+            raw = await request.read()
+            verified = check_signed(ctx, request, raw, limit)
+            if upload:
+                request["raw_body"] = raw
+            if not batched:
+                await spend_nonce(ctx, verified)
+            body = decoded(request, verified, raw)
+            key = verified.key
+            admitted = tenancy.known(ctx.owners, route.tenant, request, body, key)
+            if admitted is tenancy.UNKNOWN:
+                admitted = await tenancy.admit(ctx.owners, route.tenant, request, body, key)
+            body, tenant = admitted
+            answered = route.handler(ctx, request, body)
+            response = answered if isinstance(answered, web.StreamResponse) else await answered
         except ApiError as err:
             if batched and verified is not None:
-                response = error_response(refused(request, verified, err))
+                response = error_response(refused(request, verified, body, err))
             else:
                 response = error_response(err)
         except Exception as exc:  # as in `served`
             response = failure_response(request, exc)
-        return finish(request, response, series, started)
+        finally:
+            if held:
+                ctx.admission.in_hand -= 1
+        request_id = getattr(body, "request_id", None) if decoder is not None else None
+        campaign = named(body) if names_voucher else None
+        return finish(
+            request, response, series, started, name, verified, request_id, campaign, tenant
+        )
 
     def decoded(request: web.Request, verified: Verified, raw: bytes) -> Any:
         """The role checked, the route's body (or query) decoded and validated."""
@@ -161,25 +187,27 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
         if decoder is None:
             return None
         try:
-            body = decoder.decode(raw)
+            return decoder.decode(raw)
         except msgspec.ValidationError as exc:
             raise ApiError("INVALID_REQUEST", str(exc)) from None
         except msgspec.DecodeError as exc:
             raise ApiError("INVALID_REQUEST", f"malformed JSON: {exc}") from None
-        request["request_id"] = getattr(body, "request_id", None)
-        voucher_id = getattr(body, "voucher_id", None)
-        if voucher_id is not None:  # the campaign a body names, for the log and the nonce
-            request["campaign"] = campaign_prefix(voucher_id)
-        return body
 
-    def refused(request: web.Request, verified: Verified, err: ApiError) -> ApiError:
+    def refused(request: web.Request, verified: Verified, body: Any, err: ApiError) -> ApiError:
         """A claim or redemption refused before its script: its nonce spent in the
         background (`Claims.refused`), unless its campaign is not known."""
-        campaign_id = request.match_info.get("campaign_id") or request.get("campaign")
+        campaign_id = request.match_info.get("campaign_id") or named(body)
         return err if campaign_id is None else ctx.claims.refused(campaign_id, verified, err)
 
     handle.__name__ = name
     return handle
+
+
+def named(body: Any) -> str | None:
+    """The campaign of the voucher a decoded body names (None: none), for the log and the
+    nonce."""
+    voucher_id = getattr(body, "voucher_id", None)
+    return None if voucher_id is None else campaign_prefix(voucher_id)
 
 
 def unmatched(ctx: Ctx, error: Callable[[web.Request], ApiError]) -> Next:
@@ -224,7 +252,7 @@ def failure_response(request: web.Request, exc: Exception) -> web.Response:
     return error_response(as_api_error(request, exc))
 
 
-class RequestLine(logs.Line, kw_only=True):
+class RequestLine(logs.Line):
     """One request's log line: who (the key and the tenants it is scoped to, null for a
     platform-wide key), what (in which tenant), outcome, latency; never a body (PII)."""
 
@@ -241,28 +269,43 @@ class RequestLine(logs.Line, kw_only=True):
     latency_ms: float
 
 
-def request_line(request: web.Request, status: int, code: str, elapsed_s: float) -> RequestLine:
-    """The log line of a request answered with `status` and `code` after `elapsed_s`."""
-    verified: Verified | None = request.get("verified")
+def request_line(
+    request: web.Request,
+    route: str | None,
+    status: int,
+    code: str,
+    elapsed_s: float,
+    verified: Verified | None,
+    request_id: str | None,
+    campaign: str | None,
+    tenant: str | None,
+) -> RequestLine:
+    """The log line of a request to `route` (its name) answered with `status` and `code`
+    after `elapsed_s`: its signer, its body's request_id, the campaign its body names (its
+    path's first) and the tenant it acted in, as given (read back from the request, each
+    would cost a miss)."""
     ids = request.match_info
-    campaign = ids.get("campaign_id") or request.get("campaign")
+    campaign = ids.get("campaign_id") or campaign
     if campaign is None:  # a path naming what a campaign made leads to it
         subject = ids.get("voucher_id") or ids.get("redemption_id") or ids.get("refund_id")
         campaign = campaign_prefix(subject or "")
-    return RequestLine(
-        msg="request",
-        route=ids.route.name,
-        method=request.method,
-        status=status,
-        code=code,
-        request_id=request.get("request_id"),
-        campaign=campaign,
-        key=verified.key.id if verified else None,
-        key_tenants=_tenants(verified.key.tenants) if verified else None,
-        tenant=request.get(tenancy.TENANT),
-        trace=request.headers.get("X-Request-Id"),
+    return RequestLine(  # by position, in its fields' order (logs.Line)
+        "",
+        "",
+        "",
+        "request",
+        route,
+        request.method,
+        status,
+        code,
+        request_id,
+        campaign,
+        verified.key.id if verified else None,
+        _tenants(verified.key.tenants) if verified else None,
+        tenant,
+        request.headers.get("X-Request-Id"),
         # to the microsecond: round(x, 3) formats and parses the decimal, ~10x the cost
-        latency_ms=round(elapsed_s * 1_000_000) / 1000,
+        round(elapsed_s * 1_000_000) / 1000,
     )
 
 

@@ -310,7 +310,7 @@ class SpendNonces(Call):
     nonce_buckets: Keys  # consecutive, from first_nonce_bucket
     nonce_ttl_s: int = NONCE_TTL_S
     first_nonce_bucket: int
-    nonces: list[SpentNonce]
+    nonces: Annotated[list[SpentNonce], PACKED]
 
 
 # ---------------------------------------------------------------- redemptions

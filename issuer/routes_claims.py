@@ -44,11 +44,13 @@ def claim(ctx: Ctx, request: web.Request, body: ClaimIn) -> web.Response | Await
     """The surge's route: a claim refused before the gate is answered here, in no
     coroutine, and its refusals are answered, not raised through the frames above it (an
     exception costs at each frame it passes, and most claims at 10:00 are refused); the
-    rest is awaited by the caller."""
-    campaign_id = path_id(request, "campaign_id")
+    rest is awaited by the caller. A campaign held in the cache was loaded by a valid id:
+    its id is not checked again."""
+    campaign_id = request.match_info["campaign_id"]
     verified = request["verified"]
     cached = ctx.campaigns.peek(campaign_id)
-    if cached is None:  # loaded first: checked in the coroutine
+    if cached is None:  # its id checked and the campaign loaded first, in the coroutine
+        campaign_id = path_id(request, "campaign_id")
         return claimed(
             ctx,
             campaign_id,

@@ -30,7 +30,6 @@ from issuer.model import DEFAULT_TENANT, Id, fits
 # application, redemption or refund, issuer/ids.py); merchant; disbursement (its merchant's)
 Kind = Literal["campaign", "campaign_of", "merchant", "disbursement"]
 CACHE_MAX = 50_000  # tenants remembered per kind before the memory is cleared
-TENANT = web.RequestKey("tenant", str)  # the tenant a request acted in, for its log line
 
 
 @dataclass(frozen=True)
@@ -152,8 +151,8 @@ UNKNOWN: Any = object()  # `known`'s answer when a tenant must be read first
 
 
 def known(owners: Owners, rule: Rule, request: web.Request, body: Any, key: ApiKey) -> Any:
-    """`admit` without a coroutine when this worker holds the tenant of everything the
-    route touches (the claim path: its campaign's cached definition), else UNKNOWN."""
+    """`admit`'s answer without a coroutine when this worker holds the tenant of everything
+    the route touches (the claim path: its campaign's cached definition), else UNKNOWN."""
     ref = rule.campaign_in_path
     if ref is not None:  # one campaign: decided here, not by _touched and _decide
         cached = owners.campaigns.peek(request.match_info[ref.name])
@@ -161,27 +160,27 @@ def known(owners: Owners, rule: Rule, request: web.Request, body: Any, key: ApiK
             return UNKNOWN
         if not key.may_act_in(cached.tenant):
             raise _forbidden(key, ref.what)
-        request[TENANT] = cached.tenant
-        return body
+        return body, cached.tenant
     found = []
     for ref, thing_id in _touched(rule, request, body):
         tenant = owners.known(ref.kind, thing_id)
         if tenant is None:
             return UNKNOWN
         found.append((ref, tenant))
-    return _decide(rule, request, body, key, found)
+    return _decide(rule, body, key, found)
 
 
-async def admit(owners: Owners, rule: Rule, request: web.Request, body: Any, key: ApiKey) -> Any:
+async def admit(
+    owners: Owners, rule: Rule, request: web.Request, body: Any, key: ApiKey
+) -> tuple[Any, str | None]:
     """Apply a route's rule: FORBIDDEN unless the key may act in the tenant of everything
     the route touches (`key`: the request's). Returns the body (a defining PUT's with its
-    tenant decided) and leaves the tenant acted in at `request[TENANT]` for the request's
-    log line."""
+    tenant decided) and the tenant acted in (None: none), for the request's log line."""
     found = [
         (ref, owners.known(ref.kind, thing_id) or await owners.tenant(ref.kind, thing_id))
         for ref, thing_id in _touched(rule, request, body)
     ]
-    return _decide(rule, request, body, key, found)
+    return _decide(rule, body, key, found)
 
 
 def _touched(rule: Rule, request: web.Request, body: Any) -> list[tuple[Ref, str]]:
@@ -196,11 +195,10 @@ def _touched(rule: Rule, request: web.Request, body: Any) -> list[tuple[Ref, str
 
 def _decide(
     rule: Rule,
-    request: web.Request,
     body: Any,
     key: ApiKey,
     found: Sequence[tuple[Ref, str | None]],
-) -> Any:
+) -> tuple[Any, str | None]:
     """`admit`'s verdict once the tenants of what the route touches are known (None: no
     such thing, the handler answers NOT_FOUND)."""
     tenant: str | None = None
@@ -212,9 +210,7 @@ def _decide(
         tenant = tenant or owner
     if rule.defines:
         body, tenant = _defined(key, body, tenant)
-    if tenant is not None:
-        request[TENANT] = tenant
-    return body
+    return body, tenant
 
 
 def _forbidden(key: ApiKey, what: str) -> ApiError:

@@ -5,11 +5,13 @@ local nonce_buckets_at = 1  -- from here: the nonce buckets, consecutive from fi
 -- ARGV
 local nonce_ttl_s = ARGV[1]
 local first_nonce_bucket = tonumber(ARGV[2])  -- the number of the first nonce bucket
-local nonces_at = 3  -- from here, per nonce: its bucket's number, the nonce
+-- per nonce, its bucket's number and the nonce, all in one flat JSON list decoded once (as
+-- separate arguments, each cost the worker its own packing)
+local nonces = cjson.decode(ARGV[3])
 local fresh = {}
-for at = nonces_at, #ARGV, 2 do
-  local nonce_bucket, nonce = unpack(ARGV, at, at + 1)
-  local bucket = KEYS[nonce_buckets_at + tonumber(nonce_bucket) - first_nonce_bucket]
+for at = 1, #nonces, 2 do
+  local nonce_bucket, nonce = unpack(nonces, at, at + 1)
+  local bucket = KEYS[nonce_buckets_at + nonce_bucket - first_nonce_bucket]
   fresh[#fresh + 1] = redis.call('HSETNX', bucket, nonce, 1)
 end
 for _, bucket in ipairs(KEYS) do redis.call('EXPIRE', bucket, nonce_ttl_s, 'NX') end

@@ -16,7 +16,7 @@ import shapely
 from aiohttp.test_utils import make_mocked_request
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from issuer import logs, metrics, tenancy
+from issuer import logs, metrics
 from issuer.app import make_app, request_line
 from issuer.auth import ApiKey, Verified
 from issuer.claims import SPEND_S, NonceSpender
@@ -66,7 +66,7 @@ async def _count_then_scrape(series: object) -> None:
     assert b'issuer_claims_total{campaign="hot-path-test",code="OK"}' in text
 
 
-class _Line(logs.Line, kw_only=True):
+class _Line(logs.Line):
     status: int
     n: int
 
@@ -78,7 +78,7 @@ async def test_request_lines_are_written_together_in_the_formatter_s_shape(
     monkeypatch.setattr(logs, "_stream", [stream])
     log = logging.getLogger("issuer.api")
     for n in range(3):
-        logs.batched(log, logging.INFO, _Line(msg="request", status=409, n=n))
+        logs.batched(log, logging.INFO, _Line("", "", "", "request", 409, n))
     assert stream.getvalue() == ""  # nothing written per line
     await asyncio.sleep(logs.BATCH_S * 2)
     lines = [msgspec.json.decode(line) for line in stream.getvalue().splitlines()]
@@ -89,8 +89,6 @@ async def test_request_lines_are_written_together_in_the_formatter_s_shape(
     assert list(lines[0]) == list(shaped) and lines[0]["level"] == "INFO"
 
 
-# the app keeps per-request values under str keys, as aiohttp's mocked request warns of
-@pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 def test_a_request_line_keeps_its_keys_in_their_order_batched_or_not(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -98,10 +96,11 @@ def test_a_request_line_keeps_its_keys_in_their_order_batched_or_not(
         "POST", "/v1/campaigns/c-1/claims", headers={"X-Request-Id": "t-1"}, match_info={}
     )
     request.match_info["campaign_id"] = "c-1"
-    request["verified"] = Verified(ApiKey(id="k", secret="s", role="app"), "n", 0)
-    request["request_id"] = "r-1"
-    request[tenancy.TENANT] = "t"
+    verified = Verified(ApiKey(id="k", secret="s", role="app"), "n", 0)
+    # as the endpoint passes them: signer, request_id, a voucher's campaign, tenant
+    known = (verified, "r-1", None, "t")
     fields = {
+        "route": "claim",
         "method": "POST",
         "status": 409,
         "code": "NOT_OPEN",
@@ -116,15 +115,19 @@ def test_a_request_line_keeps_its_keys_in_their_order_batched_or_not(
     log = logging.getLogger("issuer.api")
     stream = io.StringIO()
     monkeypatch.setattr(logs, "_stream", [stream])
-    logs.batched(log, logging.INFO, request_line(request, 409, "NOT_OPEN", 0.001234))
+    logs.batched(
+        log, logging.INFO, request_line(request, "claim", 409, "NOT_OPEN", 0.001234, *known)
+    )
     logs.write_batch()
     line = msgspec.json.decode(stream.getvalue())
-    assert list(line) == ["ts", "level", "logger", "msg", "route", *fields]
+    assert list(line) == ["ts", "level", "logger", "msg", *fields]
     assert (line["level"], line["logger"], line["msg"]) == ("INFO", "issuer.api", "request")
     assert {k: line[k] for k in fields} == fields
     monkeypatch.setattr(logs, "_stream", [])  # logging not set up: an ordinary record
     with caplog.at_level(logging.INFO, "issuer.api"):
-        logs.batched(log, logging.INFO, request_line(request, 409, "NOT_OPEN", 0.001234))
+        logs.batched(
+            log, logging.INFO, request_line(request, "claim", 409, "NOT_OPEN", 0.001234, *known)
+        )
     (record,) = caplog.records
     assert record.getMessage() == "request"
     assert {k: getattr(record, k) for k in fields} == fields

@@ -97,7 +97,7 @@ def test_a_call_lays_out_its_request_first_then_its_fields_groups_and_tails() ->
         nonces=[protocol.SpentNonce(8, "a"), protocol.SpentNonce(7, "b")],
     )
     assert spend.keys() == ["n7", "n8"]
-    assert spend.args() == [spend.nonce_ttl_s, 7, 8, "a", 7, "b"]
+    assert spend.args() == [spend.nonce_ttl_s, 7, b'[8,"a",7,"b"]']
 
 
 def test_sizes_and_groups_follow_the_field_types() -> None:

@@ -625,8 +625,6 @@ async def test_the_desk_of_a_scoped_auditor_shows_nothing_of_the_other_tenant(
         assert all(world.tenant.encode() in body for body in bodies)
 
 
-# the app keeps per-request values under str keys, as aiohttp's mocked request warns of
-@pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 async def test_audit_entries_and_log_lines_name_the_key_and_its_tenant(
     pg: asyncpg.Pool, worlds: dict[str, World]
 ) -> None:
@@ -636,11 +634,8 @@ async def test_audit_entries_and_log_lines_name_the_key_and_its_tenant(
     )
     assert rows and {(r["tenant"], r["scope"]) for r in rows} == {(A, f'["{A}"]')}
     request = make_mocked_request("POST", "/v1/campaigns/c/pause")
-    request["verified"] = Verified(
-        ApiKey(id="k", secret="s", role="ops", tenants=frozenset({A})), "n", 0
-    )
-    request[tenancy.TENANT] = A
-    line = request_line(request, 200, "OK", 0.001)
+    verified = Verified(ApiKey(id="k", secret="s", role="ops", tenants=frozenset({A})), "n", 0)
+    line = request_line(request, "pause", 200, "OK", 0.001, verified, None, None, A)
     assert (line.key, line.key_tenants, line.tenant) == ("k", [A], A)
 
 
