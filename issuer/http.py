@@ -74,10 +74,13 @@ class Route:
 
 
 def reply(payload: Any, status: int = 200, *, replay: bool = False) -> web.Response:
+    return encoded(ENCODER.encode(payload), status, replay=replay)
+
+
+def encoded(body: bytes, status: int = 200, *, replay: bool = False) -> web.Response:
+    """An answer whose JSON body is encoded already."""
     headers = {"Idempotent-Replay": "true"} if replay else None
-    return web.Response(
-        body=ENCODER.encode(payload), status=status, content_type=JSON, headers=headers
-    )
+    return web.Response(body=body, status=status, content_type=JSON, headers=headers)
 
 
 class ErrorResponse(web.Response):
@@ -147,8 +150,7 @@ def now() -> datetime:
 
 def stored_reply(result: tuple[int, bytes, bool]) -> web.Response:
     status, body, replay = result
-    headers = {"Idempotent-Replay": "true"} if replay else None
-    return web.Response(body=body, status=status, content_type=JSON, headers=headers)
+    return encoded(body, status, replay=replay)
 
 
 CONTENT_TYPES = {

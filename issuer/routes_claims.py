@@ -10,9 +10,9 @@ from aiohttp import web
 
 from issuer import applications, metrics, registrations, tenancy, vouchers
 from issuer.auth import Verified
-from issuer.claims import Claimed
+from issuer.claims import Claimed, Issued
 from issuer.errors import ApiError
-from issuer.http import Ctx, Route, count_outcome, error_response, path_id, reply
+from issuer.http import Ctx, Route, count_outcome, encoded, error_response, path_id, reply
 from issuer.model import (
     ApplicationOut,
     ClaimIn,
@@ -79,6 +79,8 @@ async def claimed(
         return refuse(ctx, campaign_id, verified, answer)
     out, replay = answer
     count_outcome(metrics.CLAIMS, campaign_id, "REPLAY" if replay else "OK")
+    if isinstance(out, Issued):  # a new voucher, its answer encoded by its batch
+        return encoded(out.body, 201)
     # an application to a lottery round is accepted, its outcome comes with the draw
     return reply(out, 202 if isinstance(out, ApplicationOut) else 201, replay=replay)
 
