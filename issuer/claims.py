@@ -190,8 +190,9 @@ class NonceSpender:
     the background (a call that fails leaves its nonces unspent, logged). A nonce lingers
     up to SPEND_S for others: sent as they came, nearly every refusal was a round trip of
     its own, a fifth of its cost. Nobody waits for a nonce's answer: a campaign's nonces
-    wait in one flat list, as the script takes them (bucket, nonce, bucket, nonce...). One
-    batch in flight: nonces refused meanwhile go in the next."""
+    wait in one flat list (X-Timestamp, nonce, X-Timestamp, nonce...), the timestamps
+    turned into bucket numbers when sent, all at once: the script's layout. One batch in
+    flight: nonces refused meanwhile go in the next."""
 
     def __init__(self, scripts: Scripts, batch_max: int) -> None:
         self.scripts = scripts
@@ -200,12 +201,12 @@ class NonceSpender:
         self.running = False  # a drain is due or under way
         self._lingering: asyncio.TimerHandle | None = None
 
-    def post(self, campaign_id: str, nonce_bucket: int, nonce: str) -> None:
-        """Spend `nonce` in the next batch."""
+    def post(self, campaign_id: str, timestamp: int, nonce: str) -> None:
+        """Spend `nonce` (of a request signed at `timestamp`) in the next batch."""
         waiting = self.waiting.get(campaign_id)
         if waiting is None:
             waiting = self.waiting[campaign_id] = []
-        waiting += nonce_bucket, nonce
+        waiting += timestamp, nonce
         if not self.running:
             self.running = True
             self._lingering = asyncio.get_running_loop().call_later(SPEND_S, self._start)
@@ -229,6 +230,7 @@ class NonceSpender:
                 for campaign_id, nonces in waiting.items():
                     for at in range(0, len(nonces), size):
                         part = nonces[at : at + size]
+                        part[::2] = keys.nonce_buckets(cast(list[int], part[::2]))
                         try:
                             await self.spend(campaign_id, part)
                         except Exception as exc:
@@ -288,7 +290,7 @@ class Claims:
         spends its own nonces; after UNAVAILABLE the gate may have run, or not: a retry is
         its to decide."""
         if not (isinstance(err, GateRefusal) or err.code == "UNAVAILABLE"):
-            self._nonces.post(campaign_id, keys.nonce_bucket(verified.timestamp), verified.nonce)
+            self._nonces.post(campaign_id, verified.timestamp, verified.nonce)
         return err
 
     async def claim(
