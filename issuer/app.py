@@ -68,11 +68,10 @@ def finish(
     comes from the caller, which knows it (`request_line`)."""
     code = response.code if isinstance(response, ErrorResponse) else "OK"
     status = response.status
-    metrics.count(series.requests(status))
     elapsed = time.perf_counter() - started
     shed = code == "OVERLOADED"
-    if not shed:  # the latency of what was served: shed answers would drown it
-        metrics.observe(series.latency(), elapsed)
+    # the latency of what was served: shed answers would drown it
+    series.answered(status, None if shed else elapsed)
     # shed claims are counted (issuer_claims_shed_total), not logged one by one: a
     # line each would flood the log, and cost CPU, exactly when the worker is behind
     level = logging.DEBUG if request.method == "GET" or shed else logging.INFO

@@ -1,12 +1,10 @@
 """Micro-batching: requests that arrive while one Redis call is in flight wait for the next,
-and go together in one round trip. One batch in flight per batcher. An item is submitted
-(its caller awaits its result) or posted (nobody waits: a failed round trip is logged).
-A batcher with a linger holds the first item of an idle batcher that long for others."""
+and go together in one round trip. One batch in flight per batcher; each item's caller
+awaits its result."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Generic, TypeVar
@@ -16,50 +14,21 @@ from issuer.errors import ApiError
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
-log = logging.getLogger("issuer.batching")
 
 
 class TickBatcher(ABC, Generic[Item, Result]):
-    def __init__(self, batch_max: int, linger_s: float = 0.0) -> None:
+    def __init__(self, batch_max: int) -> None:
         self.batch_max = batch_max
-        self.linger_s = linger_s
-        self.queue: list[tuple[Item, asyncio.Future[Result] | None]] = []
-        self.running = False  # a drain is due or under way
-        self._lingering: asyncio.TimerHandle | None = None
+        self.queue: list[tuple[Item, asyncio.Future[Result]]] = []
+        self.running = False  # a drain is under way
 
-    # submit and post queue their item themselves: a helper would be one more Python frame
-    # for every claim, and for every refusal's nonce
     def submit(self, item: Item) -> asyncio.Future[Result]:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self.queue.append((item, future))
         if not self.running:
-            self._due()
+            self.running = True
+            asyncio.get_running_loop().create_task(self._drain())
         return future
-
-    def post(self, item: Item) -> None:
-        """Send `item` with the next batch; nobody waits for its result."""
-        self.queue.append((item, None))
-        if not self.running:
-            self._due()
-
-    def _due(self) -> None:
-        """A drain is due: now, or once the linger has passed."""
-        self.running = True
-        if self.linger_s:
-            self._lingering = asyncio.get_running_loop().call_later(self.linger_s, self._start)
-        else:
-            self._start()
-
-    def _start(self) -> None:
-        self._lingering = None
-        asyncio.get_running_loop().create_task(self._drain())
-
-    async def flush(self) -> None:
-        """Send what lingers now (a worker stopping)."""
-        if self._lingering is not None:
-            self._lingering.cancel()
-            self._lingering = None
-            await self._drain()
 
     async def _drain(self) -> None:
         try:
@@ -71,23 +40,13 @@ class TickBatcher(ABC, Generic[Item, Result]):
                     results = await self.send(items)
                 except BaseException as exc:
                     for _, future in batch:
-                        if future is not None and not future.done():
+                        if not future.done():
                             future.set_exception(self.failure(exc))
                     if not isinstance(exc, Exception):
                         raise
-                    posted = sum(future is None for _, future in batch)
-                    if posted:
-                        log.warning(
-                            "a batch failed",
-                            extra={
-                                "batcher": type(self).__name__,
-                                "posted": posted,
-                                "error": repr(exc),
-                            },
-                        )
                     continue
                 for (_, future), result in zip(batch, results, strict=True):
-                    if future is not None and not future.done():
+                    if not future.done():
                         future.set_result(result)
         finally:
             self.running = False

@@ -8,10 +8,12 @@ import functools
 import hashlib
 import hmac
 import ipaddress
+import logging
 import math
 import re
 import time
 from datetime import UTC, datetime
+from typing import cast
 from zoneinfo import ZoneInfo
 
 import msgspec
@@ -27,11 +29,12 @@ from issuer.idempotency import fingerprint, idem_field
 from issuer.identity import normalise_id_number, normalised_person_ref
 from issuer.ids import new_id
 from issuer.model import ApplicationOut, ClaimIn, RateLimit, Round, VoucherOut
-from issuer.protocol import Claim, ClaimBatch, RateLimitArgs, SpendNonces, SpentNonce
+from issuer.protocol import Claim, ClaimBatch, RateLimitArgs, SpendNonces
 from issuer.schedule import from_millis, to_millis, zone
 from issuer.scripts import Scripts
 from issuer.vouchers import VOUCHER, voucher_out
 
+log = logging.getLogger("issuer.claims")
 SPEND_S = 0.02  # longest a refused claim's nonce waits to be spent with others
 # refusals that hold for the rest of the round: a worker repeats them locally for a while
 # (as the script answers them: a batch's codes are looked up undecoded)
@@ -237,34 +240,76 @@ def _issued_any(result: list[bytes]) -> bool:
     return any(c in (b"OK", b"REPLAY") for c in result[4::2])
 
 
-class NonceSpender(TickBatcher[tuple[str, SpentNonce], bool]):
+class NonceSpender:
     """Spends the nonces of claims refused before the gate, so that a replay is refused
     even after the answer would have changed; one script call per campaign per batch, in
-    the background (a batch that fails leaves them unspent, logged). A nonce lingers up to
-    SPEND_S for others: sent as they came, nearly every refusal was a round trip of its
-    own, a fifth of its cost."""
+    the background (a call that fails leaves its nonces unspent, logged). A nonce lingers
+    up to SPEND_S for others: sent as they came, nearly every refusal was a round trip of
+    its own, a fifth of its cost. Nobody waits for a nonce's answer: a campaign's nonces
+    wait in one flat list (X-Timestamp, nonce, X-Timestamp, nonce...), the timestamps
+    turned into bucket numbers when sent, all at once: the script's layout. One batch in
+    flight: nonces refused meanwhile go in the next."""
 
     def __init__(self, scripts: Scripts, batch_max: int) -> None:
-        super().__init__(batch_max, linger_s=SPEND_S)
         self.scripts = scripts
+        self.batch_max = batch_max
+        self.waiting: dict[str, list[int | str]] = {}  # by campaign
+        self.running = False  # a drain is due or under way
+        self._lingering: asyncio.TimerHandle | None = None
 
-    async def send(self, items: list[tuple[str, SpentNonce]]) -> list[bool]:
-        """Items are (campaign_id, nonce)."""
-        by_campaign: dict[str, list[int]] = {}
-        for i, (campaign_id, _) in enumerate(items):
-            by_campaign.setdefault(campaign_id, []).append(i)
-        fresh = [False] * len(items)
-        for campaign_id, indexes in by_campaign.items():
-            nonces = [items[i][1] for i in indexes]
-            first, buckets = keys.CampaignKeys(campaign_id).nonce_range(
-                {n.nonce_bucket for n in nonces}
-            )
-            answers = await self.scripts.run(
-                SpendNonces(nonce_buckets=buckets, first_nonce_bucket=first, nonces=nonces)
-            )
-            for i, answer in zip(indexes, answers, strict=True):
-                fresh[i] = answer == 1
-        return fresh
+    def post(self, campaign_id: str, timestamp: int, nonce: str) -> None:
+        """Spend `nonce` (of a request signed at `timestamp`) in the next batch."""
+        waiting = self.waiting.get(campaign_id)
+        if waiting is None:
+            waiting = self.waiting[campaign_id] = []
+        waiting += timestamp, nonce
+        if not self.running:
+            self.running = True
+            self._lingering = asyncio.get_running_loop().call_later(SPEND_S, self._start)
+
+    def _start(self) -> None:
+        self._lingering = None
+        asyncio.get_running_loop().create_task(self._drain())
+
+    async def flush(self) -> None:
+        """Spend what lingers now (a worker stopping)."""
+        if self._lingering is not None:
+            self._lingering.cancel()
+            self._lingering = None
+            await self._drain()
+
+    async def _drain(self) -> None:
+        size = 2 * self.batch_max
+        try:
+            while self.waiting:
+                waiting, self.waiting = self.waiting, {}
+                for campaign_id, nonces in waiting.items():
+                    for at in range(0, len(nonces), size):
+                        part = nonces[at : at + size]
+                        part[::2] = keys.nonce_buckets(cast(list[int], part[::2]))
+                        try:
+                            await self.spend(campaign_id, part)
+                        except Exception as exc:
+                            log.warning(
+                                "a batch failed",
+                                extra={
+                                    "batcher": "NonceSpender",
+                                    "campaign_id": campaign_id,
+                                    "posted": len(part) // 2,
+                                    "error": repr(exc),
+                                },
+                            )
+        finally:
+            self.running = False
+
+    async def spend(self, campaign_id: str, nonces: list[int | str]) -> list[int]:
+        """Spend one campaign's nonces (bucket, nonce, bucket, nonce...) in one script
+        call: per nonce 1 (fresh, now spent) or 0 (seen before)."""
+        first, buckets = keys.CampaignKeys(campaign_id).nonce_range(
+            cast(set[int], set(nonces[::2]))
+        )
+        call = SpendNonces(nonce_buckets=buckets, first_nonce_bucket=first, nonces=nonces)
+        return cast(list[int], await self.scripts.run(call))
 
 
 class Claims:
@@ -301,8 +346,7 @@ class Claims:
         spends its own nonces; after UNAVAILABLE the gate may have run, or not: a retry is
         its to decide."""
         if not (isinstance(err, GateRefusal) or err.code == "UNAVAILABLE"):
-            nonce = SpentNonce(keys.nonce_bucket(verified.timestamp), verified.nonce)
-            self._nonces.post((campaign_id, nonce))
+            self._nonces.post(campaign_id, verified.timestamp, verified.nonce)
         return err
 
     async def claim(

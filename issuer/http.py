@@ -21,7 +21,7 @@ from issuer.campaigns import Campaigns
 from issuer.claims import Claims
 from issuer.config import Settings
 from issuer.errors import ApiError
-from issuer.model import Id, fits
+from issuer.model import fits_id
 from issuer.redemptions import Redemptions
 from issuer.scripts import Scripts
 from issuer.settlement import Settlement
@@ -130,9 +130,10 @@ def count_outcome(metric: Any, campaign_id: str, code: str) -> None:
         metrics.count(metrics.child(metric, campaign_id, code))
 
 
-def path_id(request: web.Request, name: str, pattern: type = Id) -> str:
+def path_id(request: web.Request, name: str, fits: Callable[[str], bool] = fits_id) -> str:
+    """The path's parameter `name`; INVALID_REQUEST unless it `fits` (an id, by default)."""
     value = request.match_info[name]
-    if not fits(value, pattern):
+    if not fits(value):
         raise ApiError("INVALID_REQUEST", f"{name}: not a valid id")
     return value
 

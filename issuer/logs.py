@@ -20,6 +20,8 @@ _batch: list[Line] = []
 _writing: list[asyncio.TimerHandle] = []
 _second: list[tuple[int, str]] = [(-1, "")]  # the last second formatted, and its text
 _MILLIS = tuple(f".{n:03d}Z" for n in range(1000))  # a timestamp's tail, by millisecond
+# the standard levels' names, looked up with no call (`logging.getLevelName` is a frame)
+_LEVELS = {n: logging.getLevelName(n) for n in (logging.DEBUG, logging.INFO, logging.WARNING)}
 
 
 def timestamp(created: float) -> str:
@@ -74,7 +76,7 @@ def batched(logger: logging.Logger, level: int, line: Line) -> None:
         logger.log(level, line.msg, extra=extra)
         return
     line.ts = timestamp(time.time())
-    line.level = logging.getLevelName(level)
+    line.level = _LEVELS.get(level) or logging.getLevelName(level)
     line.logger = logger.name
     _batch.append(line)
     if not _writing:

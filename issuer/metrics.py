@@ -136,18 +136,19 @@ class RouteSeries:
         self._latency: Any = None
         self._requests: dict[int, Any] = {}
 
-    def requests(self, status: int) -> Any:
-        """The count of the route's answers with `status`."""
+    def answered(self, status: int, elapsed: float | None) -> None:
+        """Count an answer with `status` and observe its latency (None: not observed),
+        as `count` and `observe` do: one call per request, not four."""
         series = self._requests.get(status)
         if series is None:
             series = self._requests[status] = child(REQUESTS, self.route, str(status))
-        return series
-
-    def latency(self) -> Any:
-        """The route's latency histogram."""
+        if elapsed is None:
+            count(series)
+            return
+        _counts[series] = _counts.get(series, 0) + 1  # observe() schedules the publish
         if self._latency is None:
             self._latency = child(LATENCY, self.route)
-        return self._latency
+        observe(self._latency, elapsed)
 
 
 PUBLISH_S = 0.1  # longest time a count made in one worker waits to reach the others' scrape

@@ -7,6 +7,7 @@ decoding *is* validation. Money is integer fen, times are timezone-aware datetim
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
@@ -555,12 +556,23 @@ class MerchantOut(Struct, kw_only=True):
     status: str
 
 
-@functools.lru_cache(maxsize=4096)
-def fits(value: str, pattern: type) -> bool:
-    """Whether `value` fits `pattern`; remembered, as the same few ids come again and again
-    (msgspec.convert looks the type up anew on each call)."""
-    try:
-        msgspec.convert(value, pattern)
-    except msgspec.ValidationError:
-        return False
-    return True
+def fitting(pattern: Any) -> Callable[[str], bool]:
+    """Whether a value fits `pattern`, remembered per value: the same few ids come again
+    and again (msgspec.convert looks the type up anew on each call). One cache per pattern,
+    keyed by the value alone: a key holding the `Annotated` pattern hashed it in Python on
+    every call."""
+
+    @functools.lru_cache(maxsize=4096)
+    def fits(value: str) -> bool:
+        try:
+            msgspec.convert(value, pattern)
+        except msgspec.ValidationError:
+            return False
+        return True
+
+    return fits
+
+
+fits_id = fitting(Id)
+fits_user_id = fitting(UserId)
+fits_sha256 = fitting(Sha256Hex)

@@ -7,7 +7,8 @@ key and any other an argument; a `Keys` or `list` field is a variable-length tai
 script binds where it starts, `local nonce_buckets_at = 19`), and a NamedTuple is a group
 of arguments the script unpacks (`local limit, retry_after_s, window_ttl_s = unpack(ARGV,
 at, at + 2)`). A list of groups marked `PACKED` is one argument instead, its groups' values in
-one flat JSON list (`local claims = cjson.decode(ARGV[18])`, unpacked from there). A
+one flat JSON list (`local claims = cjson.decode(ARGV[18])`, unpacked from there); a list
+marked `PACKED` and a group is that flat list already, as its caller keeps it. A
 `Part` (the `Request` of an idempotent write) adds its keys and arguments where it
 stands. tests/test_protocol.py checks every structure against its script.
 """
@@ -63,9 +64,9 @@ PACKED = "PACKED"  # marks a list of groups sent as one JSON argument
 # ---------------------------------------------------------------- layout
 
 
-# a field gives one value, all of its values, each group's values, or its groups' values
-# as one JSON list
-ONE, ALL, EACH, JSON = 0, 1, 2, 3
+# a field gives one value, all of its values, each group's values, its groups' values as one
+# JSON list, or its flat list of groups' values as one JSON list
+ONE, ALL, EACH, JSON, FLAT = 0, 1, 2, 3, 4
 _JSON = msgspec.json.Encoder()
 
 
@@ -77,7 +78,7 @@ class Slot:
     size: int | None  # how many values; None: a variable-length tail
     group: tuple[str, ...]  # a group's members, in the order the script unpacks them
     get: Callable[[Any], Any]
-    spread: int  # ONE, ALL, EACH or JSON
+    spread: int  # ONE, ALL, EACH, JSON or FLAT
 
 
 @dataclass(frozen=True)
@@ -104,10 +105,12 @@ def _slots(cls: type, prefix: str = "") -> list[tuple[bool, Slot]]:
         if isinstance(hint, type) and issubclass(hint, Part):
             out += _slots(hint, path + ".")
             continue
-        marks = hint.__metadata__ if get_origin(hint) is Annotated else ()
+        marks: tuple[Any, ...] = hint.__metadata__ if get_origin(hint) is Annotated else ()
         slot = _slot(f.name, path, hint.__origin__ if marks else hint)
         if PACKED in marks:
-            slot = Slot(f.name, 1, slot.group, slot.get, JSON)
+            # a list kept flat names its group after PACKED
+            flat: tuple[str, ...] = getattr(marks[-1], "_fields", ())
+            slot = Slot(f.name, 1, flat or slot.group, slot.get, FLAT if flat else JSON)
         out.append((KEY in marks, slot))
     return out
 
@@ -136,8 +139,10 @@ def _lay_out(call: Call, slots: tuple[Slot, ...]) -> list[Any]:
             out += value
         elif slot.spread == EACH:
             out += chain.from_iterable(value)
-        else:
+        elif slot.spread == JSON:
             out.append(_JSON.encode(list(chain.from_iterable(value))))
+        else:
+            out.append(_JSON.encode(value))
     return out
 
 
@@ -300,6 +305,8 @@ class ClaimBatch(Call):
 
 
 class SpentNonce(NamedTuple):
+    """A group of `SpendNonces.nonces`, which the spender keeps flat (no tuple per nonce)."""
+
     nonce_bucket: int  # keys.nonce_bucket of its X-Timestamp
     nonce: str
 
@@ -310,7 +317,7 @@ class SpendNonces(Call):
     nonce_buckets: Keys  # consecutive, from first_nonce_bucket
     nonce_ttl_s: int = NONCE_TTL_S
     first_nonce_bucket: int
-    nonces: Annotated[list[SpentNonce], PACKED]
+    nonces: Annotated[list[int | str], PACKED, SpentNonce]
 
 
 # ---------------------------------------------------------------- redemptions

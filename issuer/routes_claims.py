@@ -19,9 +19,9 @@ from issuer.model import (
     Id,
     RegistrationIn,
     RegistrationOut,
-    UserId,
     VoucherList,
     VoucherOut,
+    fits_user_id,
 )
 
 
@@ -97,7 +97,7 @@ async def get_voucher(ctx: Ctx, request: web.Request, _: None) -> web.Response:
 
 
 async def user_vouchers(ctx: Ctx, request: web.Request, _: None) -> web.Response:
-    user_id = path_id(request, "user_id", UserId)
+    user_id = path_id(request, "user_id", fits_user_id)
     campaign_id = request.query.get("campaign_id")
     if campaign_id is not None:
         try:

@@ -15,7 +15,7 @@ from issuer.model import (
     DisbursementOut,
     DisbursementQuery,
     SettlementOut,
-    Sha256Hex,
+    fits_sha256,
 )
 
 READERS: tuple[Role, ...] = ("auditor", "merchant", "ops")  # ops read only; merchant its own
@@ -29,7 +29,7 @@ async def get_settlement(ctx: Ctx, request: web.Request, _: None) -> web.Respons
 async def settlement_file(ctx: Ctx, request: web.Request, _: None) -> web.Response:
     """The bytes as uploaded, typed by what they were found to be, shown in the browser."""
     rid = request.match_info["redemption_id"]
-    sha256 = path_id(request, "sha256", Sha256Hex)
+    sha256 = path_id(request, "sha256", fits_sha256)
     stored, data = await review.file(
         postgres(ctx), ctx.settlement.store, rid, sha256, request["verified"].key
     )

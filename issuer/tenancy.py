@@ -24,7 +24,7 @@ from issuer.auth import ApiKey
 from issuer.campaigns import Campaigns
 from issuer.errors import ApiError
 from issuer.ids import campaign_prefix
-from issuer.model import DEFAULT_TENANT, Id, fits
+from issuer.model import DEFAULT_TENANT, fits_id
 
 # campaign: a campaign id; campaign_of: an id that starts with its campaign's (a voucher,
 # application, redemption or refund, issuer/ids.py); merchant; disbursement (its merchant's)
@@ -123,7 +123,7 @@ class Owners:
         no such thing."""
         if kind == "campaign_of":
             kind, thing_id = "campaign", campaign_prefix(thing_id) or ""
-        if not fits(thing_id, Id):
+        if not fits_id(thing_id):
             return None
         if kind == "campaign":
             try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from itertools import chain
 from types import SimpleNamespace
 from typing import Any
 
@@ -148,7 +149,8 @@ class Fake:
     async def spend(self, *nonces: SpentNonce) -> list[bool]:
         """Spend nonces refused before the gate, as the claim path does."""
         spender = NonceSpender(self.scripts, len(nonces))
-        return await spender.send([(CAMPAIGN, n) for n in nonces])
+        answers = await spender.spend(CAMPAIGN, list(chain.from_iterable(nonces)))
+        return [answer == 1 for answer in answers]
 
     async def ledger(self) -> dict[str, Any]:
         return decoded(await self.redis.hgetall(CK.ledger))

@@ -16,14 +16,14 @@ import shapely
 from aiohttp.test_utils import make_mocked_request
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from issuer import logs, metrics
+from issuer import keys, logs, metrics
 from issuer.app import make_app, request_line
 from issuer.auth import ApiKey, Verified
 from issuer.claims import SPEND_S, NonceSpender
 from issuer.errors import ApiError
 from issuer.geofence import Region
 from issuer.http import error_response
-from issuer.protocol import SpendNonces, SpentNonce
+from issuer.protocol import SpendNonces
 from issuer.server import settle_heap
 
 pytestmark = pytest.mark.fast
@@ -191,7 +191,7 @@ class _Scripts:
 
     async def run(self, call: SpendNonces) -> list[int]:
         self.calls.append(call)
-        return [1] * len(call.nonces)
+        return [1] * (len(call.nonces) // 2)
 
 
 async def test_refused_claims_nonces_wait_for_each_other_then_go_in_one_call() -> None:
@@ -200,13 +200,39 @@ async def test_refused_claims_nonces_wait_for_each_other_then_go_in_one_call() -
     scripts = _Scripts()
     spender = NonceSpender(scripts, 100)  # type: ignore[arg-type]
     for n in range(10):
-        spender.post(("c1", SpentNonce(1, f"nonce-{n:012d}")))
+        spender.post("c1", 600, f"nonce-{n:012d}")
         await asyncio.sleep(0)  # the loop turns between refusals
     assert scripts.calls == []
     await asyncio.sleep(SPEND_S * 5)
-    assert [len(c.nonces) for c in scripts.calls] == [10]
-    spender.post(("c1", SpentNonce(1, "nonce-last-000000")))
+    assert [len(c.nonces) for c in scripts.calls] == [20]  # bucket, nonce, bucket, nonce...
+    spender.post("c1", 600, "nonce-last-000000")
     await spender.flush()  # a worker stopping: at once
-    assert [len(c.nonces) for c in scripts.calls] == [10, 1]
+    assert [len(c.nonces) for c in scripts.calls] == [20, 2]
     await asyncio.sleep(SPEND_S * 2)
     assert len(scripts.calls) == 2  # and not again
+
+
+async def test_a_failed_spend_is_logged_and_the_other_campaigns_nonces_still_go(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One script call per campaign; one that fails leaves its nonces unspent, logged."""
+    scripts = _Scripts()
+    spender = NonceSpender(scripts, 100)  # type: ignore[arg-type]
+    failing = scripts.run
+
+    async def run(call: SpendNonces) -> list[int]:
+        if "c1" in call.nonce_buckets[0]:
+            raise ConnectionError("down")
+        return await failing(call)
+
+    scripts.run = run  # type: ignore[method-assign]
+    spender.post("c1", 300, "nonce-a")
+    spender.post("c2", 300, "nonce-b")  # X-Timestamps: bucket numbers when sent
+    spender.post("c1", 600, "nonce-c")
+    await spender.flush()
+    bucket = keys.nonce_bucket(300)
+    assert [(c.first_nonce_bucket, c.nonces) for c in scripts.calls] == [
+        (bucket, [bucket, "nonce-b"])
+    ]
+    failed = [r for r in caplog.records if r.getMessage() == "a batch failed"]
+    assert [(r.campaign_id, r.posted) for r in failed] == [("c1", 2)]  # type: ignore[attr-defined]
