@@ -89,7 +89,7 @@ local immediately = {
 -- whose `d` is the JSON array of their documents, in order (issuer/events.py reads it).
 local function gathered()
   local order = {}
-  local hsets, zadds, sadds = {}, {}, {}  -- key -> its arguments
+  local sadds = {}  -- key -> its arguments
   local events = {}  -- event type -> stream -> its documents
   -- each write finds its list here and appends to it itself (a call less per write)
   local function start(cmd, by_key, key, kind)
@@ -98,19 +98,19 @@ local function gathered()
     order[#order + 1] = {cmd, key, list, kind}
     return list
   end
+  -- a write of one pair (HSET's field and value, ZADD's score and member) to `cmd`'s key
+  local function pair_writer(cmd)
+    local by_key = {}  -- key -> its arguments
+    return function(key, a, b)
+      local list = by_key[key] or start(cmd, by_key, key)
+      local k = #list
+      list[k + 1] = a
+      list[k + 2] = b
+    end
+  end
   return {
-    hset = function(key, field, value)
-      local list = hsets[key] or start('HSET', hsets, key)
-      local k = #list
-      list[k + 1] = field
-      list[k + 2] = value
-    end,
-    zadd = function(key, score, member)
-      local list = zadds[key] or start('ZADD', zadds, key)
-      local k = #list
-      list[k + 1] = score
-      list[k + 2] = member
-    end,
+    hset = pair_writer('HSET'),
+    zadd = pair_writer('ZADD'),
     sadd = function(key, member)
       local list = sadds[key] or start('SADD', sadds, key)
       list[#list + 1] = member
