@@ -85,17 +85,9 @@ def finish(
     return response
 
 
-def read_limit(request: web.Request, limit: int) -> None:
-    """INVALID_REQUEST if the body announces more than `limit` bytes."""
-    if (request.content_length or 0) > limit:
-        raise ApiError("INVALID_REQUEST", f"body over {limit} bytes")
-
-
-def check_signed(ctx: Ctx, request: web.Request, raw: bytes, limit: int) -> Verified:
-    """Check the body read (held to `limit`) and its signature; keep the signer on the
-    request (`request["verified"]`, for the handlers)."""
-    if len(raw) > limit:
-        raise ApiError("INVALID_REQUEST", f"body over {limit} bytes")
+def check_signed(ctx: Ctx, request: web.Request, raw: bytes) -> Verified:
+    """Check the body's signature; keep the signer on the request (`request["verified"]`,
+    for the handlers)."""
     verified = verify(
         ctx.keys.current, request.method, request.path_qs, request.headers, raw, time.time()
     )
@@ -124,7 +116,6 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
     )
     name = route.handler.__name__
     upload = name == "upload_documents"  # its handler reads the body as sent
-    limit = documents.MAX_UPLOAD_BYTES if upload else MAX_BODY
     shed = route.handler is claim
     # claims and redemptions spend their nonce inside their campaign's batched script, or,
     # refused before it, in a background batch (the claim handler answers its own
@@ -144,9 +135,10 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
             if shed:
                 ctx.admission.admit()
                 held = True
-            read_limit(request, limit)
+            if upload:  # the one route whose body may exceed the app's MAX_BODY
+                request = request.clone(client_max_size=documents.MAX_UPLOAD_BYTES)
             raw = await request.read()
-            verified = check_signed(ctx, request, raw, limit)
+            verified = check_signed(ctx, request, raw)
             if upload:
                 request["raw_body"] = raw
             if not batched:
@@ -215,8 +207,7 @@ def unmatched(ctx: Ctx, error: Callable[[web.Request], ApiError]) -> Next:
 
     async def refuse(request: web.Request) -> web.StreamResponse:
         if request.path.startswith("/v1/"):
-            read_limit(request, MAX_BODY)
-            await spend_nonce(ctx, check_signed(ctx, request, await request.read(), MAX_BODY))
+            await spend_nonce(ctx, check_signed(ctx, request, await request.read()))
         raise error(request)
 
     return served(UNMATCHED, refuse)
@@ -234,8 +225,8 @@ def as_api_error(request: web.Request, exc: Exception) -> ApiError:
     """The contract's error for any exception a handler raised."""
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return ApiError("INVALID_REQUEST", f"body over {MAX_BODY} bytes")
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):  # read past its client_max_size
+        return ApiError("INVALID_REQUEST", f"body over {request.client_max_size} bytes")
     if isinstance(exc, (*topology.REDIS_ERRORS, OSError)):
         log.warning("redis unavailable: %r", exc)
         return ApiError("UNAVAILABLE", "the gate is unreachable")
@@ -398,8 +389,9 @@ def ops_routes(ctx: Ctx, ready: Callable[[], Awaitable[dict[str, Any]]]) -> dict
 
 
 def make_app(ctx: Ctx, ready: Callable[[], Awaitable[dict[str, Any]]]) -> web.Application:
-    # the upload route's limit; every other route is held to MAX_BODY before reading
-    app = web.Application(client_max_size=documents.MAX_UPLOAD_BYTES)
+    # a body is refused once its reading passes MAX_BODY (aiohttp's own check, as it reads:
+    # no frame of ours per request), the upload route's past its own limit (`endpoint`)
+    app = web.Application(client_max_size=MAX_BODY)
     router = app.router
     # routes are tried in order: the surge's route first
     for route in sorted(ROUTES, key=lambda r: r.handler is not claim):
