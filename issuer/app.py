@@ -144,8 +144,15 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
                 request["raw_body"] = raw
             if not batched:
                 await spend_nonce(ctx, verified)
-            body = decoded(request, verified, raw)
             key = verified.key
+            if key.role not in roles:
+                raise role_refused(key)
+            try:  # the body decoded and validated here, in no frame of its own
+                body = decoder.decode(raw) if decoder is not None else queried(request)
+            except msgspec.ValidationError as exc:
+                raise ApiError("INVALID_REQUEST", str(exc)) from None
+            except msgspec.DecodeError as exc:
+                raise ApiError("INVALID_REQUEST", f"malformed JSON: {exc}") from None
             admitted = tenancy.known(ctx.owners, route.tenant, request, body, key)
             if admitted is tenancy.UNKNOWN:
                 admitted = await tenancy.admit(ctx.owners, route.tenant, request, body, key)
@@ -168,23 +175,15 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
             request, response, series, started, name, verified, request_id, campaign, tenant
         )
 
-    def decoded(request: web.Request, verified: Verified, raw: bytes) -> Any:
-        """The role checked, the route's body (or query) decoded and validated."""
-        if verified.key.role not in roles:
-            raise role_refused(verified.key)
-        if route.query is not None:
-            try:
-                return msgspec.convert(dict(request.query), route.query, strict=False)
-            except msgspec.ValidationError as exc:
-                raise ApiError("INVALID_REQUEST", f"query: {exc}") from None
-        if decoder is None:
+    def queried(request: web.Request) -> Any:
+        """The query of a route that takes no body, decoded and validated (None: the
+        route takes neither)."""
+        if route.query is None:
             return None
         try:
-            return decoder.decode(raw)
+            return msgspec.convert(dict(request.query), route.query, strict=False)
         except msgspec.ValidationError as exc:
-            raise ApiError("INVALID_REQUEST", str(exc)) from None
-        except msgspec.DecodeError as exc:
-            raise ApiError("INVALID_REQUEST", f"malformed JSON: {exc}") from None
+            raise ApiError("INVALID_REQUEST", f"query: {exc}") from None
 
     def refused(request: web.Request, verified: Verified, body: Any, err: ApiError) -> ApiError:
         """A claim or redemption refused before its script: its nonce spent in the
