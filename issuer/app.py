@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from importlib.resources import files
+from types import CoroutineType
 from typing import Any
 
 import asyncpg
@@ -157,8 +158,10 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
             if admitted is tenancy.UNKNOWN:
                 admitted = await tenancy.admit(ctx.owners, route.tenant, request, body, key)
             body, tenant = admitted
-            answered = route.handler(ctx, request, body)
-            response = answered if isinstance(answered, web.StreamResponse) else await answered
+            answered: Any = route.handler(ctx, request, body)  # a response or a coroutine
+            # told apart by the coroutine's type, not web.StreamResponse: isinstance against
+            # an ABC (a response is a MutableMapping) runs ABCMeta.__instancecheck__, a frame
+            response = await answered if isinstance(answered, CoroutineType) else answered
         except ApiError as err:
             if batched and verified is not None:
                 response = error_response(refused(request, verified, body, err))
