@@ -20,16 +20,17 @@ TICK_S = 0.01  # how often the loop's lateness is sampled
 
 
 class LoopLag:
-    """How late this process's event loop runs. A timer notes the time every TICK_S; while
-    one pass of the loop works through a backlog of callbacks, the timer cannot fire, and
-    the time since it last did grows: that is read at any moment, mid-pass included."""
+    """How late this process's event loop runs. A timer fires every TICK_S and notes when
+    it is due next (`due`); while one pass of the loop works through a backlog of
+    callbacks, the timer cannot fire, and the time past `due` grows: the loop is
+    `time.monotonic() - due` late at any moment, mid-pass included."""
 
     def __init__(self) -> None:
-        self._last = time.monotonic()
+        self.due = time.monotonic() + TICK_S
         self._timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
-        self._last = time.monotonic()
+        self.due = time.monotonic() + TICK_S
         self._timer = asyncio.get_running_loop().call_later(TICK_S, self._tick)
 
     def stop(self) -> None:
@@ -39,16 +40,12 @@ class LoopLag:
 
     def _tick(self) -> None:
         now = time.monotonic()
-        late = max(0.0, now - self._last - TICK_S)
-        self._last = now
+        late = max(0.0, now - self.due)
+        self.due = now + TICK_S
         # the next tick first: a timer that stopped would read as a loop ever later, and
         # every claim would be shed
         self._timer = asyncio.get_running_loop().call_later(TICK_S, self._tick)
         metrics.LOOP_LAG.observe(late)
-
-    def seconds(self) -> float:
-        """How far behind the loop is now (0 when the timer fires on time)."""
-        return max(0.0, time.monotonic() - self._last - TICK_S)
 
 
 class Admission:
@@ -66,11 +63,12 @@ class Admission:
         queue_max claims are in hand or the loop is more than lag_max_s late. The caller
         lets a claim taken go once it is answered or has failed (`in_hand -= 1`, in a
         `finally`): every claim passes here, and a context manager would be two Python
-        frames more per claim."""
+        frames more per claim. The loop's lateness is read here, not by a method of
+        `LoopLag`: one frame less per claim."""
         if self.in_hand >= self.queue_max:
             metrics.child(metrics.SHED, "queue").inc()
             raise ApiError("OVERLOADED", f"{self.in_hand} claims queued", retry_after=1)
-        late = self.lag.seconds()
+        late = time.monotonic() - self.lag.due
         if late > self.lag_max_s:
             metrics.child(metrics.SHED, "lag").inc()
             raise ApiError("OVERLOADED", f"event loop {late * 1000:.0f} ms late", retry_after=1)

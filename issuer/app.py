@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from importlib.resources import files
+from types import CoroutineType
 from typing import Any
 
 import asyncpg
@@ -17,7 +18,7 @@ import msgspec
 from aiohttp import hdrs, web
 
 from issuer import documents, due_dates, gauges, keys, logs, metrics, openapi, tenancy, topology
-from issuer.auth import Verified, require_role, verify
+from issuer.auth import Verified, role_refused, verify
 from issuer.errors import ApiError
 from issuer.http import ENCODER, JSON, MAX_BODY, Ctx, ErrorResponse, Route, error_response
 from issuer.ids import campaign_prefix
@@ -85,17 +86,9 @@ def finish(
     return response
 
 
-def read_limit(request: web.Request, limit: int) -> None:
-    """INVALID_REQUEST if the body announces more than `limit` bytes."""
-    if (request.content_length or 0) > limit:
-        raise ApiError("INVALID_REQUEST", f"body over {limit} bytes")
-
-
-def check_signed(ctx: Ctx, request: web.Request, raw: bytes, limit: int) -> Verified:
-    """Check the body read (held to `limit`) and its signature; keep the signer on the
-    request (`request["verified"]`, for the handlers)."""
-    if len(raw) > limit:
-        raise ApiError("INVALID_REQUEST", f"body over {limit} bytes")
+def check_signed(ctx: Ctx, request: web.Request, raw: bytes) -> Verified:
+    """Check the body's signature; keep the signer on the request (`request["verified"]`,
+    for the handlers)."""
     verified = verify(
         ctx.keys.current, request.method, request.path_qs, request.headers, raw, time.time()
     )
@@ -124,7 +117,6 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
     )
     name = route.handler.__name__
     upload = name == "upload_documents"  # its handler reads the body as sent
-    limit = documents.MAX_UPLOAD_BYTES if upload else MAX_BODY
     shed = route.handler is claim
     # claims and redemptions spend their nonce inside their campaign's batched script, or,
     # refused before it, in a background batch (the claim handler answers its own
@@ -133,6 +125,7 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
     batched = shed or name == "redeem"
     names_voucher = "voucher_id" in getattr(route.body, "__struct_fields__", ())
     series = metrics.RouteSeries(route.path)
+    roles = route.roles
 
     async def handle(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -144,21 +137,31 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
             if shed:
                 ctx.admission.admit()
                 held = True
-            read_limit(request, limit)
+            if upload:  # the one route whose body may exceed the app's MAX_BODY
+                request = request.clone(client_max_size=documents.MAX_UPLOAD_BYTES)
             raw = await request.read()
-            verified = check_signed(ctx, request, raw, limit)
+            verified = check_signed(ctx, request, raw)
             if upload:
                 request["raw_body"] = raw
             if not batched:
                 await spend_nonce(ctx, verified)
-            body = decoded(request, verified, raw)
             key = verified.key
+            if key.role not in roles:
+                raise role_refused(key)
+            try:  # the body decoded and validated here, in no frame of its own
+                body = decoder.decode(raw) if decoder is not None else queried(request)
+            except msgspec.ValidationError as exc:
+                raise ApiError("INVALID_REQUEST", str(exc)) from None
+            except msgspec.DecodeError as exc:
+                raise ApiError("INVALID_REQUEST", f"malformed JSON: {exc}") from None
             admitted = tenancy.known(ctx.owners, route.tenant, request, body, key)
             if admitted is tenancy.UNKNOWN:
                 admitted = await tenancy.admit(ctx.owners, route.tenant, request, body, key)
             body, tenant = admitted
-            answered = route.handler(ctx, request, body)
-            response = answered if isinstance(answered, web.StreamResponse) else await answered
+            answered: Any = route.handler(ctx, request, body)  # a response or a coroutine
+            # told apart by the coroutine's type, not web.StreamResponse: isinstance against
+            # an ABC (a response is a MutableMapping) runs ABCMeta.__instancecheck__, a frame
+            response = await answered if isinstance(answered, CoroutineType) else answered
         except ApiError as err:
             if batched and verified is not None:
                 response = error_response(refused(request, verified, body, err))
@@ -175,22 +178,15 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
             request, response, series, started, name, verified, request_id, campaign, tenant
         )
 
-    def decoded(request: web.Request, verified: Verified, raw: bytes) -> Any:
-        """The role checked, the route's body (or query) decoded and validated."""
-        require_role(verified, *route.roles)
-        if route.query is not None:
-            try:
-                return msgspec.convert(dict(request.query), route.query, strict=False)
-            except msgspec.ValidationError as exc:
-                raise ApiError("INVALID_REQUEST", f"query: {exc}") from None
-        if decoder is None:
+    def queried(request: web.Request) -> Any:
+        """The query of a route that takes no body, decoded and validated (None: the
+        route takes neither)."""
+        if route.query is None:
             return None
         try:
-            return decoder.decode(raw)
+            return msgspec.convert(dict(request.query), route.query, strict=False)
         except msgspec.ValidationError as exc:
-            raise ApiError("INVALID_REQUEST", str(exc)) from None
-        except msgspec.DecodeError as exc:
-            raise ApiError("INVALID_REQUEST", f"malformed JSON: {exc}") from None
+            raise ApiError("INVALID_REQUEST", f"query: {exc}") from None
 
     def refused(request: web.Request, verified: Verified, body: Any, err: ApiError) -> ApiError:
         """A claim or redemption refused before its script: its nonce spent in the
@@ -215,8 +211,7 @@ def unmatched(ctx: Ctx, error: Callable[[web.Request], ApiError]) -> Next:
 
     async def refuse(request: web.Request) -> web.StreamResponse:
         if request.path.startswith("/v1/"):
-            read_limit(request, MAX_BODY)
-            await spend_nonce(ctx, check_signed(ctx, request, await request.read(), MAX_BODY))
+            await spend_nonce(ctx, check_signed(ctx, request, await request.read()))
         raise error(request)
 
     return served(UNMATCHED, refuse)
@@ -234,8 +229,8 @@ def as_api_error(request: web.Request, exc: Exception) -> ApiError:
     """The contract's error for any exception a handler raised."""
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return ApiError("INVALID_REQUEST", f"body over {MAX_BODY} bytes")
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):  # read past its client_max_size
+        return ApiError("INVALID_REQUEST", f"body over {request.client_max_size} bytes")
     if isinstance(exc, (*topology.REDIS_ERRORS, OSError)):
         log.warning("redis unavailable: %r", exc)
         return ApiError("UNAVAILABLE", "the gate is unreachable")
@@ -398,8 +393,9 @@ def ops_routes(ctx: Ctx, ready: Callable[[], Awaitable[dict[str, Any]]]) -> dict
 
 
 def make_app(ctx: Ctx, ready: Callable[[], Awaitable[dict[str, Any]]]) -> web.Application:
-    # the upload route's limit; every other route is held to MAX_BODY before reading
-    app = web.Application(client_max_size=documents.MAX_UPLOAD_BYTES)
+    # a body is refused once its reading passes MAX_BODY (aiohttp's own check, as it reads:
+    # no frame of ours per request), the upload route's past its own limit (`endpoint`)
+    app = web.Application(client_max_size=MAX_BODY)
     router = app.router
     # routes are tried in order: the surge's route first
     for route in sorted(ROUTES, key=lambda r: r.handler is not claim):

@@ -135,6 +135,7 @@ def verify(
     return Verified(key, nonce, int(ts))
 
 
-def require_role(verified: Verified, *roles: Role) -> None:
-    if verified.key.role not in roles:
-        raise ApiError("FORBIDDEN", f"role {verified.key.role} may not call this endpoint")
+def role_refused(key: ApiKey) -> ApiError:
+    """The refusal of a key whose role may not call the endpoint (checked by the caller,
+    in its own frame: every request is)."""
+    return ApiError("FORBIDDEN", f"role {key.role} may not call this endpoint")

@@ -66,11 +66,16 @@ class Route:
     body: type | None
     response: type
     status: int = 200
-    query: type | None = None  # a Struct of the query string, passed as the handler's body
+    # a Struct of the query string, passed as the handler's body (a route that takes none)
+    query: type | None = None
     files: tuple[str, ...] = ()  # media types answered as a download (response bytes: only)
     also: tuple[tuple[int, type], ...] = ()  # other success answers: (status, type)
     # how the tenant of what it touches is found (issuer/tenancy.py); no route without one
     tenant: Rule = field(kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.body is not None and self.query is not None:
+            raise ValueError(f"{self.path}: a route takes a body or a query, not both")
 
 
 def reply(payload: Any, status: int = 200, *, replay: bool = False) -> web.Response:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import io
 import logging
 import random
@@ -24,6 +25,8 @@ from issuer.errors import ApiError
 from issuer.geofence import Region
 from issuer.http import error_response
 from issuer.protocol import SpendNonces
+from issuer.routes import ROUTES
+from issuer.routes_claims import claim
 from issuer.server import settle_heap
 
 pytestmark = pytest.mark.fast
@@ -236,3 +239,11 @@ async def test_a_failed_spend_is_logged_and_the_other_campaigns_nonces_still_go(
     ]
     failed = [r for r in caplog.records if r.getMessage() == "a batch failed"]
     assert [(r.campaign_id, r.posted) for r in failed] == [("c1", 2)]  # type: ignore[attr-defined]
+
+
+def test_every_handler_answers_with_a_coroutine_but_the_claim_s() -> None:
+    """The endpoint tells a handler's answer from a coroutine by the coroutine's type
+    (issuer/app.py): every handler is an `async def`, but the claim's, which answers its
+    refusals at once and returns a coroutine for the rest."""
+    for route in ROUTES:
+        assert route.handler is claim or inspect.iscoroutinefunction(route.handler), route.path

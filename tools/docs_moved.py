@@ -181,6 +181,10 @@ REWORDED: dict[str, tuple[str, str]] = {
         "Benchmark — make bench (about 14 minutes:",
         "timed again on 2026-12-04: settled instruction counts made it longer",
     ),
+    "64 KiB body limit, checked before reading)": (
+        "64 KiB body limit, past which no body is read)",
+        "aiohttp's client_max_size checks the body as it is read (branch refuse7)",
+    ),
 }
 
 # old sentence -> why it is gone
