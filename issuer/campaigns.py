@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -98,6 +98,11 @@ class CachedCampaign:
         return self.definition.tenant or DEFAULT_TENANT
 
     @functools.cached_property
+    def staff(self) -> bool:
+        """Whether its claims are made face to face, by merchant keys (staff mode)."""
+        return self.definition.mode == "staff"
+
+    @functools.cached_property
     def lottery(self) -> bool:
         """Whether a round is drawn by lottery (claims then check for waiting applicants)."""
         return any(r.allocation == "lottery" for r in self.stored.rounds)
@@ -124,6 +129,9 @@ class Campaigns:
         self.scripts = scripts
         self._cache: dict[str, CachedCampaign] = {}
         self._loading: dict[str, asyncio.Future[CachedCampaign]] = {}
+        # the cached campaign, if cached: the cache's own get, called in C (the claim path's
+        # hit, twice per claim: its tenant, then its checks)
+        self.peek: Callable[[str], CachedCampaign | None] = self._cache.get
 
     # ------------------------------------------------------------ reads
 
@@ -146,10 +154,6 @@ class Campaigns:
         )
         self._cache[campaign_id] = cached
         return cached
-
-    def peek(self, campaign_id: str) -> CachedCampaign | None:
-        """The cached campaign, if cached (no coroutine: the claim path's hit)."""
-        return self._cache.get(campaign_id)
 
     async def cached(self, campaign_id: str) -> CachedCampaign:
         """The cached campaign; on a miss, one load serves every waiting request."""
