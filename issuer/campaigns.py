@@ -88,9 +88,13 @@ class CachedCampaign:
         return None if i is None else self.stored.rounds[i]
 
     @functools.cached_property
-    def not_open(self) -> list[str]:
-        """Each round's NOT_OPEN detail, written once."""
-        return [f"round {r.round_id} opens at {r.opens_at.isoformat()}" for r in self.stored.rounds]
+    def not_open(self) -> list[ApiError]:
+        """Each round's NOT_OPEN refusal, made once: the claim path returns it, never
+        raises it (a raised one would keep its traceback, and its frames, for good)."""
+        return [
+            ApiError("NOT_OPEN", f"round {r.round_id} opens at {r.opens_at.isoformat()}")
+            for r in self.stored.rounds
+        ]
 
     @functools.cached_property
     def tenant(self) -> str:

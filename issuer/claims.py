@@ -378,7 +378,7 @@ class Claims:
         if at is None:
             return refusal("CAMPAIGN_ENDED")
         if now < cached.windows.opens[at]:
-            return refusal("NOT_OPEN", cached.not_open[at])
+            return cached.not_open[at]
         rnd = cached.stored.rounds[at]
         idem = idem_field(verified.key.id, claim.request_id)
         ref = claim.person_ref if number is None else normalised_person_ref(self.person_key, number)
