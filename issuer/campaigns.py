@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -88,14 +88,23 @@ class CachedCampaign:
         return None if i is None else self.stored.rounds[i]
 
     @functools.cached_property
-    def not_open(self) -> list[str]:
-        """Each round's NOT_OPEN detail, written once."""
-        return [f"round {r.round_id} opens at {r.opens_at.isoformat()}" for r in self.stored.rounds]
+    def not_open(self) -> list[ApiError]:
+        """Each round's NOT_OPEN refusal, made once: the claim path returns it, never
+        raises it (a raised one would keep its traceback, and its frames, for good)."""
+        return [
+            ApiError("NOT_OPEN", f"round {r.round_id} opens at {r.opens_at.isoformat()}")
+            for r in self.stored.rounds
+        ]
 
     @functools.cached_property
     def tenant(self) -> str:
         """Its tenant (fixed once the campaign exists; the claim path's tenant check)."""
         return self.definition.tenant or DEFAULT_TENANT
+
+    @functools.cached_property
+    def staff(self) -> bool:
+        """Whether its claims are made face to face, by merchant keys (staff mode)."""
+        return self.definition.mode == "staff"
 
     @functools.cached_property
     def lottery(self) -> bool:
@@ -124,6 +133,9 @@ class Campaigns:
         self.scripts = scripts
         self._cache: dict[str, CachedCampaign] = {}
         self._loading: dict[str, asyncio.Future[CachedCampaign]] = {}
+        # the cached campaign, if cached: the cache's own get, called in C (the claim path's
+        # hit, twice per claim: its tenant, then its checks)
+        self.peek: Callable[[str], CachedCampaign | None] = self._cache.get
 
     # ------------------------------------------------------------ reads
 
@@ -146,10 +158,6 @@ class Campaigns:
         )
         self._cache[campaign_id] = cached
         return cached
-
-    def peek(self, campaign_id: str) -> CachedCampaign | None:
-        """The cached campaign, if cached (no coroutine: the claim path's hit)."""
-        return self._cache.get(campaign_id)
 
     async def cached(self, campaign_id: str) -> CachedCampaign:
         """The cached campaign; on a miss, one load serves every waiting request."""

@@ -368,7 +368,8 @@ class Claims:
         exception costs at each frame it passes). A claim that is not valid raises
         (INVALID_REQUEST, FORBIDDEN). The person's reference, an HMAC, is made only once
         the round is open: the ID number is checked before, its reference not needed."""
-        self._check_caller(cached, claim, verified)
+        if cached.staff or verified.key.role != "app":  # all but the surge's app claims
+            self._check_caller(cached, claim, verified)
         number = self._id_number(claim)
         if not self._inside(cached, claim):
             return refusal("OUTSIDE_GEOFENCE")
@@ -377,7 +378,7 @@ class Claims:
         if at is None:
             return refusal("CAMPAIGN_ENDED")
         if now < cached.windows.opens[at]:
-            return refusal("NOT_OPEN", cached.not_open[at])
+            return cached.not_open[at]
         rnd = cached.stored.rounds[at]
         idem = idem_field(verified.key.id, claim.request_id)
         ref = claim.person_ref if number is None else normalised_person_ref(self.person_key, number)
@@ -461,8 +462,10 @@ class Claims:
             del self._batchers[batcher.key]
 
     def _check_caller(self, cached: CachedCampaign, claim: ClaimIn, verified: Verified) -> None:
+        """FORBIDDEN unless the key's role is the one that claims in the campaign's mode;
+        INVALID_REQUEST for a staff-mode claim that names no staff member."""
         role = verified.key.role
-        if cached.definition.mode == "staff":
+        if cached.staff:
             if role != "merchant":
                 raise ApiError("FORBIDDEN", "staff-mode claims come from a merchant key")
             if claim.staff_id is None:
@@ -504,7 +507,7 @@ class Claims:
         if self.campaigns.note_version(cached.keys.campaign_id, version):
             self.campaigns.forget(cached.keys.campaign_id)
             return
-        if cached.definition.mode == "staff":
+        if cached.staff:
             return  # face-to-face claims: no surge, and Redis may say NOT_REGISTERED first
         sticky = next((c for c in reversed(codes) if c in STICKY), None)
         if sticky is not None and not cached.arming:

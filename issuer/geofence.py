@@ -129,12 +129,15 @@ def _most_specific(features: _Features) -> list[Any]:
 
 
 GRID_CELLS = 64  # per side of the grid over a region's bounding box
+_SIDE = GRID_CELLS + 1  # cells a row holds, and rows the grid holds, its far edges' included
 
 
 class _Grid:
     """Cells over a geometry's bounding box, each known to lie wholly inside it, wholly
     outside, or on its boundary: only points of boundary cells need the exact test (a
-    cell is a closed box, so a point on the line between two cells fits either answer)."""
+    cell is a closed box, so a point on the line between two cells fits either answer).
+    A point on the box's far edges (col or row == GRID_CELLS) falls in one cell more at
+    the end of each row, or in one row more, copies of the last: no look-up corrects it."""
 
     def __init__(self, geometry: Any) -> None:
         self.west, self.south, east, north = geometry.bounds
@@ -153,19 +156,21 @@ class _Grid:
         inside = shapely.contains(geometry, cells)
         touching = shapely.intersects(geometry, cells)
         # per cell: True inside, False outside, None on the boundary
-        self.cells: list[bool | None] = [
+        known = [
             True if i else (None if t else False)
             for i, t in zip(inside.tolist(), touching.tolist(), strict=True)
         ]
+        rows = [known[y * GRID_CELLS : (y + 1) * GRID_CELLS] for y in range(GRID_CELLS)]
+        rows = [row + row[-1:] for row in rows]
+        self.cells: list[bool | None] = [c for row in [*rows, rows[-1]] for c in row]
 
     def inside(self, x: float, y: float) -> bool | None:
         """Whether (x, y) lies in the geometry, or None if only the exact test can say."""
         col = (x - self.west) / self.width
         row = (y - self.south) / self.height
-        if not (0 <= col <= GRID_CELLS and 0 <= row <= GRID_CELLS):
-            return False  # outside the bounding box (NaN too)
-        r, c = int(row), int(col)  # the far edges (== GRID_CELLS) are the last cells'
-        return self.cells[(r - (r == GRID_CELLS)) * GRID_CELLS + c - (c == GRID_CELLS)]
+        if 0 <= col <= GRID_CELLS and 0 <= row <= GRID_CELLS:  # in the bounding box (not NaN)
+            return self.cells[int(row) * _SIDE + int(col)]
+        return False
 
 
 class Region:
