@@ -14,7 +14,7 @@ import msgspec
 import pytest
 import shapely
 from aiohttp.test_utils import make_mocked_request
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 
 from issuer import keys, logs, metrics
 from issuer.app import make_app, request_line
@@ -50,6 +50,31 @@ async def test_counts_wait_in_process_then_publish_what_direct_calls_would() -> 
     assert kept_c._value.get() == 0  # not one write per call
     await asyncio.sleep(metrics.PUBLISH_S * 2)  # published by the timer
     assert exposition(kept) == exposition(direct)
+
+
+async def test_a_route_s_answers_publish_what_direct_calls_would() -> None:
+    """Its counts by status and its latencies (a shed answer counted, not timed), as
+    `inc()` and `observe()` on each would have left them."""
+    route, answers = "/hot-path-test/{n}", [(409, 0.0004), (201, 0.003), (503, None)] * 3
+    series = metrics.RouteSeries(route)
+    for status, elapsed in answers:
+        series.answered(status, elapsed)
+    assert metrics.child(metrics.LATENCY, route)._sum.get() == 0  # nothing per request
+    await asyncio.sleep(metrics.PUBLISH_S * 2)  # published by the timer
+    direct = CollectorRegistry()
+    requests = Counter("r_total", "r", ["route", "status"], registry=direct)
+    buckets = metrics.LATENCY._upper_bounds  # type: ignore[attr-defined]
+    latency = Histogram("l_seconds", "l", ["route"], buckets=buckets, registry=direct)
+    for status, elapsed in answers:
+        requests.labels(route, str(status)).inc()
+        if elapsed is not None:
+            latency.labels(route).observe(elapsed)
+    kept = [
+        x.replace("issuer_requests_", "r_").replace("issuer_request_seconds", "l_seconds")
+        for x in exposition(REGISTRY)
+        if f'route="{route}"' in x
+    ]
+    assert kept and sorted(kept) == sorted(x for x in exposition(direct) if "route=" in x)
 
 
 def test_a_scrape_publishes_first() -> None:
