@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 import time
+from math import floor
 from typing import TextIO
 
 import msgspec
@@ -27,13 +28,15 @@ _LEVELS = {n: logging.getLevelName(n) for n in (logging.DEBUG, logging.INFO, log
 def timestamp(created: float) -> str:
     """UTC, to the millisecond; the date and time of day are formatted once a second (a
     formatting per request line cost more than the rest of the line), the milliseconds
-    looked up."""
-    whole = int(created)
+    looked up. `math.floor`, not `int()` (a type call) nor `% 1` (a float's fmod): each
+    costs about three times as much."""
+    millis = floor(created * 1000)
+    whole = millis // 1000
     second, text = _second[0]
     if whole != second:
         text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
         _second[0] = (whole, text)
-    return text + _MILLIS[int(created % 1 * 1000)]
+    return text + _MILLIS[millis % 1000]
 
 
 class JsonFormatter(logging.Formatter):
