@@ -10,11 +10,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from importlib.resources import files
+from math import floor
 from typing import Any
 
 import asyncpg
 import msgspec
 from aiohttp import hdrs, web
+from multidict import istr
 
 from issuer import documents, due_dates, gauges, keys, logs, metrics, openapi, tenancy, topology
 from issuer.auth import Verified, require_role, verify
@@ -30,6 +32,7 @@ log = logging.getLogger("issuer.api")
 
 Next = Callable[[web.Request], Awaitable[web.StreamResponse]]
 UNMATCHED = "unmatched"  # the route label of a request no route serves (404, 405)
+X_REQUEST_ID = istr("X-Request-Id")  # its case folded once, not at every lookup
 
 
 def served(label: str, inner: Next) -> Next:
@@ -302,9 +305,10 @@ def request_line(
         verified.key.id if verified else None,
         _tenants(verified.key.tenants) if verified else None,
         tenant,
-        request.headers.get("X-Request-Id"),
-        # to the microsecond: round(x, 3) formats and parses the decimal, ~10x the cost
-        round(elapsed_s * 1_000_000) / 1000,
+        request.headers.get(X_REQUEST_ID),
+        # to the microsecond, half up: round(x, 3) formats and parses the decimal, ~10x
+        # the cost, and round(x) is a lookup of __round__ and a call, twice floor()'s
+        floor(elapsed_s * 1e6 + 0.5) / 1e3,
     )
 
 
