@@ -82,9 +82,9 @@ def finish(
         if code == "OK" and response.headers.get("Idempotent-Replay"):
             code = "REPLAY"
         line = request_line(
-            request, route, status, code, elapsed, verified, request_id, campaign, tenant
+            request, route, status, code, elapsed, verified, request_id, campaign, tenant, level
         )
-        logs.batched(log, level, line)
+        logs.batched(line)
     return response
 
 
@@ -281,20 +281,21 @@ def request_line(
     request_id: str | None,
     campaign: str | None,
     tenant: str | None,
+    level: int = logging.INFO,
 ) -> RequestLine:
-    """The log line of a request to `route` (its name) answered with `status` and `code`
-    after `elapsed_s`: its signer, its body's request_id, the campaign its body names (its
-    path's first) and the tenant it acted in, as given (read back from the request, each
-    would cost a miss)."""
+    """The log line (at `level`, stamped now) of a request to `route` (its name) answered
+    with `status` and `code` after `elapsed_s`: its signer, its body's request_id, the
+    campaign its body names (its path's first) and the tenant it acted in, as given (read
+    back from the request, each would cost a miss)."""
     ids = request.match_info
     campaign = ids.get("campaign_id") or campaign
     if campaign is None:  # a path naming what a campaign made leads to it
         subject = ids.get("voucher_id") or ids.get("redemption_id") or ids.get("refund_id")
         campaign = campaign_prefix(subject or "")
     return RequestLine(  # by position, in its fields' order (logs.Line)
-        "",
-        "",
-        "",
+        logs.timestamp(time.time()),
+        logs.LEVEL_NAMES[level],
+        log.name,
         "request",
         route,
         request.method,

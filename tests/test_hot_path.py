@@ -9,6 +9,7 @@ import gc
 import io
 import logging
 import random
+import time
 
 import msgspec
 import pytest
@@ -101,9 +102,8 @@ async def test_request_lines_are_written_together_in_the_formatter_s_shape(
 ) -> None:
     stream = io.StringIO()
     monkeypatch.setattr(logs, "_stream", [stream])
-    log = logging.getLogger("issuer.api")
     for n in range(3):
-        logs.batched(log, logging.INFO, _Line("", "", "", "request", 409, n))
+        logs.batched(_Line(logs.timestamp(time.time()), "INFO", "issuer.api", "request", 409, n))
     assert stream.getvalue() == ""  # nothing written per line
     await asyncio.sleep(logs.BATCH_S * 2)
     lines = [msgspec.json.decode(line) for line in stream.getvalue().splitlines()]
@@ -137,12 +137,9 @@ def test_a_request_line_keeps_its_keys_in_their_order_batched_or_not(
         "trace": "t-1",
         "latency_ms": 1.234,
     }
-    log = logging.getLogger("issuer.api")
     stream = io.StringIO()
     monkeypatch.setattr(logs, "_stream", [stream])
-    logs.batched(
-        log, logging.INFO, request_line(request, "claim", 409, "NOT_OPEN", 0.001234, *known)
-    )
+    logs.batched(request_line(request, "claim", 409, "NOT_OPEN", 0.001234, *known))
     logs.write_batch()
     line = msgspec.json.decode(stream.getvalue())
     assert list(line) == ["ts", "level", "logger", "msg", *fields]
@@ -150,9 +147,7 @@ def test_a_request_line_keeps_its_keys_in_their_order_batched_or_not(
     assert {k: line[k] for k in fields} == fields
     monkeypatch.setattr(logs, "_stream", [])  # logging not set up: an ordinary record
     with caplog.at_level(logging.INFO, "issuer.api"):
-        logs.batched(
-            log, logging.INFO, request_line(request, "claim", 409, "NOT_OPEN", 0.001234, *known)
-        )
+        logs.batched(request_line(request, "claim", 409, "NOT_OPEN", 0.001234, *known))
     (record,) = caplog.records
     assert record.getMessage() == "request"
     assert {k: getattr(record, k) for k in fields} == fields
