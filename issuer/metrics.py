@@ -202,14 +202,15 @@ def publish() -> None:
 def _observe_all(series: Any, values: list[float]) -> None:
     """`series.observe(value)` for each of `values`, adding to a histogram's buckets and
     sum (prometheus_client's own private values, the ones observe() adds to: per-bucket
-    counts, summed into `le` buckets at collection) once each."""
-    bounds = series._upper_bounds
-    tally = [0] * len(bounds)
-    for value in values:
-        tally[bisect.bisect_left(bounds, value)] += 1
-    for bucket, n in zip(series._buckets, tally, strict=True):
-        if n:
-            bucket.inc(n)
+    counts, summed into `le` buckets at collection) once each. The values sorted, each
+    bucket's count is found by bisection: no Python step per value."""
+    ordered = sorted(values)
+    below = 0  # the values in the buckets before
+    for bucket, bound in zip(series._buckets, series._upper_bounds, strict=True):
+        upto = bisect.bisect_right(ordered, bound)
+        if upto > below:
+            bucket.inc(upto - below)
+            below = upto
     series._sum.inc(sum(values))
 
 

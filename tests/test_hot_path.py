@@ -37,7 +37,7 @@ def exposition(registry: CollectorRegistry) -> list[str]:
 
 async def test_counts_wait_in_process_then_publish_what_direct_calls_would() -> None:
     kept, direct = CollectorRegistry(), CollectorRegistry()
-    samples = [0.0002, 0.0007, 0.0031, 0.0031, 0.2, 9.0]
+    samples = [0.0002, 0.0007, 0.001, 0.0031, 0.0031, 0.1, 0.2, 9.0]  # 0.001, 0.1: bounds
     for registry in (kept, direct):
         Counter("c_total", "c", ["code"], registry=registry)
         Histogram("h_seconds", "h", ["route"], buckets=(0.001, 0.005, 0.1), registry=registry)
