@@ -127,17 +127,20 @@ def child(metric: Any, *labels: str) -> Any:
 
 
 class RouteSeries:
-    """A route's request counts by status and its latency. Each answer is one append to
-    its status's list (its latency, None: not timed), counted and observed by the next
-    publish: no child, histogram bucket or float sum touched per request. Its series are
-    made when first published (a series made is exposed, at 0, from then on)."""
+    """A route's request counts by status and its latency. Each answer timed is one append
+    of its latency to its status's list, counted and observed by the next publish: no
+    child, histogram bucket or float sum touched per request. Its series are made when
+    first published (a series made is exposed, at 0, from then on)."""
 
     def __init__(self, route: str) -> None:
         self.route = route
-        self._answers: dict[int, list[float | None]] = {}
+        self._answers: dict[int, list[float]] = {}
 
     def answered(self, status: int, elapsed: float | None) -> None:
         """Count an answer with `status` and observe its latency (None: not observed)."""
+        if elapsed is None:  # a claim shed: counted, not timed
+            count(child(REQUESTS, self.route, str(status)))
+            return
         answers = self._answers.get(status)
         if answers is None:
             answers = self._answers[status] = []
@@ -150,7 +153,7 @@ class RouteSeries:
 PUBLISH_S = 0.1  # longest time a count made in one worker waits to reach the others' scrape
 _counts: dict[Any, float] = {}  # child -> amount not yet added
 _observed: dict[Any, list[float]] = {}  # histogram child -> values not yet observed
-_answered: list[tuple[str, str, list[float | None]]] = []  # every RouteSeries's lists
+_answered: list[tuple[str, str, list[float]]] = []  # every RouteSeries's lists
 _publishing: list[asyncio.TimerHandle] = []  # the pending publish, if one is due
 
 
@@ -187,9 +190,7 @@ def publish() -> None:
     for route, status, answers in _answered:
         if answers:
             child(REQUESTS, route, status).inc(len(answers))
-            timed = [elapsed for elapsed in answers if elapsed is not None]
-            if timed:
-                _observe_all(child(LATENCY, route), timed)
+            _observe_all(child(LATENCY, route), answers)
             answers.clear()
     for series, amount in _counts.items():
         series.inc(amount)
