@@ -58,7 +58,7 @@ class Line(msgspec.Struct):
     the time it is made, `level` as LEVEL_NAMES names it), then a subclass's fields in the
     order they are declared. A Struct, not a dict: made and encoded without a dictionary
     per line, and its keys kept in their order; made whole by position (by keyword: twice
-    the cost; each field set afterwards, a third of it again)."""
+    the cost; a field set afterwards: a fifth of it more, each)."""
 
     ts: str
     level: str
