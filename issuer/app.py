@@ -10,12 +10,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from importlib.resources import files
+from math import floor
 from types import CoroutineType
 from typing import Any
 
 import asyncpg
 import msgspec
 from aiohttp import hdrs, web
+from multidict import istr
 
 from issuer import documents, due_dates, gauges, keys, logs, metrics, openapi, tenancy, topology
 from issuer.auth import Verified, role_refused, verify
@@ -31,6 +33,7 @@ log = logging.getLogger("issuer.api")
 
 Next = Callable[[web.Request], Awaitable[web.StreamResponse]]
 UNMATCHED = "unmatched"  # the route label of a request no route serves (404, 405)
+X_REQUEST_ID = istr("X-Request-Id")  # its case folded once, not at every lookup
 
 
 def served(label: str, inner: Next) -> Next:
@@ -80,9 +83,9 @@ def finish(
         if code == "OK" and response.headers.get("Idempotent-Replay"):
             code = "REPLAY"
         line = request_line(
-            request, route, status, code, elapsed, verified, request_id, campaign, tenant
+            request, route, status, code, elapsed, verified, request_id, campaign, tenant, level
         )
-        logs.batched(log, level, line)
+        logs.batched(line)
     return response
 
 
@@ -273,20 +276,21 @@ def request_line(
     request_id: str | None,
     campaign: str | None,
     tenant: str | None,
+    level: int = logging.INFO,
 ) -> RequestLine:
-    """The log line of a request to `route` (its name) answered with `status` and `code`
-    after `elapsed_s`: its signer, its body's request_id, the campaign its body names (its
-    path's first) and the tenant it acted in, as given (read back from the request, each
-    would cost a miss)."""
+    """The log line (at `level`, stamped now) of a request to `route` (its name) answered
+    with `status` and `code` after `elapsed_s`: its signer, its body's request_id, the
+    campaign its body names (its path's first) and the tenant it acted in, as given (read
+    back from the request, each would cost a miss)."""
     ids = request.match_info
     campaign = ids.get("campaign_id") or campaign
     if campaign is None:  # a path naming what a campaign made leads to it
         subject = ids.get("voucher_id") or ids.get("redemption_id") or ids.get("refund_id")
         campaign = campaign_prefix(subject or "")
     return RequestLine(  # by position, in its fields' order (logs.Line)
-        "",
-        "",
-        "",
+        logs.timestamp(time.time()),
+        logs.LEVEL_NAMES[level],
+        log.name,
         "request",
         route,
         request.method,
@@ -297,9 +301,10 @@ def request_line(
         verified.key.id if verified else None,
         _tenants(verified.key.tenants) if verified else None,
         tenant,
-        request.headers.get("X-Request-Id"),
-        # to the microsecond: round(x, 3) formats and parses the decimal, ~10x the cost
-        round(elapsed_s * 1_000_000) / 1000,
+        request.headers.get(X_REQUEST_ID),
+        # to the microsecond, half up: round(x, 3) formats and parses the decimal, ~10x
+        # the cost, and round(x) is a lookup of __round__ and a call, twice floor()'s
+        floor(elapsed_s * 1e6 + 0.5) / 1e3,
     )
 
 

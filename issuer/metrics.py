@@ -127,33 +127,33 @@ def child(metric: Any, *labels: str) -> Any:
 
 
 class RouteSeries:
-    """A route's request counts by status and its latency: children looked up once per
-    route and status, not by their labels on every request; each made when first used
-    (a series made is exposed, at 0, from then on)."""
+    """A route's request counts by status and its latency. Each answer timed is one append
+    of its latency to its status's list, counted and observed by the next publish: no
+    child, histogram bucket or float sum touched per request. Its series are made when
+    first published (a series made is exposed, at 0, from then on)."""
 
     def __init__(self, route: str) -> None:
         self.route = route
-        self._latency: Any = None
-        self._requests: dict[int, Any] = {}
+        self._answers: dict[int, list[float]] = {}
 
     def answered(self, status: int, elapsed: float | None) -> None:
-        """Count an answer with `status` and observe its latency (None: not observed),
-        as `count` and `observe` do: one call per request, not four."""
-        series = self._requests.get(status)
-        if series is None:
-            series = self._requests[status] = child(REQUESTS, self.route, str(status))
-        if elapsed is None:
-            count(series)
+        """Count an answer with `status` and observe its latency (None: not observed)."""
+        if elapsed is None:  # a claim shed: counted, not timed
+            count(child(REQUESTS, self.route, str(status)))
             return
-        _counts[series] = _counts.get(series, 0) + 1  # observe() schedules the publish
-        if self._latency is None:
-            self._latency = child(LATENCY, self.route)
-        observe(self._latency, elapsed)
+        answers = self._answers.get(status)
+        if answers is None:
+            answers = self._answers[status] = []
+            _answered.append((self.route, str(status), answers))
+        answers.append(elapsed)
+        if not _publishing:
+            _schedule()
 
 
 PUBLISH_S = 0.1  # longest time a count made in one worker waits to reach the others' scrape
 _counts: dict[Any, float] = {}  # child -> amount not yet added
-_observed: dict[Any, list[float]] = {}  # histogram child -> [count per bucket..., sum]
+_observed: dict[Any, list[float]] = {}  # histogram child -> values not yet observed
+_answered: list[tuple[str, str, list[float]]] = []  # every RouteSeries's lists
 _publishing: list[asyncio.TimerHandle] = []  # the pending publish, if one is due
 
 
@@ -167,11 +167,10 @@ def count(series: Any, amount: float = 1) -> None:
 
 def observe(series: Any, value: float) -> None:
     """`series.observe(value)` of a histogram child, kept until the next publish."""
-    tally = _observed.get(series)
-    if tally is None:
-        tally = _observed[series] = [0.0] * (len(series._upper_bounds) + 1)
-    tally[bisect.bisect_left(series._upper_bounds, value)] += 1
-    tally[-1] += value
+    values = _observed.get(series)
+    if values is None:
+        values = _observed[series] = []
+    values.append(value)
     if not _publishing:
         _schedule()
 
@@ -184,21 +183,36 @@ def _schedule() -> None:
 
 
 def publish() -> None:
-    """Add what this process counted and observed to the Prometheus values. A histogram's
-    buckets and sum are prometheus_client's own (private) values, the ones observe() adds
-    to; they hold per-bucket counts, summed into `le` buckets at collection."""
+    """Add what this process counted and observed to the Prometheus values."""
     for handle in _publishing:
         handle.cancel()
     _publishing.clear()
+    for route, status, answers in _answered:
+        if answers:
+            child(REQUESTS, route, status).inc(len(answers))
+            _observe_all(child(LATENCY, route), answers)
+            answers.clear()
     for series, amount in _counts.items():
         series.inc(amount)
     _counts.clear()
-    for series, tally in _observed.items():
-        for bucket, n in zip(series._buckets, tally, strict=False):
-            if n:
-                bucket.inc(n)
-        series._sum.inc(tally[-1])
+    for series, values in _observed.items():
+        _observe_all(series, values)
     _observed.clear()
+
+
+def _observe_all(series: Any, values: list[float]) -> None:
+    """`series.observe(value)` for each of `values`, adding to a histogram's buckets and
+    sum (prometheus_client's own private values, the ones observe() adds to: per-bucket
+    counts, summed into `le` buckets at collection) once each. The values sorted, each
+    bucket's count is found by bisection: no Python step per value."""
+    ordered = sorted(values)
+    below = 0  # the values in the buckets before
+    for bucket, bound in zip(series._buckets, series._upper_bounds, strict=True):
+        upto = bisect.bisect_right(ordered, bound)
+        if upto > below:
+            bucket.inc(upto - below)
+            below = upto
+    series._sum.inc(sum(values))
 
 
 class _Fixed(Collector):

@@ -10,12 +10,13 @@ import inspect
 import io
 import logging
 import random
+import time
 
 import msgspec
 import pytest
 import shapely
 from aiohttp.test_utils import make_mocked_request
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 
 from issuer import keys, logs, metrics
 from issuer.app import make_app, request_line
@@ -39,7 +40,7 @@ def exposition(registry: CollectorRegistry) -> list[str]:
 
 async def test_counts_wait_in_process_then_publish_what_direct_calls_would() -> None:
     kept, direct = CollectorRegistry(), CollectorRegistry()
-    samples = [0.0002, 0.0007, 0.0031, 0.0031, 0.2, 9.0]
+    samples = [0.0002, 0.0007, 0.001, 0.0031, 0.0031, 0.1, 0.2, 9.0]  # 0.001, 0.1: bounds
     for registry in (kept, direct):
         Counter("c_total", "c", ["code"], registry=registry)
         Histogram("h_seconds", "h", ["route"], buckets=(0.001, 0.005, 0.1), registry=registry)
@@ -53,6 +54,31 @@ async def test_counts_wait_in_process_then_publish_what_direct_calls_would() -> 
     assert kept_c._value.get() == 0  # not one write per call
     await asyncio.sleep(metrics.PUBLISH_S * 2)  # published by the timer
     assert exposition(kept) == exposition(direct)
+
+
+async def test_a_route_s_answers_publish_what_direct_calls_would() -> None:
+    """Its counts by status and its latencies (a shed answer counted, not timed), as
+    `inc()` and `observe()` on each would have left them."""
+    route, answers = "/hot-path-test/{n}", [(409, 0.0004), (201, 0.003), (503, None)] * 3
+    series = metrics.RouteSeries(route)
+    for status, elapsed in answers:
+        series.answered(status, elapsed)
+    assert metrics.child(metrics.LATENCY, route)._sum.get() == 0  # nothing per request
+    await asyncio.sleep(metrics.PUBLISH_S * 2)  # published by the timer
+    direct = CollectorRegistry()
+    requests = Counter("r_total", "r", ["route", "status"], registry=direct)
+    buckets = metrics.LATENCY._upper_bounds  # type: ignore[attr-defined]
+    latency = Histogram("l_seconds", "l", ["route"], buckets=buckets, registry=direct)
+    for status, elapsed in answers:
+        requests.labels(route, str(status)).inc()
+        if elapsed is not None:
+            latency.labels(route).observe(elapsed)
+    kept = [
+        x.replace("issuer_requests_", "r_").replace("issuer_request_seconds", "l_seconds")
+        for x in exposition(REGISTRY)
+        if f'route="{route}"' in x
+    ]
+    assert kept and sorted(kept) == sorted(x for x in exposition(direct) if "route=" in x)
 
 
 def test_a_scrape_publishes_first() -> None:
@@ -79,9 +105,8 @@ async def test_request_lines_are_written_together_in_the_formatter_s_shape(
 ) -> None:
     stream = io.StringIO()
     monkeypatch.setattr(logs, "_stream", [stream])
-    log = logging.getLogger("issuer.api")
     for n in range(3):
-        logs.batched(log, logging.INFO, _Line("", "", "", "request", 409, n))
+        logs.batched(_Line(logs.timestamp(time.time()), "INFO", "issuer.api", "request", 409, n))
     assert stream.getvalue() == ""  # nothing written per line
     await asyncio.sleep(logs.BATCH_S * 2)
     lines = [msgspec.json.decode(line) for line in stream.getvalue().splitlines()]
@@ -115,12 +140,9 @@ def test_a_request_line_keeps_its_keys_in_their_order_batched_or_not(
         "trace": "t-1",
         "latency_ms": 1.234,
     }
-    log = logging.getLogger("issuer.api")
     stream = io.StringIO()
     monkeypatch.setattr(logs, "_stream", [stream])
-    logs.batched(
-        log, logging.INFO, request_line(request, "claim", 409, "NOT_OPEN", 0.001234, *known)
-    )
+    logs.batched(request_line(request, "claim", 409, "NOT_OPEN", 0.001234, *known))
     logs.write_batch()
     line = msgspec.json.decode(stream.getvalue())
     assert list(line) == ["ts", "level", "logger", "msg", *fields]
@@ -128,9 +150,7 @@ def test_a_request_line_keeps_its_keys_in_their_order_batched_or_not(
     assert {k: line[k] for k in fields} == fields
     monkeypatch.setattr(logs, "_stream", [])  # logging not set up: an ordinary record
     with caplog.at_level(logging.INFO, "issuer.api"):
-        logs.batched(
-            log, logging.INFO, request_line(request, "claim", 409, "NOT_OPEN", 0.001234, *known)
-        )
+        logs.batched(request_line(request, "claim", 409, "NOT_OPEN", 0.001234, *known))
     (record,) = caplog.records
     assert record.getMessage() == "request"
     assert {k: getattr(record, k) for k in fields} == fields
