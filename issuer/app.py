@@ -282,6 +282,7 @@ def request_line(
     with `status` and `code` after `elapsed_s`: its signer, its body's request_id, the
     campaign its body names (its path's first) and the tenant it acted in, as given (read
     back from the request, each would cost a miss)."""
+    key = verified.key if verified else None
     ids = request.match_info
     campaign = ids.get("campaign_id") or campaign
     if campaign is None:  # a path naming what a campaign made leads to it
@@ -298,8 +299,8 @@ def request_line(
         code,
         request_id,
         campaign,
-        verified.key.id if verified else None,
-        _tenants(verified.key.tenants) if verified else None,
+        key.id if key else None,
+        None if key is None or key.tenants is None else _tenants(key.tenants),
         tenant,
         request.headers.get(X_REQUEST_ID),
         # to the microsecond, half up: round(x, 3) formats and parses the decimal, ~10x
@@ -309,10 +310,10 @@ def request_line(
 
 
 @functools.lru_cache(maxsize=256)
-def _tenants(tenants: frozenset[str] | None) -> list[str] | None:
-    """A key's tenants, sorted once per set (the keys in force are few; the list is only
-    encoded, never changed)."""
-    return None if tenants is None else sorted(tenants)
+def _tenants(tenants: frozenset[str]) -> list[str]:
+    """A scoped key's tenants, sorted once per set (the keys in force are few; the list is
+    only encoded, never changed). A platform-wide key's (None) is logged without a call."""
+    return sorted(tenants)
 
 
 async def healthz(request: web.Request) -> web.Response:
