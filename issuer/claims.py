@@ -103,9 +103,10 @@ def _client_ip(given: str | None, remote: str | None) -> str:
         raise ApiError("INVALID_REQUEST", "client_ip: not an IP address") from None
 
 
-class Batcher(TickBatcher[Claim, tuple[str, bytes]]):
+class Batcher(TickBatcher[Claim, Claimed | ApiError]):
     """Sends the claims of one campaign round as one `claim_batch` script call, and
-    answers its issued vouchers (what they share is made once per round)."""
+    answers each of its claims: an issued voucher (what they share is made once per round),
+    a replay, an application, or the gate's refusal."""
 
     def __init__(
         self, claims: Claims, cached: CachedCampaign, rnd: Round, key: tuple[str, str, str]
@@ -181,7 +182,17 @@ class Batcher(TickBatcher[Claim, tuple[str, bytes]]):
         body = f"{head}{voucher_id}{between}{user_id}{before_at}{self._issued_at}{after_at}"
         return Issued(voucher_id, body.encode())
 
-    async def send(self, items: list[Claim]) -> list[tuple[str, bytes]]:
+    async def send(self, items: list[Claim]) -> list[Claimed | ApiError]:
+        answers: list[Claimed | ApiError] = []
+        for claim, (code, payload) in zip(items, await self.run(items), strict=True):
+            if code == "OK":  # nearly every claim of a batch: answered in this loop
+                answers.append((self.issued(claim.candidate, claim.user_id, payload), False))
+            else:
+                answers.append(self.answer(code, payload))
+        return answers
+
+    async def run(self, items: list[Claim]) -> list[tuple[str, bytes]]:
+        """One `claim_batch` call: each claim's code and payload, as the script answers."""
         ck = self.cached.keys
         definition = self.cached.definition
         round_id = self.round.round_id
@@ -229,6 +240,27 @@ class Batcher(TickBatcher[Claim, tuple[str, bytes]]):
         codes = result[4::2]
         self.claims.after_batch(self.cached, self.round, status, version, codes)
         return list(zip(map(bytes.decode, codes), result[5::2], strict=True))
+
+    def answer(self, code: str, payload: bytes) -> Claimed | ApiError:
+        """The answer to a claim the script did not issue: a replay, an application, or
+        the gate's refusal (`code`, with its payload)."""
+        definition = self.cached.definition
+        if code == "REPLAY":
+            return voucher_out(VOUCHER.decode(payload), definition.timezone, "issued"), True
+        if code in ("APPLIED", "REPLAY_APPLIED"):
+            app = applications.APPLICATION.decode(payload)
+            app_round = applications.round_of(self.cached.stored.rounds, app.round_id)
+            return applications.application_out(
+                app, app_round, definition.timezone
+            ), code == "REPLAY_APPLIED"
+        if code == "ALREADY_CLAIMED":  # no voucher: an application waits for its draw
+            return GateRefusal(code, voucher_id=payload.decode() or None)
+        if code == "RATE_LIMITED":
+            return GateRefusal(code, retry_after=int(payload))
+        if code == "ROUND_CLOSED":
+            nxt = self.cached.round_at(time.time())
+            return GateRefusal("NOT_OPEN" if nxt is not None else "CAMPAIGN_ENDED")
+        return GateRefusal(code)
 
     def idle(self) -> None:
         self.claims.retire(self)
@@ -392,22 +424,28 @@ class Claims:
             return refusal(hint.code)
         return rnd, idem, ref
 
-    async def submit(
+    def submit(
         self,
         cached: CachedCampaign,
         claim: ClaimIn,
         verified: Verified,
         remote: str | None,
         checked: Checked,
-    ) -> Claimed | ApiError:
-        """Send a checked claim to the gate in its round's batch: (voucher or application,
-        replayed), or the gate's refusal, returned; UNAVAILABLE, raised, if the gate cannot
-        be reached. `remote` is the caller's address, the client IP of rate limits when the
-        body names none."""
+    ) -> asyncio.Future[Claimed | ApiError]:
+        """Send a checked claim to the gate in its round's batch. The future answers
+        (voucher or application, replayed), or a refusal, returned (the gate's, or
+        INVALID_REQUEST for a client_ip that is not an IP address); it raises UNAVAILABLE
+        if the gate cannot be reached. No coroutine: the batch answers each of its claims.
+        `remote` is the caller's address, the client IP of rate limits when the body names
+        none."""
         campaign_id = cached.keys.campaign_id
-        definition = cached.definition
         rnd, idem, ref = checked
-        client_ip = _client_ip(claim.client_ip, remote)
+        try:
+            client_ip = _client_ip(claim.client_ip, remote)
+        except ApiError as err:
+            refused: asyncio.Future[Claimed | ApiError] = asyncio.get_running_loop().create_future()
+            refused.set_result(err)
+            return refused
         batcher = self._batcher(cached, rnd)
         candidate = new_id(campaign_id)
         canonical = msgspec.structs.replace(claim, person=None, person_ref=ref)
@@ -428,25 +466,7 @@ class Claims:
                 client_ip,
             ),
         )
-        code, payload = await batcher.submit(pending)
-        if code == "OK":
-            return batcher.issued(candidate, claim.user_id, payload), False
-        if code == "REPLAY":
-            return voucher_out(VOUCHER.decode(payload), definition.timezone, "issued"), True
-        if code in ("APPLIED", "REPLAY_APPLIED"):
-            app = applications.APPLICATION.decode(payload)
-            app_round = applications.round_of(cached.stored.rounds, app.round_id)
-            return applications.application_out(
-                app, app_round, definition.timezone
-            ), code == "REPLAY_APPLIED"
-        if code == "ALREADY_CLAIMED":  # no voucher: an application waits for its draw
-            return GateRefusal(code, voucher_id=payload.decode() or None)
-        if code == "RATE_LIMITED":
-            return GateRefusal(code, retry_after=int(payload))
-        if code == "ROUND_CLOSED":
-            nxt = cached.round_at(time.time())
-            return GateRefusal("NOT_OPEN" if nxt is not None else "CAMPAIGN_ENDED")
-        return GateRefusal(code)
+        return batcher.submit(pending)
 
     def _batcher(self, cached: CachedCampaign, rnd: Round) -> Batcher:
         key = (cached.keys.campaign_id, rnd.round_id, cached.version)

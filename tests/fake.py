@@ -140,7 +140,7 @@ class Fake:
             scripts=self.scripts, batch_max=len(claims), after_batch=lambda *_: None
         )
         batcher = Batcher(owner, cached, rnd, (CAMPAIGN, round_id, "1"))
-        return await batcher.send(list(claims))
+        return await batcher.run(list(claims))
 
     async def claimed(self, *claims: Claim, **batch: Any) -> list[str]:
         """The codes that `claim` answers."""
