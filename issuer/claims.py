@@ -108,14 +108,11 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
     answers each of its claims: an issued voucher (what they share is made once per round),
     a replay, an application, or the gate's refusal."""
 
-    def __init__(
-        self, claims: Claims, cached: CachedCampaign, rnd: Round, key: tuple[str, str, str]
-    ) -> None:
+    def __init__(self, claims: Claims, cached: CachedCampaign, rnd: Round) -> None:
         super().__init__(claims.batch_max)
         self.claims = claims
         self.cached = cached
         self.round = rnd
-        self.key = key
         self._issued_ms = b""  # the last issued_at answered, and its encoding
         self._issued_at = ""
 
@@ -262,9 +259,6 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
             return GateRefusal("NOT_OPEN" if nxt is not None else "CAMPAIGN_ENDED")
         return GateRefusal(code)
 
-    def idle(self) -> None:
-        self.claims.retire(self)
-
 
 def _issued_any(result: list[bytes]) -> bool:
     """Whether a batch answers a voucher (new, or replayed: its first answer may have been a
@@ -362,7 +356,7 @@ class Claims:
         # application refs are published: keyed apart from the references to people
         self.ref_key = hmac.new(person_key, b"application_ref", hashlib.sha256).digest()
         self.batch_max = batch_max
-        self._batchers: dict[tuple[str, str, str], Batcher] = {}
+        self._batchers: dict[str, Batcher] = {}  # by campaign: its current round's
         self._nonces = NonceSpender(scripts, batch_max)
 
     async def flush(self) -> None:
@@ -469,16 +463,15 @@ class Claims:
         return batcher.submit(pending)
 
     def _batcher(self, cached: CachedCampaign, rnd: Round) -> Batcher:
-        key = (cached.keys.campaign_id, rnd.round_id, cached.version)
-        batcher = self._batchers.get(key)
-        if batcher is None:
-            batcher = self._batchers[key] = Batcher(self, cached, rnd, key)
+        """The batcher of a claim's round, one per campaign, kept while idle: it holds what
+        its round's answers share, encoded once (dropped whenever its queue ran dry, it was
+        made again for nearly every batch). A claim of another round, or of the campaign
+        loaded anew (another version), replaces it; the one replaced sends what it holds."""
+        campaign_id = cached.keys.campaign_id
+        batcher = self._batchers.get(campaign_id)
+        if batcher is None or batcher.cached is not cached or batcher.round is not rnd:
+            batcher = self._batchers[campaign_id] = Batcher(self, cached, rnd)
         return batcher
-
-    def retire(self, batcher: Batcher) -> None:
-        """Drop an idle batcher (a new one is made on the next claim)."""
-        if not batcher.queue and self._batchers.get(batcher.key) is batcher:
-            del self._batchers[batcher.key]
 
     def _check_caller(self, cached: CachedCampaign, claim: ClaimIn, verified: Verified) -> None:
         role = verified.key.role
