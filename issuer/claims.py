@@ -103,18 +103,16 @@ def _client_ip(given: str | None, remote: str | None) -> str:
         raise ApiError("INVALID_REQUEST", "client_ip: not an IP address") from None
 
 
-class Batcher(TickBatcher[Claim, tuple[str, bytes]]):
+class Batcher(TickBatcher[Claim, Claimed | ApiError]):
     """Sends the claims of one campaign round as one `claim_batch` script call, and
-    answers its issued vouchers (what they share is made once per round)."""
+    answers each of its claims: an issued voucher (what they share is made once per round),
+    a replay, an application, or the gate's refusal."""
 
-    def __init__(
-        self, claims: Claims, cached: CachedCampaign, rnd: Round, key: tuple[str, str, str]
-    ) -> None:
+    def __init__(self, claims: Claims, cached: CachedCampaign, rnd: Round) -> None:
         super().__init__(claims.batch_max)
         self.claims = claims
         self.cached = cached
         self.round = rnd
-        self.key = key
         self._issued_ms = b""  # the last issued_at answered, and its encoding
         self._issued_at = ""
 
@@ -181,7 +179,17 @@ class Batcher(TickBatcher[Claim, tuple[str, bytes]]):
         body = f"{head}{voucher_id}{between}{user_id}{before_at}{self._issued_at}{after_at}"
         return Issued(voucher_id, body.encode())
 
-    async def send(self, items: list[Claim]) -> list[tuple[str, bytes]]:
+    async def send(self, items: list[Claim]) -> list[Claimed | ApiError]:
+        answers: list[Claimed | ApiError] = []
+        for claim, (code, payload) in zip(items, await self.run(items), strict=True):
+            if code == "OK":  # nearly every claim of a batch: answered in this loop
+                answers.append((self.issued(claim.candidate, claim.user_id, payload), False))
+            else:
+                answers.append(self.answer(code, payload))
+        return answers
+
+    async def run(self, items: list[Claim]) -> list[tuple[str, bytes]]:
+        """One `claim_batch` call: each claim's code and payload, as the script answers."""
         ck = self.cached.keys
         definition = self.cached.definition
         round_id = self.round.round_id
@@ -230,8 +238,26 @@ class Batcher(TickBatcher[Claim, tuple[str, bytes]]):
         self.claims.after_batch(self.cached, self.round, status, version, codes)
         return list(zip(map(bytes.decode, codes), result[5::2], strict=True))
 
-    def idle(self) -> None:
-        self.claims.retire(self)
+    def answer(self, code: str, payload: bytes) -> Claimed | ApiError:
+        """The answer to a claim the script did not issue: a replay, an application, or
+        the gate's refusal (`code`, with its payload)."""
+        definition = self.cached.definition
+        if code == "REPLAY":
+            return voucher_out(VOUCHER.decode(payload), definition.timezone, "issued"), True
+        if code in ("APPLIED", "REPLAY_APPLIED"):
+            app = applications.APPLICATION.decode(payload)
+            app_round = applications.round_of(self.cached.stored.rounds, app.round_id)
+            return applications.application_out(
+                app, app_round, definition.timezone
+            ), code == "REPLAY_APPLIED"
+        if code == "ALREADY_CLAIMED":  # no voucher: an application waits for its draw
+            return GateRefusal(code, voucher_id=payload.decode() or None)
+        if code == "RATE_LIMITED":
+            return GateRefusal(code, retry_after=int(payload))
+        if code == "ROUND_CLOSED":
+            nxt = self.cached.round_at(time.time())
+            return GateRefusal("NOT_OPEN" if nxt is not None else "CAMPAIGN_ENDED")
+        return GateRefusal(code)
 
 
 def _issued_any(result: list[bytes]) -> bool:
@@ -330,7 +356,7 @@ class Claims:
         # application refs are published: keyed apart from the references to people
         self.ref_key = hmac.new(person_key, b"application_ref", hashlib.sha256).digest()
         self.batch_max = batch_max
-        self._batchers: dict[tuple[str, str, str], Batcher] = {}
+        self._batchers: dict[str, Batcher] = {}  # by campaign: its current round's
         self._nonces = NonceSpender(scripts, batch_max)
 
     async def flush(self) -> None:
@@ -393,22 +419,28 @@ class Claims:
             return refusal(hint.code)
         return rnd, idem, ref
 
-    async def submit(
+    def submit(
         self,
         cached: CachedCampaign,
         claim: ClaimIn,
         verified: Verified,
         remote: str | None,
         checked: Checked,
-    ) -> Claimed | ApiError:
-        """Send a checked claim to the gate in its round's batch: (voucher or application,
-        replayed), or the gate's refusal, returned; UNAVAILABLE, raised, if the gate cannot
-        be reached. `remote` is the caller's address, the client IP of rate limits when the
-        body names none."""
+    ) -> asyncio.Future[Claimed | ApiError]:
+        """Send a checked claim to the gate in its round's batch. The future answers
+        (voucher or application, replayed), or a refusal, returned (the gate's, or
+        INVALID_REQUEST for a client_ip that is not an IP address); it raises UNAVAILABLE
+        if the gate cannot be reached. No coroutine: the batch answers each of its claims.
+        `remote` is the caller's address, the client IP of rate limits when the body names
+        none."""
         campaign_id = cached.keys.campaign_id
-        definition = cached.definition
         rnd, idem, ref = checked
-        client_ip = _client_ip(claim.client_ip, remote)
+        try:
+            client_ip = _client_ip(claim.client_ip, remote)
+        except ApiError as err:
+            refused: asyncio.Future[Claimed | ApiError] = asyncio.get_running_loop().create_future()
+            refused.set_result(err)
+            return refused
         batcher = self._batcher(cached, rnd)
         candidate = new_id(campaign_id)
         canonical = msgspec.structs.replace(claim, person=None, person_ref=ref)
@@ -429,37 +461,18 @@ class Claims:
                 client_ip,
             ),
         )
-        code, payload = await batcher.submit(pending)
-        if code == "OK":
-            return batcher.issued(candidate, claim.user_id, payload), False
-        if code == "REPLAY":
-            return voucher_out(VOUCHER.decode(payload), definition.timezone, "issued"), True
-        if code in ("APPLIED", "REPLAY_APPLIED"):
-            app = applications.APPLICATION.decode(payload)
-            app_round = applications.round_of(cached.stored.rounds, app.round_id)
-            return applications.application_out(
-                app, app_round, definition.timezone
-            ), code == "REPLAY_APPLIED"
-        if code == "ALREADY_CLAIMED":  # no voucher: an application waits for its draw
-            return GateRefusal(code, voucher_id=payload.decode() or None)
-        if code == "RATE_LIMITED":
-            return GateRefusal(code, retry_after=int(payload))
-        if code == "ROUND_CLOSED":
-            nxt = cached.round_at(time.time())
-            return GateRefusal("NOT_OPEN" if nxt is not None else "CAMPAIGN_ENDED")
-        return GateRefusal(code)
+        return batcher.submit(pending)
 
     def _batcher(self, cached: CachedCampaign, rnd: Round) -> Batcher:
-        key = (cached.keys.campaign_id, rnd.round_id, cached.version)
-        batcher = self._batchers.get(key)
-        if batcher is None:
-            batcher = self._batchers[key] = Batcher(self, cached, rnd, key)
+        """The batcher of a claim's round, one per campaign, kept while idle: it holds what
+        its round's answers share, encoded once (dropped whenever its queue ran dry, it was
+        made again for nearly every batch). A claim of another round, or of the campaign
+        loaded anew (another version), replaces it; the one replaced sends what it holds."""
+        campaign_id = cached.keys.campaign_id
+        batcher = self._batchers.get(campaign_id)
+        if batcher is None or batcher.cached is not cached or batcher.round is not rnd:
+            batcher = self._batchers[campaign_id] = Batcher(self, cached, rnd)
         return batcher
-
-    def retire(self, batcher: Batcher) -> None:
-        """Drop an idle batcher (a new one is made on the next claim)."""
-        if not batcher.queue and self._batchers.get(batcher.key) is batcher:
-            del self._batchers[batcher.key]
 
     def _check_caller(self, cached: CachedCampaign, claim: ClaimIn, verified: Verified) -> None:
         """FORBIDDEN unless the key's role is the one that claims in the campaign's mode;

@@ -7,9 +7,20 @@ import os
 
 from issuer.errors import ApiError
 
+_DRAWN = 256  # tokens drawn from the OS at once: one getrandom per 256 ids, not per id
+_tokens: list[str] = []  # drawn, not yet given out (each given out once)
+
 
 def new_id(campaign_id: str) -> str:
-    return f"{campaign_id}.{os.urandom(10).hex()}"
+    """A new id of `campaign_id`: its token 10 random bytes from the OS, in hex."""
+    if not _tokens:
+        drawn = os.urandom(10 * _DRAWN).hex()
+        _tokens.extend(drawn[at : at + 20] for at in range(0, len(drawn), 20))
+    return f"{campaign_id}.{_tokens.pop()}"
+
+
+# a forked child draws its own: tokens left from its parent would be given out twice
+os.register_at_fork(after_in_child=_tokens.clear)
 
 
 def campaign_prefix(entity_id: str) -> str | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields, is_dataclass
-from itertools import chain
+from itertools import chain, groupby
 from operator import attrgetter
 from typing import (
     Annotated,
@@ -77,23 +77,29 @@ class Slot:
     name: str  # the field's, and the script's local (`<name>_at` for a tail or a tuple)
     size: int | None  # how many values; None: a variable-length tail
     group: tuple[str, ...]  # a group's members, in the order the script unpacks them
-    get: Callable[[Any], Any]
+    path: str  # its attribute in the structure (`request.idem_field` in a Part)
     spread: int  # ONE, ALL, EACH, JSON or FLAT
+
+
+# how a call's values are read: (getter, spread), a run of single values in one getter
+Reads = tuple[tuple[Callable[[Any], Any], int], ...]
 
 
 @dataclass(frozen=True)
 class Layout:
     keys: tuple[Slot, ...]
     args: tuple[Slot, ...]
+    read_keys: Reads
+    read_args: Reads
 
 
 def _slot(name: str, path: str, hint: Any) -> Slot:
     origin, params = get_origin(hint), get_args(hint)
     if origin not in (list, tuple):
-        return Slot(name, 1, (), attrgetter(path), ONE)
+        return Slot(name, 1, (), path, ONE)
     group: tuple[str, ...] = getattr(params[0], "_fields", ())
     size = None if origin is list else len(params) * (len(group) or 1)
-    return Slot(name, size, group, attrgetter(path), EACH if group else ALL)
+    return Slot(name, size, group, path, EACH if group else ALL)
 
 
 def _slots(cls: type, prefix: str = "") -> list[tuple[bool, Slot]]:
@@ -110,9 +116,22 @@ def _slots(cls: type, prefix: str = "") -> list[tuple[bool, Slot]]:
         if PACKED in marks:
             # a list kept flat names its group after PACKED
             flat: tuple[str, ...] = getattr(marks[-1], "_fields", ())
-            slot = Slot(f.name, 1, flat or slot.group, slot.get, FLAT if flat else JSON)
+            slot = Slot(f.name, 1, flat or slot.group, slot.path, FLAT if flat else JSON)
         out.append((KEY in marks, slot))
     return out
+
+
+def _reads(slots: tuple[Slot, ...]) -> Reads:
+    """How `slots` are read: a run of single values by one attrgetter, which gives them as
+    a tuple (spread ALL), not one getter and one turn of the loop each; others each alone."""
+    reads: list[tuple[Callable[[Any], Any], int]] = []
+    for single, each in groupby(slots, key=lambda s: s.spread == ONE):
+        run = list(each)
+        if single and len(run) > 1:
+            reads.append((attrgetter(*(s.path for s in run)), ALL))
+        else:
+            reads += ((attrgetter(s.path), s.spread) for s in run)
+    return tuple(reads)
 
 
 _LAYOUTS: dict[type, Layout] = {}
@@ -125,21 +144,22 @@ def layout(cls: type) -> Layout:
         assert is_dataclass(cls)
         slots = _slots(cls)
         keys = tuple(s for is_key, s in slots if is_key)
-        found = _LAYOUTS[cls] = Layout(keys, tuple(s for is_key, s in slots if not is_key))
+        args = tuple(s for is_key, s in slots if not is_key)
+        found = _LAYOUTS[cls] = Layout(keys, args, _reads(keys), _reads(args))
     return found
 
 
-def _lay_out(call: Call, slots: tuple[Slot, ...]) -> list[Any]:
+def _lay_out(call: Call, reads: Reads) -> list[Any]:
     out: list[Any] = []
-    for slot in slots:
-        value = slot.get(call)
-        if slot.spread == ONE:
+    for get, spread in reads:
+        value = get(call)
+        if spread == ONE:
             out.append(value)
-        elif slot.spread == ALL:
+        elif spread == ALL:
             out += value
-        elif slot.spread == EACH:
+        elif spread == EACH:
             out += chain.from_iterable(value)
-        elif slot.spread == JSON:
+        elif spread == JSON:
             out.append(_JSON.encode(list(chain.from_iterable(value))))
         else:
             out.append(_JSON.encode(value))
@@ -159,10 +179,10 @@ class Call:
     SCRIPT: ClassVar[ScriptName]
 
     def keys(self) -> list[str]:
-        return _lay_out(self, layout(type(self)).keys)
+        return _lay_out(self, layout(type(self)).read_keys)
 
     def args(self) -> list[Any]:
-        return _lay_out(self, layout(type(self)).args)
+        return _lay_out(self, layout(type(self)).read_args)
 
 
 # ---------------------------------------------------------------- idempotent writes

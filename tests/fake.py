@@ -139,8 +139,8 @@ class Fake:
         owner: Any = SimpleNamespace(
             scripts=self.scripts, batch_max=len(claims), after_batch=lambda *_: None
         )
-        batcher = Batcher(owner, cached, rnd, (CAMPAIGN, round_id, "1"))
-        return await batcher.send(list(claims))
+        batcher = Batcher(owner, cached, rnd)
+        return await batcher.run(list(claims))
 
     async def claimed(self, *claims: Claim, **batch: Any) -> list[str]:
         """The codes that `claim` answers."""

@@ -9,7 +9,9 @@ import gc
 import inspect
 import io
 import logging
+import os
 import random
+import re
 import time
 
 import msgspec
@@ -25,6 +27,7 @@ from issuer.claims import SPEND_S, NonceSpender
 from issuer.errors import ApiError
 from issuer.geofence import Region
 from issuer.http import error_response
+from issuer.ids import new_id
 from issuer.protocol import SpendNonces
 from issuer.routes import ROUTES
 from issuer.routes_claims import claim
@@ -204,6 +207,23 @@ def test_a_worker_settles_its_startup_heap_out_of_the_collector_s_sight() -> Non
         assert gc.get_freeze_count() > 10_000  # the modules imported here, at least
     finally:
         gc.unfreeze()
+
+
+def test_ids_drawn_in_bulk_are_unique_and_a_forked_child_draws_its_own() -> None:
+    """Random bytes are drawn for many ids at once (a getrandom per id was a system call
+    per claim); none is given out twice, in this process or a child forked from it."""
+    given = [new_id("c") for _ in range(1_000)]
+    assert all(re.fullmatch(r"c\.[0-9a-f]{20}", i) for i in given)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child)
+        os.write(write, new_id("c").encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    os.close(write)
+    given += [os.read(read, 64).decode(), new_id("c")]
+    os.close(read)
+    assert len(set(given)) == len(given)
 
 
 class _Scripts:
