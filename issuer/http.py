@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from issuer import metrics
 from issuer.admission import Admission
-from issuer.auth import Role
+from issuer.auth import Role, Verified
 from issuer.campaigns import Campaigns
 from issuer.claims import Claims
 from issuer.config import Settings
@@ -34,7 +34,11 @@ MAX_BODY = 64 * 1024
 JSON = "application/json"
 ENCODER = msgspec.json.Encoder()
 # a handler may answer without a coroutine (the claim refused before the gate)
-Handler = Callable[["Ctx", web.Request, Any], Awaitable[web.Response] | web.Response]
+Answer = Awaitable[web.Response] | web.Response
+Handler = Callable[["Ctx", web.Request, Any], Answer]
+# the claim's handler is handed its signer too: not kept on the request for it (a key set
+# and read back are two Python frames)
+SignedHandler = Callable[["Ctx", web.Request, Any, Verified], Answer]
 T = TypeVar("T")
 
 
@@ -60,7 +64,7 @@ class Ctx:
 class Route:
     method: str
     path: str
-    handler: Handler
+    handler: Handler | SignedHandler
     roles: tuple[Role, ...]
     summary: str
     body: type | None
