@@ -396,7 +396,15 @@ class Claims:
         the round is open: the ID number is checked before, its reference not needed."""
         if cached.staff or verified.key.role != "app":  # all but the surge's app claims
             self._check_caller(cached, claim, verified)
-        number = self._id_number(claim)
+        # the ID number normalised (None: a person_ref given) here, in no frame of its own
+        person, number = claim.person, None
+        if (person is None) == (claim.person_ref is None):
+            raise ApiError("INVALID_REQUEST", "person: give exactly one of person, person_ref")
+        if person is not None:
+            try:
+                number = normalise_id_number(person.id_number)
+            except ValueError as exc:
+                raise ApiError("INVALID_REQUEST", f"person.id_number: {exc}") from None
         if not self._inside(cached, claim):
             return refusal("OUTSIDE_GEOFENCE")
         now = time.time()
@@ -485,19 +493,6 @@ class Claims:
                 raise ApiError("INVALID_REQUEST", "staff_id: required in staff mode")
         elif role != "app":
             raise ApiError("FORBIDDEN", "claims come from an app key")
-
-    @staticmethod
-    def _id_number(claim: ClaimIn) -> str | None:
-        """The claim's normalised ID number, None if it gives a person_ref instead;
-        INVALID_REQUEST if it gives neither or both, or a number that is not valid."""
-        if (claim.person is None) == (claim.person_ref is None):
-            raise ApiError("INVALID_REQUEST", "person: give exactly one of person, person_ref")
-        if claim.person is None:
-            return None
-        try:
-            return normalise_id_number(claim.person.id_number)
-        except ValueError as exc:
-            raise ApiError("INVALID_REQUEST", f"person.id_number: {exc}") from None
 
     @staticmethod
     def _inside(cached: CachedCampaign, claim: ClaimIn) -> bool:
