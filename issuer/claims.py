@@ -283,15 +283,24 @@ class NonceSpender:
         self.running = False  # a drain is due or under way
         self._lingering: asyncio.TimerHandle | None = None
 
-    def post(self, campaign_id: str, timestamp: int, nonce: str) -> None:
-        """Spend `nonce` (of a request signed at `timestamp`) in the next batch."""
+    def refused(self, campaign_id: str, verified: Verified, err: ApiError) -> ApiError:
+        """The answer to a claim (or redemption) of `campaign_id` refused with `err`, at
+        once (`Claims.refused`). Refused before the gate, its nonce is spent all the same,
+        in the next batch, so that a replay cannot succeed once the answer would change
+        (the round opened, the budget grew): the gate refuses it, UNAUTHENTICATED. A
+        replay is refused locally like the first request, before the spend or after it: it
+        can only resubmit the same person's claim. The gate spends its own nonces; after
+        UNAVAILABLE the gate may have run, or not: a retry is its to decide."""
+        if isinstance(err, GateRefusal) or err.code == "UNAVAILABLE":
+            return err
         waiting = self.waiting.get(campaign_id)
         if waiting is None:
             waiting = self.waiting[campaign_id] = []
-        waiting += timestamp, nonce
+        waiting += verified.timestamp, verified.nonce
         if not self.running:
             self.running = True
             self._lingering = asyncio.get_running_loop().call_later(SPEND_S, self._start)
+        return err
 
     def _start(self) -> None:
         self._lingering = None
@@ -358,22 +367,13 @@ class Claims:
         self.batch_max = batch_max
         self._batchers: dict[str, Batcher] = {}  # by campaign: its current round's
         self._nonces = NonceSpender(scripts, batch_max)
+        # the answer to a claim refused with an error, its nonce spent in the background:
+        # the spender's own method (a method of this class calling it was one frame more)
+        self.refused = self._nonces.refused
 
     async def flush(self) -> None:
         """Spend the nonces of refusals still waiting (a worker stopping)."""
         await self._nonces.flush()
-
-    def refused(self, campaign_id: str, verified: Verified, err: ApiError) -> ApiError:
-        """The answer to a claim refused with `err`, at once. Refused before the gate, its
-        nonce is spent all the same, in the next background batch, so that a replay cannot
-        succeed once the answer would change (the round opened, the budget grew): the gate
-        refuses it, UNAUTHENTICATED. A replay is refused locally like the first request,
-        before the spend or after it: it can only resubmit the same person's claim. The gate
-        spends its own nonces; after UNAVAILABLE the gate may have run, or not: a retry is
-        its to decide."""
-        if not (isinstance(err, GateRefusal) or err.code == "UNAVAILABLE"):
-            self._nonces.post(campaign_id, verified.timestamp, verified.nonce)
-        return err
 
     async def claim(
         self, campaign_id: str, claim: ClaimIn, verified: Verified, remote: str | None = None
