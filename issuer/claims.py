@@ -418,13 +418,10 @@ class Claims:
         ref = claim.person_ref if number is None else normalised_person_ref(self.person_key, number)
         assert ref is not None
         hint = cached.hint
-        if (
-            hint is not None
-            and hint.round_id == rnd.round_id
-            and now < hint.until
-            and not hint.holders.hold(idem, ref, claim.user_id)
-        ):
-            return refusal(hint.code)
+        if hint is not None and hint.round_id == rnd.round_id and now < hint.until:
+            held = hint.holders  # who holds a voucher, by request, person or account
+            if not (idem in held.requests or ref in held.persons or claim.user_id in held.accounts):
+                return refusal(hint.code)
         return rnd, idem, ref
 
     def submit(
