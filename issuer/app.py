@@ -88,7 +88,7 @@ def finish(
     # shed claims are counted (issuer_claims_shed_total), not logged one by one: a
     # line each would flood the log, and cost CPU, exactly when the worker is behind
     level = logging.DEBUG if request.method == "GET" or shed else logging.INFO
-    if log.isEnabledFor(level):
+    if level >= logs.lowest[0]:
         if code == "OK" and response.headers.get("Idempotent-Replay"):
             code = "REPLAY"
         line = request_line(
