@@ -79,8 +79,12 @@ def finish(
 ) -> web.StreamResponse:
     """Count and log a request once answered; what its line names besides the request
     comes from the caller, which knows it (`request_line`)."""
-    code = response.code if isinstance(response, ErrorResponse) else "OK"
-    status = response.status
+    # by its type: isinstance of another response would run ABCMeta.__instancecheck__ (a
+    # response is a MutableMapping), a frame; an error's status read with no property call
+    if type(response) is ErrorResponse:
+        code, status = response.outcome
+    else:
+        code, status = "OK", response.status
     elapsed = time.perf_counter() - started
     shed = code == "OVERLOADED"
     # the latency of what was served: shed answers would drown it

@@ -93,10 +93,12 @@ def encoded(body: bytes, status: int = 200, *, replay: bool = False) -> web.Resp
 
 
 class ErrorResponse(web.Response):
-    """The contract's error answer; `code` names it for the request log (an attribute,
-    not a response key: a key's get and set are two Python frames each)."""
+    """The contract's error answer; `outcome`, its code and status, is what the request
+    log reads (an attribute: a response key's get and set are two Python frames each, and
+    the response's `status` a property, one; not the error itself: a raised one holds the
+    frames it passed, and the frame that holds this response would be a cycle)."""
 
-    code = "INTERNAL"
+    outcome: tuple[str, int]
 
 
 def error_response(err: ApiError) -> ErrorResponse:
@@ -109,7 +111,7 @@ def error_response(err: ApiError) -> ErrorResponse:
     )
     headers = None if err.retry_after is None else {hdrs.RETRY_AFTER: str(err.retry_after)}
     response = ErrorResponse(body=body, status=err.status, content_type=JSON, headers=headers)
-    response.code = err.code
+    response.outcome = err.code, err.status
     return response
 
 
