@@ -405,7 +405,16 @@ class Claims:
                 number = normalise_id_number(person.id_number)
             except ValueError as exc:
                 raise ApiError("INVALID_REQUEST", f"person.id_number: {exc}") from None
-        if not self._inside(cached, claim):
+        loc = claim.location  # in the campaign's region? (here too, in no frame of its own)
+        if loc.region_code is not None:
+            if loc.lat is not None or loc.lon is not None:
+                raise ApiError("INVALID_REQUEST", "location: give either region_code or lat/lon")
+            inside = cached.region.contains_code(loc.region_code)
+        elif loc.lat is not None and loc.lon is not None:
+            inside = cached.region.contains_point(loc.lat, loc.lon, loc.crs)
+        else:
+            raise ApiError("INVALID_REQUEST", "location: needs lat and lon, or region_code")
+        if not inside:
             return refusal("OUTSIDE_GEOFENCE")
         now = time.time()
         at = cached.windows.at(now)
@@ -490,20 +499,6 @@ class Claims:
                 raise ApiError("INVALID_REQUEST", "staff_id: required in staff mode")
         elif role != "app":
             raise ApiError("FORBIDDEN", "claims come from an app key")
-
-    @staticmethod
-    def _inside(cached: CachedCampaign, claim: ClaimIn) -> bool:
-        """Whether the claim's location is in the campaign's region."""
-        loc = claim.location
-        if loc.region_code is not None:
-            if loc.lat is not None or loc.lon is not None:
-                raise ApiError("INVALID_REQUEST", "location: give either region_code or lat/lon")
-            inside = cached.region.contains_code(loc.region_code)
-        elif loc.lat is not None and loc.lon is not None:
-            inside = cached.region.contains_point(loc.lat, loc.lon, loc.crs)
-        else:
-            raise ApiError("INVALID_REQUEST", "location: needs lat and lon, or region_code")
-        return inside
 
     def after_batch(
         self, cached: CachedCampaign, rnd: Round, status: str, version: str, codes: list[bytes]
