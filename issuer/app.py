@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from importlib.resources import files
 from math import floor
 from types import CoroutineType
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import msgspec
@@ -22,7 +22,16 @@ from multidict import istr
 from issuer import documents, due_dates, gauges, keys, logs, metrics, openapi, tenancy, topology
 from issuer.auth import Verified, role_refused, verify
 from issuer.errors import ApiError
-from issuer.http import ENCODER, JSON, MAX_BODY, Ctx, ErrorResponse, Route, error_response
+from issuer.http import (
+    ENCODER,
+    JSON,
+    MAX_BODY,
+    Ctx,
+    ErrorResponse,
+    Handler,
+    Route,
+    error_response,
+)
 from issuer.ids import campaign_prefix
 from issuer.routes import ROUTES
 from issuer.routes_claims import claim
@@ -70,8 +79,12 @@ def finish(
 ) -> web.StreamResponse:
     """Count and log a request once answered; what its line names besides the request
     comes from the caller, which knows it (`request_line`)."""
-    code = response.code if isinstance(response, ErrorResponse) else "OK"
-    status = response.status
+    # by its type: isinstance of another response would run ABCMeta.__instancecheck__ (a
+    # response is a MutableMapping), a frame; an error's status read with no property call
+    if type(response) is ErrorResponse:
+        code, status = response.outcome
+    else:
+        code, status = "OK", response.status
     elapsed = time.perf_counter() - started
     shed = code == "OVERLOADED"
     # the latency of what was served: shed answers would drown it
@@ -79,7 +92,7 @@ def finish(
     # shed claims are counted (issuer_claims_shed_total), not logged one by one: a
     # line each would flood the log, and cost CPU, exactly when the worker is behind
     level = logging.DEBUG if request.method == "GET" or shed else logging.INFO
-    if log.isEnabledFor(level):
+    if level >= logs.lowest[0]:
         if code == "OK" and response.headers.get("Idempotent-Replay"):
             code = "REPLAY"
         line = request_line(
@@ -91,7 +104,7 @@ def finish(
 
 def check_signed(ctx: Ctx, request: web.Request, raw: bytes) -> Verified:
     """Check the body's signature; keep the signer on the request (`request["verified"]`,
-    for the handlers)."""
+    for the log line). `endpoint` does the same in its own frame."""
     verified = verify(
         ctx.keys.current, request.method, request.path_qs, request.headers, raw, time.time()
     )
@@ -129,6 +142,7 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
     names_voucher = "voucher_id" in getattr(route.body, "__struct_fields__", ())
     series = metrics.RouteSeries(route.path)
     roles = route.roles
+    handler = cast(Handler, route.handler)  # all but the claim's (called by name)
 
     async def handle(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -143,7 +157,13 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
             if upload:  # the one route whose body may exceed the app's MAX_BODY
                 request = request.clone(client_max_size=documents.MAX_UPLOAD_BYTES)
             raw = await request.read()
-            verified = check_signed(ctx, request, raw)
+            # the signature checked here, in no frame of its own; the signer kept for the
+            # handler (`request["verified"]`), but the claim's, which is handed it
+            verified = verify(
+                ctx.keys.current, request.method, request.path_qs, request.headers, raw, time.time()
+            )
+            if not shed:
+                request["verified"] = verified
             if upload:
                 request["raw_body"] = raw
             if not batched:
@@ -161,9 +181,13 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
             if admitted is tenancy.UNKNOWN:
                 admitted = await tenancy.admit(ctx.owners, route.tenant, request, body, key)
             body, tenant = admitted
-            answered: Any = route.handler(ctx, request, body)  # a response or a coroutine
-            # told apart by the coroutine's type, not web.StreamResponse: isinstance against
-            # an ABC (a response is a MutableMapping) runs ABCMeta.__instancecheck__, a frame
+            if shed:
+                answered: Any = claim(ctx, request, body, verified)
+            else:
+                answered = handler(ctx, request, body)
+            # a response or a coroutine, told apart by the coroutine's type, not
+            # web.StreamResponse: isinstance against an ABC (a response is a
+            # MutableMapping) runs ABCMeta.__instancecheck__, a frame
             response = await answered if isinstance(answered, CoroutineType) else answered
         except ApiError as err:
             if batched and verified is not None:

@@ -42,15 +42,12 @@ BUDGET_REFUSALS = ("BUDGET_CONFLICT", "IDEMPOTENCY_MISMATCH")
 @dataclass(frozen=True)
 class Holders:
     """Who already holds a voucher: Redis would answer their requests with a replay or
-    ALREADY_CLAIMED, so a worker never refuses them locally."""
+    ALREADY_CLAIMED, so a worker never refuses them locally (`Claims.check`)."""
 
     count: int  # vouchers in the campaign when loaded
     requests: frozenset[str] = frozenset()  # idempotency fields of winning requests
     persons: frozenset[str] = frozenset()
     accounts: frozenset[str] = frozenset()
-
-    def hold(self, request: str, person: str, account: str) -> bool:
-        return request in self.requests or person in self.persons or account in self.accounts
 
 
 @dataclass(frozen=True)

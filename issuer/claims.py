@@ -283,15 +283,24 @@ class NonceSpender:
         self.running = False  # a drain is due or under way
         self._lingering: asyncio.TimerHandle | None = None
 
-    def post(self, campaign_id: str, timestamp: int, nonce: str) -> None:
-        """Spend `nonce` (of a request signed at `timestamp`) in the next batch."""
+    def refused(self, campaign_id: str, verified: Verified, err: ApiError) -> ApiError:
+        """The answer to a claim (or redemption) of `campaign_id` refused with `err`, at
+        once (`Claims.refused`). Refused before the gate, its nonce is spent all the same,
+        in the next batch, so that a replay cannot succeed once the answer would change
+        (the round opened, the budget grew): the gate refuses it, UNAUTHENTICATED. A
+        replay is refused locally like the first request, before the spend or after it: it
+        can only resubmit the same person's claim. The gate spends its own nonces; after
+        UNAVAILABLE the gate may have run, or not: a retry is its to decide."""
+        if isinstance(err, GateRefusal) or err.code == "UNAVAILABLE":
+            return err
         waiting = self.waiting.get(campaign_id)
         if waiting is None:
             waiting = self.waiting[campaign_id] = []
-        waiting += timestamp, nonce
+        waiting += verified.timestamp, verified.nonce
         if not self.running:
             self.running = True
             self._lingering = asyncio.get_running_loop().call_later(SPEND_S, self._start)
+        return err
 
     def _start(self) -> None:
         self._lingering = None
@@ -358,22 +367,13 @@ class Claims:
         self.batch_max = batch_max
         self._batchers: dict[str, Batcher] = {}  # by campaign: its current round's
         self._nonces = NonceSpender(scripts, batch_max)
+        # the answer to a claim refused with an error, its nonce spent in the background:
+        # the spender's own method (a method of this class calling it was one frame more)
+        self.refused = self._nonces.refused
 
     async def flush(self) -> None:
         """Spend the nonces of refusals still waiting (a worker stopping)."""
         await self._nonces.flush()
-
-    def refused(self, campaign_id: str, verified: Verified, err: ApiError) -> ApiError:
-        """The answer to a claim refused with `err`, at once. Refused before the gate, its
-        nonce is spent all the same, in the next background batch, so that a replay cannot
-        succeed once the answer would change (the round opened, the budget grew): the gate
-        refuses it, UNAUTHENTICATED. A replay is refused locally like the first request,
-        before the spend or after it: it can only resubmit the same person's claim. The gate
-        spends its own nonces; after UNAVAILABLE the gate may have run, or not: a retry is
-        its to decide."""
-        if not (isinstance(err, GateRefusal) or err.code == "UNAVAILABLE"):
-            self._nonces.post(campaign_id, verified.timestamp, verified.nonce)
-        return err
 
     async def claim(
         self, campaign_id: str, claim: ClaimIn, verified: Verified, remote: str | None = None
@@ -396,8 +396,25 @@ class Claims:
         the round is open: the ID number is checked before, its reference not needed."""
         if cached.staff or verified.key.role != "app":  # all but the surge's app claims
             self._check_caller(cached, claim, verified)
-        number = self._id_number(claim)
-        if not self._inside(cached, claim):
+        # the ID number normalised (None: a person_ref given) here, in no frame of its own
+        person, number = claim.person, None
+        if (person is None) == (claim.person_ref is None):
+            raise ApiError("INVALID_REQUEST", "person: give exactly one of person, person_ref")
+        if person is not None:
+            try:
+                number = normalise_id_number(person.id_number)
+            except ValueError as exc:
+                raise ApiError("INVALID_REQUEST", f"person.id_number: {exc}") from None
+        loc = claim.location  # in the campaign's region? (here too, in no frame of its own)
+        if loc.region_code is not None:
+            if loc.lat is not None or loc.lon is not None:
+                raise ApiError("INVALID_REQUEST", "location: give either region_code or lat/lon")
+            inside = cached.region.contains_code(loc.region_code)
+        elif loc.lat is not None and loc.lon is not None:
+            inside = cached.region.contains_point(loc.lat, loc.lon, loc.crs)
+        else:
+            raise ApiError("INVALID_REQUEST", "location: needs lat and lon, or region_code")
+        if not inside:
             return refusal("OUTSIDE_GEOFENCE")
         now = time.time()
         at = cached.windows.at(now)
@@ -410,13 +427,10 @@ class Claims:
         ref = claim.person_ref if number is None else normalised_person_ref(self.person_key, number)
         assert ref is not None
         hint = cached.hint
-        if (
-            hint is not None
-            and hint.round_id == rnd.round_id
-            and now < hint.until
-            and not hint.holders.hold(idem, ref, claim.user_id)
-        ):
-            return refusal(hint.code)
+        if hint is not None and hint.round_id == rnd.round_id and now < hint.until:
+            held = hint.holders  # who holds a voucher, by request, person or account
+            if not (idem in held.requests or ref in held.persons or claim.user_id in held.accounts):
+                return refusal(hint.code)
         return rnd, idem, ref
 
     def submit(
@@ -485,33 +499,6 @@ class Claims:
                 raise ApiError("INVALID_REQUEST", "staff_id: required in staff mode")
         elif role != "app":
             raise ApiError("FORBIDDEN", "claims come from an app key")
-
-    @staticmethod
-    def _id_number(claim: ClaimIn) -> str | None:
-        """The claim's normalised ID number, None if it gives a person_ref instead;
-        INVALID_REQUEST if it gives neither or both, or a number that is not valid."""
-        if (claim.person is None) == (claim.person_ref is None):
-            raise ApiError("INVALID_REQUEST", "person: give exactly one of person, person_ref")
-        if claim.person is None:
-            return None
-        try:
-            return normalise_id_number(claim.person.id_number)
-        except ValueError as exc:
-            raise ApiError("INVALID_REQUEST", f"person.id_number: {exc}") from None
-
-    @staticmethod
-    def _inside(cached: CachedCampaign, claim: ClaimIn) -> bool:
-        """Whether the claim's location is in the campaign's region."""
-        loc = claim.location
-        if loc.region_code is not None:
-            if loc.lat is not None or loc.lon is not None:
-                raise ApiError("INVALID_REQUEST", "location: give either region_code or lat/lon")
-            inside = cached.region.contains_code(loc.region_code)
-        elif loc.lat is not None and loc.lon is not None:
-            inside = cached.region.contains_point(loc.lat, loc.lon, loc.crs)
-        else:
-            raise ApiError("INVALID_REQUEST", "location: needs lat and lon, or region_code")
-        return inside
 
     def after_batch(
         self, cached: CachedCampaign, rnd: Round, status: str, version: str, codes: list[bytes]

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from issuer import metrics
 from issuer.admission import Admission
-from issuer.auth import Role
+from issuer.auth import Role, Verified
 from issuer.campaigns import Campaigns
 from issuer.claims import Claims
 from issuer.config import Settings
@@ -34,7 +34,11 @@ MAX_BODY = 64 * 1024
 JSON = "application/json"
 ENCODER = msgspec.json.Encoder()
 # a handler may answer without a coroutine (the claim refused before the gate)
-Handler = Callable[["Ctx", web.Request, Any], Awaitable[web.Response] | web.Response]
+Answer = Awaitable[web.Response] | web.Response
+Handler = Callable[["Ctx", web.Request, Any], Answer]
+# the claim's handler is handed its signer too: not kept on the request for it (a key set
+# and read back are two Python frames)
+SignedHandler = Callable[["Ctx", web.Request, Any, Verified], Answer]
 T = TypeVar("T")
 
 
@@ -60,7 +64,7 @@ class Ctx:
 class Route:
     method: str
     path: str
-    handler: Handler
+    handler: Handler | SignedHandler
     roles: tuple[Role, ...]
     summary: str
     body: type | None
@@ -89,10 +93,12 @@ def encoded(body: bytes, status: int = 200, *, replay: bool = False) -> web.Resp
 
 
 class ErrorResponse(web.Response):
-    """The contract's error answer; `code` names it for the request log (an attribute,
-    not a response key: a key's get and set are two Python frames each)."""
+    """The contract's error answer; `outcome`, its code and status, is what the request
+    log reads (an attribute: a response key's get and set are two Python frames each, and
+    the response's `status` a property, one; not the error itself: a raised one holds the
+    frames it passed, and the frame that holds this response would be a cycle)."""
 
-    code = "INTERNAL"
+    outcome: tuple[str, int]
 
 
 def error_response(err: ApiError) -> ErrorResponse:
@@ -105,7 +111,7 @@ def error_response(err: ApiError) -> ErrorResponse:
     )
     headers = None if err.retry_after is None else {hdrs.RETRY_AFTER: str(err.retry_after)}
     response = ErrorResponse(body=body, status=err.status, content_type=JSON, headers=headers)
-    response.code = err.code
+    response.outcome = err.code, err.status
     return response
 
 

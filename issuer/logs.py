@@ -23,6 +23,10 @@ _second: list[tuple[int, str]] = [(-1, "")]  # the last second formatted, and it
 _MILLIS = tuple(f".{n:03d}Z" for n in range(1000))  # a timestamp's tail, by millisecond
 # the standard levels' names, looked up with no call (`logging.getLevelName` is a frame)
 LEVEL_NAMES = {n: logging.getLevelName(n) for n in (logging.DEBUG, logging.INFO, logging.WARNING)}
+# the lowest level a request line is made at: the root logger's, once setup() set it (it
+# is not changed later), compared with no call (`Logger.isEnabledFor` is a frame); before
+# setup (a test) any level, logging filtering as usual (`batched`)
+lowest = [logging.NOTSET]
 
 
 def timestamp(created: float) -> str:
@@ -105,4 +109,5 @@ def setup(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    lowest[0] = root.level
     _stream[:] = [sys.stderr]

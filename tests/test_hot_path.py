@@ -24,7 +24,7 @@ from issuer import keys, logs, metrics
 from issuer.app import make_app, request_line
 from issuer.auth import ApiKey, Verified
 from issuer.claims import SPEND_S, NonceSpender
-from issuer.errors import ApiError
+from issuer.errors import ApiError, GateRefusal
 from issuer.geofence import Region
 from issuer.http import error_response
 from issuer.ids import new_id
@@ -237,22 +237,41 @@ class _Scripts:
         return [1] * (len(call.nonces) // 2)
 
 
+NOT_OPEN = ApiError("NOT_OPEN")
+APP_KEY = ApiKey(id="app-1", secret="s", role="app")
+
+
+def post(spender: NonceSpender, campaign_id: str, timestamp: int, nonce: str) -> None:
+    """A claim refused before the gate (NOT_OPEN) with this nonce, signed at `timestamp`."""
+    verified = Verified(APP_KEY, nonce, timestamp)
+    assert spender.refused(campaign_id, verified, NOT_OPEN) is NOT_OPEN
+
+
 async def test_refused_claims_nonces_wait_for_each_other_then_go_in_one_call() -> None:
     """A refusal's nonce is spent in the background with the others of the next SPEND_S:
     one at a time, nearly every refusal was a script call of its own."""
     scripts = _Scripts()
     spender = NonceSpender(scripts, 100)  # type: ignore[arg-type]
     for n in range(10):
-        spender.post("c1", 600, f"nonce-{n:012d}")
+        post(spender, "c1", 600, f"nonce-{n:012d}")
         await asyncio.sleep(0)  # the loop turns between refusals
     assert scripts.calls == []
     await asyncio.sleep(SPEND_S * 5)
     assert [len(c.nonces) for c in scripts.calls] == [20]  # bucket, nonce, bucket, nonce...
-    spender.post("c1", 600, "nonce-last-000000")
+    post(spender, "c1", 600, "nonce-last-000000")
     await spender.flush()  # a worker stopping: at once
     assert [len(c.nonces) for c in scripts.calls] == [20, 2]
     await asyncio.sleep(SPEND_S * 2)
     assert len(scripts.calls) == 2  # and not again
+
+
+async def test_a_refusal_after_the_gate_or_unavailable_spends_no_nonce() -> None:
+    """The gate spent the nonce of a refusal it made; after UNAVAILABLE it may have run, or
+    not: neither is spent again (a retry of UNAVAILABLE is the gate's to decide)."""
+    spender = NonceSpender(_Scripts(), 100)  # type: ignore[arg-type]
+    for err in (GateRefusal("ROUND_QUOTA_EXHAUSTED"), ApiError("UNAVAILABLE")):
+        assert spender.refused("c1", Verified(APP_KEY, "nonce-gate-000000", 600), err) is err
+    assert spender.waiting == {} and not spender.running
 
 
 async def test_a_failed_spend_is_logged_and_the_other_campaigns_nonces_still_go(
@@ -269,9 +288,9 @@ async def test_a_failed_spend_is_logged_and_the_other_campaigns_nonces_still_go(
         return await failing(call)
 
     scripts.run = run  # type: ignore[method-assign]
-    spender.post("c1", 300, "nonce-a")
-    spender.post("c2", 300, "nonce-b")  # X-Timestamps: bucket numbers when sent
-    spender.post("c1", 600, "nonce-c")
+    post(spender, "c1", 300, "nonce-a")
+    post(spender, "c2", 300, "nonce-b")  # X-Timestamps: bucket numbers when sent
+    post(spender, "c1", 600, "nonce-c")
     await spender.flush()
     bucket = keys.nonce_bucket(300)
     assert [(c.first_nonce_bucket, c.nonces) for c in scripts.calls] == [
