@@ -80,6 +80,11 @@ local round_json = cjson.encode(round_id)
 local voucher_tail = ',"issued_at":' .. now_json .. ',"expires_at":' .. valid_until ..
   ',"reserve_fen":' .. string.format('%d', reserve_fen) .. '}'
 local application_tail = ',"applied_at":' .. now_json .. '}'
+-- the answer of every claim that passes its own checks while the campaign or the round is
+-- not open: the same for the whole batch, found once
+local shut = (status == 'paused' and 'CAMPAIGN_PAUSED') or
+  (status ~= 'active' and 'CAMPAIGN_ENDED') or (now < opens and 'NOT_OPEN') or
+  (now >= closes and 'ROUND_CLOSED')
 local granted = 0
 local stored = 0  -- applications taken (their idempotency records too)
 local nonce_used = {}
@@ -140,6 +145,9 @@ for hash, fields in pairs(wanted) do
   for j = 1, #fields do t[fields[j]] = values[j] end
   held[hash] = t
 end
+-- those that every claim reads
+local current_records, previous_records = held[idem_current], held[idem_previous]
+local person_holds, account_holds = held[persons], held[accounts]
 local function put(hash, field, value)
   held[hash][field] = value
   w.hset(hash, field, value)
@@ -178,7 +186,7 @@ local function decide(i)
   if held[bucket][nonce] then return 'UNAUTHENTICATED', '' end
   put(bucket, nonce, '1')
   nonce_used[bucket] = true
-  local prior = idem_result(held[idem_current][idem_field] or held[idem_previous][idem_field],
+  local prior = idem_result(current_records[idem_field] or previous_records[idem_field],
     fingerprint)
   if prior == false then return 'IDEMPOTENCY_MISMATCH', '' end
   if prior and string.sub(prior, 1, 2) == 'a:' then
@@ -213,15 +221,12 @@ local function decide(i)
       end
     end
   end
-  if status == 'paused' then return 'CAMPAIGN_PAUSED', '' end
-  if status ~= 'active' then return 'CAMPAIGN_ENDED', '' end
-  if now < opens then return 'NOT_OPEN', '' end
-  if now >= closes then return 'ROUND_CLOSED', '' end
+  if shut then return shut, '' end
   if staff_mode then
     local reg = redis.call('HGET', registrations, person_ref)
     if not reg or cjson.decode(reg).user_id ~= user_id then return 'NOT_REGISTERED', '' end
   end
-  local hold = held[persons][person_ref] or held[accounts][user_id]
+  local hold = person_holds[person_ref] or account_holds[user_id]
   if hold then return 'ALREADY_CLAIMED', hold end
   if check_applicants == '1' and
       (waiting(applicants, person_ref) or waiting(applicant_accounts, user_id)) then
@@ -249,8 +254,8 @@ local function decide(i)
     'voucher_id', candidate, voucher_tail)
   issuing.voucher_id, issuing.person_ref, issuing.user_id = candidate, person_ref, user_id
   write_voucher(w, persons, accounts, vouchers, expiry, events, issuing, json)
-  held[persons][person_ref] = candidate
-  held[accounts][user_id] = candidate
+  person_holds[person_ref] = candidate
+  account_holds[user_id] = candidate
   new_vouchers[candidate] = json
   put(idem_current, idem_field, idem_record(fingerprint, candidate))
   w.sadd(winners, idem_field)
