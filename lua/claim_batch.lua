@@ -102,9 +102,12 @@ local function claim_fields(i)
   return idem_field, fingerprint, nonce_bucket, nonce, person_ref, user_id, candidate, extra,
     device_id, client_ip
 end
--- each claim's nonce bucket key; most claims are in the first bucket
+-- each claim's nonce bucket key; most claims are in the first bucket (the lowest of the
+-- batch's: never without a claim)
 local buckets = {}
 local first_bucket = KEYS[nonce_buckets_at]
+local first_nonces = {}
+wanted[first_bucket] = first_nonces
 -- every claim reads the idempotency buckets, the persons and the accounts: their fields
 -- by claim, filled in place (no call per field)
 local idem_fields, person_refs, user_ids = {}, {}, {}
@@ -115,13 +118,13 @@ wanted[accounts] = user_ids
 for i = 1, n do
   local idem_field, _, nonce_bucket, nonce, person_ref, user_id, _, _, device_id, client_ip =
     claim_fields(i)
-  local bucket = first_bucket
+  local bucket, list = first_bucket, first_nonces
   if nonce_bucket ~= first_nonce_bucket then
     bucket = KEYS[nonce_buckets_at + nonce_bucket - first_nonce_bucket]
+    list = wanted[bucket] or {}
+    wanted[bucket] = list
   end
   buckets[i] = bucket
-  local list = wanted[bucket] or {}
-  wanted[bucket] = list
   list[#list + 1] = nonce
   idem_fields[i] = idem_field
   person_refs[i] = person_ref
@@ -186,8 +189,9 @@ local function decide(i)
   if held[bucket][nonce] then return 'UNAUTHENTICATED', '' end
   put(bucket, nonce, '1')
   nonce_used[bucket] = true
-  local prior = idem_result(current_records[idem_field] or previous_records[idem_field],
-    fingerprint)
+  local record = current_records[idem_field] or previous_records[idem_field]
+  local prior  -- most claims are new: no record to read
+  if record then prior = idem_result(record, fingerprint) end
   if prior == false then return 'IDEMPOTENCY_MISMATCH', '' end
   if prior and string.sub(prior, 1, 2) == 'a:' then
     -- the application as first answered, before its draw

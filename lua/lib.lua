@@ -145,9 +145,10 @@ end
 -- with writer `w`: the person's and the account's hold, the record, its expiry and its
 -- claim event for the flusher.
 local function write_voucher(w, persons, accounts, vouchers, expiry, events, v, json)
-  w.hset(persons, v.person_ref, v.voucher_id)
-  w.hset(accounts, v.user_id, v.voucher_id)
-  w.hset(vouchers, v.voucher_id, json)
-  w.zadd(expiry, v.expires_at, v.voucher_id)
+  local id = v.voucher_id
+  w.hset(persons, v.person_ref, id)
+  w.hset(accounts, v.user_id, id)
+  w.hset(vouchers, id, json)
+  w.zadd(expiry, v.expires_at, id)
   w.event(events, 'claim', json)
 end
