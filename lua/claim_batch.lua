@@ -108,6 +108,12 @@ local buckets = {}
 local first_bucket = KEYS[nonce_buckets_at]
 local first_nonces = {}
 wanted[first_bucket] = first_nonces
+-- the writes every claim that gets past its nonce makes, appended here without a call per
+-- write (w.args): its nonce, by bucket; its idempotency record, if it is answered; its
+-- request among the winners, if it wins a voucher
+local nonce_writes = {[first_bucket] = w.args('HSET', first_bucket)}
+local record_writes = w.args('HSET', idem_current)
+local winner_writes = w.args('SADD', winners)
 -- every claim reads the idempotency buckets, the persons and the accounts: their fields
 -- by claim, filled in place (no call per field)
 local idem_fields, person_refs, user_ids = {}, {}, {}
@@ -121,8 +127,12 @@ for i = 1, n do
   local bucket, list = first_bucket, first_nonces
   if nonce_bucket ~= first_nonce_bucket then
     bucket = KEYS[nonce_buckets_at + nonce_bucket - first_nonce_bucket]
-    list = wanted[bucket] or {}
-    wanted[bucket] = list
+    list = wanted[bucket]
+    if not list then
+      list = {}
+      wanted[bucket] = list
+      nonce_writes[bucket] = w.args('HSET', bucket)
+    end
   end
   buckets[i] = bucket
   list[#list + 1] = nonce
@@ -186,12 +196,16 @@ local function decide(i)
   local idem_field, fingerprint, _, nonce, person_ref, user_id, candidate, extra, device_id,
     client_ip = claim_fields(i)
   local bucket = buckets[i]
-  if held[bucket][nonce] then return 'UNAUTHENTICATED', '' end
-  put(bucket, nonce, '1')
+  local seen = held[bucket]
+  if seen[nonce] then return 'UNAUTHENTICATED', '' end
+  seen[nonce] = '1'
+  local writes = nonce_writes[bucket]
+  local k = #writes
+  writes[k + 1], writes[k + 2] = nonce, '1'
   nonce_used[bucket] = true
-  local record = current_records[idem_field] or previous_records[idem_field]
+  local found = current_records[idem_field] or previous_records[idem_field]
   local prior  -- most claims are new: no record to read
-  if record then prior = idem_result(record, fingerprint) end
+  if found then prior = idem_result(found, fingerprint) end
   if prior == false then return 'IDEMPOTENCY_MISMATCH', '' end
   if prior and string.sub(prior, 1, 2) == 'a:' then
     -- the application as first answered, before its draw
@@ -261,8 +275,11 @@ local function decide(i)
   person_holds[person_ref] = candidate
   account_holds[user_id] = candidate
   new_vouchers[candidate] = json
-  put(idem_current, idem_field, idem_record(fingerprint, candidate))
-  w.sadd(winners, idem_field)
+  local record = idem_record(fingerprint, candidate)
+  current_records[idem_field] = record
+  k = #record_writes
+  record_writes[k + 1], record_writes[k + 2] = idem_field, record
+  winner_writes[#winner_writes + 1] = idem_field
   issued = issued + 1
   rreserved = rreserved + reserve_fen
   available = available - reserve_fen

@@ -87,9 +87,12 @@ local immediately = {
 -- with its size). Until then Redis does not have them: a script that reads a key it wrote
 -- this way reads its own tables first. The events of one stream and type go in one entry
 -- whose `d` is the JSON array of their documents, in order (issuer/events.py reads it).
+-- `w.args(cmd, key)` is the list of arguments gathered for HSET, ZADD or SADD on `key`: a
+-- script appends its most frequent writes to it itself (a call less per write; a list
+-- left empty sends nothing).
 local function gathered()
   local order = {}
-  local sadds = {}  -- key -> its arguments
+  local by_cmd = {HSET = {}, ZADD = {}, SADD = {}}  -- cmd -> key -> its arguments
   local events = {}  -- event type -> stream -> its documents
   -- each write finds its list here and appends to it itself (a call less per write)
   local function start(cmd, by_key, key, kind)
@@ -100,7 +103,7 @@ local function gathered()
   end
   -- a write of one pair (HSET's field and value, ZADD's score and member) to `cmd`'s key
   local function pair_writer(cmd)
-    local by_key = {}  -- key -> its arguments
+    local by_key = by_cmd[cmd]
     return function(key, a, b)
       local list = by_key[key] or start(cmd, by_key, key)
       local k = #list
@@ -108,12 +111,17 @@ local function gathered()
       list[k + 2] = b
     end
   end
+  local sadds = by_cmd.SADD
   return {
     hset = pair_writer('HSET'),
     zadd = pair_writer('ZADD'),
     sadd = function(key, member)
       local list = sadds[key] or start('SADD', sadds, key)
       list[#list + 1] = member
+    end,
+    args = function(cmd, key)
+      local by_key = by_cmd[cmd]
+      return by_key[key] or start(cmd, by_key, key)
     end,
     event = function(stream, kind, json)
       local by_stream = events[kind]
@@ -133,7 +141,7 @@ local function gathered()
           list[1] = '[' .. list[1]
           list[#list] = list[#list] .. ']'
           redis.call('XADD', key, '*', 't', kind, 'd', table.concat(list, ','))
-        else
+        elseif #list > 0 then
           call_spread(cmd, key, list)
         end
       end
