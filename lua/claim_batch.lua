@@ -87,7 +87,6 @@ local shut = (status == 'paused' and 'CAMPAIGN_PAUSED') or
   (now >= closes and 'ROUND_CLOSED')
 local granted = 0
 local stored = 0  -- applications taken (their idempotency records too)
-local nonce_used = {}
 
 -- What the batch reads, read once for all its claims (one HMGET per hash), into tables
 -- that the claims then read and update in order: `held[hash][field]` is the value, false
@@ -202,7 +201,6 @@ local function decide(i)
   local writes = nonce_writes[bucket]
   local k = #writes
   writes[k + 1], writes[k + 2] = nonce, '1'
-  nonce_used[bucket] = true
   local found = current_records[idem_field] or previous_records[idem_field]
   local prior  -- most claims are new: no record to read
   if found then prior = idem_result(found, fingerprint) end
@@ -299,7 +297,9 @@ if granted > 0 then
   redis.call('EXPIRE', winners, idem_ttl_s, 'NX')
 end
 if granted + stored > 0 then redis.call('EXPIRE', idem_current, idem_ttl_s, 'NX') end
-for bucket in pairs(nonce_used) do redis.call('EXPIRE', bucket, nonce_ttl_s, 'NX') end
+for bucket, writes in pairs(nonce_writes) do
+  if #writes > 0 then redis.call('EXPIRE', bucket, nonce_ttl_s, 'NX') end
+end
 for _, lim in ipairs(limits) do
   if lim.used then redis.call('EXPIRE', lim.key, lim.ttl, 'NX') end
 end
