@@ -35,11 +35,16 @@ local rate_limits_at = 6  -- from here, per rate-limit window: limit (-1: none),
 local allocation = ARGV[15]  -- first_come or lottery
 local check_applicants = ARGV[16]  -- "1" if the campaign has a lottery round
 local first_nonce_bucket = tonumber(ARGV[17])  -- the number of the first nonce bucket
--- per claim, its fields (issuer.protocol.Claim; see decide), all in one flat JSON list
--- decoded once (as separate arguments, each cost the worker its own packing)
+-- the claims' fields (issuer.protocol.Claim; see decide), all in one flat JSON list decoded
+-- once, field by field: every claim's idem_field, then every claim's fingerprint... (as
+-- separate arguments, each cost the worker its own packing)
 local claims = cjson.decode(ARGV[18])
 local CLAIM_FIELDS = 10
 local n = #claims / CLAIM_FIELDS
+-- where the run of each field starts: claim i's is claims[<field>_at + i]
+local idem_field_at, fingerprint_at, nonce_bucket_at, nonce_at, person_ref_at, user_id_at,
+  candidate_at, extra_at, device_id_at, client_ip_at =
+  0, n, 2 * n, 3 * n, 4 * n, 5 * n, 6 * n, 7 * n, 8 * n, 9 * n
 local staff_mode = mode == 'staff'
 local lottery = allocation == 'lottery'
 local limits = {}
@@ -93,14 +98,6 @@ local stored = 0  -- applications taken (their idempotency records too)
 -- if none. Its writes to these hashes are gathered in `w` and sent at the end.
 local w = gathered()
 local wanted = {}  -- hash -> fields to read
--- the fields of claim `i` (read where needed rather than kept in a table per claim)
-local function claim_fields(i)
-  local at = (i - 1) * CLAIM_FIELDS + 1
-  local idem_field, fingerprint, nonce_bucket, nonce, person_ref, user_id, candidate, extra,
-    device_id, client_ip = unpack(claims, at, at + 9)
-  return idem_field, fingerprint, nonce_bucket, nonce, person_ref, user_id, candidate, extra,
-    device_id, client_ip
-end
 -- each claim's nonce bucket key; most claims are in the first bucket (the lowest of the
 -- batch's: never without a claim)
 local buckets = {}
@@ -113,16 +110,8 @@ wanted[first_bucket] = first_nonces
 local nonce_writes = {[first_bucket] = w.args('HSET', first_bucket)}
 local record_writes = w.args('HSET', idem_current)
 local winner_writes = w.args('SADD', winners)
--- every claim reads the idempotency buckets, the persons and the accounts: their fields
--- by claim, filled in place (no call per field)
-local idem_fields, person_refs, user_ids = {}, {}, {}
-wanted[idem_current] = idem_fields
-wanted[idem_previous] = idem_fields
-wanted[persons] = person_refs
-wanted[accounts] = user_ids
 for i = 1, n do
-  local idem_field, _, nonce_bucket, nonce, person_ref, user_id, _, _, device_id, client_ip =
-    claim_fields(i)
+  local nonce_bucket, nonce = claims[nonce_bucket_at + i], claims[nonce_at + i]
   local bucket, list = first_bucket, first_nonces
   if nonce_bucket ~= first_nonce_bucket then
     bucket = KEYS[nonce_buckets_at + nonce_bucket - first_nonce_bucket]
@@ -135,11 +124,8 @@ for i = 1, n do
   end
   buckets[i] = bucket
   list[#list + 1] = nonce
-  idem_fields[i] = idem_field
-  person_refs[i] = person_ref
-  user_ids[i] = user_id
   if limited then
-    local who = {user_id, device_id, client_ip}
+    local who = {claims[user_id_at + i], claims[device_id_at + i], claims[client_ip_at + i]}
     for d = 1, 3 do
       local key = limits[d].key
       if limits[d].limit >= 0 and who[d] ~= '' then
@@ -151,12 +137,19 @@ for i = 1, n do
   end
 end
 local held = {}
-for hash, fields in pairs(wanted) do
-  local values = call_spread('HMGET', hash, fields)
+-- read fields[first..last] of `hash` into held[hash]
+local function read(hash, fields, first, last)
+  local values = call_spread('HMGET', hash, fields, first, last)
   local t = {}
-  for j = 1, #fields do t[fields[j]] = values[j] end
+  for j = first, last do t[fields[j]] = values[j - first + 1] end
   held[hash] = t
 end
+for hash, fields in pairs(wanted) do read(hash, fields, 1, #fields) end
+-- every claim reads the idempotency buckets, the persons and the accounts: runs of `claims`
+read(idem_current, claims, idem_field_at + 1, idem_field_at + n)
+read(idem_previous, claims, idem_field_at + 1, idem_field_at + n)
+read(persons, claims, person_ref_at + 1, person_ref_at + n)
+read(accounts, claims, user_id_at + 1, user_id_at + n)
 -- those that every claim reads
 local current_records, previous_records = held[idem_current], held[idem_previous]
 local person_holds, account_holds = held[persons], held[accounts]
@@ -192,8 +185,10 @@ end
 
 -- claim `i`
 local function decide(i)
-  local idem_field, fingerprint, _, nonce, person_ref, user_id, candidate, extra, device_id,
-    client_ip = claim_fields(i)
+  local idem_field, fingerprint, nonce, person_ref, user_id, candidate, extra =
+    claims[idem_field_at + i], claims[fingerprint_at + i], claims[nonce_at + i],
+    claims[person_ref_at + i], claims[user_id_at + i], claims[candidate_at + i],
+    claims[extra_at + i]
   local bucket = buckets[i]
   local seen = held[bucket]
   if seen[nonce] then return 'UNAUTHENTICATED', '' end
@@ -221,7 +216,7 @@ local function decide(i)
   end
   -- rate limits count attempts that reach the gate (a replay above is not one)
   if limited then
-    local who = {user_id, device_id, client_ip}
+    local who = {user_id, claims[device_id_at + i], claims[client_ip_at + i]}
     for d = 1, 3 do
       local lim = limits[d]
       if lim.limit >= 0 and who[d] ~= '' and

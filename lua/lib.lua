@@ -57,15 +57,15 @@ end
 -- Lua's C stack bounds unpack(): a command with more arguments goes in several calls
 local CHUNK = 1000
 
--- redis.call(cmd, key, ...args), `args` spread over calls of at most CHUNK (even, so that
--- field/value pairs stay together); returns the replies' elements in order (for HMGET),
--- the reply itself when one call takes them all
-local function call_spread(cmd, key, args)
-  local count = #args
-  if count <= CHUNK then return redis.call(cmd, key, unpack(args, 1, count)) end
+-- redis.call(cmd, key, ...args) (or args[first..last]), spread over calls of at most
+-- CHUNK (even, so that field/value pairs stay together); returns the replies' elements in
+-- order (for HMGET), the reply itself when one call takes them all
+local function call_spread(cmd, key, args, first, last)
+  first, last = first or 1, last or #args
+  if last - first < CHUNK then return redis.call(cmd, key, unpack(args, first, last)) end
   local out = {}
-  for i = 1, count, CHUNK do
-    local reply = redis.call(cmd, key, unpack(args, i, math.min(i + CHUNK - 1, count)))
+  for i = first, last, CHUNK do
+    local reply = redis.call(cmd, key, unpack(args, i, math.min(i + CHUNK - 1, last)))
     if type(reply) == 'table' then
       for j = 1, #reply do out[#out + 1] = reply[j] end
     end
