@@ -98,38 +98,37 @@ local stored = 0  -- applications taken (their idempotency records too)
 -- if none. Its writes to these hashes are gathered in `w` and sent at the end.
 local w = gathered()
 local wanted = {}  -- hash -> fields to read
--- each claim's nonce bucket key; most claims are in the first bucket (the lowest of the
--- batch's: never without a claim)
-local buckets = {}
 local first_bucket = KEYS[nonce_buckets_at]
-local first_nonces = {}
-wanted[first_bucket] = first_nonces
 -- the writes every claim that gets past its nonce makes, appended here without a call per
 -- write (w.args): its nonce, by bucket; its idempotency record, if it is answered; its
 -- request among the winners, if it wins a voucher
 local nonce_writes = {[first_bucket] = w.args('HSET', first_bucket)}
 local record_writes = w.args('HSET', idem_current)
 local winner_writes = w.args('SADD', winners)
-for i = 1, n do
-  local nonce_bucket, nonce = claims[nonce_bucket_at + i], claims[nonce_at + i]
-  local bucket, list = first_bucket, first_nonces
-  if nonce_bucket ~= first_nonce_bucket then
-    bucket = KEYS[nonce_buckets_at + nonce_bucket - first_nonce_bucket]
-    list = wanted[bucket]
+-- each claim's nonce bucket key, if the batch's nonces are in more than one bucket (most
+-- batches' are all in the first: a run of `claims`, read as it is)
+local one_bucket = #KEYS == nonce_buckets_at
+local buckets = {}
+if not one_bucket then
+  for i = 1, n do
+    local bucket = KEYS[nonce_buckets_at + claims[nonce_bucket_at + i] - first_nonce_bucket]
+    local list = wanted[bucket]
     if not list then
       list = {}
       wanted[bucket] = list
       nonce_writes[bucket] = w.args('HSET', bucket)
     end
+    buckets[i] = bucket
+    list[#list + 1] = claims[nonce_at + i]
   end
-  buckets[i] = bucket
-  list[#list + 1] = nonce
-  if limited then
+end
+if limited then
+  for i = 1, n do
     local who = {claims[user_id_at + i], claims[device_id_at + i], claims[client_ip_at + i]}
     for d = 1, 3 do
       local key = limits[d].key
       if limits[d].limit >= 0 and who[d] ~= '' then
-        list = wanted[key] or {}
+        local list = wanted[key] or {}
         wanted[key] = list
         list[#list + 1] = who[d]
       end
@@ -145,6 +144,7 @@ local function read(hash, fields, first, last)
   held[hash] = t
 end
 for hash, fields in pairs(wanted) do read(hash, fields, 1, #fields) end
+if one_bucket then read(first_bucket, claims, nonce_at + 1, nonce_at + n) end
 -- every claim reads the idempotency buckets, the persons and the accounts: runs of `claims`
 read(idem_current, claims, idem_field_at + 1, idem_field_at + n)
 read(idem_previous, claims, idem_field_at + 1, idem_field_at + n)
@@ -189,7 +189,7 @@ local function decide(i)
     claims[idem_field_at + i], claims[fingerprint_at + i], claims[nonce_at + i],
     claims[person_ref_at + i], claims[user_id_at + i], claims[candidate_at + i],
     claims[extra_at + i]
-  local bucket = buckets[i]
+  local bucket = buckets[i] or first_bucket
   local seen = held[bucket]
   if seen[nonce] then return 'UNAUTHENTICATED', '' end
   seen[nonce] = '1'
