@@ -288,7 +288,7 @@ class Claim(NamedTuple):
     person_ref: str
     user_id: str
     candidate: str  # its voucher id (in a lottery round: application id), if granted
-    extra: str  # JSON object: the record's other fields (a string in the packed list)
+    extra: str  # the record's own other fields as JSON members (",..."), "" if none
     device_id: str  # "" if none
     client_ip: str  # "" if none
 
@@ -322,6 +322,7 @@ class ClaimBatch(Call):
     allocation: str  # first_come or lottery
     check_applicants: str  # "1" if the campaign has a lottery round
     first_nonce_bucket: int
+    record_head: str  # every record's start: "{" and the campaign's fields, no "}"
     claims: Annotated[list[Claim], PACKED]
 
 

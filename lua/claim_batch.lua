@@ -35,10 +35,11 @@ local rate_limits_at = 6  -- from here, per rate-limit window: limit (-1: none),
 local allocation = ARGV[15]  -- first_come or lottery
 local check_applicants = ARGV[16]  -- "1" if the campaign has a lottery round
 local first_nonce_bucket = tonumber(ARGV[17])  -- the number of the first nonce bucket
+local record_head = ARGV[18]  -- every record's start: "{" and the campaign's fields, no "}"
 -- the claims' fields (issuer.protocol.Claim; see decide), all in one flat JSON list decoded
 -- once, field by field: every claim's idem_field, then every claim's fingerprint... (as
 -- separate arguments, each cost the worker its own packing)
-local claims = cjson.decode(ARGV[18])
+local claims = cjson.decode(ARGV[19])
 local CLAIM_FIELDS = 10
 local n = #claims / CLAIM_FIELDS
 -- where the run of each field starts: claim i's is claims[<field>_at + i]
@@ -170,17 +171,18 @@ local function waiting(hash, field)
 end
 
 -- the JSON record a claim makes, a voucher or an application, in one concatenation: the
--- caller's `extra` object with the round, the person and account, `state`, the request
--- that made it (so that issuer rebuild can restore its idempotency record), its id
--- (`id_name`: `id`) and `tail`. The person reference, the body's fingerprint (hex) and the
--- record's id (issuer.ids) are the worker's own, never in need of an escape; the account
--- and the request id come from the client and go through cjson.
+-- batch's `record_head` (the campaign's fields, never none), the claim's own `extra`
+-- members, the round, the person and account, `state`, the request that made it (so that
+-- issuer rebuild can restore its idempotency record), its id (`id_name`: `id`) and `tail`.
+-- The person reference, the body's fingerprint (hex) and the record's id (issuer.ids) are
+-- the worker's own, never in need of an escape; the account and the request id come from
+-- the client and go through cjson.
 local function made(extra, state, person_ref, user_id, idem_field, fingerprint, id_name, id,
     tail)
-  return string.sub(extra, 1, -2) .. (extra == '{}' and '' or ',') .. '"round_id":' ..
-    round_json .. ',"user_id":' .. cjson.encode(user_id) .. ',"person_ref":"' ..
-    person_ref .. '","status":"' .. state .. '","request":[' .. cjson.encode(idem_field) ..
-    ',"' .. fingerprint .. '"],"' .. id_name .. '":"' .. id .. '"' .. tail
+  return record_head .. extra .. ',"round_id":' .. round_json .. ',"user_id":' ..
+    cjson.encode(user_id) .. ',"person_ref":"' .. person_ref .. '","status":"' .. state ..
+    '","request":[' .. cjson.encode(idem_field) .. ',"' .. fingerprint .. '"],"' .. id_name ..
+    '":"' .. id .. '"' .. tail
 end
 
 -- claim `i`
@@ -249,7 +251,7 @@ local function decide(i)
     redis.call('HSET', applications, candidate, json)
     redis.call('HSET', applicants, person_ref, candidate)
     redis.call('HSET', applicant_accounts, user_id, candidate)
-    redis.call('HSET', entries, cjson.decode(extra).application_ref, candidate)
+    redis.call('HSET', entries, cjson.decode('{' .. string.sub(extra, 2) .. '}').application_ref, candidate)
     put(idem_current, idem_field, idem_record(fingerprint, 'a:' .. candidate))
     stored = stored + 1
     redis.call('XADD', events, '*', 't', 'application', 'd', json)

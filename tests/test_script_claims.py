@@ -38,8 +38,9 @@ async def test_the_packed_claims_keep_the_callers_text_byte_for_byte(fake: Fake)
     # the claims go as one JSON list: quotes, backslashes, control characters and
     # non-ASCII in the fields and in `extra` (itself JSON) come out as they went in
     await fake.put_campaign(settings())
-    extra = EXTRA[:-1] + r',"device_id":"d\"\\\n\u00e9中😀","staff_id":"é/"}'
-    odd = claim(1, user_id='u"\\\n\té中😀', idem_field='k-app|r"\\中', extra=extra)
+    own = r',"device_id":"d\"\\\n\u00e9中😀","staff_id":"é/"'
+    extra = EXTRA[:-1] + own + "}"
+    odd = claim(1, user_id='u"\\\n\té中😀', idem_field='k-app|r"\\中', extra=own)
     [(code, issued_at)] = await fake.claim(odd)
     assert code == "OK"
     stored = await fake.redis.hget(CK.vouchers, odd.candidate)
@@ -278,7 +279,7 @@ async def test_staff_claims_need_the_person_registered_to_the_account(fake: Fake
     assert answers == ["OK", "NOT_REGISTERED", "NOT_REGISTERED"]
 
 
-LOTTERY_EXTRA = EXTRA[:-1] + ',"application_ref":"ref-1"}'
+LOTTERY_EXTRA = ',"application_ref":"ref-1"'  # a claim's own, after the campaign's
 
 
 async def test_a_lottery_round_takes_applications(fake: Fake) -> None:
