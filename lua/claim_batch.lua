@@ -148,11 +148,13 @@ for hash, fields in pairs(wanted) do read(hash, fields, 1, #fields) end
 if one_bucket then read(first_bucket, claims, nonce_at + 1, nonce_at + n) end
 -- every claim reads the idempotency buckets, the persons and the accounts: runs of `claims`
 read(idem_current, claims, idem_field_at + 1, idem_field_at + n)
-read(idem_previous, claims, idem_field_at + 1, idem_field_at + n)
+-- the previous bucket is never written: its records by claim, as HMGET answers them
+local previous_records =
+  call_spread('HMGET', idem_previous, claims, idem_field_at + 1, idem_field_at + n)
 read(persons, claims, person_ref_at + 1, person_ref_at + n)
 read(accounts, claims, user_id_at + 1, user_id_at + n)
 -- those that every claim reads
-local current_records, previous_records = held[idem_current], held[idem_previous]
+local current_records = held[idem_current]
 local person_holds, account_holds = held[persons], held[accounts]
 local function put(hash, field, value)
   held[hash][field] = value
@@ -198,7 +200,7 @@ local function decide(i)
   local writes = nonce_writes[bucket]
   local k = #writes
   writes[k + 1], writes[k + 2] = nonce, '1'
-  local found = current_records[idem_field] or previous_records[idem_field]
+  local found = current_records[idem_field] or previous_records[i]
   local prior  -- most claims are new: no record to read
   if found then prior = idem_result(found, fingerprint) end
   if prior == false then return 'IDEMPOTENCY_MISMATCH', '' end

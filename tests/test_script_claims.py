@@ -244,6 +244,16 @@ async def test_rate_limits_count_attempts_per_account_device_and_ip(fake: Fake) 
     assert 0 < int(answers[1][1]) <= 60  # seconds until the window ends
 
 
+async def test_a_request_is_found_in_the_previous_idempotency_bucket(fake: Fake) -> None:
+    await fake.put_campaign(settings())
+    await fake.claim(claim(1))
+    current, previous = CK.idempotency(time.time())
+    await fake.redis.rename(current, previous)  # as if its bucket's time had passed
+    retry = claim(1, nonce="another-nonce-0001")
+    reused = claim(2, idem_field=claim(1).idem_field)  # the same request id, another body
+    assert await fake.claimed(retry, reused) == ["REPLAY", "IDEMPOTENCY_MISMATCH"]
+
+
 async def test_a_replay_is_not_counted_nor_limited(fake: Fake) -> None:
     await fake.put_campaign(settings())
     limits = RateLimits(per_account=ONE_PER_MINUTE)
