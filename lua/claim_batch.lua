@@ -28,8 +28,8 @@ local nonce_buckets_at = 19  -- from here: nonce buckets, consecutive from first
 local round_id = ARGV[1]
 local reserve_fen = tonumber(ARGV[2])
 local mode = ARGV[3]  -- self, or staff (registered persons only)
-local idem_ttl_s = tonumber(ARGV[4])
-local nonce_ttl_s = tonumber(ARGV[5])
+local idem_ttl_s = ARGV[4]  -- (the TTLs only go to EXPIRE: not converted)
+local nonce_ttl_s = ARGV[5]
 local rate_limits_at = 6  -- from here, per rate-limit window: limit (-1: none), seconds
 -- until the window ends (Retry-After), window TTL s
 local allocation = ARGV[15]  -- first_come or lottery
@@ -53,9 +53,10 @@ local limited = false  -- whether any window has a limit (if not, no claim looks
 for d = 0, 2 do
   local at = rate_limits_at + 3 * d
   local limit, retry_after_s, window_ttl_s = unpack(ARGV, at, at + 2)
-  limits[d + 1] = {key = KEYS[rate_windows_at + d], limit = tonumber(limit),
-                   reset = retry_after_s, ttl = tonumber(window_ttl_s), used = false}
-  limited = limited or tonumber(limit) >= 0
+  limit = tonumber(limit)
+  limits[d + 1] = {key = KEYS[rate_windows_at + d], limit = limit, reset = retry_after_s,
+                   ttl = window_ttl_s, used = false}
+  limited = limited or limit >= 0
 end
 
 local led = redis.call('HMGET', ledger, 'status', 'version', 'available')
@@ -160,7 +161,15 @@ local function put(hash, field, value)
   held[hash][field] = value
   w.hset(hash, field, value)
 end
-local new_vouchers = {}  -- voucher id -> JSON, of the vouchers issued in this batch
+-- the record of voucher `id`: issued in this batch (a replay within it, seldom), found in
+-- the gathered HSET's field/value pairs, else as Redis has it
+local function voucher_json(id)
+  local issued_now = w.args('HSET', vouchers)
+  for k = 1, #issued_now, 2 do
+    if issued_now[k] == id then return issued_now[k + 1] end
+  end
+  return redis.call('HGET', vouchers, id)
+end
 -- the voucher being issued, for write_voucher (which reads it at once): one table for the
 -- batch, not one per voucher
 local issuing = {expires_at = valid_until}
@@ -213,7 +222,7 @@ local function decide(i)
   end
   if prior then
     -- the voucher as first answered: issued, before any redemption, expiry or refund
-    local first = cjson.decode(new_vouchers[prior] or redis.call('HGET', vouchers, prior))
+    local first = cjson.decode(voucher_json(prior))
     first.status = 'issued'
     first.redemption_id = nil
     return 'REPLAY', cjson.encode(first)
@@ -271,7 +280,6 @@ local function decide(i)
   write_voucher(w, persons, accounts, vouchers, expiry, events, issuing, json)
   person_holds[person_ref] = candidate
   account_holds[user_id] = candidate
-  new_vouchers[candidate] = json
   local record = idem_record(fingerprint, candidate)
   current_records[idem_field] = record
   k = #record_writes
