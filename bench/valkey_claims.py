@@ -10,7 +10,8 @@ previous one is answered, by one client. For each round: the primary's CPU per i
 (INFO cpu: main thread, and every thread), its commands per claim (INFO commandstats) and,
 with `--instructions`, the instructions per claim counted by callgrind (the primary runs
 under it; its counters are zeroed before each round and read after): those repeat to about
-a per cent on a shared machine, where CPU seconds vary by tens of per cent.
+a per cent on a shared machine, where CPU seconds vary by tens of per cent. `--keep DIR`
+keeps callgrind's profile of each round there (`callgrind_annotate --inclusive=yes`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import shutil
 import sys
 import time
+from pathlib import Path
 
 from redis.asyncio import Redis
 
@@ -42,6 +44,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=30, help="claims per script call")
     parser.add_argument("--batches", type=int, default=300, help="per round")
     parser.add_argument("--instructions", action="store_true", help="count them (callgrind)")
+    parser.add_argument("--keep", metavar="DIR", help="with --instructions: each round's profile")
     return parser.parse_args(argv)
 
 
@@ -70,10 +73,19 @@ def used(before: dict[str, float], after: dict[str, float], part: str) -> float:
     )
 
 
+def keep(directory: Path, into: Path) -> None:
+    """Copy callgrind's files from the run's `directory` into `into`."""
+    into.mkdir(parents=True, exist_ok=True)
+    for made in directory.glob("callgrind.out.*"):
+        shutil.copy(made, into)
+
+
 async def run(args: argparse.Namespace) -> None:
     directory = bench_dir("issuer-valkey-claims-")
     out = directory / "callgrind.out.%p"
     under = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+    if args.keep:  # each round's file names its functions itself, not by an earlier file's ids
+        under.append("--compress-strings=no")
     primary = embedded.start_redis(directory, under=under if args.instructions else ())
     replica = embedded.start_replica(directory, primary)
     redis = Redis.from_url(primary.url)
@@ -101,6 +113,8 @@ async def run(args: argparse.Namespace) -> None:
             instructions = 0
             if args.instructions:
                 instructions = await asyncio.to_thread(profile.instructions, primary.pid)
+                if args.keep:
+                    await asyncio.to_thread(profile.callgrind_control, primary.pid, "-d")
             cpu_now, commands_now = await redis.info("cpu"), await redis.info("commandstats")
             issued = args.batches * args.batch
 
@@ -122,6 +136,8 @@ async def run(args: argparse.Namespace) -> None:
         await redis.aclose()
         replica.stop()
         primary.stop()
+        if args.keep:
+            keep(directory, Path(args.keep))
         shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -146,7 +146,8 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
 
     @functools.cached_property
     def _extra(self) -> str:
-        """Its claims' `extra` up to the campaign's fields, encoded once, its "}" left off."""
+        """Its claims' records up to the campaign's fields (the batch's `record_head`),
+        encoded once, its "}" left off."""
         voucher = self.cached.definition.voucher
         common = {
             "campaign_id": self.cached.keys.campaign_id,
@@ -156,8 +157,8 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
         return ENCODER.encode(common).decode()[:-1]
 
     def extra(self, claim: ClaimIn, candidate: str) -> str:
-        """A claim's `extra`, the JSON object of its record's other fields: the campaign's,
-        then the claim's own that it gives (the same bytes as one dict encoded)."""
+        """A claim's `extra`, its record's own fields that it gives, as JSON members that
+        follow the campaign's (`_extra` and this are the same bytes as one dict encoded)."""
         own: dict[str, str] = {}
         if claim.device_id is not None:
             own["device_id"] = claim.device_id
@@ -166,8 +167,8 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
         if self.round.allocation == "lottery":
             own["application_ref"] = application_ref(self.claims.ref_key, candidate)
         if not own:
-            return self._extra + "}"
-        return f"{self._extra},{ENCODER.encode(own).decode()[1:]}"
+            return ""
+        return f",{ENCODER.encode(own).decode()[1:-1]}"
 
     def issued(self, voucher_id: str, user_id: str, issued_ms: bytes) -> Issued:
         """The answer to a claim the script issued at `issued_ms` (it answers only its time,
@@ -225,6 +226,7 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
             allocation=self.round.allocation,
             check_applicants="1" if self.cached.lottery else "",
             first_nonce_bucket=first_nonce_bucket,
+            record_head=self._extra,
             claims=items,
         )
         scripts = self.claims.scripts

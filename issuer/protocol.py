@@ -7,8 +7,9 @@ key and any other an argument; a `Keys` or `list` field is a variable-length tai
 script binds where it starts, `local nonce_buckets_at = 19`), and a NamedTuple is a group
 of arguments the script unpacks (`local limit, retry_after_s, window_ttl_s = unpack(ARGV,
 at, at + 2)`). A list of groups marked `PACKED` is one argument instead, its groups' values in
-one flat JSON list (`local claims = cjson.decode(ARGV[18])`, unpacked from there); a list
-marked `PACKED` and a group is that flat list already, as its caller keeps it. A
+one flat JSON list, field by field (every group's first value, then every group's second...:
+`local claims = cjson.decode(ARGV[18])`, each field's run bound by name from there); a list
+marked `PACKED` and a group is a flat list of groups as its caller keeps it. A
 `Part` (the `Request` of an idempotent write) adds its keys and arguments where it
 stands. tests/test_protocol.py checks every structure against its script.
 """
@@ -65,7 +66,7 @@ PACKED = "PACKED"  # marks a list of groups sent as one JSON argument
 
 
 # a field gives one value, all of its values, each group's values, its groups' values as one
-# JSON list, or its flat list of groups' values as one JSON list
+# JSON list field by field, or its flat list of groups' values as one JSON list
 ONE, ALL, EACH, JSON, FLAT = 0, 1, 2, 3, 4
 _JSON = msgspec.json.Encoder()
 
@@ -160,7 +161,7 @@ def _lay_out(call: Call, reads: Reads) -> list[Any]:
         elif spread == EACH:
             out += chain.from_iterable(value)
         elif spread == JSON:
-            out.append(_JSON.encode(list(chain.from_iterable(value))))
+            out.append(_JSON.encode(list(chain.from_iterable(zip(*value, strict=True)))))
         else:
             out.append(_JSON.encode(value))
     return out
@@ -287,7 +288,7 @@ class Claim(NamedTuple):
     person_ref: str
     user_id: str
     candidate: str  # its voucher id (in a lottery round: application id), if granted
-    extra: str  # JSON object: the record's other fields (a string in the packed list)
+    extra: str  # the record's own other fields as JSON members (",..."), "" if none
     device_id: str  # "" if none
     client_ip: str  # "" if none
 
@@ -321,6 +322,7 @@ class ClaimBatch(Call):
     allocation: str  # first_come or lottery
     check_applicants: str  # "1" if the campaign has a lottery round
     first_nonce_bucket: int
+    record_head: str  # every record's start: "{" and the campaign's fields, no "}"
     claims: Annotated[list[Claim], PACKED]
 
 

@@ -28,18 +28,24 @@ local nonce_buckets_at = 19  -- from here: nonce buckets, consecutive from first
 local round_id = ARGV[1]
 local reserve_fen = tonumber(ARGV[2])
 local mode = ARGV[3]  -- self, or staff (registered persons only)
-local idem_ttl_s = tonumber(ARGV[4])
-local nonce_ttl_s = tonumber(ARGV[5])
+local idem_ttl_s = ARGV[4]  -- (the TTLs only go to EXPIRE: not converted)
+local nonce_ttl_s = ARGV[5]
 local rate_limits_at = 6  -- from here, per rate-limit window: limit (-1: none), seconds
 -- until the window ends (Retry-After), window TTL s
 local allocation = ARGV[15]  -- first_come or lottery
 local check_applicants = ARGV[16]  -- "1" if the campaign has a lottery round
 local first_nonce_bucket = tonumber(ARGV[17])  -- the number of the first nonce bucket
--- per claim, its fields (issuer.protocol.Claim; see decide), all in one flat JSON list
--- decoded once (as separate arguments, each cost the worker its own packing)
-local claims = cjson.decode(ARGV[18])
+local record_head = ARGV[18]  -- every record's start: "{" and the campaign's fields, no "}"
+-- the claims' fields (issuer.protocol.Claim; see decide), all in one flat JSON list decoded
+-- once, field by field: every claim's idem_field, then every claim's fingerprint... (as
+-- separate arguments, each cost the worker its own packing)
+local claims = cjson.decode(ARGV[19])
 local CLAIM_FIELDS = 10
 local n = #claims / CLAIM_FIELDS
+-- where the run of each field starts: claim i's is claims[<field>_at + i]
+local idem_field_at, fingerprint_at, nonce_bucket_at, nonce_at, person_ref_at, user_id_at,
+  candidate_at, extra_at, device_id_at, client_ip_at =
+  0, n, 2 * n, 3 * n, 4 * n, 5 * n, 6 * n, 7 * n, 8 * n, 9 * n
 local staff_mode = mode == 'staff'
 local lottery = allocation == 'lottery'
 local limits = {}
@@ -47,9 +53,10 @@ local limited = false  -- whether any window has a limit (if not, no claim looks
 for d = 0, 2 do
   local at = rate_limits_at + 3 * d
   local limit, retry_after_s, window_ttl_s = unpack(ARGV, at, at + 2)
-  limits[d + 1] = {key = KEYS[rate_windows_at + d], limit = tonumber(limit),
-                   reset = retry_after_s, ttl = tonumber(window_ttl_s), used = false}
-  limited = limited or tonumber(limit) >= 0
+  limit = tonumber(limit)
+  limits[d + 1] = {key = KEYS[rate_windows_at + d], limit = limit, reset = retry_after_s,
+                   ttl = window_ttl_s, used = false}
+  limited = limited or limit >= 0
 end
 
 local led = redis.call('HMGET', ledger, 'status', 'version', 'available')
@@ -80,53 +87,50 @@ local round_json = cjson.encode(round_id)
 local voucher_tail = ',"issued_at":' .. now_json .. ',"expires_at":' .. valid_until ..
   ',"reserve_fen":' .. string.format('%d', reserve_fen) .. '}'
 local application_tail = ',"applied_at":' .. now_json .. '}'
+-- the answer of every claim that passes its own checks while the campaign or the round is
+-- not open: the same for the whole batch, found once
+local shut = (status == 'paused' and 'CAMPAIGN_PAUSED') or
+  (status ~= 'active' and 'CAMPAIGN_ENDED') or (now < opens and 'NOT_OPEN') or
+  (now >= closes and 'ROUND_CLOSED')
 local granted = 0
 local stored = 0  -- applications taken (their idempotency records too)
-local nonce_used = {}
 
 -- What the batch reads, read once for all its claims (one HMGET per hash), into tables
 -- that the claims then read and update in order: `held[hash][field]` is the value, false
 -- if none. Its writes to these hashes are gathered in `w` and sent at the end.
 local w = gathered()
 local wanted = {}  -- hash -> fields to read
--- the fields of claim `i` (read where needed rather than kept in a table per claim)
-local function claim_fields(i)
-  local at = (i - 1) * CLAIM_FIELDS + 1
-  local idem_field, fingerprint, nonce_bucket, nonce, person_ref, user_id, candidate, extra,
-    device_id, client_ip = unpack(claims, at, at + 9)
-  return idem_field, fingerprint, nonce_bucket, nonce, person_ref, user_id, candidate, extra,
-    device_id, client_ip
-end
--- each claim's nonce bucket key; most claims are in the first bucket
-local buckets = {}
 local first_bucket = KEYS[nonce_buckets_at]
--- every claim reads the idempotency buckets, the persons and the accounts: their fields
--- by claim, filled in place (no call per field)
-local idem_fields, person_refs, user_ids = {}, {}, {}
-wanted[idem_current] = idem_fields
-wanted[idem_previous] = idem_fields
-wanted[persons] = person_refs
-wanted[accounts] = user_ids
-for i = 1, n do
-  local idem_field, _, nonce_bucket, nonce, person_ref, user_id, _, _, device_id, client_ip =
-    claim_fields(i)
-  local bucket = first_bucket
-  if nonce_bucket ~= first_nonce_bucket then
-    bucket = KEYS[nonce_buckets_at + nonce_bucket - first_nonce_bucket]
+-- the writes every claim that gets past its nonce makes, appended here without a call per
+-- write (w.args): its nonce, by bucket; its idempotency record, if it is answered; its
+-- request among the winners, if it wins a voucher
+local nonce_writes = {[first_bucket] = w.args('HSET', first_bucket)}
+local record_writes = w.args('HSET', idem_current)
+local winner_writes = w.args('SADD', winners)
+-- each claim's nonce bucket key, if the batch's nonces are in more than one bucket (most
+-- batches' are all in the first: a run of `claims`, read as it is)
+local one_bucket = #KEYS == nonce_buckets_at
+local buckets = {}
+if not one_bucket then
+  for i = 1, n do
+    local bucket = KEYS[nonce_buckets_at + claims[nonce_bucket_at + i] - first_nonce_bucket]
+    local list = wanted[bucket]
+    if not list then
+      list = {}
+      wanted[bucket] = list
+      nonce_writes[bucket] = w.args('HSET', bucket)
+    end
+    buckets[i] = bucket
+    list[#list + 1] = claims[nonce_at + i]
   end
-  buckets[i] = bucket
-  local list = wanted[bucket] or {}
-  wanted[bucket] = list
-  list[#list + 1] = nonce
-  idem_fields[i] = idem_field
-  person_refs[i] = person_ref
-  user_ids[i] = user_id
-  if limited then
-    local who = {user_id, device_id, client_ip}
+end
+if limited then
+  for i = 1, n do
+    local who = {claims[user_id_at + i], claims[device_id_at + i], claims[client_ip_at + i]}
     for d = 1, 3 do
       local key = limits[d].key
       if limits[d].limit >= 0 and who[d] ~= '' then
-        list = wanted[key] or {}
+        local list = wanted[key] or {}
         wanted[key] = list
         list[#list + 1] = who[d]
       end
@@ -134,17 +138,38 @@ for i = 1, n do
   end
 end
 local held = {}
-for hash, fields in pairs(wanted) do
-  local values = call_spread('HMGET', hash, fields)
+-- read fields[first..last] of `hash` into held[hash]
+local function read(hash, fields, first, last)
+  local values = call_spread('HMGET', hash, fields, first, last)
   local t = {}
-  for j = 1, #fields do t[fields[j]] = values[j] end
+  for j = first, last do t[fields[j]] = values[j - first + 1] end
   held[hash] = t
 end
+for hash, fields in pairs(wanted) do read(hash, fields, 1, #fields) end
+if one_bucket then read(first_bucket, claims, nonce_at + 1, nonce_at + n) end
+-- every claim reads the idempotency buckets, the persons and the accounts: runs of `claims`
+read(idem_current, claims, idem_field_at + 1, idem_field_at + n)
+-- the previous bucket is never written: its records by claim, as HMGET answers them
+local previous_records =
+  call_spread('HMGET', idem_previous, claims, idem_field_at + 1, idem_field_at + n)
+read(persons, claims, person_ref_at + 1, person_ref_at + n)
+read(accounts, claims, user_id_at + 1, user_id_at + n)
+-- those that every claim reads
+local current_records = held[idem_current]
+local person_holds, account_holds = held[persons], held[accounts]
 local function put(hash, field, value)
   held[hash][field] = value
   w.hset(hash, field, value)
 end
-local new_vouchers = {}  -- voucher id -> JSON, of the vouchers issued in this batch
+-- the record of voucher `id`: issued in this batch (a replay within it, seldom), found in
+-- the gathered HSET's field/value pairs, else as Redis has it
+local function voucher_json(id)
+  local issued_now = w.args('HSET', vouchers)
+  for k = 1, #issued_now, 2 do
+    if issued_now[k] == id then return issued_now[k + 1] end
+  end
+  return redis.call('HGET', vouchers, id)
+end
 -- the voucher being issued, for write_voucher (which reads it at once): one table for the
 -- batch, not one per voucher
 local issuing = {expires_at = valid_until}
@@ -157,29 +182,36 @@ local function waiting(hash, field)
 end
 
 -- the JSON record a claim makes, a voucher or an application, in one concatenation: the
--- caller's `extra` object with the round, the person and account, `state`, the request
--- that made it (so that issuer rebuild can restore its idempotency record), its id
--- (`id_name`: `id`) and `tail`. The person reference, the body's fingerprint (hex) and the
--- record's id (issuer.ids) are the worker's own, never in need of an escape; the account
--- and the request id come from the client and go through cjson.
+-- batch's `record_head` (the campaign's fields, never none), the claim's own `extra`
+-- members, the round, the person and account, `state`, the request that made it (so that
+-- issuer rebuild can restore its idempotency record), its id (`id_name`: `id`) and `tail`.
+-- The person reference, the body's fingerprint (hex) and the record's id (issuer.ids) are
+-- the worker's own, never in need of an escape; the account and the request id come from
+-- the client and go through cjson.
 local function made(extra, state, person_ref, user_id, idem_field, fingerprint, id_name, id,
     tail)
-  return string.sub(extra, 1, -2) .. (extra == '{}' and '' or ',') .. '"round_id":' ..
-    round_json .. ',"user_id":' .. cjson.encode(user_id) .. ',"person_ref":"' ..
-    person_ref .. '","status":"' .. state .. '","request":[' .. cjson.encode(idem_field) ..
-    ',"' .. fingerprint .. '"],"' .. id_name .. '":"' .. id .. '"' .. tail
+  return record_head .. extra .. ',"round_id":' .. round_json .. ',"user_id":' ..
+    cjson.encode(user_id) .. ',"person_ref":"' .. person_ref .. '","status":"' .. state ..
+    '","request":[' .. cjson.encode(idem_field) .. ',"' .. fingerprint .. '"],"' .. id_name ..
+    '":"' .. id .. '"' .. tail
 end
 
 -- claim `i`
 local function decide(i)
-  local idem_field, fingerprint, _, nonce, person_ref, user_id, candidate, extra, device_id,
-    client_ip = claim_fields(i)
-  local bucket = buckets[i]
-  if held[bucket][nonce] then return 'UNAUTHENTICATED', '' end
-  put(bucket, nonce, '1')
-  nonce_used[bucket] = true
-  local prior = idem_result(held[idem_current][idem_field] or held[idem_previous][idem_field],
-    fingerprint)
+  local idem_field, fingerprint, nonce, person_ref, user_id, candidate, extra =
+    claims[idem_field_at + i], claims[fingerprint_at + i], claims[nonce_at + i],
+    claims[person_ref_at + i], claims[user_id_at + i], claims[candidate_at + i],
+    claims[extra_at + i]
+  local bucket = buckets[i] or first_bucket
+  local seen = held[bucket]
+  if seen[nonce] then return 'UNAUTHENTICATED', '' end
+  seen[nonce] = '1'
+  local writes = nonce_writes[bucket]
+  local k = #writes
+  writes[k + 1], writes[k + 2] = nonce, '1'
+  local found = current_records[idem_field] or previous_records[i]
+  local prior  -- most claims are new: no record to read
+  if found then prior = idem_result(found, fingerprint) end
   if prior == false then return 'IDEMPOTENCY_MISMATCH', '' end
   if prior and string.sub(prior, 1, 2) == 'a:' then
     -- the application as first answered, before its draw
@@ -190,14 +222,14 @@ local function decide(i)
   end
   if prior then
     -- the voucher as first answered: issued, before any redemption, expiry or refund
-    local first = cjson.decode(new_vouchers[prior] or redis.call('HGET', vouchers, prior))
+    local first = cjson.decode(voucher_json(prior))
     first.status = 'issued'
     first.redemption_id = nil
     return 'REPLAY', cjson.encode(first)
   end
   -- rate limits count attempts that reach the gate (a replay above is not one)
   if limited then
-    local who = {user_id, device_id, client_ip}
+    local who = {user_id, claims[device_id_at + i], claims[client_ip_at + i]}
     for d = 1, 3 do
       local lim = limits[d]
       if lim.limit >= 0 and who[d] ~= '' and
@@ -213,15 +245,12 @@ local function decide(i)
       end
     end
   end
-  if status == 'paused' then return 'CAMPAIGN_PAUSED', '' end
-  if status ~= 'active' then return 'CAMPAIGN_ENDED', '' end
-  if now < opens then return 'NOT_OPEN', '' end
-  if now >= closes then return 'ROUND_CLOSED', '' end
+  if shut then return shut, '' end
   if staff_mode then
     local reg = redis.call('HGET', registrations, person_ref)
     if not reg or cjson.decode(reg).user_id ~= user_id then return 'NOT_REGISTERED', '' end
   end
-  local hold = held[persons][person_ref] or held[accounts][user_id]
+  local hold = person_holds[person_ref] or account_holds[user_id]
   if hold then return 'ALREADY_CLAIMED', hold end
   if check_applicants == '1' and
       (waiting(applicants, person_ref) or waiting(applicant_accounts, user_id)) then
@@ -233,7 +262,7 @@ local function decide(i)
     redis.call('HSET', applications, candidate, json)
     redis.call('HSET', applicants, person_ref, candidate)
     redis.call('HSET', applicant_accounts, user_id, candidate)
-    redis.call('HSET', entries, cjson.decode(extra).application_ref, candidate)
+    redis.call('HSET', entries, cjson.decode('{' .. string.sub(extra, 2) .. '}').application_ref, candidate)
     put(idem_current, idem_field, idem_record(fingerprint, 'a:' .. candidate))
     stored = stored + 1
     redis.call('XADD', events, '*', 't', 'application', 'd', json)
@@ -249,11 +278,13 @@ local function decide(i)
     'voucher_id', candidate, voucher_tail)
   issuing.voucher_id, issuing.person_ref, issuing.user_id = candidate, person_ref, user_id
   write_voucher(w, persons, accounts, vouchers, expiry, events, issuing, json)
-  held[persons][person_ref] = candidate
-  held[accounts][user_id] = candidate
-  new_vouchers[candidate] = json
-  put(idem_current, idem_field, idem_record(fingerprint, candidate))
-  w.sadd(winners, idem_field)
+  person_holds[person_ref] = candidate
+  account_holds[user_id] = candidate
+  local record = idem_record(fingerprint, candidate)
+  current_records[idem_field] = record
+  k = #record_writes
+  record_writes[k + 1], record_writes[k + 2] = idem_field, record
+  winner_writes[#winner_writes + 1] = idem_field
   issued = issued + 1
   rreserved = rreserved + reserve_fen
   available = available - reserve_fen
@@ -273,7 +304,9 @@ if granted > 0 then
   redis.call('EXPIRE', winners, idem_ttl_s, 'NX')
 end
 if granted + stored > 0 then redis.call('EXPIRE', idem_current, idem_ttl_s, 'NX') end
-for bucket in pairs(nonce_used) do redis.call('EXPIRE', bucket, nonce_ttl_s, 'NX') end
+for bucket, writes in pairs(nonce_writes) do
+  if #writes > 0 then redis.call('EXPIRE', bucket, nonce_ttl_s, 'NX') end
+end
 for _, lim in ipairs(limits) do
   if lim.used then redis.call('EXPIRE', lim.key, lim.ttl, 'NX') end
 end

@@ -57,15 +57,15 @@ end
 -- Lua's C stack bounds unpack(): a command with more arguments goes in several calls
 local CHUNK = 1000
 
--- redis.call(cmd, key, ...args), `args` spread over calls of at most CHUNK (even, so that
--- field/value pairs stay together); returns the replies' elements in order (for HMGET),
--- the reply itself when one call takes them all
-local function call_spread(cmd, key, args)
-  local count = #args
-  if count <= CHUNK then return redis.call(cmd, key, unpack(args, 1, count)) end
+-- redis.call(cmd, key, ...args) (or args[first..last]), spread over calls of at most
+-- CHUNK (even, so that field/value pairs stay together); returns the replies' elements in
+-- order (for HMGET), the reply itself when one call takes them all
+local function call_spread(cmd, key, args, first, last)
+  first, last = first or 1, last or #args
+  if last - first < CHUNK then return redis.call(cmd, key, unpack(args, first, last)) end
   local out = {}
-  for i = 1, count, CHUNK do
-    local reply = redis.call(cmd, key, unpack(args, i, math.min(i + CHUNK - 1, count)))
+  for i = first, last, CHUNK do
+    local reply = redis.call(cmd, key, unpack(args, i, math.min(i + CHUNK - 1, last)))
     if type(reply) == 'table' then
       for j = 1, #reply do out[#out + 1] = reply[j] end
     end
@@ -87,9 +87,12 @@ local immediately = {
 -- with its size). Until then Redis does not have them: a script that reads a key it wrote
 -- this way reads its own tables first. The events of one stream and type go in one entry
 -- whose `d` is the JSON array of their documents, in order (issuer/events.py reads it).
+-- `w.args(cmd, key)` is the list of arguments gathered for HSET, ZADD or SADD on `key`: a
+-- script appends its most frequent writes to it itself (a call less per write; a list
+-- left empty sends nothing).
 local function gathered()
   local order = {}
-  local sadds = {}  -- key -> its arguments
+  local by_cmd = {HSET = {}, ZADD = {}, SADD = {}}  -- cmd -> key -> its arguments
   local events = {}  -- event type -> stream -> its documents
   -- each write finds its list here and appends to it itself (a call less per write)
   local function start(cmd, by_key, key, kind)
@@ -100,7 +103,7 @@ local function gathered()
   end
   -- a write of one pair (HSET's field and value, ZADD's score and member) to `cmd`'s key
   local function pair_writer(cmd)
-    local by_key = {}  -- key -> its arguments
+    local by_key = by_cmd[cmd]
     return function(key, a, b)
       local list = by_key[key] or start(cmd, by_key, key)
       local k = #list
@@ -108,12 +111,17 @@ local function gathered()
       list[k + 2] = b
     end
   end
+  local sadds = by_cmd.SADD
   return {
     hset = pair_writer('HSET'),
     zadd = pair_writer('ZADD'),
     sadd = function(key, member)
       local list = sadds[key] or start('SADD', sadds, key)
       list[#list + 1] = member
+    end,
+    args = function(cmd, key)
+      local by_key = by_cmd[cmd]
+      return by_key[key] or start(cmd, by_key, key)
     end,
     event = function(stream, kind, json)
       local by_stream = events[kind]
@@ -133,7 +141,7 @@ local function gathered()
           list[1] = '[' .. list[1]
           list[#list] = list[#list] .. ']'
           redis.call('XADD', key, '*', 't', kind, 'd', table.concat(list, ','))
-        else
+        elseif #list > 0 then
           call_spread(cmd, key, list)
         end
       end
@@ -145,9 +153,10 @@ end
 -- with writer `w`: the person's and the account's hold, the record, its expiry and its
 -- claim event for the flusher.
 local function write_voucher(w, persons, accounts, vouchers, expiry, events, v, json)
-  w.hset(persons, v.person_ref, v.voucher_id)
-  w.hset(accounts, v.user_id, v.voucher_id)
-  w.hset(vouchers, v.voucher_id, json)
-  w.zadd(expiry, v.expires_at, v.voucher_id)
+  local id = v.voucher_id
+  w.hset(persons, v.person_ref, id)
+  w.hset(accounts, v.user_id, id)
+  w.hset(vouchers, id, json)
+  w.zadd(expiry, v.expires_at, id)
   w.event(events, 'claim', json)
 end

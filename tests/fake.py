@@ -24,6 +24,8 @@ CAMPAIGN = "c-fake"
 CK = keys.CampaignKeys(CAMPAIGN)
 RESERVE = 200_000  # fen reserved per voucher
 BUDGET = 1_000_000  # fen: five vouchers
+# the campaign's fields a record starts with, as the batcher encodes them from the terms
+# below (its `record_head` is this less its "}")
 EXTRA = '{"campaign_id":"c-fake","discount_rate_bp":1500,"cap_fen":200000}'
 # the claims' nonce bucket, one for the session: a test that sends a nonce twice must not
 # see it land in two buckets because a bucket's ten minutes ended in between
@@ -66,7 +68,7 @@ def claim(n: int, **fields: Any) -> Claim:
         person_ref=f"person-{n}",
         user_id=f"user-{n}",
         candidate=f"{CAMPAIGN}.v{n:019d}",
-        extra=EXTRA,
+        extra="",  # none of its own
         device_id="",
         client_ip="",
     )
@@ -131,7 +133,9 @@ class Fake:
     ) -> list[tuple[str, bytes]]:
         """Send `claims` as one batch, as the claim path does; (code, payload) of each."""
         definition = SimpleNamespace(
-            voucher=SimpleNamespace(reserve=RESERVE), mode=mode, rate_limits=limits or RateLimits()
+            voucher=SimpleNamespace(reserve=RESERVE, discount_rate_bp=1500, cap_fen=200_000),
+            mode=mode,
+            rate_limits=limits or RateLimits(),
         )
         # stand-ins for what the batcher reads of the claim path's objects
         cached: Any = SimpleNamespace(keys=CK, definition=definition, lottery=lottery)

@@ -23,6 +23,8 @@ CALLS = {
 FIXED = re.compile(r"^local (\w+) = (?:tonumber\(|cjson\.decode\()?(KEYS|ARGV)\[(\d+)\]", re.M)
 START = re.compile(r"^local (\w+)_at = ([^-\n]+?)\s*(?:--.*)?$", re.M)
 GROUP = re.compile(r"local\s+([\w\s,]+?)\s*=\s*unpack\(\w+,\s*(\w+),\s*\2 \+ (\d+)\)")
+# a packed list's fields, each bound where its run starts: local a_at, b_at = 0, n, 2 * n...
+RUNS = re.compile(r"local\s+([\w\s,]+?)\s*=\s*(0, (\w+)(?:, \d+ \* \3)*)$", re.M)
 NUMBERED = re.compile(r"(?:KEYS|ARGV)\[\d")
 
 
@@ -66,10 +68,15 @@ def test_python_and_lua_agree_on_keys_and_args(name: str) -> None:
             if place is not None:
                 assert binding.at == place, f"{table} {slot.name}"
             place = None if place is None or slot.size is None else place + slot.size
-    groups = [s for s in shape.args if s.group]
+    groups = [s for s in shape.args if s.group and s.spread != protocol.JSON]
     unpacked = [(m[1].replace(",", " ").split(), int(m[3])) for m in GROUP.finditer(text)]
     assert [names for names, _ in unpacked] == [list(s.group) for s in groups]
     assert [last + 1 for _, last in unpacked] == [len(s.group) for s in groups]
+    packed = [s for s in shape.args if s.spread == protocol.JSON]
+    runs = [(m[1].replace(",", " ").split(), m[2], m[3]) for m in RUNS.finditer(text)]
+    assert [names for names, _, _ in runs] == [[f"{f}_at" for f in s.group] for s in packed]
+    for names, starts, count in runs:
+        assert starts == ", ".join(["0", count] + [f"{k} * {count}" for k in range(2, len(names))])
 
 
 @pytest.mark.parametrize("name", scripts.NAMES)

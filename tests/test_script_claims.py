@@ -38,8 +38,9 @@ async def test_the_packed_claims_keep_the_callers_text_byte_for_byte(fake: Fake)
     # the claims go as one JSON list: quotes, backslashes, control characters and
     # non-ASCII in the fields and in `extra` (itself JSON) come out as they went in
     await fake.put_campaign(settings())
-    extra = EXTRA[:-1] + r',"device_id":"d\"\\\n\u00e9中😀","staff_id":"é/"}'
-    odd = claim(1, user_id='u"\\\n\té中😀', idem_field='k-app|r"\\中', extra=extra)
+    own = r',"device_id":"d\"\\\n\u00e9中😀","staff_id":"é/"'
+    extra = EXTRA[:-1] + own + "}"
+    odd = claim(1, user_id='u"\\\n\té中😀', idem_field='k-app|r"\\中', extra=own)
     [(code, issued_at)] = await fake.claim(odd)
     assert code == "OK"
     stored = await fake.redis.hget(CK.vouchers, odd.candidate)
@@ -243,6 +244,16 @@ async def test_rate_limits_count_attempts_per_account_device_and_ip(fake: Fake) 
     assert 0 < int(answers[1][1]) <= 60  # seconds until the window ends
 
 
+async def test_a_request_is_found_in_the_previous_idempotency_bucket(fake: Fake) -> None:
+    await fake.put_campaign(settings())
+    await fake.claim(claim(1))
+    current, previous = CK.idempotency(time.time())
+    await fake.redis.rename(current, previous)  # as if its bucket's time had passed
+    retry = claim(1, nonce="another-nonce-0001")
+    reused = claim(2, idem_field=claim(1).idem_field)  # the same request id, another body
+    assert await fake.claimed(retry, reused) == ["REPLAY", "IDEMPOTENCY_MISMATCH"]
+
+
 async def test_a_replay_is_not_counted_nor_limited(fake: Fake) -> None:
     await fake.put_campaign(settings())
     limits = RateLimits(per_account=ONE_PER_MINUTE)
@@ -278,7 +289,7 @@ async def test_staff_claims_need_the_person_registered_to_the_account(fake: Fake
     assert answers == ["OK", "NOT_REGISTERED", "NOT_REGISTERED"]
 
 
-LOTTERY_EXTRA = EXTRA[:-1] + ',"application_ref":"ref-1"}'
+LOTTERY_EXTRA = ',"application_ref":"ref-1"'  # a claim's own, after the campaign's
 
 
 async def test_a_lottery_round_takes_applications(fake: Fake) -> None:
