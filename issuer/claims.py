@@ -169,23 +169,33 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
             return self._extra + "}"
         return f"{self._extra},{ENCODER.encode(own).decode()[1:]}"
 
-    def issued(self, voucher_id: str, user_id: str, issued_ms: bytes) -> Issued:
-        """The answer to a claim the script issued at `issued_ms` (it answers only its time,
-        the same for a batch: the rest is what was sent)."""
-        if issued_ms != self._issued_ms:
-            at = from_millis(int(issued_ms), self.zone)
-            self._issued_ms, self._issued_at = issued_ms, ENCODER.encode(at).decode()
-        head, between, before_at, after_at = self._answer
-        body = f"{head}{voucher_id}{between}{user_id}{before_at}{self._issued_at}{after_at}"
-        return Issued(voucher_id, body.encode())
+    @functools.cached_property
+    def _counted(self) -> object:
+        """The count of its issued claims (counted per batch, not per answer)."""
+        return metrics.child(metrics.CLAIMS, self.cached.keys.campaign_id, "OK")
 
     async def send(self, items: list[Claim]) -> list[Claimed | ApiError]:
+        """Each claim's answer. An issued voucher's (nearly every claim of a batch) is made
+        here, spliced into its round's answer, and counted with the batch's others: the
+        script answers only its time, the same for a batch, the rest is what was sent."""
         answers: list[Claimed | ApiError] = []
+        head, between, before_at, after_at = self._answer
+        issued = 0
         for claim, (code, payload) in zip(items, await self.run(items), strict=True):
-            if code == "OK":  # nearly every claim of a batch: answered in this loop
-                answers.append((self.issued(claim.candidate, claim.user_id, payload), False))
-            else:
+            if code != "OK":
                 answers.append(self.answer(code, payload))
+                continue
+            if payload != self._issued_ms:
+                at = from_millis(int(payload), self.zone)
+                self._issued_ms, self._issued_at = payload, ENCODER.encode(at).decode()
+            voucher_id = claim.candidate
+            body = (
+                f"{head}{voucher_id}{between}{claim.user_id}{before_at}{self._issued_at}{after_at}"
+            )
+            answers.append((Issued(voucher_id, body.encode()), False))
+            issued += 1
+        if issued:
+            metrics.count(self._counted, issued)
         return answers
 
     async def run(self, items: list[Claim]) -> list[tuple[str, bytes]]:
