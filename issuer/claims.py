@@ -91,10 +91,8 @@ _OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _IPV4 = re.compile(rf"({_OCTET}\.){{3}}{_OCTET}")
 
 
-def _client_ip(given: str | None, remote: str | None) -> str:
-    """The normalised client IP of a claim ("" if unknown); INVALID_REQUEST if malformed."""
-    if given is None:
-        return remote or ""
+def _client_ip(given: str) -> str:
+    """The normalised client IP a claim names; INVALID_REQUEST if malformed."""
     if _IPV4.fullmatch(given):
         return given
     try:
@@ -445,13 +443,22 @@ class Claims:
         none."""
         campaign_id = cached.keys.campaign_id
         rnd, idem, ref = checked
-        try:
-            client_ip = _client_ip(claim.client_ip, remote)
-        except ApiError as err:
-            refused: asyncio.Future[Claimed | ApiError] = asyncio.get_running_loop().create_future()
-            refused.set_result(err)
-            return refused
-        batcher = self._batcher(cached, rnd)
+        client_ip = remote or ""  # unless the claim names one ("" if unknown)
+        if claim.client_ip is not None:
+            try:
+                client_ip = _client_ip(claim.client_ip)
+            except ApiError as err:
+                refused: asyncio.Future[Claimed | ApiError]
+                refused = asyncio.get_running_loop().create_future()
+                refused.set_result(err)
+                return refused
+        # the batcher of its round, one per campaign, kept while idle: it holds what its
+        # round's answers share, encoded once (dropped whenever its queue ran dry, it was
+        # made again for nearly every batch). A claim of another round, or of the campaign
+        # loaded anew (another version), replaces it; the one replaced sends what it holds.
+        batcher = self._batchers.get(campaign_id)
+        if batcher is None or batcher.cached is not cached or batcher.round is not rnd:
+            batcher = self._batchers[campaign_id] = Batcher(self, cached, rnd)
         candidate = new_id(campaign_id)
         canonical = msgspec.structs.replace(claim, person=None, person_ref=ref)
         # by position, in its fields' order; tuple.__new__ as Claim's own __new__ does, less
@@ -472,17 +479,6 @@ class Claims:
             ),
         )
         return batcher.submit(pending)
-
-    def _batcher(self, cached: CachedCampaign, rnd: Round) -> Batcher:
-        """The batcher of a claim's round, one per campaign, kept while idle: it holds what
-        its round's answers share, encoded once (dropped whenever its queue ran dry, it was
-        made again for nearly every batch). A claim of another round, or of the campaign
-        loaded anew (another version), replaces it; the one replaced sends what it holds."""
-        campaign_id = cached.keys.campaign_id
-        batcher = self._batchers.get(campaign_id)
-        if batcher is None or batcher.cached is not cached or batcher.round is not rnd:
-            batcher = self._batchers[campaign_id] = Batcher(self, cached, rnd)
-        return batcher
 
     def _check_caller(self, cached: CachedCampaign, claim: ClaimIn, verified: Verified) -> None:
         """FORBIDDEN unless the key's role is the one that claims in the campaign's mode;
