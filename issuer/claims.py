@@ -62,6 +62,8 @@ _MARK_JSON = ENCODER.encode(_MARK).decode()[1:-1]  # inside its quotes
 _MARK_AT = datetime(1, 1, 1, tzinfo=UTC)
 _MARK_AT_JSON = ENCODER.encode(_MARK_AT).decode()  # with its quotes, as _issued_at
 Checked = tuple[Round, str, str]  # a claim's round, idempotency field and person reference
+# a claim batch's rate-limit windows (per account, device, client IP): keys, then arguments
+Windows = tuple[tuple[str, str, str], tuple[RateLimitArgs, RateLimitArgs, RateLimitArgs]]
 
 
 def _window(
@@ -113,6 +115,8 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
         self.round = rnd
         self._issued_ms = b""  # the last issued_at answered, and its encoding
         self._issued_at = ""
+        self._windows_at = -1  # the second of its rate-limit windows, and the windows
+        self._windows: Windows
 
     @functools.cached_property
     def zone(self) -> ZoneInfo:
@@ -202,10 +206,7 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
         definition = self.cached.definition
         round_id = self.round.round_id
         now = time.time()
-        limits = definition.rate_limits
-        account, account_limit = _window(ck, "account", limits.per_account, now)
-        device, device_limit = _window(ck, "device", limits.per_device, now)
-        ip, ip_limit = _window(ck, "ip", limits.per_ip, now)
+        rate_windows, rate_limits = self._rate_windows(now)
         first_nonce_bucket, nonce_buckets = ck.nonce_range({c.nonce_bucket for c in items})
         current, previous = ck.idempotency(now)
         batch = ClaimBatch(
@@ -224,12 +225,12 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
             applicants=ck.applicants,
             applicant_accounts=ck.applicant_accounts,
             entries=ck.entries(round_id),
-            rate_windows=(account, device, ip),
+            rate_windows=rate_windows,
             nonce_buckets=nonce_buckets,
             round_id=round_id,
             reserve_fen=definition.voucher.reserve,
             mode=definition.mode,
-            rate_limits=(account_limit, device_limit, ip_limit),
+            rate_limits=rate_limits,
             allocation=self.round.allocation,
             check_applicants="1" if self.cached.lottery else "",
             first_nonce_bucket=first_nonce_bucket,
@@ -245,6 +246,19 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
         codes = result[4::2]
         self.claims.after_batch(self.cached, self.round, status, version, codes)
         return list(zip(map(bytes.decode, codes), result[5::2], strict=True))
+
+    def _rate_windows(self, now: float) -> Windows:
+        """Its batch's rate-limit windows at `now`, made again only when the second changes:
+        a window's key, and the seconds until it ends, rounded up, change only with it."""
+        second = int(now)
+        if second != self._windows_at:
+            ck, limits = self.cached.keys, self.cached.definition.rate_limits
+            account, account_limit = _window(ck, "account", limits.per_account, now)
+            device, device_limit = _window(ck, "device", limits.per_device, now)
+            ip, ip_limit = _window(ck, "ip", limits.per_ip, now)
+            windows = (account, device, ip), (account_limit, device_limit, ip_limit)
+            self._windows_at, self._windows = second, windows
+        return self._windows
 
     def answer(self, code: str, payload: bytes) -> Claimed | ApiError:
         """The answer to a claim the script did not issue: a replay, an application, or

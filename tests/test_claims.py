@@ -8,15 +8,17 @@ import ipaddress
 import random
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from issuer.claims import _client_ip
+from issuer.claims import Batcher, _client_ip, _window
 from issuer.errors import ApiError
 from issuer.keys import CampaignKeys
+from issuer.model import RateLimit, RateLimits
 from tests.conftest import Keyspace, Service, campaign_primaries, unique_id
 from tests.people import BEIJING, XI_SEAT, YUNCHENG, campaign, claim
 
@@ -376,6 +378,30 @@ async def test_campaigns_landed_on_several_primaries(service: Service, keyspace:
     assert len(found) >= (2 if keyspace.topology == "cluster" else 1), found
 
 
+@pytest.mark.fast
+def test_a_batch_s_rate_limit_windows_made_once_a_second_are_those_of_its_time() -> None:
+    ck = CampaignKeys("c-windows")
+    limits = RateLimits(
+        per_account=RateLimit(limit=2, window_s=60), per_device=RateLimit(limit=5, window_s=7)
+    )
+    cached: Any = SimpleNamespace(keys=ck, definition=SimpleNamespace(rate_limits=limits))
+    batcher = Batcher(SimpleNamespace(batch_max=10), cached, SimpleNamespace())  # type: ignore[arg-type]
+    for second in (1_800_000_000, 1_800_000_006, 1_800_000_007, 1_800_000_059):
+        for fraction in (0.0, 0.001, 0.5, 0.999):
+            now = second + fraction
+            account, device, ip = (
+                _window(ck, dimension, limit, now)
+                for dimension, limit in (
+                    ("account", limits.per_account),
+                    ("device", limits.per_device),
+                    ("ip", limits.per_ip),
+                )
+            )
+            made = (account[0], device[0], ip[0]), (account[1], device[1], ip[1])
+            assert batcher._rate_windows(now) == made, now
+
+
+@pytest.mark.fast
 def test_a_client_ip_is_written_as_ipaddress_writes_it() -> None:
     given = ["1.2.3.4", "0.0.0.0", "255.255.255.255", "2001:DB8:0::1", "::ffff:1.2.3.4"]
     octets = (0, 9, 10, 99, 100, 199, 200, 249, 250, 255)
