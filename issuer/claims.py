@@ -542,11 +542,12 @@ class Claims:
             return
         if cached.staff:
             return  # face-to-face claims: no surge, and Redis may say NOT_REGISTERED first
-        sticky = next((c for c in reversed(codes) if c in STICKY), None)
-        if sticky is not None and not cached.arming:
-            cached.arming = True
-            arm = self._arm_hint(cached, sticky.decode(), rnd.round_id)
-            asyncio.get_running_loop().create_task(arm)
+        if cached.arming or STICKY.isdisjoint(codes):  # nearly every batch: nothing sticky
+            return
+        sticky = next(c for c in reversed(codes) if c in STICKY)  # the last one
+        cached.arming = True
+        arm = self._arm_hint(cached, sticky.decode(), rnd.round_id)
+        asyncio.get_running_loop().create_task(arm)
 
     async def _arm_hint(self, cached: CachedCampaign, code: str, round_id: str) -> None:
         """Start refusing `code` locally for a while. Redis would answer holders of a
