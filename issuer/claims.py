@@ -542,7 +542,7 @@ class Claims:
             return
         if cached.staff:
             return  # face-to-face claims: no surge, and Redis may say NOT_REGISTERED first
-        if cached.arming or STICKY.isdisjoint(codes):  # nearly every batch: nothing sticky
+        if STICKY.isdisjoint(codes) or cached.arming:  # nearly every batch: nothing sticky
             return
         sticky = next(c for c in reversed(codes) if c in STICKY)  # the last one
         cached.arming = True
