@@ -62,6 +62,8 @@ _MARK_JSON = ENCODER.encode(_MARK).decode()[1:-1]  # inside its quotes
 _MARK_AT = datetime(1, 1, 1, tzinfo=UTC)
 _MARK_AT_JSON = ENCODER.encode(_MARK_AT).decode()  # with its quotes, as _issued_at
 Checked = tuple[Round, str, str]  # a claim's round, idempotency field and person reference
+# a claim batch's rate-limit windows (per account, device, client IP): keys, then arguments
+Windows = tuple[tuple[str, str, str], tuple[RateLimitArgs, RateLimitArgs, RateLimitArgs]]
 
 
 def _window(
@@ -91,10 +93,8 @@ _OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _IPV4 = re.compile(rf"({_OCTET}\.){{3}}{_OCTET}")
 
 
-def _client_ip(given: str | None, remote: str | None) -> str:
-    """The normalised client IP of a claim ("" if unknown); INVALID_REQUEST if malformed."""
-    if given is None:
-        return remote or ""
+def _client_ip(given: str) -> str:
+    """The normalised client IP a claim names; INVALID_REQUEST if malformed."""
     if _IPV4.fullmatch(given):
         return given
     try:
@@ -115,6 +115,8 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
         self.round = rnd
         self._issued_ms = b""  # the last issued_at answered, and its encoding
         self._issued_at = ""
+        self._windows_at = -1  # the second of its rate-limit windows, and the windows
+        self._windows: Windows
 
     @functools.cached_property
     def zone(self) -> ZoneInfo:
@@ -170,23 +172,33 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
             return ""
         return f",{ENCODER.encode(own).decode()[1:-1]}"
 
-    def issued(self, voucher_id: str, user_id: str, issued_ms: bytes) -> Issued:
-        """The answer to a claim the script issued at `issued_ms` (it answers only its time,
-        the same for a batch: the rest is what was sent)."""
-        if issued_ms != self._issued_ms:
-            at = from_millis(int(issued_ms), self.zone)
-            self._issued_ms, self._issued_at = issued_ms, ENCODER.encode(at).decode()
-        head, between, before_at, after_at = self._answer
-        body = f"{head}{voucher_id}{between}{user_id}{before_at}{self._issued_at}{after_at}"
-        return Issued(voucher_id, body.encode())
+    @functools.cached_property
+    def _counted(self) -> object:
+        """The count of its issued claims (counted per batch, not per answer)."""
+        return metrics.child(metrics.CLAIMS, self.cached.keys.campaign_id, "OK")
 
     async def send(self, items: list[Claim]) -> list[Claimed | ApiError]:
+        """Each claim's answer. An issued voucher's (nearly every claim of a batch) is made
+        here, spliced into its round's answer, and counted with the batch's others: the
+        script answers only its time, the same for a batch, the rest is what was sent."""
         answers: list[Claimed | ApiError] = []
+        head, between, before_at, after_at = self._answer
+        issued = 0
         for claim, (code, payload) in zip(items, await self.run(items), strict=True):
-            if code == "OK":  # nearly every claim of a batch: answered in this loop
-                answers.append((self.issued(claim.candidate, claim.user_id, payload), False))
-            else:
+            if code != "OK":
                 answers.append(self.answer(code, payload))
+                continue
+            if payload != self._issued_ms:
+                at = from_millis(int(payload), self.zone)
+                self._issued_ms, self._issued_at = payload, ENCODER.encode(at).decode()
+            voucher_id = claim.candidate
+            body = (
+                f"{head}{voucher_id}{between}{claim.user_id}{before_at}{self._issued_at}{after_at}"
+            )
+            answers.append((Issued(voucher_id, body.encode()), False))
+            issued += 1
+        if issued:
+            metrics.count(self._counted, issued)
         return answers
 
     async def run(self, items: list[Claim]) -> list[tuple[str, bytes]]:
@@ -195,10 +207,7 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
         definition = self.cached.definition
         round_id = self.round.round_id
         now = time.time()
-        limits = definition.rate_limits
-        account, account_limit = _window(ck, "account", limits.per_account, now)
-        device, device_limit = _window(ck, "device", limits.per_device, now)
-        ip, ip_limit = _window(ck, "ip", limits.per_ip, now)
+        rate_windows, rate_limits = self._rate_windows(now)
         first_nonce_bucket, nonce_buckets = ck.nonce_range({c.nonce_bucket for c in items})
         current, previous = ck.idempotency(now)
         batch = ClaimBatch(
@@ -217,12 +226,12 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
             applicants=ck.applicants,
             applicant_accounts=ck.applicant_accounts,
             entries=ck.entries(round_id),
-            rate_windows=(account, device, ip),
+            rate_windows=rate_windows,
             nonce_buckets=nonce_buckets,
             round_id=round_id,
             reserve_fen=definition.voucher.reserve,
             mode=definition.mode,
-            rate_limits=(account_limit, device_limit, ip_limit),
+            rate_limits=rate_limits,
             allocation=self.round.allocation,
             check_applicants="1" if self.cached.lottery else "",
             first_nonce_bucket=first_nonce_bucket,
@@ -239,6 +248,19 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
         codes = result[4::2]
         self.claims.after_batch(self.cached, self.round, status, version, codes)
         return list(zip(map(bytes.decode, codes), result[5::2], strict=True))
+
+    def _rate_windows(self, now: float) -> Windows:
+        """Its batch's rate-limit windows at `now`, made again only when the second changes:
+        a window's key, and the seconds until it ends, rounded up, change only with it."""
+        second = int(now)
+        if second != self._windows_at:
+            ck, limits = self.cached.keys, self.cached.definition.rate_limits
+            account, account_limit = _window(ck, "account", limits.per_account, now)
+            device, device_limit = _window(ck, "device", limits.per_device, now)
+            ip, ip_limit = _window(ck, "ip", limits.per_ip, now)
+            windows = (account, device, ip), (account_limit, device_limit, ip_limit)
+            self._windows_at, self._windows = second, windows
+        return self._windows
 
     def answer(self, code: str, payload: bytes) -> Claimed | ApiError:
         """The answer to a claim the script did not issue: a replay, an application, or
@@ -451,13 +473,22 @@ class Claims:
         none."""
         campaign_id = cached.keys.campaign_id
         rnd, idem, ref = checked
-        try:
-            client_ip = _client_ip(claim.client_ip, remote)
-        except ApiError as err:
-            refused: asyncio.Future[Claimed | ApiError] = asyncio.get_running_loop().create_future()
-            refused.set_result(err)
-            return refused
-        batcher = self._batcher(cached, rnd)
+        client_ip = remote or ""  # unless the claim names one ("" if unknown)
+        if claim.client_ip is not None:
+            try:
+                client_ip = _client_ip(claim.client_ip)
+            except ApiError as err:
+                refused: asyncio.Future[Claimed | ApiError]
+                refused = asyncio.get_running_loop().create_future()
+                refused.set_result(err)
+                return refused
+        # the batcher of its round, one per campaign, kept while idle: it holds what its
+        # round's answers share, encoded once (dropped whenever its queue ran dry, it was
+        # made again for nearly every batch). A claim of another round, or of the campaign
+        # loaded anew (another version), replaces it; the one replaced sends what it holds.
+        batcher = self._batchers.get(campaign_id)
+        if batcher is None or batcher.cached is not cached or batcher.round is not rnd:
+            batcher = self._batchers[campaign_id] = Batcher(self, cached, rnd)
         candidate = new_id(campaign_id)
         canonical = msgspec.structs.replace(claim, person=None, person_ref=ref)
         # by position, in its fields' order; tuple.__new__ as Claim's own __new__ does, less
@@ -478,17 +509,6 @@ class Claims:
             ),
         )
         return batcher.submit(pending)
-
-    def _batcher(self, cached: CachedCampaign, rnd: Round) -> Batcher:
-        """The batcher of a claim's round, one per campaign, kept while idle: it holds what
-        its round's answers share, encoded once (dropped whenever its queue ran dry, it was
-        made again for nearly every batch). A claim of another round, or of the campaign
-        loaded anew (another version), replaces it; the one replaced sends what it holds."""
-        campaign_id = cached.keys.campaign_id
-        batcher = self._batchers.get(campaign_id)
-        if batcher is None or batcher.cached is not cached or batcher.round is not rnd:
-            batcher = self._batchers[campaign_id] = Batcher(self, cached, rnd)
-        return batcher
 
     def _check_caller(self, cached: CachedCampaign, claim: ClaimIn, verified: Verified) -> None:
         """FORBIDDEN unless the key's role is the one that claims in the campaign's mode;
@@ -511,11 +531,12 @@ class Claims:
             return
         if cached.staff:
             return  # face-to-face claims: no surge, and Redis may say NOT_REGISTERED first
-        sticky = next((c for c in reversed(codes) if c in STICKY), None)
-        if sticky is not None and not cached.arming:
-            cached.arming = True
-            arm = self._arm_hint(cached, sticky.decode(), rnd.round_id)
-            asyncio.get_running_loop().create_task(arm)
+        if STICKY.isdisjoint(codes) or cached.arming:  # nearly every batch: nothing sticky
+            return
+        sticky = next(c for c in reversed(codes) if c in STICKY)  # the last one
+        cached.arming = True
+        arm = self._arm_hint(cached, sticky.decode(), rnd.round_id)
+        asyncio.get_running_loop().create_task(arm)
 
     async def _arm_hint(self, cached: CachedCampaign, code: str, round_id: str) -> None:
         """Start refusing `code` locally for a while. Redis would answer holders of a

@@ -71,7 +71,7 @@ def claim(
 async def claimed(
     ctx: Ctx, campaign_id: str, verified: Verified, outcome: Awaitable[Claimed | ApiError]
 ) -> web.Response:
-    """The answer to a claim that went to the gate, counted."""
+    """The answer to a claim that went to the gate, counted (a new voucher by its batch)."""
     try:
         answer = await outcome
     except ApiError as err:
@@ -79,9 +79,9 @@ async def claimed(
     if isinstance(answer, ApiError):
         return refuse(ctx, campaign_id, verified, answer)
     out, replay = answer
-    count_outcome(metrics.CLAIMS, campaign_id, "REPLAY" if replay else "OK")
     if isinstance(out, Issued):  # a new voucher, its answer encoded by its batch
         return encoded(out.body, 201)
+    count_outcome(metrics.CLAIMS, campaign_id, "REPLAY" if replay else "OK")
     # an application to a lottery round is accepted, its outcome comes with the draw
     return reply(out, 202 if isinstance(out, ApplicationOut) else 201, replay=replay)
 

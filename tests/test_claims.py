@@ -7,16 +7,22 @@ import asyncio
 import ipaddress
 import random
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
-from issuer.claims import _client_ip
+from issuer.auth import Verified
+from issuer.claims import Batcher, Claims, _client_ip, _window
 from issuer.errors import ApiError
 from issuer.keys import CampaignKeys
+from issuer.model import ClaimIn, RateLimit, RateLimits, Round
+from issuer.protocol import Claim
 from tests.conftest import Keyspace, Service, campaign_primaries, unique_id
 from tests.people import BEIJING, XI_SEAT, YUNCHENG, campaign, claim
 
@@ -376,13 +382,66 @@ async def test_campaigns_landed_on_several_primaries(service: Service, keyspace:
     assert len(found) >= (2 if keyspace.topology == "cluster" else 1), found
 
 
+@pytest.mark.fast
+def test_a_batch_s_rate_limit_windows_made_once_a_second_are_those_of_its_time() -> None:
+    ck = CampaignKeys("c-windows")
+    limits = RateLimits(
+        per_account=RateLimit(limit=2, window_s=60), per_device=RateLimit(limit=5, window_s=7)
+    )
+    cached: Any = SimpleNamespace(keys=ck, definition=SimpleNamespace(rate_limits=limits))
+    batcher = Batcher(SimpleNamespace(batch_max=10), cached, SimpleNamespace())  # type: ignore[arg-type]
+    for second in (1_800_000_000, 1_800_000_006, 1_800_000_007, 1_800_000_059):
+        for fraction in (0.0, 0.001, 0.5, 0.999):
+            now = second + fraction
+            account, device, ip = (
+                _window(ck, dimension, limit, now)
+                for dimension, limit in (
+                    ("account", limits.per_account),
+                    ("device", limits.per_device),
+                    ("ip", limits.per_ip),
+                )
+            )
+            made = (account[0], device[0], ip[0]), (account[1], device[1], ip[1])
+            assert batcher._rate_windows(now) == made, now
+
+
+@pytest.mark.fast
+async def test_a_claim_that_names_no_client_ip_is_limited_by_the_caller_s_address() -> None:
+    """As the gate is sent it: the caller's address, "" if unknown, or the one it names."""
+    sent: list[Claim] = []
+
+    async def run(batch: Any) -> list[bytes]:
+        sent.extend(batch.claims)
+        return [b"OK", b"v1", b"", b""] + [b"OK", b"1800000000000"] * len(batch.claims)
+
+    now = datetime.now(UTC)
+    rnd = Round(round_id="r1", opens_at=now, closes_at=now, valid_until=now)
+    voucher = SimpleNamespace(reserve=1, discount_rate_bp=1000, cap_fen=1)
+    definition = SimpleNamespace(
+        voucher=voucher, mode="self", rate_limits=RateLimits(), timezone="Asia/Shanghai"
+    )
+    cached: Any = SimpleNamespace(
+        keys=CampaignKeys("c-client-ip"), definition=definition, lottery=False, staff=False
+    )
+    scripts: Any = SimpleNamespace(ack="none", run=run)
+    campaigns: Any = SimpleNamespace(note_version=lambda *_: False)
+    claims = Claims(None, scripts, campaigns, person_key=b"k", batch_max=10)
+    verified = Verified(None, "nonce", 1_800_000_000)  # type: ignore[arg-type]
+    for n, (given, remote) in enumerate(
+        ((None, "10.0.0.9"), (None, None), ("1.2.3.4", "10.0.0.9"))
+    ):
+        body = msgspec.convert(claim(n, client_ip=given), ClaimIn)
+        await claims.submit(cached, body, verified, remote, (rnd, f"k|{n}", "ref"))
+    assert [c.client_ip for c in sent] == ["10.0.0.9", "", "1.2.3.4"]
+
+
+@pytest.mark.fast
 def test_a_client_ip_is_written_as_ipaddress_writes_it() -> None:
     given = ["1.2.3.4", "0.0.0.0", "255.255.255.255", "2001:DB8:0::1", "::ffff:1.2.3.4"]
     octets = (0, 9, 10, 99, 100, 199, 200, 249, 250, 255)
     given += [f"{a}.{b}.1.{d}" for a in octets for b in (0, 255) for d in (0, 7)]
     for ip in given:
-        assert _client_ip(ip, "127.0.0.1") == str(ipaddress.ip_address(ip)), ip
+        assert _client_ip(ip) == str(ipaddress.ip_address(ip)), ip
     for bad in ("256.1.1.1", "01.2.3.4", "1.2.3", "1.2.3.4.", "1..2.3", "1.2.3.4\n", "１.2.3.4"):
         with pytest.raises(ApiError):
-            _client_ip(bad, "127.0.0.1")
-    assert _client_ip(None, "127.0.0.1") == "127.0.0.1" and _client_ip(None, None) == ""
+            _client_ip(bad)
