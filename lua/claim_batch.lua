@@ -170,9 +170,7 @@ local function voucher_json(id)
   end
   return redis.call('HGET', vouchers, id)
 end
--- the voucher being issued, for write_voucher (which reads it at once): one table for the
--- batch, not one per voucher
-local issuing = {expires_at = valid_until}
+local write_voucher = voucher_writer(w, persons, accounts, vouchers, expiry, events)
 
 -- whether the latest application of a person or account (a field of `hash`) waits for
 -- its draw
@@ -276,8 +274,7 @@ local function decide(i)
   -- every check passed: write
   local json = made(extra, 'issued', person_ref, user_id, idem_field, fingerprint,
     'voucher_id', candidate, voucher_tail)
-  issuing.voucher_id, issuing.person_ref, issuing.user_id = candidate, person_ref, user_id
-  write_voucher(w, persons, accounts, vouchers, expiry, events, issuing, json)
+  write_voucher(candidate, person_ref, user_id, valid_until, json)
   person_holds[person_ref] = candidate
   account_holds[user_id] = candidate
   local record = idem_record(fingerprint, candidate)

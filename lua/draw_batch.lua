@@ -47,6 +47,7 @@ local granted = 0
 local APPLIED, NOT_DRAWN, WON = '"status":"applied"', '"status":"not_drawn"', '"status":"won"'
 
 local not_drawn = {}  -- recorded for the flusher in one event per batch
+local write_voucher = voucher_writer(nil, persons, accounts, vouchers, expiry, events)
 
 for i = 0, n - 1 do
   local at = picks_at + 2 * i
@@ -66,8 +67,7 @@ for i = 0, n - 1 do
         status = 'issued', issued_at = now, expires_at = valid_until, reserve_fen = reserve_fen,
         discount_rate_bp = app.discount_rate_bp, cap_fen = app.cap_fen,
         device_id = app.device_id, staff_id = app.staff_id}
-      write_voucher(immediately, persons, accounts, vouchers, expiry, events, rec,
-        cjson.encode(rec))
+      write_voucher(voucher_id, app.person_ref, app.user_id, valid_until, cjson.encode(rec))
       issued = issued + 1
       rreserved = rreserved + reserve_fen
       available = available - reserve_fen

@@ -73,23 +73,15 @@ local function call_spread(cmd, key, args, first, last)
   return out
 end
 
--- Writes made at once, one command each (`w.hset(key, field, value)`, `w.zadd(key, score,
--- member)`, `w.sadd(key, member)`, `w.event(stream, type, json)`: an entry per event).
-local immediately = {
-  hset = function(key, field, value) redis.call('HSET', key, field, value) end,
-  zadd = function(key, score, member) redis.call('ZADD', key, score, member) end,
-  sadd = function(key, member) redis.call('SADD', key, member) end,
-  event = function(stream, kind, json) redis.call('XADD', stream, '*', 't', kind, 'd', json) end,
-}
-
 -- Writes gathered and sent by `w.flush()`: one command per key and kind with every field
 -- (a batch's commands, and what the AOF and the replicas are sent per command, do not grow
 -- with its size). Until then Redis does not have them: a script that reads a key it wrote
 -- this way reads its own tables first. The events of one stream and type go in one entry
 -- whose `d` is the JSON array of their documents, in order (issuer/events.py reads it).
--- `w.args(cmd, key)` is the list of arguments gathered for HSET, ZADD or SADD on `key`: a
--- script appends its most frequent writes to it itself (a call less per write; a list
--- left empty sends nothing).
+-- `w.hset(key, field, value)` gathers one write. `w.args(cmd, key)` is the list of
+-- arguments gathered for HSET, ZADD or SADD on `key`, `w.documents(stream, kind)` that of
+-- the documents of `kind`'s events on `stream`: a script appends its most frequent writes
+-- to them itself (a call less per write; a list left empty sends nothing).
 local function gathered()
   local order = {}
   local by_cmd = {HSET = {}, ZADD = {}, SADD = {}}  -- cmd -> key -> its arguments
@@ -101,47 +93,37 @@ local function gathered()
     order[#order + 1] = {cmd, key, list, kind}
     return list
   end
-  -- a write of one pair (HSET's field and value, ZADD's score and member) to `cmd`'s key
-  local function pair_writer(cmd)
-    local by_key = by_cmd[cmd]
-    return function(key, a, b)
-      local list = by_key[key] or start(cmd, by_key, key)
-      local k = #list
-      list[k + 1] = a
-      list[k + 2] = b
-    end
-  end
-  local sadds = by_cmd.SADD
+  local hsets = by_cmd.HSET
   return {
-    hset = pair_writer('HSET'),
-    zadd = pair_writer('ZADD'),
-    sadd = function(key, member)
-      local list = sadds[key] or start('SADD', sadds, key)
-      list[#list + 1] = member
+    hset = function(key, field, value)
+      local list = hsets[key] or start('HSET', hsets, key)
+      local k = #list
+      list[k + 1] = field
+      list[k + 2] = value
     end,
     args = function(cmd, key)
       local by_key = by_cmd[cmd]
       return by_key[key] or start(cmd, by_key, key)
     end,
-    event = function(stream, kind, json)
+    documents = function(stream, kind)
       local by_stream = events[kind]
       if not by_stream then
         by_stream = {}
         events[kind] = by_stream
       end
-      local list = by_stream[stream] or start('XADD', by_stream, stream, kind)
-      list[#list + 1] = json
+      return by_stream[stream] or start('XADD', by_stream, stream, kind)
     end,
     flush = function()
       for _, o in ipairs(order) do
         local cmd, key, list, kind = o[1], o[2], o[3], o[4]
-        if cmd == 'XADD' then
+        if #list == 0 then  -- bound (w.args, w.documents) but left empty: nothing to send
+        elseif cmd == 'XADD' then
           -- the brackets go on the first and last documents, not round a second copy of
           -- the whole array (Lua hashes every string it makes)
           list[1] = '[' .. list[1]
           list[#list] = list[#list] .. ']'
           redis.call('XADD', key, '*', 't', kind, 'd', table.concat(list, ','))
-        elseif #list > 0 then
+        else
           call_spread(cmd, key, list)
         end
       end
@@ -149,14 +131,33 @@ local function gathered()
   }
 end
 
--- Issue voucher `v` (voucher_id, person_ref, user_id, expires_at) whose record is `json`,
--- with writer `w`: the person's and the account's hold, the record, its expiry and its
--- claim event for the flusher.
-local function write_voucher(w, persons, accounts, vouchers, expiry, events, v, json)
-  local id = v.voucher_id
-  w.hset(persons, v.person_ref, id)
-  w.hset(accounts, v.user_id, id)
-  w.hset(vouchers, id, json)
-  w.zadd(expiry, v.expires_at, id)
-  w.event(events, 'claim', json)
+-- Issuing vouchers, with writer `w` (gathered(); nil: each write at once): returns
+-- write(id, person_ref, user_id, expires_at, json), which makes voucher `id`'s writes: the
+-- person's and the account's hold, its record `json`, its expiry and its claim event for
+-- the flusher. A gathered writer's lists are found here once, and each voucher appended to
+-- them in place (a call per voucher, not one per write).
+local function voucher_writer(w, persons, accounts, vouchers, expiry, events)
+  if not w then
+    return function(id, person_ref, user_id, expires_at, json)
+      redis.call('HSET', persons, person_ref, id)
+      redis.call('HSET', accounts, user_id, id)
+      redis.call('HSET', vouchers, id, json)
+      redis.call('ZADD', expiry, expires_at, id)
+      redis.call('XADD', events, '*', 't', 'claim', 'd', json)
+    end
+  end
+  local person_holds, account_holds = w.args('HSET', persons), w.args('HSET', accounts)
+  local records, expiries = w.args('HSET', vouchers), w.args('ZADD', expiry)
+  local claims = w.documents(events, 'claim')
+  return function(id, person_ref, user_id, expires_at, json)
+    local k = #person_holds
+    person_holds[k + 1], person_holds[k + 2] = person_ref, id
+    k = #account_holds
+    account_holds[k + 1], account_holds[k + 2] = user_id, id
+    k = #records
+    records[k + 1], records[k + 2] = id, json
+    k = #expiries
+    expiries[k + 1], expiries[k + 2] = expires_at, id
+    claims[#claims + 1] = json
+  end
 end
