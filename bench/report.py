@@ -245,6 +245,15 @@ class Tables:
         return instruction_parts(self.counts)
 
 
+SIMULATED = ("I1mr", "D1mr", "D1mw", "ILmr", "DLmr", "DLmw", "Bcm", "Bim")
+
+
+def simulated(c: Counted) -> str:
+    """A count's simulated misses, mispredicts and estimated cycles per request."""
+    shown = "  ".join(f"{k} {c.events[k]:,.0f}" for k in SIMULATED)
+    return f"{shown}  estimated cycles {c.cycles:,.0f}"
+
+
 def text_table(t: Tables) -> str:
     width = max((len(s.title) for s in t.summaries), default=0) + 4
     lines = [f"{'scenario':<{width}} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}"]
@@ -266,6 +275,8 @@ def text_table(t: Tables) -> str:
             lines.append(
                 f"  ({c.scenario}) {c.median:>12,.0f}   {rounds}   idle {c.idle_per_s:,.0f}/s"
             )
+            if c.events:
+                lines.append(f"      {simulated(c)}")
     return "\n".join(lines)
 
 
