@@ -15,11 +15,12 @@ WARMUP requests are sent; then, SETTLE_S later, the idle worker is counted for I
 seconds, then each of ROUNDS sequences of N pre-signed requests from C keep-alive
 connections, each connection sending its next request once answered, and counted until
 SETTLE_S after its last answer. Instructions per request = (instructions counted − the
-idle rate × the seconds counted) / N. The settling counts what a request leaves to be done
-later (its nonce's spend, its log line's write, its counts' publish) with the request, and
-keeps it out of the idle rate: counted from the last answer, the warm-up's deferred work
-fell into the idle seconds and was then taken out of every round, times the round's
-length, and a round's own tail was left out.
+idle rate × the seconds counted) / N. Each round's profile is dumped once counted
+(callgrind.out.PID.1, .2, kept with `bench.run --keep`: `callgrind_annotate` them). The
+settling counts what a request leaves to be done later (its nonce's spend, its log line's
+write, its counts' publish) with the request, and keeps it out of the idle rate: counted
+from the last answer, the warm-up's deferred work fell into the idle seconds and was then
+taken out of every round, times the round's length, and a round's own tail was left out.
 
 Callgrind counts the instructions the process runs in user space, not the kernel's work in
 its system calls (socket reads and writes), which the bench's CPU seconds include. Under
@@ -302,6 +303,7 @@ async def count(
             await finished(load)
             await asyncio.sleep(SETTLE_S)
             total, ended = await asyncio.to_thread(subject.counted)
+            await asyncio.to_thread(subject.control, "--dump=round")  # its own profile
             checked(load, expect)
             took.append(ended - began)
             each.append(
