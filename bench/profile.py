@@ -164,6 +164,11 @@ def events(answer: str) -> dict[str, int]:
     return totals
 
 
+def instructions(pid: int) -> int:
+    """Instructions callgrind counted in process `pid` (every thread) since its last zero."""
+    return events(callgrind_control(pid, "-e"))["Ir"]
+
+
 def installed() -> bool:
     return shutil.which("valgrind") is not None and shutil.which("callgrind_control") is not None
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench import profile, report
+
+pytestmark = pytest.mark.fast
 
 SIMULATED = "\n".join(  # callgrind_control -e of a worker under --cache-sim (trimmed)
     [
