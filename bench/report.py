@@ -222,12 +222,18 @@ def ratios(summaries: list[Summary]) -> list[Ratio]:
 
 
 def instruction_parts(counts: list[Counted]) -> list[Part]:
-    """The INSTRUCTION_PARTS rows whose two scenarios were counted."""
+    """The INSTRUCTION_PARTS rows whose two scenarios were counted; with `--cache-sim`,
+    the same ratios of estimated cycles after them (measured, no target)."""
     per = {c.scenario: c.median for c in counts}
+    cycles = {c.scenario: c.cycles for c in counts if c.events}
     return [
         Part(name, per[scenario] / per[baseline], ceiling, "×")
         for name, scenario, baseline, ceiling in INSTRUCTION_PARTS
         if scenario in per and per.get(baseline)
+    ] + [
+        Part(name.replace("instructions", "estimated cycles", 1), cycles[a] / cycles[b], None, "×")
+        for name, a, b, _ in INSTRUCTION_PARTS
+        if a in cycles and cycles.get(b)
     ]
 
 

@@ -36,3 +36,22 @@ def test_simulated_events_and_estimated_cycles() -> None:
     mispredicts = (4_040 + 1_515) / 10
     assert counted.cycles == per["Ir"] + 10 * first + 100 * last + 10 * mispredicts
     assert "estimated cycles" in report.simulated(counted)
+
+
+def test_estimated_cycles_get_ratios_of_their_own_beside_the_instructions() -> None:
+    def counted(scenario: str, ir: float, events: dict[str, float]) -> profile.Counted:
+        return profile.Counted(scenario, [ir], 10, 0.0, [1.0], events)
+
+    plain = [counted("h", 300.0, {}), counted("c", 375.0, {})]
+    assert [p.name for p in report.instruction_parts(plain)] == [
+        "instructions, sold-out refusal (c) / floor (h)"
+    ]
+    none = dict.fromkeys(report.SIMULATED, 0.0)
+    simulated = [
+        counted("h", 300.0, {**none, "Ir": 300.0, "D1mr": 10.0}),
+        counted("c", 375.0, {**none, "Ir": 375.0, "D1mr": 22.5}),
+    ]
+    parts = {p.name: p for p in report.instruction_parts(simulated)}
+    cycles = parts["estimated cycles, sold-out refusal (c) / floor (h)"]
+    assert cycles.value == 600.0 / 400.0 and cycles.verdict == "measured"
+    assert parts["instructions, sold-out refusal (c) / floor (h)"].value == 1.25
