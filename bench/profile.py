@@ -15,11 +15,12 @@ WARMUP requests are sent; then, SETTLE_S later, the idle worker is counted for I
 seconds, then each of ROUNDS sequences of N pre-signed requests from C keep-alive
 connections, each connection sending its next request once answered, and counted until
 SETTLE_S after its last answer. Instructions per request = (instructions counted − the
-idle rate × the seconds counted) / N. The settling counts what a request leaves to be done
-later (its nonce's spend, its log line's write, its counts' publish) with the request, and
-keeps it out of the idle rate: counted from the last answer, the warm-up's deferred work
-fell into the idle seconds and was then taken out of every round, times the round's
-length, and a round's own tail was left out.
+idle rate × the seconds counted) / N. Each round's profile is dumped once counted
+(callgrind.out.PID.1, .2, kept with `bench.run --keep`: `callgrind_annotate` them). The
+settling counts what a request leaves to be done later (its nonce's spend, its log line's
+write, its counts' publish) with the request, and keeps it out of the idle rate: counted
+from the last answer, the warm-up's deferred work fell into the idle seconds and was then
+taken out of every round, times the round's length, and a round's own tail was left out.
 
 Callgrind counts the instructions the process runs in user space, not the kernel's work in
 its system calls (socket reads and writes), which the bench's CPU seconds include. Under
@@ -46,7 +47,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -101,7 +102,11 @@ HELD = (
 SHED_LAG_MS = 60_000  # a counted worker is always late: the most the setting allows
 LONG_S = 3_600.0  # a sequence ends when its requests are answered, not at a time
 SETTLE_S = 8.0  # longer than a counted worker's deferred work: its counts' publish (6 s)
-TOTAL = re.compile(r"^\s*Th\s+\d+\s+([\d,]+)\s*$", re.M)
+EVENTS = re.compile(r"^\s*Totals:((?:\s+\w+)+)\s*$", re.M)  # the events' names
+THREAD = re.compile(r"^\s*Th\s+\d+((?:\s+[\d,]+)+)\s*$", re.M)  # one thread's counts
+# The simulated caches with `--cache-sim`: this VM's per-core L1i, L1d, and L2 as the last
+# level (its 32 MiB L3 is shared with the host's other guests).
+CACHES = ("--I1=32768,8,64", "--D1=32768,8,64", "--LL=1048576,16,64")
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,17 @@ class Counted:
     requests: int
     idle_per_s: float
     round_s: list[float]
+    events: dict[str, float] = field(default_factory=dict)  # per request, with --cache-sim
+
+    @property
+    def cycles(self) -> float:
+        """Estimated cycles per request from the simulated events (`--cache-sim`): each
+        instruction 1, each first-level miss 10, each last-level miss 100, each
+        mispredicted branch 10."""
+        e = self.events
+        first = e["I1mr"] + e["D1mr"] + e["D1mw"]
+        last = e["ILmr"] + e["DLmr"] + e["DLmw"]
+        return e["Ir"] + 10 * first + 100 * last + 10 * (e["Bcm"] + e["Bim"])
 
     @property
     def median(self) -> float:
@@ -136,9 +152,21 @@ def callgrind_control(pid: int, *args: str) -> str:
     return done.stdout
 
 
+def events(answer: str) -> dict[str, int]:
+    """Each event's count, every thread, in callgrind_control's answer to `-e`."""
+    names = EVENTS.search(answer)
+    if names is None:
+        raise RuntimeError(f"no event totals in callgrind_control's answer: {answer!r}")
+    totals = dict.fromkeys(names.group(1).split(), 0)
+    for counts in THREAD.findall(answer):  # a thread's trailing zero counts left out
+        for name, n in zip(totals, counts.split(), strict=False):
+            totals[name] += int(n.replace(",", ""))
+    return totals
+
+
 def instructions(pid: int) -> int:
     """Instructions callgrind counted in process `pid` (every thread) since its last zero."""
-    return sum(int(n.replace(",", "")) for n in TOTAL.findall(callgrind_control(pid, "-e")))
+    return events(callgrind_control(pid, "-e"))["Ir"]
 
 
 def installed() -> bool:
@@ -161,12 +189,16 @@ def solo_env(worker_pid: int, port: int, metrics_dir: Path) -> dict[str, str]:
 class Subject:
     """A server process under callgrind, its instrumentation off until `instrument()`."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], out_dir: Path, log: Path) -> None:
+    def __init__(
+        self, argv: list[str], env: dict[str, str], out_dir: Path, log: Path, cache_sim: bool
+    ) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
+        simulated = ["--cache-sim=yes", "--branch-sim=yes", *CACHES] if cache_sim else []
         cmd = [
             "valgrind",
             "--tool=callgrind",
             "--instr-atstart=no",
+            *simulated,
             f"--callgrind-out-file={out_dir}/callgrind.out.%p",
             sys.executable,
             *argv,
@@ -192,10 +224,11 @@ class Subject:
         self.control("--zero")
         return (before + time.monotonic()) / 2
 
-    def counted(self) -> tuple[int, float]:
-        """Instructions since the last zero, every thread, and when they were read."""
+    def counted(self) -> tuple[dict[str, int], float]:
+        """Each event since the last zero (instructions: "Ir"), every thread, and when they
+        were read."""
         before = time.monotonic()
-        return instructions(self.proc.pid), (before + time.monotonic()) / 2
+        return events(self.control("-e")), (before + time.monotonic()) / 2
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -265,8 +298,9 @@ async def count(
         began = await asyncio.to_thread(subject.zero)
         await asyncio.sleep(idle_s)
         idle, ended = await asyncio.to_thread(subject.counted)
-        idle_per_s = idle / (ended - began)
-        per_request, took = [], []
+        idle_per_s = {name: n / (ended - began) for name, n in idle.items()}
+        each: list[dict[str, float]] = []
+        took: list[float] = []
         for requests in rounds:
             load = sequence(requests)
             began = await asyncio.to_thread(subject.zero)
@@ -274,10 +308,17 @@ async def count(
             await finished(load)
             await asyncio.sleep(SETTLE_S)
             total, ended = await asyncio.to_thread(subject.counted)
+            await asyncio.to_thread(subject.control, "--dump=round")  # its own profile
             checked(load, expect)
             took.append(ended - began)
-            per_request.append((total - idle_per_s * took[-1]) / len(requests))
-        return Counted(scenario, per_request, len(rounds[0]), idle_per_s, took)
+            each.append(
+                {k: (n - idle_per_s[k] * took[-1]) / len(requests) for k, n in total.items()}
+            )
+        per_request = [e["Ir"] for e in each]
+        simulated = (
+            {k: statistics.median(e[k] for e in each) for k in each[0]} if len(each[0]) > 1 else {}
+        )
+        return Counted(scenario, per_request, len(rounds[0]), idle_per_s["Ir"], took, simulated)
     finally:
         close(conns)
         await asyncio.to_thread(subject.stop)

@@ -222,12 +222,18 @@ def ratios(summaries: list[Summary]) -> list[Ratio]:
 
 
 def instruction_parts(counts: list[Counted]) -> list[Part]:
-    """The INSTRUCTION_PARTS rows whose two scenarios were counted."""
+    """The INSTRUCTION_PARTS rows whose two scenarios were counted; with `--cache-sim`,
+    the same ratios of estimated cycles after them (measured, no target)."""
     per = {c.scenario: c.median for c in counts}
+    cycles = {c.scenario: c.cycles for c in counts if c.events}
     return [
         Part(name, per[scenario] / per[baseline], ceiling, "×")
         for name, scenario, baseline, ceiling in INSTRUCTION_PARTS
         if scenario in per and per.get(baseline)
+    ] + [
+        Part(name.replace("instructions", "estimated cycles", 1), cycles[a] / cycles[b], None, "×")
+        for name, a, b, _ in INSTRUCTION_PARTS
+        if a in cycles and cycles.get(b)
     ]
 
 
@@ -243,6 +249,15 @@ class Tables:
     @property
     def counted(self) -> list[Part]:
         return instruction_parts(self.counts)
+
+
+SIMULATED = ("I1mr", "D1mr", "D1mw", "ILmr", "DLmr", "DLmw", "Bcm", "Bim")
+
+
+def simulated(c: Counted) -> str:
+    """A count's simulated misses, mispredicts and estimated cycles per request."""
+    shown = "  ".join(f"{k} {c.events[k]:,.0f}" for k in SIMULATED)
+    return f"{shown}  estimated cycles {c.cycles:,.0f}"
 
 
 def text_table(t: Tables) -> str:
@@ -266,6 +281,8 @@ def text_table(t: Tables) -> str:
             lines.append(
                 f"  ({c.scenario}) {c.median:>12,.0f}   {rounds}   idle {c.idle_per_s:,.0f}/s"
             )
+            if c.events:
+                lines.append(f"      {simulated(c)}")
     return "\n".join(lines)
 
 

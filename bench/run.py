@@ -102,6 +102,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--count-requests", type=int, default=profile.REQUESTS, help="per counted round"
     )
+    parser.add_argument(
+        "--cache-sim",
+        action="store_true",
+        help="count with callgrind's cache and branch simulation too: misses, mispredicts"
+        " and estimated cycles per request beside the instructions (slower)",
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--keep", action="store_true", help="keep the temp dir for a look")
     parser.add_argument(
@@ -226,7 +232,7 @@ class Bench:
             port = reserved.getsockname()[1]
             argv, env = self.solo(s, port)
             counted_dir = self.stack.dir / "callgrind"
-            subject = profile.Subject(argv, env, counted_dir, self.stack.log)
+            subject = profile.Subject(argv, env, counted_dir, self.stack.log, args.cache_sim)
             return await profile.count(s.key, subject, port, built[:warmup], rounds, s.expect)
 
     async def run(self, s: Scenario, rep: int) -> report.RunResult:
@@ -427,6 +433,8 @@ async def bench(args: argparse.Namespace) -> int:
                 f" {c.requests:,}: {rounds}; idle {c.idle_per_s:,.0f}/s taken out)",
                 flush=True,
             )
+            if c.events:
+                print(f"    {report.simulated(c)}", flush=True)
         summaries = report.summarise(titles, runs)
         tables = report.Tables(summaries, report.ratios(summaries), report.parts(runs), counts)
         print()
