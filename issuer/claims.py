@@ -184,9 +184,10 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
         answers: list[Claimed | ApiError] = []
         head, between, before_at, after_at = self._answer
         issued = 0
-        for claim, (code, payload) in zip(items, await self.run(items), strict=True):
-            if code != "OK":
-                answers.append(self.answer(code, payload))
+        codes, payloads = await self.run(items)
+        for claim, code, payload in zip(items, codes, payloads, strict=True):
+            if code != b"OK":
+                answers.append(self.answer(code.decode(), payload))
                 continue
             if payload != self._issued_ms:
                 at = from_millis(int(payload), self.zone)
@@ -201,8 +202,9 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
             metrics.count(self._counted, issued)
         return answers
 
-    async def run(self, items: list[Claim]) -> list[tuple[str, bytes]]:
-        """One `claim_batch` call: each claim's code and payload, as the script answers."""
+    async def run(self, items: list[Claim]) -> tuple[list[bytes], list[bytes]]:
+        """One `claim_batch` call: its claims' codes and their payloads, as the script
+        answers them (undecoded)."""
         ck = self.cached.keys
         definition = self.cached.definition
         round_id = self.round.round_id
@@ -247,7 +249,7 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
         status, version = result[0].decode(), result[1].decode()
         codes = result[4::2]
         self.claims.after_batch(self.cached, self.round, status, version, codes)
-        return list(zip(map(bytes.decode, codes), result[5::2], strict=True))
+        return codes, result[5::2]
 
     def _rate_windows(self, now: float) -> Windows:
         """Its batch's rate-limit windows at `now`, made again only when the second changes:
