@@ -113,6 +113,7 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
         self.claims = claims
         self.cached = cached
         self.round = rnd
+        self.lottery = rnd.allocation == "lottery"
         self._issued_ms = b""  # the last issued_at answered, and its encoding
         self._issued_at = ""
         self._windows_at = -1  # the second of its rate-limit windows, and the windows
@@ -159,17 +160,17 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
         return ENCODER.encode(common).decode()[:-1]
 
     def extra(self, claim: ClaimIn, candidate: str) -> str:
-        """A claim's `extra`, its record's own fields that it gives, as JSON members that
-        follow the campaign's (`_extra` and this are the same bytes as one dict encoded)."""
+        """A claim's `extra`, its record's own fields, as JSON members that follow the
+        campaign's (`_extra` and this are the same bytes as one dict encoded); called only
+        for a claim that has some (a device or staff id, or a lottery round's), "" the
+        others'."""
         own: dict[str, str] = {}
         if claim.device_id is not None:
             own["device_id"] = claim.device_id
         if claim.staff_id is not None:
             own["staff_id"] = claim.staff_id
-        if self.round.allocation == "lottery":
+        if self.lottery:
             own["application_ref"] = application_ref(self.claims.ref_key, candidate)
-        if not own:
-            return ""
         return f",{ENCODER.encode(own).decode()[1:-1]}"
 
     @functools.cached_property
@@ -505,7 +506,11 @@ class Claims:
                 ref,
                 claim.user_id,
                 candidate,
-                batcher.extra(claim, candidate),
+                (
+                    batcher.extra(claim, candidate)
+                    if claim.device_id or claim.staff_id or batcher.lottery
+                    else ""
+                ),
                 claim.device_id or "",
                 client_ip,
             ),
