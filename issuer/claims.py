@@ -113,7 +113,6 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
         self.claims = claims
         self.cached = cached
         self.round = rnd
-        self.lottery = rnd.allocation == "lottery"
         self._issued_ms = b""  # the last issued_at answered, and its encoding
         self._issued_at = ""
         self._windows_at = -1  # the second of its rate-limit windows, and the windows
@@ -122,6 +121,11 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
     @functools.cached_property
     def zone(self) -> ZoneInfo:
         return zone(self.cached.definition.timezone)
+
+    @functools.cached_property
+    def lottery(self) -> bool:
+        """Whether its round is a lottery's (its claims' records hold an application_ref)."""
+        return self.round.allocation == "lottery"
 
     @functools.cached_property
     def _answer(self) -> tuple[str, str, str, str]:
