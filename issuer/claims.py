@@ -123,6 +123,11 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
         return zone(self.cached.definition.timezone)
 
     @functools.cached_property
+    def lottery(self) -> bool:
+        """Whether its round is a lottery's (its claims' records hold an application_ref)."""
+        return self.round.allocation == "lottery"
+
+    @functools.cached_property
     def _answer(self) -> tuple[str, str, str, str]:
         """Its issued vouchers' answer, encoded once, cut around what differs per voucher:
         the voucher id, the user id and issued_at (the rest is the round's). Ids are
@@ -159,17 +164,17 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
         return ENCODER.encode(common).decode()[:-1]
 
     def extra(self, claim: ClaimIn, candidate: str) -> str:
-        """A claim's `extra`, its record's own fields that it gives, as JSON members that
-        follow the campaign's (`_extra` and this are the same bytes as one dict encoded)."""
+        """A claim's `extra`, its record's own fields, as JSON members that follow the
+        campaign's (`_extra` and this are the same bytes as one dict encoded); called only
+        for a claim that has some (a device or staff id, or a lottery round's), "" the
+        others'."""
         own: dict[str, str] = {}
         if claim.device_id is not None:
             own["device_id"] = claim.device_id
         if claim.staff_id is not None:
             own["staff_id"] = claim.staff_id
-        if self.round.allocation == "lottery":
+        if self.lottery:
             own["application_ref"] = application_ref(self.claims.ref_key, candidate)
-        if not own:
-            return ""
         return f",{ENCODER.encode(own).decode()[1:-1]}"
 
     @functools.cached_property
@@ -184,9 +189,10 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
         answers: list[Claimed | ApiError] = []
         head, between, before_at, after_at = self._answer
         issued = 0
-        for claim, (code, payload) in zip(items, await self.run(items), strict=True):
-            if code != "OK":
-                answers.append(self.answer(code, payload))
+        codes, payloads = await self.run(items)
+        for claim, code, payload in zip(items, codes, payloads, strict=True):
+            if code != b"OK":
+                answers.append(self.answer(code.decode(), payload))
                 continue
             if payload != self._issued_ms:
                 at = from_millis(int(payload), self.zone)
@@ -201,8 +207,9 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
             metrics.count(self._counted, issued)
         return answers
 
-    async def run(self, items: list[Claim]) -> list[tuple[str, bytes]]:
-        """One `claim_batch` call: each claim's code and payload, as the script answers."""
+    async def run(self, items: list[Claim]) -> tuple[list[bytes], list[bytes]]:
+        """One `claim_batch` call: its claims' codes and their payloads, as the script
+        answers them (undecoded)."""
         ck = self.cached.keys
         definition = self.cached.definition
         round_id = self.round.round_id
@@ -247,7 +254,7 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
         status, version = result[0].decode(), result[1].decode()
         codes = result[4::2]
         self.claims.after_batch(self.cached, self.round, status, version, codes)
-        return list(zip(map(bytes.decode, codes), result[5::2], strict=True))
+        return codes, result[5::2]
 
     def _rate_windows(self, now: float) -> Windows:
         """Its batch's rate-limit windows at `now`, made again only when the second changes:
@@ -503,7 +510,11 @@ class Claims:
                 ref,
                 claim.user_id,
                 candidate,
-                batcher.extra(claim, candidate),
+                (
+                    batcher.extra(claim, candidate)
+                    if claim.device_id or claim.staff_id or batcher.lottery
+                    else ""
+                ),
                 claim.device_id or "",
                 client_ip,
             ),

@@ -1,21 +1,27 @@
-"""The Lua scripts of `lua/`, registered once per Redis client.
+"""The Lua scripts of `lua/`, read once per Redis client and called by their SHA1.
 
 Each script is `lua/lib.lua` followed by the script's own file; a call is the script's
-structure in issuer/protocol.py, which lays out its KEYS and ARGV. redis-py's `Script`
-object runs EVALSHA and, on NOSCRIPT (after a Redis restart or failover), loads the
-script and retries, so callers never see a missing script.
+structure in issuer/protocol.py, which lays out its KEYS and ARGV. A call is one EVALSHA
+and, on NOSCRIPT (after a Redis restart or failover), SCRIPT LOAD and EVALSHA again, so
+callers never see a missing script.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from collections.abc import Callable, Iterator
 from importlib.resources import files
 from typing import Any
 
-from redis.commands.core import AsyncScript
-from redis.exceptions import ClusterDownError, MovedError, RedisError, TryAgainError
+from redis.exceptions import (
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    RedisError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -43,15 +49,20 @@ def source(name: str) -> str:
     return package.joinpath(LIB).read_text() + "\n" + package.joinpath(f"{name}.lua").read_text()
 
 
-@contextlib.contextmanager
-def _transport_errors() -> Iterator[None]:
+def _closed(exc: RuntimeError) -> RedisConnectionError:
     """A write on a connection whose transport a failover just closed raises the event
     loop's own error through redis-py (RuntimeError "the handler is closed" under uvloop;
     redis-py issue 4287), not ConnectionError: it is one (the claim answers 503)."""
+    return RedisConnectionError(f"the connection closed under a write: {exc}")
+
+
+@contextlib.contextmanager
+def _transport_errors() -> Iterator[None]:
+    """`_closed` over a block of commands."""
     try:
         yield
     except RuntimeError as exc:
-        raise RedisConnectionError(f"the connection closed under a write: {exc}") from exc
+        raise _closed(exc) from exc
 
 
 def _took(name: str, started: float) -> None:
@@ -65,8 +76,10 @@ class Scripts:
     def __init__(
         self, redis: Any, ack: DurableAck = "none", ack_replicas: int | None = None
     ) -> None:
-        self._scripts: dict[str, AsyncScript] = {
-            name: redis.register_script(source(name)) for name in NAMES
+        self.redis = redis
+        self._sources = {name: source(name) for name in NAMES}
+        self._shas = {
+            name: hashlib.sha1(text.encode()).hexdigest() for name, text in self._sources.items()
         }
         self.ack = ack
         self.owners = topology.Owners(redis)
@@ -75,10 +88,22 @@ class Scripts:
     async def run(self, call: Call) -> Any:
         started = time.perf_counter()
         try:
-            with _transport_errors():
-                return await self._scripts[call.SCRIPT](keys=call.keys(), args=call.args())
+            return await self._evalsha(self.redis, call.SCRIPT, call.keys(), call.args())
+        except RuntimeError as exc:  # not in `_transport_errors`: a batch's 5 calls fewer
+            raise _closed(exc) from exc
         finally:
             _took(call.SCRIPT, started)
+
+    async def _evalsha(self, client: Any, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Script `name` on `client` (the client or one connection of it): EVALSHA and, on
+        NOSCRIPT, SCRIPT LOAD and EVALSHA again (not redis-py's `Script`, whose call was
+        six Python calls more per batch)."""
+        sha = self._shas[name]
+        try:
+            return await client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await client.script_load(self._sources[name])
+            return await client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
 
     async def run_acked(self, call: Call, wait: Callable[[Any], bool]) -> Any:
         """Run a script on the primary that owns its slot and, when `wait(result)`, wait on
@@ -114,7 +139,7 @@ class Scripts:
         async with owner.client() as conn:
             if self.ack == "replica":
                 await self.rule.admit(conn)
-            result = await self._scripts[name](keys=keys, args=args, client=conn)
+            result = await self._evalsha(conn, name, keys, args)
             if wait(result):
                 await self._confirm(conn)
             return result
@@ -132,5 +157,5 @@ class Scripts:
 
     async def load_all(self, redis: Any) -> None:
         """Load every script (readiness: Redis answers a script, not just PING)."""
-        for script in self._scripts.values():
-            await redis.script_load(script.script)
+        for text in self._sources.values():
+            await redis.script_load(text)

@@ -143,8 +143,8 @@ class Fake:
         owner: Any = SimpleNamespace(
             scripts=self.scripts, batch_max=len(claims), after_batch=lambda *_: None
         )
-        batcher = Batcher(owner, cached, rnd)
-        return await batcher.run(list(claims))
+        codes, payloads = await Batcher(owner, cached, rnd).run(list(claims))
+        return [(code.decode(), payload) for code, payload in zip(codes, payloads, strict=True)]
 
     async def claimed(self, *claims: Claim, **batch: Any) -> list[str]:
         """The codes that `claim` answers."""

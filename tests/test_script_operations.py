@@ -1,4 +1,5 @@
-"""The operations' scripts on fakeredis: ready, trim_acked, rebuild_commit and draw_batch."""
+"""The operations' scripts on fakeredis: ready, trim_acked, rebuild_commit and draw_batch;
+how a script is called (a script the server lost, a transport closed under a write)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import json
 from typing import Any
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from issuer import keys
 from issuer.protocol import DrawBatch, DrawPick, Ready, RebuildCommit, TrimAcked
+from issuer.scripts import Scripts
 from tests.fake import BUDGET, CK, EXTRA, RESERVE, Fake, settings
 
 pytestmark = pytest.mark.fast
@@ -31,6 +34,27 @@ async def test_a_stream_is_trimmed_below_what_its_group_still_needs(fake: Fake) 
     await fake.redis.xack(stream, group, ids[1], ids[2])
     assert await fake.scripts.run(trim) == 2  # all delivered were acknowledged
     assert [e[0] for e in await fake.redis.xrange(stream)] == ids[3:]
+
+
+async def test_a_script_the_server_lost_is_loaded_again(fake: Fake) -> None:
+    """After a restart or a failover to a server that never loaded it (NOSCRIPT), a call
+    loads the script and runs it: the caller sees its answer."""
+    await fake.redis.sadd(keys.CAMPAIGNS, "c-1")
+    assert await fake.scripts.run(Ready(campaigns=keys.CAMPAIGNS)) == 1
+    await fake.redis.script_flush()
+    assert await fake.scripts.run(Ready(campaigns=keys.CAMPAIGNS)) == 1
+
+
+async def test_a_transport_closed_under_a_write_is_a_connection_error() -> None:
+    """uvloop's RuntimeError from a closed transport (redis-py issue 4287) goes up as the
+    ConnectionError it is (the claim answers 503 UNAVAILABLE)."""
+
+    class Closed:
+        async def execute_command(self, *args: Any) -> Any:
+            raise RuntimeError("the handler is closed")
+
+    with pytest.raises(RedisConnectionError, match="the handler is closed"):
+        await Scripts(Closed()).run(Ready(campaigns=keys.CAMPAIGNS))
 
 
 def commit(live: list[str], buckets: list[str]) -> RebuildCommit:
