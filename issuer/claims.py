@@ -454,7 +454,7 @@ class Claims:
         if hint is not None and hint.round_id == rnd.round_id and now < hint.until:
             held = hint.holders  # who holds a voucher, by request, person or account
             if not (idem in held.requests or ref in held.persons or claim.user_id in held.accounts):
-                return refusal(hint.code)
+                return hint.refusal
         return rnd, idem, ref
 
     def submit(
@@ -555,7 +555,7 @@ class Claims:
                     persons=frozenset(await hash_keys(self.redis, ck.persons)),
                     accounts=frozenset(await hash_keys(self.redis, ck.accounts)),
                 )
-            cached.hint = Hint(code, round_id, time.time() + HINT_TTL_S, holders)
+            cached.hint = Hint(refusal(code), round_id, time.time() + HINT_TTL_S, holders)
         except topology.REDIS_ERRORS:
             cached.hint = None
         finally:
