@@ -54,7 +54,7 @@ class Holders:
 class Hint:
     """A refusal this worker may repeat without asking Redis, until `until`."""
 
-    code: str
+    refusal: ApiError  # answered as it is, made once per code (`claims.refusal`)
     round_id: str
     until: float
     holders: Holders

@@ -26,7 +26,7 @@ from issuer.campaigns import HINT_TTL_S, CachedCampaign, Campaigns, Hint, Holder
 from issuer.draw_rules import application_ref
 from issuer.errors import ApiError, GateRefusal
 from issuer.idempotency import fingerprint, idem_field
-from issuer.identity import normalise_id_number, normalised_person_ref
+from issuer.identity import normalise_id_number, person_refs
 from issuer.ids import new_id
 from issuer.model import ApplicationOut, ClaimIn, RateLimit, Round, VoucherOut
 from issuer.protocol import Claim, ClaimBatch, RateLimitArgs, SpendNonces
@@ -392,7 +392,7 @@ class Claims:
         self.redis = redis
         self.scripts = scripts
         self.campaigns = campaigns
-        self.person_key = person_key
+        self.person_ref = person_refs(person_key)  # of a normalised ID number
         # application refs are published: keyed apart from the references to people
         self.ref_key = hmac.new(person_key, b"application_ref", hashlib.sha256).digest()
         self.batch_max = batch_max
@@ -455,13 +455,13 @@ class Claims:
             return cached.not_open[at]
         rnd = cached.stored.rounds[at]
         idem = idem_field(verified.key.id, claim.request_id)
-        ref = claim.person_ref if number is None else normalised_person_ref(self.person_key, number)
+        ref = claim.person_ref if number is None else self.person_ref(number)
         assert ref is not None
         hint = cached.hint
         if hint is not None and hint.round_id == rnd.round_id and now < hint.until:
             held = hint.holders  # who holds a voucher, by request, person or account
             if not (idem in held.requests or ref in held.persons or claim.user_id in held.accounts):
-                return refusal(hint.code)
+                return hint.refusal
         return rnd, idem, ref
 
     def submit(
@@ -566,7 +566,7 @@ class Claims:
                     persons=frozenset(await hash_keys(self.redis, ck.persons)),
                     accounts=frozenset(await hash_keys(self.redis, ck.accounts)),
                 )
-            cached.hint = Hint(code, round_id, time.time() + HINT_TTL_S, holders)
+            cached.hint = Hint(refusal(code), round_id, time.time() + HINT_TTL_S, holders)
         except topology.REDIS_ERRORS:
             cached.hint = None
         finally:

@@ -164,14 +164,6 @@ class _Grid:
         rows = [row + row[-1:] for row in rows]
         self.cells: list[bool | None] = [c for row in [*rows, rows[-1]] for c in row]
 
-    def inside(self, x: float, y: float) -> bool | None:
-        """Whether (x, y) lies in the geometry, or None if only the exact test can say."""
-        col = (x - self.west) / self.width
-        row = (y - self.south) / self.height
-        if 0 <= col <= GRID_CELLS and 0 <= row <= GRID_CELLS:  # in the bounding box (not NaN)
-            return self.cells[int(row) * _SIDE + int(col)]
-        return False
-
 
 class Region:
     """The union of the boundaries of some administrative codes; points on it count as in."""
@@ -190,12 +182,19 @@ class Region:
         return code.startswith(self._prefixes)
 
     def contains_point(self, lat: float, lon: float, crs: str = "gcj02") -> bool:
-        """Whether the point (in "gcj02" or "wgs84") lies in the region."""
+        """Whether the point (in "gcj02" or "wgs84") lies in the region: its grid cell's
+        answer, the exact test only in a cell on the boundary (the grid looked up here, in
+        no frame of its own: the claim path's)."""
         if crs == "wgs84":
             lat, lon = wgs84_to_gcj02(lat, lon)
         elif crs != "gcj02":
             raise ValueError(f"unknown crs {crs!r}")
-        known = self._grid.inside(lon, lat)
+        grid = self._grid
+        col = (lon - grid.west) / grid.width
+        row = (lat - grid.south) / grid.height
+        if not (0 <= col <= GRID_CELLS and 0 <= row <= GRID_CELLS):  # outside the box, or NaN
+            return False
+        known = grid.cells[int(row) * _SIDE + int(col)]
         if known is not None:
             return known
         return bool(shapely.intersects_xy(self._geometry, lon, lat))

@@ -8,9 +8,11 @@ Error messages describe the problem, never the value.
 from __future__ import annotations
 
 import datetime
+import functools
 import re
 import time
 import unicodedata
+from collections.abc import Callable
 from zoneinfo import ZoneInfo
 
 from issuer import hmacs
@@ -73,20 +75,23 @@ def _today_in_china() -> datetime.date:
     return today
 
 
-def _ref(key: bytes, domain: bytes, value: str) -> str:
+@functools.lru_cache(maxsize=256)
+def _keyed(key: bytes, domain: bytes) -> hmacs.Keyed:
+    """The HMAC of references of one domain under `key`, made once."""
     if not key:
         raise ValueError("reference key must not be empty")
-    return hmacs.hexdigest(key, domain + value.encode())
+    return hmacs.Keyed(key, domain)
 
 
 def person_ref(key: bytes, id_number: str) -> str:
     """Keyed reference (64 hex chars) to the person holding an ID number."""
-    return _ref(key, _ID, normalise_id_number(id_number))
+    return _keyed(key, _ID).hexdigest(normalise_id_number(id_number))
 
 
-def normalised_person_ref(key: bytes, number: str) -> str:
-    """`person_ref` of an ID number `normalise_id_number` already gave."""
-    return _ref(key, _ID, number)
+def person_refs(key: bytes) -> Callable[[str], str]:
+    """`person_ref` under `key` of an ID number `normalise_id_number` already gave: one
+    Python frame per reference (the claim path's)."""
+    return _keyed(key, _ID).hexdigest
 
 
 def name_ref(key: bytes, name: str) -> str:
@@ -95,7 +100,7 @@ def name_ref(key: bytes, name: str) -> str:
     normalised = normalised.translate(_NAME_DOTS).casefold()
     if not normalised:
         raise ValueError("name is empty")
-    return _ref(key, b"name:", normalised)
+    return _keyed(key, b"name:").hexdigest(normalised)
 
 
 def phone_ref(key: bytes, phone: str) -> str:
@@ -105,4 +110,4 @@ def phone_ref(key: bytes, phone: str) -> str:
         digits = digits[2:]
     if not digits:
         raise ValueError("phone number has no digits")
-    return _ref(key, b"phone:", digits)
+    return _keyed(key, b"phone:").hexdigest(digits)
