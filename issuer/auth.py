@@ -103,7 +103,7 @@ def signature(
     message = "\n".join(
         (method.upper(), path_qs, timestamp, nonce, hashlib.sha256(body).hexdigest())
     )
-    return hmacs.hexdigest(secret.encode(), message.encode())
+    return hmacs.keyed(secret.encode()).hexdigest(message)
 
 
 def verify(

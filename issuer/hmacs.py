@@ -8,40 +8,20 @@ import functools
 import hashlib
 
 
-@functools.lru_cache(maxsize=256)
-def _pads(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
-    """The inner and outer hashes with `key` taken in, each copied for a message."""
-    block = hashlib.sha256().block_size
-    if len(key) > block:
-        key = hashlib.sha256(key).digest()
-    key = key.ljust(block, b"\0")
-    inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
-    outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
-    return inner, outer
-
-
-def hexdigest(key: bytes, message: bytes) -> str:
-    """HMAC-SHA256 of `message` under `key`, as 64 hex digits (the key's pads looked up:
-    for a key per caller; `Keyed` for one key)."""
-    inner, outer = _pads(key)
-    keyed = inner.copy()
-    keyed.update(message)
-    result = outer.copy()
-    result.update(keyed.digest())
-    return result.hexdigest()
-
-
 class Keyed:
     """HMAC-SHA256 under one key of messages that start with one prefix, the key's pads and
-    the prefix hashed once: a message's HMAC is one Python frame (no cache look-up, no
-    concatenation)."""
+    the prefix hashed once: a message's HMAC is one Python frame (no concatenation)."""
 
     __slots__ = ("_inner", "_outer")
 
     def __init__(self, key: bytes, prefix: bytes) -> None:
-        inner, self._outer = _pads(key)
-        self._inner = inner.copy()
+        block = hashlib.sha256().block_size
+        if len(key) > block:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(block, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
         self._inner.update(prefix)
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
 
     def hexdigest(self, rest: str) -> str:
         """HMAC-SHA256 of the prefix and `rest` (UTF-8), as 64 hex digits."""
@@ -50,3 +30,10 @@ class Keyed:
         result = self._outer.copy()
         result.update(keyed.digest())
         return result.hexdigest()
+
+
+@functools.lru_cache(maxsize=256)
+def keyed(key: bytes, prefix: bytes = b"") -> Keyed:
+    """The `Keyed` HMAC of `key` and `prefix`, made once (a key per caller: each API key's
+    secret, each reference's domain)."""
+    return Keyed(key, prefix)

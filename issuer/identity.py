@@ -8,7 +8,6 @@ Error messages describe the problem, never the value.
 from __future__ import annotations
 
 import datetime
-import functools
 import re
 import time
 import unicodedata
@@ -75,12 +74,11 @@ def _today_in_china() -> datetime.date:
     return today
 
 
-@functools.lru_cache(maxsize=256)
 def _keyed(key: bytes, domain: bytes) -> hmacs.Keyed:
-    """The HMAC of references of one domain under `key`, made once."""
+    """The HMAC of references of one domain under `key`."""
     if not key:
         raise ValueError("reference key must not be empty")
-    return hmacs.Keyed(key, domain)
+    return hmacs.keyed(key, domain)
 
 
 def person_ref(key: bytes, id_number: str) -> str:

@@ -182,5 +182,7 @@ def test_a_birth_date_is_possible_from_the_first_second_of_its_day_in_china(
 @pytest.mark.parametrize("key_length", [0, 16, 32, 64, 65, 200])
 def test_hmacs_is_rfc_2104_hmac_sha256_for_every_key_length(key_length: int) -> None:
     key = bytes(range(256))[:key_length]
-    for message in (b"", b"x", b"POST\n/v1/campaigns/c/claims\n" * 40):
-        assert hmacs.hexdigest(key, message) == hmac.new(key, message, "sha256").hexdigest()
+    for message in ("", "x", "POST\n/v1/campaigns/c/claims\n" * 40):
+        expected = hmac.new(key, b"id:" + message.encode(), "sha256").hexdigest()
+        assert hmacs.keyed(key, b"id:").hexdigest(message) == expected
+        assert hmacs.keyed(key).hexdigest("id:" + message) == expected
