@@ -303,5 +303,8 @@ class Flusher:
             except Exception as exc:  # whatever failed, nothing unrecorded was acknowledged
                 log.warning("flush failed, retrying: %r", exc)
                 first = True  # what was read but not recorded is pending: re-read it
+                # and every group made again: a replica promoted in a failover may lack
+                # one (its stream's writes were not all replicated), answering NOGROUP
+                self._groups.clear()
                 await asyncio.sleep(0.5)
         await self.drain()

@@ -467,6 +467,34 @@ async def test_postgres_unavailable(env: Env) -> None:
     assert len(await pg_vouchers(env.pool, campaign_id)) == 2500
 
 
+async def test_a_group_lost_in_a_failover_is_made_again(env: Env) -> None:
+    """A replica promoted before it had a stream's consumer group answers NOGROUP to every
+    read of that stream: the running flusher makes the group again and catches up."""
+    campaign_id = await env.new_campaign()
+    stream = keys.CampaignKeys(campaign_id).events
+    r = env.redis_client()
+    stop = asyncio.Event()
+    task = asyncio.create_task(Flusher(r, env.pool, consumer="flusher-1").run(stop))
+
+    async def caught_up() -> bool:
+        return (await stream_lag(env.redis))[0] == 0
+
+    try:
+        await env.claim_many(campaign_id, range(100))
+        await wait_until(caught_up, 20, "flusher did not catch up")
+        await env.redis.xgroup_destroy(stream, keys.FLUSH_GROUP)  # what the failover lost
+        await env.claim_many(campaign_id, range(100, 300))
+        await wait_until(caught_up, 20, "flusher did not make the lost group again")
+        assert not task.done()
+        stop.set()
+        await asyncio.wait_for(task, 20)
+    finally:
+        await cancel(task)
+        await r.aclose()
+    await assert_exact(env, campaign_id)
+    assert len(await pg_vouchers(env.pool, campaign_id)) == 300
+
+
 async def test_trim_keeps_unacknowledged_after_partial_failure(env: Env) -> None:
     campaign_id = await env.new_campaign()
     stream = keys.CampaignKeys(campaign_id).events
