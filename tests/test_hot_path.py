@@ -301,7 +301,7 @@ async def test_a_failed_spend_is_logged_and_the_other_campaigns_nonces_still_go(
     await spender.flush()
     bucket = keys.nonce_bucket(300)
     assert [(c.first_nonce_bucket, c.nonces) for c in scripts.calls] == [
-        (bucket, [bucket, "nonce-b"])
+        (bucket, [300, "nonce-b"])  # the X-Timestamp: the script finds its bucket
     ]
     failed = [r for r in caplog.records if r.getMessage() == "a batch failed"]
     assert [(r.campaign_id, r.posted) for r in failed] == [("c1", 2)]  # type: ignore[attr-defined]
