@@ -35,7 +35,7 @@ from issuer.scripts import Scripts
 from issuer.vouchers import VOUCHER, voucher_out
 
 log = logging.getLogger("issuer.claims")
-SPEND_S = 0.02  # longest a refused claim's nonce waits to be spent with others
+SPEND_S = 0.05  # longest a refused claim's nonce waits to be spent with others
 # refusals that hold for the rest of the round: a worker repeats them locally for a while
 # (as the script answers them: a batch's codes are looked up undecoded)
 STICKY = frozenset(
