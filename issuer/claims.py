@@ -35,7 +35,7 @@ from issuer.scripts import Scripts
 from issuer.vouchers import VOUCHER, voucher_out
 
 log = logging.getLogger("issuer.claims")
-SPEND_S = 0.02  # longest a refused claim's nonce waits to be spent with others
+SPEND_S = 0.05  # longest a refused claim's nonce waits to be spent with others
 # refusals that hold for the rest of the round: a worker repeats them locally for a while
 # (as the script answers them: a batch's codes are looked up undecoded)
 STICKY = frozenset(
@@ -303,9 +303,9 @@ class NonceSpender:
     the background (a call that fails leaves its nonces unspent, logged). A nonce lingers
     up to SPEND_S for others: sent as they came, nearly every refusal was a round trip of
     its own, a fifth of its cost. Nobody waits for a nonce's answer: a campaign's nonces
-    wait in one flat list (X-Timestamp, nonce, X-Timestamp, nonce...), the timestamps
-    turned into bucket numbers when sent, all at once: the script's layout. One batch in
-    flight: nonces refused meanwhile go in the next."""
+    wait in one flat list (X-Timestamp, nonce, X-Timestamp, nonce...), sent as it is: the
+    script's layout (it finds each nonce's bucket). One batch in flight: nonces refused
+    meanwhile go in the next."""
 
     def __init__(self, scripts: Scripts, batch_max: int) -> None:
         self.scripts = scripts
@@ -352,7 +352,6 @@ class NonceSpender:
                 for campaign_id, nonces in waiting.items():
                     for at in range(0, len(nonces), size):
                         part = nonces[at : at + size]
-                        part[::2] = keys.nonce_buckets(cast(list[int], part[::2]))
                         try:
                             await self.spend(campaign_id, part)
                         except Exception as exc:
@@ -369,11 +368,13 @@ class NonceSpender:
             self.running = False
 
     async def spend(self, campaign_id: str, nonces: list[int | str]) -> list[int]:
-        """Spend one campaign's nonces (bucket, nonce, bucket, nonce...) in one script
-        call: per nonce 1 (fresh, now spent) or 0 (seen before)."""
-        first, buckets = keys.CampaignKeys(campaign_id).nonce_range(
-            cast(set[int], set(nonces[::2]))
-        )
+        """Spend one campaign's nonces (X-Timestamp, nonce, X-Timestamp, nonce...) in one
+        script call, each in its X-Timestamp's bucket: per nonce 1 (fresh, now spent) or 0
+        (seen before). The buckets' keys run from the earliest X-Timestamp's to the latest's
+        (the script finds each nonce's bucket, no Python step per nonce)."""
+        times = cast(list[int], nonces[::2])
+        first = keys.nonce_bucket(min(times))
+        buckets = keys.CampaignKeys(campaign_id).nonces(first, keys.nonce_bucket(max(times)))
         call = SpendNonces(nonce_buckets=buckets, first_nonce_bucket=first, nonces=nonces)
         return cast(list[int], await self.scripts.run(call))
 

@@ -39,11 +39,6 @@ def nonce_bucket(timestamp_s: int) -> int:
     return timestamp_s // NONCE_BUCKET_S
 
 
-def nonce_buckets(timestamps_s: list[int]) -> list[int]:
-    """`nonce_bucket` of each, in one frame (the refusals' nonces of a background batch)."""
-    return [t // NONCE_BUCKET_S for t in timestamps_s]
-
-
 class CampaignKeys:
     """Names of one campaign's keys."""
 

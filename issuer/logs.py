@@ -8,7 +8,7 @@ import logging
 import sys
 import time
 from math import floor
-from typing import TextIO
+from typing import BinaryIO
 
 import msgspec
 
@@ -16,7 +16,7 @@ import msgspec
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message"}
 _ENCODE = msgspec.json.Encoder(enc_hook=str)
 BATCH_S = 0.05  # longest time a batched line waits to be written
-_stream: list[TextIO] = []  # where setup() sends the logs, once it has run
+_stream: list[BinaryIO] = []  # where setup() sends the batched lines (stderr's bytes)
 _batch: list[Line] = []
 _writing: list[asyncio.TimerHandle] = []
 _second: list[tuple[int, str]] = [(-1, "")]  # the last second formatted, and its text
@@ -93,12 +93,15 @@ def batched(line: Line) -> None:
 
 
 def write_batch() -> None:
-    """Write the batched lines now (also at shutdown, so that none is lost)."""
+    """Write the batched lines now (also at shutdown, so that none is lost): their UTF-8
+    as encoded, to stderr's bytes (decoded to text, stderr's text layer encoded it back: a
+    copy each way per line). The formatter's records are flushed as written, so the text
+    layer holds none that a batch could overtake."""
     for handle in _writing:
         handle.cancel()
     _writing.clear()
     if _batch and _stream:
-        _stream[0].write(_ENCODE.encode_lines(_batch).decode("utf-8", "replace"))
+        _stream[0].write(_ENCODE.encode_lines(_batch))
         _stream[0].flush()
     _batch.clear()
 
@@ -110,4 +113,4 @@ def setup(level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     lowest[0] = root.level
-    _stream[:] = [sys.stderr]
+    _stream[:] = [sys.stderr.buffer]

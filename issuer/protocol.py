@@ -33,7 +33,7 @@ from typing import (
 
 import msgspec
 
-from issuer.keys import IDEMPOTENCY_TTL_S, NONCE_TTL_S
+from issuer.keys import IDEMPOTENCY_TTL_S, NONCE_BUCKET_S, NONCE_TTL_S
 
 ScriptName = Literal[
     "campaign_put",
@@ -329,7 +329,7 @@ class ClaimBatch(Call):
 class SpentNonce(NamedTuple):
     """A group of `SpendNonces.nonces`, which the spender keeps flat (no tuple per nonce)."""
 
-    nonce_bucket: int  # keys.nonce_bucket of its X-Timestamp
+    timestamp_s: int  # its X-Timestamp: the script finds its bucket (keys.nonce_bucket)
     nonce: str
 
 
@@ -338,6 +338,7 @@ class SpendNonces(Call):
     SCRIPT = "spend_nonces"
     nonce_buckets: Keys  # consecutive, from first_nonce_bucket
     nonce_ttl_s: int = NONCE_TTL_S
+    nonce_bucket_s: int = NONCE_BUCKET_S
     first_nonce_bucket: int
     nonces: Annotated[list[int | str], PACKED, SpentNonce]
 

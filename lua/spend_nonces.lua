@@ -4,13 +4,16 @@
 local nonce_buckets_at = 1  -- from here: the nonce buckets, consecutive from first_nonce_bucket
 -- ARGV
 local nonce_ttl_s = ARGV[1]
-local first_nonce_bucket = tonumber(ARGV[2])  -- the number of the first nonce bucket
--- per nonce, its bucket's number and the nonce, all in one flat JSON list decoded once (as
--- separate arguments, each cost the worker its own packing)
-local nonces = cjson.decode(ARGV[3])
+local nonce_bucket_s = tonumber(ARGV[2])  -- keys.NONCE_BUCKET_S
+local first_nonce_bucket = tonumber(ARGV[3])  -- the number of the first nonce bucket
+-- per nonce, its X-Timestamp and the nonce, all in one flat JSON list decoded once (as
+-- separate arguments, each cost the worker its own packing); each nonce's bucket found
+-- here as keys.nonce_bucket finds it (in the worker, a Python step per nonce)
+local nonces = cjson.decode(ARGV[4])
 local fresh = {}
 for at = 1, #nonces, 2 do
-  local nonce_bucket, nonce = unpack(nonces, at, at + 1)
+  local timestamp_s, nonce = unpack(nonces, at, at + 1)
+  local nonce_bucket = math.floor(timestamp_s / nonce_bucket_s)
   local bucket = KEYS[nonce_buckets_at + nonce_bucket - first_nonce_bucket]
   fresh[#fresh + 1] = redis.call('HSETNX', bucket, nonce, 1)
 end

@@ -101,10 +101,10 @@ def test_a_call_lays_out_its_request_first_then_its_fields_groups_and_tails() ->
     spend = protocol.SpendNonces(
         nonce_buckets=["n7", "n8"],
         first_nonce_bucket=7,
-        nonces=[8, "a", 7, "b"],  # kept flat by the spender
+        nonces=[4801, "a", 4200, "b"],  # X-Timestamps and nonces, kept flat by the spender
     )
     assert spend.keys() == ["n7", "n8"]
-    assert spend.args() == [spend.nonce_ttl_s, 7, b'[8,"a",7,"b"]']
+    assert spend.args() == [spend.nonce_ttl_s, 600, 7, b'[4801,"a",4200,"b"]']
 
 
 def test_sizes_and_groups_follow_the_field_types() -> None:

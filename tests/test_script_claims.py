@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from issuer.keys import NONCE_BUCKET_S
 from issuer.model import RateLimit, RateLimits
 from issuer.protocol import Register, SpentNonce
 from tests.fake import CK, EXTRA, RESERVE, Fake, claim, request, settings
@@ -322,9 +323,10 @@ async def test_who_waits_for_a_draw_may_not_claim_in_a_first_come_round(fake: Fa
 
 async def test_nonces_refused_before_the_gate_are_spent_once(fake: Fake) -> None:
     bucket = claim(1).nonce_bucket
-    fresh = SpentNonce(bucket, "nonce-a"), SpentNonce(bucket + 1, "nonce-b")
+    at = bucket * NONCE_BUCKET_S  # an X-Timestamp in the claim's bucket
+    fresh = SpentNonce(at, "nonce-a"), SpentNonce(at + NONCE_BUCKET_S + 1, "nonce-b")
     assert await fake.spend(*fresh) == [True, True]
-    assert await fake.spend(fresh[1], SpentNonce(bucket, "nonce-c")) == [False, True]
+    assert await fake.spend(fresh[1], SpentNonce(at + 1, "nonce-c")) == [False, True]
     # a claim's nonce spent there is refused at the gate
     await fake.put_campaign(settings())
     assert await fake.claimed(claim(1, nonce="nonce-a")) == ["UNAUTHENTICATED"]

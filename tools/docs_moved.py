@@ -155,11 +155,11 @@ REWORDED: dict[str, tuple[str, str]] = {
     ),
     "still spends its nonce, in one batched script call per tick, so": (
         "is answered at once and still spends its nonce, afterwards: the nonces of refusals"
-        " wait up to `claims.SPEND_S` (20 ms) and go in one script call per campaign"
+        " wait up to `claims.SPEND_S` (50 ms) and go in one script call per campaign"
         " (`claims.NonceSpender`, `lua/spend_nonces.lua`; a stopping worker spends what is"
         " waiting), so",
         "a refusal is answered before its nonce is spent, in a background batch of up to"
-        " 20 ms (issue 24)",
+        " 50 ms (issue 24)",
     ),
     "lives in the global slot, so it is read in the same round trip as the voucher and its"
     " refusal is passed into the script, which answers an idempotent replay first": (
