@@ -151,8 +151,13 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
         tenant: str | None = None
         held = False  # a claim taken into admission's count, let go once answered
         try:
-            if shed:
-                ctx.admission.admit()
+            if shed:  # taken into admission's count unless the worker is behind
+                admission = ctx.admission
+                if admission.in_hand >= admission.queue_max or (
+                    time.monotonic() - admission.lag.due > admission.lag_max_s
+                ):
+                    raise admission.refusal()
+                admission.in_hand += 1
                 held = True
             if upload:  # the one route whose body may exceed the app's MAX_BODY
                 request = request.clone(client_max_size=documents.MAX_UPLOAD_BYTES)
@@ -198,7 +203,7 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
             response = failure_response(request, exc)
         finally:
             if held:
-                ctx.admission.in_hand -= 1
+                admission.in_hand -= 1
         request_id = getattr(body, "request_id", None) if decoder is not None else None
         campaign = named(body) if names_voucher else None
         return finish(
