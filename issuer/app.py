@@ -77,8 +77,10 @@ def finish(
     campaign: str | None = None,
     tenant: str | None = None,
 ) -> web.StreamResponse:
-    """Count and log a request once answered; what its line names besides the request
-    comes from the caller, which knows it (`request_line`)."""
+    """Count and log a request to `route` (its name) once answered. Its line
+    (`RequestLine`, made here: one frame fewer per request) names its signer, its body's
+    request_id, the campaign its body names (its path's first) and the tenant it acted in,
+    as the caller gives them (read back from the request, each would cost a miss)."""
     # by its type: isinstance of another response would run ABCMeta.__instancecheck__ (a
     # response is a MutableMapping), a frame; an error's status read with no property call
     if type(response) is ErrorResponse:
@@ -92,13 +94,36 @@ def finish(
     # shed claims are counted (issuer_claims_shed_total), not logged one by one: a
     # line each would flood the log, and cost CPU, exactly when the worker is behind
     level = logging.DEBUG if request.method == "GET" or shed else logging.INFO
-    if level >= logs.lowest[0]:
-        if code == "OK" and response.headers.get("Idempotent-Replay"):
-            code = "REPLAY"
-        line = request_line(
-            request, route, status, code, elapsed, verified, request_id, campaign, tenant, level
-        )
-        logs.batched(line)
+    if level < logs.lowest[0]:
+        return response
+    if code == "OK" and response.headers.get("Idempotent-Replay"):
+        code = "REPLAY"
+    key = verified.key if verified else None
+    ids = request.match_info
+    campaign = ids.get("campaign_id") or campaign
+    if campaign is None:  # a path naming what a campaign made leads to it
+        subject = ids.get("voucher_id") or ids.get("redemption_id") or ids.get("refund_id")
+        campaign = campaign_prefix(subject or "")
+    line = RequestLine(  # by position, in its fields' order (logs.Line)
+        logs.timestamp(time.time()),
+        logs.LEVEL_NAMES[level],
+        log.name,
+        "request",
+        route,
+        request.method,
+        status,
+        code,
+        request_id,
+        campaign,
+        key.id if key else None,
+        None if key is None or key.tenants is None else _tenants(key.tenants),
+        tenant,
+        request.headers.get(X_REQUEST_ID),
+        # to the microsecond, half up: round(x, 3) formats and parses the decimal, ~10x
+        # the cost, and round(x) is a lookup of __round__ and a call, twice floor()'s
+        floor(elapsed * 1e6 + 0.5) / 1e3,
+    )
+    logs.batched(line)
     return response
 
 
@@ -293,49 +318,6 @@ class RequestLine(logs.Line):
     tenant: str | None
     trace: str | None
     latency_ms: float
-
-
-def request_line(
-    request: web.Request,
-    route: str | None,
-    status: int,
-    code: str,
-    elapsed_s: float,
-    verified: Verified | None,
-    request_id: str | None,
-    campaign: str | None,
-    tenant: str | None,
-    level: int = logging.INFO,
-) -> RequestLine:
-    """The log line (at `level`, stamped now) of a request to `route` (its name) answered
-    with `status` and `code` after `elapsed_s`: its signer, its body's request_id, the
-    campaign its body names (its path's first) and the tenant it acted in, as given (read
-    back from the request, each would cost a miss)."""
-    key = verified.key if verified else None
-    ids = request.match_info
-    campaign = ids.get("campaign_id") or campaign
-    if campaign is None:  # a path naming what a campaign made leads to it
-        subject = ids.get("voucher_id") or ids.get("redemption_id") or ids.get("refund_id")
-        campaign = campaign_prefix(subject or "")
-    return RequestLine(  # by position, in its fields' order (logs.Line)
-        logs.timestamp(time.time()),
-        logs.LEVEL_NAMES[level],
-        log.name,
-        "request",
-        route,
-        request.method,
-        status,
-        code,
-        request_id,
-        campaign,
-        key.id if key else None,
-        None if key is None or key.tenants is None else _tenants(key.tenants),
-        tenant,
-        request.headers.get(X_REQUEST_ID),
-        # to the microsecond, half up: round(x, 3) formats and parses the decimal, ~10x
-        # the cost, and round(x) is a lookup of __round__ and a call, twice floor()'s
-        floor(elapsed_s * 1e6 + 0.5) / 1e3,
-    )
 
 
 @functools.lru_cache(maxsize=256)
