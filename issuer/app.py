@@ -79,8 +79,9 @@ def finish(
 ) -> web.StreamResponse:
     """Count and log a request to `route` (its name) once answered. Its line
     (`RequestLine`, made here: one frame fewer per request) names its signer, its body's
-    request_id, the campaign its body names (its path's first) and the tenant it acted in,
-    as the caller gives them (read back from the request, each would cost a miss)."""
+    request_id, its campaign and the tenant it acted in, as the caller gives them (read
+    back from the request, each would cost a miss). The campaign is the path's, else the
+    one its body names: read from the path here unless the caller gives one."""
     # by its type: isinstance of another response would run ABCMeta.__instancecheck__ (a
     # response is a MutableMapping), a frame; an error's status read with no property call
     if type(response) is ErrorResponse:
@@ -93,24 +94,26 @@ def finish(
     series.answered(status, None if shed else elapsed)
     # shed claims are counted (issuer_claims_shed_total), not logged one by one: a
     # line each would flood the log, and cost CPU, exactly when the worker is behind
-    level = logging.DEBUG if request.method == "GET" or shed else logging.INFO
+    method = request.method  # a reified property: read once
+    level = logging.DEBUG if method == "GET" or shed else logging.INFO
     if level < logs.lowest[0]:
         return response
     if code == "OK" and response.headers.get("Idempotent-Replay"):
         code = "REPLAY"
     key = verified.key if verified else None
-    ids = request.match_info
-    campaign = ids.get("campaign_id") or campaign
-    if campaign is None:  # a path naming what a campaign made leads to it
-        subject = ids.get("voucher_id") or ids.get("redemption_id") or ids.get("refund_id")
-        campaign = campaign_prefix(subject or "")
+    if campaign is None:  # the path's, or the campaign of what the path names
+        ids = request.match_info
+        campaign = ids.get("campaign_id")
+        if campaign is None:
+            subject = ids.get("voucher_id") or ids.get("redemption_id") or ids.get("refund_id")
+            campaign = campaign_prefix(subject or "")
     line = RequestLine(  # by position, in its fields' order (logs.Line)
         logs.timestamp(time.time()),
         logs.LEVEL_NAMES[level],
         log.name,
         "request",
         route,
-        request.method,
+        method,
         status,
         code,
         request_id,
@@ -174,6 +177,7 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
         verified: Verified | None = None
         body: Any = None
         tenant: str | None = None
+        campaign: str | None = None  # the claim's, from its path (finish reads the others')
         held = False  # a claim taken into admission's count, let go once answered
         try:
             if shed:  # taken into admission's count unless the worker is behind
@@ -211,8 +215,9 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
             if admitted is tenancy.UNKNOWN:
                 admitted = await tenancy.admit(ctx.owners, route.tenant, request, body, key)
             body, tenant = admitted
-            if shed:
-                answered: Any = claim(ctx, request, body, verified)
+            if shed:  # its campaign read from the path once, for the claim and its line
+                campaign = request.match_info["campaign_id"]
+                answered: Any = claim(ctx, request, campaign, body, verified)
             else:
                 answered = handler(ctx, request, body)
             # a response or a coroutine, told apart by the coroutine's type, not
@@ -230,7 +235,8 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
             if held:
                 admission.in_hand -= 1
         request_id = getattr(body, "request_id", None) if decoder is not None else None
-        campaign = named(body) if names_voucher else None
+        if names_voucher:  # (no route whose body names a voucher has a campaign in its path)
+            campaign = named(body)
         return finish(
             request, response, series, started, name, verified, request_id, campaign, tenant
         )

@@ -36,9 +36,10 @@ ENCODER = msgspec.json.Encoder()
 # a handler may answer without a coroutine (the claim refused before the gate)
 Answer = Awaitable[web.Response] | web.Response
 Handler = Callable[["Ctx", web.Request, Any], Answer]
-# the claim's handler is handed its signer too: not kept on the request for it (a key set
-# and read back are two Python frames)
-SignedHandler = Callable[["Ctx", web.Request, Any, Verified], Answer]
+# the claim's handler is handed its path's campaign id (read once, for it and the request's
+# line) and its signer: not kept on the request for it (a key set and read back are two
+# Python frames)
+SignedHandler = Callable[["Ctx", web.Request, str, Any, Verified], Answer]
 T = TypeVar("T")
 
 
