@@ -49,8 +49,8 @@ class LoopLag:
 
 
 class Admission:
-    """Decides, before a claim is read, whether this worker can take it, and counts the
-    claims it took until they are answered."""
+    """Whether this worker can take a claim, before it is read (tested by the endpoint),
+    the refusal of one it cannot, and the claims it took until they are answered."""
 
     def __init__(self, queue_max: int, lag_max_s: float, lag: LoopLag) -> None:
         self.queue_max = queue_max  # claims in hand: admitted, not yet answered
@@ -58,18 +58,16 @@ class Admission:
         self.lag = lag
         self.in_hand = 0
 
-    def admit(self) -> None:
-        """Take one more claim into `in_hand`; OVERLOADED (Retry-After: 1) instead if
-        queue_max claims are in hand or the loop is more than lag_max_s late. The caller
-        lets a claim taken go once it is answered or has failed (`in_hand -= 1`, in a
-        `finally`): every claim passes here, and a context manager would be two Python
-        frames more per claim. The loop's lateness is read here, not by a method of
-        `LoopLag`: one frame less per claim."""
+    def refusal(self) -> ApiError:
+        """The refusal of a claim this worker cannot take, counted by why: queue_max
+        claims are in hand, or the loop is more than lag_max_s late (OVERLOADED,
+        Retry-After: 1). Whether it can take one is tested by the endpoint, in its own
+        frame (every claim passes there; a method of this class was one frame more): it
+        takes a claim into `in_hand` and lets it go once answered or failed (`in_hand -=
+        1`, in a `finally`: a context manager would be two Python frames more)."""
         if self.in_hand >= self.queue_max:
             metrics.child(metrics.SHED, "queue").inc()
-            raise ApiError("OVERLOADED", f"{self.in_hand} claims queued", retry_after=1)
+            return ApiError("OVERLOADED", f"{self.in_hand} claims queued", retry_after=1)
         late = time.monotonic() - self.lag.due
-        if late > self.lag_max_s:
-            metrics.child(metrics.SHED, "lag").inc()
-            raise ApiError("OVERLOADED", f"event loop {late * 1000:.0f} ms late", retry_after=1)
-        self.in_hand += 1
+        metrics.child(metrics.SHED, "lag").inc()
+        return ApiError("OVERLOADED", f"event loop {late * 1000:.0f} ms late", retry_after=1)

@@ -77,8 +77,11 @@ def finish(
     campaign: str | None = None,
     tenant: str | None = None,
 ) -> web.StreamResponse:
-    """Count and log a request once answered; what its line names besides the request
-    comes from the caller, which knows it (`request_line`)."""
+    """Count and log a request to `route` (its name) once answered. Its line
+    (`RequestLine`, made here: one frame fewer per request) names its signer, its body's
+    request_id, its campaign and the tenant it acted in, as the caller gives them (read
+    back from the request, each would cost a miss). The campaign is the path's, else the
+    one its body names: read from the path here unless the caller gives one."""
     # by its type: isinstance of another response would run ABCMeta.__instancecheck__ (a
     # response is a MutableMapping), a frame; an error's status read with no property call
     if type(response) is ErrorResponse:
@@ -91,14 +94,39 @@ def finish(
     series.answered(status, None if shed else elapsed)
     # shed claims are counted (issuer_claims_shed_total), not logged one by one: a
     # line each would flood the log, and cost CPU, exactly when the worker is behind
-    level = logging.DEBUG if request.method == "GET" or shed else logging.INFO
-    if level >= logs.lowest[0]:
-        if code == "OK" and response.headers.get("Idempotent-Replay"):
-            code = "REPLAY"
-        line = request_line(
-            request, route, status, code, elapsed, verified, request_id, campaign, tenant, level
-        )
-        logs.batched(line)
+    method = request.method  # a reified property: read once
+    level = logging.DEBUG if method == "GET" or shed else logging.INFO
+    if level < logs.lowest[0]:
+        return response
+    if code == "OK" and response.headers.get("Idempotent-Replay"):
+        code = "REPLAY"
+    key = verified.key if verified else None
+    if campaign is None:  # the path's, or the campaign of what the path names
+        ids = request.match_info
+        campaign = ids.get("campaign_id")
+        if campaign is None:
+            subject = ids.get("voucher_id") or ids.get("redemption_id") or ids.get("refund_id")
+            campaign = campaign_prefix(subject or "")
+    line = RequestLine(  # by position, in its fields' order (logs.Line)
+        logs.timestamp(time.time()),
+        logs.LEVEL_NAMES[level],
+        log.name,
+        "request",
+        route,
+        method,
+        status,
+        code,
+        request_id,
+        campaign,
+        key.id if key else None,
+        None if key is None or key.tenants is None else _tenants(key.tenants),
+        tenant,
+        request.headers.get(X_REQUEST_ID),
+        # to the microsecond, half up: round(x, 3) formats and parses the decimal, ~10x
+        # the cost, and round(x) is a lookup of __round__ and a call, twice floor()'s
+        floor(elapsed * 1e6 + 0.5) / 1e3,
+    )
+    logs.batched(line)
     return response
 
 
@@ -149,10 +177,16 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
         verified: Verified | None = None
         body: Any = None
         tenant: str | None = None
+        campaign: str | None = None  # the claim's, from its path (finish reads the others')
         held = False  # a claim taken into admission's count, let go once answered
         try:
-            if shed:
-                ctx.admission.admit()
+            if shed:  # taken into admission's count unless the worker is behind
+                admission = ctx.admission
+                if admission.in_hand >= admission.queue_max or (
+                    time.monotonic() - admission.lag.due > admission.lag_max_s
+                ):
+                    raise admission.refusal()
+                admission.in_hand += 1
                 held = True
             if upload:  # the one route whose body may exceed the app's MAX_BODY
                 request = request.clone(client_max_size=documents.MAX_UPLOAD_BYTES)
@@ -181,8 +215,9 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
             if admitted is tenancy.UNKNOWN:
                 admitted = await tenancy.admit(ctx.owners, route.tenant, request, body, key)
             body, tenant = admitted
-            if shed:
-                answered: Any = claim(ctx, request, body, verified)
+            if shed:  # its campaign read from the path once, for the claim and its line
+                campaign = request.match_info["campaign_id"]
+                answered: Any = claim(ctx, request, campaign, body, verified)
             else:
                 answered = handler(ctx, request, body)
             # a response or a coroutine, told apart by the coroutine's type, not
@@ -198,9 +233,10 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
             response = failure_response(request, exc)
         finally:
             if held:
-                ctx.admission.in_hand -= 1
+                admission.in_hand -= 1
         request_id = getattr(body, "request_id", None) if decoder is not None else None
-        campaign = named(body) if names_voucher else None
+        if names_voucher:  # (no route whose body names a voucher has a campaign in its path)
+            campaign = named(body)
         return finish(
             request, response, series, started, name, verified, request_id, campaign, tenant
         )
@@ -288,49 +324,6 @@ class RequestLine(logs.Line):
     tenant: str | None
     trace: str | None
     latency_ms: float
-
-
-def request_line(
-    request: web.Request,
-    route: str | None,
-    status: int,
-    code: str,
-    elapsed_s: float,
-    verified: Verified | None,
-    request_id: str | None,
-    campaign: str | None,
-    tenant: str | None,
-    level: int = logging.INFO,
-) -> RequestLine:
-    """The log line (at `level`, stamped now) of a request to `route` (its name) answered
-    with `status` and `code` after `elapsed_s`: its signer, its body's request_id, the
-    campaign its body names (its path's first) and the tenant it acted in, as given (read
-    back from the request, each would cost a miss)."""
-    key = verified.key if verified else None
-    ids = request.match_info
-    campaign = ids.get("campaign_id") or campaign
-    if campaign is None:  # a path naming what a campaign made leads to it
-        subject = ids.get("voucher_id") or ids.get("redemption_id") or ids.get("refund_id")
-        campaign = campaign_prefix(subject or "")
-    return RequestLine(  # by position, in its fields' order (logs.Line)
-        logs.timestamp(time.time()),
-        logs.LEVEL_NAMES[level],
-        log.name,
-        "request",
-        route,
-        request.method,
-        status,
-        code,
-        request_id,
-        campaign,
-        key.id if key else None,
-        None if key is None or key.tenants is None else _tenants(key.tenants),
-        tenant,
-        request.headers.get(X_REQUEST_ID),
-        # to the microsecond, half up: round(x, 3) formats and parses the decimal, ~10x
-        # the cost, and round(x) is a lookup of __round__ and a call, twice floor()'s
-        floor(elapsed_s * 1e6 + 0.5) / 1e3,
-    )
 
 
 @functools.lru_cache(maxsize=256)

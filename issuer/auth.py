@@ -9,7 +9,7 @@ import tomllib
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Literal, NamedTuple
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -56,7 +56,11 @@ class KeysFileError(ValueError):
     """A keys file that cannot be used as a whole; the message names the file and why."""
 
 
-class Verified(NamedTuple):
+class Verified(msgspec.Struct, frozen=True):
+    """A signed request's signer, nonce and X-Timestamp. A Struct: made without a Python
+    frame (a NamedTuple's __new__ is one), its fields read by specialised attribute loads
+    (a NamedTuple's are descriptors the interpreter reads the generic way each time)."""
+
     key: ApiKey
     nonce: str
     timestamp: int

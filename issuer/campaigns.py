@@ -4,9 +4,8 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import msgspec
@@ -62,7 +61,10 @@ class Hint:
 
 @dataclass
 class CachedCampaign:
-    """One worker's view of a campaign: definition, parsed rounds and local hints."""
+    """One worker's view of a campaign: definition, parsed rounds and local hints. What
+    the claim path reads of it is made once, when it is cached, as plain attributes: the
+    interpreter cannot specialise the read of a name its class holds a descriptor for (a
+    cached_property's value was read through the generic attribute path every time)."""
 
     stored: StoredCampaign
     version: str
@@ -70,43 +72,33 @@ class CachedCampaign:
     region: Region
     hint: Hint | None = None
     arming: bool = False  # a hint is being prepared
+    windows: Windows = field(init=False)
+    # each round's NOT_OPEN refusal: the claim path returns it, never raises it (a raised
+    # one would keep its traceback, and its frames, for good)
+    not_open: list[ApiError] = field(init=False)
+    tenant: str = field(init=False)  # fixed once the campaign exists (its tenant check)
+    staff: bool = field(init=False)  # its claims made face to face, by merchant keys
+    lottery: bool = field(init=False)  # a round drawn by lottery (claims check applicants)
+
+    def __post_init__(self) -> None:
+        rounds, definition = self.stored.rounds, self.stored.definition
+        self.windows = Windows(rounds)
+        self.not_open = [
+            ApiError("NOT_OPEN", f"round {r.round_id} opens at {r.opens_at.isoformat()}")
+            for r in rounds
+        ]
+        self.tenant = definition.tenant or DEFAULT_TENANT
+        self.staff = definition.mode == "staff"
+        self.lottery = any(r.allocation == "lottery" for r in rounds)
 
     @property
     def definition(self) -> CampaignDef:
         return self.stored.definition
 
-    @functools.cached_property
-    def windows(self) -> Windows:
-        return Windows(self.stored.rounds)
-
     def round_at(self, now: float) -> Round | None:
         """The round whose claim window holds `now` (epoch s), else the next to open."""
         i = self.windows.at(now)
         return None if i is None else self.stored.rounds[i]
-
-    @functools.cached_property
-    def not_open(self) -> list[ApiError]:
-        """Each round's NOT_OPEN refusal, made once: the claim path returns it, never
-        raises it (a raised one would keep its traceback, and its frames, for good)."""
-        return [
-            ApiError("NOT_OPEN", f"round {r.round_id} opens at {r.opens_at.isoformat()}")
-            for r in self.stored.rounds
-        ]
-
-    @functools.cached_property
-    def tenant(self) -> str:
-        """Its tenant (fixed once the campaign exists; the claim path's tenant check)."""
-        return self.definition.tenant or DEFAULT_TENANT
-
-    @functools.cached_property
-    def staff(self) -> bool:
-        """Whether its claims are made face to face, by merchant keys (staff mode)."""
-        return self.definition.mode == "staff"
-
-    @functools.cached_property
-    def lottery(self) -> bool:
-        """Whether a round is drawn by lottery (claims then check for waiting applicants)."""
-        return any(r.allocation == "lottery" for r in self.stored.rounds)
 
 
 def round_settings(rnd: Round) -> RoundSettings:

@@ -79,7 +79,15 @@ class ErrorEnvelope(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class ApiError(Exception):
-    """A refusal with one of the contract's codes; the API layer turns it into JSON."""
+    """A refusal with one of the contract's codes; the API layer turns it into JSON. Its
+    fields are slots: an exception's own attributes live in a dict whose reads the
+    interpreter does not specialise (each `err.code` was a generic lookup; a refusal's
+    answer, count and log read its fields a dozen times), a slot's it does. `body` is its
+    answer's encoded body once answered (`http.error_response`): the claim path answers
+    the same refusal objects again and again (the hint's, a round's not-open one)."""
+
+    # and __weakref__, which an exception class without __slots__ has
+    __slots__ = ("__weakref__", "body", "code", "detail", "retry_after", "status", "voucher_id")
 
     def __init__(
         self,
@@ -97,6 +105,7 @@ class ApiError(Exception):
         self.detail = detail
         self.voucher_id = voucher_id
         self.retry_after = retry_after
+        self.body: bytes | None = None
 
     def envelope(self) -> ErrorEnvelope:
         _, message, retryable = ERRORS[self.code]

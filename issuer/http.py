@@ -36,9 +36,10 @@ ENCODER = msgspec.json.Encoder()
 # a handler may answer without a coroutine (the claim refused before the gate)
 Answer = Awaitable[web.Response] | web.Response
 Handler = Callable[["Ctx", web.Request, Any], Answer]
-# the claim's handler is handed its signer too: not kept on the request for it (a key set
-# and read back are two Python frames)
-SignedHandler = Callable[["Ctx", web.Request, Any, Verified], Answer]
+# the claim's handler is handed its path's campaign id (read once, for it and the request's
+# line) and its signer: not kept on the request for it (a key set and read back are two
+# Python frames)
+SignedHandler = Callable[["Ctx", web.Request, str, Any, Verified], Answer]
 T = TypeVar("T")
 
 
@@ -103,12 +104,16 @@ class ErrorResponse(web.Response):
 
 def error_response(err: ApiError) -> ErrorResponse:
     """The contract's error answer, its body encoded once per code and detail unless it
-    names a voucher (no header mapping to copy unless it carries Retry-After)."""
-    body = (
-        _error_body(err.code, err.detail)
-        if err.voucher_id is None
-        else ENCODER.encode(err.envelope())
-    )
+    names a voucher, and kept on the error (`ApiError.body`: a slot's read, where the
+    cache's look-up is a call and a tuple's hash); no header mapping to copy unless it
+    carries Retry-After."""
+    body = err.body
+    if body is None:
+        body = err.body = (
+            _error_body(err.code, err.detail)
+            if err.voucher_id is None
+            else ENCODER.encode(err.envelope())
+        )
     headers = None if err.retry_after is None else {hdrs.RETRY_AFTER: str(err.retry_after)}
     response = ErrorResponse(body=body, status=err.status, content_type=JSON, headers=headers)
     response.outcome = err.code, err.status

@@ -41,14 +41,14 @@ async def register(ctx: Ctx, request: web.Request, body: RegistrationIn) -> web.
 
 
 def claim(
-    ctx: Ctx, request: web.Request, body: ClaimIn, verified: Verified
+    ctx: Ctx, request: web.Request, campaign_id: str, body: ClaimIn, verified: Verified
 ) -> web.Response | Awaitable[web.Response]:
-    """The surge's route, handed its signer by the endpoint: a claim refused before the
+    """The surge's route, handed its path's campaign id and its signer by the endpoint
+    (which reads the id once, for this and the request's line): a claim refused before the
     gate is answered here, in no coroutine, and its refusals are answered, not raised
     through the frames above it (an exception costs at each frame it passes, and most
     claims at 10:00 are refused); the rest is awaited by the caller. A campaign held in
     the cache was loaded by a valid id: its id is not checked again."""
-    campaign_id = request.match_info["campaign_id"]
     cached = ctx.campaigns.peek(campaign_id)
     if cached is None:  # its id checked and the campaign loaded first, in the coroutine
         campaign_id = path_id(request, "campaign_id")

@@ -39,7 +39,9 @@ async def lag() -> AsyncIterator[LoopLag]:
 @contextlib.contextmanager
 def held(admission: Admission) -> Iterator[None]:
     """One claim taken and let go, as the endpoint does (issuer/app.py)."""
-    admission.admit()
+    if admission.in_hand >= admission.queue_max or late(admission.lag) > admission.lag_max_s:
+        raise admission.refusal()
+    admission.in_hand += 1
     try:
         yield
     finally:
@@ -47,7 +49,7 @@ def held(admission: Admission) -> Iterator[None]:
 
 
 def late(lag: LoopLag) -> float:
-    """How late the loop is now (as `Admission.admit` reads it)."""
+    """How late the loop is now (as the endpoint reads it)."""
     return time.monotonic() - lag.due
 
 

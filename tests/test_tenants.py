@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import itertools
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -23,11 +24,12 @@ from typing import Any
 import asyncpg
 import msgspec
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from redis.asyncio import Redis
 
-from issuer import integrity, keyfile, store, tenancy
-from issuer.app import request_line
+from issuer import integrity, keyfile, logs, metrics, store, tenancy
+from issuer.app import RequestLine, finish
 from issuer.auth import ROLES, ApiKey, Verified
 from issuer.campaigns import Campaigns
 from issuer.client import Response, signed_headers
@@ -635,7 +637,13 @@ async def test_audit_entries_and_log_lines_name_the_key_and_its_tenant(
     assert rows and {(r["tenant"], r["scope"]) for r in rows} == {(A, f'["{A}"]')}
     request = make_mocked_request("POST", "/v1/campaigns/c/pause")
     verified = Verified(ApiKey(id="k", secret="s", role="ops", tenants=frozenset({A})), "n", 0)
-    line = request_line(request, "pause", 200, "OK", 0.001, verified, None, None, A)
+    lines: list[RequestLine] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(logs, "batched", lines.append)
+        response = web.Response(status=200)
+        series = metrics.RouteSeries("/tenants-test/pause")
+        finish(request, response, series, time.perf_counter(), "pause", verified, None, None, A)
+    (line,) = lines
     assert (line.key, line.key_tenants, line.tenant) == ("k", [A], A)
 
 
