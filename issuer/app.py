@@ -211,12 +211,13 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
                 raise ApiError("INVALID_REQUEST", str(exc)) from None
             except msgspec.DecodeError as exc:
                 raise ApiError("INVALID_REQUEST", f"malformed JSON: {exc}") from None
-            admitted = tenancy.known(ctx.owners, route.tenant, request, body, key)
+            ids = request.match_info  # a reified property: read once, for both
+            admitted = tenancy.known(ctx.owners, route.tenant, ids, body, key)
             if admitted is tenancy.UNKNOWN:
                 admitted = await tenancy.admit(ctx.owners, route.tenant, request, body, key)
             body, tenant = admitted
             if shed:  # its campaign read from the path once, for the claim and its line
-                campaign = request.match_info["campaign_id"]
+                campaign = ids["campaign_id"]
                 answered: Any = claim(ctx, request, campaign, body, verified)
             else:
                 answered = handler(ctx, request, body)
