@@ -182,10 +182,9 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
         try:
             if shed:  # taken into admission's count unless the worker is behind
                 admission = ctx.admission
-                if admission.in_hand >= admission.queue_max or (
-                    time.monotonic() - admission.lag.due > admission.lag_max_s
-                ):
-                    raise admission.refusal()
+                full = admission.in_hand >= admission.queue_max
+                if full or time.monotonic() - admission.lag.due > admission.lag_max_s:
+                    raise admission.refusal(full)
                 admission.in_hand += 1
                 held = True
             if upload:  # the one route whose body may exceed the app's MAX_BODY
