@@ -12,7 +12,16 @@ from issuer import applications, metrics, registrations, tenancy, vouchers
 from issuer.auth import Verified
 from issuer.claims import Claimed, Issued
 from issuer.errors import ApiError
-from issuer.http import Ctx, Route, count_outcome, encoded, error_response, path_id, reply
+from issuer.http import (
+    UNCOUNTED,
+    Ctx,
+    Route,
+    count_outcome,
+    encoded,
+    error_response,
+    path_id,
+    reply,
+)
 from issuer.model import (
     ApplicationOut,
     ClaimIn,
@@ -89,7 +98,7 @@ async def claimed(
 def refuse(ctx: Ctx, campaign_id: str, verified: Verified, err: ApiError) -> web.Response:
     """A refused claim's answer, counted as `count_outcome` counts, in this frame (most
     claims at 10:00 are refused)."""
-    if err.code != "NOT_FOUND":  # no series for ids that name nothing
+    if err.code != UNCOUNTED:
         metrics.count(metrics.child(metrics.CLAIMS, campaign_id, err.code))
     return error_response(ctx.claims.refused(campaign_id, verified, err))
 
