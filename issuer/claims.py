@@ -428,7 +428,7 @@ class Claims:
             self._check_caller(cached, claim, verified)
         # the ID number normalised (None: a person_ref given) here, in no frame of its own
         person, number = claim.person, None
-        if (person is None) == (claim.person_ref is None):
+        if (person is None) is (claim.person_ref is None):  # bools: `==` is not specialised
             raise ApiError("INVALID_REQUEST", "person: give exactly one of person, person_ref")
         if person is not None:
             try:
@@ -454,7 +454,8 @@ class Claims:
             return cached.not_open[at]
         rnd = cached.stored.rounds[at]
         idem = idem_field(verified.key.id, claim.request_id)
-        ref = claim.person_ref if number is None else self.person_ref(number)
+        person_ref = self.person_ref  # read, then called (Campaigns.peek)
+        ref = claim.person_ref if number is None else person_ref(number)
         assert ref is not None
         hint = cached.hint
         if hint is not None and hint.round_id == rnd.round_id and now < hint.until:

@@ -58,7 +58,8 @@ def claim(
     through the frames above it (an exception costs at each frame it passes, and most
     claims at 10:00 are refused); the rest is awaited by the caller. A campaign held in
     the cache was loaded by a valid id: its id is not checked again."""
-    cached = ctx.campaigns.peek(campaign_id)
+    peek = ctx.campaigns.peek  # read, then called (Campaigns.peek)
+    cached = peek(campaign_id)
     if cached is None:  # its id checked and the campaign loaded first, in the coroutine
         campaign_id = path_id(request, "campaign_id")
         return claimed(
@@ -100,7 +101,8 @@ def refuse(ctx: Ctx, campaign_id: str, verified: Verified, err: ApiError) -> web
     claims at 10:00 are refused)."""
     if err.code != UNCOUNTED:
         metrics.count(metrics.child(metrics.CLAIMS, campaign_id, err.code))
-    return error_response(ctx.claims.refused(campaign_id, verified, err))
+    refused = ctx.claims.refused  # read, then called (Campaigns.peek)
+    return error_response(refused(campaign_id, verified, err))
 
 
 async def get_voucher(ctx: Ctx, request: web.Request, _: None) -> web.Response:

@@ -157,7 +157,8 @@ def known(owners: Owners, rule: Rule, ids: Mapping[str, str], body: Any, key: Ap
     reads it once, for this and its own use)."""
     ref = rule.campaign_in_path
     if ref is not None:  # one campaign: decided here, not by _touched and _decide
-        cached = owners.campaigns.peek(ids[ref.name])
+        peek = owners.campaigns.peek  # read, then called (Campaigns.peek)
+        cached = peek(ids[ref.name])
         if cached is None:
             return UNKNOWN
         if key.tenants is not None and cached.tenant not in key.tenants:  # may_act_in, inline
