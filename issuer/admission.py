@@ -58,14 +58,15 @@ class Admission:
         self.lag = lag
         self.in_hand = 0
 
-    def refusal(self) -> ApiError:
-        """The refusal of a claim this worker cannot take, counted by why: queue_max
-        claims are in hand, or the loop is more than lag_max_s late (OVERLOADED,
-        Retry-After: 1). Whether it can take one is tested by the endpoint, in its own
-        frame (every claim passes there; a method of this class was one frame more): it
-        takes a claim into `in_hand` and lets it go once answered or failed (`in_hand -=
-        1`, in a `finally`: a context manager would be two Python frames more)."""
-        if self.in_hand >= self.queue_max:
+    def refusal(self, full: bool) -> ApiError:
+        """The refusal of a claim this worker cannot take, counted by why: `full`,
+        queue_max claims are in hand, else the loop is more than lag_max_s late
+        (OVERLOADED, Retry-After: 1). Whether it can take one is tested by the endpoint, in
+        its own frame (every claim passes there; a method of this class was one frame
+        more), which hands it what it found: it takes a claim into `in_hand` and lets it go
+        once answered or failed (`in_hand -= 1`, in a `finally`: a context manager would be
+        two Python frames more)."""
+        if full:
             metrics.child(metrics.SHED, "queue").inc()
             return ApiError("OVERLOADED", f"{self.in_hand} claims queued", retry_after=1)
         late = time.monotonic() - self.lag.due

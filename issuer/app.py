@@ -182,10 +182,9 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
         try:
             if shed:  # taken into admission's count unless the worker is behind
                 admission = ctx.admission
-                if admission.in_hand >= admission.queue_max or (
-                    time.monotonic() - admission.lag.due > admission.lag_max_s
-                ):
-                    raise admission.refusal()
+                full = admission.in_hand >= admission.queue_max
+                if full or time.monotonic() - admission.lag.due > admission.lag_max_s:
+                    raise admission.refusal(full)
                 admission.in_hand += 1
                 held = True
             if upload:  # the one route whose body may exceed the app's MAX_BODY
@@ -211,12 +210,13 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
                 raise ApiError("INVALID_REQUEST", str(exc)) from None
             except msgspec.DecodeError as exc:
                 raise ApiError("INVALID_REQUEST", f"malformed JSON: {exc}") from None
-            admitted = tenancy.known(ctx.owners, route.tenant, request, body, key)
+            ids = request.match_info  # a reified property: read once, for both
+            admitted = tenancy.known(ctx.owners, route.tenant, ids, body, key)
             if admitted is tenancy.UNKNOWN:
                 admitted = await tenancy.admit(ctx.owners, route.tenant, request, body, key)
             body, tenant = admitted
             if shed:  # its campaign read from the path once, for the claim and its line
-                campaign = request.match_info["campaign_id"]
+                campaign = ids["campaign_id"]
                 answered: Any = claim(ctx, request, campaign, body, verified)
             else:
                 answered = handler(ctx, request, body)

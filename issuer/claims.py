@@ -113,6 +113,9 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
         self.claims = claims
         self.cached = cached
         self.round = rnd
+        # whether its round is a lottery's (its claims' records hold an application_ref):
+        # read per claim, a plain attribute (a cached property's is read the generic way)
+        self.lottery = rnd.allocation == "lottery"
         self._issued_ms = b""  # the last issued_at answered, and its encoding
         self._issued_at = ""
         self._windows_at = -1  # the second of its rate-limit windows, and the windows
@@ -121,11 +124,6 @@ class Batcher(TickBatcher[Claim, Claimed | ApiError]):
     @functools.cached_property
     def zone(self) -> ZoneInfo:
         return zone(self.cached.definition.timezone)
-
-    @functools.cached_property
-    def lottery(self) -> bool:
-        """Whether its round is a lottery's (its claims' records hold an application_ref)."""
-        return self.round.allocation == "lottery"
 
     @functools.cached_property
     def _answer(self) -> tuple[str, str, str, str]:
@@ -373,8 +371,8 @@ class NonceSpender:
         (seen before). The buckets' keys run from the earliest X-Timestamp's to the latest's
         (the script finds each nonce's bucket, no Python step per nonce)."""
         times = cast(list[int], nonces[::2])
-        first = keys.nonce_bucket(min(times))
-        buckets = keys.CampaignKeys(campaign_id).nonces(first, keys.nonce_bucket(max(times)))
+        span = keys.nonce_bucket(min(times)), keys.nonce_bucket(max(times))
+        first, buckets = keys.CampaignKeys(campaign_id).nonce_range(span)
         call = SpendNonces(nonce_buckets=buckets, first_nonce_bucket=first, nonces=nonces)
         return cast(list[int], await self.scripts.run(call))
 
@@ -430,7 +428,7 @@ class Claims:
             self._check_caller(cached, claim, verified)
         # the ID number normalised (None: a person_ref given) here, in no frame of its own
         person, number = claim.person, None
-        if (person is None) == (claim.person_ref is None):
+        if (person is None) is (claim.person_ref is None):  # bools: `==` is not specialised
             raise ApiError("INVALID_REQUEST", "person: give exactly one of person, person_ref")
         if person is not None:
             try:
@@ -456,7 +454,8 @@ class Claims:
             return cached.not_open[at]
         rnd = cached.stored.rounds[at]
         idem = idem_field(verified.key.id, claim.request_id)
-        ref = claim.person_ref if number is None else self.person_ref(number)
+        person_ref = self.person_ref  # read, then called (Campaigns.peek)
+        ref = claim.person_ref if number is None else person_ref(number)
         assert ref is not None
         hint = cached.hint
         if hint is not None and hint.round_id == rnd.round_id and now < hint.until:

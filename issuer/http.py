@@ -41,6 +41,9 @@ Handler = Callable[["Ctx", web.Request, Any], Answer]
 # Python frames)
 SignedHandler = Callable[["Ctx", web.Request, str, Any, Verified], Answer]
 T = TypeVar("T")
+# the outcome not counted: no series for ids that name nothing (`count_outcome`, and the
+# claim's refusals, counted in their own frame: routes_claims.refuse)
+UNCOUNTED = "NOT_FOUND"
 
 
 @dataclass
@@ -130,7 +133,7 @@ async def counted(
     metric: Any, campaign_id: str, outcome: Awaitable[tuple[T, bool]]
 ) -> tuple[T, bool]:
     """Await a write's (result, replay) and count it in `metric` by campaign and outcome:
-    OK, REPLAY or the error code (none for NOT_FOUND: no series for ids that name nothing)."""
+    OK, REPLAY or the error code (`count_outcome`)."""
     try:
         result, replay = await outcome
     except ApiError as err:
@@ -141,8 +144,8 @@ async def counted(
 
 
 def count_outcome(metric: Any, campaign_id: str, code: str) -> None:
-    """Count a write's outcome (none for NOT_FOUND: no series for ids that name nothing)."""
-    if code != "NOT_FOUND":
+    """Count a write's outcome (none UNCOUNTED)."""
+    if code != UNCOUNTED:
         metrics.count(metrics.child(metric, campaign_id, code))
 
 

@@ -9,6 +9,8 @@ calls) carry `{g}` so that they share one slot too.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 # Window in which an idempotency record or a signature nonce must be remembered.
 IDEMPOTENCY_BUCKET_S = 24 * 3600  # a retried write is answered the same for 24-48 h
 NONCE_BUCKET_S = 600  # signatures are accepted ±300 s around server time
@@ -111,7 +113,7 @@ class CampaignKeys:
         (nonce_bucket)."""
         return [f"{self.tag}:nonce:{n}" for n in range(first, last + 1)]
 
-    def nonce_range(self, numbers: set[int]) -> tuple[int, list[str]]:
+    def nonce_range(self, numbers: Collection[int]) -> tuple[int, list[str]]:
         """The first of these nonce buckets, and the keys from it to the last, as the
         scripts take them (a batch's X-Timestamps, ±300 s of the time, span two at most)."""
         first = min(numbers)

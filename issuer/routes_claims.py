@@ -12,7 +12,16 @@ from issuer import applications, metrics, registrations, tenancy, vouchers
 from issuer.auth import Verified
 from issuer.claims import Claimed, Issued
 from issuer.errors import ApiError
-from issuer.http import Ctx, Route, count_outcome, encoded, error_response, path_id, reply
+from issuer.http import (
+    UNCOUNTED,
+    Ctx,
+    Route,
+    count_outcome,
+    encoded,
+    error_response,
+    path_id,
+    reply,
+)
 from issuer.model import (
     ApplicationOut,
     ClaimIn,
@@ -49,7 +58,8 @@ def claim(
     through the frames above it (an exception costs at each frame it passes, and most
     claims at 10:00 are refused); the rest is awaited by the caller. A campaign held in
     the cache was loaded by a valid id: its id is not checked again."""
-    cached = ctx.campaigns.peek(campaign_id)
+    peek = ctx.campaigns.peek  # read, then called (Campaigns.peek)
+    cached = peek(campaign_id)
     if cached is None:  # its id checked and the campaign loaded first, in the coroutine
         campaign_id = path_id(request, "campaign_id")
         return claimed(
@@ -89,9 +99,10 @@ async def claimed(
 def refuse(ctx: Ctx, campaign_id: str, verified: Verified, err: ApiError) -> web.Response:
     """A refused claim's answer, counted as `count_outcome` counts, in this frame (most
     claims at 10:00 are refused)."""
-    if err.code != "NOT_FOUND":  # no series for ids that name nothing
+    if err.code != UNCOUNTED:
         metrics.count(metrics.child(metrics.CLAIMS, campaign_id, err.code))
-    return error_response(ctx.claims.refused(campaign_id, verified, err))
+    refused = ctx.claims.refused  # read, then called (Campaigns.peek)
+    return error_response(refused(campaign_id, verified, err))
 
 
 async def get_voucher(ctx: Ctx, request: web.Request, _: None) -> web.Response:

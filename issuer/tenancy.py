@@ -10,7 +10,7 @@ itself: it keeps the records of `scope(request)`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -150,19 +150,22 @@ class Owners:
 UNKNOWN: Any = object()  # `known`'s answer when a tenant must be read first
 
 
-def known(owners: Owners, rule: Rule, request: web.Request, body: Any, key: ApiKey) -> Any:
+def known(owners: Owners, rule: Rule, ids: Mapping[str, str], body: Any, key: ApiKey) -> Any:
     """`admit`'s answer without a coroutine when this worker holds the tenant of everything
-    the route touches (the claim path: its campaign's cached definition), else UNKNOWN."""
+    the route touches (the claim path: its campaign's cached definition), else UNKNOWN.
+    `ids`: the request's path parameters (`match_info`, a reified property: its caller
+    reads it once, for this and its own use)."""
     ref = rule.campaign_in_path
     if ref is not None:  # one campaign: decided here, not by _touched and _decide
-        cached = owners.campaigns.peek(request.match_info[ref.name])
+        peek = owners.campaigns.peek  # read, then called (Campaigns.peek)
+        cached = peek(ids[ref.name])
         if cached is None:
             return UNKNOWN
         if key.tenants is not None and cached.tenant not in key.tenants:  # may_act_in, inline
             raise _forbidden(key, ref.what)
         return body, cached.tenant
     found = []
-    for ref, thing_id in _touched(rule, request, body):
+    for ref, thing_id in _touched(rule, ids, body):
         tenant = owners.known(ref.kind, thing_id)
         if tenant is None:
             return UNKNOWN
@@ -178,16 +181,17 @@ async def admit(
     tenant decided) and the tenant acted in (None: none), for the request's log line."""
     found = [
         (ref, owners.known(ref.kind, thing_id) or await owners.tenant(ref.kind, thing_id))
-        for ref, thing_id in _touched(rule, request, body)
+        for ref, thing_id in _touched(rule, request.match_info, body)
     ]
     return _decide(rule, body, key, found)
 
 
-def _touched(rule: Rule, request: web.Request, body: Any) -> list[tuple[Ref, str]]:
-    """Each ref of the rule with the id it names (an optional body field not given: none)."""
+def _touched(rule: Rule, ids: Mapping[str, str], body: Any) -> list[tuple[Ref, str]]:
+    """Each ref of the rule with the id it names, in the body or in the path's parameters
+    `ids` (an optional body field not given: none)."""
     out = []
     for ref in rule.refs:
-        thing_id = getattr(body, ref.name) if ref.in_body else request.match_info[ref.name]
+        thing_id = getattr(body, ref.name) if ref.in_body else ids[ref.name]
         if thing_id is not None:
             out.append((ref, thing_id))
     return out

@@ -39,8 +39,9 @@ async def lag() -> AsyncIterator[LoopLag]:
 @contextlib.contextmanager
 def held(admission: Admission) -> Iterator[None]:
     """One claim taken and let go, as the endpoint does (issuer/app.py)."""
-    if admission.in_hand >= admission.queue_max or late(admission.lag) > admission.lag_max_s:
-        raise admission.refusal()
+    full = admission.in_hand >= admission.queue_max
+    if full or late(admission.lag) > admission.lag_max_s:
+        raise admission.refusal(full)
     admission.in_hand += 1
     try:
         yield

@@ -389,7 +389,8 @@ def test_a_batch_s_rate_limit_windows_made_once_a_second_are_those_of_its_time()
         per_account=RateLimit(limit=2, window_s=60), per_device=RateLimit(limit=5, window_s=7)
     )
     cached: Any = SimpleNamespace(keys=ck, definition=SimpleNamespace(rate_limits=limits))
-    batcher = Batcher(SimpleNamespace(batch_max=10), cached, SimpleNamespace())  # type: ignore[arg-type]
+    rnd: Any = SimpleNamespace(allocation="first_come")
+    batcher = Batcher(SimpleNamespace(batch_max=10), cached, rnd)  # type: ignore[arg-type]
     for second in (1_800_000_000, 1_800_000_006, 1_800_000_007, 1_800_000_059):
         for fraction in (0.0, 0.001, 0.5, 0.999):
             now = second + fraction
