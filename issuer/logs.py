@@ -57,14 +57,16 @@ class JsonFormatter(logging.Formatter):
         return _ENCODE.encode(doc).decode("utf-8", "replace")
 
 
-class Line(msgspec.Struct, rename={"head": "level"}):
+class Line(msgspec.Struct, rename={"head": "level"}, gc=False):
     """A batched log line in JsonFormatter's shape: `ts` as `timestamp` writes the time it
     is made, then `head` (`head()`: its level, logger and message, the same for every line
     of a kind, as ready-made JSON, encoded once per kind: ~160 instructions per line each
     otherwise), then a subclass's fields in the order they are declared. A Struct, not a
     dict: made and encoded without a dictionary per line, and its keys kept in their order;
     made whole by position (by keyword: twice the cost; a field set afterwards: a fifth of
-    it more, each)."""
+    it more, each). Not tracked by the garbage collector (`gc=False`: no header, no
+    tracking when made nor untracking when freed): a line holds strings, numbers and lists
+    of strings, never itself nor anything that could hold it."""
 
     ts: str
     head: msgspec.Raw
