@@ -38,6 +38,8 @@ from issuer.routes_claims import claim
 from issuer.routes_ops import provisional_due_dates
 
 log = logging.getLogger("issuer.api")
+# a request line's head (`logs.head`) by its level, made once
+_HEADS = {level: logs.head(level, log.name, "request") for level in logs.LEVEL_NAMES}
 
 
 Next = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -109,9 +111,7 @@ def finish(
             campaign = campaign_prefix(subject or "")
     line = RequestLine(  # by position, in its fields' order (logs.Line)
         logs.timestamp(time.time()),
-        logs.LEVEL_NAMES[level],
-        log.name,
-        "request",
+        _HEADS[level],
         route,
         method,
         status,

@@ -108,8 +108,9 @@ async def test_request_lines_are_written_together_in_the_formatter_s_shape(
 ) -> None:
     stream = io.BytesIO()
     monkeypatch.setattr(logs, "_stream", [stream])
+    head = logs.head(logging.INFO, "issuer.api", "request")
     for n in range(3):
-        logs.batched(_Line(logs.timestamp(time.time()), "INFO", "issuer.api", "request", 409, n))
+        logs.batched(_Line(logs.timestamp(time.time()), head, 409, n))
     assert stream.getvalue() == b""  # nothing written per line
     await asyncio.sleep(logs.BATCH_S * 2)
     lines = [msgspec.json.decode(line) for line in stream.getvalue().splitlines()]
