@@ -144,7 +144,7 @@ async def counted(
 
 
 def count_outcome(metric: Any, campaign_id: str, code: str) -> None:
-    """Count a write's outcome (none UNCOUNTED)."""
+    """Count a write's outcome in `metric`, unless it is UNCOUNTED."""
     if code != UNCOUNTED:
         metrics.count(metrics.child(metric, campaign_id, code))
 
