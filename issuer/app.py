@@ -183,7 +183,7 @@ def endpoint(ctx: Ctx, route: Route) -> Next:
             if shed:  # taken into admission's count unless the worker is behind
                 admission = ctx.admission
                 full = admission.in_hand >= admission.queue_max
-                if full or time.monotonic() - admission.lag.due > admission.lag_max_s:
+                if full or time.monotonic() > admission.lag.behind_from:
                     raise admission.refusal(full)
                 admission.in_hand += 1
                 held = True

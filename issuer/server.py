@@ -107,7 +107,7 @@ async def worker_main(settings: Settings, port: int) -> None:
     campaigns = Campaigns(redis, scripts)
     person_key = settings.person_secret()
     redemptions = Redemptions(redis, scripts, campaigns, settings.batch_max)
-    loop_lag = LoopLag()
+    loop_lag = LoopLag(settings.shed_lag_ms / 1000)
     ctx = Ctx(
         settings=settings,
         redis=redis,
@@ -133,7 +133,7 @@ async def worker_main(settings: Settings, port: int) -> None:
         ),
         keys=keyring,
         person_key=person_key,
-        admission=Admission(settings.claim_queue_max, settings.shed_lag_ms / 1000, loop_lag),
+        admission=Admission(settings.claim_queue_max, loop_lag),
         owners=Owners(redis, campaigns, pg),
     )
     stop = asyncio.Event()
