@@ -265,6 +265,11 @@ async def wait_drained(session: aiohttp.ClientSession, url: str, within_s: float
             await asyncio.sleep(0.05)
 
 
+# tests fire thousands of claims at once and count every answer: shedding (its own tests
+# set these) must not depend on how busy the machine is
+NO_SHEDDING = {"ISSUER_CLAIM_QUEUE_MAX": "1000000", "ISSUER_SHED_LAG_MS": "60000"}
+
+
 def start_service(
     keyspace: Keyspace, data_dir: Path, workers: int = 2, extra_env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[str], str]:
@@ -276,10 +281,7 @@ def start_service(
         "ISSUER_PERSON_KEY": "test-person-key",
         "ISSUER_LOG_LEVEL": "WARNING",
         "ISSUER_SHUTDOWN_GRACE_S": "0",
-        # tests fire thousands of claims at once and count every answer: shedding (its own
-        # tests set these) must not depend on how busy the machine is
-        "ISSUER_CLAIM_QUEUE_MAX": "1000000",
-        "ISSUER_SHED_LAG_MS": "60000",
+        **NO_SHEDDING,
         **(extra_env or {}),
     }
     proc = subprocess.Popen(

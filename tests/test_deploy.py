@@ -486,7 +486,7 @@ async def exercise(service: Service) -> str:
     now = datetime.now(UTC)
     short = campaign()
     short["rounds"][0].update(
-        closes_at=iso(now + timedelta(seconds=3)), valid_until=iso(now + timedelta(seconds=4))
+        closes_at=iso(now + timedelta(seconds=8)), valid_until=iso(now + timedelta(seconds=9))
     )
     expiring = unique_id()
     assert (await service.call("PUT", f"/v1/campaigns/{expiring}", short)).status == 201

@@ -353,7 +353,10 @@ async def test_status_order_survives_takeover(env: Env) -> None:
         b = Flusher(rb, env.pool, consumer="host-b", claim_idle_ms=400)
         stop = asyncio.Event()
         task = asyncio.create_task(b.run(stop))
-        await asyncio.sleep(1.5)  # long enough for one later rescue round
+        async def rescued() -> bool:
+            return await pending_ids(env.redis, ck.events) == []
+
+        await wait_until(rescued, 20, "host-a's entries were not rescued")
         stop.set()
         await asyncio.wait_for(task, 20)
     finally:

@@ -159,7 +159,7 @@ def test_region_for_is_cached() -> None:
 
 
 def test_point_test_is_fast() -> None:
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: a busy machine's preemption does not count
     for _ in range(10_000):
         LINFEN.contains_point(*XIANGNING_SEAT, crs="wgs84")
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0

@@ -24,7 +24,7 @@ from issuer.auth import ApiKey
 from issuer.client import Client
 from issuer.embedded import free_port
 from issuer.keyfile import write_dev_keys
-from tests.conftest import ROOT, Keyspace, unique_id, wait_drained
+from tests.conftest import NO_SHEDDING, ROOT, Keyspace, unique_id, wait_drained
 from tests.people import campaign, claim
 from tests.test_deploy import config_map, k8s_named
 
@@ -160,6 +160,7 @@ def container(
         "ISSUER_PORT": str(port),  # the HEALTHCHECK reads it too
         "ISSUER_WORKERS": "1",
         "ISSUER_SHUTDOWN_GRACE_S": "0",
+        **NO_SHEDDING,
     }
     cid = podman(
         "run", "--detach", "--network", "host",

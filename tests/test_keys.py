@@ -218,7 +218,7 @@ def test_a_malformed_keys_file_stops_serve_at_once(
     )
     assert done.returncode != 0
     assert f"keys file {path}" in done.stderr and error in done.stderr, done.stderr
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 25  # its imports, on a machine running other tests
 
 
 # ------------------------------------------------------------------ rotation under load

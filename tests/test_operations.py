@@ -36,7 +36,14 @@ from issuer.config import Settings
 from issuer.embedded import free_port
 from issuer.errors import ApiError
 from issuer.server import LISTEN_BACKLOG, STABLE_S, restart_delay, start_site
-from tests.conftest import ROOT, Keyspace, Service, child_processes, wait_drained
+from tests.conftest import (
+    NO_SHEDDING,
+    ROOT,
+    Keyspace,
+    Service,
+    child_processes,
+    wait_drained,
+)
 from tests.money import issue, new_campaign, payment
 from tests.people import campaign, claim, id_number
 
@@ -164,6 +171,7 @@ class Running:
             "ISSUER_DATA_DIR": str(data_dir),
             "ISSUER_EMBEDDED_PG_FAST": "true",
             "ISSUER_PERSON_KEY": "test-person-key",
+            **NO_SHEDDING,
             **env,
         }
         self.proc = subprocess.Popen(

@@ -276,11 +276,23 @@ async def lose_redis(redis: Redis) -> None:
     await redis.flushdb()
 
 
+async def unread(redis: Redis, campaign_id: str) -> None:
+    """Wait until no flusher has read the campaign's stream for a second: none lists it any
+    more (a blocking read lasts 200 ms; a fixed wait was too short on a busy machine)."""
+    stream = keys.CampaignKeys(campaign_id).events
+    async with asyncio.timeout(30):
+        while True:
+            consumers = await redis.xinfo_consumers(stream, keys.FLUSH_GROUP)
+            if all(consumer["idle"] >= 1000 for consumer in consumers):
+                return
+            await asyncio.sleep(0.1)
+
+
 async def lose_campaign(redis: Redis, campaign_id: str) -> None:
     """The loss of one campaign's keys, the flusher first made to leave its stream (it
     reads only registered campaigns)."""
     await redis.srem(keys.CAMPAIGNS, campaign_id)
-    await asyncio.sleep(1)  # the flusher's blocking read (200 ms) still listing it is over
+    await unread(redis, campaign_id)
     tag = keys.CampaignKeys(campaign_id).tag
     await redis.unlink(*[key async for key in redis.scan_iter(match=f"{tag}:*", count=1000)])
 
@@ -503,7 +515,7 @@ async def test_events_not_yet_recorded_are_waited_for(
 ) -> None:
     # the flusher reads only registered campaigns: while this one is not, its claim waits
     await redis.srem(keys.CAMPAIGNS, workload.small)
-    await asyncio.sleep(1)  # the flusher's blocking read (200 ms) still listing it is over
+    await unread(redis, workload.small)
     await issue(service, workload.small, next(PERSONS))
     before = await snapshot(redis, workload.campaigns)
     before[keys.CAMPAIGNS].add(workload.small.encode())  # as the rebuild will register it
