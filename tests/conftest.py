@@ -348,5 +348,11 @@ def child_processes(pid: int) -> dict[int, str]:
     return found
 
 
+def worker_pids(service: Service) -> list[int]:
+    """The PIDs of the service's worker processes (children of its supervisor)."""
+    children = child_processes(service.proc.pid)
+    return [pid for pid, cmd in children.items() if cmd.endswith(" worker ")]
+
+
 def unique_id(prefix: str = "c") -> str:
     return f"{prefix}-{secrets.token_hex(4)}"

@@ -60,7 +60,7 @@ def held(admission: Admission) -> Iterator[None]:
 
 
 def late(lag: LoopLag) -> float:
-    """How late the loop is now (as the endpoint reads it)."""
+    """How late the loop is now, mid-pass (the timer's last firing aside: `lag.late()`)."""
     return time.monotonic() - lag.due
 
 

@@ -353,6 +353,7 @@ async def test_status_order_survives_takeover(env: Env) -> None:
         b = Flusher(rb, env.pool, consumer="host-b", claim_idle_ms=400)
         stop = asyncio.Event()
         task = asyncio.create_task(b.run(stop))
+
         async def rescued() -> bool:
             return await pending_ids(env.redis, ck.events) == []
 

@@ -35,7 +35,7 @@ from issuer.keys import CampaignKeys
 from issuer.protocol import Call
 from issuer.rebuild import rebuild
 from issuer.scripts import Scripts
-from tests.conftest import Keyspace, Service, child_processes, unique_id
+from tests.conftest import Keyspace, Service, unique_id, worker_pids
 from tests.people import applications, campaign, claim, iso, write_applications
 from tests.test_rebuild import lose_campaign
 
@@ -437,8 +437,7 @@ async def test_a_worker_killed_mid_draw_of_a_large_round(
             if await redis.hget(ck.draw("r1"), "cursor"):
                 break
             await asyncio.sleep(0.001)
-    workers = [pid for pid, cmd in child_processes(service.proc.pid).items() if "worker" in cmd]
-    for pid in workers:
+    for pid in worker_pids(service):
         os.kill(pid, signal.SIGKILL)
     killed_at = int(await redis.hget(ck.draw("r1"), "cursor"))
     assert 0 < killed_at < n, "the workers died mid-draw"
