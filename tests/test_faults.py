@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import cast
 
 import aiohttp
 import asyncpg
@@ -80,14 +81,28 @@ def paused(pid: int) -> Iterator[None]:
         os.kill(pid, signal.SIGCONT)
 
 
+def unread_connections(port: int) -> int:
+    """Connections to the local `port` holding bytes its server has not read (the kernel's
+    table: accepted or not yet)."""
+    waiting = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            fields = row.split()
+            local, queues = fields[1], fields[4]
+            if int(local.rsplit(":", 1)[1], 16) == port and int(queues.split(":")[1], 16):
+                waiting += 1
+    return waiting
+
+
 async def burst_then_resend_the_shed(
     service: Service, first_n: int, count: int
 ) -> tuple[str, list[Response]]:
     """`count` claims at once to a new campaign; every one shed is sent again, the very same
-    signed bytes, until it is served. The service's one worker is stopped while the burst is
-    sent: it finds all of it waiting at once, however fast this client sends (a burst that
-    merely arrived fast filled its queue or made its loop late on some machines, not on
-    others). Returns (campaign, the first answers)."""
+    signed bytes, until it is served. The service's one worker is stopped until every
+    connection of the burst has its request in the kernel: it finds them all waiting at
+    once, however fast this client sends (a burst that merely arrived fast filled its
+    queue or made its loop late on some machines, not on others; a fixed second of it, not
+    always). Returns (campaign, the first answers)."""
     campaign_id = unique_id()
     resp = await service.call("PUT", f"/v1/campaigns/{campaign_id}", campaign(quota=None))
     assert resp.status == 201, resp.body
@@ -98,9 +113,17 @@ async def burst_then_resend_the_shed(
         body = msgspec.json.encode(claim(n))
         signed.append((body, signed_headers(app, "POST", path, body)))
     (worker,) = worker_pids(service)
+    port = int(service.url.rsplit(":", 1)[1])
+    # every connection this client can open holds a request the worker has not read
+    connections = min(count, cast(aiohttp.TCPConnector, service.session.connector).limit)
     with paused(worker):
         sending = asyncio.gather(*(post_signed(service, path, s) for s in signed))
-        await asyncio.sleep(1.0)
+        async with asyncio.timeout(30):
+            while True:
+                if unread_connections(port) >= connections:
+                    break
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # a request's last bytes, written after its first
     first = await sending
     assert {r.status for r in first} <= {201, 503}
     for shed in (r for r in first if r.status == 503):
